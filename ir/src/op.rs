@@ -1,0 +1,249 @@
+//! The op set: one declarative table per op family, each op with a stable printable name.
+//!
+//! Only primitives live here. Fused ops (softmax, attention, norms, matmul epilogues) are added
+//! by the optimizer's issue and appear only as its output.
+
+use std::fmt;
+
+use crate::dim::{shape_string, Dim, Shape};
+
+/// Element types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DType {
+    /// 32-bit float: activations and weights.
+    F32,
+    /// 64-bit integer: token ids, masks, positions.
+    I64,
+    /// Boolean: results of comparisons.
+    Bool,
+}
+
+impl DType {
+    /// The printable name (`f32`, `i64`, `bool`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::I64 => "i64",
+            DType::Bool => "bool",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Declares a fieldless op enum with its printable names, both directions.
+macro_rules! op_table {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name { $($(#[$vm])* $variant,)* }
+
+        impl $name {
+            /// Every variant, in table order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+
+            /// The printable name.
+            pub fn name(self) -> &'static str {
+                match self { $($name::$variant => $text,)* }
+            }
+
+            /// The variant with this printable name.
+            pub fn from_name(s: &str) -> Option<$name> {
+                match s { $($text => Some($name::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+op_table! {
+    /// Elementwise unary ops (f32 unless noted).
+    UnaryOp {
+        /// -x (f32 and i64)
+        Neg = "neg",
+        /// e^x
+        Exp = "exp",
+        /// ln x
+        Log = "log",
+        /// √x
+        Sqrt = "sqrt",
+        /// 1/√x
+        Rsqrt = "rsqrt",
+        /// tanh x
+        Tanh = "tanh",
+        /// the Gauss error function
+        Erf = "erf",
+        /// 1/x
+        Recip = "recip",
+        /// max(x, 0)
+        Relu = "relu",
+        /// 1/(1+e^-x)
+        Sigmoid = "sigmoid",
+        /// |x| (f32 and i64)
+        Abs = "abs",
+        /// sin x
+        Sin = "sin",
+        /// cos x
+        Cos = "cos",
+        /// logical not (bool)
+        Not = "not",
+    }
+}
+
+op_table! {
+    /// Elementwise binary ops with numpy broadcasting; both operands share one dtype.
+    BinaryOp {
+        /// a + b
+        Add = "add",
+        /// a - b
+        Sub = "sub",
+        /// a * b
+        Mul = "mul",
+        /// a / b
+        Div = "div",
+        /// max(a, b)
+        Max = "max",
+        /// min(a, b)
+        Min = "min",
+        /// a^b (f32)
+        Pow = "pow",
+    }
+}
+
+op_table! {
+    /// Comparisons with broadcasting; the result is bool.
+    CmpOp {
+        /// a == b
+        Eq = "eq",
+        /// a != b
+        Ne = "ne",
+        /// a < b
+        Lt = "lt",
+        /// a <= b
+        Le = "le",
+        /// a > b
+        Gt = "gt",
+        /// a >= b
+        Ge = "ge",
+    }
+}
+
+op_table! {
+    /// Reductions over a set of axes.
+    ReduceOp {
+        /// Σ
+        Sum = "sum",
+        /// max
+        Max = "max",
+        /// arithmetic mean
+        Mean = "mean",
+    }
+}
+
+/// One node's operation. Operands are the node's inputs, in order.
+#[allow(missing_docs)] // variant fields are described on the variant
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// A named graph input (token ids, masks, KV cache) with its declared shape.
+    Input { name: String, shape: Shape, dtype: DType },
+    /// A named weight, bound to a tensor when the graph runs (always f32).
+    Weight { name: String, shape: Shape },
+    /// A scalar constant (shape `[]`).
+    Constant { value: f64, dtype: DType },
+    /// `[start, start+1, …, start+len-1]` as i64, shape `[len]`; the way positions and causal
+    /// masks see symbolic lengths.
+    Iota { start: Dim, len: Dim },
+    /// Elementwise unary.
+    Unary(UnaryOp),
+    /// Elementwise binary with broadcasting.
+    Binary(BinaryOp),
+    /// Comparison with broadcasting, giving bool.
+    Compare(CmpOp),
+    /// `where(cond, a, b)`, broadcasting all three.
+    Where,
+    /// Reduction over `axes` (sorted, unique).
+    Reduce { op: ReduceOp, axes: Vec<usize>, keepdim: bool },
+    /// Batched matmul `[.., m, k] × [.., k, n]`, batch dims broadcast.
+    MatMul,
+    /// Reinterpret the elements with a new shape of the same size.
+    Reshape { shape: Shape },
+    /// Reorder axes: output axis `i` is input axis `perm[i]`.
+    Permute { perm: Vec<usize> },
+    /// Broadcast size-1 axes (and new leading axes) to `shape`.
+    Expand { shape: Shape },
+    /// Elements `start..end` along `axis`.
+    Slice { axis: usize, start: Dim, end: Dim },
+    /// Join all operands along `axis`.
+    Concat { axis: usize },
+    /// Embedding lookup: `table[ids]`; table `[V, rest..]`, ids integer → `ids.shape ++ rest`.
+    Gather,
+    /// Convert the element type.
+    Cast { dtype: DType },
+}
+
+impl Op {
+    /// The op's printable name (`matmul`, `exp`, `reduce_sum`, …).
+    pub fn name(&self) -> String {
+        match self {
+            Op::Input { .. } => "input".into(),
+            Op::Weight { .. } => "weight".into(),
+            Op::Constant { .. } => "const".into(),
+            Op::Iota { .. } => "iota".into(),
+            Op::Unary(u) => u.name().into(),
+            Op::Binary(b) => b.name().into(),
+            Op::Compare(c) => c.name().into(),
+            Op::Where => "where".into(),
+            Op::Reduce { op, .. } => format!("reduce_{}", op.name()),
+            Op::MatMul => "matmul".into(),
+            Op::Reshape { .. } => "reshape".into(),
+            Op::Permute { .. } => "permute".into(),
+            Op::Expand { .. } => "expand".into(),
+            Op::Slice { .. } => "slice".into(),
+            Op::Concat { .. } => "concat".into(),
+            Op::Gather => "gather".into(),
+            Op::Cast { .. } => "cast".into(),
+        }
+    }
+
+    /// The op's attributes as they appear in the text form, e.g. `axes=[2] keepdim`.
+    pub fn attrs(&self) -> String {
+        fn list<T: fmt::Display>(xs: &[T]) -> String {
+            let v: Vec<String> = xs.iter().map(|x| x.to_string()).collect();
+            format!("[{}]", v.join(", "))
+        }
+        match self {
+            Op::Input { name, .. } | Op::Weight { name, .. } => format!("{name:?}"),
+            Op::Constant { value, .. } => format!("{value:e}"),
+            Op::Iota { start, len } => format!("start={start} len={len}"),
+            Op::Reduce { axes, keepdim, .. } => {
+                format!("axes={}{}", list(axes), if *keepdim { " keepdim" } else { "" })
+            }
+            Op::Reshape { shape } | Op::Expand { shape } => shape_string(shape),
+            Op::Permute { perm } => list(perm),
+            Op::Slice { axis, start, end } => format!("axis={axis} {start}..{end}"),
+            Op::Concat { axis } => format!("axis={axis}"),
+            Op::Cast { dtype } => dtype.to_string(),
+            _ => String::new(),
+        }
+    }
+
+    /// How many operands the op takes (`None`: any number ≥ 1).
+    pub fn arity(&self) -> Option<usize> {
+        match self {
+            Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. } => Some(0),
+            Op::Unary(_)
+            | Op::Reduce { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Expand { .. }
+            | Op::Slice { .. }
+            | Op::Cast { .. } => Some(1),
+            Op::Binary(_) | Op::Compare(_) | Op::MatMul | Op::Gather => Some(2),
+            Op::Where => Some(3),
+            Op::Concat { .. } => None,
+        }
+    }
+}
