@@ -65,22 +65,47 @@ impl Builder {
 
     /// A named input.
     pub fn input(&mut self, name: &str, shape: Shape, dtype: DType) -> BResult {
-        self.op(Op::Input { name: name.into(), shape, dtype }, &[])
+        self.op(
+            Op::Input {
+                name: name.into(),
+                shape,
+                dtype,
+            },
+            &[],
+        )
     }
 
     /// A named f32 weight.
     pub fn weight(&mut self, name: &str, shape: Shape) -> BResult {
-        self.op(Op::Weight { name: name.into(), shape }, &[])
+        self.op(
+            Op::Weight {
+                name: name.into(),
+                shape,
+            },
+            &[],
+        )
     }
 
     /// An f32 scalar.
     pub fn scalar(&mut self, value: f64) -> BResult {
-        self.op(Op::Constant { value, dtype: DType::F32 }, &[])
+        self.op(
+            Op::Constant {
+                value,
+                dtype: DType::F32,
+            },
+            &[],
+        )
     }
 
     /// An i64 scalar.
     pub fn scalar_i64(&mut self, value: i64) -> BResult {
-        self.op(Op::Constant { value: value as f64, dtype: DType::I64 }, &[])
+        self.op(
+            Op::Constant {
+                value: value as f64,
+                dtype: DType::I64,
+            },
+            &[],
+        )
     }
 
     /// `[start, …, start+len-1]`.
@@ -142,7 +167,14 @@ impl Builder {
 
     /// Reduction over `axes`.
     pub fn reduce(&mut self, r: ReduceOp, x: NodeId, axes: &[usize], keepdim: bool) -> BResult {
-        self.op(Op::Reduce { op: r, axes: axes.to_vec(), keepdim }, &[x])
+        self.op(
+            Op::Reduce {
+                op: r,
+                axes: axes.to_vec(),
+                keepdim,
+            },
+            &[x],
+        )
     }
 
     /// Batched matmul.
@@ -157,7 +189,12 @@ impl Builder {
 
     /// Permute axes.
     pub fn permute(&mut self, x: NodeId, perm: &[usize]) -> BResult {
-        self.op(Op::Permute { perm: perm.to_vec() }, &[x])
+        self.op(
+            Op::Permute {
+                perm: perm.to_vec(),
+            },
+            &[x],
+        )
     }
 
     /// Swap the last two axes.
@@ -285,7 +322,12 @@ impl Builder {
                 ),
             });
         }
-        let shape = vec![s[0].clone(), s[1].clone(), heads.into(), (width / heads).into()];
+        let shape = vec![
+            s[0].clone(),
+            s[1].clone(),
+            heads.into(),
+            (width / heads).into(),
+        ];
         let r = self.reshape(x, shape)?;
         self.permute(r, &[0, 2, 1, 3])
     }
@@ -311,13 +353,7 @@ impl Builder {
     ///
     /// `q`: `[b, h, sq, d]`, `k`/`v`: `[b, h, sk, d]`; `mask` is additive and broadcasts to
     /// `[b, h, sq, sk]` (0 where attending, a large negative number where not).
-    pub fn attention(
-        &mut self,
-        q: NodeId,
-        k: NodeId,
-        v: NodeId,
-        mask: Option<NodeId>,
-    ) -> BResult {
+    pub fn attention(&mut self, q: NodeId, k: NodeId, v: NodeId, mask: Option<NodeId>) -> BResult {
         let d = self.shape(q).last().and_then(Dim::as_known).unwrap_or(1);
         let kt = self.transpose_last(k)?;
         let scores = self.matmul(q, kt)?;

@@ -24,12 +24,18 @@ pub type Bindings = BTreeMap<String, usize>;
 impl Dim {
     /// A known size.
     pub fn known(n: usize) -> Dim {
-        Dim { konst: n as i64, terms: Vec::new() }
+        Dim {
+            konst: n as i64,
+            terms: Vec::new(),
+        }
     }
 
     /// A symbol, such as `batch` or `seq`.
     pub fn sym(name: &str) -> Dim {
-        Dim { konst: 0, terms: vec![(name.to_string(), 1)] }
+        Dim {
+            konst: 0,
+            terms: vec![(name.to_string(), 1)],
+        }
     }
 
     /// The size, if the dim holds no symbol.
@@ -61,7 +67,10 @@ impl Dim {
 
     fn normalize(konst: i64, mut terms: BTreeMap<String, i64>) -> Dim {
         terms.retain(|_, c| *c != 0);
-        Dim { konst, terms: terms.into_iter().collect() }
+        Dim {
+            konst,
+            terms: terms.into_iter().collect(),
+        }
     }
 
     fn combine(&self, other: &Dim, sign: i64) -> Dim {

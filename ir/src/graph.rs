@@ -70,7 +70,12 @@ impl Graph {
             node: self.g.node_count() as u32,
             msg,
         })?;
-        let idx = self.g.add_node(Node { op, inputs: inputs.to_vec(), shape, dtype });
+        let idx = self.g.add_node(Node {
+            op,
+            inputs: inputs.to_vec(),
+            shape,
+            dtype,
+        });
         for (k, &i) in inputs.iter().enumerate() {
             self.g.add_edge(NodeIndex::new(i.index()), idx, k as u32);
         }
@@ -223,7 +228,10 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
             Ok(d)
         } else {
             let ds: Vec<&str> = xs.iter().map(|x| x.1.name()).collect();
-            Err(format!("{what} needs operands of one dtype, got {}", ds.join(", ")))
+            Err(format!(
+                "{what} needs operands of one dtype, got {}",
+                ds.join(", ")
+            ))
         }
     };
     match op {
@@ -259,7 +267,10 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
                 return Err(format!("condition must be bool, got {}", xs[0].1));
             }
             if xs[1].1 != xs[2].1 {
-                return Err(format!("branches differ in dtype: {} vs {}", xs[1].1, xs[2].1));
+                return Err(format!(
+                    "branches differ in dtype: {} vs {}",
+                    xs[1].1, xs[2].1
+                ));
             }
             let s = broadcast_shapes(xs[0].0, xs[1].0)?;
             Ok((broadcast_shapes(&s, xs[2].0)?, xs[1].1))
@@ -270,7 +281,9 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
                 return Err("cannot reduce bool".into());
             }
             if axes.is_empty() || axes.windows(2).any(|w| w[0] >= w[1]) {
-                return Err(format!("axes {axes:?} must be non-empty, sorted and unique"));
+                return Err(format!(
+                    "axes {axes:?} must be non-empty, sorted and unique"
+                ));
             }
             for &a in axes {
                 check_axis(a, s.len())?;
@@ -367,7 +380,10 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
             let mut total = Dim::known(0);
             for (s, _) in xs {
                 if s.len() != first.len()
-                    || s.iter().zip(first).enumerate().any(|(i, (a, b))| i != *axis && a != b)
+                    || s.iter()
+                        .zip(first)
+                        .enumerate()
+                        .any(|(i, (a, b))| i != *axis && a != b)
                 {
                     return Err(format!(
                         "shapes {} and {} differ off axis {axis}",

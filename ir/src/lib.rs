@@ -67,7 +67,10 @@ mod tests {
         let x = b.input("x", shape([2usize, 3]), DType::F32).unwrap();
         let y = b.input("y", shape([4usize, 5]), DType::F32).unwrap();
         let e = b.matmul(x, y).unwrap_err();
-        assert_eq!(e.to_string(), "op `matmul` (node %2): inner dims differ: [2, 3] × [4, 5]");
+        assert_eq!(
+            e.to_string(),
+            "op `matmul` (node %2): inner dims differ: [2, 3] × [4, 5]"
+        );
         let e = b.add(x, y).unwrap_err();
         assert!(e.to_string().contains("do not broadcast"), "{e}");
         let e = b.reshape(x, shape([7usize])).unwrap_err();
@@ -81,7 +84,11 @@ mod tests {
     fn symbolic_shapes_flow_through_attention() {
         let mut b = Builder::new();
         let q = b
-            .input("q", vec![Dim::sym("batch"), Dim::sym("seq"), 16.into()], DType::F32)
+            .input(
+                "q",
+                vec![Dim::sym("batch"), Dim::sym("seq"), 16.into()],
+                DType::F32,
+            )
             .unwrap();
         let past = b
             .input(

@@ -148,7 +148,11 @@ op_table! {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// A named graph input (token ids, masks, KV cache) with its declared shape.
-    Input { name: String, shape: Shape, dtype: DType },
+    Input {
+        name: String,
+        shape: Shape,
+        dtype: DType,
+    },
     /// A named weight, bound to a tensor when the graph runs (always f32).
     Weight { name: String, shape: Shape },
     /// A scalar constant (shape `[]`).
@@ -165,7 +169,11 @@ pub enum Op {
     /// `where(cond, a, b)`, broadcasting all three.
     Where,
     /// Reduction over `axes` (sorted, unique).
-    Reduce { op: ReduceOp, axes: Vec<usize>, keepdim: bool },
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<usize>,
+        keepdim: bool,
+    },
     /// Batched matmul `[.., m, k] × [.., k, n]`, batch dims broadcast.
     MatMul,
     /// Reinterpret the elements with a new shape of the same size.
@@ -219,7 +227,11 @@ impl Op {
             Op::Constant { value, .. } => format!("{value:e}"),
             Op::Iota { start, len } => format!("start={start} len={len}"),
             Op::Reduce { axes, keepdim, .. } => {
-                format!("axes={}{}", list(axes), if *keepdim { " keepdim" } else { "" })
+                format!(
+                    "axes={}{}",
+                    list(axes),
+                    if *keepdim { " keepdim" } else { "" }
+                )
             }
             Op::Reshape { shape } | Op::Expand { shape } => shape_string(shape),
             Op::Permute { perm } => list(perm),

@@ -14,7 +14,11 @@ pub fn to_text(g: &Graph) -> String {
     let mut s = String::new();
     for (id, n) in g.nodes() {
         let attrs = n.op.attrs();
-        let attrs = if attrs.is_empty() { String::new() } else { format!("{{{attrs}}}") };
+        let attrs = if attrs.is_empty() {
+            String::new()
+        } else {
+            format!("{{{attrs}}}")
+        };
         let args: Vec<String> = n.inputs.iter().map(|i| i.to_string()).collect();
         let _ = writeln!(
             s,
@@ -53,7 +57,11 @@ pub fn to_dot(g: &Graph) -> String {
         }
     }
     for (name, id) in g.outputs() {
-        let _ = writeln!(s, "  \"out:{0}\" [shape=ellipse, label=\"{0}\"];", escape(name));
+        let _ = writeln!(
+            s,
+            "  \"out:{0}\" [shape=ellipse, label=\"{0}\"];",
+            escape(name)
+        );
         let _ = writeln!(s, "  n{} -> \"out:{}\";", id.0, escape(name));
     }
     s.push_str("}\n");

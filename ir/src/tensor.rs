@@ -34,19 +34,28 @@ impl Tensor {
     /// An f32 tensor; `data.len()` must equal the shape's element count.
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor size");
-        Tensor { shape, data: Data::F32(data) }
+        Tensor {
+            shape,
+            data: Data::F32(data),
+        }
     }
 
     /// An i64 tensor; `data.len()` must equal the shape's element count.
     pub fn i64(shape: Vec<usize>, data: Vec<i64>) -> Tensor {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor size");
-        Tensor { shape, data: Data::I64(data) }
+        Tensor {
+            shape,
+            data: Data::I64(data),
+        }
     }
 
     /// A bool tensor; `data.len()` must equal the shape's element count.
     pub fn bool(shape: Vec<usize>, data: Vec<bool>) -> Tensor {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor size");
-        Tensor { shape, data: Data::Bool(data) }
+        Tensor {
+            shape,
+            data: Data::Bool(data),
+        }
     }
 
     /// The element type.

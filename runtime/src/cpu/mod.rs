@@ -1,0 +1,425 @@
+//! The CPU backend: executes any graph op by op in f32 (i64 for ids and positions, bool for
+//! comparisons). It is the executable specification every other backend is checked against,
+//! so it favours plain, obviously correct loops; matmul goes through `matrixmultiply` and large
+//! loops through rayon.
+//!
+//! Intermediate tensors are dropped after their last use, so peak memory follows liveness.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use transfuse_ir::{
+    eval_shape, BinaryOp, Bindings, CmpOp, Data, Graph, Node, NodeId, Op, ReduceOp, Tensor,
+    UnaryOp, Weights,
+};
+
+use crate::{bind_inputs, Backend, RuntimeError, TensorMap};
+
+pub mod kernels;
+
+use kernels::{broadcast_strides, map1, map2, matmul, reduce, strided_copy, strides};
+
+/// The CPU reference backend.
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    /// A CPU backend on rayon's global pool.
+    pub fn new() -> CpuBackend {
+        CpuBackend
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &str {
+        "cpu"
+    }
+
+    fn run(
+        &self,
+        graph: &Graph,
+        weights: &Weights,
+        inputs: &TensorMap,
+    ) -> Result<TensorMap, RuntimeError> {
+        let bindings = bind_inputs(graph, inputs)?;
+        let mut remaining = graph.use_counts();
+        let mut values: Vec<Option<Arc<Tensor>>> = vec![None; graph.len()];
+        for (id, node) in graph.nodes() {
+            let args: Vec<Arc<Tensor>> = node
+                .inputs
+                .iter()
+                .map(|i| {
+                    values[i.index()]
+                        .clone()
+                        .expect("operand computed before use")
+                })
+                .collect();
+            let out = eval_node(id, node, &args, &bindings, weights, inputs)?;
+            values[id.index()] = Some(out);
+            drop(args);
+            for i in &node.inputs {
+                remaining[i.index()] -= 1;
+                if remaining[i.index()] == 0 {
+                    values[i.index()] = None;
+                }
+            }
+        }
+        let mut outs = HashMap::new();
+        for (name, id) in graph.outputs() {
+            let t = values[id.index()].clone().expect("outputs stay live");
+            outs.insert(
+                name.clone(),
+                Arc::try_unwrap(t).unwrap_or_else(|a| (*a).clone()),
+            );
+        }
+        Ok(outs)
+    }
+}
+
+fn op_err(id: NodeId, node: &Node, msg: impl Into<String>) -> RuntimeError {
+    RuntimeError::Op {
+        op: node.op.name(),
+        node: id.0,
+        msg: msg.into(),
+    }
+}
+
+fn eval_node(
+    id: NodeId,
+    node: &Node,
+    args: &[Arc<Tensor>],
+    bindings: &Bindings,
+    weights: &Weights,
+    inputs: &TensorMap,
+) -> Result<Arc<Tensor>, RuntimeError> {
+    let out_shape = eval_shape(&node.shape, bindings)?;
+    let t = |data: Data| {
+        Ok(Arc::new(Tensor {
+            shape: out_shape.clone(),
+            data,
+        }))
+    };
+    match &node.op {
+        Op::Input { name, .. } => Ok(Arc::new(inputs[name].clone())),
+        Op::Weight { name, .. } => {
+            let w = weights
+                .get(name)
+                .ok_or_else(|| RuntimeError::MissingWeight(name.clone()))?;
+            if w.shape != out_shape {
+                return Err(RuntimeError::WeightShape {
+                    name: name.clone(),
+                    expected: out_shape,
+                    found: w.shape.clone(),
+                });
+            }
+            Ok(w.clone())
+        }
+        Op::Constant { value, .. } => t(scalar_data(*value, node)),
+        Op::Iota { start, .. } => {
+            let s = start.eval(bindings)? as i64;
+            t(Data::I64((0..out_shape[0] as i64).map(|i| s + i).collect()))
+        }
+        Op::Unary(u) => t(unary(*u, &args[0].data).ok_or_else(|| op_err(id, node, "bad dtype"))?),
+        Op::Binary(b) => {
+            let (x, y) = (&args[0], &args[1]);
+            let data = match (&x.data, &y.data) {
+                (Data::F32(a), Data::F32(c)) => {
+                    Data::F32(map2(a, &x.shape, c, &y.shape, &out_shape, binary_f32(*b)))
+                }
+                (Data::I64(a), Data::I64(c)) => {
+                    Data::I64(map2(a, &x.shape, c, &y.shape, &out_shape, binary_i64(*b)))
+                }
+                _ => return Err(op_err(id, node, "operands must both be f32 or i64")),
+            };
+            t(data)
+        }
+        Op::Compare(c) => {
+            let (x, y) = (&args[0], &args[1]);
+            let data = match (&x.data, &y.data) {
+                (Data::F32(a), Data::F32(b)) => map2(a, &x.shape, b, &y.shape, &out_shape, cmp(*c)),
+                (Data::I64(a), Data::I64(b)) => map2(a, &x.shape, b, &y.shape, &out_shape, cmp(*c)),
+                (Data::Bool(a), Data::Bool(b)) => {
+                    map2(a, &x.shape, b, &y.shape, &out_shape, cmp(*c))
+                }
+                _ => return Err(op_err(id, node, "operands differ in dtype")),
+            };
+            t(Data::Bool(data))
+        }
+        Op::Where => {
+            let cond = expand(&args[0], &out_shape);
+            let a = expand(&args[1], &out_shape);
+            let b = expand(&args[2], &out_shape);
+            let Data::Bool(c) = cond else {
+                return Err(op_err(id, node, "condition must be bool"));
+            };
+            let data = match (a, b) {
+                (Data::F32(a), Data::F32(b)) => Data::F32(select(&c, a, b)),
+                (Data::I64(a), Data::I64(b)) => Data::I64(select(&c, a, b)),
+                (Data::Bool(a), Data::Bool(b)) => Data::Bool(select(&c, a, b)),
+                _ => return Err(op_err(id, node, "branches differ in dtype")),
+            };
+            t(data)
+        }
+        Op::Reduce { op, axes, .. } => {
+            let x = &args[0];
+            let count: usize = axes.iter().map(|&a| x.shape[a]).product();
+            let data = match &x.data {
+                Data::F32(v) => {
+                    let r = match op {
+                        ReduceOp::Sum | ReduceOp::Mean => {
+                            reduce(v, &x.shape, axes, 0.0f32, |a, b| a + b)
+                        }
+                        ReduceOp::Max => reduce(v, &x.shape, axes, f32::NEG_INFINITY, f32::max),
+                    };
+                    if *op == ReduceOp::Mean {
+                        let inv = 1.0 / count as f32;
+                        Data::F32(r.into_iter().map(|s| s * inv).collect())
+                    } else {
+                        Data::F32(r)
+                    }
+                }
+                Data::I64(v) => Data::I64(match op {
+                    ReduceOp::Sum => reduce(v, &x.shape, axes, 0i64, |a, b| a + b),
+                    ReduceOp::Max => reduce(v, &x.shape, axes, i64::MIN, i64::max),
+                    ReduceOp::Mean => reduce(v, &x.shape, axes, 0i64, |a, b| a + b)
+                        .into_iter()
+                        .map(|s| s / count.max(1) as i64)
+                        .collect(),
+                }),
+                Data::Bool(_) => return Err(op_err(id, node, "cannot reduce bool")),
+            };
+            t(data)
+        }
+        Op::MatMul => {
+            let (a, b) = (&args[0], &args[1]);
+            let (Some(av), Some(bv)) = (a.as_f32(), b.as_f32()) else {
+                return Err(op_err(id, node, "matmul takes f32"));
+            };
+            let (ra, rb) = (a.shape.len(), b.shape.len());
+            let (m, k, n) = (a.shape[ra - 2], a.shape[ra - 1], b.shape[rb - 1]);
+            let out_batch = &out_shape[..out_shape.len() - 2];
+            let pad = |s: &[usize]| {
+                let mut v = vec![1; out_batch.len() - s.len()];
+                v.extend_from_slice(s);
+                v
+            };
+            let c = matmul(
+                av,
+                &pad(&a.shape[..ra - 2]),
+                bv,
+                &pad(&b.shape[..rb - 2]),
+                out_batch,
+                m,
+                k,
+                n,
+            );
+            t(Data::F32(c))
+        }
+        Op::Reshape { .. } => {
+            let x = &args[0];
+            Ok(Arc::new(Tensor {
+                shape: out_shape,
+                data: x.data.clone(),
+            }))
+        }
+        Op::Permute { perm } => {
+            let x = &args[0];
+            let s = strides(&x.shape);
+            let ps: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
+            t(copy_data(&x.data, 0, &ps, &out_shape))
+        }
+        Op::Expand { .. } => t(expand(&args[0], &out_shape)),
+        Op::Slice { axis, start, .. } => {
+            let x = &args[0];
+            let st = start.eval(bindings)?;
+            if st + out_shape[*axis] > x.shape[*axis] {
+                return Err(op_err(
+                    id,
+                    node,
+                    format!(
+                        "slice {st}..{} beyond axis length {}",
+                        st + out_shape[*axis],
+                        x.shape[*axis]
+                    ),
+                ));
+            }
+            let s = strides(&x.shape);
+            t(copy_data(&x.data, st * s[*axis], &s, &out_shape))
+        }
+        Op::Concat { axis } => t(concat(args, *axis, &out_shape)
+            .ok_or_else(|| op_err(id, node, "operands differ in dtype"))?),
+        Op::Gather => {
+            let (table, ids) = (&args[0], &args[1]);
+            let ids = ids
+                .as_i64()
+                .ok_or_else(|| op_err(id, node, "ids must be i64"))?;
+            let rows = table.shape[0];
+            let width: usize = table.shape[1..].iter().product();
+            if let Some(&bad) = ids.iter().find(|&&i| i < 0 || i as usize >= rows) {
+                return Err(RuntimeError::IndexOutOfRange {
+                    node: id.0,
+                    index: bad,
+                    size: rows,
+                });
+            }
+            let data = match &table.data {
+                Data::F32(v) => Data::F32(gather(v, ids, width)),
+                Data::I64(v) => Data::I64(gather(v, ids, width)),
+                Data::Bool(v) => Data::Bool(gather(v, ids, width)),
+            };
+            t(data)
+        }
+        Op::Cast { dtype } => t(cast(&args[0].data, *dtype)),
+    }
+}
+
+fn scalar_data(value: f64, node: &Node) -> Data {
+    match node.dtype {
+        transfuse_ir::DType::F32 => Data::F32(vec![value as f32]),
+        transfuse_ir::DType::I64 => Data::I64(vec![value as i64]),
+        transfuse_ir::DType::Bool => Data::Bool(vec![value != 0.0]),
+    }
+}
+
+fn unary(u: UnaryOp, x: &Data) -> Option<Data> {
+    Some(match (u, x) {
+        (UnaryOp::Neg, Data::I64(v)) => Data::I64(map1(v, |a: i64| -a)),
+        (UnaryOp::Abs, Data::I64(v)) => Data::I64(map1(v, |a: i64| a.abs())),
+        (UnaryOp::Not, Data::Bool(v)) => Data::Bool(map1(v, |a: bool| !a)),
+        (_, Data::F32(v)) => {
+            let f: fn(f32) -> f32 = match u {
+                UnaryOp::Neg => |a| -a,
+                UnaryOp::Exp => f32::exp,
+                UnaryOp::Log => f32::ln,
+                UnaryOp::Sqrt => f32::sqrt,
+                UnaryOp::Rsqrt => |a| 1.0 / a.sqrt(),
+                UnaryOp::Tanh => f32::tanh,
+                UnaryOp::Erf => libm::erff,
+                UnaryOp::Recip => |a| 1.0 / a,
+                UnaryOp::Relu => |a| a.max(0.0),
+                UnaryOp::Sigmoid => |a| 1.0 / (1.0 + (-a).exp()),
+                UnaryOp::Abs => f32::abs,
+                UnaryOp::Sin => f32::sin,
+                UnaryOp::Cos => f32::cos,
+                UnaryOp::Not => return None,
+            };
+            Data::F32(map1(v, f))
+        }
+        _ => return None,
+    })
+}
+
+fn binary_f32(b: BinaryOp) -> fn(f32, f32) -> f32 {
+    match b {
+        BinaryOp::Add => |x, y| x + y,
+        BinaryOp::Sub => |x, y| x - y,
+        BinaryOp::Mul => |x, y| x * y,
+        BinaryOp::Div => |x, y| x / y,
+        BinaryOp::Max => f32::max,
+        BinaryOp::Min => f32::min,
+        BinaryOp::Pow => f32::powf,
+    }
+}
+
+fn binary_i64(b: BinaryOp) -> fn(i64, i64) -> i64 {
+    match b {
+        BinaryOp::Add => |x, y| x.wrapping_add(y),
+        BinaryOp::Sub => |x, y| x.wrapping_sub(y),
+        BinaryOp::Mul => |x, y| x.wrapping_mul(y),
+        BinaryOp::Div => |x, y| if y == 0 { 0 } else { x.wrapping_div(y) },
+        BinaryOp::Max => i64::max,
+        BinaryOp::Min => i64::min,
+        BinaryOp::Pow => |x, y| {
+            if y < 0 {
+                0
+            } else {
+                x.wrapping_pow(y.min(u32::MAX as i64) as u32)
+            }
+        },
+    }
+}
+
+fn cmp<T: PartialOrd>(c: CmpOp) -> impl Fn(T, T) -> bool + Sync {
+    move |a, b| match c {
+        CmpOp::Eq => a == b,
+        CmpOp::Ne => a != b,
+        CmpOp::Lt => a < b,
+        CmpOp::Le => a <= b,
+        CmpOp::Gt => a > b,
+        CmpOp::Ge => a >= b,
+    }
+}
+
+fn copy_data(d: &Data, offset: usize, strides: &[usize], out: &[usize]) -> Data {
+    match d {
+        Data::F32(v) => Data::F32(strided_copy(v, offset, strides, out)),
+        Data::I64(v) => Data::I64(strided_copy(v, offset, strides, out)),
+        Data::Bool(v) => Data::Bool(strided_copy(v, offset, strides, out)),
+    }
+}
+
+fn expand(x: &Tensor, out: &[usize]) -> Data {
+    if x.shape == out {
+        return x.data.clone();
+    }
+    copy_data(&x.data, 0, &broadcast_strides(&x.shape, out), out)
+}
+
+fn select<T: Copy>(c: &[bool], a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    c.iter()
+        .zip(a.into_iter().zip(b))
+        .map(|(&c, (a, b))| if c { a } else { b })
+        .collect()
+}
+
+fn concat(args: &[Arc<Tensor>], axis: usize, out: &[usize]) -> Option<Data> {
+    fn go<T: Copy>(parts: &[(&[T], usize)], outer: usize) -> Vec<T> {
+        let mut v = Vec::with_capacity(parts.iter().map(|p| p.0.len()).sum());
+        for o in 0..outer {
+            for (data, inner) in parts {
+                v.extend_from_slice(&data[o * inner..(o + 1) * inner]);
+            }
+        }
+        v
+    }
+    let outer: usize = out[..axis].iter().product();
+    let inner = |t: &Tensor| t.shape[axis..].iter().product::<usize>();
+    macro_rules! cat {
+        ($variant:ident, $get:ident) => {{
+            let parts: Option<Vec<(&[_], usize)>> = args
+                .iter()
+                .map(|t| t.$get().map(|d| (d, inner(t))))
+                .collect();
+            Data::$variant(go(&parts?, outer))
+        }};
+    }
+    Some(match args[0].data {
+        Data::F32(_) => cat!(F32, as_f32),
+        Data::I64(_) => cat!(I64, as_i64),
+        Data::Bool(_) => cat!(Bool, as_bool),
+    })
+}
+
+fn gather<T: Copy>(table: &[T], ids: &[i64], width: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(ids.len() * width);
+    for &i in ids {
+        let i = i as usize;
+        v.extend_from_slice(&table[i * width..(i + 1) * width]);
+    }
+    v
+}
+
+fn cast(d: &Data, to: transfuse_ir::DType) -> Data {
+    use transfuse_ir::DType;
+    match (d, to) {
+        (Data::F32(v), DType::F32) => Data::F32(v.clone()),
+        (Data::F32(v), DType::I64) => Data::I64(v.iter().map(|&x| x as i64).collect()),
+        (Data::F32(v), DType::Bool) => Data::Bool(v.iter().map(|&x| x != 0.0).collect()),
+        (Data::I64(v), DType::F32) => Data::F32(v.iter().map(|&x| x as f32).collect()),
+        (Data::I64(v), DType::I64) => Data::I64(v.clone()),
+        (Data::I64(v), DType::Bool) => Data::Bool(v.iter().map(|&x| x != 0).collect()),
+        (Data::Bool(v), DType::F32) => Data::F32(v.iter().map(|&x| x as u8 as f32).collect()),
+        (Data::Bool(v), DType::I64) => Data::I64(v.iter().map(|&x| x as i64).collect()),
+        (Data::Bool(v), DType::Bool) => Data::Bool(v.clone()),
+    }
+}
