@@ -1,1 +1,447 @@
+//! # transfuse
+//!
+//! A compiler for Transformer models. This facade ties the crates together: load a Hugging Face
+//! folder ([`models`]), get its tensor graph ([`ir`]), run it on a backend ([`runtime`]) through
+//! a [`Session`]: `forward` for a batch, `generate` for greedy/sampled decoding with a KV cache,
+//! `embed` for sentence embeddings.
+//!
+//! ```
+//! use transfuse::{Batch, Session};
+//! use transfuse::models::Model;
+//!
+//! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_gpt2/model");
+//! let session = Session::cpu(Model::load(dir.as_ref()).unwrap());
+//! let out = session.forward(&Batch::new(vec![vec![1, 2, 3]])).unwrap();
+//! assert_eq!(out["logits"].shape, vec![1, 3, 1000]);
+//! let ids = session.generate(&[1, 2, 3], 4, transfuse::Sampling::Greedy).unwrap();
+//! assert_eq!(ids.len(), 7);
+//! ```
+#![warn(missing_docs)]
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub use transfuse_ir as ir;
+pub use transfuse_models as models;
+pub use transfuse_runtime as runtime;
+
+use ir::Tensor;
+use models::config::ModelConfig;
+use models::{gpt2, Model, ModelError};
+use runtime::{Backend, CpuBackend, RuntimeError, TensorMap};
+
+/// Everything that can go wrong in a session or the CLI; each variant names its culprit.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Loading or validating a model or its inputs.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Running a graph.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// A malformed inputs file.
+    #[error("{}: {msg}", path.display())]
+    Inputs {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Reading or writing a file.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A request the model or options cannot serve.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// A batch of token ids with optional masks, rows of equal length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// `[batch][seq]` token ids.
+    pub input_ids: Vec<Vec<i64>>,
+    /// `[batch][seq]`, 1 = real token, 0 = padding; all ones when absent.
+    pub attention_mask: Option<Vec<Vec<i64>>>,
+    /// `[batch][seq]` segment ids (BERT); zeros when absent.
+    pub token_type_ids: Option<Vec<Vec<i64>>>,
+}
+
+impl Batch {
+    /// A batch of ids without masks.
+    pub fn new(input_ids: Vec<Vec<i64>>) -> Batch {
+        Batch {
+            input_ids,
+            attention_mask: None,
+            token_type_ids: None,
+        }
+    }
+
+    /// Reads `{"input_ids": [[..]], "attention_mask"?: [[..]], "token_type_ids"?: [[..]]}`.
+    pub fn from_json_file(path: &Path) -> Result<Batch, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })?;
+        Batch::from_json_str(&text).map_err(|msg| Error::Inputs {
+            path: path.into(),
+            msg,
+        })
+    }
+
+    /// Parses the JSON form; the error says which field and row is wrong.
+    pub fn from_json_str(text: &str) -> Result<Batch, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        let obj = v.as_object().ok_or("expected a JSON object")?;
+        let matrix = |key: &str| -> Result<Option<Vec<Vec<i64>>>, String> {
+            let Some(m) = obj.get(key) else {
+                return Ok(None);
+            };
+            let rows = m
+                .as_array()
+                .ok_or_else(|| format!("`{key}` must be an array of rows"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (r, row) in rows.iter().enumerate() {
+                let row = row
+                    .as_array()
+                    .ok_or_else(|| format!("`{key}[{r}]` must be an array of integers"))?;
+                let ints: Option<Vec<i64>> = row.iter().map(|x| x.as_i64()).collect();
+                out.push(ints.ok_or_else(|| format!("`{key}[{r}]` must hold integers only"))?);
+            }
+            Ok(Some(out))
+        };
+        let batch = Batch {
+            input_ids: matrix("input_ids")?.ok_or("missing `input_ids`")?,
+            attention_mask: matrix("attention_mask")?,
+            token_type_ids: matrix("token_type_ids")?,
+        };
+        batch.validate()?;
+        Ok(batch)
+    }
+
+    /// Checks the batch is non-empty and rectangular and the masks match the ids.
+    pub fn validate(&self) -> Result<(), String> {
+        let ids = &self.input_ids;
+        if ids.is_empty() || ids[0].is_empty() {
+            return Err("`input_ids` is empty".into());
+        }
+        let seq = ids[0].len();
+        if let Some((r, row)) = ids.iter().enumerate().find(|(_, r)| r.len() != seq) {
+            return Err(format!(
+                "`input_ids` is ragged: row {r} has {} tokens, row 0 has {seq}",
+                row.len()
+            ));
+        }
+        for (key, m) in [
+            ("attention_mask", &self.attention_mask),
+            ("token_type_ids", &self.token_type_ids),
+        ] {
+            if let Some(m) = m {
+                if m.len() != ids.len() {
+                    return Err(format!(
+                        "`{key}` has {} rows, `input_ids` has {}",
+                        m.len(),
+                        ids.len()
+                    ));
+                }
+                if let Some((r, row)) = m.iter().enumerate().find(|(_, r)| r.len() != seq) {
+                    return Err(format!(
+                        "`{key}` row {r} has {} entries, expected {seq}",
+                        row.len()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        (self.input_ids.len(), self.input_ids[0].len())
+    }
+}
+
+fn matrix_tensor(m: &[Vec<i64>]) -> Tensor {
+    let cols = m.first().map_or(0, Vec::len);
+    Tensor::i64(vec![m.len(), cols], m.concat())
+}
+
+/// How `generate` picks the next token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (ties: the lowest id).
+    Greedy,
+    /// Sample from softmax(logits / temperature) restricted to the `top_k` most likely tokens
+    /// (0 = no restriction), with a seeded generator (runs are reproducible).
+    Sample {
+        /// Softmax temperature (> 0).
+        temperature: f32,
+        /// Keep only this many candidates (0 = all).
+        top_k: usize,
+        /// Random seed.
+        seed: u64,
+    },
+}
+
+/// A model bound to a backend.
+pub struct Session {
+    /// The model.
+    pub model: Model,
+    backend: Box<dyn Backend>,
+}
+
+impl Session {
+    /// A session on any backend.
+    pub fn new(model: Model, backend: Box<dyn Backend>) -> Session {
+        Session { model, backend }
+    }
+
+    /// A session on the CPU reference backend.
+    pub fn cpu(model: Model) -> Session {
+        Session::new(model, Box::new(CpuBackend::new()))
+    }
+
+    /// The backend's name.
+    pub fn backend_name(&self) -> &str {
+        self.backend.name()
+    }
+
+    fn gpt2_cache_inputs(&self, batch: usize, inputs: &mut TensorMap) {
+        if let ModelConfig::Gpt2(c) = &self.model.config {
+            for i in 0..c.n_layer {
+                for name in [gpt2::past_key(i), gpt2::past_value(i)] {
+                    inputs.insert(
+                        name,
+                        Tensor::f32(vec![batch, c.n_head, 0, c.head_dim()], vec![]),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Runs the model on a batch. Decoders give `logits`; encoders `last_hidden_state` (and
+    /// `pooler_output` / `embeddings` when the model has them).
+    pub fn forward(&self, batch: &Batch) -> Result<TensorMap, Error> {
+        batch.validate().map_err(Error::Usage)?;
+        self.model.check_ids(&batch.input_ids, 0)?;
+        let (b, s) = batch.dims();
+        let ones = || vec![vec![1i64; s]; b];
+        let mut inputs: TensorMap = HashMap::new();
+        inputs.insert("input_ids".into(), matrix_tensor(&batch.input_ids));
+        inputs.insert(
+            "attention_mask".into(),
+            matrix_tensor(batch.attention_mask.as_ref().unwrap_or(&ones())),
+        );
+        match &self.model.config {
+            ModelConfig::Bert(c) => {
+                let types = batch
+                    .token_type_ids
+                    .clone()
+                    .unwrap_or_else(|| vec![vec![0; s]; b]);
+                if let Some(bad) = types
+                    .iter()
+                    .flatten()
+                    .find(|&&t| t < 0 || t as usize >= c.type_vocab_size)
+                {
+                    return Err(ModelError::Input(format!(
+                        "token_type_ids holds {bad}, out of range for {} token types",
+                        c.type_vocab_size
+                    ))
+                    .into());
+                }
+                inputs.insert("token_type_ids".into(), matrix_tensor(&types));
+            }
+            ModelConfig::Gpt2(_) => self.gpt2_cache_inputs(b, &mut inputs),
+        }
+        let mut out = self
+            .backend
+            .run(&self.model.graph, &self.model.weights, &inputs)?;
+        out.retain(|k, _| !k.starts_with("present_"));
+        Ok(out)
+    }
+
+    /// Decodes `max_new` tokens after `prompt` (a decoder model), reusing the KV cache: one
+    /// prefill over the prompt, then one single-token step per new token. Returns prompt + new ids.
+    pub fn generate(
+        &self,
+        prompt: &[i64],
+        max_new: usize,
+        sampling: Sampling,
+    ) -> Result<Vec<i64>, Error> {
+        let ModelConfig::Gpt2(cfg) = &self.model.config else {
+            return Err(Error::Usage(format!(
+                "generate needs a decoder model; {} is a `{}` encoder",
+                self.model.dir.display(),
+                self.model.config.model_type()
+            )));
+        };
+        if prompt.is_empty() {
+            return Err(Error::Usage("the prompt is empty".into()));
+        }
+        self.model.check_ids(&[prompt.to_vec()], 0)?;
+        if prompt.len() + max_new > cfg.n_positions {
+            return Err(ModelError::Input(format!(
+                "prompt of {} tokens + {max_new} new tokens exceeds the model's position table of {} positions",
+                prompt.len(),
+                cfg.n_positions
+            ))
+            .into());
+        }
+        let mut rng = SplitMix(match sampling {
+            Sampling::Sample { seed, .. } => seed,
+            Sampling::Greedy => 0,
+        });
+        let mut ids = prompt.to_vec();
+        let mut inputs: TensorMap = HashMap::new();
+        self.gpt2_cache_inputs(1, &mut inputs);
+        let mut step: Vec<i64> = prompt.to_vec();
+        for _ in 0..max_new {
+            inputs.insert(
+                "input_ids".into(),
+                Tensor::i64(vec![1, step.len()], step.clone()),
+            );
+            inputs.insert(
+                "attention_mask".into(),
+                Tensor::i64(vec![1, ids.len()], vec![1; ids.len()]),
+            );
+            let mut out = self
+                .backend
+                .run(&self.model.graph, &self.model.weights, &inputs)?;
+            let logits = out.remove("logits").expect("decoder graphs output logits");
+            let v = logits.shape[2];
+            let data = logits.as_f32().expect("logits are f32");
+            let last = &data[data.len() - v..];
+            let next = pick(last, sampling, &mut rng);
+            for i in 0..cfg.n_layer {
+                for (past, present) in [
+                    (gpt2::past_key(i), gpt2::present_key(i)),
+                    (gpt2::past_value(i), gpt2::present_value(i)),
+                ] {
+                    let t = out
+                        .remove(&present)
+                        .expect("decoder graphs output their cache");
+                    inputs.insert(past, t);
+                }
+            }
+            ids.push(next);
+            step = vec![next];
+        }
+        Ok(ids)
+    }
+
+    /// Sentence embeddings of `texts` (a BERT model loaded with a pooling head), `[n, hidden]`.
+    pub fn embed(&self, texts: &[&str]) -> Result<Tensor, Error> {
+        if !self
+            .model
+            .graph
+            .outputs()
+            .iter()
+            .any(|(n, _)| n == "embeddings")
+        {
+            return Err(Error::Usage(
+                "the model was loaded without a pooling head".into(),
+            ));
+        }
+        let tok = self.model.tokenizer.as_ref().ok_or_else(|| {
+            Error::Usage(format!(
+                "{} has no tokenizer.json",
+                self.model.dir.display()
+            ))
+        })?;
+        if texts.is_empty() {
+            return Err(Error::Usage("no text to embed".into()));
+        }
+        let (input_ids, mask) = tok.encode_batch_padded(texts)?;
+        let batch = Batch {
+            input_ids,
+            attention_mask: Some(mask),
+            token_type_ids: None,
+        };
+        let mut out = self.forward(&batch)?;
+        Ok(out.remove("embeddings").expect("checked above"))
+    }
+}
+
+/// A small seeded generator (SplitMix64); sampling only needs reproducible uniform floats.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_f32(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+fn argmax(xs: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn pick(logits: &[f32], sampling: Sampling, rng: &mut SplitMix) -> i64 {
+    match sampling {
+        Sampling::Greedy => argmax(logits) as i64,
+        Sampling::Sample {
+            temperature, top_k, ..
+        } => {
+            let mut order: Vec<usize> = (0..logits.len()).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            if top_k > 0 {
+                order.truncate(top_k);
+            }
+            let t = temperature.max(1e-6);
+            let m = logits[order[0]];
+            let weights: Vec<f32> = order.iter().map(|&i| ((logits[i] - m) / t).exp()).collect();
+            let total: f32 = weights.iter().sum();
+            let mut r = rng.next_f32() * total;
+            for (k, w) in weights.iter().enumerate() {
+                if r < *w {
+                    return order[k] as i64;
+                }
+                r -= w;
+            }
+            order[order.len() - 1] as i64
+        }
+    }
+}
+
+/// Writes named f32/i64 tensors as a safetensors file.
+pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<(), Error> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let (dtype, raw) = match &t.data {
+                ir::Data::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                ir::Data::I64(v) => (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                ir::Data::Bool(v) => (Dtype::BOOL, v.iter().map(|&x| x as u8).collect()),
+            };
+            (name.to_string(), dtype, t.shape.clone(), raw)
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(*d, s.clone(), b).expect("sizes match"),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).map_err(|e| Error::Io {
+        path: path.into(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}

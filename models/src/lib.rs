@@ -1,1 +1,37 @@
+//! # transfuse-models
+//!
+//! BERT and GPT-2 from Hugging Face model folders: this crate reads a folder's `config.json`
+//! ([`config`]), its `model.safetensors` weights ([`weights`]) and its `tokenizer.json`
+//! ([`tokenizer`]), and builds the model's tensor graph in the `transfuse-ir` IR.
+//!
+//! It depends on the IR only — never on the optimisation passes, code generation or the
+//! runtime — so a graph and its weights can be produced, inspected and printed without any
+//! backend; running them is the runtime's business.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use transfuse_models::{load_config, ModelConfig};
+//!
+//! let dir = Path::new("tests/fixtures/tiny_gpt2/model");
+//! match load_config(dir)? {
+//!     ModelConfig::Gpt2(c) => println!("GPT-2 with {} layers", c.n_layer),
+//!     ModelConfig::Bert(c) => println!("BERT with {} layers", c.num_hidden_layers),
+//! }
+//! # Ok::<(), transfuse_models::ModelError>(())
+//! ```
+#![warn(missing_docs)]
 
+pub mod bert;
+pub mod config;
+pub mod error;
+pub mod gpt2;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use bert::{BertHeads, Pooling};
+pub use config::{load_config, parse_config, Activation, BertConfig, Gpt2Config, ModelConfig};
+pub use error::ModelError;
+pub use model::{build_graph, expected_weights, Model};
+pub use tokenizer::Tokenizer;
+pub use weights::{load_all_safetensors, load_safetensors};

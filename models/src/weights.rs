@@ -1,0 +1,159 @@
+//! Reading weights from `.safetensors` files into host [`Tensor`]s.
+//!
+//! The file is memory-mapped and parsed with the `safetensors` crate; only the tensors a model
+//! asks for are converted (to f32), so buffers stored next to the weights (BERT's
+//! `embeddings.position_ids`, GPT-2's `attn.bias`, a tied `lm_head.weight`) cost nothing.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use transfuse_ir::{Tensor, Weights};
+
+use crate::error::ModelError;
+
+/// Loads the `expected` weights `(canonical name, shape)` from the safetensors file at `path`.
+///
+/// Each weight is looked up under its canonical name first, then under `prefix + name` for
+/// each of `prefixes` in order (checkpoints of the same model come with and without a
+/// `transformer.` / `bert.` prefix). F32, F16 and BF16 tensors are converted to f32; tensors
+/// of the file that are not expected are ignored. The result is keyed by canonical name.
+///
+/// Errors: [`ModelError::Io`] if the file cannot be opened or mapped,
+/// [`ModelError::Safetensors`] if it is truncated or its header is corrupt,
+/// [`ModelError::MissingWeight`], [`ModelError::WeightShape`] and [`ModelError::WeightDtype`]
+/// for a weight that is absent, has another shape, or another dtype.
+pub fn load_safetensors(
+    path: &Path,
+    expected: &[(String, Vec<usize>)],
+    prefixes: &[&str],
+) -> Result<Weights, ModelError> {
+    let mmap = map_file(path)?;
+    let st = deserialize(path, &mmap)?;
+    let mut weights = Weights::with_capacity(expected.len());
+    for (name, shape) in expected {
+        let view = std::iter::once(name.clone())
+            .chain(prefixes.iter().map(|p| format!("{p}{name}")))
+            .find_map(|key| st.tensor(&key).ok())
+            .ok_or_else(|| ModelError::MissingWeight {
+                path: path.to_owned(),
+                name: name.clone(),
+            })?;
+        if view.shape() != shape.as_slice() {
+            return Err(ModelError::WeightShape {
+                path: path.to_owned(),
+                name: name.clone(),
+                found: view.shape().to_vec(),
+                expected: shape.clone(),
+            });
+        }
+        let data = to_f32(view.dtype(), view.data()).ok_or_else(|| ModelError::WeightDtype {
+            path: path.to_owned(),
+            name: name.clone(),
+            dtype: view.dtype().to_string(),
+        })?;
+        weights.insert(name.clone(), Arc::new(Tensor::f32(shape.clone(), data)));
+    }
+    Ok(weights)
+}
+
+/// Reads every tensor of a safetensors file (e.g. reference inputs and outputs), keyed by its
+/// name in the file: floating-point dtypes (F32, F16, BF16) become f32, integer dtypes
+/// (I64, I32, I16, I8, U32, U16, U8) become i64, BOOL becomes bool.
+///
+/// Errors as [`load_safetensors`]; any other dtype (F64, U64, FP8, ...) is a
+/// [`ModelError::WeightDtype`].
+pub fn load_all_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, ModelError> {
+    let mmap = map_file(path)?;
+    let st = deserialize(path, &mmap)?;
+    let mut out = HashMap::with_capacity(st.len());
+    for (name, view) in st.iter() {
+        let shape = view.shape().to_vec();
+        let bytes = view.data();
+        let tensor = if let Some(v) = to_f32(view.dtype(), bytes) {
+            Tensor::f32(shape, v)
+        } else if let Some(v) = to_i64(view.dtype(), bytes) {
+            Tensor::i64(shape, v)
+        } else if view.dtype() == Dtype::BOOL {
+            Tensor::bool(shape, bytes.iter().map(|&b| b != 0).collect())
+        } else {
+            return Err(ModelError::WeightDtype {
+                path: path.to_owned(),
+                name: name.to_owned(),
+                dtype: view.dtype().to_string(),
+            });
+        };
+        out.insert(name.to_owned(), tensor);
+    }
+    Ok(out)
+}
+
+/// Memory-maps a file; files shorter than the 8-byte header length are rejected before
+/// mapping.
+fn map_file(path: &Path) -> Result<Mmap, ModelError> {
+    let io = |source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    if len < 8 {
+        return Err(ModelError::Safetensors {
+            path: path.to_owned(),
+            msg: format!("file is {len} bytes, shorter than the 8-byte header length"),
+        });
+    }
+    // SAFETY: the mapping is read-only and lives only while the file is being loaded; as with
+    // any memory-mapped file, another process truncating or rewriting it meanwhile is outside
+    // what this loader can guard against.
+    unsafe { Mmap::map(&file) }.map_err(io)
+}
+
+fn deserialize<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>, ModelError> {
+    SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors {
+        path: path.to_owned(),
+        msg: e.to_string(),
+    })
+}
+
+/// Little-endian F32/F16/BF16 bytes as f32; `None` for other dtypes.
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// Little-endian integer bytes as i64; `None` for non-integer dtypes and U64.
+fn to_i64(dtype: Dtype, bytes: &[u8]) -> Option<Vec<i64>> {
+    fn conv<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> i64) -> Vec<i64> {
+        bytes
+            .chunks_exact(N)
+            .map(|c| f(c.try_into().expect("chunk of N bytes")))
+            .collect()
+    }
+    Some(match dtype {
+        Dtype::I64 => conv(bytes, i64::from_le_bytes),
+        Dtype::I32 => conv(bytes, |b| i32::from_le_bytes(b).into()),
+        Dtype::U32 => conv(bytes, |b| u32::from_le_bytes(b).into()),
+        Dtype::I16 => conv(bytes, |b| i16::from_le_bytes(b).into()),
+        Dtype::U16 => conv(bytes, |b| u16::from_le_bytes(b).into()),
+        Dtype::I8 => conv(bytes, |b: [u8; 1]| i8::from_le_bytes(b).into()),
+        Dtype::U8 => conv(bytes, |b: [u8; 1]| b[0].into()),
+        _ => return None,
+    })
+}

@@ -1,0 +1,87 @@
+//! Helpers shared by the integration tests: fixture paths, reference tensors, comparisons and
+//! the skip-unless-required rule for optional resources.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use transfuse::ir::Tensor;
+use transfuse::models::load_all_safetensors;
+
+/// Path of a file or folder under tests/fixtures.
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// The reference tensors of a fixture folder (`outputs.safetensors`).
+pub fn outputs_of(name: &str) -> HashMap<String, Tensor> {
+    load_all_safetensors(&fixture(&format!("{name}/outputs.safetensors"))).unwrap()
+}
+
+/// A rank-2 i64 tensor as rows.
+pub fn rows(t: &Tensor) -> Vec<Vec<i64>> {
+    let v = t.as_i64().expect("i64 tensor");
+    v.chunks(t.shape[1]).map(<[i64]>::to_vec).collect()
+}
+
+/// True when `TRANSFUSE_REQUIRE` (comma-separated) names `what`.
+pub fn required(what: &str) -> bool {
+    std::env::var("TRANSFUSE_REQUIRE")
+        .map(|v| v.split(',').any(|x| x.trim() == what))
+        .unwrap_or(false)
+}
+
+/// The MiniLM folder from `TRANSFUSE_MINILM_DIR` (set by scripts/test.sh after fetching it);
+/// `None` (with a message) when absent, a failure when `TRANSFUSE_REQUIRE` names `minilm`.
+pub fn minilm_dir() -> Option<PathBuf> {
+    match std::env::var_os("TRANSFUSE_MINILM_DIR") {
+        Some(d) => Some(PathBuf::from(d)),
+        None if required("minilm") => {
+            panic!("TRANSFUSE_REQUIRE names minilm but TRANSFUSE_MINILM_DIR is not set (run scripts/fetch-minilm.sh)")
+        }
+        None => {
+            eprintln!("skipping: TRANSFUSE_MINILM_DIR not set (run scripts/fetch-minilm.sh)");
+            None
+        }
+    }
+}
+
+/// Asserts `got` ≈ `want` within `tol` absolute; with a `[batch][seq]` mask, only positions
+/// whose mask is 1 are compared (outputs at padded positions are meaningless).
+pub fn assert_close_masked(
+    got: &Tensor,
+    want: &Tensor,
+    mask: Option<&[Vec<i64>]>,
+    tol: f32,
+    what: &str,
+) {
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    let (g, w) = (got.as_f32().unwrap(), want.as_f32().unwrap());
+    let inner: usize = if want.shape.len() > 2 {
+        want.shape[2..].iter().product()
+    } else {
+        1
+    };
+    let mut worst = 0f32;
+    let mut compared = 0usize;
+    for (i, (a, b)) in g.iter().zip(w).enumerate() {
+        if let Some(m) = mask {
+            let pos = i / inner;
+            let seq = want.shape[1];
+            if m[pos / seq][pos % seq] == 0 {
+                continue;
+            }
+        }
+        compared += 1;
+        let d = (a - b).abs();
+        assert!(
+            d <= tol,
+            "{what}[{i}]: got {a}, want {b} (|diff| {d} > {tol})"
+        );
+        worst = worst.max(d);
+    }
+    assert!(compared > 0, "{what}: nothing compared");
+    eprintln!("{what}: max |diff| {worst:.2e} over {compared} values (tol {tol:.0e})");
+}
