@@ -1,1 +1,284 @@
-fn main() {}
+//! The `transfuse` command line. Errors are one line on stderr and exit code 2.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use transfuse::ir::{to_dot, to_text, Tensor};
+use transfuse::models::{build_graph, load_config, BertHeads, Model, Pooling};
+use transfuse::{write_safetensors, Batch, Error, Sampling, Session};
+
+#[derive(Parser)]
+#[command(
+    name = "transfuse",
+    version,
+    about = "A compiler for Transformer models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a model on a batch of token ids and write its outputs as safetensors.
+    Run {
+        /// Hugging Face folder (config.json, model.safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// JSON with `input_ids` and optional `attention_mask`, `token_type_ids` ([batch][seq]).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Where to write the outputs (`logits`, or `last_hidden_state` [+ `pooler_output`]).
+        #[arg(long)]
+        out: PathBuf,
+        /// Backend: cpu (or auto, which is cpu until the GPU backends land).
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+    },
+    /// Generate tokens with a decoder model (greedy by default) using a KV cache.
+    Generate {
+        /// Hugging Face folder of a GPT-2 model.
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt text (needs tokenizer.json in the folder).
+        #[arg(
+            long,
+            conflicts_with = "prompt_ids",
+            required_unless_present = "prompt_ids"
+        )]
+        prompt: Option<String>,
+        /// Prompt as comma-separated token ids.
+        #[arg(long, value_delimiter = ',')]
+        prompt_ids: Option<Vec<i64>>,
+        /// How many tokens to generate.
+        #[arg(long)]
+        max_new_tokens: usize,
+        /// Sample with this temperature instead of greedy decoding.
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// With sampling: keep only the k most likely tokens (0 = all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// With sampling: random seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print `{"ids": [...], "text": ...}`.
+        #[arg(long)]
+        json: bool,
+        /// Backend: cpu (or auto).
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+    },
+    /// Sentence embeddings with a BERT-family encoder.
+    Embed {
+        /// Hugging Face folder with tokenizer.json.
+        #[arg(long)]
+        model: PathBuf,
+        /// A text to embed (repeatable).
+        #[arg(long = "text", required = true)]
+        texts: Vec<String>,
+        /// Pooling: mean (default), cls or max.
+        #[arg(long, default_value = "mean")]
+        pooling: String,
+        /// Skip the L2 normalisation.
+        #[arg(long)]
+        no_normalize: bool,
+        /// Print the embeddings as JSON.
+        #[arg(long, conflicts_with = "out")]
+        json: bool,
+        /// Write `embeddings` [n, hidden] as safetensors.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Backend: cpu (or auto).
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+    },
+    /// Print a model's IR (config.json alone is enough).
+    Graph {
+        /// Hugging Face folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Also write Graphviz DOT here.
+        #[arg(long)]
+        dot: Option<PathBuf>,
+    },
+}
+
+fn session(model: Model, backend: &str) -> Result<Session, Error> {
+    match backend {
+        "cpu" | "auto" => Ok(Session::cpu(model)),
+        "wgpu" | "cuda" => Err(Error::Usage(format!(
+            "backend `{backend}` is not implemented yet (planned); use --backend cpu"
+        ))),
+        other => Err(Error::Usage(format!(
+            "unknown backend `{other}` (expected cpu, wgpu, cuda or auto)"
+        ))),
+    }
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), Error> {
+    std::fs::write(path, text).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    match cli.cmd {
+        Cmd::Run {
+            model,
+            inputs,
+            out,
+            backend,
+        } => {
+            let batch = Batch::from_json_file(&inputs)?;
+            let s = session(Model::load(&model)?, &backend)?;
+            let t0 = Instant::now();
+            let outputs = s.forward(&batch)?;
+            let elapsed = t0.elapsed();
+            let mut named: Vec<(&str, &Tensor)> =
+                outputs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            named.sort_by_key(|(k, _)| *k);
+            write_safetensors(&out, &named)?;
+            let summary: Vec<String> = named
+                .iter()
+                .map(|(k, t)| format!("{k} {:?}", t.shape))
+                .collect();
+            eprintln!(
+                "ran {} ({}) on {} in {:.1} ms: {} -> {}",
+                model.display(),
+                s.model.config.model_type(),
+                s.backend_name(),
+                elapsed.as_secs_f64() * 1e3,
+                summary.join(", "),
+                out.display()
+            );
+        }
+        Cmd::Generate {
+            model,
+            prompt,
+            prompt_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            seed,
+            json,
+            backend,
+        } => {
+            let s = session(Model::load(&model)?, &backend)?;
+            let tok = s.model.tokenizer.as_ref();
+            let ids = match (prompt, prompt_ids) {
+                (Some(text), _) => tok
+                    .ok_or_else(|| {
+                        Error::Usage(format!(
+                            "{} has no tokenizer.json; pass --prompt-ids",
+                            model.display()
+                        ))
+                    })?
+                    .encode(&text, false)?,
+                (None, Some(ids)) => ids,
+                (None, None) => return Err(Error::Usage("give --prompt or --prompt-ids".into())),
+            };
+            let sampling = match temperature {
+                Some(t) if t <= 0.0 || !t.is_finite() => {
+                    return Err(Error::Usage(format!("--temperature must be > 0, got {t}")))
+                }
+                Some(temperature) => Sampling::Sample {
+                    temperature,
+                    top_k,
+                    seed,
+                },
+                None => Sampling::Greedy,
+            };
+            let t0 = Instant::now();
+            let all = s.generate(&ids, max_new_tokens, sampling)?;
+            let secs = t0.elapsed().as_secs_f64();
+            let text = match tok {
+                Some(t) => Some(t.decode(&all)?),
+                None => None,
+            };
+            if json {
+                println!("{}", serde_json::json!({ "ids": all, "text": text }));
+            } else {
+                match &text {
+                    Some(t) => println!("{t}"),
+                    None => println!(
+                        "{}",
+                        all.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+                    ),
+                }
+            }
+            eprintln!(
+                "generated {max_new_tokens} tokens on {} in {:.1} ms ({:.1} tokens/s)",
+                s.backend_name(),
+                secs * 1e3,
+                max_new_tokens as f64 / secs.max(1e-9)
+            );
+        }
+        Cmd::Embed {
+            model,
+            texts,
+            pooling,
+            no_normalize,
+            json,
+            out,
+            backend,
+        } => {
+            let pooling = Pooling::from_name(&pooling).ok_or_else(|| {
+                Error::Usage(format!(
+                    "unknown pooling `{pooling}` (expected mean, cls or max)"
+                ))
+            })?;
+            let s = session(
+                Model::load_with(&model, Some(pooling), !no_normalize)?,
+                &backend,
+            )?;
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let emb = s.embed(&refs)?;
+            if let Some(path) = out {
+                write_safetensors(&path, &[("embeddings", &emb)])?;
+                eprintln!("wrote embeddings {:?} to {}", emb.shape, path.display());
+            } else {
+                let v = emb.as_f32().expect("embeddings are f32");
+                let rows: Vec<&[f32]> = v.chunks(emb.shape[1]).collect();
+                if json {
+                    println!("{}", serde_json::json!({ "embeddings": rows }));
+                } else {
+                    for (t, r) in texts.iter().zip(rows) {
+                        let head: Vec<String> =
+                            r.iter().take(4).map(|x| format!("{x:.4}")).collect();
+                        println!("{t:?}: [{}, …] ({} dims)", head.join(", "), r.len());
+                    }
+                }
+            }
+        }
+        Cmd::Graph { model, dot } => {
+            let cfg = load_config(&model)?;
+            let heads = BertHeads {
+                pooler: true,
+                ..BertHeads::default()
+            };
+            let g = build_graph(&cfg, heads)?;
+            print!("{}", to_text(&g));
+            if let Some(path) = dot {
+                write_file(&path, &to_dot(&g))?;
+                eprintln!("wrote {}", path.display());
+            }
+            eprintln!("{} nodes", g.len());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
