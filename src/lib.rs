@@ -231,6 +231,22 @@ impl Session {
         self.model.check_ids(&batch.input_ids, 0)?;
         let (b, s) = batch.dims();
         let ones = || vec![vec![1i64; s]; b];
+        let bad_mask = batch
+            .attention_mask
+            .iter()
+            .flatten()
+            .enumerate()
+            .find_map(|(r, row)| {
+                row.iter()
+                    .position(|&m| m != 0 && m != 1)
+                    .map(|c| (r, c, row[c]))
+            });
+        if let Some((r, c, m)) = bad_mask {
+            return Err(ModelError::Input(format!(
+                "attention_mask[{r}][{c}] = {m}; expected 0 or 1"
+            ))
+            .into());
+        }
         let mut inputs: TensorMap = HashMap::new();
         inputs.insert("input_ids".into(), matrix_tensor(&batch.input_ids));
         inputs.insert(
@@ -243,13 +259,14 @@ impl Session {
                     .token_type_ids
                     .clone()
                     .unwrap_or_else(|| vec![vec![0; s]; b]);
-                if let Some(bad) = types
-                    .iter()
-                    .flatten()
-                    .find(|&&t| t < 0 || t as usize >= c.type_vocab_size)
-                {
+                let bad = types.iter().enumerate().find_map(|(r, row)| {
+                    row.iter()
+                        .position(|&t| t < 0 || t as usize >= c.type_vocab_size)
+                        .map(|col| (r, col, row[col]))
+                });
+                if let Some((r, col, t)) = bad {
                     return Err(ModelError::Input(format!(
-                        "token_type_ids holds {bad}, out of range for {} token types",
+                        "token_type_ids[{r}][{col}] = {t} is out of range for {} token types",
                         c.type_vocab_size
                     ))
                     .into());
@@ -336,6 +353,12 @@ impl Session {
 
     /// Sentence embeddings of `texts` (a BERT model loaded with a pooling head), `[n, hidden]`.
     pub fn embed(&self, texts: &[&str]) -> Result<Tensor, Error> {
+        if let ModelConfig::Gpt2(_) = self.model.config {
+            return Err(Error::Usage(format!(
+                "embed needs a BERT-family encoder; {} is a `gpt2` decoder",
+                self.model.dir.display()
+            )));
+        }
         if !self
             .model
             .graph

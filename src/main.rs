@@ -266,7 +266,12 @@ fn run(cli: Cli) -> Result<(), Error> {
                 write_file(&path, &to_dot(&g))?;
                 eprintln!("wrote {}", path.display());
             }
-            eprintln!("{} nodes", g.len());
+            let counts: Vec<String> = g
+                .op_counts()
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            eprintln!("{} nodes: {}", g.len(), counts.join(", "));
         }
     }
     Ok(())

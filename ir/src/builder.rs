@@ -312,7 +312,7 @@ impl Builder {
     pub fn split_heads(&mut self, x: NodeId, heads: usize) -> BResult {
         let s = self.shape(x).clone();
         let width = s.last().and_then(Dim::as_known).unwrap_or(0);
-        if s.len() != 3 || heads == 0 || width % heads != 0 {
+        if s.len() != 3 || heads == 0 || !width.is_multiple_of(heads) {
             return Err(IrError::Shape {
                 op: "split_heads".into(),
                 node: self.graph.len() as u32,

@@ -302,9 +302,7 @@ impl Fields<'_> {
         width_key: &str,
         width: usize,
     ) -> Result<(), ModelError> {
-        // `%` rather than `is_multiple_of`, which needs Rust 1.87 (the workspace's MSRV is 1.85).
-        #[allow(clippy::manual_is_multiple_of)]
-        if width % heads != 0 {
+        if !width.is_multiple_of(heads) {
             return Err(self.err(format!(
                 "field `{heads_key}` ({heads}) does not divide `{width_key}` ({width})"
             )));

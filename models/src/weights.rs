@@ -113,9 +113,19 @@ fn map_file(path: &Path) -> Result<Mmap, ModelError> {
 }
 
 fn deserialize<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>, ModelError> {
-    SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors {
-        path: path.to_owned(),
-        msg: e.to_string(),
+    use safetensors::SafeTensorError as E;
+    SafeTensors::deserialize(bytes).map_err(|e| {
+        let msg = match e {
+            E::MetadataIncompleteBuffer | E::InvalidHeaderLength => format!(
+                "file is truncated or corrupt ({} bytes do not cover its header's tensors): {e}",
+                bytes.len()
+            ),
+            e => e.to_string(),
+        };
+        ModelError::Safetensors {
+            path: path.to_owned(),
+            msg,
+        }
     })
 }
 

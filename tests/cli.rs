@@ -1,0 +1,526 @@
+//! The `transfuse` binary end to end: every bad input is one `error: ` line on stderr naming the
+//! culprit, with exit code 2 and no panic; the good paths reproduce the reference fixtures.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{assert_close_masked, fixture, minilm_dir, outputs_of, rows};
+use safetensors::tensor::TensorView;
+use safetensors::SafeTensors;
+use transfuse::ir::Tensor;
+use transfuse::models::load_all_safetensors;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A fresh directory under the system temp dir, unique per test and process, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("transfuse-cli-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn join(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+
+    /// Writes `text` to `rel` and returns the file's path.
+    fn write(&self, rel: &str, text: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.join(rel);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// Copies the files of fixture folder `src` (e.g. `tiny_bert/model`) into `rel`.
+    fn copy_model(&self, src: &str, rel: &str) -> PathBuf {
+        let dst = self.join(rel);
+        std::fs::create_dir_all(&dst).unwrap();
+        for entry in std::fs::read_dir(fixture(src)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+        }
+        dst
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the binary with `args` (backtraces off, so a panic would show its hint).
+fn transfuse<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_transfuse"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .expect("spawn the transfuse binary")
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts a clean usage error: exit code 2, stderr is exactly one line `error: ...` that
+/// contains every string of `culprits`, and no panic. Returns the line.
+fn assert_error(out: &Output, culprits: &[&str]) -> String {
+    let err = stderr_of(out);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "exit status {:?}, stderr:\n{err}",
+        out.status
+    );
+    assert!(!err.contains("panicked"), "panic:\n{err}");
+    assert!(!err.contains("RUST_BACKTRACE"), "backtrace hint:\n{err}");
+    assert!(
+        err.ends_with('\n') && err.lines().count() == 1,
+        "stderr is not exactly one line:\n{err}"
+    );
+    let line = err.trim_end_matches('\n');
+    assert!(line.starts_with("error: "), "no `error: ` prefix: {line}");
+    for c in culprits {
+        assert!(line.contains(c), "{line:?} does not name {c:?}");
+    }
+    // Shown with --nocapture, so the messages can be reviewed.
+    eprintln!("{line}");
+    line.to_owned()
+}
+
+/// Asserts success and no panic; returns stdout.
+fn assert_ok(out: &Output) -> String {
+    let err = stderr_of(out);
+    assert!(
+        out.status.success(),
+        "exit status {:?}, stderr:\n{err}",
+        out.status
+    );
+    assert!(!err.contains("panicked"), "panic:\n{err}");
+    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// `run` on `model` with the fixture `inputs`, writing into `tmp`.
+fn run_model(tmp: &TempDir, model: &Path, inputs: &Path) -> Output {
+    transfuse([
+        "run".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--inputs".as_ref(),
+        inputs.as_os_str(),
+        "--out".as_ref(),
+        tmp.join("out.safetensors").as_os_str(),
+    ])
+}
+
+/// Rewrites a safetensors file: `edit(name, shape)` returns `None` to drop the tensor, or the
+/// shape to store it under (same bytes, so the element count must not change).
+fn rewrite_safetensors(path: &Path, edit: impl Fn(&str, &[usize]) -> Option<Vec<usize>>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut kept: Vec<(String, TensorView<'_>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        if let Some(shape) = edit(&name, view.shape()) {
+            let v = TensorView::new(view.dtype(), shape, view.data()).unwrap();
+            kept.push((name, v));
+        }
+    }
+    let out = safetensors::serialize(kept, None).unwrap();
+    std::fs::write(path, out).unwrap();
+}
+
+/// Writes an inputs file with these `input_ids`.
+fn inputs_with_ids(tmp: &TempDir, ids: &[Vec<i64>]) -> PathBuf {
+    tmp.write(
+        "inputs.json",
+        serde_json::json!({ "input_ids": ids }).to_string(),
+    )
+}
+
+/// The fixture config of `model` (e.g. `tiny_gpt2/model`) as JSON, for editing.
+fn fixture_config(model: &str) -> serde_json::Map<String, serde_json::Value> {
+    let text = std::fs::read_to_string(fixture(&format!("{model}/config.json"))).unwrap();
+    match serde_json::from_str(&text).unwrap() {
+        serde_json::Value::Object(m) => m,
+        _ => unreachable!("config.json is an object"),
+    }
+}
+
+const GPT2: &str = "tiny_gpt2/model";
+const BERT: &str = "tiny_bert/model";
+
+// ---------------------------------------------------------------------------------------------
+// Bad model folders
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn missing_config_json() {
+    let tmp = TempDir::new("missing_config_json");
+    let model = tmp.join("model");
+    std::fs::create_dir(&model).unwrap();
+    let out = run_model(&tmp, &model, &fixture("tiny_gpt2/inputs.json"));
+    assert_error(&out, &[&s(&model.join("config.json"))]);
+}
+
+#[test]
+fn malformed_config_json() {
+    let tmp = TempDir::new("malformed_config_json");
+    let model = tmp.copy_model(GPT2, "model");
+    let config = tmp.write(
+        "model/config.json",
+        "{\"model_type\": \"gpt2\", \"n_embd\": 64,",
+    );
+    let out = run_model(&tmp, &model, &fixture("tiny_gpt2/inputs.json"));
+    assert_error(&out, &[&s(&config), "invalid JSON"]);
+}
+
+#[test]
+fn unknown_model_type() {
+    let tmp = TempDir::new("unknown_model_type");
+    let model = tmp.copy_model(GPT2, "model");
+    let mut cfg = fixture_config(GPT2);
+    cfg.insert("model_type".into(), "llama-9".into());
+    let config = tmp.write(
+        "model/config.json",
+        serde_json::Value::Object(cfg).to_string(),
+    );
+    let out = run_model(&tmp, &model, &fixture("tiny_gpt2/inputs.json"));
+    assert_error(&out, &[&s(&config), "llama-9"]);
+}
+
+#[test]
+fn config_missing_a_required_field() {
+    let tmp = TempDir::new("config_missing_a_required_field");
+    let model = tmp.copy_model(GPT2, "model");
+    let mut cfg = fixture_config(GPT2);
+    cfg.remove("n_head").unwrap();
+    let config = tmp.write(
+        "model/config.json",
+        serde_json::Value::Object(cfg).to_string(),
+    );
+    let out = run_model(&tmp, &model, &fixture("tiny_gpt2/inputs.json"));
+    assert_error(&out, &[&s(&config), "n_head"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let tmp = TempDir::new("truncated_safetensors");
+    let model = tmp.copy_model(BERT, "model");
+    let weights = model.join("model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let out = run_model(&tmp, &model, &fixture("tiny_bert/inputs.json"));
+    assert_error(&out, &[&s(&weights), "truncated"]);
+}
+
+#[test]
+fn corrupt_safetensors_header() {
+    let tmp = TempDir::new("corrupt_safetensors_header");
+    let model = tmp.copy_model(BERT, "model");
+    let weights = model.join("model.safetensors");
+    // Keep the 8-byte header length, replace the JSON header it announces with garbage.
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    for (i, b) in bytes[8..8 + n].iter_mut().enumerate() {
+        *b = [0xff, b'#', 0x00, b'{'][i % 4];
+    }
+    std::fs::write(&weights, bytes).unwrap();
+    let out = run_model(&tmp, &model, &fixture("tiny_bert/inputs.json"));
+    assert_error(&out, &[&s(&weights)]);
+}
+
+#[test]
+fn weight_of_the_wrong_shape() {
+    let tmp = TempDir::new("weight_of_the_wrong_shape");
+    let model = tmp.copy_model(BERT, "model");
+    let weights = model.join("model.safetensors");
+    let name = "encoder.layer.0.attention.self.query.weight";
+    rewrite_safetensors(&weights, |n, shape| {
+        Some(if n == name {
+            assert_eq!(shape, [64, 64]);
+            vec![32, 128]
+        } else {
+            shape.to_vec()
+        })
+    });
+    let out = run_model(&tmp, &model, &fixture("tiny_bert/inputs.json"));
+    assert_error(&out, &[&s(&weights), name, "[32, 128]", "[64, 64]"]);
+}
+
+#[test]
+fn missing_weight() {
+    let tmp = TempDir::new("missing_weight");
+    let model = tmp.copy_model(BERT, "model");
+    let weights = model.join("model.safetensors");
+    let name = "encoder.layer.1.output.dense.weight";
+    rewrite_safetensors(&weights, |n, shape| (n != name).then(|| shape.to_vec()));
+    let out = run_model(&tmp, &model, &fixture("tiny_bert/inputs.json"));
+    assert_error(&out, &[&s(&weights), name]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad inputs
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn token_id_out_of_vocabulary() {
+    let tmp = TempDir::new("token_id_out_of_vocabulary");
+    let inputs = inputs_with_ids(&tmp, &[vec![1, 2, 3, 4], vec![5, 6, 7, 1000]]);
+    let out = run_model(&tmp, &fixture(GPT2), &inputs);
+    assert_error(&out, &["input_ids[1][3]", "1000"]);
+}
+
+#[test]
+fn sequence_longer_than_the_position_table() {
+    let tmp = TempDir::new("sequence_longer_than_the_position_table");
+    let inputs = inputs_with_ids(&tmp, &[(0..129).collect()]);
+    let out = run_model(&tmp, &fixture(GPT2), &inputs);
+    assert_error(&out, &["129", "128"]);
+}
+
+#[test]
+fn ragged_input_rows() {
+    let tmp = TempDir::new("ragged_input_rows");
+    let inputs = inputs_with_ids(&tmp, &[vec![1, 2, 3, 4], vec![5, 6, 7]]);
+    let out = run_model(&tmp, &fixture(GPT2), &inputs);
+    assert_error(&out, &[&s(&inputs), "input_ids", "row 1"]);
+}
+
+#[test]
+fn inputs_not_json() {
+    let tmp = TempDir::new("inputs_not_json");
+    let inputs = tmp.write("inputs.json", "input_ids = [[1, 2, 3]]\n");
+    let out = run_model(&tmp, &fixture(GPT2), &inputs);
+    assert_error(&out, &[&s(&inputs), "JSON"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad requests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn generate_text_prompt_without_tokenizer() {
+    let model = fixture(GPT2);
+    let out = transfuse([
+        "generate".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--prompt".as_ref(),
+        "text".as_ref(),
+        "--max-new-tokens".as_ref(),
+        "4".as_ref(),
+    ]);
+    assert_error(&out, &[&s(&model), "tokenizer.json", "--prompt-ids"]);
+}
+
+#[test]
+fn generate_with_an_encoder() {
+    let model = fixture(BERT);
+    let out = transfuse([
+        "generate".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--prompt-ids".as_ref(),
+        "1,2,3".as_ref(),
+        "--max-new-tokens".as_ref(),
+        "4".as_ref(),
+    ]);
+    assert_error(&out, &[&s(&model), "bert"]);
+}
+
+#[test]
+fn unknown_backend() {
+    let tmp = TempDir::new("unknown_backend");
+    let out = transfuse([
+        "run".as_ref(),
+        "--model".as_ref(),
+        fixture(GPT2).as_os_str(),
+        "--inputs".as_ref(),
+        fixture("tiny_gpt2/inputs.json").as_os_str(),
+        "--out".as_ref(),
+        tmp.join("out.safetensors").as_os_str(),
+        "--backend".as_ref(),
+        "foo".as_ref(),
+    ]);
+    assert_error(&out, &["backend", "`foo`"]);
+    assert!(!tmp.join("out.safetensors").exists());
+}
+
+#[test]
+fn embed_unknown_pooling() {
+    let out = transfuse([
+        "embed".as_ref(),
+        "--model".as_ref(),
+        fixture(BERT).as_os_str(),
+        "--text".as_ref(),
+        "hello".as_ref(),
+        "--pooling".as_ref(),
+        "bogus".as_ref(),
+    ]);
+    assert_error(&out, &["pooling", "`bogus`"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Good paths
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn run_tiny_gpt2_matches_reference_logits() {
+    let tmp = TempDir::new("run_tiny_gpt2_matches_reference_logits");
+    let out = run_model(&tmp, &fixture(GPT2), &fixture("tiny_gpt2/inputs.json"));
+    assert_ok(&out);
+    let got = load_all_safetensors(&tmp.join("out.safetensors")).unwrap();
+    let want = outputs_of("tiny_gpt2");
+    assert_close_masked(&got["logits"], &want["logits"], None, 1e-4, "logits");
+}
+
+#[test]
+fn generate_greedy_json_matches_reference_ids() {
+    let refs = outputs_of("tiny_gpt2");
+    let prompt = rows(&refs["input_ids"]).remove(0);
+    let want = rows(&refs["greedy_ids"]).remove(0);
+    assert_eq!(want.len(), prompt.len() + 8);
+    let prompt_arg: Vec<String> = prompt.iter().map(i64::to_string).collect();
+    let out = transfuse([
+        "generate".as_ref(),
+        "--model".as_ref(),
+        fixture(GPT2).as_os_str(),
+        "--prompt-ids".as_ref(),
+        prompt_arg.join(",").as_ref(),
+        "--max-new-tokens".as_ref(),
+        "8".as_ref(),
+        "--json".as_ref(),
+    ]);
+    let stdout = assert_ok(&out);
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("--json prints JSON");
+    let got: Vec<i64> = v["ids"]
+        .as_array()
+        .expect("`ids` array")
+        .iter()
+        .map(|x| x.as_i64().expect("integer id"))
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn graph_from_config_alone_writes_dot() {
+    let tmp = TempDir::new("graph_from_config_alone_writes_dot");
+    let model = tmp.join("model");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::copy(
+        fixture("tiny_bert/model/config.json"),
+        model.join("config.json"),
+    )
+    .unwrap();
+    let dot = tmp.join("graph.dot");
+    let out = transfuse([
+        "graph".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--dot".as_ref(),
+        dot.as_os_str(),
+    ]);
+    let stdout = assert_ok(&out);
+    assert!(!stdout.trim().is_empty(), "graph printed no IR");
+    let text = std::fs::read_to_string(&dot).unwrap();
+    assert!(
+        text.starts_with("digraph"),
+        "DOT starts with {:?}",
+        &text[..text.len().min(40)]
+    );
+}
+
+#[test]
+fn embed_minilm_json_matches_sentence_transformers() {
+    let Some(dir) = minilm_dir() else { return };
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("minilm/inputs.json")).unwrap())
+            .unwrap();
+    let sentences: Vec<&str> = inputs["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(sentences.len(), 3);
+    let mut args: Vec<&OsStr> = vec!["embed".as_ref(), "--model".as_ref(), dir.as_os_str()];
+    for t in &sentences {
+        args.push("--text".as_ref());
+        args.push(t.as_ref());
+    }
+    args.push("--json".as_ref());
+    let stdout = assert_ok(&transfuse(args));
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("--json prints JSON");
+    let emb: Vec<Vec<f32>> = v["embeddings"]
+        .as_array()
+        .expect("`embeddings` array")
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .expect("a row")
+                .iter()
+                .map(|x| x.as_f64().expect("a number") as f32)
+                .collect()
+        })
+        .collect();
+    let want = &outputs_of("minilm")["mean_pooled_l2norm"];
+    let got = Tensor::f32(vec![emb.len(), emb[0].len()], emb.concat());
+    assert_close_masked(&got, want, None, 1e-5, "embeddings");
+}
+
+#[test]
+fn embed_with_a_decoder() {
+    let model = fixture(GPT2);
+    let out = transfuse([
+        "embed".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--text".as_ref(),
+        "hi".as_ref(),
+    ]);
+    assert_error(&out, &[&s(&model), "gpt2", "encoder"]);
+}
+
+#[test]
+fn attention_mask_values_must_be_binary() {
+    let tmp = TempDir::new("attention_mask_values_must_be_binary");
+    let inputs = tmp.write(
+        "inputs.json",
+        r#"{"input_ids": [[1, 2, 3]], "attention_mask": [[1, 2, 1]]}"#,
+    );
+    let out = run_model(&tmp, &fixture(GPT2), &inputs);
+    assert_error(&out, &["attention_mask[0][1]", "2"]);
+}
+
+#[test]
+fn token_type_out_of_range() {
+    let tmp = TempDir::new("token_type_out_of_range");
+    let inputs = tmp.write(
+        "inputs.json",
+        r#"{"input_ids": [[1, 2, 3]], "token_type_ids": [[0, 1, 2]]}"#,
+    );
+    let out = run_model(&tmp, &fixture(BERT), &inputs);
+    assert_error(&out, &["token_type_ids[0][2]", "2 token types"]);
+}
