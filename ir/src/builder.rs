@@ -6,7 +6,7 @@
 
 use crate::dim::{Dim, Shape};
 use crate::graph::{Graph, NodeId};
-use crate::op::{BinaryOp, CmpOp, DType, Op, ReduceOp, UnaryOp};
+use crate::op::{BinaryOp, CmpOp, DType, Op, ReduceOp, Scalar, UnaryOp};
 use crate::IrError;
 
 /// Result of a builder call.
@@ -90,7 +90,7 @@ impl Builder {
     pub fn scalar(&mut self, value: f64) -> BResult {
         self.op(
             Op::Constant {
-                value,
+                value: Scalar(value),
                 dtype: DType::F32,
             },
             &[],
@@ -101,7 +101,7 @@ impl Builder {
     pub fn scalar_i64(&mut self, value: i64) -> BResult {
         self.op(
             Op::Constant {
-                value: value as f64,
+                value: Scalar(value as f64),
                 dtype: DType::I64,
             },
             &[],

@@ -35,6 +35,37 @@ impl fmt::Display for DType {
     }
 }
 
+/// An f64 attribute (constant value, scale, epsilon) with total equality, order and hash by
+/// its bits, so ops can be compared and hashed (the optimizer's e-graph needs both).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scalar(pub f64);
+
+impl Eq for Scalar {}
+
+impl PartialOrd for Scalar {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Scalar {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+impl std::hash::Hash for Scalar {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state)
+    }
+}
+
+impl fmt::Display for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:e}", self.0)
+    }
+}
+
 /// Declares a fieldless op enum with its printable names, both directions.
 macro_rules! op_table {
     ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal,)* }) => {
@@ -132,6 +163,22 @@ op_table! {
 }
 
 op_table! {
+    /// The activation of a matmul epilogue.
+    Act {
+        /// no activation
+        Identity = "identity",
+        /// exact GELU (erf)
+        GeluErf = "gelu_erf",
+        /// tanh-approximated GELU
+        GeluTanh = "gelu_tanh",
+        /// max(x, 0)
+        Relu = "relu",
+        /// x·sigmoid(x)
+        Silu = "silu",
+    }
+}
+
+op_table! {
     /// Reductions over a set of axes.
     ReduceOp {
         /// Σ
@@ -145,7 +192,7 @@ op_table! {
 
 /// One node's operation. Operands are the node's inputs, in order.
 #[allow(missing_docs)] // variant fields are described on the variant
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
     /// A named graph input (token ids, masks, KV cache) with its declared shape.
     Input {
@@ -156,7 +203,7 @@ pub enum Op {
     /// A named weight, bound to a tensor when the graph runs (always f32).
     Weight { name: String, shape: Shape },
     /// A scalar constant (shape `[]`).
-    Constant { value: f64, dtype: DType },
+    Constant { value: Scalar, dtype: DType },
     /// `[start, start+1, …, start+len-1]` as i64, shape `[len]`; the way positions and causal
     /// masks see symbolic lengths.
     Iota { start: Dim, len: Dim },
@@ -190,6 +237,41 @@ pub enum Op {
     Gather,
     /// Convert the element type.
     Cast { dtype: DType },
+
+    // ---- Fused ops: produced only by the optimizer (transfuse-passes). Each has a CPU
+    // ---- implementation and a primitive decomposition (`decompose`), held equal by tests.
+    /// `softmax(x·scale [+ mask])` over the last axis; operands `x [, mask]`, the additive mask
+    /// broadcasting to `x`.
+    Softmax { scale: Scalar },
+    /// `softmax(q kᵀ·scale [+ mask] [causal] [window]) v`; operands `q [.., sq, d]`,
+    /// `k [.., sk, d]`, `v [.., sk, dv] [, mask]` (additive, broadcasting to `[.., sq, sk]`).
+    /// `causal`: query `i` sees keys `j <= i + sk - sq`; `window`: and only the last `window`
+    /// of those.
+    Attention {
+        scale: Scalar,
+        causal: bool,
+        window: Option<usize>,
+    },
+    /// `(x - E[x]) / √(Var[x] + eps) · gamma + beta` over the last axis; operands
+    /// `x, gamma, beta` (gamma/beta broadcast to `x`).
+    LayerNorm { eps: Scalar },
+    /// `x / √(E[x²] + eps) · gamma` over the last axis; operands `x, gamma`.
+    RmsNorm { eps: Scalar },
+    /// Layer norm over each of `groups` channel groups of `x [N, C, ..]`; operands
+    /// `x, gamma, beta` (broadcast to `x`).
+    GroupNorm { groups: usize, eps: Scalar },
+    /// Normalisation over the spatial axes of each channel of `x [N, C, ..]`; operands
+    /// `x, gamma, beta` (broadcast to `x`).
+    InstanceNorm { eps: Scalar },
+    /// Inference batch norm with running statistics and affine folded: `x · scale + shift`
+    /// with per-channel `scale`, `shift` broadcast to `x [N, C, ..]`.
+    BatchNorm,
+    /// `act(x @ w [+ bias]) [+ residual]`; operands `x, w [, bias] [, residual]`.
+    FusedMatMul {
+        act: Act,
+        bias: bool,
+        residual: bool,
+    },
 }
 
 impl Op {
@@ -213,6 +295,14 @@ impl Op {
             Op::Concat { .. } => "concat".into(),
             Op::Gather => "gather".into(),
             Op::Cast { .. } => "cast".into(),
+            Op::Softmax { .. } => "softmax".into(),
+            Op::Attention { .. } => "attention".into(),
+            Op::LayerNorm { .. } => "layer_norm".into(),
+            Op::RmsNorm { .. } => "rms_norm".into(),
+            Op::GroupNorm { .. } => "group_norm".into(),
+            Op::InstanceNorm { .. } => "instance_norm".into(),
+            Op::BatchNorm => "batch_norm".into(),
+            Op::FusedMatMul { .. } => "fused_matmul".into(),
         }
     }
 
@@ -224,7 +314,7 @@ impl Op {
         }
         match self {
             Op::Input { name, .. } | Op::Weight { name, .. } => format!("{name:?}"),
-            Op::Constant { value, .. } => format!("{value:e}"),
+            Op::Constant { value, .. } => value.to_string(),
             Op::Iota { start, len } => format!("start={start} len={len}"),
             Op::Reduce { axes, keepdim, .. } => {
                 format!(
@@ -238,13 +328,67 @@ impl Op {
             Op::Slice { axis, start, end } => format!("axis={axis} {start}..{end}"),
             Op::Concat { axis } => format!("axis={axis}"),
             Op::Cast { dtype } => dtype.to_string(),
+            Op::Softmax { scale } => format!("scale={scale}"),
+            Op::Attention {
+                scale,
+                causal,
+                window,
+            } => {
+                let mut a = format!("scale={scale}");
+                if *causal {
+                    a.push_str(" causal");
+                }
+                if let Some(w) = window {
+                    a.push_str(&format!(" window={w}"));
+                }
+                a
+            }
+            Op::LayerNorm { eps } | Op::RmsNorm { eps } | Op::InstanceNorm { eps } => {
+                format!("eps={eps}")
+            }
+            Op::GroupNorm { groups, eps } => format!("groups={groups} eps={eps}"),
+            Op::FusedMatMul {
+                act,
+                bias,
+                residual,
+            } => {
+                let mut a = format!("act={}", act.name());
+                if *bias {
+                    a.push_str(" bias");
+                }
+                if *residual {
+                    a.push_str(" residual");
+                }
+                a
+            }
             _ => String::new(),
         }
+    }
+
+    /// True for ops only the optimizer produces.
+    pub fn is_fused(&self) -> bool {
+        matches!(
+            self,
+            Op::Softmax { .. }
+                | Op::Attention { .. }
+                | Op::LayerNorm { .. }
+                | Op::RmsNorm { .. }
+                | Op::GroupNorm { .. }
+                | Op::InstanceNorm { .. }
+                | Op::BatchNorm
+                | Op::FusedMatMul { .. }
+        )
     }
 
     /// How many operands the op takes (`None`: any number ≥ 1).
     pub fn arity(&self) -> Option<usize> {
         match self {
+            Op::Softmax { .. } | Op::Attention { .. } | Op::FusedMatMul { .. } => None,
+            Op::LayerNorm { .. }
+            | Op::GroupNorm { .. }
+            | Op::InstanceNorm { .. }
+            | Op::BatchNorm => Some(3),
+            Op::RmsNorm { .. } => Some(2),
             Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. } => Some(0),
             Op::Unary(_)
             | Op::Reduce { .. }

@@ -15,6 +15,7 @@ use transfuse_ir::{
 
 use crate::{bind_inputs, Backend, RuntimeError, TensorMap};
 
+pub mod fused;
 pub mod kernels;
 
 use kernels::{broadcast_strides, map1, map2, matmul, reduce, strided_copy, strides};
@@ -114,7 +115,7 @@ fn eval_node(
             }
             Ok(w.clone())
         }
-        Op::Constant { value, .. } => t(scalar_data(*value, node)),
+        Op::Constant { value, .. } => t(scalar_data(value.0, node)),
         Op::Iota { start, .. } => {
             let s = start.eval(bindings)? as i64;
             t(Data::I64((0..out_shape[0] as i64).map(|i| s + i).collect()))
@@ -270,6 +271,11 @@ fn eval_node(
             t(data)
         }
         Op::Cast { dtype } => t(cast(&args[0].data, *dtype)),
+        op => {
+            debug_assert!(op.is_fused());
+            let data = fused::eval(op, args, &out_shape).map_err(|msg| op_err(id, node, msg))?;
+            t(Data::F32(data))
+        }
     }
 }
 
