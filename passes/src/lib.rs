@@ -1,0 +1,191 @@
+//! # transfuse-passes
+//!
+//! The optimizer: the graph goes into an e-graph ([`convert`]), rule families ([`rules`])
+//! saturate it under node, iteration and time limits, the cheapest equivalent graph is
+//! extracted under a cost model ([`cost`]) and converted back. Every fused op in a compiled
+//! model is one these rules found; the builder never emits them.
+//!
+//! Never hangs: when a limit stops saturation the report says which, and the best graph found
+//! so far is used (it is always equivalent: every rule is an equivalence).
+//!
+//! ```
+//! use transfuse_ir::{Builder, DType, Dim};
+//! use transfuse_passes::{optimize, Options};
+//!
+//! let mut b = Builder::new();
+//! let x = b.input("x", vec![Dim::sym("n"), 16.into()], DType::F32).unwrap();
+//! let y = b.softmax(x).unwrap();
+//! b.output("y", y);
+//! let (g, report) = optimize(&b.finish(), &Options::default()).unwrap();
+//! assert_eq!(g.op_counts()["softmax"], 1);
+//! assert!(!g.op_counts().contains_key("exp"));
+//! assert_eq!(report.ops_before["exp"], 1);
+//! ```
+#![warn(missing_docs)]
+
+pub use egg;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use egg::{Runner, StopReason};
+use transfuse_ir::{Graph, IrError};
+
+pub mod analysis;
+pub mod convert;
+pub mod cost;
+pub mod extract;
+pub mod lang;
+pub mod rules;
+
+pub use cost::Profile;
+pub use rules::Rule;
+
+/// Optimizer settings.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Stop when the e-graph holds this many e-nodes.
+    pub node_limit: usize,
+    /// Stop after this many iterations.
+    pub iter_limit: usize,
+    /// Stop after this much time.
+    pub time_limit: Duration,
+    /// The cost model's target.
+    pub profile: Profile,
+    /// Rule families to use (names from [`rules::FAMILIES`]).
+    pub families: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            node_limit: 200_000,
+            iter_limit: 40,
+            time_limit: Duration::from_secs(10),
+            profile: Profile::gpu(),
+            families: rules::FAMILIES.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+impl Options {
+    /// Defaults overridden by `TRANSFUSE_EGRAPH_NODES`, `TRANSFUSE_EGRAPH_ITERS` and
+    /// `TRANSFUSE_EGRAPH_SECONDS` when set to numbers.
+    pub fn from_env() -> Options {
+        let mut o = Options::default();
+        let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok());
+        if let Some(n) = num("TRANSFUSE_EGRAPH_NODES") {
+            o.node_limit = n as usize;
+        }
+        if let Some(n) = num("TRANSFUSE_EGRAPH_ITERS") {
+            o.iter_limit = n as usize;
+        }
+        if let Some(s) = num("TRANSFUSE_EGRAPH_SECONDS") {
+            o.time_limit = Duration::from_secs_f64(s);
+        }
+        o
+    }
+}
+
+/// What saturation did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EgraphReport {
+    /// E-nodes at the end.
+    pub nodes: usize,
+    /// E-classes at the end.
+    pub classes: usize,
+    /// Iterations run.
+    pub iterations: usize,
+    /// `saturated`, `iteration_limit`, `node_limit`, `time_limit` or another reason.
+    pub stop_reason: String,
+    /// Seconds spent saturating.
+    pub seconds: f64,
+}
+
+/// What the optimizer did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    /// Op name → count before.
+    pub ops_before: BTreeMap<String, usize>,
+    /// Op name → count after.
+    pub ops_after: BTreeMap<String, usize>,
+    /// Saturation statistics.
+    pub egraph: EgraphReport,
+    /// Rule name → times applied.
+    pub rules_applied: BTreeMap<String, usize>,
+    /// The extracted graph's estimated cost (seconds under the profile).
+    pub cost_after: f64,
+    /// The input graph's estimated cost under the same model.
+    pub cost_before: f64,
+    /// Seconds for the whole optimization.
+    pub seconds: f64,
+}
+
+/// Errors of the optimizer (they indicate a bug: rules preserve well-typedness).
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    /// The extracted graph failed IR validation.
+    #[error("optimizer produced an invalid graph: {0}")]
+    Invalid(#[from] IrError),
+}
+
+fn stop_name(r: &Option<StopReason>) -> String {
+    match r {
+        Some(StopReason::Saturated) => "saturated".into(),
+        Some(StopReason::IterationLimit(_)) => "iteration_limit".into(),
+        Some(StopReason::NodeLimit(_)) => "node_limit".into(),
+        Some(StopReason::TimeLimit(_)) => "time_limit".into(),
+        Some(StopReason::Other(s)) => s.clone(),
+        None => "none".into(),
+    }
+}
+
+/// Optimizes `g` with the rule families named in `opts`.
+pub fn optimize(g: &Graph, opts: &Options) -> Result<(Graph, Report), PassError> {
+    let rules: Vec<Rule> = opts.families.iter().flat_map(|f| rules::family(f)).collect();
+    optimize_with(g, opts, &rules)
+}
+
+/// Optimizes `g` with an explicit rule set (tests use this for explosive rules).
+pub fn optimize_with(g: &Graph, opts: &Options, rules: &[Rule]) -> Result<(Graph, Report), PassError> {
+    let t0 = Instant::now();
+    let mut eg = analysis::EG::default();
+    let root = convert::to_egraph(g, &mut eg);
+    eg.rebuild();
+    let cost_before = extract::extract(&eg, root, &opts.profile).0;
+    let t_sat = Instant::now();
+    let runner = Runner::default()
+        .with_egraph(eg)
+        .with_node_limit(opts.node_limit)
+        .with_iter_limit(opts.iter_limit)
+        .with_time_limit(opts.time_limit)
+        .run(rules);
+    let sat_seconds = t_sat.elapsed().as_secs_f64();
+    let mut rules_applied = BTreeMap::new();
+    for it in &runner.iterations {
+        for (name, n) in &it.applied {
+            *rules_applied.entry(name.to_string()).or_insert(0) += n;
+        }
+    }
+    let eg = &runner.egraph;
+    let root = eg.find(root);
+    let (cost_after, expr) = extract::extract(eg, root, &opts.profile);
+    let names: Vec<String> = g.outputs().iter().map(|(n, _)| n.clone()).collect();
+    let out = convert::from_recexpr(&expr, &names)?;
+    let report = Report {
+        ops_before: g.op_counts(),
+        ops_after: out.op_counts(),
+        egraph: EgraphReport {
+            nodes: eg.total_number_of_nodes(),
+            classes: eg.number_of_classes(),
+            iterations: runner.iterations.len(),
+            stop_reason: stop_name(&runner.stop_reason),
+            seconds: sat_seconds,
+        },
+        rules_applied,
+        cost_after,
+        cost_before,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    Ok((out, report))
+}

@@ -1,0 +1,94 @@
+//! Attention fusion: `matmul(softmax{scale}(matmul(q, kᵀ) [, mask]), v)` → `attention`.
+//!
+//! The scale may sit on the scores, on q or on k (algebra moves it out of the matmul and the
+//! transpose), `kᵀ` may be spelled as any permute whose last two axes are swapped (algebra
+//! splits it), and multi-head reshapes/permutes around q, k, v stay outside the fused op.
+//! A mask of the form `where(kpos <= qpos, m, −big)` built from iotas (a causal mask with the
+//! query positions offset by the cache length) becomes the `causal` flag, keeping only `m`.
+//! Refuses when q, k, v do not share batch dims (the fused op does not broadcast them).
+
+use transfuse_ir::{CmpOp, Dim, Op};
+
+use super::{node_rule, nodes_where, Plan, Rule};
+use crate::analysis::{konst, node_type, shape_of, EG};
+use crate::lang::{EOp, TNode};
+use crate::rules::softmax::MASK_FILL_MAX;
+
+/// The attention family.
+#[rustfmt::skip]
+pub fn rules() -> Vec<Rule> {
+    vec![
+        node_rule("attention-from-softmax", from_softmax),
+        node_rule("attention-causal-iota",  causal_from_iota),
+    ]
+}
+
+fn from_softmax(eg: &EG, n: &TNode) -> Option<Plan> {
+    if n.ir() != Some(&Op::MatMul) {
+        return None;
+    }
+    let (p, v) = (n.children[0], n.children[1]);
+    for sm in nodes_where(eg, p, |op| matches!(op, EOp::Ir(Op::Softmax { .. }))) {
+        let Some(Op::Softmax { scale }) = sm.ir() else { continue };
+        for mm in nodes_where(eg, sm.children[0], |op| op == &EOp::Ir(Op::MatMul)) {
+            for t in nodes_where(eg, mm.children[1], |op| op == &EOp::Transpose) {
+                let mut kids = vec![mm.children[0], t.children[0], v];
+                kids.extend(sm.children.get(1));
+                let op = Op::Attention { scale: *scale, causal: false, window: None };
+                let node = TNode::new(EOp::Ir(op.clone()), kids.clone());
+                if node_type(eg, &node).is_some() {
+                    return Some(Plan::ir(op, kids.into_iter().map(Plan::Class).collect()));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// True if class `id` holds `iota(start, len)`, optionally under a reshape; returns (start, len).
+fn iota_of(eg: &EG, id: egg::Id, through_reshape: bool) -> Option<(Dim, Dim)> {
+    for n in &eg[id].nodes {
+        match n.ir() {
+            Some(Op::Iota { start, len }) => return Some((start.clone(), len.clone())),
+            Some(Op::Reshape { .. }) if through_reshape => {
+                if let Some(found) = iota_of(eg, n.children[0], false) {
+                    return Some(found);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+fn causal_from_iota(eg: &EG, n: &TNode) -> Option<Plan> {
+    let Some(Op::Attention { scale, causal: false, window: None }) = n.ir() else { return None };
+    let [q, k, v, m] = n.children[..] else { return None };
+    let (qs, ks) = (shape_of(eg, q), shape_of(eg, k));
+    let (sq, sk) = (qs[qs.len() - 2].clone(), ks[ks.len() - 2].clone());
+    for w in nodes_where(eg, m, |op| op == &EOp::Ir(Op::Where)) {
+        let [cond, keep, fill] = w.children[..] else { continue };
+        if !konst(eg, fill).is_some_and(|f| f <= MASK_FILL_MAX) {
+            continue;
+        }
+        for c in nodes_where(eg, cond, |op| op == &EOp::Ir(Op::Compare(CmpOp::Le))) {
+            let (Some((k0, klen)), Some((qstart, qlen))) =
+                (iota_of(eg, c.children[0], false), iota_of(eg, c.children[1], true))
+            else {
+                continue;
+            };
+            // keys 0..sk against queries (sk - sq)..sk laid out as a column [sq, 1].
+            let qshape = shape_of(eg, c.children[1]);
+            let column = qshape.len() == 2 && qshape[1].is(1);
+            if k0.is(0) && klen == sk && qlen == sq && qstart == sk.minus(&sq) && column {
+                let op = Op::Attention { scale: *scale, causal: true, window: None };
+                let mut kids = vec![Plan::Class(q), Plan::Class(k), Plan::Class(v)];
+                if konst(eg, keep) != Some(0.0) {
+                    kids.push(Plan::Class(keep));
+                }
+                return Some(Plan::ir(op, kids));
+            }
+        }
+    }
+    None
+}
