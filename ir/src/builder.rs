@@ -251,17 +251,96 @@ impl Builder {
         self.div(e, s)
     }
 
+    /// Normalisation without affine over `axes` (sorted):
+    /// `(x - E[x]) / √(E[(x - E[x])²] + eps)`, the statistics kept with `keepdim`.
+    pub fn normalize(&mut self, x: NodeId, axes: &[usize], eps: f64) -> BResult {
+        let mu = self.reduce(ReduceOp::Mean, x, axes, true)?;
+        let xc = self.sub(x, mu)?;
+        let sq = self.mul(xc, xc)?;
+        let var = self.reduce(ReduceOp::Mean, sq, axes, true)?;
+        let var_eps = self.add_scalar(var, eps)?;
+        let inv = self.unary(UnaryOp::Rsqrt, var_eps)?;
+        self.mul(xc, inv)
+    }
+
     /// Layer norm over the last axis with affine `gamma`, `beta`:
     /// `(x - E[x]) / √(E[(x - E[x])²] + eps) · γ + β`.
     pub fn layer_norm(&mut self, x: NodeId, gamma: NodeId, beta: NodeId, eps: f64) -> BResult {
         let axis = self.last_axis(x);
-        let mu = self.reduce(ReduceOp::Mean, x, &[axis], true)?;
-        let xc = self.sub(x, mu)?;
-        let sq = self.mul(xc, xc)?;
-        let var = self.reduce(ReduceOp::Mean, sq, &[axis], true)?;
-        let var_eps = self.add_scalar(var, eps)?;
-        let inv = self.unary(UnaryOp::Rsqrt, var_eps)?;
-        let y = self.mul(xc, inv)?;
+        let y = self.normalize(x, &[axis], eps)?;
+        let y = self.mul(y, gamma)?;
+        self.add(y, beta)
+    }
+
+    /// RMS norm over the last axis: `x · rsqrt(E[x²] + eps) · γ`.
+    pub fn rms_norm(&mut self, x: NodeId, gamma: NodeId, eps: f64) -> BResult {
+        let axis = self.last_axis(x);
+        let sq = self.mul(x, x)?;
+        let ms = self.reduce(ReduceOp::Mean, sq, &[axis], true)?;
+        let ms_eps = self.add_scalar(ms, eps)?;
+        let inv = self.unary(UnaryOp::Rsqrt, ms_eps)?;
+        let y = self.mul(x, inv)?;
+        self.mul(y, gamma)
+    }
+
+    /// Group norm of `x [N, C, rest..]` with affine `gamma`, `beta` (broadcast to `x`):
+    /// reshape to `[N, groups, (C/groups)·Π rest]`, normalise over the last axis, reshape
+    /// back. `C` and the `rest` dims must be known.
+    pub fn group_norm(
+        &mut self,
+        x: NodeId,
+        gamma: NodeId,
+        beta: NodeId,
+        groups: usize,
+        eps: f64,
+    ) -> BResult {
+        let s = self.shape(x).clone();
+        let known: Option<Vec<usize>> = s.iter().skip(1).map(Dim::as_known).collect();
+        let inner = match known {
+            Some(k) if s.len() >= 3 && groups > 0 && k[0] % groups == 0 => {
+                k.iter().product::<usize>() / groups
+            }
+            _ => {
+                return Err(IrError::Shape {
+                    op: "group_norm".into(),
+                    node: self.graph.len() as u32,
+                    msg: format!(
+                        "{groups} groups need x [N, C, rest..] with C divisible by them and \
+                         C, rest known, got {}",
+                        crate::dim::shape_string(&s)
+                    ),
+                })
+            }
+        };
+        let r = self.reshape(x, vec![s[0].clone(), groups.into(), inner.into()])?;
+        let y = self.normalize(r, &[2], eps)?;
+        let y = self.reshape(y, s)?;
+        let y = self.mul(y, gamma)?;
+        self.add(y, beta)
+    }
+
+    /// Instance norm of `x [N, C, ..]` with affine `gamma`, `beta` (broadcast to `x`):
+    /// normalise over axes `2..` of each `(n, c)`; a rank-2 `x` is viewed as `[N, C, 1]`.
+    pub fn instance_norm(&mut self, x: NodeId, gamma: NodeId, beta: NodeId, eps: f64) -> BResult {
+        let s = self.shape(x).clone();
+        let y = match s.len() {
+            0 | 1 => {
+                return Err(IrError::Shape {
+                    op: "instance_norm".into(),
+                    node: self.graph.len() as u32,
+                    msg: format!("x needs [N, C, ..], got {}", crate::dim::shape_string(&s)),
+                })
+            }
+            2 => {
+                let r = self.reshape(x, vec![s[0].clone(), s[1].clone(), 1.into()])?;
+                let y = self.normalize(r, &[2], eps)?;
+                self.reshape(y, s)?
+            }
+            n => {
+                let axes: Vec<usize> = (2..n).collect();
+                self.normalize(x, &axes, eps)?
+            }
+        };
         let y = self.mul(y, gamma)?;
         self.add(y, beta)
     }
@@ -287,6 +366,12 @@ impl Builder {
         let one_plus = self.add_scalar(t, 1.0)?;
         let half_x = self.mul_scalar(x, 0.5)?;
         self.mul(half_x, one_plus)
+    }
+
+    /// SiLU (swish): `x · sigmoid(x)`.
+    pub fn silu(&mut self, x: NodeId) -> BResult {
+        let s = self.unary(UnaryOp::Sigmoid, x)?;
+        self.mul(x, s)
     }
 
     /// A linear layer `x W (+ b)` with the weight in either layout.

@@ -3,7 +3,8 @@
 //! The tensor graph every later stage of transfuse rewrites: primitive ops in declarative tables
 //! ([`op`]), shapes with symbolic dims bound at run time ([`dim`]), shape and dtype inference at
 //! insertion ([`graph`]), a builder whose composite helpers emit primitives only ([`builder`]),
-//! and a stable text form and Graphviz export ([`print`]).
+//! the primitive decomposition of every fused op ([`decompose`](mod@decompose)), and a stable
+//! text form and Graphviz export ([`print`](mod@print)).
 //!
 //! ```
 //! use transfuse_ir::{Builder, DType, Dim, to_text};
@@ -19,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod builder;
+pub mod decompose;
 pub mod dim;
 pub mod graph;
 pub mod op;
@@ -26,6 +28,7 @@ pub mod print;
 pub mod tensor;
 
 pub use builder::{BResult, Builder, WeightLayout};
+pub use decompose::decompose;
 pub use dim::{eval_shape, shape, shape_string, Bindings, Dim, Shape};
 pub use graph::{broadcast_shapes, infer, Graph, Node, NodeId};
 pub use op::{Act, BinaryOp, CmpOp, DType, Op, ReduceOp, Scalar, UnaryOp};

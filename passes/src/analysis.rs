@@ -31,14 +31,19 @@ pub type EG = EGraph<TNode, TAnalysis>;
 
 /// Shape and dtype of an e-node given its children's classes.
 pub fn node_type(eg: &EG, n: &TNode) -> Option<(Shape, DType)> {
-    let kids: Option<Vec<&(Shape, DType)>> = n.children.iter().map(|c| eg[*c].data.ty.as_ref()).collect();
+    let kids: Option<Vec<&(Shape, DType)>> =
+        n.children.iter().map(|c| eg[*c].data.ty.as_ref()).collect();
     let kids = kids?;
     match &n.op {
         EOp::Outputs => Some((vec![], DType::F32)),
         EOp::Row(r) => {
             let (s, d) = kids.first()?;
             let axis = s.len().checked_sub(1)?;
-            let op = Op::Reduce { op: *r, axes: vec![axis], keepdim: true };
+            let op = Op::Reduce {
+                op: *r,
+                axes: vec![axis],
+                keepdim: true,
+            };
             infer(&op, &[(s, *d)]).ok()
         }
         EOp::Transpose => {
@@ -92,7 +97,10 @@ impl Analysis<TNode> for TAnalysis {
         let k = |i: usize| eg[n.children[i]].data.konst;
         let is_f32_scalar = matches!(&ty, Some((s, DType::F32)) if s.is_empty());
         let konst = match &n.op {
-            EOp::Ir(Op::Constant { value, dtype: DType::F32 }) => Some(value.0),
+            EOp::Ir(Op::Constant {
+                value,
+                dtype: DType::F32,
+            }) => Some(value.0),
             EOp::Ir(Op::Unary(u)) if is_f32_scalar => k(0).and_then(|a| fold_unary(*u, a)),
             EOp::Ir(Op::Binary(b)) if is_f32_scalar => match (k(0), k(1)) {
                 (Some(x), Some(y)) => fold_binary(*b, x, y),
@@ -106,7 +114,11 @@ impl Analysis<TNode> for TAnalysis {
             EOp::Ir(Op::Input { .. } | Op::Iota { .. }) | EOp::Outputs => false,
             _ => n.children.iter().all(|c| eg[*c].data.weight_only),
         };
-        Data { ty, konst, weight_only }
+        Data {
+            ty,
+            konst,
+            weight_only,
+        }
     }
 
     fn merge(&mut self, a: &mut Data, b: Data) -> DidMerge {
@@ -134,7 +146,10 @@ impl Analysis<TNode> for TAnalysis {
         if let (Some(v), Some((s, DType::F32))) = (d.konst, &d.ty) {
             if s.is_empty() {
                 let c = TNode::new(
-                    EOp::Ir(Op::Constant { value: Scalar(v), dtype: DType::F32 }),
+                    EOp::Ir(Op::Constant {
+                        value: Scalar(v),
+                        dtype: DType::F32,
+                    }),
                     vec![],
                 );
                 let cid = eg.add(c);
@@ -151,7 +166,12 @@ pub fn konst(eg: &EG, id: Id) -> Option<f64> {
 
 /// The shape of a class (empty when untyped).
 pub fn shape_of(eg: &EG, id: Id) -> Shape {
-    eg[id].data.ty.as_ref().map(|t| t.0.clone()).unwrap_or_default()
+    eg[id]
+        .data
+        .ty
+        .as_ref()
+        .map(|t| t.0.clone())
+        .unwrap_or_default()
 }
 
 /// True when the class's shape has only size-1 axes except possibly the last (a per-feature

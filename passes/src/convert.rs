@@ -20,12 +20,17 @@ pub fn to_egraph(g: &Graph, eg: &mut EG) -> Id {
     for (_, n) in g.nodes() {
         let rank = n.shape.len();
         let op = match &n.op {
-            Op::Reduce { op, axes, keepdim: true } if rank > 0 && axes[..] == [rank - 1] => {
-                EOp::Row(*op)
-            }
+            Op::Reduce {
+                op,
+                axes,
+                keepdim: true,
+            } if rank > 0 && axes[..] == [rank - 1] => EOp::Row(*op),
             Op::Permute { perm }
                 if perm.len() >= 2
-                    && perm[..perm.len() - 2].iter().enumerate().all(|(i, &p)| i == p)
+                    && perm[..perm.len() - 2]
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &p)| i == p)
                     && perm[perm.len() - 2] == perm.len() - 1 =>
             {
                 EOp::Transpose
@@ -54,7 +59,11 @@ pub fn from_recexpr(expr: &RecExpr<TNode>, names: &[String]) -> Result<Graph, Ir
             }
             EOp::Row(r) => {
                 let rank = g.node(kids[0]).shape.len();
-                Op::Reduce { op: *r, axes: vec![rank.saturating_sub(1)], keepdim: true }
+                Op::Reduce {
+                    op: *r,
+                    axes: vec![rank.saturating_sub(1)],
+                    keepdim: true,
+                }
             }
             EOp::Transpose => {
                 let rank = g.node(kids[0]).shape.len();

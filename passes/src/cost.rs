@@ -78,7 +78,12 @@ impl Profile {
 }
 
 fn default_dims() -> Bindings {
-    [("batch".to_string(), 1), ("seq".to_string(), 128), ("past".to_string(), 0)].into()
+    [
+        ("batch".to_string(), 1),
+        ("seq".to_string(), 128),
+        ("past".to_string(), 0),
+    ]
+    .into()
 }
 
 fn elem_bytes(d: DType) -> f64 {
@@ -90,9 +95,14 @@ fn elem_bytes(d: DType) -> f64 {
 
 /// The own cost of an e-node in seconds (children excluded); infinite when ill-typed.
 pub fn node_cost(eg: &EG, p: &Profile, n: &TNode) -> f64 {
-    let Some((out, dt)) = node_type(eg, n) else { return f64::INFINITY };
-    let kids: Vec<(Shape, DType)> =
-        n.children.iter().filter_map(|c| eg[*c].data.ty.clone()).collect();
+    let Some((out, dt)) = node_type(eg, n) else {
+        return f64::INFINITY;
+    };
+    let kids: Vec<(Shape, DType)> = n
+        .children
+        .iter()
+        .filter_map(|c| eg[*c].data.ty.clone())
+        .collect();
     let out_b = p.numel(&out) * elem_bytes(dt);
     let in_b: f64 = kids.iter().map(|(s, d)| p.numel(s) * elem_bytes(*d)).sum();
     let kernel = |flops: f64| p.launch_s + (in_b + out_b) / p.bytes_per_s + flops / p.flops_per_s;
@@ -111,7 +121,9 @@ pub fn node_cost(eg: &EG, p: &Profile, n: &TNode) -> f64 {
             Op::MatMul | Op::FusedMatMul { .. } => kernel(matmul_flops()),
             Op::Attention { .. } => {
                 let (q, k) = (&kids[0].0, &kids[1].0);
-                let sk = k.get(k.len().wrapping_sub(2)).map_or(1.0, |d| p.numel(&vec![d.clone()]));
+                let sk = k
+                    .get(k.len().wrapping_sub(2))
+                    .map_or(1.0, |d| p.numel(&vec![d.clone()]));
                 kernel(4.0 * p.numel(q) * sk)
             }
             _ => kernel(8.0 * p.numel(&out)),
@@ -138,14 +150,22 @@ impl<'a> CostFn<'a> {
     pub fn new(eg: &'a EG, profile: &'a Profile) -> CostFn<'a> {
         let mut parents: HashMap<Id, f64> = HashMap::new();
         for class in eg.classes() {
-            let mut seen: Vec<Id> = class.nodes.iter().flat_map(|n| n.children.iter().map(|c| eg.find(*c))).collect();
+            let mut seen: Vec<Id> = class
+                .nodes
+                .iter()
+                .flat_map(|n| n.children.iter().map(|c| eg.find(*c)))
+                .collect();
             seen.sort();
             seen.dedup();
             for c in seen {
                 *parents.entry(c).or_insert(0.0) += 1.0;
             }
         }
-        CostFn { eg, profile, parents }
+        CostFn {
+            eg,
+            profile,
+            parents,
+        }
     }
 }
 
@@ -160,7 +180,15 @@ impl CostFunction<TNode> for CostFn<'_> {
         let kids: f64 = enode
             .children
             .iter()
-            .map(|c| costs(*c) / self.parents.get(&self.eg.find(*c)).copied().unwrap_or(1.0).max(1.0))
+            .map(|c| {
+                costs(*c)
+                    / self
+                        .parents
+                        .get(&self.eg.find(*c))
+                        .copied()
+                        .unwrap_or(1.0)
+                        .max(1.0)
+            })
             .sum();
         own + kids
     }

@@ -56,7 +56,9 @@ impl Search<'_> {
                 return (f64::INFINITY, vec![]);
             }
             stack.push((c, true));
-            let Some(n) = choice.get(&c) else { return (f64::INFINITY, vec![]) };
+            let Some(n) = choice.get(&c) else {
+                return (f64::INFINITY, vec![]);
+            };
             for k in &n.children {
                 let k = self.eg.find(*k);
                 if on_stack.contains(&k) {
@@ -72,7 +74,10 @@ impl Search<'_> {
 }
 
 fn canonical(eg: &EG, n: &TNode) -> TNode {
-    TNode::new(n.op.clone(), n.children.iter().map(|c| eg.find(*c)).collect())
+    TNode::new(
+        n.op.clone(),
+        n.children.iter().map(|c| eg.find(*c)).collect(),
+    )
 }
 
 /// The cheapest graph from `root`: its DAG cost and the term.
@@ -85,7 +90,11 @@ pub fn extract(eg: &EG, root: Id, profile: &Profile) -> (f64, RecExpr<TNode>) {
             choice.insert(class.id, canonical(eg, greedy.find_best_node(class.id)));
         }
     }
-    let mut s = Search { eg, profile, own: HashMap::new() };
+    let mut s = Search {
+        eg,
+        profile,
+        own: HashMap::new(),
+    };
     let (mut best, mut order) = s.dag_cost(root, &choice);
     for _pass in 0..4 {
         let mut improved = false;
@@ -96,7 +105,9 @@ pub fn extract(eg: &EG, root: Id, profile: &Profile) -> (f64, RecExpr<TNode>) {
                 if alt == current || !s.own(&alt).is_finite() {
                     continue;
                 }
-                let prev = choice.insert(c, alt.clone()).expect("reachable classes have a choice");
+                let prev = choice
+                    .insert(c, alt.clone())
+                    .expect("reachable classes have a choice");
                 let (cost, new_order) = s.dag_cost(root, &choice);
                 if cost < best * (1.0 - 1e-9) {
                     best = cost;

@@ -142,12 +142,20 @@ fn stop_name(r: &Option<StopReason>) -> String {
 
 /// Optimizes `g` with the rule families named in `opts`.
 pub fn optimize(g: &Graph, opts: &Options) -> Result<(Graph, Report), PassError> {
-    let rules: Vec<Rule> = opts.families.iter().flat_map(|f| rules::family(f)).collect();
+    let rules: Vec<Rule> = opts
+        .families
+        .iter()
+        .flat_map(|f| rules::family(f))
+        .collect();
     optimize_with(g, opts, &rules)
 }
 
 /// Optimizes `g` with an explicit rule set (tests use this for explosive rules).
-pub fn optimize_with(g: &Graph, opts: &Options, rules: &[Rule]) -> Result<(Graph, Report), PassError> {
+pub fn optimize_with(
+    g: &Graph,
+    opts: &Options,
+    rules: &[Rule],
+) -> Result<(Graph, Report), PassError> {
     let t0 = Instant::now();
     let mut eg = analysis::EG::default();
     let root = convert::to_egraph(g, &mut eg);

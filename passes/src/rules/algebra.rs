@@ -10,7 +10,7 @@
 use egg::Subst;
 use transfuse_ir::{BinaryOp, Op};
 
-use super::{nodes_where, node_rule, rw, rw_build, var, Plan, Rule};
+use super::{node_rule, nodes_where, rw, rw_build, var, Plan, Rule};
 use crate::analysis::{konst, shape_of, EG};
 use crate::lang::{EOp, TNode};
 
@@ -71,12 +71,21 @@ fn commute(eg: &mut EG, s: &Subst, op: BinaryOp) -> Option<egg::Id> {
     if konst(eg, x).is_some() {
         return None;
     }
-    Some(Plan::ir(Op::Binary(op), vec![Plan::Class(x), Plan::Class(s[var("?c")])]).add(eg))
+    Some(
+        Plan::ir(
+            Op::Binary(op),
+            vec![Plan::Class(x), Plan::Class(s[var("?c")])],
+        )
+        .add(eg),
+    )
 }
 
 fn pull_scale(eg: &mut EG, s: &Subst, a: &str, b: &str, _left: bool) -> Option<egg::Id> {
     scalar_const(eg, s, "?c")?;
-    let mm = Plan::ir(Op::MatMul, vec![Plan::Class(s[var(a)]), Plan::Class(s[var(b)])]);
+    let mm = Plan::ir(
+        Op::MatMul,
+        vec![Plan::Class(s[var(a)]), Plan::Class(s[var(b)])],
+    );
     Some(mul(mm, Plan::Class(s[var("?c")])).add(eg))
 }
 
@@ -89,7 +98,9 @@ fn transpose_scale(eg: &mut EG, s: &Subst) -> Option<egg::Id> {
 /// `permute{p}(x)` → `transpose(permute{p'}(x))` where `p'` is `p` with its last two entries
 /// swapped (just `transpose(x)` when `p'` is the identity).
 fn permute_split(_eg: &EG, n: &TNode) -> Option<Plan> {
-    let Some(Op::Permute { perm }) = n.ir() else { return None };
+    let Some(Op::Permute { perm }) = n.ir() else {
+        return None;
+    };
     let r = perm.len();
     if r < 2 {
         return None;
@@ -107,11 +118,18 @@ fn permute_split(_eg: &EG, n: &TNode) -> Option<Plan> {
 
 /// `reshape(reshape(x))` → `reshape(x)`; `reshape(x)` to x's own shape → `x`.
 fn reshape_chain(eg: &EG, n: &TNode) -> Option<Plan> {
-    let Some(Op::Reshape { shape }) = n.ir() else { return None };
+    let Some(Op::Reshape { shape }) = n.ir() else {
+        return None;
+    };
     let x = n.children[0];
     if &shape_of(eg, x) == shape {
         return Some(Plan::Class(x));
     }
     let inner = nodes_where(eg, x, |op| matches!(op, EOp::Ir(Op::Reshape { .. }))).next()?;
-    Some(Plan::ir(Op::Reshape { shape: shape.clone() }, vec![Plan::Class(inner.children[0])]))
+    Some(Plan::ir(
+        Op::Reshape {
+            shape: shape.clone(),
+        },
+        vec![Plan::Class(inner.children[0])],
+    ))
 }

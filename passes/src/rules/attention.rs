@@ -29,12 +29,18 @@ fn from_softmax(eg: &EG, n: &TNode) -> Option<Plan> {
     }
     let (p, v) = (n.children[0], n.children[1]);
     for sm in nodes_where(eg, p, |op| matches!(op, EOp::Ir(Op::Softmax { .. }))) {
-        let Some(Op::Softmax { scale }) = sm.ir() else { continue };
+        let Some(Op::Softmax { scale }) = sm.ir() else {
+            continue;
+        };
         for mm in nodes_where(eg, sm.children[0], |op| op == &EOp::Ir(Op::MatMul)) {
             for t in nodes_where(eg, mm.children[1], |op| op == &EOp::Transpose) {
                 let mut kids = vec![mm.children[0], t.children[0], v];
                 kids.extend(sm.children.get(1));
-                let op = Op::Attention { scale: *scale, causal: false, window: None };
+                let op = Op::Attention {
+                    scale: *scale,
+                    causal: false,
+                    window: None,
+                };
                 let node = TNode::new(EOp::Ir(op.clone()), kids.clone());
                 if node_type(eg, &node).is_some() {
                     return Some(Plan::ir(op, kids.into_iter().map(Plan::Class).collect()));
@@ -62,26 +68,42 @@ fn iota_of(eg: &EG, id: egg::Id, through_reshape: bool) -> Option<(Dim, Dim)> {
 }
 
 fn causal_from_iota(eg: &EG, n: &TNode) -> Option<Plan> {
-    let Some(Op::Attention { scale, causal: false, window: None }) = n.ir() else { return None };
-    let [q, k, v, m] = n.children[..] else { return None };
+    let Some(Op::Attention {
+        scale,
+        causal: false,
+        window: None,
+    }) = n.ir()
+    else {
+        return None;
+    };
+    let [q, k, v, m] = n.children[..] else {
+        return None;
+    };
     let (qs, ks) = (shape_of(eg, q), shape_of(eg, k));
     let (sq, sk) = (qs[qs.len() - 2].clone(), ks[ks.len() - 2].clone());
     for w in nodes_where(eg, m, |op| op == &EOp::Ir(Op::Where)) {
-        let [cond, keep, fill] = w.children[..] else { continue };
+        let [cond, keep, fill] = w.children[..] else {
+            continue;
+        };
         if !konst(eg, fill).is_some_and(|f| f <= MASK_FILL_MAX) {
             continue;
         }
         for c in nodes_where(eg, cond, |op| op == &EOp::Ir(Op::Compare(CmpOp::Le))) {
-            let (Some((k0, klen)), Some((qstart, qlen))) =
-                (iota_of(eg, c.children[0], false), iota_of(eg, c.children[1], true))
-            else {
+            let (Some((k0, klen)), Some((qstart, qlen))) = (
+                iota_of(eg, c.children[0], false),
+                iota_of(eg, c.children[1], true),
+            ) else {
                 continue;
             };
             // keys 0..sk against queries (sk - sq)..sk laid out as a column [sq, 1].
             let qshape = shape_of(eg, c.children[1]);
             let column = qshape.len() == 2 && qshape[1].is(1);
             if k0.is(0) && klen == sk && qlen == sq && qstart == sk.minus(&sq) && column {
-                let op = Op::Attention { scale: *scale, causal: true, window: None };
+                let op = Op::Attention {
+                    scale: *scale,
+                    causal: true,
+                    window: None,
+                };
                 let mut kids = vec![Plan::Class(q), Plan::Class(k), Plan::Class(v)];
                 if konst(eg, keep) != Some(0.0) {
                     kids.push(Plan::Class(keep));

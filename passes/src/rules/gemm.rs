@@ -24,7 +24,11 @@ pub fn rules() -> Vec<Rule> {
 }
 
 fn fused(act: Act, bias: bool, residual: bool) -> Op {
-    Op::FusedMatMul { act, bias, residual }
+    Op::FusedMatMul {
+        act,
+        bias,
+        residual,
+    }
 }
 
 /// The fused node, if it is well-typed and has the shape `want` of the class it joins.
@@ -34,7 +38,10 @@ fn checked(eg: &EG, op: Op, kids: Vec<Id>, want: &[transfuse_ir::Dim]) -> Option
 }
 
 fn pairs(n: &TNode) -> [(Id, Id); 2] {
-    [(n.children[0], n.children[1]), (n.children[1], n.children[0])]
+    [
+        (n.children[0], n.children[1]),
+        (n.children[1], n.children[0]),
+    ]
 }
 
 fn bias(eg: &EG, n: &TNode) -> Option<Plan> {
@@ -79,7 +86,9 @@ fn one_plus(eg: &EG, id: Id, inner: impl Fn(Id) -> Vec<Id>) -> Vec<Id> {
 }
 
 fn unary_of(eg: &EG, id: Id, u: UnaryOp) -> Vec<Id> {
-    nodes_where(eg, id, move |op| op == &EOp::Ir(Op::Unary(u))).map(|n| n.children[0]).collect()
+    nodes_where(eg, id, move |op| op == &EOp::Ir(Op::Unary(u)))
+        .map(|n| n.children[0])
+        .collect()
 }
 
 /// `erf(y / √2)` → y.
@@ -94,17 +103,26 @@ fn erf_arg(eg: &EG, id: Id) -> Vec<Id> {
 fn tanh_arg(eg: &EG, id: Id) -> Vec<Id> {
     let c = (2.0 / std::f64::consts::PI).sqrt();
     let mut ys = vec![];
-    for inner in unary_of(eg, id, UnaryOp::Tanh).into_iter().flat_map(|a| scaled_by(eg, a, c)) {
+    for inner in unary_of(eg, id, UnaryOp::Tanh)
+        .into_iter()
+        .flat_map(|a| scaled_by(eg, a, c))
+    {
         for add in nodes_where(eg, inner, |op| op == &EOp::Ir(Op::Binary(BinaryOp::Add))) {
             for (y, cubic) in pairs(add) {
                 for y3 in scaled_by(eg, cubic, 0.044715) {
-                    let is_cube = nodes_where(eg, y3, |op| op == &EOp::Ir(Op::Binary(BinaryOp::Mul)))
-                        .flat_map(|m| pairs(m).into_iter())
-                        .any(|(sq, y1)| {
-                            eg.find(y1) == eg.find(y)
-                                && nodes_where(eg, sq, |op| op == &EOp::Ir(Op::Binary(BinaryOp::Mul)))
-                                    .any(|s| eg.find(s.children[0]) == eg.find(y) && eg.find(s.children[1]) == eg.find(y))
-                        });
+                    let is_cube =
+                        nodes_where(eg, y3, |op| op == &EOp::Ir(Op::Binary(BinaryOp::Mul)))
+                            .flat_map(|m| pairs(m).into_iter())
+                            .any(|(sq, y1)| {
+                                eg.find(y1) == eg.find(y)
+                                    && nodes_where(eg, sq, |op| {
+                                        op == &EOp::Ir(Op::Binary(BinaryOp::Mul))
+                                    })
+                                    .any(|s| {
+                                        eg.find(s.children[0]) == eg.find(y)
+                                            && eg.find(s.children[1]) == eg.find(y)
+                                    })
+                            });
                     if is_cube {
                         ys.push(eg.find(y));
                     }
@@ -121,7 +139,10 @@ fn recognise_act(eg: &EG, n: &TNode) -> Option<(Act, Id)> {
         Op::Unary(UnaryOp::Relu) => Some((Act::Relu, n.children[0])),
         Op::Binary(BinaryOp::Mul) => {
             for (a, b) in pairs(n) {
-                if unary_of(eg, b, UnaryOp::Sigmoid).iter().any(|y| eg.find(*y) == eg.find(a)) {
+                if unary_of(eg, b, UnaryOp::Sigmoid)
+                    .iter()
+                    .any(|y| eg.find(*y) == eg.find(a))
+                {
                     return Some((Act::Silu, a));
                 }
                 for y in scaled_by(eg, a, 0.5) {
@@ -144,7 +165,11 @@ fn activation(eg: &EG, n: &TNode) -> Option<Plan> {
     for m in &eg[y].nodes {
         let (bias, kids) = match m.ir() {
             Some(Op::MatMul) => (false, m.children.clone()),
-            Some(Op::FusedMatMul { act: Act::Identity, bias, residual: false }) => (*bias, m.children.clone()),
+            Some(Op::FusedMatMul {
+                act: Act::Identity,
+                bias,
+                residual: false,
+            }) => (*bias, m.children.clone()),
             _ => continue,
         };
         if let Some(p) = checked(eg, fused(act, bias, false), kids, &shape_of(eg, y)) {
@@ -163,7 +188,14 @@ fn residual(eg: &EG, n: &TNode) -> Option<Plan> {
             continue;
         }
         for m in &eg[a].nodes {
-            let Some(Op::FusedMatMul { act, bias, residual: false }) = m.ir() else { continue };
+            let Some(Op::FusedMatMul {
+                act,
+                bias,
+                residual: false,
+            }) = m.ir()
+            else {
+                continue;
+            };
             let mut kids = m.children.clone();
             kids.push(r);
             if let Some(p) = checked(eg, fused(*act, *bias, true), kids, &shape_of(eg, a)) {

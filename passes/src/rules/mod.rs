@@ -26,7 +26,8 @@ pub fn var(s: &str) -> Var {
 }
 
 fn pattern(s: &str) -> Pattern<TNode> {
-    s.parse().unwrap_or_else(|e| panic!("bad pattern {s}: {e:?}"))
+    s.parse()
+        .unwrap_or_else(|e| panic!("bad pattern {s}: {e:?}"))
 }
 
 /// `lhs => rhs`.
@@ -75,7 +76,13 @@ impl Plan {
 
     /// An f32 scalar constant.
     pub fn scalar(v: f64) -> Plan {
-        Plan::ir(Op::Constant { value: Scalar(v), dtype: DType::F32 }, vec![])
+        Plan::ir(
+            Op::Constant {
+                value: Scalar(v),
+                dtype: DType::F32,
+            },
+            vec![],
+        )
     }
 
     /// Adds the plan to the e-graph.
@@ -103,7 +110,11 @@ impl Searcher<TNode, TAnalysis> for NodeRule {
         if limit == 0 || !eg[eclass].nodes.iter().any(|n| (self.0)(eg, n).is_some()) {
             return None;
         }
-        Some(SearchMatches { eclass, substs: vec![Subst::default()], ast: None })
+        Some(SearchMatches {
+            eclass,
+            substs: vec![Subst::default()],
+            ast: None,
+        })
     }
 
     fn vars(&self) -> Vec<Var> {
@@ -120,7 +131,11 @@ impl Applier<TNode, TAnalysis> for NodeRule {
         _ast: Option<&PatternAst<TNode>>,
         _rule: Symbol,
     ) -> Vec<Id> {
-        let plans: Vec<Plan> = eg[eclass].nodes.iter().filter_map(|n| (self.0)(eg, n)).collect();
+        let plans: Vec<Plan> = eg[eclass]
+            .nodes
+            .iter()
+            .filter_map(|n| (self.0)(eg, n))
+            .collect();
         let mut changed = vec![];
         for p in plans {
             let id = p.add(eg);

@@ -74,7 +74,10 @@ fn plain(eg: &mut EG, s: &Subst, kind: Norm) -> Option<Id> {
     let eps = Scalar(eps_of(eg, s)?);
     let x = Plan::Class(s[var("?x")]);
     let p = match kind {
-        Norm::Layer => Plan::ir(Op::LayerNorm { eps }, vec![x, Plan::scalar(1.0), Plan::scalar(0.0)]),
+        Norm::Layer => Plan::ir(
+            Op::LayerNorm { eps },
+            vec![x, Plan::scalar(1.0), Plan::scalar(0.0)],
+        ),
         Norm::Rms => Plan::ir(Op::RmsNorm { eps }, vec![x, Plan::scalar(1.0)]),
     };
     Some(p.add(eg))
@@ -107,28 +110,44 @@ fn is_const(eg: &EG, id: Id, v: f64) -> bool {
 
 /// `reshape[N, C, ..](layer_norm(reshape[N, G, M](x), 1, 0))` → group norm (instance norm if G = C).
 fn group_norm(eg: &EG, n: &TNode) -> Option<Plan> {
-    let Some(Op::Reshape { shape: back }) = n.ir() else { return None };
-    for ln in nodes_where(eg, n.children[0], |op| matches!(op, EOp::Ir(Op::LayerNorm { .. }))) {
-        let Some(Op::LayerNorm { eps }) = ln.ir() else { continue };
+    let Some(Op::Reshape { shape: back }) = n.ir() else {
+        return None;
+    };
+    for ln in nodes_where(eg, n.children[0], |op| {
+        matches!(op, EOp::Ir(Op::LayerNorm { .. }))
+    }) {
+        let Some(Op::LayerNorm { eps }) = ln.ir() else {
+            continue;
+        };
         if !is_const(eg, ln.children[1], 1.0) || !is_const(eg, ln.children[2], 0.0) {
             continue;
         }
-        for r in nodes_where(eg, ln.children[0], |op| matches!(op, EOp::Ir(Op::Reshape { .. }))) {
+        for r in nodes_where(eg, ln.children[0], |op| {
+            matches!(op, EOp::Ir(Op::Reshape { .. }))
+        }) {
             let x = r.children[0];
             let (xs, grouped) = (shape_of(eg, x), shape_of(eg, ln.children[0]));
             if &xs != back || xs.len() < 3 || grouped.len() != 3 || grouped[0] != xs[0] {
                 continue;
             }
-            let (Some(c), Some(g)) = (xs[1].as_known(), grouped[1].as_known()) else { continue };
+            let (Some(c), Some(g)) = (xs[1].as_known(), grouped[1].as_known()) else {
+                continue;
+            };
             if g == 0 || c % g != 0 {
                 continue;
             }
             let op = if g == c {
                 Op::InstanceNorm { eps: *eps }
             } else {
-                Op::GroupNorm { groups: g, eps: *eps }
+                Op::GroupNorm {
+                    groups: g,
+                    eps: *eps,
+                }
             };
-            return Some(Plan::ir(op, vec![Plan::Class(x), Plan::scalar(1.0), Plan::scalar(0.0)]));
+            return Some(Plan::ir(
+                op,
+                vec![Plan::Class(x), Plan::scalar(1.0), Plan::scalar(0.0)],
+            ));
         }
     }
     None
@@ -137,9 +156,15 @@ fn group_norm(eg: &EG, n: &TNode) -> Option<Plan> {
 /// True if `id` holds `reduce_mean{axes=[2..rank) keepdim}(of)`.
 fn spatial_mean_of(eg: &EG, id: Id, of: Id) -> bool {
     eg[id].nodes.iter().any(|n| match n.ir() {
-        Some(Op::Reduce { op: ReduceOp::Mean, axes, keepdim: true }) => {
+        Some(Op::Reduce {
+            op: ReduceOp::Mean,
+            axes,
+            keepdim: true,
+        }) => {
             let rank = shape_of(eg, n.children[0]).len();
-            eg.find(n.children[0]) == eg.find(of) && rank >= 3 && *axes == (2..rank).collect::<Vec<_>>()
+            eg.find(n.children[0]) == eg.find(of)
+                && rank >= 3
+                && *axes == (2..rank).collect::<Vec<_>>()
         }
         _ => false,
     })
@@ -150,23 +175,36 @@ fn instance_norm(eg: &EG, n: &TNode) -> Option<Plan> {
     if n.ir() != Some(&Op::Binary(BinaryOp::Mul)) {
         return None;
     }
-    for (a, b) in [(n.children[0], n.children[1]), (n.children[1], n.children[0])] {
+    for (a, b) in [
+        (n.children[0], n.children[1]),
+        (n.children[1], n.children[0]),
+    ] {
         for sub in nodes_where(eg, a, |op| op == &EOp::Ir(Op::Binary(BinaryOp::Sub))) {
             let x = sub.children[0];
             if !spatial_mean_of(eg, sub.children[1], x) {
                 continue;
             }
             for rs in nodes_where(eg, b, |op| op == &EOp::Ir(Op::Unary(UnaryOp::Rsqrt))) {
-                for add in nodes_where(eg, rs.children[0], |op| op == &EOp::Ir(Op::Binary(BinaryOp::Add))) {
-                    let Some(eps) = konst(eg, add.children[1]) else { continue };
+                for add in nodes_where(eg, rs.children[0], |op| {
+                    op == &EOp::Ir(Op::Binary(BinaryOp::Add))
+                }) {
+                    let Some(eps) = konst(eg, add.children[1]) else {
+                        continue;
+                    };
                     let var_class = add.children[0];
                     let squares = eg[var_class].nodes.iter().filter_map(|vn| match vn.ir() {
-                        Some(Op::Reduce { op: ReduceOp::Mean, .. }) => Some(vn.children[0]),
+                        Some(Op::Reduce {
+                            op: ReduceOp::Mean, ..
+                        }) => Some(vn.children[0]),
                         _ => None,
                     });
                     for sq in squares.collect::<Vec<_>>() {
-                        let is_square = nodes_where(eg, sq, |op| op == &EOp::Ir(Op::Binary(BinaryOp::Mul)))
-                            .any(|m| eg.find(m.children[0]) == eg.find(a) && eg.find(m.children[1]) == eg.find(a));
+                        let is_square =
+                            nodes_where(eg, sq, |op| op == &EOp::Ir(Op::Binary(BinaryOp::Mul)))
+                                .any(|m| {
+                                    eg.find(m.children[0]) == eg.find(a)
+                                        && eg.find(m.children[1]) == eg.find(a)
+                                });
                         if is_square && spatial_mean_of(eg, var_class, sq) {
                             let op = Op::InstanceNorm { eps: Scalar(eps) };
                             let kids = vec![Plan::Class(x), Plan::scalar(1.0), Plan::scalar(0.0)];
@@ -207,7 +245,10 @@ fn affine(eg: &EG, n: &TNode, bin: BinaryOp) -> Option<Plan> {
     if n.ir() != Some(&Op::Binary(bin)) {
         return None;
     }
-    for (a, p) in [(n.children[0], n.children[1]), (n.children[1], n.children[0])] {
+    for (a, p) in [
+        (n.children[0], n.children[1]),
+        (n.children[1], n.children[0]),
+    ] {
         if !eg[p].data.weight_only {
             continue;
         }
@@ -217,16 +258,29 @@ fn affine(eg: &EG, n: &TNode, bin: BinaryOp) -> Option<Plan> {
             let k = |i: usize| norm.children[i];
             let slot = match (&op, bin) {
                 (Op::BatchNorm, BinaryOp::Mul) => {
-                    kids[1] = Plan::ir(Op::Binary(BinaryOp::Mul), vec![Plan::Class(k(1)), Plan::Class(p)]);
-                    kids[2] = Plan::ir(Op::Binary(BinaryOp::Mul), vec![Plan::Class(k(2)), Plan::Class(p)]);
+                    kids[1] = Plan::ir(
+                        Op::Binary(BinaryOp::Mul),
+                        vec![Plan::Class(k(1)), Plan::Class(p)],
+                    );
+                    kids[2] = Plan::ir(
+                        Op::Binary(BinaryOp::Mul),
+                        vec![Plan::Class(k(2)), Plan::Class(p)],
+                    );
                     None
                 }
                 (Op::BatchNorm, _) => {
-                    kids[2] = Plan::ir(Op::Binary(BinaryOp::Add), vec![Plan::Class(k(2)), Plan::Class(p)]);
+                    kids[2] = Plan::ir(
+                        Op::Binary(BinaryOp::Add),
+                        vec![Plan::Class(k(2)), Plan::Class(p)],
+                    );
                     None
                 }
                 (Op::RmsNorm { .. }, BinaryOp::Mul) if is_const(eg, k(1), 1.0) => Some(1),
-                (_, BinaryOp::Mul) if kids.len() == 3 && is_const(eg, k(1), 1.0) && is_const(eg, k(2), 0.0) => Some(1),
+                (_, BinaryOp::Mul)
+                    if kids.len() == 3 && is_const(eg, k(1), 1.0) && is_const(eg, k(2), 0.0) =>
+                {
+                    Some(1)
+                }
                 (Op::RmsNorm { .. }, _) => continue,
                 (_, _) if kids.len() == 3 && is_const(eg, k(2), 0.0) => Some(2),
                 _ => continue,
@@ -235,7 +289,10 @@ fn affine(eg: &EG, n: &TNode, bin: BinaryOp) -> Option<Plan> {
                 kids[i] = Plan::Class(p);
             }
             // The affine term must broadcast into x without changing its shape.
-            let probe: Vec<Id> = norm.children.iter().enumerate()
+            let probe: Vec<Id> = norm
+                .children
+                .iter()
+                .enumerate()
                 .map(|(i, c)| if Some(i) == slot { p } else { *c })
                 .collect();
             if slot.is_some() && node_type(eg, &TNode::new(EOp::Ir(op.clone()), probe)).is_none() {

@@ -41,7 +41,11 @@ fn where_to_add(eg: &mut EG, s: &Subst, fill_first: bool) -> Option<Id> {
         return None;
     }
     let zero = Plan::scalar(0.0);
-    let (a, b) = if fill_first { (Plan::Class(fill), zero) } else { (zero, Plan::Class(fill)) };
+    let (a, b) = if fill_first {
+        (Plan::Class(fill), zero)
+    } else {
+        (zero, Plan::Class(fill))
+    };
     let mask = Plan::ir(Op::Where, vec![Plan::Class(s[var("?c")]), a, b]);
     let sum = Plan::ir(
         Op::Binary(transfuse_ir::BinaryOp::Add),
@@ -66,7 +70,12 @@ fn fuse(eg: &mut EG, s: &Subst, scale: Option<&str>, mask: Option<&str>) -> Opti
     if let Some(m) = mask {
         kids.push(s[var(m)]);
     }
-    let node = TNode::new(crate::lang::EOp::Ir(Op::Softmax { scale: Scalar(scale) }), kids);
+    let node = TNode::new(
+        crate::lang::EOp::Ir(Op::Softmax {
+            scale: Scalar(scale),
+        }),
+        kids,
+    );
     // The scores must keep their shape: the mask broadcasts into them, never the reverse.
     let (out, _) = node_type(eg, &node)?;
     if out != shape_of(eg, x) || konst(eg, x).is_some() {

@@ -1,14 +1,414 @@
 //! CPU implementations of the fused ops (see `transfuse_ir::Op`'s fused variants).
+//!
+//! Each kernel performs the same f32 operations, in the same order, as the op's primitive
+//! decomposition (`transfuse_ir::decompose`) run on this backend: `x·scale` then `+ mask`,
+//! row max, `exp(x - max)`, a sequential sum, a division; means as a sequential sum times
+//! `1/n`, variance as `E[(x - μ)²]`, `rsqrt` as `1/√`. Matmuls go through the same sgemm, so
+//! the fused ops agree with their decompositions to the last bit or close to it.
+//!
+//! Attention computes one `[rows, sk]` block of scores per (batch, head, block of at most
+//! [`ATTN_ROWS`] queries) at a time and never holds the whole `[.., sq, sk]` score tensor.
 
 use std::sync::Arc;
 
-use transfuse_ir::{Op, Tensor};
+use rayon::prelude::*;
+use transfuse_ir::{Act, Op, Tensor};
+
+use super::kernels::{broadcast_strides, for_rows, gemm, gemm_strided, matmul, row_offset};
+
+/// Queries per attention work item: one score block is `ATTN_ROWS × sk` floats.
+pub const ATTN_ROWS: usize = 64;
+
+/// Elements below which the per-block statistics of group/instance norm run serially.
+const PAR_MIN: usize = 1 << 15;
 
 /// Evaluates a fused op on f32 operands into a buffer of `out_shape`.
 pub fn eval(op: &Op, args: &[Arc<Tensor>], out_shape: &[usize]) -> Result<Vec<f32>, String> {
-    let _ = (args, out_shape);
-    Err(format!(
-        "fused op `{}` has no CPU implementation yet",
-        op.name()
-    ))
+    if args.iter().any(|a| a.as_f32().is_none()) {
+        return Err("operands must be f32".into());
+    }
+    let x = || f32s(&args[0]);
+    let arg = |i: usize| Bcast::new(&args[i], out_shape);
+    Ok(match op {
+        Op::Softmax { scale } => {
+            softmax(x(), args.get(1).map(|_| arg(1)), scale.0 as f32, out_shape)
+        }
+        Op::Attention {
+            scale,
+            causal,
+            window,
+        } => attention(
+            &args[0],
+            &args[1],
+            &args[2],
+            args.get(3).map(|m| &**m),
+            Mask {
+                scale: scale.0 as f32,
+                causal: *causal,
+                window: *window,
+            },
+            out_shape,
+        ),
+        Op::LayerNorm { eps } => layer_norm(x(), &arg(1), &arg(2), eps.0 as f32, out_shape),
+        Op::RmsNorm { eps } => rms_norm(x(), &arg(1), eps.0 as f32, out_shape),
+        Op::GroupNorm { groups, eps } => {
+            let (c, rest) = channels_and_rest(out_shape);
+            if *groups == 0 || c % groups != 0 {
+                return Err(format!("{groups} groups do not divide {c} channels"));
+            }
+            let block = c / groups * rest;
+            grouped_norm(x(), &arg(1), &arg(2), eps.0 as f32, block, out_shape)
+        }
+        Op::InstanceNorm { eps } => {
+            let (_, rest) = channels_and_rest(out_shape);
+            grouped_norm(x(), &arg(1), &arg(2), eps.0 as f32, rest, out_shape)
+        }
+        Op::BatchNorm => batch_norm(x(), &arg(1), &arg(2), out_shape),
+        Op::FusedMatMul {
+            act,
+            bias,
+            residual,
+        } => {
+            let mut rest = args[2..].iter();
+            let bias = bias.then(|| rest.next()).flatten();
+            let residual = residual.then(|| rest.next()).flatten();
+            fused_matmul(
+                &args[0],
+                &args[1],
+                *act,
+                bias.map(|b| Bcast::new(b, out_shape)),
+                residual.map(|r| Bcast::new(r, out_shape)),
+                out_shape,
+            )
+        }
+        other => return Err(format!("`{}` is not a fused op", other.name())),
+    })
+}
+
+fn f32s(t: &Tensor) -> &[f32] {
+    t.as_f32().expect("checked f32 in eval")
+}
+
+/// An operand read broadcast to the output shape, a row (last axis) at a time.
+struct Bcast<'a> {
+    data: &'a [f32],
+    strides: Vec<usize>,
+    /// Stride along the last axis (0 when broadcast).
+    step: usize,
+}
+
+impl<'a> Bcast<'a> {
+    fn new(t: &'a Tensor, out: &[usize]) -> Bcast<'a> {
+        let strides = broadcast_strides(&t.shape, out);
+        let step = strides.last().copied().unwrap_or(0);
+        Bcast {
+            data: f32s(t),
+            strides,
+            step,
+        }
+    }
+
+    /// Offset of the first element of output row `r`.
+    fn row(&self, r: usize, out: &[usize]) -> usize {
+        row_offset(r, out, &self.strides)
+    }
+
+    #[inline]
+    fn at(&self, base: usize, j: usize) -> f32 {
+        self.data[base + j * self.step]
+    }
+}
+
+/// `exp(x - max) / Σ exp(x - max)` in place, summing left to right.
+fn softmax_row(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+    }
+    let sum = row.iter().fold(0.0f32, |a, &v| a + v);
+    for v in row.iter_mut() {
+        *v /= sum;
+    }
+}
+
+fn softmax(x: &[f32], mask: Option<Bcast>, scale: f32, out: &[usize]) -> Vec<f32> {
+    let inner = out[out.len() - 1];
+    let mut dst = vec![0f32; x.len()];
+    for_rows(&mut dst, inner, |r, row| {
+        let xr = &x[r * inner..(r + 1) * inner];
+        if scale != 1.0 {
+            for (o, &v) in row.iter_mut().zip(xr) {
+                *o = v * scale;
+            }
+        } else {
+            row.copy_from_slice(xr);
+        }
+        if let Some(m) = &mask {
+            let base = m.row(r, out);
+            for (j, o) in row.iter_mut().enumerate() {
+                *o += m.at(base, j);
+            }
+        }
+        softmax_row(row);
+    });
+    dst
+}
+
+/// Attention's score transform: scale, then the causal / window mask.
+#[derive(Clone, Copy)]
+struct Mask {
+    scale: f32,
+    causal: bool,
+    window: Option<usize>,
+}
+
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    how: Mask,
+    out: &[usize],
+) -> Vec<f32> {
+    let r = q.shape.len();
+    let (sq, d) = (q.shape[r - 2], q.shape[r - 1]);
+    let sk = k.shape[r - 2];
+    let dv = v.shape[r - 1];
+    let batch = &q.shape[..r - 2];
+    let mut dst = vec![0f32; out.iter().product()];
+    if dst.is_empty() || sk == 0 {
+        return dst;
+    }
+    let (qd, kd, vd) = (f32s(q), f32s(k), f32s(v));
+    let mut scores_shape = batch.to_vec();
+    scores_shape.extend([sq, sk]);
+    let mask = mask.map(|m| (f32s(m), broadcast_strides(&m.shape, &scores_shape)));
+    // Query `i` sits at absolute position `i + sk - sq`.
+    let offset = sk as i64 - sq as i64;
+    let positional = how.causal || how.window.is_some();
+    dst.par_chunks_mut(sq * dv)
+        .enumerate()
+        .for_each(|(bi, ob)| {
+            let qb = &qd[bi * sq * d..(bi + 1) * sq * d];
+            let kb = &kd[bi * sk * d..(bi + 1) * sk * d];
+            let vb = &vd[bi * sk * dv..(bi + 1) * sk * dv];
+            let mbase = mask.as_ref().map_or(0, |(_, st)| {
+                let (mut rem, mut off) = (bi, 0);
+                for ax in (0..batch.len()).rev() {
+                    off += (rem % batch[ax]) * st[ax];
+                    rem /= batch[ax];
+                }
+                off
+            });
+            ob.par_chunks_mut(ATTN_ROWS * dv)
+                .enumerate()
+                .for_each(|(ci, oc)| {
+                    let i0 = ci * ATTN_ROWS;
+                    let rows = oc.len() / dv;
+                    let mut tile = vec![0f32; rows * sk];
+                    // S = Q Kᵀ with K read transposed in place.
+                    gemm_strided(&qb[i0 * d..], (d, 1), kb, (1, d), &mut tile, rows, d, sk);
+                    for (ii, row) in tile.chunks_mut(sk).enumerate() {
+                        let i = i0 + ii;
+                        let pos = i as i64 + offset;
+                        for (j, s) in row.iter_mut().enumerate() {
+                            let mut x = if how.scale != 1.0 { *s * how.scale } else { *s };
+                            let m = mask
+                                .as_ref()
+                                .map(|(m, st)| m[mbase + i * st[r - 2] + j * st[r - 1]]);
+                            if positional {
+                                let j = j as i64;
+                                let seen = (!how.causal || j <= pos)
+                                    && how.window.is_none_or(|w| j > pos - w as i64);
+                                x += if seen { m.unwrap_or(0.0) } else { f32::MIN };
+                            } else if let Some(m) = m {
+                                x += m;
+                            }
+                            *s = x;
+                        }
+                        softmax_row(row);
+                    }
+                    gemm(&tile, vb, oc, rows, sk, dv);
+                });
+        });
+    dst
+}
+
+fn layer_norm(x: &[f32], g: &Bcast, b: &Bcast, eps: f32, out: &[usize]) -> Vec<f32> {
+    let n = out[out.len() - 1];
+    let inv_n = 1.0 / n as f32;
+    let mut dst = vec![0f32; x.len()];
+    for_rows(&mut dst, n, |r, row| {
+        let xr = &x[r * n..(r + 1) * n];
+        let mu = xr.iter().fold(0.0f32, |a, &v| a + v) * inv_n;
+        for (o, &v) in row.iter_mut().zip(xr) {
+            *o = v - mu;
+        }
+        let var = row.iter().fold(0.0f32, |a, &c| a + c * c) * inv_n;
+        let inv = 1.0 / (var + eps).sqrt();
+        let (gb, bb) = (g.row(r, out), b.row(r, out));
+        for (j, o) in row.iter_mut().enumerate() {
+            *o = *o * inv * g.at(gb, j) + b.at(bb, j);
+        }
+    });
+    dst
+}
+
+fn rms_norm(x: &[f32], g: &Bcast, eps: f32, out: &[usize]) -> Vec<f32> {
+    let n = out[out.len() - 1];
+    let inv_n = 1.0 / n as f32;
+    let mut dst = vec![0f32; x.len()];
+    for_rows(&mut dst, n, |r, row| {
+        let xr = &x[r * n..(r + 1) * n];
+        let ms = xr.iter().fold(0.0f32, |a, &v| a + v * v) * inv_n;
+        let inv = 1.0 / (ms + eps).sqrt();
+        let gb = g.row(r, out);
+        for (j, (o, &v)) in row.iter_mut().zip(xr).enumerate() {
+            *o = v * inv * g.at(gb, j);
+        }
+    });
+    dst
+}
+
+/// `(C, Π spatial)` of `[N, C, spatial..]` (spatial product 1 for rank 2).
+fn channels_and_rest(out: &[usize]) -> (usize, usize) {
+    (out[1], out[2..].iter().product())
+}
+
+/// Normalises each contiguous `block` of `x` (a channel group or a channel of `[N, C, ..]`)
+/// to zero mean and unit variance, then applies the broadcast affine.
+fn grouped_norm(
+    x: &[f32],
+    g: &Bcast,
+    b: &Bcast,
+    eps: f32,
+    block: usize,
+    out: &[usize],
+) -> Vec<f32> {
+    let mut dst = vec![0f32; x.len()];
+    if dst.is_empty() || block == 0 {
+        return dst;
+    }
+    let inv_n = 1.0 / block as f32;
+    let stats = |blk: &[f32]| {
+        let mu = blk.iter().fold(0.0f32, |a, &v| a + v) * inv_n;
+        let var = blk.iter().fold(0.0f32, |a, &v| {
+            let c = v - mu;
+            a + c * c
+        }) * inv_n;
+        (mu, 1.0 / (var + eps).sqrt())
+    };
+    let stats: Vec<(f32, f32)> = if x.len() >= PAR_MIN {
+        x.par_chunks(block).map(stats).collect()
+    } else {
+        x.chunks(block).map(stats).collect()
+    };
+    let inner = out[out.len() - 1];
+    for_rows(&mut dst, inner, |r, row| {
+        let (gb, bb) = (g.row(r, out), b.row(r, out));
+        let start = r * inner;
+        for (j, o) in row.iter_mut().enumerate() {
+            let (mu, inv) = stats[(start + j) / block];
+            *o = (x[start + j] - mu) * inv * g.at(gb, j) + b.at(bb, j);
+        }
+    });
+    dst
+}
+
+fn batch_norm(x: &[f32], scale: &Bcast, shift: &Bcast, out: &[usize]) -> Vec<f32> {
+    let inner = out[out.len() - 1];
+    let mut dst = vec![0f32; x.len()];
+    for_rows(&mut dst, inner, |r, row| {
+        let (sb, tb) = (scale.row(r, out), shift.row(r, out));
+        let xr = &x[r * inner..(r + 1) * inner];
+        for (j, (o, &v)) in row.iter_mut().zip(xr).enumerate() {
+            *o = v * scale.at(sb, j) + shift.at(tb, j);
+        }
+    });
+    dst
+}
+
+/// The f32 constants of the activations, rounded exactly as the decomposition's constants.
+struct ActConsts {
+    inv_sqrt2: f32,
+    cubic: f32,
+    sqrt_2_pi: f32,
+}
+
+impl ActConsts {
+    fn new() -> ActConsts {
+        ActConsts {
+            inv_sqrt2: std::f64::consts::FRAC_1_SQRT_2 as f32,
+            cubic: 0.044715f64 as f32,
+            sqrt_2_pi: (2.0 / std::f64::consts::PI).sqrt() as f32,
+        }
+    }
+
+    /// `act(y)`, spelled operation for operation like the builder's helpers.
+    #[inline]
+    fn apply(&self, act: Act, y: f32) -> f32 {
+        match act {
+            Act::Identity => y,
+            Act::GeluErf => {
+                let e = libm::erff(y * self.inv_sqrt2);
+                (y * 0.5) * (e + 1.0)
+            }
+            Act::GeluTanh => {
+                let x3 = (y * y) * y;
+                let inner = y + x3 * self.cubic;
+                let t = (inner * self.sqrt_2_pi).tanh();
+                (y * 0.5) * (t + 1.0)
+            }
+            Act::Relu => y.max(0.0),
+            Act::Silu => y * (1.0 / (1.0 + (-y).exp())),
+        }
+    }
+}
+
+fn fused_matmul(
+    a: &Tensor,
+    w: &Tensor,
+    act: Act,
+    bias: Option<Bcast>,
+    residual: Option<Bcast>,
+    out: &[usize],
+) -> Vec<f32> {
+    let (ra, rb) = (a.shape.len(), w.shape.len());
+    let (m, k, n) = (a.shape[ra - 2], a.shape[ra - 1], w.shape[rb - 1]);
+    let out_batch = &out[..out.len() - 2];
+    let pad = |s: &[usize]| {
+        let mut v = vec![1; out_batch.len() - s.len()];
+        v.extend_from_slice(s);
+        v
+    };
+    let mut c = matmul(
+        f32s(a),
+        &pad(&a.shape[..ra - 2]),
+        f32s(w),
+        &pad(&w.shape[..rb - 2]),
+        out_batch,
+        m,
+        k,
+        n,
+    );
+    if bias.is_none() && residual.is_none() && act == Act::Identity {
+        return c;
+    }
+    let consts = ActConsts::new();
+    for_rows(&mut c, n, |r, row| {
+        let bb = bias.as_ref().map(|b| (b, b.row(r, out)));
+        let rr = residual.as_ref().map(|x| (x, x.row(r, out)));
+        for (j, o) in row.iter_mut().enumerate() {
+            let mut y = *o;
+            if let Some((b, base)) = bb {
+                y += b.at(base, j);
+            }
+            y = consts.apply(act, y);
+            if let Some((x, base)) = rr {
+                y += x.at(base, j);
+            }
+            *o = y;
+        }
+    });
+    c
 }

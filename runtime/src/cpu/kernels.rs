@@ -32,7 +32,7 @@ pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
 }
 
 /// Offset of the first element of output row `row` (all axes but the last) under `strides`.
-fn row_offset(row: usize, out: &[usize], strides: &[usize]) -> usize {
+pub fn row_offset(row: usize, out: &[usize], strides: &[usize]) -> usize {
     let mut rem = row;
     let mut off = 0;
     for ax in (0..out.len().saturating_sub(1)).rev() {
@@ -44,7 +44,7 @@ fn row_offset(row: usize, out: &[usize], strides: &[usize]) -> usize {
 }
 
 /// Runs `f(row_index, row_slice)` over the rows of `out` (rows = last axis), in parallel when large.
-fn for_rows<T: Send>(out: &mut [T], inner: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+pub fn for_rows<T: Send>(out: &mut [T], inner: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     if inner == 0 || out.is_empty() {
         return;
     }
@@ -256,8 +256,36 @@ pub fn matmul(
 }
 
 /// `c = a × b` for contiguous row-major `a` [m, k], `b` [k, n], `c` [m, n].
-fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+pub fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
+    gemm_strided(a, (k, 1), b, (n, 1), c, m, k, n);
+}
+
+/// `c = a × b` for `a` [m, k] and `b` [k, n] read through (row, column) strides, into
+/// contiguous row-major `c` [m, n]. Each element's arithmetic depends only on `k`, not on the
+/// strides or on `m`, `n`: `a × bᵀ` with `b` read transposed equals `a × (bᵀ copied)` bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided(
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    c: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(a.len() >= last(m, k, rsa, csa) && b.len() >= last(k, n, rsb, csb));
+    assert!(c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
     // SAFETY: the asserts above bound every access sgemm makes with these dims and strides.
     unsafe {
         matrixmultiply::sgemm(
@@ -266,11 +294,11 @@ fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
             n,
             1.0,
             a.as_ptr(),
-            k as isize,
-            1,
+            rsa as isize,
+            csa as isize,
             b.as_ptr(),
-            n as isize,
-            1,
+            rsb as isize,
+            csb as isize,
             0.0,
             c.as_mut_ptr(),
             n as isize,
