@@ -42,29 +42,44 @@ fn minilm(c: &mut Criterion) {
         eprintln!("skipping minilm bench: run scripts/fetch-minilm.sh or set TRANSFUSE_MINILM_DIR");
         return;
     };
-    let session = Session::cpu(Model::load_with(&dir, Some(Pooling::Mean), true).unwrap());
+    let load = || Model::load_with(&dir, Some(Pooling::Mean), true).unwrap();
     let (b, s) = (32, 128);
-    let batch = Batch::new(ids(b, s, session.model.vocab_size()));
     let mut g = c.benchmark_group("minilm_cpu");
-    g.sample_size(10).measurement_time(Duration::from_secs(20));
+    g.sample_size(10).measurement_time(Duration::from_secs(40));
     g.throughput(Throughput::Elements((b * s) as u64));
-    g.bench_function("forward_b32_s128", |bench| {
-        bench.iter(|| session.forward(&batch).unwrap())
-    });
+    for (name, session) in [
+        ("fused_b32_s128", Session::cpu(load()).unwrap()),
+        ("unfused_b32_s128", Session::cpu_unoptimized(load())),
+    ] {
+        let batch = Batch::new(ids(b, s, session.model.vocab_size()));
+        g.bench_function(name, |bench| {
+            bench.iter(|| session.forward(&batch).unwrap())
+        });
+    }
     g.finish();
 }
 
 fn gpt2_decode(c: &mut Criterion) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_gpt2/model");
-    let session = Session::cpu(Model::load(&dir).unwrap());
-    let prompt = ids(1, 16, session.model.vocab_size()).remove(0);
     let new = 64;
     let mut g = c.benchmark_group("tiny_gpt2_cpu");
-    g.sample_size(20);
+    g.sample_size(20).measurement_time(Duration::from_secs(8));
     g.throughput(Throughput::Elements(new as u64));
-    g.bench_function("greedy_decode_64_tokens", |bench| {
-        bench.iter(|| session.generate(&prompt, new, Sampling::Greedy).unwrap())
-    });
+    for (name, session) in [
+        (
+            "fused_greedy_64_tokens",
+            Session::cpu(Model::load(&dir).unwrap()).unwrap(),
+        ),
+        (
+            "unfused_greedy_64_tokens",
+            Session::cpu_unoptimized(Model::load(&dir).unwrap()),
+        ),
+    ] {
+        let prompt = ids(1, 16, session.model.vocab_size()).remove(0);
+        g.bench_function(name, |bench| {
+            bench.iter(|| session.generate(&prompt, new, Sampling::Greedy).unwrap())
+        });
+    }
     g.finish();
 }
 

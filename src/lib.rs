@@ -2,7 +2,8 @@
 //!
 //! A compiler for Transformer models. This facade ties the crates together: load a Hugging Face
 //! folder ([`models`]), get its tensor graph ([`ir`]), run it on a backend ([`runtime`]) through
-//! a [`Session`]: `forward` for a batch, `generate` for greedy/sampled decoding with a KV cache,
+//! a [`Session`] that first optimizes it ([`passes`]: fused attention, norms, epilogues):
+//! `forward` for a batch, `generate` for greedy/sampled decoding with a KV cache,
 //! `embed` for sentence embeddings.
 //!
 //! ```
@@ -10,7 +11,8 @@
 //! use transfuse::models::Model;
 //!
 //! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_gpt2/model");
-//! let session = Session::cpu(Model::load(dir.as_ref()).unwrap());
+//! let session = Session::cpu(Model::load(dir.as_ref()).unwrap()).unwrap();
+//! assert_eq!(session.graph.op_counts()["attention"], 2); // fused by the optimizer
 //! let out = session.forward(&Batch::new(vec![vec![1, 2, 3]])).unwrap();
 //! assert_eq!(out["logits"].shape, vec![1, 3, 1000]);
 //! let ids = session.generate(&[1, 2, 3], 4, transfuse::Sampling::Greedy).unwrap();
@@ -23,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 pub use transfuse_ir as ir;
 pub use transfuse_models as models;
+pub use transfuse_passes as passes;
 pub use transfuse_runtime as runtime;
 
 use ir::Tensor;
@@ -39,6 +42,9 @@ pub enum Error {
     /// Running a graph.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// Optimizing a graph.
+    #[error(transparent)]
+    Pass(#[from] passes::PassError),
     /// A malformed inputs file.
     #[error("{}: {msg}", path.display())]
     Inputs {
@@ -190,20 +196,51 @@ pub enum Sampling {
 
 /// A model bound to a backend.
 pub struct Session {
-    /// The model.
+    /// The model (its `graph` is the primitive graph as built).
     pub model: Model,
+    /// The graph that runs: the optimizer's output, or the model's graph unoptimized.
+    pub graph: ir::Graph,
+    /// What the optimizer did (`None` when it did not run).
+    pub report: Option<passes::Report>,
     backend: Box<dyn Backend>,
 }
 
 impl Session {
-    /// A session on any backend.
-    pub fn new(model: Model, backend: Box<dyn Backend>) -> Session {
-        Session { model, backend }
+    /// A session on any backend running the optimized graph (default optimizer options).
+    pub fn new(model: Model, backend: Box<dyn Backend>) -> Result<Session, Error> {
+        Session::with_options(model, backend, Some(&passes::Options::default()))
     }
 
-    /// A session on the CPU reference backend.
-    pub fn cpu(model: Model) -> Session {
+    /// A session that optimizes with `opts`, or runs the primitive graph when `None`.
+    pub fn with_options(
+        model: Model,
+        backend: Box<dyn Backend>,
+        opts: Option<&passes::Options>,
+    ) -> Result<Session, Error> {
+        let (graph, report) = match opts {
+            Some(o) => {
+                let (g, r) = passes::optimize(&model.graph, o)?;
+                (g, Some(r))
+            }
+            None => (model.graph.clone(), None),
+        };
+        Ok(Session {
+            model,
+            graph,
+            report,
+            backend,
+        })
+    }
+
+    /// A session on the CPU reference backend running the optimized graph.
+    pub fn cpu(model: Model) -> Result<Session, Error> {
         Session::new(model, Box::new(CpuBackend::new()))
+    }
+
+    /// A session on the CPU reference backend running the primitive graph as built.
+    pub fn cpu_unoptimized(model: Model) -> Session {
+        Session::with_options(model, Box::new(CpuBackend::new()), None)
+            .expect("no optimizer, no error")
     }
 
     /// The backend's name.
@@ -277,7 +314,7 @@ impl Session {
         }
         let mut out = self
             .backend
-            .run(&self.model.graph, &self.model.weights, &inputs)?;
+            .run(&self.graph, &self.model.weights, &inputs)?;
         out.retain(|k, _| !k.starts_with("present_"));
         Ok(out)
     }
@@ -328,7 +365,7 @@ impl Session {
             );
             let mut out = self
                 .backend
-                .run(&self.model.graph, &self.model.weights, &inputs)?;
+                .run(&self.graph, &self.model.weights, &inputs)?;
             let logits = out.remove("logits").expect("decoder graphs output logits");
             let v = logits.shape[2];
             let data = logits.as_f32().expect("logits are f32");
@@ -359,13 +396,7 @@ impl Session {
                 self.model.dir.display()
             )));
         }
-        if !self
-            .model
-            .graph
-            .outputs()
-            .iter()
-            .any(|(n, _)| n == "embeddings")
-        {
+        if !self.graph.outputs().iter().any(|(n, _)| n == "embeddings") {
             return Err(Error::Usage(
                 "the model was loaded without a pooling head".into(),
             ));
@@ -467,4 +498,84 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<(),
         path: path.into(),
         source: std::io::Error::other(e.to_string()),
     })
+}
+
+/// The fused ops a report's graph contains, e.g. `attention ×2, layer_norm ×5`.
+pub fn fusion_summary(r: &passes::Report) -> String {
+    let fused: Vec<String> = r
+        .ops_after
+        .iter()
+        .filter(|(k, _)| FUSED_NAMES.contains(&k.as_str()))
+        .map(|(k, v)| format!("{k} ×{v}"))
+        .collect();
+    if fused.is_empty() {
+        "no fusion".into()
+    } else {
+        fused.join(", ")
+    }
+}
+
+/// Printable names of the fused ops.
+pub const FUSED_NAMES: &[&str] = &[
+    "attention",
+    "softmax",
+    "layer_norm",
+    "rms_norm",
+    "group_norm",
+    "instance_norm",
+    "batch_norm",
+    "fused_matmul",
+];
+
+/// The optimizer report as one JSON object (the `transfuse compile --json` contract).
+pub fn report_json(r: &passes::Report) -> serde_json::Value {
+    serde_json::json!({
+        "ops_before": r.ops_before,
+        "ops_after": r.ops_after,
+        "egraph": {
+            "nodes": r.egraph.nodes,
+            "classes": r.egraph.classes,
+            "iterations": r.egraph.iterations,
+            "stop_reason": r.egraph.stop_reason,
+            "seconds": r.egraph.seconds,
+        },
+        "rules_applied": r.rules_applied,
+        "cost_before": r.cost_before,
+        "cost_after": r.cost_after,
+        "seconds": r.seconds,
+    })
+}
+
+/// The optimizer report as a table: op counts before and after, then saturation statistics.
+pub fn report_table(r: &passes::Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "{:<16} {:>8} {:>8}", "op", "before", "after");
+    let names: std::collections::BTreeSet<&String> =
+        r.ops_before.keys().chain(r.ops_after.keys()).collect();
+    for n in names {
+        let (b, a) = (
+            r.ops_before.get(n).unwrap_or(&0),
+            r.ops_after.get(n).unwrap_or(&0),
+        );
+        let _ = writeln!(s, "{n:<16} {b:>8} {a:>8}");
+    }
+    let e = &r.egraph;
+    let _ = writeln!(
+        s,
+        "e-graph: {} nodes, {} classes, {} iterations, stopped: {}, {:.1} ms",
+        e.nodes,
+        e.classes,
+        e.iterations,
+        e.stop_reason,
+        e.seconds * 1e3
+    );
+    let _ = writeln!(
+        s,
+        "estimated cost: {:.3e} s → {:.3e} s ({:.1}× less)",
+        r.cost_before,
+        r.cost_after,
+        r.cost_before / r.cost_after.max(1e-30)
+    );
+    s
 }

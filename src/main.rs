@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use transfuse::ir::{to_dot, to_text, Tensor};
 use transfuse::models::{build_graph, load_config, BertHeads, Model, Pooling};
 use transfuse::{write_safetensors, Batch, Error, Sampling, Session};
@@ -20,6 +20,17 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// How a model runs.
+#[derive(Args)]
+struct Exec {
+    /// Backend: cpu (or auto, which is cpu until the GPU backends land).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Run the primitive graph as built, without the optimizer's fusions.
+    #[arg(long)]
+    no_optimize: bool,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a model on a batch of token ids and write its outputs as safetensors.
@@ -33,9 +44,8 @@ enum Cmd {
         /// Where to write the outputs (`logits`, or `last_hidden_state` [+ `pooler_output`]).
         #[arg(long)]
         out: PathBuf,
-        /// Backend: cpu (or auto, which is cpu until the GPU backends land).
-        #[arg(long, default_value = "cpu")]
-        backend: String,
+        #[command(flatten)]
+        exec: Exec,
     },
     /// Generate tokens with a decoder model (greedy by default) using a KV cache.
     Generate {
@@ -67,9 +77,8 @@ enum Cmd {
         /// Print `{"ids": [...], "text": ...}`.
         #[arg(long)]
         json: bool,
-        /// Backend: cpu (or auto).
-        #[arg(long, default_value = "cpu")]
-        backend: String,
+        #[command(flatten)]
+        exec: Exec,
     },
     /// Sentence embeddings with a BERT-family encoder.
     Embed {
@@ -91,9 +100,38 @@ enum Cmd {
         /// Write `embeddings` [n, hidden] as safetensors.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Backend: cpu (or auto).
-        #[arg(long, default_value = "cpu")]
-        backend: String,
+        #[command(flatten)]
+        exec: Exec,
+    },
+    /// Optimize a model's graph and report the fusions (config.json alone is enough).
+    Compile {
+        /// Hugging Face folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Print the before/after op table and saturation statistics.
+        #[arg(long)]
+        report: bool,
+        /// Print one JSON object (ops_before, ops_after, egraph, seconds, ...).
+        #[arg(long)]
+        json: bool,
+        /// Write the input graph as Graphviz DOT.
+        #[arg(long)]
+        dot_before: Option<PathBuf>,
+        /// Write the optimized graph as Graphviz DOT.
+        #[arg(long)]
+        dot_after: Option<PathBuf>,
+        /// Cost-model target: gpu (default) or cpu.
+        #[arg(long, default_value = "gpu")]
+        profile: String,
+        /// E-graph node limit.
+        #[arg(long)]
+        node_limit: Option<usize>,
+        /// E-graph iteration limit.
+        #[arg(long)]
+        iter_limit: Option<usize>,
+        /// E-graph time limit in seconds.
+        #[arg(long)]
+        time_limit: Option<f64>,
     },
     /// Print a model's IR (config.json alone is enough).
     Graph {
@@ -106,10 +144,14 @@ enum Cmd {
     },
 }
 
-fn session(model: Model, backend: &str) -> Result<Session, Error> {
-    match backend {
-        "cpu" | "auto" => Ok(Session::cpu(model)),
-        "wgpu" | "cuda" => Err(Error::Usage(format!(
+fn session(model: Model, exec: &Exec) -> Result<Session, Error> {
+    let opts = (!exec.no_optimize).then(transfuse::passes::Options::from_env);
+    match exec.backend.as_str() {
+        "cpu" | "auto" => {
+            let cpu = Box::new(transfuse::runtime::CpuBackend::new());
+            Session::with_options(model, cpu, opts.as_ref())
+        }
+        backend @ ("wgpu" | "cuda") => Err(Error::Usage(format!(
             "backend `{backend}` is not implemented yet (planned); use --backend cpu"
         ))),
         other => Err(Error::Usage(format!(
@@ -131,10 +173,10 @@ fn run(cli: Cli) -> Result<(), Error> {
             model,
             inputs,
             out,
-            backend,
+            exec,
         } => {
             let batch = Batch::from_json_file(&inputs)?;
-            let s = session(Model::load(&model)?, &backend)?;
+            let s = session(Model::load(&model)?, &exec)?;
             let t0 = Instant::now();
             let outputs = s.forward(&batch)?;
             let elapsed = t0.elapsed();
@@ -146,8 +188,12 @@ fn run(cli: Cli) -> Result<(), Error> {
                 .iter()
                 .map(|(k, t)| format!("{k} {:?}", t.shape))
                 .collect();
+            let fused = s
+                .report
+                .as_ref()
+                .map_or("unoptimized".to_string(), transfuse::fusion_summary);
             eprintln!(
-                "ran {} ({}) on {} in {:.1} ms: {} -> {}",
+                "ran {} ({}, {fused}) on {} in {:.1} ms: {} -> {}",
                 model.display(),
                 s.model.config.model_type(),
                 s.backend_name(),
@@ -165,9 +211,9 @@ fn run(cli: Cli) -> Result<(), Error> {
             top_k,
             seed,
             json,
-            backend,
+            exec,
         } => {
-            let s = session(Model::load(&model)?, &backend)?;
+            let s = session(Model::load(&model)?, &exec)?;
             let tok = s.model.tokenizer.as_ref();
             let ids = match (prompt, prompt_ids) {
                 (Some(text), _) => tok
@@ -224,7 +270,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             no_normalize,
             json,
             out,
-            backend,
+            exec,
         } => {
             let pooling = Pooling::from_name(&pooling).ok_or_else(|| {
                 Error::Usage(format!(
@@ -233,7 +279,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             })?;
             let s = session(
                 Model::load_with(&model, Some(pooling), !no_normalize)?,
-                &backend,
+                &exec,
             )?;
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             let emb = s.embed(&refs)?;
@@ -252,6 +298,63 @@ fn run(cli: Cli) -> Result<(), Error> {
                         println!("{t:?}: [{}, …] ({} dims)", head.join(", "), r.len());
                     }
                 }
+            }
+        }
+        Cmd::Compile {
+            model,
+            report,
+            json,
+            dot_before,
+            dot_after,
+            profile,
+            node_limit,
+            iter_limit,
+            time_limit,
+        } => {
+            let cfg = load_config(&model)?;
+            let heads = BertHeads {
+                pooler: true,
+                ..BertHeads::default()
+            };
+            let g = build_graph(&cfg, heads)?;
+            let mut opts = transfuse::passes::Options::from_env();
+            opts.profile = transfuse::passes::Profile::by_name(&profile).ok_or_else(|| {
+                Error::Usage(format!("unknown profile `{profile}` (expected gpu or cpu)"))
+            })?;
+            if let Some(n) = node_limit {
+                opts.node_limit = n;
+            }
+            if let Some(n) = iter_limit {
+                opts.iter_limit = n;
+            }
+            if let Some(t) = time_limit {
+                if !(t > 0.0 && t.is_finite()) {
+                    return Err(Error::Usage(format!("--time-limit must be > 0, got {t}")));
+                }
+                opts.time_limit = std::time::Duration::from_secs_f64(t);
+            }
+            let (opt, r) = transfuse::passes::optimize(&g, &opts)?;
+            if let Some(p) = dot_before {
+                write_file(&p, &to_dot(&g))?;
+            }
+            if let Some(p) = dot_after {
+                write_file(&p, &to_dot(&opt))?;
+            }
+            if json {
+                println!("{}", transfuse::report_json(&r));
+            } else {
+                if report {
+                    print!("{}", transfuse::report_table(&r));
+                }
+                eprintln!(
+                    "compiled {} ({}): {} → {} nodes, {} in {:.1} ms",
+                    model.display(),
+                    cfg.model_type(),
+                    g.len(),
+                    opt.len(),
+                    transfuse::fusion_summary(&r),
+                    r.seconds * 1e3
+                );
             }
         }
         Cmd::Graph { model, dot } => {

@@ -1,6 +1,8 @@
 //! Parity with PyTorch/transformers on the reference fixtures (tests/fixtures/README.md), on the
-//! CPU backend. Tolerance: 1e-4 absolute (an independent float64 re-implementation reproduced
-//! the fixtures to 4e-6, so 1e-4 leaves room for f32 accumulation order only).
+//! CPU backend, both for the optimized graph (fused attention, norms, epilogues) and for the
+//! primitive graph as built. Tolerance: 1e-4 absolute (an independent float64
+//! re-implementation reproduced the fixtures to 4e-6, so 1e-4 leaves room for f32
+//! accumulation order only); sentence embeddings 1e-5.
 
 mod common;
 
@@ -10,45 +12,60 @@ use transfuse::{Batch, Sampling, Session};
 
 const TOL: f32 = 1e-4;
 
+/// The model on the CPU backend, optimized or as built.
+fn session(model: Model, optimize: bool) -> Session {
+    eprintln!("optimize: {optimize}");
+    if optimize {
+        let s = Session::cpu(model).unwrap();
+        let fused = s.report.as_ref().unwrap();
+        assert!(
+            fused.ops_after.contains_key("attention"),
+            "{:?}",
+            fused.ops_after
+        );
+        s
+    } else {
+        Session::cpu_unoptimized(model)
+    }
+}
+
 #[test]
 fn tiny_gpt2_logits_match_transformers() {
-    let session = Session::cpu(Model::load(&fixture("tiny_gpt2/model")).unwrap());
     let refs = outputs_of("tiny_gpt2");
     let ids = rows(&refs["input_ids"]);
-    let out = session.forward(&Batch::new(ids.clone())).unwrap();
-    assert_close_masked(&out["logits"], &refs["logits"], None, TOL, "logits");
-
     let mask = rows(&refs["attention_mask_padded"]);
-    let padded = Batch {
-        input_ids: ids,
-        attention_mask: Some(mask.clone()),
-        token_type_ids: None,
-    };
-    let out = session.forward(&padded).unwrap();
-    assert_close_masked(
-        &out["logits"],
-        &refs["logits_padded"],
-        Some(&mask),
-        TOL,
-        "logits_padded",
-    );
+    for optimize in [true, false] {
+        let s = session(Model::load(&fixture("tiny_gpt2/model")).unwrap(), optimize);
+        let out = s.forward(&Batch::new(ids.clone())).unwrap();
+        assert_close_masked(&out["logits"], &refs["logits"], None, TOL, "logits");
+
+        let padded = Batch {
+            input_ids: ids.clone(),
+            attention_mask: Some(mask.clone()),
+            token_type_ids: None,
+        };
+        let out = s.forward(&padded).unwrap();
+        let want = &refs["logits_padded"];
+        assert_close_masked(&out["logits"], want, Some(&mask), TOL, "logits_padded");
+    }
 }
 
 #[test]
 fn tiny_gpt2_greedy_decoding_with_kv_cache_is_exact() {
-    let session = Session::cpu(Model::load(&fixture("tiny_gpt2/model")).unwrap());
     let refs = outputs_of("tiny_gpt2");
     let want = rows(&refs["greedy_ids"]).remove(0);
     let prompt = rows(&refs["input_ids"]).remove(0);
-    let got = session
-        .generate(&prompt, want.len() - prompt.len(), Sampling::Greedy)
-        .unwrap();
-    assert_eq!(got, want);
+    for optimize in [true, false] {
+        let s = session(Model::load(&fixture("tiny_gpt2/model")).unwrap(), optimize);
+        let got = s
+            .generate(&prompt, want.len() - prompt.len(), Sampling::Greedy)
+            .unwrap();
+        assert_eq!(got, want, "optimize: {optimize}");
+    }
 }
 
 #[test]
 fn tiny_bert_matches_transformers() {
-    let session = Session::cpu(Model::load(&fixture("tiny_bert/model")).unwrap());
     let refs = outputs_of("tiny_bert");
     let mask = rows(&refs["attention_mask"]);
     let batch = Batch {
@@ -56,28 +73,25 @@ fn tiny_bert_matches_transformers() {
         attention_mask: Some(mask.clone()),
         token_type_ids: Some(rows(&refs["token_type_ids"])),
     };
-    let out = session.forward(&batch).unwrap();
-    assert_close_masked(
-        &out["last_hidden_state"],
-        &refs["last_hidden_state"],
-        Some(&mask),
-        TOL,
-        "last_hidden_state",
-    );
-    assert_close_masked(
-        &out["pooler_output"],
-        &refs["pooler_output"],
-        None,
-        TOL,
-        "pooler_output",
-    );
+    for optimize in [true, false] {
+        let s = session(Model::load(&fixture("tiny_bert/model")).unwrap(), optimize);
+        let out = s.forward(&batch).unwrap();
+        let want = &refs["last_hidden_state"];
+        assert_close_masked(
+            &out["last_hidden_state"],
+            want,
+            Some(&mask),
+            TOL,
+            "last_hidden_state",
+        );
+        let want = &refs["pooler_output"];
+        assert_close_masked(&out["pooler_output"], want, None, TOL, "pooler_output");
+    }
 }
 
 #[test]
 fn minilm_matches_transformers_and_sentence_transformers() {
     let Some(dir) = minilm_dir() else { return };
-    let model = Model::load_with(&dir, Some(Pooling::Mean), true).unwrap();
-    let session = Session::cpu(model);
     let refs = outputs_of("minilm");
     let mask = rows(&refs["attention_mask"]);
     let batch = Batch {
@@ -85,29 +99,6 @@ fn minilm_matches_transformers_and_sentence_transformers() {
         attention_mask: Some(mask.clone()),
         token_type_ids: Some(rows(&refs["token_type_ids"])),
     };
-    let out = session.forward(&batch).unwrap();
-    assert_close_masked(
-        &out["last_hidden_state"],
-        &refs["last_hidden_state"],
-        Some(&mask),
-        TOL,
-        "last_hidden_state",
-    );
-    assert_close_masked(
-        &out["pooler_output"],
-        &refs["pooler_output"],
-        None,
-        TOL,
-        "pooler_output",
-    );
-    assert_close_masked(
-        &out["embeddings"],
-        &refs["mean_pooled_l2norm"],
-        None,
-        1e-5,
-        "embeddings",
-    );
-
     let inputs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("minilm/inputs.json")).unwrap())
             .unwrap();
@@ -117,6 +108,23 @@ fn minilm_matches_transformers_and_sentence_transformers() {
         .iter()
         .map(|s| s.as_str().unwrap())
         .collect();
-    let emb = session.embed(&sentences).unwrap();
-    assert_close_masked(&emb, &refs["mean_pooled_l2norm"], None, 1e-5, "embed()");
+    for optimize in [true, false] {
+        let model = Model::load_with(&dir, Some(Pooling::Mean), true).unwrap();
+        let s = session(model, optimize);
+        let out = s.forward(&batch).unwrap();
+        let want = &refs["last_hidden_state"];
+        assert_close_masked(
+            &out["last_hidden_state"],
+            want,
+            Some(&mask),
+            TOL,
+            "last_hidden_state",
+        );
+        let want = &refs["pooler_output"];
+        assert_close_masked(&out["pooler_output"], want, None, TOL, "pooler_output");
+        let want = &refs["mean_pooled_l2norm"];
+        assert_close_masked(&out["embeddings"], want, None, 1e-5, "embeddings");
+        let emb = s.embed(&sentences).unwrap();
+        assert_close_masked(&emb, want, None, 1e-5, "embed()");
+    }
 }
