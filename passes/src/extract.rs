@@ -1,27 +1,81 @@
 //! Extraction: pick one e-node per e-class so that the graph reachable from the root is
 //! cheapest under the cost model.
 //!
-//! Two phases. egg's greedy extractor, with each class's cost shared among its parents, gives
-//! a start. Then a local search re-prices the whole extracted DAG, where a tensor used by many
-//! consumers is paid once: for every reachable class it tries each alternative e-node and keeps
-//! a switch that lowers the DAG's total cost (a cyclic choice costs infinity). This is what
-//! lets a shared mask be dropped for a `causal` flag, a decision that per-path costs get wrong.
+//! Two phases. First egg's greedy extractor with a critical-path cost (own cost plus the
+//! costliest child): it never double-counts a tensor shared by many consumers (a per-path sum
+//! grows exponentially with depth and drowns the local differences that decide fusion), and
+//! being strictly increasing it never picks a cycle. Then a local search on the true DAG
+//! cost, where a shared tensor is paid once: for every class in the extracted graph it tries
+//! each alternative e-node, prices the switch incrementally with reference counts (only the
+//! sub-graph that enters or leaves is touched), and keeps it when the total drops and no cycle
+//! appears. This is what lets a shared mask be replaced by a `causal` flag.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-use egg::{Extractor, Id, RecExpr};
+use egg::{Id, RecExpr};
 
 use crate::analysis::EG;
-use crate::cost::{node_cost, CostFn, Profile};
+use crate::cost::{node_cost, Profile};
 use crate::lang::TNode;
 
-struct Search<'a> {
+/// Greedy costs: own cost plus the costliest child, plus a tiny constant so every parent
+/// costs more than each of its children. A worklist from the leaves up (a class is re-priced
+/// when a child gets cheaper), so deep graphs cost O(classes), not O(classes × depth).
+fn greedy(eg: &EG, dag: &mut Dag<'_>) -> HashMap<Id, (f64, TNode)> {
+    let mut best: HashMap<Id, (f64, TNode)> = HashMap::new();
+    let mut queue: std::collections::VecDeque<Id> = eg
+        .classes()
+        .filter(|c| c.nodes.iter().any(|n| n.children.is_empty()))
+        .map(|c| c.id)
+        .collect();
+    let mut queued: std::collections::HashSet<Id> = queue.iter().copied().collect();
+    while let Some(c) = queue.pop_front() {
+        queued.remove(&c);
+        let mut changed = false;
+        for n in &eg[c].nodes {
+            let n = canonical(eg, n);
+            let mut worst: f64 = 0.0;
+            let mut ok = true;
+            for k in &n.children {
+                match best.get(k) {
+                    Some((kc, _)) => worst = worst.max(*kc),
+                    None => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if !ok {
+                continue;
+            }
+            let cost = dag.own(&n) + 1e-12 + worst;
+            if cost.is_finite() && best.get(&c).is_none_or(|(b, _)| cost < *b) {
+                best.insert(c, (cost, n));
+                changed = true;
+            }
+        }
+        if changed {
+            for p in eg[c].parents() {
+                let p = eg.find(p);
+                if queued.insert(p) {
+                    queue.push_back(p);
+                }
+            }
+        }
+    }
+    best
+}
+
+struct Dag<'a> {
     eg: &'a EG,
     profile: &'a Profile,
     own: HashMap<TNode, f64>,
+    choice: HashMap<Id, TNode>,
+    rc: HashMap<Id, usize>,
+    total: f64,
 }
 
-impl Search<'_> {
+impl Dag<'_> {
     fn own(&mut self, n: &TNode) -> f64 {
         if let Some(c) = self.own.get(n) {
             return *c;
@@ -31,45 +85,64 @@ impl Search<'_> {
         c
     }
 
-    /// Total own cost of the classes reachable from `root`, or infinity on a cycle.
-    fn dag_cost(&mut self, root: Id, choice: &HashMap<Id, TNode>) -> (f64, Vec<Id>) {
-        let mut total = 0.0;
-        let mut done: HashSet<Id> = HashSet::new();
-        let mut on_stack: HashSet<Id> = HashSet::new();
-        let mut order = Vec::new();
-        // Iterative post-order DFS: (class, children pushed?)
-        let mut stack = vec![(root, false)];
-        while let Some((c, expanded)) = stack.pop() {
-            if expanded {
-                on_stack.remove(&c);
-                if done.insert(c) {
-                    let n = choice[&c].clone();
-                    total += self.own(&n);
-                    order.push(c);
-                }
-                continue;
-            }
-            if done.contains(&c) {
-                continue;
-            }
-            if !on_stack.insert(c) {
-                return (f64::INFINITY, vec![]);
-            }
-            stack.push((c, true));
-            let Some(n) = choice.get(&c) else {
-                return (f64::INFINITY, vec![]);
-            };
-            for k in &n.children {
-                let k = self.eg.find(*k);
-                if on_stack.contains(&k) {
-                    return (f64::INFINITY, vec![]);
-                }
-                if !done.contains(&k) {
-                    stack.push((k, false));
-                }
+    fn add_ref(&mut self, c: Id) {
+        let mut stack = vec![c];
+        while let Some(c) = stack.pop() {
+            let rc = self.rc.entry(c).or_insert(0);
+            *rc += 1;
+            if *rc == 1 {
+                let n = self.choice[&c].clone();
+                self.total += self.own(&n);
+                stack.extend(n.children.iter().copied());
             }
         }
-        (total, order)
+    }
+
+    fn release(&mut self, c: Id) {
+        let mut stack = vec![c];
+        while let Some(c) = stack.pop() {
+            let rc = self
+                .rc
+                .get_mut(&c)
+                .expect("released classes are referenced");
+            *rc -= 1;
+            if *rc == 0 {
+                let n = self.choice[&c].clone();
+                self.total -= self.own(&n);
+                stack.extend(n.children.iter().copied());
+            }
+        }
+    }
+
+    /// Switches class `c` (in the DAG) to node `n`, returning the node it had.
+    fn switch(&mut self, c: Id, n: TNode) -> TNode {
+        let old = self
+            .choice
+            .insert(c, n.clone())
+            .expect("classes in the DAG have a choice");
+        self.total += self.own(&n) - self.own(&old);
+        for k in &n.children {
+            self.add_ref(*k);
+        }
+        for k in &old.children {
+            self.release(*k);
+        }
+        old
+    }
+
+    /// True if `target` is reachable from `n`'s children through the current choices.
+    fn reaches(&self, n: &TNode, target: Id) -> bool {
+        let mut seen = std::collections::HashSet::new();
+        let mut stack: Vec<Id> = n.children.clone();
+        while let Some(c) = stack.pop() {
+            if c == target {
+                return true;
+            }
+            if seen.insert(c) {
+                stack.extend(self.choice[&c].children.iter().copied());
+            }
+        }
+        false
     }
 }
 
@@ -83,51 +156,91 @@ fn canonical(eg: &EG, n: &TNode) -> TNode {
 /// The cheapest graph from `root`: its DAG cost and the term.
 pub fn extract(eg: &EG, root: Id, profile: &Profile) -> (f64, RecExpr<TNode>) {
     let root = eg.find(root);
-    let greedy = Extractor::new(eg, CostFn::new(eg, profile));
-    let mut choice: HashMap<Id, TNode> = HashMap::new();
-    for class in eg.classes() {
-        if greedy.find_best_cost(class.id).is_finite() {
-            choice.insert(class.id, canonical(eg, greedy.find_best_node(class.id)));
-        }
-    }
-    let mut s = Search {
+    let mut dag = Dag {
         eg,
         profile,
         own: HashMap::new(),
+        choice: HashMap::new(),
+        rc: HashMap::new(),
+        total: 0.0,
     };
-    let (mut best, mut order) = s.dag_cost(root, &choice);
+    let t0 = std::time::Instant::now();
+    dag.choice = greedy(eg, &mut dag)
+        .into_iter()
+        .map(|(c, (_, n))| (c, n))
+        .collect();
+    let t_greedy = t0.elapsed();
+    if !dag.choice.contains_key(&root) {
+        return (f64::INFINITY, RecExpr::default());
+    }
+    dag.add_ref(root);
     for _pass in 0..4 {
         let mut improved = false;
-        for c in order.clone() {
-            let current = choice[&c].clone();
-            for alt in &eg[c].nodes {
-                let alt = canonical(eg, alt);
-                if alt == current || !s.own(&alt).is_finite() {
+        let mut classes: Vec<Id> = dag
+            .rc
+            .iter()
+            .filter(|(_, &r)| r > 0)
+            .map(|(c, _)| *c)
+            .collect();
+        classes.sort();
+        for c in classes {
+            if dag.rc.get(&c).copied().unwrap_or(0) == 0 || eg[c].nodes.len() < 2 {
+                continue;
+            }
+            for alt in eg[c]
+                .nodes
+                .iter()
+                .map(|n| canonical(eg, n))
+                .collect::<Vec<_>>()
+            {
+                if alt == dag.choice[&c]
+                    || !dag.own(&alt).is_finite()
+                    || alt.children.iter().any(|k| !dag.choice.contains_key(k))
+                {
                     continue;
                 }
-                let prev = choice
-                    .insert(c, alt.clone())
-                    .expect("reachable classes have a choice");
-                let (cost, new_order) = s.dag_cost(root, &choice);
-                if cost < best * (1.0 - 1e-9) {
-                    best = cost;
-                    order = new_order;
+                let before = dag.total;
+                let old = dag.switch(c, alt.clone());
+                if dag.total < before - 1e-12 * before.abs() && !dag.reaches(&alt, c) {
                     improved = true;
                     break;
                 }
-                choice.insert(c, prev);
+                dag.switch(c, old);
+                dag.total = before;
             }
         }
         if !improved {
             break;
         }
     }
+    if std::env::var_os("TRANSFUSE_EXTRACT_TIMING").is_some() {
+        eprintln!(
+            "extract: greedy {:?}, search {:?}",
+            t_greedy,
+            t0.elapsed() - t_greedy
+        );
+    }
+    // Emit the reachable classes in post-order.
     let mut expr = RecExpr::default();
     let mut index: HashMap<Id, Id> = HashMap::new();
-    for c in order {
-        let n = &choice[&c];
-        let kids = n.children.iter().map(|k| index[&eg.find(*k)]).collect();
-        index.insert(c, expr.add(TNode::new(n.op.clone(), kids)));
+    let mut stack = vec![(root, false)];
+    while let Some((c, expanded)) = stack.pop() {
+        if index.contains_key(&c) {
+            continue;
+        }
+        let n = &dag.choice[&c];
+        if expanded {
+            let kids = n.children.iter().map(|k| index[k]).collect();
+            index.insert(c, expr.add(TNode::new(n.op.clone(), kids)));
+        } else {
+            stack.push((c, true));
+            stack.extend(
+                n.children
+                    .iter()
+                    .filter(|k| !index.contains_key(k))
+                    .map(|k| (*k, false)),
+            );
+        }
     }
-    (best, expr)
+    (dag.total, expr)
 }

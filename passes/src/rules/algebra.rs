@@ -2,10 +2,10 @@
 //!
 //! Tensat's lesson: blanket commutativity/associativity explodes the e-graph. These rules only
 //! normalise spellings: division by a constant becomes multiplication, `1/√` becomes `rsqrt`,
-//! `x²` is `x·x`, scalar constants move to the right of `add`/`mul`, scalar scales move out of
-//! matmuls and transposes, transposes and reshapes collapse, and a permute is split into a
-//! permute and a last-two-axes transpose so attention's `kᵀ` is visible through multi-head
-//! reshapes. None of them fires on a constant-only class.
+//! `x²` is `x·x`, scalar constants move to the right of `add`/`mul`, two scalar scales in a row
+//! fold into one, scalar scales move out of matmuls and transposes, transposes and reshapes
+//! collapse, and a permute is split into a permute and a last-two-axes transpose so attention's
+//! `kᵀ` is visible through multi-head reshapes. None of them fires on a constant-only class.
 
 use egg::Subst;
 use transfuse_ir::{BinaryOp, Op};
@@ -26,6 +26,7 @@ pub fn rules() -> Vec<Rule> {
         rw_build("pow-const",           "(pow ?x ?c)",            pow_const),
         rw_build("add-const-right",     "(add ?c ?x)",            |eg, s| commute(eg, s, BinaryOp::Add)),
         rw_build("mul-const-right",     "(mul ?c ?x)",            |eg, s| commute(eg, s, BinaryOp::Mul)),
+        rw_build("mul-const-fold",      "(mul (mul ?x ?a) ?b)",   fold_scales),
         rw_build("matmul-scale-left",   "(matmul (mul ?a ?c) ?b)", |eg, s| pull_scale(eg, s, "?a", "?b", true)),
         rw_build("matmul-scale-right",  "(matmul ?a (mul ?b ?c))", |eg, s| pull_scale(eg, s, "?a", "?b", false)),
         rw_build("transpose-scale",     "(transpose (mul ?k ?c))", transpose_scale),
@@ -78,6 +79,16 @@ fn commute(eg: &mut EG, s: &Subst, op: BinaryOp) -> Option<egg::Id> {
         )
         .add(eg),
     )
+}
+
+/// `(x·a)·b` → `x·(ab)` for scalar constants `a`, `b` (q and k each scaled by `d^-¼`).
+fn fold_scales(eg: &mut EG, s: &Subst) -> Option<egg::Id> {
+    let (a, b) = (scalar_const(eg, s, "?a")?, scalar_const(eg, s, "?b")?);
+    let x = s[var("?x")];
+    if konst(eg, x).is_some() {
+        return None;
+    }
+    Some(mul(Plan::Class(x), Plan::scalar(a * b)).add(eg))
 }
 
 fn pull_scale(eg: &mut EG, s: &Subst, a: &str, b: &str, _left: bool) -> Option<egg::Id> {
