@@ -524,3 +524,110 @@ fn token_type_out_of_range() {
     let out = run_model(&tmp, &fixture(BERT), &inputs);
     assert_error(&out, &["token_type_ids[0][2]", "2 token types"]);
 }
+
+/// A folder holding only the config.json of a fixture model.
+fn config_only(tmp: &TempDir, model: &str) -> PathBuf {
+    let dir = tmp.join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        fixture(&format!("{model}/config.json")),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn compile_json_from_config_alone() {
+    let tmp = TempDir::new("compile_json_from_config_alone");
+    let model = config_only(&tmp, GPT2);
+    let (before, after) = (tmp.join("before.dot"), tmp.join("after.dot"));
+    let out = transfuse([
+        "compile".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--json".as_ref(),
+        "--dot-before".as_ref(),
+        before.as_os_str(),
+        "--dot-after".as_ref(),
+        after.as_os_str(),
+    ]);
+    let stdout = assert_ok(&out);
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(v["ops_after"]["attention"], 2, "{v}");
+    assert_eq!(v["ops_after"]["layer_norm"], 5, "{v}");
+    assert!(v["ops_after"].get("exp").is_none(), "{v}");
+    assert_eq!(v["ops_before"]["exp"], 2, "{v}");
+    for key in ["nodes", "classes", "iterations", "stop_reason", "seconds"] {
+        assert!(v["egraph"].get(key).is_some(), "egraph.{key} missing: {v}");
+    }
+    assert_eq!(v["egraph"]["stop_reason"], "saturated");
+    assert!(v["seconds"].as_f64().unwrap() > 0.0);
+    let (b, a) = (
+        std::fs::read_to_string(before).unwrap(),
+        std::fs::read_to_string(after).unwrap(),
+    );
+    assert!(b.starts_with("digraph") && a.starts_with("digraph"));
+    assert!(a.contains(" attention ") && !b.contains(" attention "));
+}
+
+#[test]
+fn compile_report_and_limits() {
+    let tmp = TempDir::new("compile_report_and_limits");
+    let model = config_only(&tmp, BERT);
+    let out = transfuse([
+        "compile".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--report".as_ref(),
+    ]);
+    let stdout = assert_ok(&out);
+    assert!(
+        stdout.contains("attention") && stdout.contains("stopped: saturated"),
+        "{stdout}"
+    );
+    // A one-iteration limit is reported as such, and the result is still a valid graph.
+    let out = transfuse([
+        "compile".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--json".as_ref(),
+        "--iter-limit".as_ref(),
+        "1".as_ref(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&assert_ok(&out)).unwrap();
+    assert_eq!(v["egraph"]["stop_reason"], "iteration_limit", "{v}");
+    let out = transfuse([
+        "compile".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--profile".as_ref(),
+        "tpu".as_ref(),
+    ]);
+    assert_error(&out, &["profile", "tpu"]);
+}
+
+#[test]
+fn run_without_optimizer_matches_reference_too() {
+    let tmp = TempDir::new("run_without_optimizer_matches_reference_too");
+    let out_file = tmp.join("out.safetensors");
+    let out = transfuse([
+        "run".as_ref(),
+        "--model".as_ref(),
+        fixture(GPT2).as_os_str(),
+        "--inputs".as_ref(),
+        fixture("tiny_gpt2/inputs.json").as_os_str(),
+        "--out".as_ref(),
+        out_file.as_os_str(),
+        "--no-optimize".as_ref(),
+    ]);
+    assert_ok(&out);
+    assert!(
+        stderr_of(&out).contains("unoptimized"),
+        "{}",
+        stderr_of(&out)
+    );
+    let got = transfuse::models::load_all_safetensors(&out_file).unwrap();
+    let want = common::outputs_of("tiny_gpt2");
+    common::assert_close_masked(&got["logits"], &want["logits"], None, 1e-4, "logits");
+}
