@@ -315,6 +315,11 @@ impl C {
     fn mm(&self) -> NodeId {
         self.matmul(self.h(), self.w("w", &[72, 96]))
     }
+    /// The LoRA adapter `(h @ A) @ B` with A [72, 4], B [4, 96].
+    fn lora(&self) -> NodeId {
+        let ha = self.matmul(self.h(), self.w("lora_a", &[72, 4]));
+        self.matmul(ha, self.w("lora_b", &[4, 96]))
+    }
     /// `h @ W + b` with W [72, 96].
     fn mmb(&self) -> NodeId {
         self.add(self.mm(), self.w("bias", &[96]))
@@ -542,7 +547,32 @@ fn matches(entry: &str, op: &Op) -> bool {
     }
 }
 
-fn check(case: &str, build: fn(&C) -> NodeId, goal: &[&str], gone: &[&str], overflow_ok: bool) {
+/// The `matmul` and `fused_matmul` nodes that run per call (not weight-only: LoRA's `A @ B` in
+/// a merged weight is folded once and does not count).
+fn per_call_matmuls(g: &Graph) -> usize {
+    let mut weight_only = vec![false; g.len()];
+    let mut n = 0;
+    for (id, node) in g.nodes() {
+        weight_only[id.index()] = match node.op {
+            Op::Weight { .. } | Op::Constant { .. } => true,
+            Op::Input { .. } | Op::Iota { .. } => false,
+            _ => node.inputs.iter().all(|i| weight_only[i.index()]),
+        };
+        if !weight_only[id.index()] && matches!(node.op, Op::MatMul | Op::FusedMatMul { .. }) {
+            n += 1;
+        }
+    }
+    n
+}
+
+fn check(
+    case: &str,
+    build: fn(&C) -> NodeId,
+    goal: &[&str],
+    gone: &[&str],
+    matmuls: Option<usize>,
+    overflow_ok: bool,
+) {
     let c = C::new();
     let y = build(&c);
     let mut b = c.b.into_inner();
@@ -576,13 +606,18 @@ fn check(case: &str, build: fn(&C) -> NodeId, goal: &[&str], gone: &[&str], over
     for p in gone {
         assert!(!counts.contains_key(*p), "`{p}` should be gone; {why}");
     }
+    if let Some(n) = matmuls {
+        assert_eq!(per_call_matmuls(&opt), n, "per-call matmuls; {why}");
+    }
     same_outputs(case, &g, &opt, false, false);
     same_outputs(case, &g, &opt, true, overflow_ok);
 }
 
-/// One case per line: `case!(name, [overflow_ok] |c| graph => [fused ops], gone [primitives])`.
+/// One case per line: `case!(name, [overflow_ok] |c| graph => [fused ops], gone [primitives]
+/// [, matmuls n])`; `matmuls n`: the optimized graph has `n` per-call matmuls
+/// ([`per_call_matmuls`]).
 macro_rules! case {
-    ($name:ident, $($flag:ident)? |$c:ident| $body:expr => [$($f:literal),* $(,)?], gone $gone:expr) => {
+    ($name:ident, $($flag:ident)? |$c:ident| $body:expr => [$($f:literal),* $(,)?], gone $gone:expr $(, matmuls $m:expr)?) => {
         #[test]
         fn $name() {
             #[allow(unused_braces)]
@@ -590,7 +625,8 @@ macro_rules! case {
                 $body
             }
             let overflow_ok = false $(|| stringify!($flag) == "overflow_ok")?;
-            check(stringify!($name), build, &[$($f),*], &$gone, overflow_ok);
+            let matmuls: Option<usize> = None $(.or(Some($m)))?;
+            check(stringify!($name), build, &[$($f),*], &$gone, matmuls, overflow_ok);
         }
     };
 }
@@ -691,6 +727,63 @@ case!(matmul_relu_no_bias, |c| c.relu(c.mm()) => ["fused_matmul{act=relu}"], gon
 case!(matmul_residual, |c| c.add(c.mmb_sq(), c.h()) => ["fused_matmul{act=identity bias residual}"], gone MM);
 case!(matmul_residual_first, |c| c.add(c.h(), c.mmb_sq()) => ["fused_matmul{act=identity bias residual}"], gone MM);
 case!(matmul_gelu_residual, |c| c.add(c.h(), c.gelu_erf(c.mmb_sq())) => ["fused_matmul{act=gelu_erf bias residual}"], gone MM);
+
+// ---------------------------------------------------------------------------------------------
+// Projection merge on h [batch, 50, 72]: q/k/v-style projections of one input become one
+// fused_matmul on concatenated weights, sliced per projection. The outputs are combined with
+// `mul` (which no rule fuses into a matmul) so each projection is used once.
+/// Every projection's own matmul and bias add are gone.
+const PROJ: [&str; 2] = ["matmul", "add"];
+case!(merge_qkv_linear_bias, |c| { let [q, k, v] = ["q", "k", "v"].map(|n| c.linear(c.h(), c.w(&format!("{n}.w"), &[40, 72]), Some(c.w(&format!("{n}.b"), &[40])), WeightLayout::OutIn)); c.mul(c.mul(q, k), v) } => ["fused_matmul{act=identity bias}"], gone PROJ);
+case!(merge_qkv_widths_differ, |c| { let [q, k, v] = [("q", 24), ("k", 24), ("v", 40)].map(|(n, w)| c.add(c.matmul(c.h(), c.w(&format!("{n}.w"), &[72, w])), c.w(&format!("{n}.b"), &[w]))); c.concat(&[c.mul(q, k), v], 2) } => ["fused_matmul{act=identity bias}"], gone PROJ);
+case!(merge_two_no_bias, |c| { let g = c.matmul(c.h(), c.w("gate", &[72, 40])); let u = c.matmul(c.h(), c.w("up", &[72, 40])); c.mul(g, u) } => ["fused_matmul{act=identity}"], gone PROJ);
+case!(merge_skips_other_bias_shape, |c| { let q = c.add(c.matmul(c.h(), c.w("q.w", &[72, 40])), c.w("q.b", &[40])); let k = c.add(c.matmul(c.h(), c.w("k.w", &[72, 40])), c.w("k.b", &[40])); let v = c.add(c.matmul(c.h(), c.w("v.w", &[72, 40])), c.w("v.b", &[1, 40])); c.mul(c.mul(q, k), v) } => ["fused_matmul{act=identity bias}", "fused_matmul{act=identity bias}"], gone PROJ);
+case!(no_merge_across_inputs, |c| { let [q, k, v] = ["hq", "hk", "hv"].map(|n| c.add(c.matmul(c.hin(n), c.w(&format!("{n}.w"), &[72, 40])), c.w(&format!("{n}.b"), &[40]))); c.mul(c.mul(q, k), v) } => ["fused_matmul{act=identity bias}", "fused_matmul{act=identity bias}", "fused_matmul{act=identity bias}"], gone PROJ);
+
+// ---------------------------------------------------------------------------------------------
+// LoRA on h [batch, 50, 72]: W [72, 96], A [72, 4], B [4, 96]; the adapter is merged into the
+// weight (`W + s·AB`, weight-only), so one matmul of h is left.
+case!(lora_scaled, |c| c.add(c.mm(), c.mulc(c.lora(), 0.5)) => [], gone NONE, matmuls 1);
+case!(lora_adapter_first_scale_left, |c| c.add(c.mul(c.f(0.5), c.lora()), c.mm()) => [], gone NONE, matmuls 1);
+case!(lora_unscaled, |c| c.add(c.mm(), c.lora()) => [], gone NONE, matmuls 1);
+case!(lora_scale_on_input, |c| c.add(c.mm(), c.matmul(c.matmul(c.mulc(c.h(), 0.5), c.w("lora_a", &[72, 4])), c.w("lora_b", &[4, 96]))) => [], gone NONE, matmuls 1);
+case!(lora_bias, |c| c.add(c.mmb(), c.mulc(c.lora(), 0.5)) => ["fused_matmul{act=identity bias}"], gone NONE, matmuls 1);
+case!(lora_bias_last, |c| c.add(c.add(c.mm(), c.mulc(c.lora(), 0.5)), c.w("bias", &[96])) => ["fused_matmul{act=identity bias}"], gone NONE, matmuls 1);
+case!(lora_peft_linear, |c| { let lin = |x, w: &str, s: &[usize], b| c.linear(x, c.w(w, s), b, WeightLayout::OutIn); let base = lin(c.h(), "w_oi", &[96, 72], Some(c.w("bias", &[96]))); let ad = lin(lin(c.h(), "lora_a_oi", &[4, 72], None), "lora_b_oi", &[96, 4], None); c.add(base, c.mulc(ad, 2.0)) } => ["fused_matmul{act=identity bias}"], gone NONE, matmuls 1);
+case!(lora_gelu, |c| c.gelu_erf(c.add(c.mmb(), c.mulc(c.lora(), 0.5))) => ["fused_matmul{act=gelu_erf bias}"], gone NONE, matmuls 1);
+case!(lora_other_input_kept, |c| c.add(c.mm(), c.mulc(c.matmul(c.matmul(c.hin("h2"), c.w("lora_a", &[72, 4])), c.w("lora_b", &[4, 96])), 0.5)) => [], gone NONE, matmuls 3);
+
+/// `merge_lora: false` keeps the adapter as its own matmuls (multi-adapter serving); the
+/// default merges it. Both are the same function.
+#[test]
+fn lora_kept_when_merge_lora_is_off() {
+    let c = C::new();
+    let y = c.add(c.mmb(), c.mulc(c.lora(), 0.5));
+    let mut b = c.b.into_inner();
+    b.output("y", y);
+    let g = b.finish();
+    let kept = Options {
+        merge_lora: false,
+        ..Options::default()
+    };
+    for (opts, want) in [(kept, 3), (Options::default(), 1)] {
+        let (opt, report) = optimize(&g, &opts).expect("optimizer");
+        let what = format!("merge_lora={}", opts.merge_lora);
+        assert_eq!(
+            per_call_matmuls(&opt),
+            want,
+            "{what}: {}\n{report:?}",
+            transfuse::ir::to_text(&opt)
+        );
+        assert_eq!(
+            report.rules_applied.contains_key("lora-merge"),
+            opts.merge_lora,
+            "{what}: {report:?}"
+        );
+        same_outputs(&what, &g, &opt, false, false);
+        same_outputs(&what, &g, &opt, true, false);
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Bounded saturation.

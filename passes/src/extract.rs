@@ -8,11 +8,15 @@
 //! cost, where a shared tensor is paid once: for every class in the extracted graph it tries
 //! each alternative e-node, prices the switch incrementally with reference counts (only the
 //! sub-graph that enters or leaves is touched), and keeps it when the total drops and no cycle
-//! appears. This is what lets a shared mask be replaced by a `causal` flag.
+//! appears. This is what lets a shared mask be replaced by a `causal` flag. When a switch alone
+//! does not pay because it brings in a new tensor that other classes could share, a group move
+//! switches those classes too (each to its node over the new tensor) and keeps the lot when the
+//! total drops: a merged projection (one matmul for q, k and v) costs more than any one of the
+//! three it replaces and only wins when all three slice it.
 
 use std::collections::HashMap;
 
-use egg::{Id, RecExpr};
+use egg::{Id, Language, RecExpr};
 
 use crate::analysis::EG;
 use crate::cost::{node_cost, Profile};
@@ -130,6 +134,38 @@ impl Dag<'_> {
         old
     }
 
+    /// The group move: after `c` switched to a node that brings in the classes `fresh`, every
+    /// other class in the DAG with a node over a fresh (non-leaf) class switches to that node
+    /// too, so the new tensor is paid once for all its consumers. Returns the switched
+    /// classes with the nodes they had.
+    fn co_switch(&mut self, c: Id, fresh: &[Id]) -> Vec<(Id, TNode)> {
+        let eg = self.eg;
+        let mut moved = vec![];
+        for &k in fresh {
+            if self.choice[&k].is_leaf() {
+                continue;
+            }
+            let mut parents: Vec<Id> = eg[k].parents().map(|p| eg.find(p)).collect();
+            parents.sort();
+            parents.dedup();
+            for p in parents {
+                if p == c || self.rc.get(&p).copied().unwrap_or(0) == 0 {
+                    continue;
+                }
+                let alt = eg[p].nodes.iter().map(|n| canonical(eg, n)).find(|n| {
+                    n.children.contains(&k)
+                        && n != &self.choice[&p]
+                        && n.children.iter().all(|x| self.choice.contains_key(x))
+                });
+                if let Some(alt) = alt.filter(|n| self.own(n).is_finite()) {
+                    let old = self.switch(p, alt);
+                    moved.push((p, old));
+                }
+            }
+        }
+        moved
+    }
+
     /// True if `target` is reachable from `n`'s children through the current choices.
     fn reaches(&self, n: &TNode, target: Id) -> bool {
         let mut seen = std::collections::HashSet::new();
@@ -200,12 +236,26 @@ pub fn extract(eg: &EG, root: Id, profile: &Profile) -> (f64, RecExpr<TNode>) {
                     continue;
                 }
                 let before = dag.total;
+                let fresh: Vec<Id> = alt
+                    .children
+                    .iter()
+                    .copied()
+                    .filter(|k| dag.rc.get(k).copied().unwrap_or(0) == 0)
+                    .collect();
                 let old = dag.switch(c, alt.clone());
-                if dag.total < before - 1e-12 * before.abs() && !dag.reaches(&alt, c) {
+                let mut moved = vec![(c, old)];
+                if dag.total >= before - 1e-12 * before.abs() {
+                    moved.extend(dag.co_switch(c, &fresh));
+                }
+                if dag.total < before - 1e-12 * before.abs()
+                    && moved.iter().all(|(k, _)| !dag.reaches(&dag.choice[k], *k))
+                {
                     improved = true;
                     break;
                 }
-                dag.switch(c, old);
+                for (k, n) in moved.into_iter().rev() {
+                    dag.switch(k, n);
+                }
                 dag.total = before;
             }
         }

@@ -54,6 +54,11 @@ pub struct Options {
     pub profile: Profile,
     /// Rule families to use (names from [`rules::FAMILIES`]).
     pub families: Vec<String>,
+    /// Merge LoRA adapters into their base weights (`x @ W + s·(x @ A) @ B` →
+    /// `x @ (W + s·AB)`, the `lora` family). Default true; false leaves the `lora` family out
+    /// even when `families` names it, keeping adapters as separate matmuls so a server can swap
+    /// them per request (multi-adapter serving).
+    pub merge_lora: bool,
 }
 
 impl Default for Options {
@@ -64,6 +69,7 @@ impl Default for Options {
             time_limit: Duration::from_secs(10),
             profile: Profile::gpu(),
             families: rules::FAMILIES.iter().map(|s| s.to_string()).collect(),
+            merge_lora: true,
         }
     }
 }
@@ -140,11 +146,13 @@ fn stop_name(r: &Option<StopReason>) -> String {
     }
 }
 
-/// Optimizes `g` with the rule families named in `opts`.
+/// Optimizes `g` with the rule families named in `opts` (less `lora` unless
+/// [`Options::merge_lora`]).
 pub fn optimize(g: &Graph, opts: &Options) -> Result<(Graph, Report), PassError> {
     let rules: Vec<Rule> = opts
         .families
         .iter()
+        .filter(|f| opts.merge_lora || f.as_str() != "lora")
         .flat_map(|f| rules::family(f))
         .collect();
     optimize_with(g, opts, &rules)

@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use transfuse_ir::{Bindings, DType, Graph, IrError, Tensor, Weights};
 
 pub mod cpu;
+pub mod nvrtc;
 
 pub use cpu::CpuBackend;
 

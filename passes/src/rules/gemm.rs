@@ -3,11 +3,29 @@
 //! A bias is absorbed when it is weight-only and broadcasts into the product; an activation
 //! (exact and tanh GELU in the builder's spellings, ReLU, SiLU as `y·sigmoid(y)`) when its
 //! argument is a matmul or an epilogue-free fused matmul; a residual when it has the output's
-//! shape and is not weight-only. Three projections of one input are left as three matmuls
-//! (their merge is future work).
+//! shape and is not weight-only.
+//!
+//! Projection merge (`merge-projections`): two or more epilogue-free projections of one input
+//! `x` — plain `matmul`s or `fused_matmul{act=identity}` with the same bias flag, no residual —
+//! whose weights are weight-only `[K, n_i]` (a bias, if any, weight-only `[n_i]`) become one
+//! `fused_matmul(x, concat([w₁, w₂, …], axis=1) [, concat([b₁, b₂, …], axis=0)])`, and each
+//! projection's class gets `slice(merged, last axis, offset_i..offset_i + n_i)`. This is BERT's
+//! q/k/v (`linear(x, transpose(W), b)`: the weight is the weight-only `transpose(W)`) and
+//! LLaMA's gate/up: one launch and one read of `x` instead of several. The members are sorted
+//! by canonical class id, so every member builds the same merged node and hash-consing shares
+//! it. A projection whose bias has another shape (`[1, n]`, a scalar) stays out of the group.
+//!
+//! Written as a [`NodeRule`](super::NodeRule) rather than an egg `MultiPattern`: a
+//! multi-pattern has a fixed number of sub-patterns (one rule per group size), matches every
+//! ordered pair or triple of projections of each input (n² or n³ matches, all permutations of
+//! one group), and cannot state "rank-1 bias of width n" or the variable-arity concat; the
+//! node rule finds the group in one step from `x`'s parents, fires once per member, and the
+//! members' identical plans meet in one e-node. A merged node is itself a projection of `x`;
+//! it is recognised (some member's class holds a slice of it) and kept out of later groups, so
+//! the rule saturates instead of merging merges.
 
 use egg::Id;
-use transfuse_ir::{Act, BinaryOp, Op, UnaryOp};
+use transfuse_ir::{Act, BinaryOp, Dim, Op, UnaryOp};
 
 use super::{node_rule, nodes_where, Plan, Rule};
 use crate::analysis::{konst, node_type, shape_of, EG};
@@ -20,6 +38,7 @@ pub fn rules() -> Vec<Rule> {
         node_rule("matmul-bias",       bias),
         node_rule("matmul-activation", activation),
         node_rule("matmul-residual",   residual),
+        node_rule("merge-projections", merge_projections),
     ]
 }
 
@@ -204,4 +223,105 @@ fn residual(eg: &EG, n: &TNode) -> Option<Plan> {
         }
     }
     None
+}
+
+/// An epilogue-free projection `x @ w [+ b]`: canonical (x, w, bias).
+fn projection(eg: &EG, m: &TNode) -> Option<(Id, Id, Option<Id>)> {
+    let bias = match m.ir()? {
+        Op::MatMul => false,
+        Op::FusedMatMul {
+            act: Act::Identity,
+            bias,
+            residual: false,
+        } => *bias,
+        _ => return None,
+    };
+    if m.children.len() != 2 + usize::from(bias) {
+        return None;
+    }
+    let b = bias.then(|| eg.find(m.children[2]));
+    Some((eg.find(m.children[0]), eg.find(m.children[1]), b))
+}
+
+/// One projection of a merge group.
+struct Member {
+    class: Id,
+    w: Id,
+    bias: Option<Id>,
+    n: Dim,
+}
+
+/// The projections of `x` (with or without bias) that can merge, sorted by class id; merged
+/// nodes (a member's class holds a slice of them) are left out.
+fn projections_of(eg: &EG, x: Id, with_bias: bool) -> Vec<Member> {
+    let xs = shape_of(eg, x);
+    let Some(k) = xs.last() else {
+        return vec![];
+    };
+    let mut classes: Vec<Id> = eg[x].parents().map(|p| eg.find(p)).collect();
+    classes.sort();
+    classes.dedup();
+    let mut group = vec![];
+    for class in classes {
+        let member = eg[class].nodes.iter().find_map(|m| {
+            let (mx, w, bias) = projection(eg, m)?;
+            let ws = shape_of(eg, w);
+            let ok_w = mx == x && eg[w].data.weight_only && ws.len() == 2 && &ws[0] == k;
+            let ok_b = bias.is_some() == with_bias
+                && bias.is_none_or(|b| eg[b].data.weight_only && shape_of(eg, b) == ws[1..]);
+            (ok_w && ok_b).then(|| Member {
+                class,
+                w,
+                bias,
+                n: ws[1].clone(),
+            })
+        });
+        group.extend(member);
+    }
+    let merged: Vec<Id> = group
+        .iter()
+        .flat_map(|m| nodes_where(eg, m.class, |op| matches!(op, EOp::Ir(Op::Slice { .. }))))
+        .map(|s| eg.find(s.children[0]))
+        .collect();
+    group.retain(|m| !merged.contains(&m.class));
+    group
+}
+
+fn merge_projections(eg: &EG, n: &TNode) -> Option<Plan> {
+    let (x, _, bias) = projection(eg, n)?;
+    if eg[x].data.weight_only {
+        return None;
+    }
+    let me = eg.lookup(n.clone())?;
+    let group = projections_of(eg, x, bias.is_some());
+    if group.len() < 2 {
+        return None;
+    }
+    let (mut offset, mut mine) = (Dim::known(0), None);
+    for m in &group {
+        let end = offset.plus(&m.n);
+        if m.class == me {
+            mine = Some((offset.clone(), end.clone()));
+        }
+        offset = end;
+    }
+    let (start, end) = mine?;
+    let concat = |axis: usize, kids: Vec<Plan>| Plan::ir(Op::Concat { axis }, kids);
+    let mut kids = vec![
+        Plan::Class(x),
+        concat(1, group.iter().map(|m| Plan::Class(m.w)).collect()),
+    ];
+    if bias.is_some() {
+        kids.push(concat(
+            0,
+            group
+                .iter()
+                .filter_map(|m| m.bias)
+                .map(Plan::Class)
+                .collect(),
+        ));
+    }
+    let merged = Plan::ir(fused(Act::Identity, bias.is_some(), false), kids);
+    let axis = shape_of(eg, me).len().checked_sub(1)?;
+    Some(Plan::ir(Op::Slice { axis, start, end }, vec![merged]))
 }

@@ -14,6 +14,7 @@ use crate::lang::{EOp, TNode};
 pub mod algebra;
 pub mod attention;
 pub mod gemm;
+pub mod lora;
 pub mod norm;
 pub mod softmax;
 
@@ -162,7 +163,7 @@ pub fn nodes_where<'a>(
 }
 
 /// The rule families, by name.
-pub const FAMILIES: &[&str] = &["algebra", "softmax", "attention", "norm", "gemm"];
+pub const FAMILIES: &[&str] = &["algebra", "softmax", "attention", "norm", "gemm", "lora"];
 
 /// The rules of one family.
 pub fn family(name: &str) -> Vec<Rule> {
@@ -172,6 +173,7 @@ pub fn family(name: &str) -> Vec<Rule> {
         "attention" => attention::rules(),
         "norm" => norm::rules(),
         "gemm" => gemm::rules(),
+        "lora" => lora::rules(),
         _ => vec![],
     }
 }

@@ -1,0 +1,278 @@
+//! The CUDA C printer: a self-contained translation unit per kernel (NVRTC takes it alone).
+//!
+//! Buffers become `__restrict__` pointers (const when read-only), uniforms `unsigned int`
+//! arguments after them, shared arrays `__shared__` locals; `extern "C"` keeps the entry name
+//! unmangled and `__launch_bounds__` states the workgroup size. f16/bf16 use `cuda_fp16.h` /
+//! `cuda_bf16.h`. Subgroup reductions are butterfly `__shfl_xor_sync` over a full 32-lane warp.
+
+use std::fmt::Write;
+
+use crate::kir::{Access, BinOp, Builtin, Elem, Expr, Kernel, Stmt, SubgroupOp, UnOp};
+use crate::types::{check_uniform, declare_stmt, Scope};
+use crate::CodegenError;
+
+fn ty(e: Elem) -> &'static str {
+    match e {
+        Elem::F32 => "float",
+        Elem::F16 => "__half",
+        Elem::BF16 => "__nv_bfloat16",
+        Elem::U32 => "unsigned int",
+        Elem::I32 => "int",
+        Elem::Bool => "bool",
+    }
+}
+
+fn axis(a: u8) -> &'static str {
+    ["x", "y", "z"][a.min(2) as usize]
+}
+
+fn float_lit(v: f32) -> String {
+    if v.is_finite() {
+        format!("{v:?}f")
+    } else {
+        format!("__int_as_float(0x{:08x})", v.to_bits())
+    }
+}
+
+struct P<'a> {
+    k: &'a Kernel,
+    out: String,
+}
+
+impl P<'_> {
+    fn expr(&self, s: &Scope, e: &Expr) -> Result<String, CodegenError> {
+        let k = &self.k.name;
+        Ok(match e {
+            Expr::F32(v) => float_lit(*v),
+            Expr::U32(v) => format!("{v}u"),
+            Expr::I32(v) => format!("{v}"),
+            Expr::Bool(b) => b.to_string(),
+            Expr::Var(n) => {
+                s.ty(k, e)?;
+                n.clone()
+            }
+            Expr::Uniform(n) => {
+                check_uniform(self.k, n)?;
+                n.clone()
+            }
+            Expr::Builtin(b) => match b {
+                Builtin::LocalId(a) => format!("threadIdx.{}", axis(*a)),
+                Builtin::WorkgroupId(a) => format!("blockIdx.{}", axis(*a)),
+                Builtin::NumWorkgroups(a) => format!("gridDim.{}", axis(*a)),
+                Builtin::GlobalId(a) => {
+                    let x = axis(*a);
+                    format!("(blockIdx.{x} * blockDim.{x} + threadIdx.{x})")
+                }
+            },
+            Expr::Load(b, i) | Expr::LoadShared(b, i) | Expr::LoadLocal(b, i) => {
+                format!("{b}[{}]", self.expr(s, i)?)
+            }
+            Expr::Bin(op, a, b) => {
+                let (x, y) = (self.expr(s, a)?, self.expr(s, b)?);
+                let float = s.ty(k, a)? == Elem::F32;
+                match op {
+                    BinOp::Min if float => format!("fminf({x}, {y})"),
+                    BinOp::Max if float => format!("fmaxf({x}, {y})"),
+                    BinOp::Min => format!("(({x}) < ({y}) ? ({x}) : ({y}))"),
+                    BinOp::Max => format!("(({x}) > ({y}) ? ({x}) : ({y}))"),
+                    _ => {
+                        let o = match op {
+                            BinOp::Add => "+",
+                            BinOp::Sub => "-",
+                            BinOp::Mul => "*",
+                            BinOp::Div => "/",
+                            BinOp::Rem => "%",
+                            BinOp::Lt => "<",
+                            BinOp::Le => "<=",
+                            BinOp::Gt => ">",
+                            BinOp::Ge => ">=",
+                            BinOp::Eq => "==",
+                            BinOp::Ne => "!=",
+                            BinOp::And => "&&",
+                            BinOp::Or => "||",
+                            BinOp::Min | BinOp::Max => unreachable!(),
+                        };
+                        format!("({x} {o} {y})")
+                    }
+                }
+            }
+            Expr::Un(op, a) => {
+                let x = self.expr(s, a)?;
+                match op {
+                    UnOp::Neg => format!("(-{x})"),
+                    UnOp::Not => format!("(!{x})"),
+                    UnOp::Exp => format!("expf({x})"),
+                    UnOp::Log => format!("logf({x})"),
+                    UnOp::Sqrt => format!("sqrtf({x})"),
+                    UnOp::Rsqrt => format!("rsqrtf({x})"),
+                    UnOp::Tanh => format!("tanhf({x})"),
+                    UnOp::Erf => format!("erff({x})"),
+                    UnOp::Abs => format!("fabsf({x})"),
+                    UnOp::Recip => format!("(1.0f / {x})"),
+                    UnOp::Sigmoid => format!("(1.0f / (1.0f + expf(-{x})))"),
+                    UnOp::Sin => format!("sinf({x})"),
+                    UnOp::Cos => format!("cosf({x})"),
+                }
+            }
+            Expr::Select(c, a, b) => {
+                format!(
+                    "({} ? {} : {})",
+                    self.expr(s, c)?,
+                    self.expr(s, a)?,
+                    self.expr(s, b)?
+                )
+            }
+            Expr::Cast(to, a) => {
+                let x = self.expr(s, a)?;
+                let from = s.ty(k, a)?;
+                match (from, to) {
+                    (f, t) if f == *t => x,
+                    (Elem::F16, Elem::F32) => format!("__half2float({x})"),
+                    (Elem::BF16, Elem::F32) => format!("__bfloat162float({x})"),
+                    (_, Elem::F16) => format!("__float2half((float)({x}))"),
+                    (_, Elem::BF16) => format!("__float2bfloat16((float)({x}))"),
+                    (Elem::F16, t) => format!("(({})__half2float({x}))", ty(*t)),
+                    (Elem::BF16, t) => format!("(({})__bfloat162float({x}))", ty(*t)),
+                    (_, t) => format!("(({})({x}))", ty(*t)),
+                }
+            }
+            Expr::Subgroup(op, a) => {
+                let f = match op {
+                    SubgroupOp::Sum => "tf_warp_sum",
+                    SubgroupOp::Max => "tf_warp_max",
+                };
+                format!("{f}({})", self.expr(s, a)?)
+            }
+        })
+    }
+
+    fn stmts(&mut self, s: &mut Scope, body: &[Stmt], depth: usize) -> Result<(), CodegenError> {
+        let pad = "    ".repeat(depth);
+        for st in body {
+            match st {
+                Stmt::Let(n, e, v) => {
+                    let v = self.expr(s, v)?;
+                    let _ = writeln!(self.out, "{pad}const {} {n} = {v};", ty(*e));
+                }
+                Stmt::Var(n, e, v) => {
+                    let v = self.expr(s, v)?;
+                    let _ = writeln!(self.out, "{pad}{} {n} = {v};", ty(*e));
+                }
+                Stmt::LocalArray(n, e, len) => {
+                    let _ = writeln!(self.out, "{pad}{} {n}[{len}];", ty(*e));
+                    let _ = writeln!(
+                        self.out,
+                        "{pad}for (unsigned int tf_i = 0u; tf_i < {len}u; ++tf_i) {{ {n}[tf_i] = ({})0; }}",
+                        ty(*e)
+                    );
+                }
+                Stmt::Assign(n, v) => {
+                    let v = self.expr(s, v)?;
+                    let _ = writeln!(self.out, "{pad}{n} = {v};");
+                }
+                Stmt::StoreLocal(a, i, v) | Stmt::Store(a, i, v) | Stmt::StoreShared(a, i, v) => {
+                    let (i, v) = (self.expr(s, i)?, self.expr(s, v)?);
+                    let _ = writeln!(self.out, "{pad}{a}[{i}] = {v};");
+                }
+                Stmt::If(c, a, b) => {
+                    let c = self.expr(s, c)?;
+                    let _ = writeln!(self.out, "{pad}if ({c}) {{");
+                    self.stmts(&mut s.clone(), a, depth + 1)?;
+                    if !b.is_empty() {
+                        let _ = writeln!(self.out, "{pad}}} else {{");
+                        self.stmts(&mut s.clone(), b, depth + 1)?;
+                    }
+                    let _ = writeln!(self.out, "{pad}}}");
+                }
+                Stmt::For {
+                    var,
+                    start,
+                    end,
+                    step,
+                    body,
+                } => {
+                    let (a, b, c) = (
+                        self.expr(s, start)?,
+                        self.expr(s, end)?,
+                        self.expr(s, step)?,
+                    );
+                    let _ = writeln!(
+                        self.out,
+                        "{pad}for (unsigned int {var} = {a}; {var} < {b}; {var} += {c}) {{"
+                    );
+                    let mut inner = s.clone();
+                    inner.declare(var, Elem::U32);
+                    self.stmts(&mut inner, body, depth + 1)?;
+                    let _ = writeln!(self.out, "{pad}}}");
+                }
+                Stmt::Barrier => {
+                    let _ = writeln!(self.out, "{pad}__syncthreads();");
+                }
+            }
+            declare_stmt(s, st);
+        }
+        Ok(())
+    }
+}
+
+/// Prints `k` as a self-contained CUDA C translation unit.
+pub fn print(k: &Kernel) -> Result<String, CodegenError> {
+    let mut p = P {
+        k,
+        out: String::new(),
+    };
+    let _ = writeln!(
+        p.out,
+        "// {}: generated by transfuse-codegen; do not edit.",
+        k.name
+    );
+    if k.uses(Elem::F16) {
+        p.out.push_str("#include <cuda_fp16.h>\n");
+    }
+    if k.uses(Elem::BF16) {
+        p.out.push_str("#include <cuda_bf16.h>\n");
+    }
+    if k.any_expr(&|e| matches!(e, Expr::Subgroup(..))) {
+        p.out.push_str(
+            "__device__ __forceinline__ float tf_warp_sum(float v) {\n    \
+             for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);\n    \
+             return v;\n}\n\
+             __device__ __forceinline__ float tf_warp_max(float v) {\n    \
+             for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));\n    \
+             return v;\n}\n",
+        );
+    }
+    let mut params: Vec<String> = k
+        .buffers
+        .iter()
+        .map(|b| {
+            let c = if b.access == Access::Read {
+                "const "
+            } else {
+                ""
+            };
+            format!("{c}{}* __restrict__ {}", ty(b.elem), b.name)
+        })
+        .collect();
+    params.extend(k.uniforms.iter().map(|u| format!("unsigned int {u}")));
+    let _ = writeln!(
+        p.out,
+        "extern \"C\" __global__ void __launch_bounds__({}) {}({}) {{",
+        k.threads(),
+        k.name,
+        params.join(", ")
+    );
+    for sh in &k.shared {
+        let _ = writeln!(
+            p.out,
+            "    __shared__ {} {}[{}];",
+            ty(sh.elem),
+            sh.name,
+            sh.len
+        );
+    }
+    let mut scope = Scope::of(k);
+    p.stmts(&mut scope, &k.body, 1)?;
+    p.out.push_str("}\n");
+    Ok(p.out)
+}

@@ -1,0 +1,59 @@
+//! # transfuse-codegen
+//!
+//! One kernel IR ([`kir`]), two printers that only print ([`cuda`], [`wgsl`]), and the kernel
+//! templates for the fused ops and generated elementwise/reduction kernels ([`kernels`]).
+//! Never touches a device: sources are validated by the tests (naga for WGSL, NVRTC through
+//! the runtime for CUDA).
+//!
+//! ```
+//! use transfuse_codegen::kir::*;
+//! use transfuse_codegen::{cuda, wgsl};
+//!
+//! // y[i] = x[i] * 2 for i < n
+//! let k = Kernel {
+//!     name: "double".into(),
+//!     buffers: vec![
+//!         Buffer { name: "x".into(), elem: Elem::F32, access: Access::Read },
+//!         Buffer { name: "y".into(), elem: Elem::F32, access: Access::ReadWrite },
+//!     ],
+//!     uniforms: vec!["n".into()],
+//!     workgroup: [64, 1, 1],
+//!     shared: vec![],
+//!     body: vec![
+//!         let_("i", Elem::U32, global_id(0)),
+//!         if_(var("i").lt(uni("n")), vec![store("y", var("i"), load("x", var("i")) * f(2.0))]),
+//!     ],
+//! };
+//! assert!(cuda::print(&k).unwrap().contains("y[i] = (x[i] * 2.0f);"));
+//! assert!(wgsl::print(&k).unwrap().contains("b_y[i] = (b_x[i] * 2.0);"));
+//! ```
+#![warn(missing_docs)]
+
+pub mod cuda;
+pub mod kernels;
+pub mod kir;
+pub mod types;
+pub mod wgsl;
+
+/// Errors of code generation; each names the kernel.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum CodegenError {
+    /// A kernel that a printer cannot express or that refers to unknown names.
+    #[error("kernel `{kernel}`: {msg}")]
+    Kernel {
+        /// Kernel name.
+        kernel: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// An op the lowering has no kernel for.
+    #[error("op `{op}` (node %{node}): {msg}")]
+    Unsupported {
+        /// Op name.
+        op: String,
+        /// Node id.
+        node: u32,
+        /// Why.
+        msg: String,
+    },
+}

@@ -1,0 +1,490 @@
+//! CUDA C → PTX / SASS through NVRTC, the CUDA run-time compiler, on machines with or without
+//! a GPU.
+//!
+//! NVRTC is loaded at run time (`cudarc`'s `dynamic-loading`): nothing CUDA is needed to build
+//! the workspace, and when `libnvrtc.so.12` cannot be found every function here returns
+//! [`NvrtcError::Unavailable`] instead of panicking. `scripts/fetch-nvrtc.sh` installs it (and
+//! the CUDA headers) from pinned PyPI wheels; `scripts/test.sh` then puts its folder on
+//! `LD_LIBRARY_PATH` and exports:
+//!
+//! - `TRANSFUSE_NVRTC_LIB`: the folder holding `libnvrtc.so.12`. When set, [`available`] loads
+//!   the library from there first, so a process started without `LD_LIBRARY_PATH` finds it too.
+//! - `TRANSFUSE_CUDA_INCLUDE`: the folder holding `cuda_fp16.h`, `cuda_bf16.h`, … (NVRTC 12.9
+//!   has no built-in copies); passed to every compilation as `--include-path`.
+//!
+//! [`compile_ptx`] gives PTX for a virtual architecture (`compute_80`, `compute_90`), what the
+//! CUDA backend loads. [`compile_sass`] compiles all the way to a cubin for a real architecture
+//! (`sm_90`) with `--ptxas-options=-v` and returns, per kernel, the registers, spills and static
+//! shared memory ptxas reported: what a codegen test checks without a GPU.
+//!
+//! ```
+//! use transfuse_runtime::nvrtc;
+//!
+//! let src = r#"extern "C" __global__ void scale(float* x, float a, int n) {
+//!     int i = blockIdx.x * blockDim.x + threadIdx.x;
+//!     if (i < n) x[i] *= a;
+//! }"#;
+//! match nvrtc::available() {
+//!     Ok(()) => {
+//!         let ptx = nvrtc::compile_ptx(src, "scale.cu", "compute_80", &[]).unwrap();
+//!         assert!(ptx.contains(".entry scale"));
+//!         let sass = nvrtc::compile_sass(src, "scale.cu", "sm_90").unwrap();
+//!         assert_eq!(sass.kernels[0].name, "scale");
+//!         assert_eq!(sass.kernels[0].spill_stores_bytes, 0);
+//!     }
+//!     Err(e) => eprintln!("skipping: {e}"),
+//! }
+//! ```
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::sync::OnceLock;
+
+use cudarc::nvrtc::sys;
+
+/// Environment variable naming the folder that holds `libnvrtc.so.12`.
+pub const LIB_ENV: &str = "TRANSFUSE_NVRTC_LIB";
+/// Environment variable naming the CUDA include folder (`cuda_fp16.h`, `cuda_bf16.h`).
+pub const INCLUDE_ENV: &str = "TRANSFUSE_CUDA_INCLUDE";
+
+/// Errors of loading NVRTC or compiling with it. Never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NvrtcError {
+    /// `libnvrtc` could not be loaded.
+    #[error(
+        "NVRTC is not available: libnvrtc.so.12 was not found ({why}); run scripts/fetch-nvrtc.sh \
+         and put the folder it prints last on LD_LIBRARY_PATH (or in {LIB_ENV}); scripts/test.sh \
+         does both"
+    )]
+    Unavailable {
+        /// What was searched and where.
+        why: String,
+    },
+    /// The loaded NVRTC is older than 12.0 (it may lack entry points used here).
+    #[error("NVRTC {major}.{minor} is too old: 12.0 or newer is needed (scripts/fetch-nvrtc.sh installs 12.9)")]
+    TooOld {
+        /// Major version reported by `nvrtcVersion`.
+        major: i32,
+        /// Minor version reported by `nvrtcVersion`.
+        minor: i32,
+    },
+    /// The source, name or an option contains a NUL byte.
+    #[error("`{name}`: {what} contains a NUL byte")]
+    Nul {
+        /// The program name.
+        name: String,
+        /// Which argument.
+        what: String,
+    },
+    /// NVRTC rejected the program or its options; `log` is NVRTC's program log.
+    #[error("NVRTC failed to compile `{name}` for {arch} ({code}):\n{log}")]
+    Compile {
+        /// The program name.
+        name: String,
+        /// The target architecture.
+        arch: String,
+        /// The NVRTC result code, e.g. `NVRTC_ERROR_COMPILATION`.
+        code: String,
+        /// The NVRTC program log: the compiler's diagnostics.
+        log: String,
+    },
+    /// Another NVRTC call failed.
+    #[error("NVRTC call {call} failed for `{name}`: {code}")]
+    Call {
+        /// The program name.
+        name: String,
+        /// The NVRTC function.
+        call: &'static str,
+        /// The NVRTC result code.
+        code: String,
+    },
+    /// The ptxas report in the log of a SASS compilation could not be read.
+    #[error("could not read the ptxas report for `{name}`: {why}\n{log}")]
+    Report {
+        /// The program name.
+        name: String,
+        /// What was wrong.
+        why: String,
+        /// The whole program log.
+        log: String,
+    },
+}
+
+/// The resources ptxas reported for one kernel (`__global__` function).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KernelResources {
+    /// The entry name as ptxas prints it (mangled unless declared `extern "C"`).
+    pub name: String,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Bytes of spill stores to local memory.
+    pub spill_stores_bytes: u32,
+    /// Bytes of spill loads from local memory.
+    pub spill_loads_bytes: u32,
+    /// Bytes of static shared memory (`smem`); dynamic shared memory is not included.
+    pub shared_bytes: u32,
+}
+
+/// The result of [`compile_sass`]: the cubin's size and each kernel's resources.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SassInfo {
+    /// Size of the cubin NVRTC produced, in bytes.
+    pub cubin_bytes: usize,
+    /// One entry per kernel, in ptxas order.
+    pub kernels: Vec<KernelResources>,
+}
+
+impl SassInfo {
+    /// The kernel called `name`, if any.
+    pub fn kernel(&self, name: &str) -> Option<&KernelResources> {
+        self.kernels.iter().find(|k| k.name == name)
+    }
+}
+
+/// Checks that NVRTC 12 or newer can be loaded. Every other function here calls it first;
+/// call it to decide whether to skip CUDA work. The result is computed once per process.
+///
+/// cudarc panics when it cannot load a library, so nothing calls into it before this check.
+pub fn available() -> Result<(), NvrtcError> {
+    static STATE: OnceLock<Result<(), NvrtcError>> = OnceLock::new();
+    STATE.get_or_init(load).clone()
+}
+
+/// The version of the loaded NVRTC, e.g. `(12, 9)`.
+pub fn version() -> Result<(i32, i32), NvrtcError> {
+    available()?;
+    raw_version()
+}
+
+fn raw_version() -> Result<(i32, i32), NvrtcError> {
+    let (mut major, mut minor): (c_int, c_int) = (0, 0);
+    // SAFETY: the library is loaded (checked by the caller); both pointers are valid.
+    let r = unsafe { sys::nvrtcVersion(&mut major, &mut minor) };
+    check(r, "", "nvrtcVersion")?;
+    Ok((major, minor))
+}
+
+fn load() -> Result<(), NvrtcError> {
+    // Pre-load from TRANSFUSE_NVRTC_LIB: cudarc opens the library by name (`libnvrtc.so.12`
+    // among others), and the dynamic loader answers that with an already loaded object of the
+    // same soname, whatever LD_LIBRARY_PATH says.
+    let mut tried = String::new();
+    if let Some(dir) = std::env::var_os(LIB_ENV).filter(|d| !d.is_empty()) {
+        let path = std::path::Path::new(&dir).join("libnvrtc.so.12");
+        // SAFETY: loading NVRTC runs its initialisers, which have no preconditions.
+        match unsafe { libloading::Library::new(&path) } {
+            // Kept loaded for the life of the process, as cudarc keeps its own handle.
+            Ok(lib) => std::mem::forget(lib),
+            Err(e) => tried = format!("{LIB_ENV}: {}: {e}; ", path.display()),
+        }
+    }
+    // SAFETY: only tries to open the candidate library names; it panics on nothing.
+    if !unsafe { sys::is_culib_present() } {
+        let ld = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+        let ld = if ld.is_empty() { "unset".into() } else { ld };
+        return Err(NvrtcError::Unavailable {
+            why: format!("{tried}LD_LIBRARY_PATH: {ld}"),
+        });
+    }
+    let (major, minor) = raw_version()?;
+    if major < 12 {
+        return Err(NvrtcError::TooOld { major, minor });
+    }
+    Ok(())
+}
+
+/// Compiles CUDA C `src` to PTX for the virtual architecture `arch` (e.g. `"compute_80"`).
+///
+/// `name` is the program's file name in diagnostics (e.g. `"attention.cu"`). The options are
+/// `--gpu-architecture=ARCH`, `--include-path=$TRANSFUSE_CUDA_INCLUDE` when set, then
+/// `extra_opts` (e.g. `["--use_fast_math"]`). On failure the error carries NVRTC's log.
+pub fn compile_ptx(
+    src: &str,
+    name: &str,
+    arch: &str,
+    extra_opts: &[&str],
+) -> Result<String, NvrtcError> {
+    let prog = Program::compile(src, name, arch, extra_opts)?;
+    let ptx = prog.output(sys::nvrtcGetPTXSize, sys::nvrtcGetPTX, "nvrtcGetPTX")?;
+    Ok(String::from_utf8_lossy(until_nul(&ptx)).into_owned())
+}
+
+/// Compiles CUDA C `src` to SASS (a cubin) for the real architecture `arch` (e.g. `"sm_90"`)
+/// with `--ptxas-options=-v`, and reads the registers, spills and shared memory of each kernel
+/// from ptxas' report in the program log.
+pub fn compile_sass(src: &str, name: &str, arch: &str) -> Result<SassInfo, NvrtcError> {
+    let prog = Program::compile(src, name, arch, &["--ptxas-options=-v"])?;
+    let cubin = prog.output(sys::nvrtcGetCUBINSize, sys::nvrtcGetCUBIN, "nvrtcGetCUBIN")?;
+    let log = prog.log()?;
+    let kernels = parse_ptxas_report(&log).map_err(|why| NvrtcError::Report {
+        name: name.to_string(),
+        why,
+        log: log.clone(),
+    })?;
+    Ok(SassInfo {
+        cubin_bytes: cubin.len(),
+        kernels,
+    })
+}
+
+/// The options every compilation gets: the architecture and the CUDA include folder.
+fn base_options(arch: &str) -> Vec<String> {
+    let mut opts = vec![format!("--gpu-architecture={arch}")];
+    if let Some(dir) = std::env::var_os(INCLUDE_ENV).filter(|d| !d.is_empty()) {
+        opts.push(format!("--include-path={}", dir.to_string_lossy()));
+    }
+    opts
+}
+
+/// An NVRTC program, destroyed on drop. Owns the strings NVRTC may point into.
+struct Program {
+    handle: sys::nvrtcProgram,
+    name: String,
+    _src: CString,
+    _name: CString,
+}
+
+type SizeFn = unsafe fn(sys::nvrtcProgram, *mut usize) -> sys::nvrtcResult;
+type GetFn = unsafe fn(sys::nvrtcProgram, *mut c_char) -> sys::nvrtcResult;
+
+impl Program {
+    /// Creates the program and compiles it; a failed compilation returns the log.
+    fn compile(src: &str, name: &str, arch: &str, extra: &[&str]) -> Result<Self, NvrtcError> {
+        available()?;
+        let nul = |what: &str| NvrtcError::Nul {
+            name: name.to_string(),
+            what: what.to_string(),
+        };
+        let c_src = CString::new(src).map_err(|_| nul("the source"))?;
+        let c_name = CString::new(name).map_err(|_| nul("the name"))?;
+        let opts = base_options(arch)
+            .into_iter()
+            .chain(extra.iter().map(|o| o.to_string()))
+            .map(|o| CString::new(o.as_str()).map_err(|_| nul(&format!("option `{o}`"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+
+        let mut handle: sys::nvrtcProgram = std::ptr::null_mut();
+        // SAFETY: NVRTC is loaded; the strings are NUL-terminated and outlive the program
+        // (they are moved into it below); no headers are passed.
+        let r = unsafe {
+            sys::nvrtcCreateProgram(
+                &mut handle,
+                c_src.as_ptr(),
+                c_name.as_ptr(),
+                0,
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        check(r, name, "nvrtcCreateProgram")?;
+        let prog = Program {
+            handle,
+            name: name.to_string(),
+            _src: c_src,
+            _name: c_name,
+        };
+        let n = c_int::try_from(opt_ptrs.len()).map_err(|_| NvrtcError::Call {
+            name: name.to_string(),
+            call: "nvrtcCompileProgram",
+            code: format!("{} options is too many", opt_ptrs.len()),
+        })?;
+        // SAFETY: the program is live; `opt_ptrs` holds `n` valid C strings alive until return.
+        let r = unsafe { sys::nvrtcCompileProgram(prog.handle, n, opt_ptrs.as_ptr()) };
+        if r != sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(NvrtcError::Compile {
+                name: name.to_string(),
+                arch: arch.to_string(),
+                code: format!("{r:?}"),
+                log: prog.log()?,
+            });
+        }
+        Ok(prog)
+    }
+
+    /// NVRTC's program log (diagnostics and, with `--ptxas-options=-v`, ptxas' report).
+    fn log(&self) -> Result<String, NvrtcError> {
+        let bytes = self.output(
+            sys::nvrtcGetProgramLogSize,
+            sys::nvrtcGetProgramLog,
+            "nvrtcGetProgramLog",
+        )?;
+        Ok(String::from_utf8_lossy(until_nul(&bytes))
+            .trim_end()
+            .to_string())
+    }
+
+    /// One of the program's outputs through its size and copy functions.
+    fn output(
+        &self,
+        size_fn: SizeFn,
+        get_fn: GetFn,
+        call: &'static str,
+    ) -> Result<Vec<u8>, NvrtcError> {
+        let mut size = 0usize;
+        // SAFETY: the program is live and compiled; `size` is a valid pointer.
+        check(unsafe { size_fn(self.handle, &mut size) }, &self.name, call)?;
+        let mut buf = vec![0u8; size];
+        if size > 0 {
+            // SAFETY: `buf` has the `size` bytes NVRTC asked for.
+            let r = unsafe { get_fn(self.handle, buf.as_mut_ptr().cast::<c_char>()) };
+            check(r, &self.name, call)?;
+        }
+        Ok(buf)
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from nvrtcCreateProgram and is destroyed once. A failure
+        // here leaks the program, which is all that can be done in drop.
+        let _ = unsafe { sys::nvrtcDestroyProgram(&mut self.handle) };
+    }
+}
+
+fn check(r: sys::nvrtcResult, name: &str, call: &'static str) -> Result<(), NvrtcError> {
+    if r == sys::nvrtcResult::NVRTC_SUCCESS {
+        Ok(())
+    } else {
+        Err(NvrtcError::Call {
+            name: name.to_string(),
+            call,
+            code: format!("{r:?}"),
+        })
+    }
+}
+
+/// The bytes before the first NUL (NVRTC's strings are NUL-terminated).
+fn until_nul(bytes: &[u8]) -> &[u8] {
+    CStr::from_bytes_until_nul(bytes).map_or(bytes, CStr::to_bytes)
+}
+
+/// Reads ptxas' `-v` report: per entry function, the lines
+///
+/// ```text
+/// ptxas info    : Compiling entry function 'saxpy' for 'sm_90'
+/// ptxas info    : Function properties for saxpy
+/// ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+/// ptxas info    : Used 10 registers, used 1 barriers, 1024 bytes smem, 380 bytes cmem[0]
+/// ```
+///
+/// Properties of non-inlined device functions (`Function properties for` a name that is not the
+/// entry being compiled) are skipped.
+fn parse_ptxas_report(log: &str) -> Result<Vec<KernelResources>, String> {
+    // Each kernel with whether its `Used N registers` line was seen.
+    let mut kernels: Vec<(KernelResources, bool)> = Vec::new();
+    // Whether the last "Function properties for X" named the current entry.
+    let mut props_of_entry = false;
+    for line in log.lines() {
+        // "ptxas info    : TEXT" or "ptxas         .     TEXT".
+        let Some(body) = line.strip_prefix("ptxas") else {
+            continue;
+        };
+        let body = body.trim_start();
+        let body = body.strip_prefix("info").unwrap_or(body).trim_start();
+        let Some(body) = body.strip_prefix([':', '.']).map(str::trim) else {
+            continue;
+        };
+        if let Some(rest) = body.strip_prefix("Compiling entry function '") {
+            let name = rest.split('\'').next().unwrap_or_default();
+            let k = KernelResources {
+                name: name.to_string(),
+                ..Default::default()
+            };
+            kernels.push((k, false));
+            props_of_entry = false;
+        } else if let Some(rest) = body.strip_prefix("Function properties for ") {
+            props_of_entry = kernels.last().is_some_and(|(k, _)| k.name == rest.trim());
+        } else if body.contains("bytes stack frame") {
+            if let (true, Some((k, _))) = (props_of_entry, kernels.last_mut()) {
+                k.spill_stores_bytes = bytes_before(body, "bytes spill stores")?;
+                k.spill_loads_bytes = bytes_before(body, "bytes spill loads")?;
+            }
+        } else if let Some(rest) = body.strip_prefix("Used ") {
+            let Some((k, seen)) = kernels.last_mut() else {
+                return Err(format!("`{line}` before any entry function"));
+            };
+            k.registers = number(rest.split_whitespace().next().unwrap_or_default(), line)?;
+            if body.contains("bytes smem") {
+                k.shared_bytes = bytes_before(body, "bytes smem")?;
+            }
+            *seen = true;
+        }
+    }
+    if let Some((k, _)) = kernels.iter().find(|(_, seen)| !seen) {
+        return Err(format!("no `Used N registers` line for `{}`", k.name));
+    }
+    Ok(kernels.into_iter().map(|(k, _)| k).collect())
+}
+
+/// The number right before `label` in a comma-separated ptxas line (`…, 8 bytes spill stores`).
+fn bytes_before(line: &str, label: &str) -> Result<u32, String> {
+    let field = line
+        .split(',')
+        .find(|f| f.contains(label))
+        .ok_or_else(|| format!("no `{label}` in `{line}`"))?;
+    number(field.split_whitespace().next().unwrap_or_default(), line)
+}
+
+fn number(s: &str, line: &str) -> Result<u32, String> {
+    s.parse()
+        .map_err(|_| format!("`{s}` is not a number in `{line}`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_ptxas_report() {
+        let log = "\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'reduce' for 'sm_90'
+ptxas info    : Function properties for reduce
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 14 registers, used 1 barriers, 4096 bytes smem, 368 bytes cmem[0]
+ptxas info    : Function properties for _Z6helperf
+ptxas         .     24 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
+ptxas info    : Compiling entry function '_Z5saxpyPfS_fi' for 'sm_90'
+ptxas info    : Function properties for _Z5saxpyPfS_fi
+ptxas         .     16 bytes stack frame, 12 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers, 372 bytes cmem[0]
+ptxas info    : Compile time = 3.691 ms";
+        let kernels = parse_ptxas_report(log).unwrap();
+        assert_eq!(
+            kernels,
+            vec![
+                KernelResources {
+                    name: "reduce".into(),
+                    registers: 14,
+                    spill_stores_bytes: 0,
+                    spill_loads_bytes: 0,
+                    shared_bytes: 4096,
+                },
+                KernelResources {
+                    name: "_Z5saxpyPfS_fi".into(),
+                    registers: 255,
+                    spill_stores_bytes: 12,
+                    spill_loads_bytes: 4,
+                    shared_bytes: 0,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_report_without_registers_is_an_error() {
+        let log = "ptxas info    : Compiling entry function 'k' for 'sm_90'";
+        let err = parse_ptxas_report(log).unwrap_err();
+        assert!(err.contains("`k`"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_report_has_no_kernels() {
+        assert_eq!(parse_ptxas_report(""), Ok(vec![]));
+    }
+
+    #[test]
+    fn base_options_name_the_architecture_first() {
+        assert_eq!(base_options("sm_90")[0], "--gpu-architecture=sm_90");
+    }
+}
