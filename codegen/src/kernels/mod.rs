@@ -129,3 +129,17 @@ pub fn check_limits(k: &Kernel, limits: &Limits) -> Result<(), CodegenError> {
     }
     Ok(())
 }
+
+pub mod attention;
+pub mod elementwise;
+pub mod matmul;
+pub mod norm;
+
+/// Every family's representative kernels (validated by naga and NVRTC in the tests).
+pub fn catalog() -> Vec<Generated> {
+    let mut all = attention::catalog();
+    all.extend(norm::catalog());
+    all.extend(matmul::catalog());
+    all.extend(elementwise::catalog());
+    all
+}
