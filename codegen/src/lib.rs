@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod cuda;
+pub mod interp;
 pub mod kernels;
 pub mod kir;
 pub mod types;

@@ -122,3 +122,97 @@ fn unknown_names_are_errors_naming_the_kernel() {
         "kernel `kitchen_sink_f32`: unknown local `nope`"
     );
 }
+
+#[test]
+fn interpreter_runs_the_doc_kernel_and_catches_bad_access() {
+    use transfuse_codegen::interp::{run, HostBuf};
+    let k = Kernel {
+        name: "double".into(),
+        buffers: vec![
+            Buffer {
+                name: "x".into(),
+                elem: Elem::F32,
+                access: Access::Read,
+            },
+            Buffer {
+                name: "y".into(),
+                elem: Elem::F16,
+                access: Access::ReadWrite,
+            },
+        ],
+        uniforms: vec!["n".into()],
+        workgroup: [4, 1, 1],
+        shared: vec![Shared {
+            name: "t".into(),
+            elem: Elem::F32,
+            len: 4,
+        }],
+        body: vec![
+            let_("i", Elem::U32, global_id(0)),
+            store_shared(
+                "t",
+                local_id(0),
+                select(
+                    var("i").lt(uni("n")),
+                    load("x", var("i").min(uni("n") - u(1))),
+                    f(0.0),
+                ),
+            ),
+            Stmt::Barrier,
+            var_("s", Elem::F32, f(0.0)),
+            for_(
+                "j",
+                u(0),
+                u(4),
+                vec![assign("s", var("s") + load_shared("t", var("j")))],
+            ),
+            if_(
+                var("i").lt(uni("n")),
+                vec![store(
+                    "y",
+                    var("i"),
+                    var("s")
+                        + Expr::Subgroup(SubgroupOp::Max, Box::new(load_shared("t", local_id(0))))
+                            * f(1.0 / 3.0),
+                )],
+            ),
+        ],
+    };
+    let mut bufs = vec![
+        HostBuf::F32(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+        HostBuf::F32(vec![0.0; 6]),
+    ];
+    run(&k, [2, 1, 1], &mut bufs, &[6], 2).unwrap();
+    // Workgroup 0 sums 1..4 = 10; workgroup 1 sums 5 + 6 = 11. Subgroups of 2 take pair maxima.
+    let want = [
+        10.0 + 2.0 / 3.0,
+        10.0 + 2.0 / 3.0,
+        10.0 + 4.0 / 3.0,
+        10.0 + 4.0 / 3.0,
+        11.0 + 2.0,
+        11.0 + 2.0,
+    ];
+    for (g, w) in bufs[1].f32().iter().zip(want) {
+        // y is f16: 10.666 rounds to 10.664 (spacing 2^-7 near 10).
+        assert!((g - w).abs() <= 0.008, "{g} vs {w}");
+        assert_eq!(*g, half_round(*g));
+    }
+    // A barrier under a per-thread condition is reported, not silently run.
+    let mut bad = k.clone();
+    bad.body = vec![if_(local_id(0).lt(u(2)), vec![Stmt::Barrier])];
+    let e = run(&bad, [1, 1, 1], &mut bufs, &[6], 2).unwrap_err();
+    assert!(
+        e.to_string().contains("barrier reached by only part"),
+        "{e}"
+    );
+    // Out-of-bounds stores are errors naming the buffer.
+    let e = run(&k, [2, 1, 1], &mut bufs, &[7], 2).unwrap_err();
+    assert!(e.to_string().contains("out of bounds"), "{e}");
+}
+
+/// Rounds to f16 by a route independent of the interpreter: scale to the f16 spacing.
+fn half_round(v: f32) -> f32 {
+    let e = v.abs().log2().floor();
+    let ulp = (e - 10.0).exp2();
+    (v / ulp).round() * ulp
+}
