@@ -4,11 +4,14 @@
 #
 # The pretrained MiniLM model is fetched first (scripts/fetch-minilm.sh, cached) and its folder
 # exported as TRANSFUSE_MINILM_DIR; an already exported TRANSFUSE_MINILM_DIR is used as is.
-# If the fetch fails, the MiniLM tests skip, unless TRANSFUSE_REQUIRE (comma-separated,
-# e.g. `minilm`) names `minilm`, in which case this script fails.
+# NVRTC and the CUDA headers are fetched next (scripts/fetch-nvrtc.sh, cached): the library
+# folder is prepended to LD_LIBRARY_PATH and exported as TRANSFUSE_NVRTC_LIB, the include
+# folder as TRANSFUSE_CUDA_INCLUDE, so the CUDA C tests compile with NVRTC (no GPU needed).
+# If a fetch fails, the tests that need it skip, unless TRANSFUSE_REQUIRE (comma-separated,
+# e.g. `minilm,nvrtc`) names it (`minilm`, `nvrtc`), in which case this script fails.
 #
-#     scripts/test.sh                        # everything available
-#     TRANSFUSE_REQUIRE=minilm scripts/test.sh   # as CI runs it (.ci/run)
+#     scripts/test.sh                               # everything available
+#     TRANSFUSE_REQUIRE=minilm,nvrtc scripts/test.sh   # as CI runs it (.ci/run)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -62,6 +65,28 @@ elif requires minilm; then
 else
     echo "test.sh: warning: could not fetch MiniLM; its tests will be skipped" >&2
     summary+=("skip  minilm: fetch failed, MiniLM tests skipped")
+fi
+
+# --- NVRTC (CUDA C -> PTX/SASS without a GPU) ------------------------------------------------
+# Already exported TRANSFUSE_NVRTC_LIB and TRANSFUSE_CUDA_INCLUDE (e.g. a CUDA toolkit's lib64
+# and include) are used as is. stdout of fetch-nvrtc.sh: the include folder, then the library
+# folder (last line).
+if [[ -n "${TRANSFUSE_NVRTC_LIB:-}" && -n "${TRANSFUSE_CUDA_INCLUDE:-}" ]]; then
+    export LD_LIBRARY_PATH="$TRANSFUSE_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    summary+=("ok    nvrtc: TRANSFUSE_NVRTC_LIB=$TRANSFUSE_NVRTC_LIB (preset)")
+elif fetched="$(bash scripts/fetch-nvrtc.sh)" && [[ "$fetched" == *$'\n'* ]]; then
+    export TRANSFUSE_NVRTC_LIB="${fetched##*$'\n'}"
+    fetched="${fetched%$'\n'*}"
+    export TRANSFUSE_CUDA_INCLUDE="${fetched##*$'\n'}"
+    export LD_LIBRARY_PATH="$TRANSFUSE_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    summary+=("ok    nvrtc: $TRANSFUSE_NVRTC_LIB (headers: $TRANSFUSE_CUDA_INCLUDE)")
+elif requires nvrtc; then
+    summary+=("FAIL  nvrtc: fetch failed and TRANSFUSE_REQUIRE names nvrtc")
+    print_summary
+    exit 1
+else
+    echo "test.sh: warning: could not fetch NVRTC; the CUDA compilation tests will be skipped" >&2
+    summary+=("skip  nvrtc: fetch failed, CUDA compilation tests skipped")
 fi
 
 # --- Tests ----------------------------------------------------------------------------------

@@ -508,10 +508,6 @@ impl Expr {
     pub fn recip(self) -> Expr {
         self.un(UnOp::Recip)
     }
-    /// `!self`.
-    pub fn not(self) -> Expr {
-        self.un(UnOp::Not)
-    }
     /// Converted to `e`.
     pub fn cast(self, e: Elem) -> Expr {
         Expr::Cast(e, Box::new(self))
@@ -541,6 +537,13 @@ arith!(Sub, sub, Sub);
 arith!(Mul, mul, Mul);
 arith!(Div, div, Div);
 arith!(Rem, rem, Rem);
+
+impl ops::Not for Expr {
+    type Output = Expr;
+    fn not(self) -> Expr {
+        self.un(UnOp::Not)
+    }
+}
 
 impl ops::Neg for Expr {
     type Output = Expr;

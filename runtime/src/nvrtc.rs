@@ -226,11 +226,19 @@ pub fn compile_sass(src: &str, name: &str, arch: &str) -> Result<SassInfo, Nvrtc
     })
 }
 
+/// The CUDA include folder from `TRANSFUSE_CUDA_INCLUDE` (unset or empty: `None`). Sources
+/// that include `cuda_fp16.h` or `cuda_bf16.h` need it: NVRTC has no built-in copies.
+pub fn cuda_include_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os(INCLUDE_ENV)
+        .filter(|d| !d.is_empty())
+        .map(Into::into)
+}
+
 /// The options every compilation gets: the architecture and the CUDA include folder.
 fn base_options(arch: &str) -> Vec<String> {
     let mut opts = vec![format!("--gpu-architecture={arch}")];
-    if let Some(dir) = std::env::var_os(INCLUDE_ENV).filter(|d| !d.is_empty()) {
-        opts.push(format!("--include-path={}", dir.to_string_lossy()));
+    if let Some(dir) = cuda_include_dir() {
+        opts.push(format!("--include-path={}", dir.display()));
     }
     opts
 }
