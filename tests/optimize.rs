@@ -85,7 +85,7 @@ fn every_attention_and_layer_norm_fuses_at_any_size() {
         );
         assert_eq!(
             r.ops_after.get("fused_matmul"),
-            Some(&(6 * layers + 1)),
+            Some(&(4 * layers + 1)),
             "{:?}",
             r.ops_after
         );

@@ -1,5 +1,6 @@
-//! The optimizer's variant suite: one line per spelling of softmax, attention, the norms and the
-//! matmul epilogues, in the spirit of egg's `test_fn! { name, rules, start => goal }`.
+//! The optimizer's variant suite: one line per spelling of softmax, attention, the norms, the
+//! matmul epilogues, projection merges and LoRA merges, in the spirit of egg's
+//! `test_fn! { name, rules, start => goal }`.
 //!
 //! `case!(name, |c| <builder code> => [fused ops], gone <primitives>)` builds the graph with the
 //! builder (through [`C`], which declares inputs and weights on first use), optimizes it with
@@ -7,7 +8,9 @@
 //!
 //! - the goal: the optimized graph's fused ops are exactly the listed multiset (an entry `name`
 //!   matches any attributes, `name{attrs}` the attributes exactly, `scale=…` left out), and none
-//!   of the `gone` primitives is left;
+//!   of the `gone` primitives is left; with `matmuls n`, the optimized graph has `n` per-call
+//!   matmuls (weight-only ones, such as LoRA's merged `W + s·AB`, are folded once and do not
+//!   count);
 //! - semantics: the original and the optimized graph run on the CPU backend on the same
 //!   deterministic pseudo-random inputs and weights (symbolic `batch` = 2), twice:
 //!   - inputs in [-1, 1]: every output element must satisfy `|opt − ref| ≤ 1e-5·(1 + |ref|)`
@@ -730,15 +733,15 @@ case!(matmul_gelu_residual, |c| c.add(c.h(), c.gelu_erf(c.mmb_sq())) => ["fused_
 
 // ---------------------------------------------------------------------------------------------
 // Projection merge on h [batch, 50, 72]: q/k/v-style projections of one input become one
-// fused_matmul on concatenated weights, sliced per projection. The outputs are combined with
-// `mul` (which no rule fuses into a matmul) so each projection is used once.
+// fused_matmul on concatenated weights, sliced per projection. The projections are outputs
+// side by side (`concat`, which no rule touches), so each is compared with its own scale.
 /// Every projection's own matmul and bias add are gone.
 const PROJ: [&str; 2] = ["matmul", "add"];
-case!(merge_qkv_linear_bias, |c| { let [q, k, v] = ["q", "k", "v"].map(|n| c.linear(c.h(), c.w(&format!("{n}.w"), &[40, 72]), Some(c.w(&format!("{n}.b"), &[40])), WeightLayout::OutIn)); c.mul(c.mul(q, k), v) } => ["fused_matmul{act=identity bias}"], gone PROJ);
-case!(merge_qkv_widths_differ, |c| { let [q, k, v] = [("q", 24), ("k", 24), ("v", 40)].map(|(n, w)| c.add(c.matmul(c.h(), c.w(&format!("{n}.w"), &[72, w])), c.w(&format!("{n}.b"), &[w]))); c.concat(&[c.mul(q, k), v], 2) } => ["fused_matmul{act=identity bias}"], gone PROJ);
-case!(merge_two_no_bias, |c| { let g = c.matmul(c.h(), c.w("gate", &[72, 40])); let u = c.matmul(c.h(), c.w("up", &[72, 40])); c.mul(g, u) } => ["fused_matmul{act=identity}"], gone PROJ);
-case!(merge_skips_other_bias_shape, |c| { let q = c.add(c.matmul(c.h(), c.w("q.w", &[72, 40])), c.w("q.b", &[40])); let k = c.add(c.matmul(c.h(), c.w("k.w", &[72, 40])), c.w("k.b", &[40])); let v = c.add(c.matmul(c.h(), c.w("v.w", &[72, 40])), c.w("v.b", &[1, 40])); c.mul(c.mul(q, k), v) } => ["fused_matmul{act=identity bias}", "fused_matmul{act=identity bias}"], gone PROJ);
-case!(no_merge_across_inputs, |c| { let [q, k, v] = ["hq", "hk", "hv"].map(|n| c.add(c.matmul(c.hin(n), c.w(&format!("{n}.w"), &[72, 40])), c.w(&format!("{n}.b"), &[40]))); c.mul(c.mul(q, k), v) } => ["fused_matmul{act=identity bias}", "fused_matmul{act=identity bias}", "fused_matmul{act=identity bias}"], gone PROJ);
+case!(merge_qkv_linear_bias, |c| { let [q, k, v] = ["q", "k", "v"].map(|n| c.linear(c.h(), c.w(&format!("{n}.w"), &[40, 72]), Some(c.w(&format!("{n}.b"), &[40])), WeightLayout::OutIn)); c.concat(&[q, k, v], 2) } => ["fused_matmul{act=identity bias}"], gone PROJ);
+case!(merge_qkv_widths_differ, |c| { let [q, k, v] = [("q", 24), ("k", 24), ("v", 40)].map(|(n, w)| c.add(c.matmul(c.h(), c.w(&format!("{n}.w"), &[72, w])), c.w(&format!("{n}.b"), &[w]))); c.concat(&[q, k, v], 2) } => ["fused_matmul{act=identity bias}"], gone PROJ);
+case!(merge_two_no_bias, |c| { let g = c.matmul(c.h(), c.w("gate", &[72, 40])); let u = c.matmul(c.h(), c.w("up", &[72, 40])); c.concat(&[g, u], 2) } => ["fused_matmul{act=identity}"], gone PROJ);
+case!(merge_skips_other_bias_shape, |c| { let q = c.add(c.matmul(c.h(), c.w("q.w", &[72, 40])), c.w("q.b", &[40])); let k = c.add(c.matmul(c.h(), c.w("k.w", &[72, 40])), c.w("k.b", &[40])); let v = c.add(c.matmul(c.h(), c.w("v.w", &[72, 40])), c.w("v.b", &[1, 40])); c.concat(&[q, k, v], 2) } => ["fused_matmul{act=identity bias}", "fused_matmul{act=identity bias}"], gone PROJ);
+case!(no_merge_across_inputs, |c| { let [q, k, v] = ["hq", "hk", "hv"].map(|n| c.add(c.matmul(c.hin(n), c.w(&format!("{n}.w"), &[72, 40])), c.w(&format!("{n}.b"), &[40]))); c.concat(&[q, k, v], 2) } => ["fused_matmul{act=identity bias}", "fused_matmul{act=identity bias}", "fused_matmul{act=identity bias}"], gone PROJ);
 
 // ---------------------------------------------------------------------------------------------
 // LoRA on h [batch, 50, 72]: W [72, 96], A [72, 4], B [4, 96]; the adapter is merged into the
@@ -751,6 +754,7 @@ case!(lora_bias, |c| c.add(c.mmb(), c.mulc(c.lora(), 0.5)) => ["fused_matmul{act
 case!(lora_bias_last, |c| c.add(c.add(c.mm(), c.mulc(c.lora(), 0.5)), c.w("bias", &[96])) => ["fused_matmul{act=identity bias}"], gone NONE, matmuls 1);
 case!(lora_peft_linear, |c| { let lin = |x, w: &str, s: &[usize], b| c.linear(x, c.w(w, s), b, WeightLayout::OutIn); let base = lin(c.h(), "w_oi", &[96, 72], Some(c.w("bias", &[96]))); let ad = lin(lin(c.h(), "lora_a_oi", &[4, 72], None), "lora_b_oi", &[96, 4], None); c.add(base, c.mulc(ad, 2.0)) } => ["fused_matmul{act=identity bias}"], gone NONE, matmuls 1);
 case!(lora_gelu, |c| c.gelu_erf(c.add(c.mmb(), c.mulc(c.lora(), 0.5))) => ["fused_matmul{act=gelu_erf bias}"], gone NONE, matmuls 1);
+case!(lora_on_q_v_then_merge_qkv, |c| { let [q, k, v] = [("q", true), ("k", false), ("v", true)].map(|(n, lora)| { let y = c.add(c.matmul(c.h(), c.w(&format!("{n}.w"), &[72, 40])), c.w(&format!("{n}.b"), &[40])); if !lora { return y; } let ad = c.matmul(c.matmul(c.h(), c.w(&format!("{n}.lora_a"), &[72, 4])), c.w(&format!("{n}.lora_b"), &[4, 40])); c.add(y, c.mulc(ad, 2.0)) }); c.concat(&[q, k, v], 2) } => ["fused_matmul{act=identity bias}"], gone NONE, matmuls 1);
 case!(lora_other_input_kept, |c| c.add(c.mm(), c.mulc(c.matmul(c.matmul(c.hin("h2"), c.w("lora_a", &[72, 4])), c.w("lora_b", &[4, 96])), 0.5)) => [], gone NONE, matmuls 3);
 
 /// `merge_lora: false` keeps the adapter as its own matmuls (multi-adapter serving); the

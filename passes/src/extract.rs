@@ -166,16 +166,34 @@ impl Dag<'_> {
         moved
     }
 
-    /// True if `target` is reachable from `n`'s children through the current choices.
-    fn reaches(&self, n: &TNode, target: Id) -> bool {
-        let mut seen = std::collections::HashSet::new();
-        let mut stack: Vec<Id> = n.children.clone();
-        while let Some(c) = stack.pop() {
-            if c == target {
-                return true;
+    /// True if the current choices have a cycle through one of `starts` (the classes just
+    /// switched: the DAG was acyclic before, so any new cycle passes through one of them). One
+    /// depth-first walk for all of them, however many a group move switched.
+    fn cyclic(&self, starts: &[Id]) -> bool {
+        // 1: on the walk's path, 2: done.
+        let mut state: HashMap<Id, u8> = HashMap::new();
+        for &s in starts {
+            if state.contains_key(&s) {
+                continue;
             }
-            if seen.insert(c) {
-                stack.extend(self.choice[&c].children.iter().copied());
+            state.insert(s, 1);
+            let mut path: Vec<(Id, usize)> = vec![(s, 0)];
+            while let Some((c, i)) = path.last_mut() {
+                let kids = &self.choice[c].children;
+                if let Some(&k) = kids.get(*i) {
+                    *i += 1;
+                    match state.get(&k) {
+                        Some(1) => return true,
+                        Some(_) => {}
+                        None => {
+                            state.insert(k, 1);
+                            path.push((k, 0));
+                        }
+                    }
+                } else {
+                    state.insert(*c, 2);
+                    path.pop();
+                }
             }
         }
         false
@@ -247,9 +265,8 @@ pub fn extract(eg: &EG, root: Id, profile: &Profile) -> (f64, RecExpr<TNode>) {
                 if dag.total >= before - 1e-12 * before.abs() {
                     moved.extend(dag.co_switch(c, &fresh));
                 }
-                if dag.total < before - 1e-12 * before.abs()
-                    && moved.iter().all(|(k, _)| !dag.reaches(&dag.choice[k], *k))
-                {
+                let switched: Vec<Id> = moved.iter().map(|(k, _)| *k).collect();
+                if dag.total < before - 1e-12 * before.abs() && !dag.cyclic(&switched) {
                     improved = true;
                     break;
                 }

@@ -22,7 +22,9 @@
 //! node rule finds the group in one step from `x`'s parents, fires once per member, and the
 //! members' identical plans meet in one e-node. A merged node is itself a projection of `x`;
 //! it is recognised (some member's class holds a slice of it) and kept out of later groups, so
-//! the rule saturates instead of merging merges.
+//! the rule saturates instead of merging merges. A member read only by other members is left
+//! out too: after a LoRA merge, `x @ W_q + b` only feeds the class that now also holds
+//! `x @ (W_q + s·BA) + b`, and the group to build is the merged projections', not both.
 
 use egg::Id;
 use transfuse_ir::{Act, BinaryOp, Dim, Op, UnaryOp};
@@ -284,6 +286,14 @@ fn projections_of(eg: &EG, x: Id, with_bias: bool) -> Vec<Member> {
         .map(|s| eg.find(s.children[0]))
         .collect();
     group.retain(|m| !merged.contains(&m.class));
+    // A member used only by other members is superseded by them (LoRA: `x @ W + b` feeds only
+    // `x @ W + b + s·BAx`, whose class also holds `x @ (W + s·BA) + b`): merging it too would
+    // compute a projection nobody reads.
+    let members: Vec<Id> = group.iter().map(|m| m.class).collect();
+    group.retain(|m| {
+        let mut users = eg[m.class].parents().map(|p| eg.find(p)).peekable();
+        users.peek().is_none() || !users.all(|p| p != m.class && members.contains(&p))
+    });
     group
 }
 
