@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 pub use transfuse_ir as ir;
 pub use transfuse_models as models;
+pub use transfuse_codegen as codegen;
 pub use transfuse_passes as passes;
 pub use transfuse_runtime as runtime;
 

@@ -1,8 +1,847 @@
-//! (being written)
+//! Matrix multiplication: `out = act(a @ b + bias) + residual`, batched, with the
+//! [`transfuse_ir::Op::FusedMatMul`] epilogue fused into the store.
+//!
+//! **What.** `a [batch.., m, k] × b [batch.., k, n] → out [batch.., m, n]` (or `b [batch.., n, k]`
+//! read transposed when [`MatMulConfig::b_transposed`], so `x @ Wᵀ` with a PyTorch-layout
+//! `[out, in]` weight needs no copy). Storage is F32, F16 or BF16 (BF16: CUDA only); every
+//! product is accumulated in f32. The epilogue adds `bias [n]`, applies the activation exactly
+//! as the CPU reference spells it (`runtime/src/cpu/fused.rs`: GeluErf through the erf
+//! intrinsic, GeluTanh, Relu, Silu = x·sigmoid(x)) and adds `residual` (same shape and layout
+//! as `out`), then converts to the storage type.
+//!
+//! **Buffers, uniforms, grid.** Buffers `a, b [, bias] [, residual], out` (the op's operand
+//! order). Uniforms [`UNIFORMS`]: `m, n, k`; the batch as two levels `batch0 × batch1`
+//! (output batch `z = z0·batch1 + z1`, output contiguous) and per-operand batch strides in
+//! elements `a_s0, a_s1, b_s0, b_s1` — 0 broadcasts, so a 2-D weight shared by every batch has
+//! `b_s0 = b_s1 = 0`, and `[B, 1, m, k] × [1, H, k, n]` is `a_s1 = 0, b_s0 = 0`. Rows within an
+//! operand are contiguous (row stride `k`, or `n` for `b` not transposed). Grid
+//! `[⌈n/tile_n⌉, ⌈m/tile_m⌉, batch0·batch1]` (each ≤ 65535 on both targets).
+//!
+//! **Algorithm (tiled, [`matmul`]).** A workgroup owns a `tile_m × tile_n` block of `out`. For
+//! each `tile_k` slice of the reduction it stages `a[tile_m × tile_k]` and `b[tile_k × tile_n]`
+//! in workgroup-shared memory (as f32, k-major, zero-filled outside `m, n, k`), then each of
+//! its `(tile_m/rm)·(tile_n/rn)` threads accumulates an `rm × rn` micro-tile in a local array
+//! (register blocking; rows `ty + i·tile_m/rm`, columns `tx + j·tile_n/rn` so neighbouring
+//! threads touch neighbouring columns: coalesced stores, conflict-free reads of the b tile).
+//! The micro-tile loops are unrolled at generation time (constant local-array indices).
+//! The k-loop bound is the uniform `k`, so both barriers sit in uniform control flow; only
+//! loads and stores are under per-thread conditions (naga checks uniformity).
+//!
+//! **Decode GEMV ([`gemv`]).** For few rows (`m = 1` while decoding): each workgroup computes
+//! `cols` outputs of one row, its `threads/cols` lanes splitting `k` (lanes contiguous in `k`
+//! for a transposed `b`, columns contiguous for a normal one — both coalesced), then a
+//! shared-memory tree reduction and the same epilogue. Grid `[⌈n/cols⌉, m, batch0·batch1]`;
+//! same buffers and uniforms as [`matmul`], so a runtime can switch between them freely.
+//!
+//! **Limits and refusals.** Tunables are checked before generation ([`CodegenError::Kernel`]
+//! naming the kernel): tiles and micro-tiles nonzero, `tile_m % rm == 0`, `tile_n % rn == 0`,
+//! at most 64 accumulators per thread, tiles ≤ 256, threads and shared bytes
+//! (`4·tile_k·(tile_m + tile_n)`) within the target's [`Limits`]; GEMV `threads` and `cols`
+//! powers of two with `cols ≤ threads`. Storage types other than F32/F16/BF16 are refused. Sizes
+//! need not be multiples of the tiles. Indices are u32: each operand ≤ 2³² elements.
 
-use super::Generated;
+use transfuse_ir::Act;
 
-/// Representative configurations of this family's kernels, for validation tests.
+use super::{check_limits, Factor, Generated, GridDim, Limits, Tunable};
+use crate::kir::*;
+use crate::CodegenError;
+
+/// The uniforms of [`matmul`] and [`gemv`], in order.
+pub const UNIFORMS: [&str; 9] = [
+    "m", "n", "k", "batch0", "batch1", "a_s0", "a_s1", "b_s0", "b_s1",
+];
+
+/// What a matmul kernel computes (compile-time configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatMulConfig {
+    /// Storage type of every buffer (F32, F16 or BF16); accumulation is f32.
+    pub elem: Elem,
+    /// `b` is stored `[.., n, k]` and read transposed.
+    pub b_transposed: bool,
+    /// Activation applied after the bias.
+    pub act: Act,
+    /// Adds `bias [n]`.
+    pub bias: bool,
+    /// Adds `residual` (shape of `out`) after the activation.
+    pub residual: bool,
+}
+
+impl MatMulConfig {
+    /// A plain matmul (no epilogue), `b` not transposed.
+    pub fn plain(elem: Elem) -> MatMulConfig {
+        MatMulConfig {
+            elem,
+            b_transposed: false,
+            act: Act::Identity,
+            bias: false,
+            residual: false,
+        }
+    }
+
+    /// With the fused epilogue `act(· + bias) + residual`.
+    pub fn epilogue(self, act: Act, bias: bool, residual: bool) -> MatMulConfig {
+        MatMulConfig {
+            act,
+            bias,
+            residual,
+            ..self
+        }
+    }
+
+    /// With `b` read transposed (`[.., n, k]`).
+    pub fn transposed_b(self, b_transposed: bool) -> MatMulConfig {
+        MatMulConfig {
+            b_transposed,
+            ..self
+        }
+    }
+
+    /// Kernel name for a variant (`matmul`, `gemv`): `matmul_f16_bt_bias_gelu_erf_res`.
+    pub fn name(&self, variant: &str) -> String {
+        let mut s = format!("{variant}_{}", elem_name(self.elem));
+        if self.b_transposed {
+            s.push_str("_bt");
+        }
+        if self.bias {
+            s.push_str("_bias");
+        }
+        if self.act != Act::Identity {
+            s.push('_');
+            s.push_str(self.act.name());
+        }
+        if self.residual {
+            s.push_str("_res");
+        }
+        s
+    }
+
+    fn check(&self, kernel: &str) -> Result<(), CodegenError> {
+        match self.elem {
+            Elem::F32 | Elem::F16 | Elem::BF16 => Ok(()),
+            e => Err(err(
+                kernel,
+                format!("storage type {e:?} is not a float type (F32, F16, BF16)"),
+            )),
+        }
+    }
+}
+
+/// Short name of a storage type, as used in kernel names.
+pub(crate) fn elem_name(e: Elem) -> &'static str {
+    match e {
+        Elem::F32 => "f32",
+        Elem::F16 => "f16",
+        Elem::BF16 => "bf16",
+        Elem::U32 => "u32",
+        Elem::I32 => "i32",
+        Elem::Bool => "bool",
+    }
+}
+
+fn err(kernel: &str, msg: String) -> CodegenError {
+    CodegenError::Kernel {
+        kernel: kernel.to_string(),
+        msg,
+    }
+}
+
+/// Tunables of the tiled [`matmul`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MatMulTunables {
+    /// Rows of `out` per workgroup.
+    pub tile_m: u32,
+    /// Columns of `out` per workgroup.
+    pub tile_n: u32,
+    /// Reduction slice staged in shared memory per step.
+    pub tile_k: u32,
+    /// Rows of the per-thread micro-tile.
+    pub rm: u32,
+    /// Columns of the per-thread micro-tile.
+    pub rn: u32,
+}
+
+const TILE_MN: [u32; 4] = [16, 32, 64, 128];
+const TILE_K: [u32; 3] = [8, 16, 32];
+const MICRO: [u32; 4] = [1, 2, 4, 8];
+
+impl MatMulTunables {
+    /// Threads per workgroup: `(tile_m/rm)·(tile_n/rn)`.
+    pub fn threads(&self) -> u32 {
+        (self.tile_m / self.rm.max(1)) * (self.tile_n / self.rn.max(1))
+    }
+
+    /// Bytes of shared memory: the f32 tiles of `a` and `b`.
+    pub fn shared_bytes(&self) -> u32 {
+        4 * self.tile_k * (self.tile_m + self.tile_n)
+    }
+
+    /// The default for a target: 128×128×16 with 8×8 micro-tiles where 1024 threads are
+    /// allowed (CUDA), else 64×64×16 with 4×4 (WebGPU); the first valid of a fallback list
+    /// on smaller targets.
+    pub fn default_for(_cfg: &MatMulConfig, limits: &Limits) -> MatMulTunables {
+        let t = |tile_m, tile_n, tile_k, rm, rn| MatMulTunables {
+            tile_m,
+            tile_n,
+            tile_k,
+            rm,
+            rn,
+        };
+        let mut prefs = vec![];
+        if limits.max_threads >= 1024 {
+            prefs.push(t(128, 128, 16, 8, 8));
+        }
+        prefs.extend([
+            t(64, 64, 16, 4, 4),
+            t(32, 32, 16, 2, 2),
+            t(16, 16, 8, 2, 2),
+            t(16, 16, 8, 4, 4),
+            t(8, 8, 8, 8, 8),
+        ]);
+        prefs
+            .into_iter()
+            .find(|p| p.validate("matmul", limits).is_ok())
+            .unwrap_or(t(8, 8, 8, 8, 8))
+    }
+
+    /// Every valid combination of tiles in {16, 32, 64, 128}, `tile_k` in {8, 16, 32} and
+    /// micro-tiles in {1, 2, 4, 8}² with 32 to `max_threads` threads.
+    pub fn space(_cfg: &MatMulConfig, limits: &Limits) -> Vec<MatMulTunables> {
+        let mut v = vec![];
+        for tile_m in TILE_MN {
+            for tile_n in TILE_MN {
+                for tile_k in TILE_K {
+                    for rm in MICRO {
+                        for rn in MICRO {
+                            let t = MatMulTunables {
+                                tile_m,
+                                tile_n,
+                                tile_k,
+                                rm,
+                                rn,
+                            };
+                            if t.threads() >= 32 && t.validate("matmul", limits).is_ok() {
+                                v.push(t);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// Errors (naming `kernel`) unless these tunables can be generated under `limits`.
+    pub fn validate(&self, kernel: &str, limits: &Limits) -> Result<(), CodegenError> {
+        let e = |m: String| Err(err(kernel, m));
+        let MatMulTunables {
+            tile_m,
+            tile_n,
+            tile_k,
+            rm,
+            rn,
+        } = *self;
+        if [tile_m, tile_n, tile_k, rm, rn].contains(&0) {
+            return e(format!("tunables must be nonzero: {self:?}"));
+        }
+        if tile_m > 256 || tile_n > 256 || tile_k > 256 {
+            return e(format!("tiles larger than 256: {self:?}"));
+        }
+        if tile_m % rm != 0 || tile_n % rn != 0 {
+            return e(format!(
+                "micro-tile {rm}×{rn} does not divide the tile {tile_m}×{tile_n}"
+            ));
+        }
+        if rm * rn > 64 {
+            return e(format!(
+                "micro-tile {rm}×{rn} exceeds 64 accumulators per thread"
+            ));
+        }
+        if self.threads() > limits.max_threads {
+            return e(format!(
+                "{} threads exceed the target's {}",
+                self.threads(),
+                limits.max_threads
+            ));
+        }
+        if self.shared_bytes() > limits.max_shared_bytes {
+            return e(format!(
+                "{} bytes of shared memory exceed the target's {}",
+                self.shared_bytes(),
+                limits.max_shared_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    fn describe(&self, cfg: &MatMulConfig, limits: &Limits) -> Vec<Tunable> {
+        let space = Self::space(cfg, limits);
+        let axis = |name, value: u32, get: &dyn Fn(&MatMulTunables) -> u32| {
+            let mut s: Vec<u32> = space.iter().map(get).chain([value]).collect();
+            s.sort_unstable();
+            s.dedup();
+            Tunable {
+                name,
+                value,
+                space: s,
+            }
+        };
+        vec![
+            axis("tile_m", self.tile_m, &|t| t.tile_m),
+            axis("tile_n", self.tile_n, &|t| t.tile_n),
+            axis("tile_k", self.tile_k, &|t| t.tile_k),
+            axis("rm", self.rm, &|t| t.rm),
+            axis("rn", self.rn, &|t| t.rn),
+        ]
+    }
+}
+
+/// `act(y)` for a local `y`, operation for operation as the CPU reference
+/// (`runtime/src/cpu/fused.rs`) and the builder's decomposition spell it.
+pub fn activation(act: Act, y: Expr) -> Expr {
+    let inv_sqrt2 = std::f64::consts::FRAC_1_SQRT_2 as f32;
+    let cubic = 0.044715f64 as f32;
+    let sqrt_2_pi = (2.0 / std::f64::consts::PI).sqrt() as f32;
+    match act {
+        Act::Identity => y,
+        Act::GeluErf => (y.clone() * f(0.5)) * ((y * f(inv_sqrt2)).erf() + f(1.0)),
+        Act::GeluTanh => {
+            let x3 = (y.clone() * y.clone()) * y.clone();
+            let inner = y.clone() + x3 * f(cubic);
+            (y * f(0.5)) * ((inner * f(sqrt_2_pi)).tanh() + f(1.0))
+        }
+        Act::Relu => y.max(f(0.0)),
+        Act::Silu => y.clone() * y.sigmoid(),
+    }
+}
+
+/// The buffers of a matmul/gemv kernel, in order.
+fn buffers(cfg: &MatMulConfig) -> Vec<Buffer> {
+    let buf = |name: &str, access| Buffer {
+        name: name.into(),
+        elem: cfg.elem,
+        access,
+    };
+    let mut v = vec![buf("a", Access::Read), buf("b", Access::Read)];
+    if cfg.bias {
+        v.push(buf("bias", Access::Read));
+    }
+    if cfg.residual {
+        v.push(buf("residual", Access::Read));
+    }
+    v.push(buf("out", Access::ReadWrite));
+    v
+}
+
+/// Batch offsets: `z`, `a_off`, `b_off`, `o_off` from the workgroup's z index.
+fn batch_offsets() -> Vec<Stmt> {
+    vec![
+        let_("z", Elem::U32, workgroup_id(2)),
+        let_("z0", Elem::U32, var("z") / uni("batch1")),
+        let_("z1", Elem::U32, var("z") % uni("batch1")),
+        let_(
+            "a_off",
+            Elem::U32,
+            var("z0") * uni("a_s0") + var("z1") * uni("a_s1"),
+        ),
+        let_(
+            "b_off",
+            Elem::U32,
+            var("z0") * uni("b_s0") + var("z1") * uni("b_s1"),
+        ),
+        let_("o_off", Elem::U32, var("z") * (uni("m") * uni("n"))),
+    ]
+}
+
+/// The store of one output `acc` at `(row, col)` with the epilogue; the caller guards bounds.
+/// Locals are suffixed by `sfx` (unique per call in a scope).
+fn epilogue(cfg: &MatMulConfig, acc: Expr, row: Expr, col: Expr, sfx: &str) -> Vec<Stmt> {
+    let (y, oi) = (format!("y{sfx}"), format!("oi{sfx}"));
+    let mut v = vec![let_(
+        &oi,
+        Elem::U32,
+        var("o_off") + row * uni("n") + col.clone(),
+    )];
+    let mut value = acc;
+    if cfg.bias {
+        value = value + load("bias", col).cast(Elem::F32);
+    }
+    v.push(let_(&y, Elem::F32, value));
+    let mut value = activation(cfg.act, var(&y));
+    if cfg.residual {
+        value = value + load("residual", var(&oi)).cast(Elem::F32);
+    }
+    v.push(store("out", var(&oi), value.cast(cfg.elem)));
+    v
+}
+
+/// `e + c`, or `e` when `c` is 0.
+fn plus(e: Expr, c: u32) -> Expr {
+    if c == 0 {
+        e
+    } else {
+        e + u(c)
+    }
+}
+
+fn grid_z() -> GridDim {
+    GridDim {
+        factors: vec![
+            Factor::Uniform("batch0".into()),
+            Factor::Uniform("batch1".into()),
+        ],
+        per_group: 1,
+    }
+}
+
+/// The tiled, register-blocked matmul (see the module docs).
+pub fn matmul(
+    cfg: &MatMulConfig,
+    t: &MatMulTunables,
+    limits: &Limits,
+) -> Result<Generated, CodegenError> {
+    let name = cfg.name("matmul");
+    cfg.check(&name)?;
+    t.validate(&name, limits)?;
+    let MatMulTunables {
+        tile_m: tm,
+        tile_n: tn,
+        tile_k: tk,
+        rm,
+        rn,
+    } = *t;
+    let (ty_n, tx_n) = (tm / rm, tn / rn);
+    let threads = ty_n * tx_n;
+
+    let mut body = vec![
+        let_("tid", Elem::U32, local_id(0)),
+        let_("tx", Elem::U32, var("tid") % u(tx_n)),
+        let_("ty", Elem::U32, var("tid") / u(tx_n)),
+        let_("row0", Elem::U32, workgroup_id(1) * u(tm)),
+        let_("col0", Elem::U32, workgroup_id(0) * u(tn)),
+    ];
+    body.extend(batch_offsets());
+    body.push(Stmt::LocalArray("acc".into(), Elem::F32, rm * rn));
+
+    // Staging of one tile: element `e` of a `rows × cols` (row-major in global memory) block,
+    // `tile` names the shared array, `index`/`cond`/`dst` map (r, c) to the global index, the
+    // bounds condition and the shared index.
+    type Map = dyn Fn(Expr, Expr) -> Expr;
+    let stage =
+        |tag: &str, rows: u32, cols: u32, tile: &str, index: &Map, cond: &Map, dst: &Map| {
+            let total = rows * cols;
+            let mut out = vec![];
+            for l in 0..total.div_ceil(threads) {
+                let (e, r, c, v) = (
+                    format!("{tag}e{l}"),
+                    format!("{tag}r{l}"),
+                    format!("{tag}c{l}"),
+                    format!("{tag}v{l}"),
+                );
+                let mut inner = vec![
+                    let_(&r, Elem::U32, var(&e) / u(cols)),
+                    let_(&c, Elem::U32, var(&e) % u(cols)),
+                    var_(&v, Elem::F32, f(0.0)),
+                    if_(
+                        cond(var(&r), var(&c)),
+                        vec![assign(
+                            &v,
+                            load(tag, index(var(&r), var(&c))).cast(Elem::F32),
+                        )],
+                    ),
+                    store_shared(tile, dst(var(&r), var(&c)), var(&v)),
+                ];
+                out.push(let_(&e, Elem::U32, plus(var("tid"), l * threads)));
+                if (l + 1) * threads > total {
+                    inner = vec![if_(var(&e).lt(u(total)), inner)];
+                }
+                out.extend(inner);
+            }
+            out
+        };
+    let mut kbody = stage(
+        "a",
+        tm,
+        tk,
+        "ta",
+        &|r, c| var("a_off") + (var("row0") + r) * uni("k") + var("k0") + c,
+        &|r, c| {
+            (var("row0") + r)
+                .lt(uni("m"))
+                .and((var("k0") + c).lt(uni("k")))
+        },
+        &move |r, c| c * u(tm) + r,
+    );
+    if cfg.b_transposed {
+        // b [n, k]: rows are output columns.
+        kbody.extend(stage(
+            "b",
+            tn,
+            tk,
+            "tb",
+            &|r, c| var("b_off") + (var("col0") + r) * uni("k") + var("k0") + c,
+            &|r, c| {
+                (var("col0") + r)
+                    .lt(uni("n"))
+                    .and((var("k0") + c).lt(uni("k")))
+            },
+            &move |r, c| c * u(tn) + r,
+        ));
+    } else {
+        kbody.extend(stage(
+            "b",
+            tk,
+            tn,
+            "tb",
+            &|r, c| var("b_off") + (var("k0") + r) * uni("n") + var("col0") + c,
+            &|r, c| {
+                (var("k0") + r)
+                    .lt(uni("k"))
+                    .and((var("col0") + c).lt(uni("n")))
+            },
+            &move |r, c| r * u(tn) + c,
+        ));
+    }
+    kbody.push(Stmt::Barrier);
+    let mut inner = vec![];
+    for i in 0..rm {
+        inner.push(let_(
+            &format!("fa{i}"),
+            Elem::F32,
+            load_shared("ta", plus(var("kk") * u(tm) + var("ty"), i * ty_n)),
+        ));
+    }
+    for j in 0..rn {
+        inner.push(let_(
+            &format!("fb{j}"),
+            Elem::F32,
+            load_shared("tb", plus(var("kk") * u(tn) + var("tx"), j * tx_n)),
+        ));
+    }
+    for i in 0..rm {
+        for j in 0..rn {
+            let idx = u(i * rn + j);
+            inner.push(Stmt::StoreLocal(
+                "acc".into(),
+                idx.clone(),
+                load_local("acc", idx) + var(&format!("fa{i}")) * var(&format!("fb{j}")),
+            ));
+        }
+    }
+    kbody.push(for_("kk", u(0), u(tk), inner));
+    kbody.push(Stmt::Barrier);
+    body.push(for_step("k0", u(0), uni("k"), u(tk), kbody));
+
+    for i in 0..rm {
+        let row = format!("r{i}");
+        body.push(let_(
+            &row,
+            Elem::U32,
+            plus(var("row0") + var("ty"), i * ty_n),
+        ));
+        for j in 0..rn {
+            let col = format!("c{i}_{j}");
+            let st = epilogue(
+                cfg,
+                load_local("acc", u(i * rn + j)),
+                var(&row),
+                var(&col),
+                &format!("{i}_{j}"),
+            );
+            body.push(let_(
+                &col,
+                Elem::U32,
+                plus(var("col0") + var("tx"), j * tx_n),
+            ));
+            body.push(if_(var(&row).lt(uni("m")).and(var(&col).lt(uni("n"))), st));
+        }
+    }
+
+    let kernel = Kernel {
+        name: name.clone(),
+        buffers: buffers(cfg),
+        uniforms: UNIFORMS.iter().map(|s| s.to_string()).collect(),
+        workgroup: [threads, 1, 1],
+        shared: vec![
+            Shared {
+                name: "ta".into(),
+                elem: Elem::F32,
+                len: tm * tk,
+            },
+            Shared {
+                name: "tb".into(),
+                elem: Elem::F32,
+                len: tk * tn,
+            },
+        ],
+        body,
+    };
+    check_limits(&kernel, limits)?;
+    Ok(Generated {
+        kernel,
+        grid: [GridDim::of("n", tn), GridDim::of("m", tm), grid_z()],
+        tunables: t.describe(cfg, limits),
+    })
+}
+
+/// Tunables of the decode [`gemv`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemvTunables {
+    /// Threads per workgroup (power of two).
+    pub threads: u32,
+    /// Output columns per workgroup (power of two, ≤ `threads`); `threads/cols` lanes split `k`.
+    pub cols: u32,
+}
+
+impl GemvTunables {
+    /// 256 threads (or the target's most); 8 columns for a transposed `b` (32 lanes along
+    /// contiguous `k`), 64 for a normal one (coalesced along `n`).
+    pub fn default_for(cfg: &MatMulConfig, limits: &Limits) -> GemvTunables {
+        let threads = prev_pow2(limits.max_threads.min(256));
+        let cols = if cfg.b_transposed { 8 } else { 64 }.min(threads);
+        GemvTunables { threads, cols }
+    }
+
+    /// Threads in {64, 128, 256, 512, 1024} × columns in {1, 2, …, threads}, within `limits`.
+    pub fn space(_cfg: &MatMulConfig, limits: &Limits) -> Vec<GemvTunables> {
+        let mut v = vec![];
+        for threads in [64, 128, 256, 512, 1024] {
+            let mut cols = 1;
+            while cols <= threads {
+                let t = GemvTunables { threads, cols };
+                if t.validate("gemv", limits).is_ok() {
+                    v.push(t);
+                }
+                cols *= 2;
+            }
+        }
+        v
+    }
+
+    /// Errors (naming `kernel`) unless these tunables can be generated under `limits`.
+    pub fn validate(&self, kernel: &str, limits: &Limits) -> Result<(), CodegenError> {
+        let GemvTunables { threads, cols } = *self;
+        if !threads.is_power_of_two() || !cols.is_power_of_two() || cols > threads {
+            return Err(err(
+                kernel,
+                format!("threads and cols must be powers of two with cols ≤ threads: {self:?}"),
+            ));
+        }
+        if threads > limits.max_threads || 4 * threads > limits.max_shared_bytes {
+            return Err(err(
+                kernel,
+                format!(
+                    "{threads} threads ({} shared bytes) exceed the target's {} ({})",
+                    4 * threads,
+                    limits.max_threads,
+                    limits.max_shared_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn prev_pow2(x: u32) -> u32 {
+    if x == 0 {
+        1
+    } else {
+        1 << (31 - x.leading_zeros())
+    }
+}
+
+/// The decode GEMV: few rows of `a` against `b`, one workgroup per `cols` outputs of a row
+/// (see the module docs). Same buffers, uniforms and results as [`matmul`].
+pub fn gemv(
+    cfg: &MatMulConfig,
+    t: &GemvTunables,
+    limits: &Limits,
+) -> Result<Generated, CodegenError> {
+    let name = cfg.name("gemv");
+    cfg.check(&name)?;
+    t.validate(&name, limits)?;
+    let (threads, cols) = (t.threads, t.cols);
+    let lanes = threads / cols;
+    // Partner stride between lanes of one column in `red`.
+    let (lane_stride, mut body) = if cfg.b_transposed {
+        (
+            1,
+            vec![
+                let_("tid", Elem::U32, local_id(0)),
+                let_("lk", Elem::U32, var("tid") % u(lanes)),
+                let_("c", Elem::U32, var("tid") / u(lanes)),
+            ],
+        )
+    } else {
+        (
+            cols,
+            vec![
+                let_("tid", Elem::U32, local_id(0)),
+                let_("c", Elem::U32, var("tid") % u(cols)),
+                let_("lk", Elem::U32, var("tid") / u(cols)),
+            ],
+        )
+    };
+    body.push(let_("col", Elem::U32, workgroup_id(0) * u(cols) + var("c")));
+    body.push(let_("row", Elem::U32, workgroup_id(1)));
+    body.extend(batch_offsets());
+    let b_index = if cfg.b_transposed {
+        var("b_off") + var("col") * uni("k") + var("kk")
+    } else {
+        var("b_off") + var("kk") * uni("n") + var("col")
+    };
+    body.push(var_("part", Elem::F32, f(0.0)));
+    body.push(if_(
+        var("col").lt(uni("n")),
+        vec![for_step(
+            "kk",
+            var("lk"),
+            uni("k"),
+            u(lanes),
+            vec![assign(
+                "part",
+                var("part")
+                    + load("a", var("a_off") + var("row") * uni("k") + var("kk")).cast(Elem::F32)
+                        * load("b", b_index).cast(Elem::F32),
+            )],
+        )],
+    ));
+    body.push(store_shared("red", var("tid"), var("part")));
+    body.push(Stmt::Barrier);
+    let mut s = lanes / 2;
+    while s > 0 {
+        body.push(if_(
+            var("lk").lt(u(s)),
+            vec![store_shared(
+                "red",
+                var("tid"),
+                load_shared("red", var("tid"))
+                    + load_shared("red", var("tid") + u(s * lane_stride)),
+            )],
+        ));
+        body.push(Stmt::Barrier);
+        s /= 2;
+    }
+    body.push(if_(
+        var("lk").eq_(u(0)).and(var("col").lt(uni("n"))),
+        epilogue(
+            cfg,
+            load_shared("red", var("tid")),
+            var("row"),
+            var("col"),
+            "",
+        ),
+    ));
+    let kernel = Kernel {
+        name,
+        buffers: buffers(cfg),
+        uniforms: UNIFORMS.iter().map(|s| s.to_string()).collect(),
+        workgroup: [threads, 1, 1],
+        shared: vec![Shared {
+            name: "red".into(),
+            elem: Elem::F32,
+            len: threads,
+        }],
+        body,
+    };
+    check_limits(&kernel, limits)?;
+    let space = GemvTunables::space(cfg, limits);
+    let axis = |name, value: u32, get: &dyn Fn(&GemvTunables) -> u32| {
+        let mut s: Vec<u32> = space.iter().map(get).chain([value]).collect();
+        s.sort_unstable();
+        s.dedup();
+        Tunable {
+            name,
+            value,
+            space: s,
+        }
+    };
+    Ok(Generated {
+        kernel,
+        grid: [
+            GridDim::of("n", cols),
+            GridDim {
+                factors: vec![Factor::Uniform("m".into())],
+                per_group: 1,
+            },
+            grid_z(),
+        ],
+        tunables: vec![
+            axis("threads", threads, &|t| t.threads),
+            axis("cols", cols, &|t| t.cols),
+        ],
+    })
+}
+
+/// Representative configurations of this family's kernels, for validation tests: every
+/// epilogue in f32 with `b` normal and transposed, every epilogue in f16 (alternating
+/// layouts), three bf16 (CUDA only), a bf16 one at the CUDA default tiling, a batched
+/// attention-style `q·kᵀ` (f16, both operands strided per batch, 32×64 tiles) and two decode
+/// GEMVs — the rest at the WebGPU defaults.
 pub fn catalog() -> Vec<Generated> {
-    vec![]
+    let limits = Limits::webgpu();
+    let epilogues = [
+        (Act::Identity, false, false),
+        (Act::Identity, true, false),
+        (Act::GeluErf, true, false),
+        (Act::GeluTanh, true, true),
+        (Act::Relu, false, false),
+        (Act::Silu, false, false),
+    ];
+    let mm = |cfg: MatMulConfig| {
+        matmul(&cfg, &MatMulTunables::default_for(&cfg, &limits), &limits).expect("catalog matmul")
+    };
+    let mut v = vec![];
+    for (act, bias, res) in epilogues {
+        for bt in [false, true] {
+            v.push(mm(MatMulConfig::plain(Elem::F32)
+                .epilogue(act, bias, res)
+                .transposed_b(bt)));
+        }
+    }
+    for (i, (act, bias, res)) in epilogues.into_iter().enumerate() {
+        v.push(mm(MatMulConfig::plain(Elem::F16)
+            .epilogue(act, bias, res)
+            .transposed_b(i % 2 == 1)));
+    }
+    v.push(mm(MatMulConfig::plain(Elem::BF16).transposed_b(true)));
+    v.push(mm(MatMulConfig::plain(Elem::BF16).epilogue(
+        Act::GeluTanh,
+        true,
+        true,
+    )));
+    v.push(mm(MatMulConfig::plain(Elem::BF16)
+        .epilogue(Act::Silu, false, false)
+        .transposed_b(true)));
+    // The CUDA default tiling (128×128×16, 8×8 micro-tiles: 64 accumulators per thread), so
+    // the NVRTC test checks its register use.
+    let cfg = MatMulConfig::plain(Elem::BF16)
+        .epilogue(Act::Identity, true, false)
+        .transposed_b(true);
+    let cuda_t = MatMulTunables::default_for(&cfg, &Limits::cuda());
+    let mut g = matmul(&cfg, &cuda_t, &Limits::cuda()).expect("catalog matmul (CUDA default)");
+    g.kernel.name = format!("{}_128x128x16_8x8", g.kernel.name);
+    v.push(g);
+    // Attention scores q [B, H, sq, d] · k [B, H, sk, d]ᵀ: batched, b transposed, small tiles.
+    let qk = MatMulConfig::plain(Elem::F16).transposed_b(true);
+    let qk_t = MatMulTunables {
+        tile_m: 32,
+        tile_n: 64,
+        tile_k: 16,
+        rm: 2,
+        rn: 4,
+    };
+    let mut g = matmul(&qk, &qk_t, &limits).expect("catalog attention matmul");
+    g.kernel.name = "matmul_f16_bt_batched_qk".into();
+    v.push(g);
+    for cfg in [
+        MatMulConfig::plain(Elem::F32)
+            .epilogue(Act::GeluErf, true, true)
+            .transposed_b(true),
+        MatMulConfig::plain(Elem::F16).epilogue(Act::Identity, true, false),
+    ] {
+        v.push(
+            gemv(&cfg, &GemvTunables::default_for(&cfg, &limits), &limits).expect("catalog gemv"),
+        );
+    }
+    v
 }
