@@ -23,9 +23,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+pub use transfuse_codegen as codegen;
 pub use transfuse_ir as ir;
 pub use transfuse_models as models;
-pub use transfuse_codegen as codegen;
 pub use transfuse_passes as passes;
 pub use transfuse_runtime as runtime;
 
@@ -203,6 +203,9 @@ pub struct Session {
     pub graph: ir::Graph,
     /// What the optimizer did (`None` when it did not run).
     pub report: Option<passes::Report>,
+    /// The weights `graph` reads: the model's, plus the weight-only sub-expressions of the
+    /// optimized graph (merged QKV, transposes, folded norms) computed once at load.
+    pub weights: ir::Weights,
     backend: Box<dyn Backend>,
 }
 
@@ -225,10 +228,15 @@ impl Session {
             }
             None => (model.graph.clone(), None),
         };
+        let (graph, weights) = match report {
+            Some(_) => runtime::fold_weights(&graph, &model.weights)?,
+            None => (graph, model.weights.clone()),
+        };
         Ok(Session {
             model,
             graph,
             report,
+            weights,
             backend,
         })
     }
@@ -313,9 +321,7 @@ impl Session {
             }
             ModelConfig::Gpt2(_) => self.gpt2_cache_inputs(b, &mut inputs),
         }
-        let mut out = self
-            .backend
-            .run(&self.graph, &self.model.weights, &inputs)?;
+        let mut out = self.backend.run(&self.graph, &self.weights, &inputs)?;
         out.retain(|k, _| !k.starts_with("present_"));
         Ok(out)
     }
@@ -364,9 +370,7 @@ impl Session {
                 "attention_mask".into(),
                 Tensor::i64(vec![1, ids.len()], vec![1; ids.len()]),
             );
-            let mut out = self
-                .backend
-                .run(&self.graph, &self.model.weights, &inputs)?;
+            let mut out = self.backend.run(&self.graph, &self.weights, &inputs)?;
             let logits = out.remove("logits").expect("decoder graphs output logits");
             let v = logits.shape[2];
             let data = logits.as_f32().expect("logits are f32");

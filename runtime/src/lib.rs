@@ -28,9 +28,11 @@ use std::collections::HashMap;
 use transfuse_ir::{Bindings, DType, Graph, IrError, Tensor, Weights};
 
 pub mod cpu;
+pub mod fold;
 pub mod nvrtc;
 
 pub use cpu::CpuBackend;
+pub use fold::fold_weights;
 
 /// Named host tensors (graph inputs or outputs).
 pub type TensorMap = HashMap<String, Tensor>;
