@@ -1,8 +1,1099 @@
-//! (being written)
+//! Fused attention, `out = softmax(q kᵀ·scale [+ mask] [causal] [window]) v`, without ever
+//! materialising the `[sq, sk]` score matrix: the semantics of `transfuse_ir::Op::Attention`
+//! (`runtime/src/cpu/fused.rs` is the reference). Storage is f32, f16 or bf16 (q, k, v, mask and
+//! out share it); every computation is f32.
+//!
+//! # Operands, uniforms, grid
+//!
+//! Buffers, in order: `q [bh, sq, d]`, `k [bh, sk, d]`, `v [bh, sk, dv]`, `[mask]`,
+//! `out [bh, sq, dv]`, all contiguous, the batch dimensions flattened into `bh` (batch·heads).
+//! Uniforms: `bh, heads, sq, sk` and, with a mask, `mask_sb, mask_sh, mask_sq, mask_sk`: the
+//! additive mask's element strides along batch, head, query and key (0 along broadcast axes);
+//! score `(bh, i, j)` reads `mask[(bh / heads)·mask_sb + (bh % heads)·mask_sh + i·mask_sq +
+//! j·mask_sk]`. `scale`, `causal`, `window`, head dims and storage type are compile-time
+//! constants and make the kernel name (`attention_f16_d64_causal_mask`,
+//! `attention_decode_f32_d128_w256`, `_dv{dv}` when `dv ≠ d`, `_s{bits}` when the scale is not
+//! `1/√d`); the tunables do not.
+//!
+//! # Masking (exactly the reference's)
+//!
+//! Query `i` sits at position `pos = i + sk − sq`. A key `j` is *seen* when (causal) `j ≤ pos`
+//! and (window `w`) `j > pos − w`. The score is `x = (q·k)·scale`, then `x + mask` when seen and
+//! `x + f32::MIN` when not (never `−inf`): a row where everything is masked has all scores equal
+//! to `f32::MIN` and gives the uniform average of `v` over all `sk` keys, finite, like the CPU
+//! kernel. The running max starts at `f32::MIN` (not `−inf`), so every rescale factor
+//! `exp(m_old − m_new)` is finite: no `inf − inf` anywhere.
+//! One deliberate difference: `−inf` mask values (also an `f32::MIN` mask stored as f16, where
+//! it saturates to `−inf`) on every key a row sees give the mean of `v` over all keys here; the
+//! reference gives NaN (or, with some keys hidden by position, the mean over those).
+//!
+//! # Prefill ([`flash`]): one workgroup per (block of `block_q` queries, `bh`)
+//!
+//! Grid `(ceil(sq / block_q), bh, 1)`. The query tile is read once into shared memory; key/value
+//! tiles of `block_k` keys then stream through one shared region (the K tile, rows padded to
+//! `d + 1` against bank conflicts, is overwritten by the V tile once the scores are done). Per
+//! tile, four phases separated by barriers:
+//!
+//! 1. load the K tile;
+//! 2. scores: the `block_q × block_k` dot products, spread over all threads, masked as above,
+//!    into a shared score tile;
+//! 3. online softmax, one thread per query row: tile max, new running max `m'`,
+//!    `α = exp(m − m')`, probabilities `p = exp(s − m')` written over the scores, running sum
+//!    `l = l·α + Σp`; meanwhile every thread loads the V tile;
+//! 4. accumulate: `threads / block_q` threads per row, each owning `ceil(dv / (threads /
+//!    block_q))` output columns in registers: `acc = acc·α + Σ p·v`.
+//!
+//! At the end `out = acc / l`. Key tiles that the causal/window mask hides from every row of the
+//! block are skipped: this is exact, since a masked key contributes `exp(f32::MIN − m) = 0` to
+//! any row that sees a key. A row that sees none (running max still `f32::MIN` at the end:
+//! `sq > sk` with causal, causal with window 0, or a mask of `f32::MIN` over every seen key)
+//! instead takes the mean of `v` over all `sk` keys, read directly: what the reference gives.
+//!
+//! # Decode ([`decode`]): one workgroup per (query row, `bh`)
+//!
+//! For short `sq` (one new token) against a long KV cache; grid `(sq, bh, 1)`. The query row is
+//! read into shared memory; per tile of `block_k` keys, each thread scores keys `t, t + T, …`
+//! (reading K directly), a barrier, then every thread scans the tile's scores for the max
+//! (a broadcast read of shared memory) and writes the probabilities of its keys; a barrier; then
+//! the threads, split into `max(1, T / dv)` key slices × `min(T, dv)` column owners, accumulate
+//! `p·v` with coalesced reads of V. The key slices' partial sums are combined through shared
+//! memory at the end (they share the running max, so no rescaling is needed). Fully masked rows
+//! and tile skipping work as in prefill.
+//!
+//! # Tunables
+//!
+//! [`AttentionTunables`]: `block_q`, `block_k`, `threads`. Prefill defaults are the largest tiles
+//! up to 32 × 32 that fit the target's shared memory, with 256 threads (f32 under WebGPU's
+//! 16 KiB: 32 × 32 for d = 32, 32 × 16 for d = 64, 16 × 8 for d = 128; under CUDA's 48 KiB
+//! 32 × 32 up to d = 128). Decode defaults to 256 threads and 256-key tiles. The search spaces
+//! list, per tunable, the values that build with the others at their defaults.
+//!
+//! # Limits and refusals
+//!
+//! Barriers only sit in uniform control flow: loop bounds with barriers inside come from
+//! uniforms, workgroup ids and constants; per-thread conditions guard only loads, stores and
+//! barrier-free loops. Refused with [`CodegenError::Kernel`] naming the kernel: a storage type
+//! other than f32/f16/bf16, head dims outside `1..=256`, a non-finite scale, zero tunables,
+//! prefill `threads` not a multiple of `block_q` or with more threads per row than `dv`
+//! columns, more than 16 accumulator registers per thread, decode `block_q ≠ 1`, and anything
+//! over the target's threads or shared memory ([`Limits`]). bf16 kernels print only as CUDA.
+//! Indices are u32 (tensors below 2³² elements); the grid is at most 65 535 along x and y on
+//! WebGPU, so `bh` and `ceil(sq / block_q)` must stay below that there.
 
-use super::Generated;
+use super::{check_limits, Generated, GridDim, Limits, Tunable};
+use crate::kir::*;
+use crate::CodegenError;
 
-/// Representative configurations of this family's kernels, for validation tests.
+/// The score of a masked key is `x + MASKED`: finite, like the reference.
+const MASKED: f32 = f32::MIN;
+/// Largest head dims accepted.
+const MAX_HEAD_DIM: u32 = 256;
+/// Most accumulator registers (output columns) per thread.
+const MAX_COLS: u32 = 16;
+/// Query / key tile sizes worth trying.
+const BLOCKS: [u32; 7] = [2, 4, 8, 16, 32, 64, 128];
+/// Decode key tiles worth trying.
+const DECODE_BLOCKS: [u32; 6] = [32, 64, 128, 256, 512, 1024];
+/// Thread counts worth trying.
+const THREADS: [u32; 6] = [32, 64, 128, 256, 512, 1024];
+
+/// What an attention kernel computes (fixed at compile time).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionCfg {
+    /// Storage type of q, k, v, mask and out: F32, F16 or BF16.
+    pub elem: Elem,
+    /// Head dim of q and k (`d`).
+    pub head_dim: u32,
+    /// Head dim of v and out.
+    pub dv: u32,
+    /// Multiplies `q·k` before the mask is added.
+    pub scale: f32,
+    /// Query `i` sees keys `j <= i + sk - sq` only.
+    pub causal: bool,
+    /// And (with or without `causal`) keys `j > i + sk - sq - window` only.
+    pub window: Option<u32>,
+    /// An additive mask buffer is read (strides as uniforms).
+    pub mask: bool,
+}
+
+impl AttentionCfg {
+    /// The kernel name for this configuration (`decode`: the decode kernel's).
+    pub fn kernel_name(&self, decode: bool) -> String {
+        let mut n = format!(
+            "attention_{}{}_d{}",
+            if decode { "decode_" } else { "" },
+            elem_name(self.elem),
+            self.head_dim
+        );
+        if self.dv != self.head_dim {
+            n.push_str(&format!("_dv{}", self.dv));
+        }
+        if self.causal {
+            n.push_str("_causal");
+        }
+        if let Some(w) = self.window {
+            n.push_str(&format!("_w{w}"));
+        }
+        if self.mask {
+            n.push_str("_mask");
+        }
+        if self.scale.to_bits() != default_scale(self.head_dim).to_bits() {
+            n.push_str(&format!("_s{:08x}", self.scale.to_bits()));
+        }
+        n
+    }
+
+    /// Causal or windowed: some keys are hidden by position.
+    fn positional(&self) -> bool {
+        self.causal || self.window.is_some()
+    }
+}
+
+/// `1/√d`, the usual scale (rounded from f64, as the graph's scalars are).
+pub fn default_scale(head_dim: u32) -> f32 {
+    (1.0 / f64::from(head_dim).sqrt()) as f32
+}
+
+/// The tunables of the attention kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AttentionTunables {
+    /// Queries per workgroup (prefill); 1 for decode.
+    pub block_q: u32,
+    /// Keys per shared-memory tile.
+    pub block_k: u32,
+    /// Threads per workgroup.
+    pub threads: u32,
+}
+
+impl AttentionTunables {
+    /// The prefill default under `limits`: the largest tiles (up to 32 × 32) that fit the
+    /// shared memory, with 256 threads (or fewer, keeping `threads / block_q <= dv`).
+    pub fn default_for(cfg: &AttentionCfg, limits: &Limits) -> Self {
+        const PAIRS: [(u32, u32); 12] = [
+            (32, 32),
+            (32, 16),
+            (16, 32),
+            (16, 16),
+            (16, 8),
+            (8, 16),
+            (8, 8),
+            (8, 4),
+            (4, 4),
+            (2, 4),
+            (1, 4),
+            (1, 1),
+        ];
+        for (block_q, block_k) in PAIRS {
+            for threads in [256, 128, 64, 32] {
+                let t = AttentionTunables {
+                    block_q,
+                    block_k,
+                    threads,
+                };
+                if build_flash(cfg, &t, limits).is_ok() {
+                    return t;
+                }
+            }
+        }
+        AttentionTunables {
+            block_q: 1,
+            block_k: 1,
+            threads: 32,
+        }
+    }
+
+    /// The prefill search space under `limits`: for each tunable, the values worth trying that
+    /// are valid with the others at their defaults (always including the default).
+    pub fn space(cfg: &AttentionCfg, limits: &Limits) -> Vec<Tunable> {
+        let t = Self::default_for(cfg, limits);
+        t.tunables(&|x| build_flash(cfg, x, limits).is_ok(), &BLOCKS, &BLOCKS)
+    }
+
+    /// The decode default under `limits`: 256 threads (or the most that fit), one key per
+    /// thread per tile.
+    pub fn decode_default_for(cfg: &AttentionCfg, limits: &Limits) -> Self {
+        for threads in [256, 128, 64, 32] {
+            let t = AttentionTunables {
+                block_q: 1,
+                block_k: threads,
+                threads,
+            };
+            if build_decode(cfg, &t, limits).is_ok() {
+                return t;
+            }
+        }
+        AttentionTunables {
+            block_q: 1,
+            block_k: 32,
+            threads: 32,
+        }
+    }
+
+    /// The decode search space under `limits` (as [`Self::space`]; `block_q` is always 1).
+    pub fn decode_space(cfg: &AttentionCfg, limits: &Limits) -> Vec<Tunable> {
+        let t = Self::decode_default_for(cfg, limits);
+        t.tunables(
+            &|x| build_decode(cfg, x, limits).is_ok(),
+            &[1],
+            &DECODE_BLOCKS,
+        )
+    }
+
+    /// Each tunable with the candidate values valid while the others keep `self`'s values.
+    fn tunables(
+        &self,
+        valid: &dyn Fn(&AttentionTunables) -> bool,
+        qs: &[u32],
+        ks: &[u32],
+    ) -> Vec<Tunable> {
+        let one = |name: &'static str, value: u32, cands: &[u32], set: &dyn Fn(u32) -> Self| {
+            let mut space: Vec<u32> = cands.iter().copied().filter(|&x| valid(&set(x))).collect();
+            if !space.contains(&value) {
+                space.push(value);
+                space.sort_unstable();
+            }
+            Tunable { name, value, space }
+        };
+        vec![
+            one("block_q", self.block_q, qs, &|x| Self {
+                block_q: x,
+                ..*self
+            }),
+            one("block_k", self.block_k, ks, &|x| Self {
+                block_k: x,
+                ..*self
+            }),
+            one("threads", self.threads, &THREADS, &|x| Self {
+                threads: x,
+                ..*self
+            }),
+        ]
+    }
+}
+
+fn elem_name(e: Elem) -> &'static str {
+    match e {
+        Elem::F32 => "f32",
+        Elem::F16 => "f16",
+        Elem::BF16 => "bf16",
+        Elem::U32 => "u32",
+        Elem::I32 => "i32",
+        Elem::Bool => "bool",
+    }
+}
+
+fn kernel_err(name: &str, msg: String) -> CodegenError {
+    CodegenError::Kernel {
+        kernel: name.to_string(),
+        msg,
+    }
+}
+
+/// Checks the configuration and the tunables that every kernel shares.
+fn check_common(cfg: &AttentionCfg, t: &AttentionTunables, name: &str) -> Result<(), CodegenError> {
+    if !matches!(cfg.elem, Elem::F32 | Elem::F16 | Elem::BF16) {
+        return Err(kernel_err(
+            name,
+            format!(
+                "storage type {} is not f32, f16 or bf16",
+                elem_name(cfg.elem)
+            ),
+        ));
+    }
+    for (what, v) in [("head_dim", cfg.head_dim), ("dv", cfg.dv)] {
+        if v == 0 || v > MAX_HEAD_DIM {
+            return Err(kernel_err(
+                name,
+                format!("{what} = {v} is outside 1..={MAX_HEAD_DIM}"),
+            ));
+        }
+    }
+    if !cfg.scale.is_finite() {
+        return Err(kernel_err(
+            name,
+            format!("scale {} is not finite", cfg.scale),
+        ));
+    }
+    for (what, v) in [
+        ("block_q", t.block_q),
+        ("block_k", t.block_k),
+        ("threads", t.threads),
+    ] {
+        if v == 0 {
+            return Err(kernel_err(name, format!("{what} = 0")));
+        }
+    }
+    Ok(())
+}
+
+/// The buffers: q, k, v, [mask], out.
+fn buffers(cfg: &AttentionCfg) -> Vec<Buffer> {
+    let b = |name: &str, access| Buffer {
+        name: name.into(),
+        elem: cfg.elem,
+        access,
+    };
+    let mut v = vec![
+        b("q", Access::Read),
+        b("k", Access::Read),
+        b("v", Access::Read),
+    ];
+    if cfg.mask {
+        v.push(b("mask", Access::Read));
+    }
+    v.push(b("out", Access::ReadWrite));
+    v
+}
+
+fn uniforms(cfg: &AttentionCfg) -> Vec<String> {
+    let mut u = vec!["bh", "heads", "sq", "sk"];
+    if cfg.mask {
+        u.extend(["mask_sb", "mask_sh", "mask_sq", "mask_sk"]);
+    }
+    u.into_iter().map(String::from).collect()
+}
+
+fn shared(name: &str, elem: Elem, len: u32) -> Shared {
+    Shared {
+        name: name.into(),
+        elem,
+        len,
+    }
+}
+
+/// `let`s common to both kernels: the head (`bhi`), row bases of q/out (`qrow`) and k/v
+/// (`krow`), and the mask's base offset (`mbase`).
+fn prologue(cfg: &AttentionCfg) -> Vec<Stmt> {
+    let mut s = vec![
+        let_("tid", Elem::U32, local_id(0)),
+        let_("bhi", Elem::U32, workgroup_id(1)),
+        let_("qrow", Elem::U32, var("bhi") * uni("sq")),
+        let_("krow", Elem::U32, var("bhi") * uni("sk")),
+    ];
+    if cfg.mask {
+        s.push(let_(
+            "mbase",
+            Elem::U32,
+            var("bhi") / uni("heads") * uni("mask_sb") + var("bhi") % uni("heads") * uni("mask_sh"),
+        ));
+    }
+    s
+}
+
+/// The range of key tiles `[kt_lo, kt_hi)` that a block of `rows` queries starting at query
+/// `q0` must visit: tiles hidden from every row by causality or the window are skipped (see the
+/// module docs for why this is exact). Uniform across the workgroup.
+fn tile_range(cfg: &AttentionCfg, q0: Expr, rows: u32, bk: u32) -> Vec<Stmt> {
+    let mut s = vec![];
+    // Keys [kstart, kend) may be seen by some row of the block.
+    let kend = if cfg.causal {
+        // The last row sees keys j <= q0 + rows - 1 + sk - sq.
+        let last = q0.clone() + u(rows) + uni("sk");
+        select(
+            last.clone().gt(uni("sq")),
+            (last - uni("sq")).min(uni("sk")),
+            u(0),
+        )
+    } else {
+        uni("sk")
+    };
+    s.push(let_("kend", Elem::U32, kend));
+    let kstart = match cfg.window {
+        // The first row sees keys j > q0 + sk - sq - w.
+        Some(w) => {
+            let first = q0 + uni("sk") + u(1);
+            select(
+                first.clone().gt(uni("sq") + u(w)),
+                first - uni("sq") - u(w),
+                u(0),
+            )
+        }
+        None => u(0),
+    };
+    let kt_lo = if cfg.window.is_some() {
+        kstart / u(bk)
+    } else {
+        u(0)
+    };
+    s.push(let_("kt_lo", Elem::U32, kt_lo));
+    s.push(let_("kt_hi", Elem::U32, (var("kend") + u(bk - 1)) / u(bk)));
+    s
+}
+
+/// Statements defining `score` (f32) from `dot` for query `i` and key `j` (u32 expressions);
+/// the mask is read only where `guard` holds (`i < sq`, `j < sk` must hold when it is `None`).
+fn score(cfg: &AttentionCfg, i: Expr, j: Expr, guard: Option<Expr>) -> Vec<Stmt> {
+    let mut s = vec![let_("x", Elem::F32, var("dot") * f(cfg.scale))];
+    let mut added = var("x");
+    if cfg.mask {
+        let load_mask = load(
+            "mask",
+            var("mbase") + i.clone() * uni("mask_sq") + j.clone() * uni("mask_sk"),
+        )
+        .cast(Elem::F32);
+        match guard {
+            Some(g) => {
+                s.push(var_("mv", Elem::F32, f(0.0)));
+                s.push(if_(g, vec![assign("mv", load_mask)]));
+            }
+            None => s.push(let_("mv", Elem::F32, load_mask)),
+        }
+        added = var("x") + var("mv");
+    }
+    let value = if cfg.positional() {
+        // Positions in u32 without negatives: j <= i + sk - sq  ⇔  j + sq <= i + sk, and
+        // j > i + sk - sq - w  ⇔  j + sq + w > i + sk.
+        let causal = cfg
+            .causal
+            .then(|| (j.clone() + uni("sq")).le(i.clone() + uni("sk")));
+        let window = cfg.window.map(|w| (j + uni("sq") + u(w)).gt(i + uni("sk")));
+        let seen = match (causal, window) {
+            (Some(a), Some(b)) => a.and(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => unreachable!("positional"),
+        };
+        select(seen, added, var("x") + f(MASKED))
+    } else {
+        added
+    };
+    s.push(let_("score", Elem::F32, value));
+    s
+}
+
+/// For a row that saw no key: the mean of `v` over all `sk` keys, stored to `out[orow, col]`.
+fn mean_of_v(cfg: &AttentionCfg, orow: Expr, col: Expr) -> Vec<Stmt> {
+    vec![
+        var_("tot", Elem::F32, f(0.0)),
+        for_(
+            "j",
+            u(0),
+            uni("sk"),
+            vec![assign(
+                "tot",
+                var("tot")
+                    + load("v", (var("krow") + var("j")) * u(cfg.dv) + col.clone()).cast(Elem::F32),
+            )],
+        ),
+        store(
+            "out",
+            orow * u(cfg.dv) + col,
+            (var("tot") / uni("sk").cast(Elem::F32).max(f(1.0))).cast(cfg.elem),
+        ),
+    ]
+}
+
+/// `body` for each of this thread's output columns `col = first + stride·ii`, `ii < cpt`,
+/// guarded by `col < dv` when the columns do not divide evenly.
+fn for_cols(cfg: &AttentionCfg, first: &str, stride: u32, cpt: u32, body: Vec<Stmt>) -> Stmt {
+    let mut inner = vec![let_("col", Elem::U32, var(first) + var("ii") * u(stride))];
+    if stride * cpt != cfg.dv {
+        inner.push(if_(var("col").lt(u(cfg.dv)), body));
+    } else {
+        inner.extend(body);
+    }
+    for_("ii", u(0), u(cpt), inner)
+}
+
+/// Flash-style prefill attention (see the module docs).
+pub fn flash(
+    cfg: &AttentionCfg,
+    t: &AttentionTunables,
+    limits: &Limits,
+) -> Result<Generated, CodegenError> {
+    let kernel = build_flash(cfg, t, limits)?;
+    Ok(Generated {
+        kernel,
+        grid: [
+            GridDim::of("sq", t.block_q),
+            GridDim::of("bh", 1),
+            GridDim::one(),
+        ],
+        tunables: t.tunables(&|x| build_flash(cfg, x, limits).is_ok(), &BLOCKS, &BLOCKS),
+    })
+}
+
+fn build_flash(
+    cfg: &AttentionCfg,
+    t: &AttentionTunables,
+    limits: &Limits,
+) -> Result<Kernel, CodegenError> {
+    let name = cfg.kernel_name(false);
+    check_common(cfg, t, &name)?;
+    let (bq, bk, nt, d, dv) = (t.block_q, t.block_k, t.threads, cfg.head_dim, cfg.dv);
+    if nt % bq != 0 {
+        return Err(kernel_err(
+            &name,
+            format!("threads = {nt} is not a multiple of block_q = {bq}"),
+        ));
+    }
+    // Threads per query row in the accumulate phase, and columns per thread.
+    let g = nt / bq;
+    if g > dv {
+        return Err(kernel_err(
+            &name,
+            format!("threads / block_q = {g} exceeds dv = {dv} (idle threads)"),
+        ));
+    }
+    let cpt = dv.div_ceil(g);
+    if cpt > MAX_COLS {
+        return Err(kernel_err(
+            &name,
+            format!("{cpt} accumulator columns per thread exceed {MAX_COLS}: use more threads"),
+        ));
+    }
+    let e = cfg.elem;
+    let kstride = d + 1; // padded K rows: conflict-free reads in the score phase
+    let sstride = bk + 1; // padded score rows: conflict-free reads in the softmax phase
+    let kv_len = bk * kstride.max(dv);
+    let zero = || f(0.0).cast(e);
+
+    let mut body = prologue(cfg);
+    body.extend([
+        let_("q0", Elem::U32, workgroup_id(0) * u(bq)),
+        let_("row", Elem::U32, var("tid") / u(g)),
+        let_("cg", Elem::U32, var("tid") % u(g)),
+        var_("m_run", Elem::F32, f(MASKED)),
+        var_("l_run", Elem::F32, f(0.0)),
+        Stmt::LocalArray("acc".into(), Elem::F32, cpt),
+        // The query tile (zeros past sq).
+        for_step(
+            "idx",
+            var("tid"),
+            u(bq * d),
+            u(nt),
+            vec![
+                let_("i", Elem::U32, var("q0") + var("idx") / u(d)),
+                Stmt::If(
+                    var("i").lt(uni("sq")),
+                    vec![store_shared(
+                        "qs",
+                        var("idx"),
+                        load("q", (var("qrow") + var("i")) * u(d) + var("idx") % u(d)),
+                    )],
+                    vec![store_shared("qs", var("idx"), zero())],
+                ),
+            ],
+        ),
+    ]);
+    body.extend(tile_range(cfg, var("q0"), bq, bk));
+
+    let mut tile = vec![
+        let_("k0", Elem::U32, var("kt") * u(bk)),
+        let_("nvalid", Elem::U32, u(bk).min(uni("sk") - var("k0"))),
+        // 1. K tile (zeros past sk).
+        for_step(
+            "idx",
+            var("tid"),
+            u(bk * d),
+            u(nt),
+            vec![
+                let_("c", Elem::U32, var("idx") / u(d)),
+                let_("kk", Elem::U32, var("idx") % u(d)),
+                let_("j", Elem::U32, var("k0") + var("c")),
+                Stmt::If(
+                    var("j").lt(uni("sk")),
+                    vec![store_shared(
+                        "kv",
+                        var("c") * u(kstride) + var("kk"),
+                        load("k", (var("krow") + var("j")) * u(d) + var("kk")),
+                    )],
+                    vec![store_shared(
+                        "kv",
+                        var("c") * u(kstride) + var("kk"),
+                        zero(),
+                    )],
+                ),
+            ],
+        ),
+        Stmt::Barrier,
+    ];
+    // 2. Scores.
+    let mut sc = vec![
+        let_("r", Elem::U32, var("e") / u(bk)),
+        let_("c", Elem::U32, var("e") % u(bk)),
+        var_("dot", Elem::F32, f(0.0)),
+        for_(
+            "kk",
+            u(0),
+            u(d),
+            vec![assign(
+                "dot",
+                var("dot")
+                    + load_shared("qs", var("r") * u(d) + var("kk")).cast(Elem::F32)
+                        * load_shared("kv", var("c") * u(kstride) + var("kk")).cast(Elem::F32),
+            )],
+        ),
+        let_("i", Elem::U32, var("q0") + var("r")),
+        let_("j", Elem::U32, var("k0") + var("c")),
+    ];
+    sc.extend(score(
+        cfg,
+        var("i"),
+        var("j"),
+        Some(var("i").lt(uni("sq")).and(var("j").lt(uni("sk")))),
+    ));
+    sc.push(store_shared(
+        "sc",
+        var("r") * u(sstride) + var("c"),
+        var("score"),
+    ));
+    tile.push(for_step("e", var("tid"), u(bq * bk), u(nt), sc));
+    tile.push(Stmt::Barrier);
+    // 3. Online softmax (one thread per row) and the V tile (everyone).
+    let srow = || var("tid") * u(sstride) + var("c");
+    tile.push(if_(
+        var("tid").lt(u(bq)),
+        vec![
+            var_("mt", Elem::F32, f(MASKED)),
+            for_(
+                "c",
+                u(0),
+                var("nvalid"),
+                vec![assign("mt", var("mt").max(load_shared("sc", srow())))],
+            ),
+            let_("mn", Elem::F32, var("m_run").max(var("mt"))),
+            let_("a", Elem::F32, (var("m_run") - var("mn")).exp()),
+            assign("l_run", var("l_run") * var("a")),
+            for_(
+                "c",
+                u(0),
+                var("nvalid"),
+                vec![
+                    let_(
+                        "p",
+                        Elem::F32,
+                        (load_shared("sc", srow()) - var("mn")).exp(),
+                    ),
+                    store_shared("sc", srow(), var("p")),
+                    assign("l_run", var("l_run") + var("p")),
+                ],
+            ),
+            store_shared("alpha", var("tid"), var("a")),
+            assign("m_run", var("mn")),
+        ],
+    ));
+    tile.push(for_step(
+        "idx",
+        var("tid"),
+        u(bk * dv),
+        u(nt),
+        vec![
+            let_("j", Elem::U32, var("k0") + var("idx") / u(dv)),
+            Stmt::If(
+                var("j").lt(uni("sk")),
+                vec![store_shared(
+                    "kv",
+                    var("idx"),
+                    load("v", (var("krow") + var("j")) * u(dv) + var("idx") % u(dv)),
+                )],
+                vec![store_shared("kv", var("idx"), zero())],
+            ),
+        ],
+    ));
+    tile.push(Stmt::Barrier);
+    // 4. Accumulate.
+    tile.push(let_("a", Elem::F32, load_shared("alpha", var("row"))));
+    tile.push(for_(
+        "ii",
+        u(0),
+        u(cpt),
+        vec![Stmt::StoreLocal(
+            "acc".into(),
+            var("ii"),
+            load_local("acc", var("ii")) * var("a"),
+        )],
+    ));
+    tile.push(for_(
+        "c",
+        u(0),
+        var("nvalid"),
+        vec![
+            let_(
+                "p",
+                Elem::F32,
+                load_shared("sc", var("row") * u(sstride) + var("c")),
+            ),
+            for_cols(
+                cfg,
+                "cg",
+                g,
+                cpt,
+                vec![Stmt::StoreLocal(
+                    "acc".into(),
+                    var("ii"),
+                    load_local("acc", var("ii"))
+                        + var("p")
+                            * load_shared("kv", var("c") * u(dv) + var("col")).cast(Elem::F32),
+                )],
+            ),
+        ],
+    ));
+    tile.push(Stmt::Barrier);
+    body.push(for_("kt", var("kt_lo"), var("kt_hi"), tile));
+
+    // Finish: per-row statistics to every thread of the row, then out = acc / l.
+    body.push(if_(
+        var("tid").lt(u(bq)),
+        vec![
+            store_shared("ms", var("tid"), var("m_run")),
+            store_shared("ls", var("tid"), var("l_run")),
+        ],
+    ));
+    body.push(Stmt::Barrier);
+    body.push(let_("oi", Elem::U32, var("q0") + var("row")));
+    body.push(if_(
+        var("oi").lt(uni("sq")),
+        vec![
+            let_("orow", Elem::U32, var("qrow") + var("oi")),
+            let_("lr", Elem::F32, load_shared("ls", var("row"))),
+            Stmt::If(
+                load_shared("ms", var("row")).eq_(f(MASKED)),
+                vec![for_cols(
+                    cfg,
+                    "cg",
+                    g,
+                    cpt,
+                    mean_of_v(cfg, var("orow"), var("col")),
+                )],
+                vec![for_cols(
+                    cfg,
+                    "cg",
+                    g,
+                    cpt,
+                    vec![store(
+                        "out",
+                        var("orow") * u(dv) + var("col"),
+                        (load_local("acc", var("ii")) / var("lr")).cast(e),
+                    )],
+                )],
+            ),
+        ],
+    ));
+
+    let kernel = Kernel {
+        name,
+        buffers: buffers(cfg),
+        uniforms: uniforms(cfg),
+        workgroup: [nt, 1, 1],
+        shared: vec![
+            shared("qs", e, bq * d),
+            shared("kv", e, kv_len),
+            shared("sc", Elem::F32, bq * sstride),
+            shared("alpha", Elem::F32, bq),
+            shared("ms", Elem::F32, bq),
+            shared("ls", Elem::F32, bq),
+        ],
+        body,
+    };
+    check_limits(&kernel, limits)?;
+    Ok(kernel)
+}
+
+/// Decode attention: one workgroup per query row (see the module docs).
+pub fn decode(
+    cfg: &AttentionCfg,
+    t: &AttentionTunables,
+    limits: &Limits,
+) -> Result<Generated, CodegenError> {
+    let kernel = build_decode(cfg, t, limits)?;
+    Ok(Generated {
+        kernel,
+        grid: [GridDim::of("sq", 1), GridDim::of("bh", 1), GridDim::one()],
+        tunables: t.tunables(
+            &|x| build_decode(cfg, x, limits).is_ok(),
+            &[1],
+            &DECODE_BLOCKS,
+        ),
+    })
+}
+
+fn build_decode(
+    cfg: &AttentionCfg,
+    t: &AttentionTunables,
+    limits: &Limits,
+) -> Result<Kernel, CodegenError> {
+    let name = cfg.kernel_name(true);
+    check_common(cfg, t, &name)?;
+    let (bk, nt, d, dv) = (t.block_k, t.threads, cfg.head_dim, cfg.dv);
+    if t.block_q != 1 {
+        return Err(kernel_err(
+            &name,
+            format!("block_q = {}: decode handles one query row", t.block_q),
+        ));
+    }
+    // Column owners, key slices, columns per thread.
+    let ct = nt.min(dv);
+    let ks_n = nt / ct;
+    let cpt = dv.div_ceil(ct);
+    if cpt > MAX_COLS {
+        return Err(kernel_err(
+            &name,
+            format!("{cpt} accumulator columns per thread exceed {MAX_COLS}: use more threads"),
+        ));
+    }
+    let e = cfg.elem;
+
+    let mut body = prologue(cfg);
+    body.extend([
+        let_("qi", Elem::U32, workgroup_id(0)),
+        let_("ks", Elem::U32, var("tid") / u(ct)),
+        let_("cc", Elem::U32, var("tid") % u(ct)),
+        var_("m_run", Elem::F32, f(MASKED)),
+        var_("l_run", Elem::F32, f(0.0)),
+        Stmt::LocalArray("acc".into(), Elem::F32, cpt),
+        for_step(
+            "idx",
+            var("tid"),
+            u(d),
+            u(nt),
+            vec![store_shared(
+                "qv",
+                var("idx"),
+                load("q", (var("qrow") + var("qi")) * u(d) + var("idx")).cast(Elem::F32),
+            )],
+        ),
+        Stmt::Barrier,
+    ]);
+    body.extend(tile_range(cfg, var("qi"), 1, bk));
+
+    let mut sc = vec![
+        let_("j", Elem::U32, var("k0") + var("c")),
+        let_("kb", Elem::U32, (var("krow") + var("j")) * u(d)),
+        var_("dot", Elem::F32, f(0.0)),
+        for_(
+            "kk",
+            u(0),
+            u(d),
+            vec![assign(
+                "dot",
+                var("dot")
+                    + load_shared("qv", var("kk"))
+                        * load("k", var("kb") + var("kk")).cast(Elem::F32),
+            )],
+        ),
+    ];
+    sc.extend(score(cfg, var("qi"), var("j"), None));
+    sc.push(store_shared("sc", var("c"), var("score")));
+    let tile = vec![
+        let_("k0", Elem::U32, var("kt") * u(bk)),
+        let_("nvalid", Elem::U32, u(bk).min(uni("sk") - var("k0"))),
+        // Scores of this thread's keys.
+        for_step("c", var("tid"), var("nvalid"), u(nt), sc),
+        Stmt::Barrier,
+        // Tile max (every thread), probabilities of this thread's keys.
+        var_("mt", Elem::F32, f(MASKED)),
+        for_(
+            "c",
+            u(0),
+            var("nvalid"),
+            vec![assign("mt", var("mt").max(load_shared("sc", var("c"))))],
+        ),
+        let_("mn", Elem::F32, var("m_run").max(var("mt"))),
+        let_("a", Elem::F32, (var("m_run") - var("mn")).exp()),
+        for_step(
+            "c",
+            var("tid"),
+            var("nvalid"),
+            u(nt),
+            vec![store_shared(
+                "pr",
+                var("c"),
+                (load_shared("sc", var("c")) - var("mn")).exp(),
+            )],
+        ),
+        assign("m_run", var("mn")),
+        Stmt::Barrier,
+        // Accumulate this key slice's keys into this thread's columns.
+        if_(
+            var("ks").lt(u(ks_n)),
+            vec![
+                assign("l_run", var("l_run") * var("a")),
+                for_(
+                    "ii",
+                    u(0),
+                    u(cpt),
+                    vec![Stmt::StoreLocal(
+                        "acc".into(),
+                        var("ii"),
+                        load_local("acc", var("ii")) * var("a"),
+                    )],
+                ),
+                for_step(
+                    "c",
+                    var("ks"),
+                    var("nvalid"),
+                    u(ks_n),
+                    vec![
+                        let_("p", Elem::F32, load_shared("pr", var("c"))),
+                        assign("l_run", var("l_run") + var("p")),
+                        let_(
+                            "vb",
+                            Elem::U32,
+                            (var("krow") + var("k0") + var("c")) * u(dv),
+                        ),
+                        for_cols(
+                            cfg,
+                            "cc",
+                            ct,
+                            cpt,
+                            vec![Stmt::StoreLocal(
+                                "acc".into(),
+                                var("ii"),
+                                load_local("acc", var("ii"))
+                                    + var("p") * load("v", var("vb") + var("col")).cast(Elem::F32),
+                            )],
+                        ),
+                    ],
+                ),
+            ],
+        ),
+        Stmt::Barrier,
+    ];
+    body.push(for_("kt", var("kt_lo"), var("kt_hi"), tile));
+
+    // Combine the key slices (same running max: plain sums).
+    body.push(if_(
+        var("ks").lt(u(ks_n)),
+        vec![
+            for_cols(
+                cfg,
+                "cc",
+                ct,
+                cpt,
+                vec![store_shared(
+                    "red",
+                    var("ks") * u(dv) + var("col"),
+                    load_local("acc", var("ii")),
+                )],
+            ),
+            if_(
+                var("cc").eq_(u(0)),
+                vec![store_shared("lred", var("ks"), var("l_run"))],
+            ),
+        ],
+    ));
+    body.push(Stmt::Barrier);
+    body.push(let_("orow", Elem::U32, var("qrow") + var("qi")));
+    body.push(if_(
+        var("tid").lt(u(ct)),
+        vec![Stmt::If(
+            var("m_run").eq_(f(MASKED)),
+            vec![for_cols(
+                cfg,
+                "cc",
+                ct,
+                cpt,
+                mean_of_v(cfg, var("orow"), var("col")),
+            )],
+            vec![
+                var_("lt", Elem::F32, f(0.0)),
+                for_(
+                    "s",
+                    u(0),
+                    u(ks_n),
+                    vec![assign("lt", var("lt") + load_shared("lred", var("s")))],
+                ),
+                for_cols(
+                    cfg,
+                    "cc",
+                    ct,
+                    cpt,
+                    vec![
+                        var_("tot", Elem::F32, f(0.0)),
+                        for_(
+                            "s",
+                            u(0),
+                            u(ks_n),
+                            vec![assign(
+                                "tot",
+                                var("tot") + load_shared("red", var("s") * u(dv) + var("col")),
+                            )],
+                        ),
+                        store(
+                            "out",
+                            var("orow") * u(dv) + var("col"),
+                            (var("tot") / var("lt")).cast(e),
+                        ),
+                    ],
+                ),
+            ],
+        )],
+    ));
+
+    let kernel = Kernel {
+        name,
+        buffers: buffers(cfg),
+        uniforms: uniforms(cfg),
+        workgroup: [nt, 1, 1],
+        shared: vec![
+            shared("qv", Elem::F32, d),
+            shared("sc", Elem::F32, bk),
+            shared("pr", Elem::F32, bk),
+            shared("red", Elem::F32, ks_n * dv),
+            shared("lred", Elem::F32, ks_n),
+        ],
+        body,
+    };
+    check_limits(&kernel, limits)?;
+    Ok(kernel)
+}
+
+/// Representative configurations (validated by naga and NVRTC in the tests): prefill over
+/// f32/f16/bf16 × head dims 32/64/128 × {plain, mask, causal, causal + mask, window}, and
+/// decode. f32/f16 kernels use the WebGPU defaults (so they fit every target), bf16 the CUDA
+/// ones.
 pub fn catalog() -> Vec<Generated> {
-    vec![]
+    let cfg = |elem, d: u32, dv: u32, causal, window, mask| AttentionCfg {
+        elem,
+        head_dim: d,
+        dv,
+        scale: default_scale(d),
+        causal,
+        window,
+        mask,
+    };
+    let limits = |e: Elem| {
+        if e == Elem::BF16 {
+            Limits::cuda()
+        } else {
+            Limits::webgpu()
+        }
+    };
+    let prefill = [
+        cfg(Elem::F32, 32, 32, false, None, false),
+        cfg(Elem::F32, 64, 64, false, None, true),
+        cfg(Elem::F32, 64, 64, true, None, true),
+        cfg(Elem::F32, 128, 128, true, None, false),
+        cfg(Elem::F32, 64, 64, true, Some(128), false),
+        cfg(Elem::F32, 32, 64, false, Some(16), true),
+        cfg(Elem::F16, 64, 64, false, None, false),
+        cfg(Elem::F16, 32, 32, false, None, true),
+        cfg(Elem::F16, 64, 64, true, None, false),
+        cfg(Elem::F16, 128, 128, true, None, true),
+        cfg(Elem::F16, 128, 128, true, Some(256), true),
+        cfg(Elem::BF16, 128, 128, false, None, false),
+        cfg(Elem::BF16, 64, 64, false, None, true),
+        cfg(Elem::BF16, 32, 32, true, None, false),
+        cfg(Elem::BF16, 64, 64, true, None, true),
+        cfg(Elem::BF16, 128, 128, true, Some(64), false),
+    ];
+    let decoding = [
+        cfg(Elem::F32, 64, 64, false, None, false),
+        cfg(Elem::F32, 128, 128, false, None, true),
+        cfg(Elem::F16, 128, 128, true, Some(512), false),
+        cfg(Elem::F16, 64, 64, false, None, true),
+        cfg(Elem::BF16, 128, 128, false, None, false),
+    ];
+    let mut out = vec![];
+    for c in &prefill {
+        let l = limits(c.elem);
+        let t = AttentionTunables::default_for(c, &l);
+        out.push(flash(c, &t, &l).expect("catalog config builds"));
+    }
+    for c in &decoding {
+        let l = limits(c.elem);
+        let t = AttentionTunables::decode_default_for(c, &l);
+        out.push(decode(c, &t, &l).expect("catalog config builds"));
+    }
+    out
 }
