@@ -32,7 +32,11 @@ fn every_template_compiles_for_compute_80_90_and_sm_90_without_spills() {
         let src = cuda::print(k).unwrap();
         let needs_headers = src.contains("#include");
         if needs_headers && nvrtc::cuda_include_dir().is_none() {
-            assert!(!common::required("nvrtc"), "{}: CUDA headers missing (TRANSFUSE_CUDA_INCLUDE)", k.name);
+            assert!(
+                !common::required("nvrtc"),
+                "{}: CUDA headers missing (TRANSFUSE_CUDA_INCLUDE)",
+                k.name
+            );
             eprintln!("skipping {}: no CUDA headers", k.name);
             continue;
         }
@@ -43,9 +47,19 @@ fn every_template_compiles_for_compute_80_90_and_sm_90_without_spills() {
         }
         let sass = nvrtc::compile_sass(&src, &k.name, "sm_90")
             .unwrap_or_else(|e| panic!("{} for sm_90: {e}\n--- source ---\n{src}", k.name));
-        let r = sass.kernel(&k.name).unwrap_or_else(|| panic!("{}: no ptxas report", k.name));
-        assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{} spills", k.name);
-        table.push(format!("{:<48} {:>4} regs {:>6} B shared", k.name, r.registers, r.shared_bytes));
+        let r = sass
+            .kernel(&k.name)
+            .unwrap_or_else(|| panic!("{}: no ptxas report", k.name));
+        assert_eq!(
+            (r.spill_stores_bytes, r.spill_loads_bytes),
+            (0, 0),
+            "{} spills",
+            k.name
+        );
+        table.push(format!(
+            "{:<48} {:>4} regs {:>6} B shared",
+            k.name, r.registers, r.shared_bytes
+        ));
     }
     eprintln!("{}", table.join("\n"));
 }

@@ -60,6 +60,16 @@ impl Dim {
         self.as_known() == Some(n)
     }
 
+    /// The constant term (`-1` in `seq-1`).
+    pub fn constant(&self) -> i64 {
+        self.konst
+    }
+
+    /// The symbolic terms `(symbol, coefficient)`, sorted by symbol, no zero coefficients.
+    pub fn terms(&self) -> &[(String, i64)] {
+        &self.terms
+    }
+
     /// The symbols this dim mentions.
     pub fn symbols(&self) -> impl Iterator<Item = &str> {
         self.terms.iter().map(|(s, _)| s.as_str())
