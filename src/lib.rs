@@ -46,6 +46,9 @@ pub enum Error {
     /// Optimizing a graph.
     #[error(transparent)]
     Pass(#[from] passes::PassError),
+    /// Lowering a graph to kernels.
+    #[error(transparent)]
+    Codegen(#[from] codegen::CodegenError),
     /// A malformed inputs file.
     #[error("{}: {msg}", path.display())]
     Inputs {

@@ -132,6 +132,20 @@ enum Cmd {
         /// E-graph time limit in seconds.
         #[arg(long)]
         time_limit: Option<f64>,
+        /// Lower the optimized graph to kernels for this target: cuda or wgsl.
+        #[arg(long)]
+        target: Option<String>,
+        /// Write one self-contained source per kernel (`NN_entry.cu` / `.wgsl`) and `plan.json`
+        /// to this folder.
+        #[arg(long)]
+        emit: Option<PathBuf>,
+        /// Storage type of float tensors in the kernels: f32 (default), f16 or bf16 (cuda only).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Dims at which the report and plan.json evaluate bytes and flops, e.g.
+        /// `batch=1,seq=128,past=0` (the defaults; other symbols default to 1).
+        #[arg(long, value_delimiter = ',')]
+        dims: Vec<String>,
     },
     /// Print a model's IR (config.json alone is enough).
     Graph {
@@ -310,6 +324,10 @@ fn run(cli: Cli) -> Result<(), Error> {
             node_limit,
             iter_limit,
             time_limit,
+            target,
+            emit,
+            dtype,
+            dims,
         } => {
             let cfg = load_config(&model)?;
             let heads = BertHeads {
@@ -317,6 +335,13 @@ fn run(cli: Cli) -> Result<(), Error> {
                 ..BertHeads::default()
             };
             let g = build_graph(&cfg, heads)?;
+            let cg = codegen_args(
+                &g,
+                target.as_deref(),
+                dtype.as_deref(),
+                &dims,
+                emit.as_deref(),
+            )?;
             let mut opts = transfuse::passes::Options::from_env();
             opts.profile = transfuse::passes::Profile::by_name(&profile).ok_or_else(|| {
                 Error::Usage(format!("unknown profile `{profile}` (expected gpu or cpu)"))
@@ -356,6 +381,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                     r.seconds * 1e3
                 );
             }
+            if let Some(args) = &cg {
+                codegen(&opt, args, emit.as_deref(), report && !json)?;
+            }
         }
         Cmd::Graph { model, dot } => {
             let cfg = load_config(&model)?;
@@ -378,6 +406,240 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The `compile` codegen options, checked before anything runs.
+struct CodegenArgs {
+    target: transfuse::codegen::lower::Target,
+    elem: transfuse::codegen::kir::Elem,
+    dtype: String,
+    bindings: transfuse::ir::Bindings,
+}
+
+fn codegen_args(
+    g: &transfuse::ir::Graph,
+    target: Option<&str>,
+    dtype: Option<&str>,
+    dims: &[String],
+    emit: Option<&Path>,
+) -> Result<Option<CodegenArgs>, Error> {
+    use transfuse::codegen::kir::Elem;
+    use transfuse::codegen::lower::Target;
+    let Some(target) = target else {
+        if emit.is_some() || dtype.is_some() || !dims.is_empty() {
+            return Err(Error::Usage(
+                "--emit, --dtype and --dims need --target cuda or --target wgsl".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let target = Target::from_name(target).ok_or_else(|| {
+        Error::Usage(format!("unknown target `{target}` (expected cuda or wgsl)"))
+    })?;
+    let elem = match dtype.unwrap_or("f32") {
+        "f32" => Elem::F32,
+        "f16" => Elem::F16,
+        "bf16" => Elem::BF16,
+        other => {
+            return Err(Error::Usage(format!(
+                "unknown dtype `{other}` (expected f32, f16 or bf16)"
+            )))
+        }
+    };
+    if target == Target::Wgsl && elem == Elem::BF16 {
+        return Err(Error::Usage(
+            "--dtype bf16 needs --target cuda: WGSL has no bf16 type (use f16 or f32)".into(),
+        ));
+    }
+    let bindings = parse_dims(g, dims)?;
+    if let Some(dir) = emit {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.into(),
+            source,
+        })?;
+    }
+    Ok(Some(CodegenArgs {
+        target,
+        elem,
+        dtype: dtype.unwrap_or("f32").to_string(),
+        bindings,
+    }))
+}
+
+/// `compile --target`: lowers `g`, writes the sources and plan.json, prints the kernel table.
+fn codegen(
+    g: &transfuse::ir::Graph,
+    args: &CodegenArgs,
+    emit: Option<&Path>,
+    report: bool,
+) -> Result<(), Error> {
+    use transfuse::codegen::lower::{lower, LowerOptions, Phase, Target};
+    let (target, bindings, dtype_name) = (args.target, &args.bindings, args.dtype.as_str());
+    let plan = lower(g, &LowerOptions::new(target, args.elem))?;
+    if let Some(dir) = emit {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.into(),
+            source,
+        })?;
+        for (i, k) in plan.kernels.iter().enumerate() {
+            let src = target.print(&k.gen.kernel)?;
+            write_file(&dir.join(plan.file_name(i)), &src)?;
+        }
+        let json = serde_json::to_string_pretty(&plan.to_json(Some(bindings)))
+            .expect("plan JSON serialises");
+        write_file(&dir.join("plan.json"), &(json + "\n"))?;
+        eprintln!(
+            "wrote {} kernel sources and plan.json to {}",
+            plan.kernels.len(),
+            dir.display()
+        );
+    }
+    let at = |p: &transfuse::codegen::lower::Poly| p.eval(bindings).unwrap_or(0);
+    let dims_text: Vec<String> = bindings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if report {
+        // Registers and spills from ptxas, when NVRTC is there.
+        let sass = match (target, transfuse::runtime::nvrtc::available()) {
+            (Target::Cuda, Ok(())) => Ok(()),
+            (Target::Cuda, Err(e)) => Err(format!("registers/spills: NVRTC unavailable ({e})")),
+            _ => Err(String::new()),
+        };
+        let mut resources: std::collections::HashMap<String, String> = Default::default();
+        println!(
+            "\nkernels ({} {dtype_name}; bytes and flops at {}):",
+            target.name(),
+            dims_text.join(" ")
+        );
+        let cuda = target == Target::Cuda;
+        println!(
+            "{:>4}  {:<8} {:<44} {:>11} {:>11}{}",
+            "#",
+            "phase",
+            "entry",
+            "bytes",
+            "flops",
+            if cuda { "   regs  spills" } else { "" }
+        );
+        for (i, k) in plan.kernels.iter().enumerate() {
+            let mut res = String::new();
+            if cuda && sass.is_ok() {
+                let entry = k.entry().to_string();
+                res = resources
+                    .entry(entry.clone())
+                    .or_insert_with(|| {
+                        let src = target.print(&k.gen.kernel).unwrap_or_default();
+                        match transfuse::runtime::nvrtc::compile_sass(&src, &entry, "sm_90") {
+                            Ok(info) => match info.kernel(&entry) {
+                                Some(r) => format!(
+                                    "{:>7} {:>7}",
+                                    r.registers,
+                                    r.spill_stores_bytes + r.spill_loads_bytes
+                                ),
+                                None => format!("{:>7} {:>7}", "?", "?"),
+                            },
+                            Err(_) => format!("{:>7} {:>7}", "-", "-"),
+                        }
+                    })
+                    .clone();
+            }
+            println!(
+                "{i:>4}  {:<8} {:<44} {:>11} {:>11}{}{}",
+                match k.phase {
+                    Phase::Prepare => "prepare",
+                    Phase::Forward => "forward",
+                },
+                k.entry(),
+                human(at(&k.bytes), "B"),
+                human(at(&k.flops), ""),
+                if res.is_empty() { "" } else { " " },
+                res
+            );
+        }
+        if let Err(msg) = &sass {
+            if !msg.is_empty() {
+                println!("({msg})");
+            }
+        }
+        let (planned, bound) = (at(&plan.forward_bytes()), at(&plan.lower_bound_bytes()));
+        println!(
+            "planned global-memory traffic of one forward: {} (lower bound, weights + inputs + outputs once: {}; {:.2}×)",
+            human(planned, "B"),
+            human(bound, "B"),
+            planned as f64 / (bound.max(1)) as f64
+        );
+    }
+    let forward = plan.forward().count();
+    eprintln!(
+        "lowered to {} kernels for {} {dtype_name} ({} prepare, {forward} per forward): {} planned per forward at {}",
+        plan.kernels.len(),
+        target.name(),
+        plan.kernels.len() - forward,
+        human(at(&plan.forward_bytes()), "B"),
+        dims_text.join(" ")
+    );
+    Ok(())
+}
+
+/// `batch=1,seq=128,past=0`-style dims for every symbol of `g`'s inputs (defaults for the rest).
+fn parse_dims(
+    g: &transfuse::ir::Graph,
+    given: &[String],
+) -> Result<transfuse::ir::Bindings, Error> {
+    let mut syms: Vec<String> = g
+        .inputs()
+        .iter()
+        .flat_map(|(_, shape, _)| {
+            shape
+                .iter()
+                .flat_map(|d| d.symbols().map(String::from))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    syms.sort();
+    syms.dedup();
+    let mut b = transfuse::ir::Bindings::new();
+    for s in &syms {
+        let v = match s.as_str() {
+            "seq" => 128,
+            "past" => 0,
+            _ => 1,
+        };
+        b.insert(s.clone(), v);
+    }
+    for d in given {
+        let (k, v) = d
+            .split_once('=')
+            .ok_or_else(|| Error::Usage(format!("--dims: `{d}` is not name=value")))?;
+        let v: usize = v
+            .trim()
+            .parse()
+            .map_err(|_| Error::Usage(format!("--dims: `{d}`: the value must be a size")))?;
+        if !syms.iter().any(|s| s == k.trim()) {
+            return Err(Error::Usage(format!(
+                "--dims: the model has no dim `{}` (its dims: {})",
+                k.trim(),
+                syms.join(", ")
+            )));
+        }
+        b.insert(k.trim().to_string(), v);
+    }
+    Ok(b)
+}
+
+/// `12.3 MB`-style (decimal units).
+fn human(x: i64, unit: &str) -> String {
+    let v = x as f64;
+    let (d, p) = if v >= 1e12 {
+        (1e12, "T")
+    } else if v >= 1e9 {
+        (1e9, "G")
+    } else if v >= 1e6 {
+        (1e6, "M")
+    } else if v >= 1e3 {
+        (1e3, "k")
+    } else {
+        return format!("{x} {unit}").trim_end().to_string();
+    };
+    format!("{:.2} {p}{unit}", v / d)
 }
 
 fn main() -> ExitCode {

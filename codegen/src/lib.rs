@@ -1,7 +1,9 @@
 //! # transfuse-codegen
 //!
 //! One kernel IR ([`kir`]), two printers that only print ([`cuda`], [`wgsl`]), and the kernel
-//! templates for the fused ops and generated elementwise/reduction kernels ([`kernels`]).
+//! templates for the fused ops and generated elementwise/reduction kernels ([`kernels`]); the
+//! lowering of a whole optimized graph to a launch plan ([`lower`]) and a plan executor on the
+//! kernel-IR interpreter ([`exec`]).
 //! Never touches a device: sources are validated by the tests (naga for WGSL, NVRTC through
 //! the runtime for CUDA).
 //!
@@ -30,9 +32,11 @@
 #![warn(missing_docs)]
 
 pub mod cuda;
+pub mod exec;
 pub mod interp;
 pub mod kernels;
 pub mod kir;
+pub mod lower;
 pub mod types;
 pub mod wgsl;
 
@@ -47,6 +51,9 @@ pub enum CodegenError {
         /// What is wrong.
         msg: String,
     },
+    /// A plan that cannot be made or run (bad options, unbound dims, missing buffers).
+    #[error("plan: {0}")]
+    Plan(String),
     /// An op the lowering has no kernel for.
     #[error("op `{op}` (node %{node}): {msg}")]
     Unsupported {

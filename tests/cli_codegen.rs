@@ -1,0 +1,271 @@
+//! `transfuse compile --target … [--emit DIR] [--dtype …] [--dims …] [--report]` end to end:
+//! one self-contained source per kernel plus plan.json, the per-kernel report with the
+//! planned bytes against the lower bound, and every bad option as one `error:` line (exit 2).
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::fixture;
+
+/// A fresh directory under the system temp dir, unique per test and process, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "transfuse-cli-codegen-{test}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn join(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the binary with `args` (backtraces off).
+fn transfuse<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_transfuse"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .expect("spawn the transfuse binary")
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Exit code 2, stderr exactly one `error: ` line naming every culprit, no panic.
+fn assert_error(out: &Output, culprits: &[&str]) -> String {
+    let err = stderr_of(out);
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{err}");
+    assert!(!err.contains("panicked"), "panic:\n{err}");
+    assert!(
+        err.ends_with('\n') && err.lines().count() == 1,
+        "stderr is not exactly one line:\n{err}"
+    );
+    let line = err.trim_end_matches('\n');
+    assert!(line.starts_with("error: "), "no `error: ` prefix: {line}");
+    for c in culprits {
+        assert!(line.contains(c), "{line:?} does not name {c:?}");
+    }
+    eprintln!("{line}");
+    line.to_owned()
+}
+
+fn assert_ok(out: &Output) -> String {
+    let err = stderr_of(out);
+    assert!(out.status.success(), "stderr:\n{err}");
+    assert!(!err.contains("panicked"), "panic:\n{err}");
+    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+const GPT2: &str = "tiny_gpt2/model";
+const BERT: &str = "tiny_bert/model";
+
+fn validate_wgsl(src: &str) {
+    let module = naga::front::wgsl::parse_str(src)
+        .unwrap_or_else(|e| panic!("WGSL parse error:\n{}\n{src}", e.emit_to_string(src)));
+    let caps = naga::valid::Capabilities::SUBGROUP | naga::valid::Capabilities::SHADER_FLOAT16;
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("WGSL validation error:\n{}\n{src}", e.emit_to_string(src)));
+}
+
+/// The emitted folder: plan.json and the kernel files it names, checked against each other.
+fn read_emitted(dir: &Path, ext: &str) -> (serde_json::Value, Vec<(String, String)>) {
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("plan.json")).unwrap()).unwrap();
+    let kernels = plan["kernels"].as_array().unwrap();
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "plan.json")
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), kernels.len(), "one file per kernel: {files:?}");
+    let mut out = vec![];
+    for (i, k) in kernels.iter().enumerate() {
+        let (entry, file) = (k["entry"].as_str().unwrap(), k["file"].as_str().unwrap());
+        assert_eq!(file, format!("{i:02}_{entry}.{ext}"));
+        assert_eq!(files[i], file, "files sort in launch order");
+        let src = std::fs::read_to_string(dir.join(file)).unwrap();
+        assert!(src.contains(entry), "{file} defines {entry}");
+        // Each binding names a buffer of the plan; each uniform has an expression.
+        let buffers: Vec<&str> = plan["buffers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap())
+            .collect();
+        for b in k["bindings"].as_array().unwrap() {
+            assert!(buffers.contains(&b["buffer"].as_str().unwrap()), "{b}");
+        }
+        for u in k["uniforms"].as_array().unwrap() {
+            assert!(!u["expr"].as_str().unwrap().is_empty());
+        }
+        out.push((file.to_string(), src));
+    }
+    (plan, out)
+}
+
+#[test]
+fn emit_cuda_writes_one_source_per_kernel_and_plan_json() {
+    let tmp = TempDir::new("emit_cuda");
+    let dir = tmp.join("out");
+    let out = transfuse([
+        "compile",
+        "--model",
+        &s(&fixture(GPT2)),
+        "--target",
+        "cuda",
+        "--emit",
+        &s(&dir),
+        "--dims",
+        "batch=2,seq=16,past=3",
+    ]);
+    assert_ok(&out);
+    assert!(
+        stderr_of(&out).contains("lowered to"),
+        "{}",
+        stderr_of(&out)
+    );
+    let (plan, files) = read_emitted(&dir, "cu");
+    assert_eq!(plan["target"], "cuda");
+    assert_eq!(plan["elem"], "f32");
+    for (file, src) in &files {
+        assert!(src.contains("extern \"C\" __global__"), "{file}");
+    }
+    let t = &plan["totals"];
+    assert_eq!(t["dims"]["seq"], 16);
+    assert!(t["forward_bytes_at"].as_i64().unwrap() >= t["lower_bound_bytes_at"].as_i64().unwrap());
+    // Sizes are expressions of the symbolic dims.
+    let logits = plan["buffers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "logits")
+        .unwrap();
+    assert_eq!(logits["kind"], "output");
+    assert_eq!(logits["elements"], "1000*batch*seq");
+    assert_eq!(logits["bytes_at"], 4 * 1000 * 2 * 16);
+    // Kernel 0 launches with a grid at the given dims.
+    assert!(plan["kernels"][0]["grid_at"].as_array().is_some());
+}
+
+#[test]
+fn emit_wgsl_f16_is_valid_wgsl() {
+    let tmp = TempDir::new("emit_wgsl");
+    let dir = tmp.join("out");
+    let out = transfuse([
+        "compile",
+        "--model",
+        &s(&fixture(BERT)),
+        "--target",
+        "wgsl",
+        "--dtype",
+        "f16",
+        "--emit",
+        &s(&dir),
+    ]);
+    assert_ok(&out);
+    let (plan, files) = read_emitted(&dir, "wgsl");
+    assert_eq!(plan["elem"], "f16");
+    let prepare = plan["kernels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["phase"] == "prepare")
+        .count();
+    assert!(prepare > 0, "BERT's merged QKV weights are prepared once");
+    for (_, src) in &files {
+        validate_wgsl(src);
+    }
+    assert!(files.iter().any(|(_, s)| s.contains("enable f16;")));
+}
+
+#[test]
+fn report_with_a_target_lists_kernels_and_bytes_against_the_lower_bound() {
+    let out = transfuse([
+        "compile",
+        "--model",
+        &s(&fixture(GPT2)),
+        "--report",
+        "--target",
+        "cuda",
+        "--dims",
+        "batch=1,seq=32",
+    ]);
+    let stdout = assert_ok(&out);
+    assert!(
+        stdout.contains("fused_matmul"),
+        "the optimizer's table comes first"
+    );
+    assert!(stdout.contains("kernels (cuda f32; bytes and flops at batch=1 past=0 seq=32)"));
+    assert!(stdout.contains("attention_f32_d16_causal_mask"), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("planned global-memory traffic of one forward"))
+        .unwrap_or_else(|| panic!("no bytes line:\n{stdout}"));
+    assert!(line.contains("lower bound"), "{line}");
+    eprintln!("{stdout}");
+}
+
+#[test]
+fn bad_codegen_options_are_one_line_errors() {
+    let model = s(&fixture(GPT2));
+    let run = |extra: &[&str]| {
+        let mut args = vec!["compile", "--model", &model];
+        args.extend_from_slice(extra);
+        transfuse(args)
+    };
+    assert_error(
+        &run(&["--target", "wgsl", "--dtype", "bf16"]),
+        &["bf16", "cuda", "WGSL"],
+    );
+    assert_error(&run(&["--target", "metal"]), &["metal", "cuda or wgsl"]);
+    assert_error(
+        &run(&["--target", "cuda", "--dtype", "f64"]),
+        &["f64", "bf16"],
+    );
+    assert_error(&run(&["--emit", "/tmp/never"]), &["--target"]);
+    assert_error(
+        &run(&["--target", "cuda", "--dims", "seq"]),
+        &["--dims", "seq"],
+    );
+    assert_error(
+        &run(&["--target", "cuda", "--dims", "heads=3"]),
+        &["heads", "batch, past, seq"],
+    );
+    assert_error(&run(&["--target", "cuda", "--dims", "seq=x"]), &["seq=x"]);
+    // An unwritable --emit folder names the path.
+    let tmp = TempDir::new("bad_emit");
+    let file = tmp.join("a_file");
+    std::fs::write(&file, "x").unwrap();
+    assert_error(
+        &run(&["--target", "cuda", "--emit", &s(&file.join("sub"))]),
+        &["a_file"],
+    );
+}
