@@ -302,9 +302,31 @@ fn graphs(layers: usize) -> Vec<(&'static str, Graph)> {
     out
 }
 
+/// The optimized graph of a BERT-base config (hidden 768, 12 heads, vocab 30522), 12 layers.
+fn bert_base() -> Graph {
+    let cfg = transfuse::models::BertConfig {
+        vocab_size: 30522,
+        hidden_size: 768,
+        num_hidden_layers: 12,
+        num_attention_heads: 12,
+        intermediate_size: 3072,
+        max_position_embeddings: 512,
+        type_vocab_size: 2,
+        hidden_act: transfuse::models::Activation::GeluErf,
+        layer_norm_eps: 1e-12,
+    };
+    let heads = BertHeads {
+        pooler: true,
+        ..BertHeads::default()
+    };
+    optimized(&build_graph(&ModelConfig::Bert(cfg), heads).unwrap())
+}
+
 #[test]
 fn every_kernel_of_both_plans_is_valid_wgsl_in_f32_and_f16() {
-    for (name, g) in graphs(2) {
+    let mut all = graphs(2);
+    all.push(("bert_base", bert_base()));
+    for (name, g) in all {
         for elem in [Elem::F32, Elem::F16] {
             let plan = lower(&g, &LowerOptions::new(Target::Wgsl, elem)).unwrap();
             let mut seen = std::collections::HashSet::new();
@@ -336,7 +358,9 @@ fn every_kernel_of_both_plans_compiles_with_nvrtc_in_f32_f16_bf16() {
         return;
     }
     let mut table = vec![];
-    for (name, g) in graphs(2) {
+    let mut all = graphs(2);
+    all.push(("bert_base", bert_base()));
+    for (name, g) in all {
         for elem in [Elem::F32, Elem::F16, Elem::BF16] {
             let plan = lower(&g, &LowerOptions::new(Target::Cuda, elem)).unwrap();
             let mut seen = std::collections::HashSet::new();
@@ -354,9 +378,26 @@ fn every_kernel_of_both_plans_compiles_with_nvrtc_in_f32_f16_bf16() {
                     eprintln!("skipping {}: no CUDA headers", k.entry());
                     continue;
                 }
-                if let Err(e) = nvrtc::compile_ptx(&src, k.entry(), "compute_80", &[]) {
-                    panic!("{name} {elem:?} {}: {e}\n{src}", k.entry());
+                // f32 for both PTX targets; every dtype to sm_90 SASS with zero spills.
+                let archs: &[&str] = if elem == Elem::F32 {
+                    &["compute_80", "compute_90"]
+                } else {
+                    &["compute_80"]
+                };
+                for arch in archs {
+                    if let Err(e) = nvrtc::compile_ptx(&src, k.entry(), arch, &[]) {
+                        panic!("{name} {elem:?} {} for {arch}: {e}\n{src}", k.entry());
+                    }
                 }
+                let sass = nvrtc::compile_sass(&src, k.entry(), "sm_90")
+                    .unwrap_or_else(|e| panic!("{name} {elem:?} {} for sm_90: {e}", k.entry()));
+                let r = sass.kernel(k.entry()).expect("ptxas reports every kernel");
+                assert_eq!(
+                    (r.spill_stores_bytes, r.spill_loads_bytes),
+                    (0, 0),
+                    "{name} {elem:?} {} spills at default tunables",
+                    k.entry()
+                );
             }
             table.push(format!(
                 "{name} {elem:?}: {} distinct kernels compile",
