@@ -4,86 +4,11 @@
 
 mod common;
 
-use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use common::cli::*;
+
+use std::path::Path;
 
 use common::fixture;
-
-/// A fresh directory under the system temp dir, unique per test and process, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "transfuse-cli-codegen-{test}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn join(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs the binary with `args` (backtraces off).
-fn transfuse<I, S>(args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    Command::new(env!("CARGO_BIN_EXE_transfuse"))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .output()
-        .expect("spawn the transfuse binary")
-}
-
-fn stderr_of(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Exit code 2, stderr exactly one `error: ` line naming every culprit, no panic.
-fn assert_error(out: &Output, culprits: &[&str]) -> String {
-    let err = stderr_of(out);
-    assert_eq!(out.status.code(), Some(2), "stderr:\n{err}");
-    assert!(!err.contains("panicked"), "panic:\n{err}");
-    assert!(
-        err.ends_with('\n') && err.lines().count() == 1,
-        "stderr is not exactly one line:\n{err}"
-    );
-    let line = err.trim_end_matches('\n');
-    assert!(line.starts_with("error: "), "no `error: ` prefix: {line}");
-    for c in culprits {
-        assert!(line.contains(c), "{line:?} does not name {c:?}");
-    }
-    eprintln!("{line}");
-    line.to_owned()
-}
-
-fn assert_ok(out: &Output) -> String {
-    let err = stderr_of(out);
-    assert!(out.status.success(), "stderr:\n{err}");
-    assert!(!err.contains("panicked"), "panic:\n{err}");
-    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
-const GPT2: &str = "tiny_gpt2/model";
-const BERT: &str = "tiny_bert/model";
 
 fn validate_wgsl(src: &str) {
     let module = naga::front::wgsl::parse_str(src)

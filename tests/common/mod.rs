@@ -2,6 +2,8 @@
 //! the skip-unless-required rule for optional resources.
 #![allow(dead_code)]
 
+pub mod cli;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
