@@ -7,8 +7,9 @@
 
 use std::fmt::Write;
 
-use crate::kir::{Access, BinOp, Builtin, Elem, Expr, Kernel, Stmt, SubgroupOp, UnOp};
-use crate::types::{check_uniform, declare_stmt, Scope};
+use crate::kir::{Access, BinOp, Builtin, Elem, Expr, Kernel, SubgroupOp, UnOp};
+use crate::print::{Mem, Syntax};
+use crate::types::{check_uniform, Scope};
 use crate::CodegenError;
 
 fn ty(e: Elem) -> &'static str {
@@ -145,73 +146,38 @@ impl P<'_> {
             }
         })
     }
+}
 
-    fn stmts(&mut self, s: &mut Scope, body: &[Stmt], depth: usize) -> Result<(), CodegenError> {
-        let pad = "    ".repeat(depth);
-        for st in body {
-            match st {
-                Stmt::Let(n, e, v) => {
-                    let v = self.expr(s, v)?;
-                    let _ = writeln!(self.out, "{pad}const {} {n} = {v};", ty(*e));
-                }
-                Stmt::Var(n, e, v) => {
-                    let v = self.expr(s, v)?;
-                    let _ = writeln!(self.out, "{pad}{} {n} = {v};", ty(*e));
-                }
-                Stmt::LocalArray(n, e, len) => {
-                    let _ = writeln!(self.out, "{pad}{} {n}[{len}];", ty(*e));
-                    let _ = writeln!(
-                        self.out,
-                        "{pad}for (unsigned int tf_i = 0u; tf_i < {len}u; ++tf_i) {{ {n}[tf_i] = ({})0; }}",
-                        ty(*e)
-                    );
-                }
-                Stmt::Assign(n, v) => {
-                    let v = self.expr(s, v)?;
-                    let _ = writeln!(self.out, "{pad}{n} = {v};");
-                }
-                Stmt::StoreLocal(a, i, v) | Stmt::Store(a, i, v) | Stmt::StoreShared(a, i, v) => {
-                    let (i, v) = (self.expr(s, i)?, self.expr(s, v)?);
-                    let _ = writeln!(self.out, "{pad}{a}[{i}] = {v};");
-                }
-                Stmt::If(c, a, b) => {
-                    let c = self.expr(s, c)?;
-                    let _ = writeln!(self.out, "{pad}if ({c}) {{");
-                    self.stmts(&mut s.clone(), a, depth + 1)?;
-                    if !b.is_empty() {
-                        let _ = writeln!(self.out, "{pad}}} else {{");
-                        self.stmts(&mut s.clone(), b, depth + 1)?;
-                    }
-                    let _ = writeln!(self.out, "{pad}}}");
-                }
-                Stmt::For {
-                    var,
-                    start,
-                    end,
-                    step,
-                    body,
-                } => {
-                    let (a, b, c) = (
-                        self.expr(s, start)?,
-                        self.expr(s, end)?,
-                        self.expr(s, step)?,
-                    );
-                    let _ = writeln!(
-                        self.out,
-                        "{pad}for (unsigned int {var} = {a}; {var} < {b}; {var} += {c}) {{"
-                    );
-                    let mut inner = s.clone();
-                    inner.declare(var, Elem::U32);
-                    self.stmts(&mut inner, body, depth + 1)?;
-                    let _ = writeln!(self.out, "{pad}}}");
-                }
-                Stmt::Barrier => {
-                    let _ = writeln!(self.out, "{pad}__syncthreads();");
-                }
-            }
-            declare_stmt(s, st);
-        }
-        Ok(())
+impl Syntax for P<'_> {
+    fn expr(&self, s: &Scope, e: &Expr) -> Result<String, CodegenError> {
+        P::expr(self, s, e)
+    }
+
+    fn decl(&self, mutable: bool, n: &str, e: Elem, v: &str) -> Result<String, CodegenError> {
+        let c = if mutable { "" } else { "const " };
+        Ok(format!("{c}{} {n} = {v};", ty(e)))
+    }
+
+    fn local_array(&self, n: &str, e: Elem, len: u32) -> Result<Vec<String>, CodegenError> {
+        Ok(vec![
+            format!("{} {n}[{len}];", ty(e)),
+            format!(
+                "for (unsigned int tf_i = 0u; tf_i < {len}u; ++tf_i) {{ {n}[tf_i] = ({})0; }}",
+                ty(e)
+            ),
+        ])
+    }
+
+    fn store(&self, _mem: Mem, arr: &str, i: &str, v: &str) -> String {
+        format!("{arr}[{i}] = {v};")
+    }
+
+    fn for_header(&self, var: &str, a: &str, b: &str, c: &str) -> String {
+        format!("for (unsigned int {var} = {a}; {var} < {b}; {var} += {c}) {{")
+    }
+
+    fn barrier(&self) -> &'static str {
+        "__syncthreads();"
     }
 }
 
@@ -272,7 +238,9 @@ pub fn print(k: &Kernel) -> Result<String, CodegenError> {
         );
     }
     let mut scope = Scope::of(k);
-    p.stmts(&mut scope, &k.body, 1)?;
+    let mut body = String::new();
+    crate::print::stmts(&p, &mut body, &mut scope, &k.body, 1)?;
+    p.out.push_str(&body);
     p.out.push_str("}\n");
     Ok(p.out)
 }

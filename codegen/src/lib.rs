@@ -37,6 +37,7 @@ pub mod interp;
 pub mod kernels;
 pub mod kir;
 pub mod lower;
+mod print;
 pub mod types;
 pub mod wgsl;
 
