@@ -386,19 +386,9 @@ impl EwTunables {
 
     fn describe(&self, limits: &Limits) -> Vec<Tunable> {
         let space = Self::space(limits);
-        let axis = |name, value: u32, get: &dyn Fn(&EwTunables) -> u32| {
-            let mut s: Vec<u32> = space.iter().map(get).chain([value]).collect();
-            s.sort_unstable();
-            s.dedup();
-            Tunable {
-                name,
-                value,
-                space: s,
-            }
-        };
         vec![
-            axis("threads", self.threads, &|t| t.threads),
-            axis("items", self.items, &|t| t.items),
+            Tunable::axis("threads", self.threads, &space, |t| t.threads),
+            Tunable::axis("items", self.items, &space, |t| t.items),
         ]
     }
 }
@@ -445,18 +435,12 @@ impl RowTunables {
     }
 
     fn describe(&self, limits: &Limits) -> Vec<Tunable> {
-        let mut space: Vec<u32> = Self::space(limits)
-            .iter()
-            .map(|t| t.threads)
-            .chain([self.threads])
-            .collect();
-        space.sort_unstable();
-        space.dedup();
-        vec![Tunable {
-            name: "threads",
-            value: self.threads,
-            space,
-        }]
+        vec![Tunable::axis(
+            "threads",
+            self.threads,
+            &Self::space(limits),
+            |t| t.threads,
+        )]
     }
 }
 

@@ -275,22 +275,14 @@ impl MatMulTunables {
 
     fn describe(&self, cfg: &MatMulConfig, limits: &Limits) -> Vec<Tunable> {
         let space = Self::space(cfg, limits);
-        let axis = |name, value: u32, get: &dyn Fn(&MatMulTunables) -> u32| {
-            let mut s: Vec<u32> = space.iter().map(get).chain([value]).collect();
-            s.sort_unstable();
-            s.dedup();
-            Tunable {
-                name,
-                value,
-                space: s,
-            }
-        };
+        let axis =
+            |name, value, get: fn(&MatMulTunables) -> u32| Tunable::axis(name, value, &space, get);
         vec![
-            axis("tile_m", self.tile_m, &|t| t.tile_m),
-            axis("tile_n", self.tile_n, &|t| t.tile_n),
-            axis("tile_k", self.tile_k, &|t| t.tile_k),
-            axis("rm", self.rm, &|t| t.rm),
-            axis("rn", self.rn, &|t| t.rn),
+            axis("tile_m", self.tile_m, |t| t.tile_m),
+            axis("tile_n", self.tile_n, |t| t.tile_n),
+            axis("tile_k", self.tile_k, |t| t.tile_k),
+            axis("rm", self.rm, |t| t.rm),
+            axis("rn", self.rn, |t| t.rn),
         ]
     }
 }
@@ -745,16 +737,7 @@ pub fn gemv(
     };
     check_limits(&kernel, limits)?;
     let space = GemvTunables::space(cfg, limits);
-    let axis = |name, value: u32, get: &dyn Fn(&GemvTunables) -> u32| {
-        let mut s: Vec<u32> = space.iter().map(get).chain([value]).collect();
-        s.sort_unstable();
-        s.dedup();
-        Tunable {
-            name,
-            value,
-            space: s,
-        }
-    };
+    let axis = |name, value, get: fn(&GemvTunables) -> u32| Tunable::axis(name, value, &space, get);
     Ok(Generated {
         kernel,
         grid: [
@@ -766,8 +749,8 @@ pub fn gemv(
             grid_z(),
         ],
         tunables: vec![
-            axis("threads", threads, &|t| t.threads),
-            axis("cols", cols, &|t| t.cols),
+            axis("threads", threads, |t| t.threads),
+            axis("cols", cols, |t| t.cols),
         ],
     })
 }

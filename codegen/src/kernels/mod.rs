@@ -19,6 +19,26 @@ pub struct Tunable {
     pub space: Vec<u32>,
 }
 
+impl Tunable {
+    /// The tunable `name` at `value` whose search space is every value the points of a
+    /// tuning `space` take on this axis (`get`), plus `value`, sorted and distinct.
+    pub fn axis<T>(
+        name: &'static str,
+        value: u32,
+        space: &[T],
+        get: impl Fn(&T) -> u32,
+    ) -> Tunable {
+        let mut s: Vec<u32> = space.iter().map(get).chain([value]).collect();
+        s.sort_unstable();
+        s.dedup();
+        Tunable {
+            name,
+            value,
+            space: s,
+        }
+    }
+}
+
 /// What a target guarantees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
