@@ -32,7 +32,9 @@ pub use transfuse_runtime as runtime;
 use ir::Tensor;
 use models::config::ModelConfig;
 use models::{gpt2, Model, ModelError};
-use runtime::{Backend, CpuBackend, RuntimeError, TensorMap};
+use std::sync::Mutex;
+
+use runtime::{Backend, CpuBackend, Loaded, RuntimeError, TensorMap};
 
 /// Everything that can go wrong in a session or the CLI; each variant names its culprit.
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +212,8 @@ pub struct Session {
     /// optimized graph (merged QKV, transposes, folded norms) computed once at load.
     pub weights: ir::Weights,
     backend: Box<dyn Backend>,
+    /// The graph loaded on the backend (kernels compiled, weights resident).
+    program: Mutex<Box<dyn Loaded>>,
 }
 
 impl Session {
@@ -235,12 +239,14 @@ impl Session {
             Some(_) => runtime::fold_weights(&graph, &model.weights)?,
             None => (graph, model.weights.clone()),
         };
+        let program = Mutex::new(backend.load(&graph, &weights)?);
         Ok(Session {
             model,
             graph,
             report,
             weights,
             backend,
+            program,
         })
     }
 
@@ -260,6 +266,26 @@ impl Session {
         self.backend.name()
     }
 
+    /// The device the backend runs on, for people.
+    pub fn backend_description(&self) -> String {
+        self.backend.description()
+    }
+
+    /// Device memory of the last run (GPU backends): resident, I/O, temporaries planned by
+    /// liveness against one buffer per tensor.
+    pub fn memory(&self) -> Option<runtime::MemoryReport> {
+        self.lock().memory()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Box<dyn Loaded>> {
+        // A panic while running leaves nothing half-updated that a later call relies on.
+        self.program.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn run(&self, inputs: &TensorMap, carry: &[(String, String)]) -> Result<TensorMap, Error> {
+        Ok(self.lock().run(inputs, carry)?)
+    }
+
     fn gpt2_cache_inputs(&self, batch: usize, inputs: &mut TensorMap) {
         if let ModelConfig::Gpt2(c) = &self.model.config {
             for i in 0..c.n_layer {
@@ -273,9 +299,9 @@ impl Session {
         }
     }
 
-    /// Runs the model on a batch. Decoders give `logits`; encoders `last_hidden_state` (and
-    /// `pooler_output` / `embeddings` when the model has them).
-    pub fn forward(&self, batch: &Batch) -> Result<TensorMap, Error> {
+    /// The graph inputs for `batch`, validated (ids, masks, token types; an empty KV cache
+    /// for decoders).
+    fn batch_inputs(&self, batch: &Batch) -> Result<TensorMap, Error> {
         batch.validate().map_err(Error::Usage)?;
         self.model.check_ids(&batch.input_ids, 0)?;
         let (b, s) = batch.dims();
@@ -324,9 +350,23 @@ impl Session {
             }
             ModelConfig::Gpt2(_) => self.gpt2_cache_inputs(b, &mut inputs),
         }
-        let mut out = self.backend.run(&self.graph, &self.weights, &inputs)?;
+        Ok(inputs)
+    }
+
+    /// Runs the model on a batch. Decoders give `logits`; encoders `last_hidden_state` (and
+    /// `pooler_output` / `embeddings` when the model has them).
+    pub fn forward(&self, batch: &Batch) -> Result<TensorMap, Error> {
+        let inputs = self.batch_inputs(batch)?;
+        let mut out = self.run(&inputs, &[])?;
         out.retain(|k, _| !k.starts_with("present_"));
         Ok(out)
+    }
+
+    /// Runs `batch` once timing each kernel (each launch synchronised; on the CPU backend, each
+    /// op).
+    pub fn profile(&self, batch: &Batch) -> Result<Vec<runtime::KernelTime>, Error> {
+        let inputs = self.batch_inputs(batch)?;
+        Ok(self.lock().profile(&inputs)?)
     }
 
     /// Decodes `max_new` tokens after `prompt` (a decoder model), reusing the KV cache: one
@@ -363,6 +403,18 @@ impl Session {
         let mut ids = prompt.to_vec();
         let mut inputs: TensorMap = HashMap::new();
         self.gpt2_cache_inputs(1, &mut inputs);
+        // The cache stays on the backend's device between steps: each `present_*` output
+        // becomes the next step's `past_*` input.
+        let carry: Vec<(String, String)> = (0..cfg.n_layer)
+            .flat_map(|i| {
+                [
+                    (gpt2::present_key(i), gpt2::past_key(i)),
+                    (gpt2::present_value(i), gpt2::past_value(i)),
+                ]
+            })
+            .collect();
+        let mut program = self.lock();
+        program.clear_carry();
         let mut step: Vec<i64> = prompt.to_vec();
         for _ in 0..max_new {
             inputs.insert(
@@ -373,26 +425,18 @@ impl Session {
                 "attention_mask".into(),
                 Tensor::i64(vec![1, ids.len()], vec![1; ids.len()]),
             );
-            let mut out = self.backend.run(&self.graph, &self.weights, &inputs)?;
+            let mut out = program.run(&inputs, &carry)?;
+            // From now on the carried cache is the input.
+            inputs.retain(|k, _| !k.starts_with("past_"));
             let logits = out.remove("logits").expect("decoder graphs output logits");
             let v = logits.shape[2];
             let data = logits.as_f32().expect("logits are f32");
             let last = &data[data.len() - v..];
             let next = pick(last, sampling, &mut rng);
-            for i in 0..cfg.n_layer {
-                for (past, present) in [
-                    (gpt2::past_key(i), gpt2::present_key(i)),
-                    (gpt2::past_value(i), gpt2::present_value(i)),
-                ] {
-                    let t = out
-                        .remove(&present)
-                        .expect("decoder graphs output their cache");
-                    inputs.insert(past, t);
-                }
-            }
             ids.push(next);
             step = vec![next];
         }
+        program.clear_carry();
         Ok(ids)
     }
 

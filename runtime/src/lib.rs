@@ -28,11 +28,20 @@ use std::collections::HashMap;
 use transfuse_ir::{Bindings, DType, Graph, IrError, Tensor, Weights};
 
 pub mod cpu;
+pub mod cuda;
+pub mod device;
 pub mod fold;
+pub mod memory;
 pub mod nvrtc;
+pub mod program;
+pub mod select;
+pub mod webgpu;
 
 pub use cpu::CpuBackend;
+pub use cuda::CudaBackend;
 pub use fold::fold_weights;
+pub use program::{Program, WgpuBackend};
+pub use select::{backend_by_name, BackendChoice};
 
 /// Named host tensors (graph inputs or outputs).
 pub type TensorMap = HashMap<String, Tensor>;
@@ -101,6 +110,24 @@ pub enum RuntimeError {
     /// A shape expression could not be evaluated.
     #[error(transparent)]
     Ir(#[from] IrError),
+    /// A device backend could not start or failed: no adapter or driver, a kernel the device
+    /// rejected, a tensor over its limits.
+    #[error("{backend}: {msg}")]
+    Device {
+        /// `wgpu` or `cuda`.
+        backend: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// The graph could not be lowered to kernels for the device.
+    #[error("codegen: {0}")]
+    Codegen(String),
+}
+
+impl From<transfuse_codegen::CodegenError> for RuntimeError {
+    fn from(e: transfuse_codegen::CodegenError) -> Self {
+        RuntimeError::Codegen(e.to_string())
+    }
 }
 
 /// A backend that runs whole graphs.
@@ -108,13 +135,73 @@ pub trait Backend {
     /// A short name (`cpu`, `wgpu`, `cuda`).
     fn name(&self) -> &str;
 
-    /// Runs `graph` with `weights` on `inputs`, returning its named outputs.
+    /// The device it runs on, for people (`--verbose`).
+    fn description(&self) -> String {
+        self.name().to_string()
+    }
+
+    /// Prepares `graph` to run: compiles its kernels and uploads `weights` once.
+    fn load(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Loaded>, RuntimeError>;
+
+    /// Runs `graph` with `weights` on `inputs` once, returning its named outputs.
     fn run(
         &self,
         graph: &Graph,
         weights: &Weights,
         inputs: &TensorMap,
+    ) -> Result<TensorMap, RuntimeError> {
+        self.load(graph, weights)?.run(inputs, &[])
+    }
+}
+
+/// Time of one kernel (or op) of a profiled run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTime {
+    /// Kernel entry name (or op name on the CPU).
+    pub name: String,
+    /// The IR ops it computes.
+    pub ops: Vec<String>,
+    /// Seconds, host-measured around the launch and a device sync.
+    pub seconds: f64,
+}
+
+/// A graph ready to run on a backend, its weights resident.
+pub trait Loaded: Send {
+    /// Runs on `inputs`. Each `(output, input)` pair of `carry` keeps that output on the
+    /// device instead of returning it, and feeds it as that input to the following calls that
+    /// do not supply it (a KV cache between decoding steps).
+    fn run(
+        &mut self,
+        inputs: &TensorMap,
+        carry: &[(String, String)],
     ) -> Result<TensorMap, RuntimeError>;
+
+    /// Drops the carried tensors.
+    fn clear_carry(&mut self);
+
+    /// Runs on `inputs` timing each kernel (each launch synchronised, so slower than
+    /// [`Loaded::run`]); the outputs are discarded.
+    fn profile(&mut self, inputs: &TensorMap) -> Result<Vec<KernelTime>, RuntimeError>;
+
+    /// The memory plan of the last run (`None` on the CPU backend).
+    fn memory(&self) -> Option<MemoryReport> {
+        None
+    }
+}
+
+/// Device memory of the last run of a [`Loaded`] graph, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// Weights, derived weights and constants (resident).
+    pub persistent: u64,
+    /// Inputs, outputs and carried tensors.
+    pub io: u64,
+    /// Temporaries with one buffer each.
+    pub temps_naive: u64,
+    /// Temporaries as planned by liveness ([`memory::plan`]).
+    pub temps_planned: u64,
+    /// Most temporary bytes live at once (the floor of any plan).
+    pub temps_live_peak: u64,
 }
 
 /// Binds the graph's symbolic dims from the supplied inputs and checks their dtypes and shapes.
@@ -122,8 +209,23 @@ pub trait Backend {
 /// A dim that is a bare symbol binds it (two inputs binding it differently is an error); every
 /// other dim is evaluated afterwards and must match.
 pub fn bind_inputs(graph: &Graph, inputs: &TensorMap) -> Result<Bindings, RuntimeError> {
+    let declared: Vec<(&str, &[transfuse_ir::Dim], DType)> = graph
+        .inputs()
+        .into_iter()
+        .map(|(n, s, d)| (n, s.as_slice(), d))
+        .collect();
+    bind_shapes(&declared, &|name| {
+        inputs.get(name).map(|t| (t.shape.clone(), t.dtype()))
+    })
+}
+
+/// [`bind_inputs`] over declared `(name, shape, dtype)` inputs and a lookup of what was
+/// supplied for each (shape and dtype).
+pub fn bind_shapes(
+    declared: &[(&str, &[transfuse_ir::Dim], DType)],
+    supplied: &dyn Fn(&str) -> Option<(Vec<usize>, DType)>,
+) -> Result<Bindings, RuntimeError> {
     let mut b = Bindings::new();
-    let declared = graph.inputs();
     let shape_err = |name: &str, shape: &[transfuse_ir::Dim], found: &[usize], why: String| {
         RuntimeError::InputShape {
             name: name.to_string(),
@@ -132,28 +234,28 @@ pub fn bind_inputs(graph: &Graph, inputs: &TensorMap) -> Result<Bindings, Runtim
             why,
         }
     };
-    for &(name, shape, dtype) in &declared {
-        let t = inputs
-            .get(name)
-            .ok_or_else(|| RuntimeError::MissingInput(name.to_string()))?;
-        if t.dtype() != dtype {
+    let mut found: Vec<Vec<usize>> = vec![];
+    for &(name, shape, dtype) in declared {
+        let (t_shape, t_dtype) =
+            supplied(name).ok_or_else(|| RuntimeError::MissingInput(name.to_string()))?;
+        if t_dtype != dtype {
             return Err(RuntimeError::InputDtype {
                 name: name.to_string(),
                 expected: dtype,
-                found: t.dtype(),
+                found: t_dtype,
             });
         }
-        if t.shape.len() != shape.len() {
-            return Err(shape_err(name, shape, &t.shape, "rank differs".into()));
+        if t_shape.len() != shape.len() {
+            return Err(shape_err(name, shape, &t_shape, "rank differs".into()));
         }
-        for (d, &n) in shape.iter().zip(&t.shape) {
+        for (d, &n) in shape.iter().zip(&t_shape) {
             if let Some(s) = d.as_sym() {
                 match b.get(s) {
                     Some(&prev) if prev != n => {
                         return Err(shape_err(
                             name,
                             shape,
-                            &t.shape,
+                            &t_shape,
                             format!("`{s}` is {n} here but {prev} in another input"),
                         ))
                     }
@@ -163,18 +265,18 @@ pub fn bind_inputs(graph: &Graph, inputs: &TensorMap) -> Result<Bindings, Runtim
                 }
             }
         }
+        found.push(t_shape);
     }
-    for &(name, shape, _) in &declared {
-        let t = &inputs[name];
-        for (d, &n) in shape.iter().zip(&t.shape) {
+    for (&(name, shape, _), t_shape) in declared.iter().zip(&found) {
+        for (d, &n) in shape.iter().zip(t_shape) {
             let want = d
                 .eval(&b)
-                .map_err(|e| shape_err(name, shape, &t.shape, e.to_string()))?;
+                .map_err(|e| shape_err(name, shape, t_shape, e.to_string()))?;
             if want != n {
                 return Err(shape_err(
                     name,
                     shape,
-                    &t.shape,
+                    t_shape,
                     format!("dim `{d}` is {want}, got {n}"),
                 ));
             }

@@ -87,3 +87,35 @@ pub fn assert_close_masked(
     assert!(compared > 0, "{what}: nothing compared");
     eprintln!("{what}: max |diff| {worst:.2e} over {compared} values (tol {tol:.0e})");
 }
+
+/// The wgpu backend, or `None` (with a message) when no adapter is found; a failure when
+/// `TRANSFUSE_REQUIRE` names `wgpu`.
+pub fn wgpu_backend() -> Option<transfuse::runtime::WgpuBackend> {
+    match transfuse::runtime::WgpuBackend::new() {
+        Ok(b) => {
+            eprintln!(
+                "wgpu adapter: {}",
+                transfuse::runtime::Backend::description(&b)
+            );
+            Some(b)
+        }
+        Err(e) if required("wgpu") => panic!("TRANSFUSE_REQUIRE names wgpu but: {e}"),
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            None
+        }
+    }
+}
+
+/// The CUDA backend, or `None` (with a message) when there is no driver or device; a failure
+/// when `TRANSFUSE_REQUIRE` names `cuda`.
+pub fn cuda_backend() -> Option<transfuse::runtime::CudaBackend> {
+    match transfuse::runtime::CudaBackend::new() {
+        Ok(b) => Some(b),
+        Err(e) if required("cuda") => panic!("TRANSFUSE_REQUIRE names cuda but: {e}"),
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            None
+        }
+    }
+}

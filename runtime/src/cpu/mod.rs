@@ -13,7 +13,9 @@ use transfuse_ir::{
     UnaryOp, Weights,
 };
 
-use crate::{bind_inputs, Backend, RuntimeError, TensorMap};
+use std::time::Instant;
+
+use crate::{bind_inputs, Backend, KernelTime, Loaded, RuntimeError, TensorMap};
 
 pub mod fused;
 pub mod kernels;
@@ -36,45 +38,117 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn description(&self) -> String {
+        format!(
+            "cpu (reference backend, {} rayon threads)",
+            rayon::current_num_threads()
+        )
+    }
+
+    fn load(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Loaded>, RuntimeError> {
+        Ok(Box::new(CpuProgram {
+            graph: graph.clone(),
+            weights: weights.clone(),
+            carried: HashMap::new(),
+        }))
+    }
+
     fn run(
         &self,
         graph: &Graph,
         weights: &Weights,
         inputs: &TensorMap,
     ) -> Result<TensorMap, RuntimeError> {
-        let bindings = bind_inputs(graph, inputs)?;
-        let mut remaining = graph.use_counts();
-        let mut values: Vec<Option<Arc<Tensor>>> = vec![None; graph.len()];
-        for (id, node) in graph.nodes() {
-            let args: Vec<Arc<Tensor>> = node
-                .inputs
-                .iter()
-                .map(|i| {
-                    values[i.index()]
-                        .clone()
-                        .expect("operand computed before use")
-                })
-                .collect();
-            let out = eval_node(id, node, &args, &bindings, weights, inputs)?;
-            values[id.index()] = Some(out);
-            drop(args);
-            for i in &node.inputs {
-                remaining[i.index()] -= 1;
-                if remaining[i.index()] == 0 {
-                    values[i.index()] = None;
-                }
+        run_graph(graph, weights, inputs, None)
+    }
+}
+
+/// A graph on the CPU backend; carried tensors stay host tensors.
+struct CpuProgram {
+    graph: Graph,
+    weights: Weights,
+    carried: TensorMap,
+}
+
+impl Loaded for CpuProgram {
+    fn run(
+        &mut self,
+        inputs: &TensorMap,
+        carry: &[(String, String)],
+    ) -> Result<TensorMap, RuntimeError> {
+        let mut all = inputs.clone();
+        for (k, v) in &self.carried {
+            all.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let mut out = run_graph(&self.graph, &self.weights, &all, None)?;
+        for (o, i) in carry {
+            if let Some(t) = out.remove(o) {
+                self.carried.insert(i.clone(), t);
             }
         }
-        let mut outs = HashMap::new();
-        for (name, id) in graph.outputs() {
-            let t = values[id.index()].clone().expect("outputs stay live");
-            outs.insert(
-                name.clone(),
-                Arc::try_unwrap(t).unwrap_or_else(|a| (*a).clone()),
-            );
-        }
-        Ok(outs)
+        Ok(out)
     }
+
+    fn clear_carry(&mut self) {
+        self.carried.clear();
+    }
+
+    fn profile(&mut self, inputs: &TensorMap) -> Result<Vec<KernelTime>, RuntimeError> {
+        let mut times = vec![];
+        run_graph(&self.graph, &self.weights, inputs, Some(&mut times))?;
+        Ok(times)
+    }
+}
+
+/// Runs `graph` node by node; with `times`, records each computing node's time.
+fn run_graph(
+    graph: &Graph,
+    weights: &Weights,
+    inputs: &TensorMap,
+    mut times: Option<&mut Vec<KernelTime>>,
+) -> Result<TensorMap, RuntimeError> {
+    let bindings = bind_inputs(graph, inputs)?;
+    let mut remaining = graph.use_counts();
+    let mut values: Vec<Option<Arc<Tensor>>> = vec![None; graph.len()];
+    for (id, node) in graph.nodes() {
+        let args: Vec<Arc<Tensor>> = node
+            .inputs
+            .iter()
+            .map(|i| {
+                values[i.index()]
+                    .clone()
+                    .expect("operand computed before use")
+            })
+            .collect();
+        let t0 = Instant::now();
+        let out = eval_node(id, node, &args, &bindings, weights, inputs)?;
+        if let Some(times) = times.as_deref_mut() {
+            if !node.inputs.is_empty() {
+                times.push(KernelTime {
+                    name: format!("%{} {}", id.index(), node.op.name()),
+                    ops: vec![node.op.name()],
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
+            }
+        }
+        values[id.index()] = Some(out);
+        drop(args);
+        for i in &node.inputs {
+            remaining[i.index()] -= 1;
+            if remaining[i.index()] == 0 {
+                values[i.index()] = None;
+            }
+        }
+    }
+    let mut outs = HashMap::new();
+    for (name, id) in graph.outputs() {
+        let t = values[id.index()].clone().expect("outputs stay live");
+        outs.insert(
+            name.clone(),
+            Arc::try_unwrap(t).unwrap_or_else(|a| (*a).clone()),
+        );
+    }
+    Ok(outs)
 }
 
 fn op_err(id: NodeId, node: &Node, msg: impl Into<String>) -> RuntimeError {

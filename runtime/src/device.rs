@@ -1,0 +1,74 @@
+//! The device interface the plan executor ([`crate::program`]) runs on: buffers, kernel
+//! compilation, launches. One implementation per API: [`crate::webgpu::WgpuDevice`] (any WebGPU
+//! adapter through wgpu) and [`crate::cuda::CudaDevice`] (cudarc's driver API + NVRTC).
+//!
+//! The executor owns everything above this line (which buffer a tensor lives in, which kernel
+//! runs next, the memory plan); a device only moves bytes and launches what it is given, in
+//! order. Launches are asynchronous; [`Device::read`] and [`Device::sync`] wait for every launch
+//! before them.
+
+use transfuse_codegen::kernels::Limits;
+use transfuse_codegen::kir::{Elem, Kernel};
+use transfuse_codegen::lower::Target;
+
+use crate::RuntimeError;
+
+/// What the executor needs to know about a device before lowering a graph for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceInfo {
+    /// Backend name (`wgpu`, `cuda`).
+    pub backend: &'static str,
+    /// Human-readable adapter / device description (printed by `--verbose`).
+    pub description: String,
+    /// The printer its kernels need.
+    pub target: Target,
+    /// Threads per workgroup and shared memory the lowering may use.
+    pub limits: Limits,
+    /// Largest range one kernel parameter may bind, in bytes.
+    pub max_binding_bytes: u64,
+    /// Most storage buffers one kernel may bind.
+    pub max_storage_buffers: u32,
+    /// Most workgroups per grid axis.
+    pub max_grid: [u32; 3],
+    /// Storage types its kernels may use.
+    pub elems: Vec<Elem>,
+    /// True for a real GPU, false for a CPU adapter (lavapipe, llvmpipe, WARP).
+    pub is_gpu: bool,
+}
+
+/// A compute device (see the module docs).
+pub trait Device: Send + Sync {
+    /// A device buffer.
+    type Buffer: Send;
+    /// A compiled kernel, ready to launch.
+    type Module: Send;
+
+    /// Limits and identity.
+    fn info(&self) -> &DeviceInfo;
+
+    /// A zeroed buffer of at least `bytes` bytes (at least 4, rounded up to 4). `what` names the
+    /// tensor in errors.
+    fn alloc(&self, bytes: u64, what: &str) -> Result<Self::Buffer, RuntimeError>;
+
+    /// Writes `data` at the start of `buf`, after every launch issued before.
+    fn write(&self, buf: &Self::Buffer, data: &[u8]) -> Result<(), RuntimeError>;
+
+    /// Reads the first `bytes` bytes of `buf`, after every launch issued before.
+    fn read(&self, buf: &Self::Buffer, bytes: u64) -> Result<Vec<u8>, RuntimeError>;
+
+    /// Compiles `kernel` (printed for [`DeviceInfo::target`]).
+    fn compile(&self, kernel: &Kernel) -> Result<Self::Module, RuntimeError>;
+
+    /// Enqueues one launch: `bufs` in the kernel's parameter order, its `uniforms`, `grid`
+    /// workgroups.
+    fn launch(
+        &self,
+        module: &Self::Module,
+        bufs: &[&Self::Buffer],
+        uniforms: &[u32],
+        grid: [u32; 3],
+    ) -> Result<(), RuntimeError>;
+
+    /// Waits for every launch issued so far.
+    fn sync(&self) -> Result<(), RuntimeError>;
+}

@@ -1,0 +1,693 @@
+//! The plan executor: runs a lowered graph ([`transfuse_codegen::lower::Plan`]) on any
+//! [`Device`].
+//!
+//! At load ([`Program::new`]) the graph is lowered for the device (its printer, its limits, the
+//! storage type asked for), every kernel is compiled once, weights are uploaded once, constant
+//! buffers filled, and the prepare kernels (weight-only work: merged QKV weights, transposes)
+//! run once. Each call ([`Loaded::run`]):
+//!
+//! 1. binds the symbolic dims from the inputs' shapes (carried tensors included);
+//! 2. checks gathered ids against their tables (the kernels clamp; the error is here);
+//! 3. plans the temporaries ([`crate::memory`]) for those dims, growing slot buffers when a
+//!    plan needs more than they hold (with 25 % headroom, so a growing KV cache does not
+//!    reallocate every step);
+//! 4. uploads the inputs (f32 → the plan's storage type, i64 → i32, bool → u32) and launches the
+//!    forward kernels in order with the uniforms and grid [`Plan::launch_args`] gives; an
+//!    attention kernel with a decode variant launches it when the query length is 1;
+//! 5. reads the outputs back, except carried ones: those stay on the device and become inputs
+//!    of the next call (the buffer they replace is reused for the next output).
+//!
+//! Grids over the device's per-axis limit are clamped for grid-stride kernels (they read
+//! `num_workgroups`) and refused for the others; tensors over the largest binding and kernels
+//! with more storage buffers than the device allows are refused at load, naming them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use transfuse_codegen::kir::{elem_bytes, Builtin, Elem};
+use transfuse_codegen::lower::{self, BufferKind, LowerOptions, Phase, Plan};
+use transfuse_ir::{Bindings, DType, Data, Graph, NodeId, Op, Tensor, Weights};
+
+use crate::device::Device;
+use crate::memory::{self, Interval};
+use crate::{bind_shapes, Backend, KernelTime, Loaded, MemoryReport, RuntimeError, TensorMap};
+
+/// A device buffer and its capacity in bytes.
+struct Held<B> {
+    buf: B,
+    cap: u64,
+}
+
+/// Where a plan buffer lives during a call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Place {
+    Slot(usize),
+    Io,
+}
+
+/// A gather whose ids come straight from a graph input: checked on the host before a call.
+struct IdCheck {
+    node: NodeId,
+    input: String,
+    rows: usize,
+}
+
+/// A graph compiled for a device, weights resident (see the module docs).
+pub struct Program<D: Device> {
+    dev: Arc<D>,
+    graph: Graph,
+    plan: Plan,
+    modules: Vec<D::Module>,
+    decode_modules: Vec<Option<D::Module>>,
+    persistent: HashMap<String, D::Buffer>,
+    persistent_bytes: u64,
+    slots: Vec<Held<D::Buffer>>,
+    /// Input and output buffers by plan buffer name.
+    io: HashMap<String, Held<D::Buffer>>,
+    /// Carried tensors by graph input name: buffer and shape.
+    carried: HashMap<String, (Held<D::Buffer>, Vec<usize>, DType)>,
+    id_checks: Vec<IdCheck>,
+    last_memory: Option<MemoryReport>,
+}
+
+fn dev_err(backend: &str, msg: impl Into<String>) -> RuntimeError {
+    RuntimeError::Device {
+        backend: backend.to_string(),
+        msg: msg.into(),
+    }
+}
+
+/// Host tensor → device bytes of storage type `elem`.
+fn to_bytes(t: &Tensor, elem: Elem, name: &str) -> Result<Vec<u8>, RuntimeError> {
+    Ok(match (&t.data, elem) {
+        (Data::F32(v), Elem::F32) => bytemuck::cast_slice(v).to_vec(),
+        (Data::F32(v), Elem::F16) => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        (Data::F32(v), Elem::BF16) => v
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
+        (Data::I64(v), Elem::I32) => {
+            let mut out = Vec::with_capacity(v.len() * 4);
+            for &x in v {
+                let y = i32::try_from(x).map_err(|_| RuntimeError::InputShape {
+                    name: name.to_string(),
+                    expected: "i32-range values".into(),
+                    found: t.shape.clone(),
+                    why: format!("value {x} does not fit the device's i32 storage"),
+                })?;
+                out.extend(y.to_le_bytes());
+            }
+            out
+        }
+        (Data::Bool(v), Elem::U32) => v.iter().flat_map(|&b| u32::from(b).to_le_bytes()).collect(),
+        _ => {
+            return Err(RuntimeError::Codegen(format!(
+                "`{name}`: a {} tensor cannot be stored as {elem:?}",
+                t.dtype()
+            )))
+        }
+    })
+}
+
+/// Device bytes of storage type `elem` → a host tensor of `shape` and `dtype`.
+fn from_bytes(b: &[u8], elem: Elem, dtype: DType, shape: Vec<usize>) -> Tensor {
+    let words = |b: &[u8]| -> Vec<[u8; 4]> {
+        b.chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect()
+    };
+    let halves = |b: &[u8]| -> Vec<[u8; 2]> { b.chunks_exact(2).map(|c| [c[0], c[1]]).collect() };
+    match (elem, dtype) {
+        (Elem::F16, _) => Tensor::f32(
+            shape,
+            halves(b)
+                .into_iter()
+                .map(|h| half::f16::from_le_bytes(h).to_f32())
+                .collect(),
+        ),
+        (Elem::BF16, _) => Tensor::f32(
+            shape,
+            halves(b)
+                .into_iter()
+                .map(|h| half::bf16::from_le_bytes(h).to_f32())
+                .collect(),
+        ),
+        (_, DType::I64) => Tensor::i64(
+            shape,
+            words(b)
+                .into_iter()
+                .map(|w| i64::from(i32::from_le_bytes(w)))
+                .collect(),
+        ),
+        (_, DType::Bool) => Tensor::bool(
+            shape,
+            words(b)
+                .into_iter()
+                .map(|w| u32::from_le_bytes(w) != 0)
+                .collect(),
+        ),
+        _ => Tensor::f32(
+            shape,
+            words(b).into_iter().map(f32::from_le_bytes).collect(),
+        ),
+    }
+}
+
+fn const_bytes(v: f64, elem: Elem, n: usize) -> Vec<u8> {
+    let one: Vec<u8> = match elem {
+        Elem::F32 => (v as f32).to_le_bytes().to_vec(),
+        Elem::F16 => half::f16::from_f64(v).to_le_bytes().to_vec(),
+        Elem::BF16 => half::bf16::from_f64(v).to_le_bytes().to_vec(),
+        Elem::I32 => (v as i32).to_le_bytes().to_vec(),
+        Elem::U32 | Elem::Bool => (v as u32).to_le_bytes().to_vec(),
+    };
+    one.repeat(n)
+}
+
+/// True when the kernel reads `num_workgroups` along `axis` (a grid-stride loop, so a launcher
+/// may clamp that axis).
+fn grid_strided(k: &transfuse_codegen::kir::Kernel, axis: u8) -> bool {
+    format!("{:?}", k.body).contains(&format!("{:?}", Builtin::NumWorkgroups(axis)))
+}
+
+/// Gathers whose ids are a graph input (through views and casts).
+fn id_checks(g: &Graph, weights: &Weights) -> Vec<IdCheck> {
+    let mut out = vec![];
+    for (id, n) in g.nodes() {
+        if n.op != Op::Gather {
+            continue;
+        }
+        let rows = match &g.node(n.inputs[0]).op {
+            Op::Weight { name, .. } => match weights.get(name).and_then(|t| t.shape.first()) {
+                Some(&r) => r,
+                None => continue,
+            },
+            _ => match g.node(n.inputs[0]).shape.first().and_then(|d| d.as_known()) {
+                Some(r) => r,
+                None => continue,
+            },
+        };
+        let mut src = n.inputs[1];
+        loop {
+            let s = g.node(src);
+            match &s.op {
+                Op::Reshape { .. }
+                | Op::Permute { .. }
+                | Op::Expand { .. }
+                | Op::Slice { .. }
+                | Op::Cast { .. } => src = s.inputs[0],
+                Op::Input { name, .. } => {
+                    out.push(IdCheck {
+                        node: id,
+                        input: name.clone(),
+                        rows,
+                    });
+                    break;
+                }
+                _ => break,
+            }
+        }
+    }
+    out
+}
+
+impl<D: Device> Program<D> {
+    /// Lowers `graph` for `dev` with float storage `elem`, compiles its kernels, uploads
+    /// `weights` and runs the prepare kernels.
+    pub fn new(
+        dev: Arc<D>,
+        graph: &Graph,
+        weights: &Weights,
+        elem: Elem,
+    ) -> Result<Program<D>, RuntimeError> {
+        let info = dev.info().clone();
+        let backend = info.backend;
+        if !info.elems.contains(&elem) {
+            return Err(dev_err(
+                backend,
+                format!("{elem:?} storage is not supported by {}", info.description),
+            ));
+        }
+        let opts = LowerOptions {
+            elem,
+            limits: info.limits,
+            target: info.target,
+        };
+        let plan = lower::lower(graph, &opts)?;
+        let mut modules = Vec::with_capacity(plan.kernels.len());
+        let mut decode_modules = Vec::with_capacity(plan.kernels.len());
+        for k in &plan.kernels {
+            for gen in std::iter::once(&k.gen).chain(k.decode.as_ref().map(|v| &v.gen)) {
+                if gen.kernel.buffers.len() > info.max_storage_buffers as usize {
+                    return Err(dev_err(
+                        backend,
+                        format!(
+                            "kernel `{}` binds {} storage buffers; {} allows {}",
+                            gen.kernel.name,
+                            gen.kernel.buffers.len(),
+                            info.description,
+                            info.max_storage_buffers
+                        ),
+                    ));
+                }
+            }
+            modules.push(dev.compile(&k.gen.kernel)?);
+            decode_modules.push(match &k.decode {
+                Some(v) => Some(dev.compile(&v.gen.kernel)?),
+                None => None,
+            });
+        }
+        let mut p = Program {
+            dev,
+            graph: graph.clone(),
+            id_checks: id_checks(graph, weights),
+            plan,
+            modules,
+            decode_modules,
+            persistent: HashMap::new(),
+            persistent_bytes: 0,
+            slots: vec![],
+            io: HashMap::new(),
+            carried: HashMap::new(),
+            last_memory: None,
+        };
+        p.upload_persistent(weights)?;
+        Ok(p)
+    }
+
+    /// The plan it runs.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn backend(&self) -> &'static str {
+        self.dev.info().backend
+    }
+
+    fn check_binding(&self, name: &str, bytes: u64) -> Result<(), RuntimeError> {
+        let max = self.dev.info().max_binding_bytes;
+        if bytes > max {
+            return Err(dev_err(
+                self.backend(),
+                format!(
+                    "tensor `{name}` takes {bytes} bytes; {} binds at most {max} bytes per \
+                     buffer (splitting larger tensors is not implemented)",
+                    self.dev.info().description
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Weights, derived weights, constants and prepare-phase temporaries, then the prepare
+    /// kernels.
+    fn upload_persistent(&mut self, weights: &Weights) -> Result<(), RuntimeError> {
+        let none = Bindings::new();
+        let prepare_bound: Vec<&str> = self
+            .plan
+            .kernels
+            .iter()
+            .filter(|k| k.phase == Phase::Prepare)
+            .flat_map(|k| k.bindings.iter().map(String::as_str))
+            .collect();
+        let mut made = HashMap::new();
+        let mut total = 0u64;
+        for b in &self.plan.buffers {
+            let persistent = match b.kind {
+                BufferKind::Weight | BufferKind::Derived | BufferKind::Const(_) => true,
+                BufferKind::Temp => prepare_bound.contains(&b.name.as_str()),
+                _ => false,
+            };
+            if !persistent {
+                continue;
+            }
+            let n = b.len().eval_usize(&none)?;
+            let bytes = n as u64 * u64::from(elem_bytes(b.elem));
+            self.check_binding(&b.name, bytes)?;
+            let buf = self.dev.alloc(bytes, &b.name)?;
+            match b.kind {
+                BufferKind::Weight => {
+                    let io = self
+                        .plan
+                        .weights
+                        .iter()
+                        .find(|w| w.buffer == b.name)
+                        .ok_or_else(|| RuntimeError::MissingWeight(b.name.clone()))?;
+                    let t = weights
+                        .get(&io.name)
+                        .ok_or_else(|| RuntimeError::MissingWeight(io.name.clone()))?;
+                    let want = transfuse_ir::eval_shape(&io.shape, &none)?;
+                    if t.shape != want {
+                        return Err(RuntimeError::WeightShape {
+                            name: io.name.clone(),
+                            expected: want,
+                            found: t.shape.clone(),
+                        });
+                    }
+                    self.dev.write(&buf, &to_bytes(t, b.elem, &io.name)?)?;
+                }
+                BufferKind::Const(v) => self.dev.write(&buf, &const_bytes(v, b.elem, n))?,
+                _ => {}
+            }
+            total += bytes;
+            made.insert(b.name.clone(), buf);
+        }
+        self.persistent = made;
+        self.persistent_bytes = total;
+        for i in 0..self.plan.kernels.len() {
+            if self.plan.kernels[i].phase == Phase::Prepare {
+                self.launch(i, &none, &HashMap::new())?;
+            }
+        }
+        self.dev.sync()
+    }
+
+    /// Launches kernel `i` (its decode variant when it applies) with buffers resolved through
+    /// `places` (persistent buffers need no entry).
+    fn launch(
+        &self,
+        i: usize,
+        dims: &Bindings,
+        places: &HashMap<&str, Place>,
+    ) -> Result<(), RuntimeError> {
+        let k = &self.plan.kernels[i];
+        let decode = self.plan.use_decode(i, dims)?;
+        let (gen, bindings, module) = match (&k.decode, &self.decode_modules[i]) {
+            (Some(v), Some(m)) if decode => (&v.gen, &v.bindings, m),
+            _ => (&k.gen, &k.bindings, &self.modules[i]),
+        };
+        let (uniforms, mut grid) = self.plan.launch_args_for(i, decode, dims)?;
+        let max = self.dev.info().max_grid;
+        for a in 0..3 {
+            if grid[a] > max[a] {
+                if grid_strided(&gen.kernel, a as u8) {
+                    grid[a] = max[a];
+                } else {
+                    return Err(dev_err(
+                        self.backend(),
+                        format!(
+                            "kernel `{}` needs {} workgroups along axis {a}; the device allows {}",
+                            gen.kernel.name, grid[a], max[a]
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut bufs = Vec::with_capacity(bindings.len());
+        for name in bindings {
+            let b = match places.get(name.as_str()) {
+                Some(Place::Slot(s)) => &self.slots[*s].buf,
+                Some(Place::Io) => self.io_buffer(name)?,
+                _ => self
+                    .persistent
+                    .get(name)
+                    .ok_or_else(|| dev_err(self.backend(), format!("no buffer `{name}`")))?,
+            };
+            bufs.push(b);
+        }
+        self.dev.launch(module, &bufs, &uniforms, grid)
+    }
+
+    fn io_buffer(&self, buffer: &str) -> Result<&D::Buffer, RuntimeError> {
+        // A carried input (not supplied this call, see `prepare_call`) wins over the buffer
+        // an earlier call uploaded it to.
+        let carried = self
+            .plan
+            .inputs
+            .iter()
+            .find(|i| i.buffer == buffer)
+            .and_then(|i| self.carried.get(&i.name));
+        if let Some((h, _, _)) = carried {
+            return Ok(&h.buf);
+        }
+        self.io
+            .get(buffer)
+            .map(|h| &h.buf)
+            .ok_or_else(|| dev_err(self.backend(), format!("no buffer `{buffer}`")))
+    }
+
+    /// A buffer of at least `bytes` in `held` (kept when big enough, else replaced with 25 %
+    /// headroom).
+    fn ensure(
+        dev: &D,
+        held: Option<Held<D::Buffer>>,
+        bytes: u64,
+        what: &str,
+    ) -> Result<Held<D::Buffer>, RuntimeError> {
+        match held {
+            Some(h) if h.cap >= bytes => Ok(h),
+            _ => {
+                let cap = (bytes + bytes / 4).div_ceil(256) * 256;
+                Ok(Held {
+                    buf: dev.alloc(cap, what)?,
+                    cap,
+                })
+            }
+        }
+    }
+
+    fn check_ids(&self, inputs: &TensorMap) -> Result<(), RuntimeError> {
+        for c in &self.id_checks {
+            let Some(t) = inputs.get(&c.input) else {
+                continue;
+            };
+            if let Data::I64(v) = &t.data {
+                if let Some(&bad) = v.iter().find(|&&x| x < 0 || x as usize >= c.rows) {
+                    return Err(RuntimeError::IndexOutOfRange {
+                        node: c.node.index() as u32,
+                        index: bad,
+                        size: c.rows,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything up to the launches: dims, memory plan, uploads. Returns the dims and places.
+    fn prepare_call(
+        &mut self,
+        inputs: &TensorMap,
+    ) -> Result<(Bindings, HashMap<String, Place>), RuntimeError> {
+        let declared: Vec<(&str, &[transfuse_ir::Dim], DType)> = self
+            .graph
+            .inputs()
+            .into_iter()
+            .map(|(n, s, d)| (n, s.as_slice(), d))
+            .collect();
+        let carried = &self.carried;
+        let dims = bind_shapes(&declared, &|name| {
+            inputs
+                .get(name)
+                .map(|t| (t.shape.clone(), t.dtype()))
+                .or_else(|| carried.get(name).map(|(_, s, d)| (s.clone(), *d)))
+        })?;
+        self.check_ids(inputs)?;
+        // Sizes and live ranges.
+        let mut places: HashMap<String, Place> = HashMap::new();
+        let mut temps: Vec<(String, Interval)> = vec![];
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for (ki, k) in self.plan.kernels.iter().enumerate() {
+            if k.phase != Phase::Forward {
+                continue;
+            }
+            let alt = k
+                .decode
+                .as_ref()
+                .map(|v| v.bindings.iter())
+                .into_iter()
+                .flatten();
+            for name in k.bindings.iter().chain(alt) {
+                let Some(b) = self.plan.buffer(name) else {
+                    continue;
+                };
+                if b.kind != BufferKind::Temp || self.persistent.contains_key(name) {
+                    continue;
+                }
+                match index.get(name.as_str()) {
+                    Some(&t) => temps[t].1.last = ki,
+                    None => {
+                        let bytes =
+                            b.len().eval_usize(&dims)? as u64 * u64::from(elem_bytes(b.elem));
+                        self.check_binding(name, bytes)?;
+                        index.insert(name, temps.len());
+                        temps.push((
+                            name.clone(),
+                            Interval {
+                                bytes,
+                                first: ki,
+                                last: ki,
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        let intervals: Vec<Interval> = temps.iter().map(|t| t.1.clone()).collect();
+        let mp = memory::plan(&intervals);
+        for (s, &bytes) in mp.slots.iter().enumerate() {
+            if s == self.slots.len() {
+                self.slots
+                    .push(Self::ensure(&self.dev, None, bytes, &format!("slot{s}"))?);
+            } else if self.slots[s].cap < bytes {
+                self.slots[s] = Self::ensure(&self.dev, None, bytes, &format!("slot{s}"))?;
+            }
+        }
+        for ((name, _), &s) in temps.iter().zip(&mp.slot_of) {
+            places.insert(name.clone(), Place::Slot(s));
+        }
+        // Inputs.
+        let mut io_bytes = 0u64;
+        for io in &self.plan.inputs {
+            places.insert(io.buffer.clone(), Place::Io);
+            let b = self.plan.buffer(&io.buffer).expect("inputs have buffers");
+            let bytes = b.len().eval_usize(&dims)? as u64 * u64::from(elem_bytes(b.elem));
+            self.check_binding(&io.name, bytes)?;
+            io_bytes += bytes;
+            let Some(t) = inputs.get(&io.name) else {
+                continue; // carried
+            };
+            // Supplied inputs replace carried ones.
+            if let Some((h, _, _)) = self.carried.remove(&io.name) {
+                self.io.entry(io.buffer.clone()).or_insert(h);
+            }
+            let data = to_bytes(t, b.elem, &io.name)?;
+            let h = Self::ensure(&self.dev, self.io.remove(&io.buffer), bytes, &io.name)?;
+            self.dev.write(&h.buf, &data)?;
+            self.io.insert(io.buffer.clone(), h);
+        }
+        for io in &self.plan.outputs {
+            places.insert(io.buffer.clone(), Place::Io);
+            let b = self.plan.buffer(&io.buffer).expect("outputs have buffers");
+            let bytes = b.len().eval_usize(&dims)? as u64 * u64::from(elem_bytes(b.elem));
+            self.check_binding(&io.name, bytes)?;
+            io_bytes += bytes;
+            let h = Self::ensure(&self.dev, self.io.remove(&io.buffer), bytes, &io.name)?;
+            self.io.insert(io.buffer.clone(), h);
+        }
+        self.last_memory = Some(MemoryReport {
+            persistent: self.persistent_bytes,
+            io: io_bytes,
+            temps_naive: mp.naive_bytes,
+            temps_planned: mp.planned_bytes,
+            temps_live_peak: mp.live_peak_bytes,
+        });
+        Ok((dims, places))
+    }
+
+    fn forward_kernels(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.plan.kernels.len()).filter(|&i| self.plan.kernels[i].phase == Phase::Forward)
+    }
+
+    fn places_ref(places: &HashMap<String, Place>) -> HashMap<&str, Place> {
+        places.iter().map(|(k, v)| (k.as_str(), *v)).collect()
+    }
+}
+
+impl<D: Device + 'static> Loaded for Program<D> {
+    fn run(
+        &mut self,
+        inputs: &TensorMap,
+        carry: &[(String, String)],
+    ) -> Result<TensorMap, RuntimeError> {
+        let (dims, places) = self.prepare_call(inputs)?;
+        {
+            let places = Self::places_ref(&places);
+            for i in self.forward_kernels() {
+                self.launch(i, &dims, &places)?;
+            }
+        }
+        let mut out = HashMap::new();
+        let outputs = self.plan.outputs.clone();
+        for io in &outputs {
+            let b = self.plan.buffer(&io.buffer).expect("outputs have buffers");
+            let shape = transfuse_ir::eval_shape(&io.shape, &dims)?;
+            let bytes = b.len().eval_usize(&dims)? as u64 * u64::from(elem_bytes(b.elem));
+            if let Some((_, input)) = carry.iter().find(|(o, _)| *o == io.name) {
+                let h = self.io.remove(&io.buffer).expect("allocated above");
+                if let Some((old, _, _)) = self.carried.insert(input.clone(), (h, shape, io.dtype))
+                {
+                    self.io.insert(io.buffer.clone(), old);
+                }
+                continue;
+            }
+            let data = self.dev.read(&self.io[&io.buffer].buf, bytes)?;
+            out.insert(io.name.clone(), from_bytes(&data, b.elem, io.dtype, shape));
+        }
+        Ok(out)
+    }
+
+    fn clear_carry(&mut self) {
+        self.carried.clear();
+    }
+
+    fn profile(&mut self, inputs: &TensorMap) -> Result<Vec<KernelTime>, RuntimeError> {
+        let (dims, places) = self.prepare_call(inputs)?;
+        self.dev.sync()?;
+        let places = Self::places_ref(&places);
+        let mut times = vec![];
+        for i in self.forward_kernels() {
+            let t0 = Instant::now();
+            self.launch(i, &dims, &places)?;
+            self.dev.sync()?;
+            let k = &self.plan.kernels[i];
+            let name = match &k.decode {
+                Some(v) if self.plan.use_decode(i, &dims)? => v.gen.kernel.name.clone(),
+                _ => k.gen.kernel.name.clone(),
+            };
+            times.push(KernelTime {
+                name,
+                ops: k.ops.clone(),
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+        }
+        Ok(times)
+    }
+
+    fn memory(&self) -> Option<MemoryReport> {
+        self.last_memory
+    }
+}
+
+/// The WebGPU backend: graphs lowered to WGSL and run on the process's shared wgpu device
+/// ([`crate::webgpu::shared`]), f32 storage.
+pub struct WgpuBackend {
+    dev: Arc<crate::webgpu::WgpuDevice>,
+}
+
+impl WgpuBackend {
+    /// The backend on the shared device; an error when no adapter is found.
+    pub fn new() -> Result<WgpuBackend, RuntimeError> {
+        Ok(WgpuBackend {
+            dev: crate::webgpu::shared()?,
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<crate::webgpu::WgpuDevice> {
+        &self.dev
+    }
+}
+
+impl Backend for WgpuBackend {
+    fn name(&self) -> &str {
+        "wgpu"
+    }
+
+    fn description(&self) -> String {
+        self.dev.info().description.clone()
+    }
+
+    fn load(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Loaded>, RuntimeError> {
+        Ok(Box::new(Program::new(
+            self.dev.clone(),
+            graph,
+            weights,
+            Elem::F32,
+        )?))
+    }
+}

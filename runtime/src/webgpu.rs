@@ -1,0 +1,396 @@
+//! The WebGPU device: wgpu 30 on Vulkan, Metal or DX12 (no GL fallback). In CI it runs on
+//! Mesa's lavapipe, a Vulkan driver on the CPU (`WGPU_BACKEND=vulkan`).
+//!
+//! - **One device per process** ([`shared`]): setting a device up costs 60–500 ms, so every
+//!   backend, session and test shares it.
+//! - **The adapter's own limits** are requested (not WebGPU's defaults) and passed to the
+//!   lowering: threads per workgroup, workgroup memory, storage-buffer binding size and count.
+//!   `SHADER_F16` is requested when the adapter has it (f16 plans).
+//! - **Adapter choice**: `WGPU_BACKEND` picks the APIs (wgpu reads it); among the adapters a
+//!   discrete GPU comes first, then integrated, virtual, other, and a CPU adapter last.
+//! - **Launches are recorded** into one command encoder and submitted when the host needs a
+//!   result ([`Device::read`], [`Device::sync`]) or before a host write, so a whole forward
+//!   pass is one submission. Each launch gets its own small uniform buffer.
+//! - **Errors** (validation, out of memory) never panic: shader and pipeline creation run in
+//!   an error scope, everything else is caught by the device's uncaptured-error handler and
+//!   returned by the next submit as [`RuntimeError::Device`].
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use transfuse_codegen::kernels::Limits;
+use transfuse_codegen::kir::{Access, Elem, Kernel};
+use transfuse_codegen::lower::Target;
+use wgpu::util::DeviceExt;
+
+use crate::device::{Device, DeviceInfo};
+use crate::RuntimeError;
+
+fn err(msg: impl Into<String>) -> RuntimeError {
+    RuntimeError::Device {
+        backend: "wgpu".into(),
+        msg: msg.into(),
+    }
+}
+
+/// A wgpu device and queue (see the module docs).
+pub struct WgpuDevice {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: DeviceInfo,
+    adapter: wgpu::AdapterInfo,
+    /// Launches recorded since the last submit.
+    pending: Mutex<Option<wgpu::CommandEncoder>>,
+    /// Errors the device reported outside an error scope.
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+/// A compiled kernel: its pipeline and bind-group layout.
+pub struct WgpuModule {
+    name: String,
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+    buffers: usize,
+    uniforms: usize,
+}
+
+/// The process-wide device, created on first use; the error is kept and returned again.
+pub fn shared() -> Result<Arc<WgpuDevice>, RuntimeError> {
+    static DEVICE: OnceLock<Result<Arc<WgpuDevice>, RuntimeError>> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| WgpuDevice::new().map(Arc::new))
+        .clone()
+}
+
+fn rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+impl WgpuDevice {
+    /// Opens the best adapter (see the module docs). Prefer [`shared`].
+    pub fn new() -> Result<WgpuDevice, RuntimeError> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+        // No validation layers unless asked (WGPU_VALIDATION=1): they are slow and often absent.
+        desc.flags = wgpu::InstanceFlags::empty().with_env();
+        let desc = desc.with_env();
+        let backends = desc.backends;
+        let instance = wgpu::Instance::new(desc);
+        let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
+        adapters.sort_by_key(|a| rank(a.get_info().device_type));
+        let adapter = adapters.into_iter().next().ok_or_else(|| {
+            err(format!(
+                "no adapter found for backends {backends:?} (on Linux without a GPU install \
+                 mesa-vulkan-drivers and set WGPU_BACKEND=vulkan)"
+            ))
+        })?;
+        let ainfo = adapter.get_info();
+        let limits = adapter.limits();
+        let features = adapter.features() & wgpu::Features::SHADER_F16;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("transfuse"),
+            required_features: features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| err(format!("adapter `{}` refused a device: {e}", ainfo.name)))?;
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            sink.lock().expect("error sink").push(e.to_string());
+        }));
+        let mut elems = vec![Elem::F32];
+        if features.contains(wgpu::Features::SHADER_F16) {
+            elems.push(Elem::F16);
+        }
+        let info = DeviceInfo {
+            backend: "wgpu",
+            description: format!(
+                "{} ({:?}, {:?}, driver {} {})",
+                ainfo.name, ainfo.backend, ainfo.device_type, ainfo.driver, ainfo.driver_info
+            ),
+            target: Target::Wgsl,
+            limits: Limits {
+                max_threads: limits
+                    .max_compute_invocations_per_workgroup
+                    .min(limits.max_compute_workgroup_size_x),
+                max_shared_bytes: limits.max_compute_workgroup_storage_size,
+            },
+            max_binding_bytes: limits.max_storage_buffer_binding_size,
+            max_storage_buffers: limits.max_storage_buffers_per_shader_stage,
+            max_grid: [limits.max_compute_workgroups_per_dimension; 3],
+            elems,
+            is_gpu: ainfo.device_type != wgpu::DeviceType::Cpu,
+        };
+        Ok(WgpuDevice {
+            device,
+            queue,
+            info,
+            adapter: ainfo,
+            pending: Mutex::new(None),
+            errors,
+        })
+    }
+
+    /// The adapter wgpu reports.
+    pub fn adapter(&self) -> &wgpu::AdapterInfo {
+        &self.adapter
+    }
+
+    /// Submits the recorded launches (if any) and reports errors seen so far.
+    fn flush(&self) -> Result<(), RuntimeError> {
+        if let Some(enc) = self.pending.lock().expect("encoder").take() {
+            self.queue.submit([enc.finish()]);
+        }
+        self.check()
+    }
+
+    fn check(&self) -> Result<(), RuntimeError> {
+        let mut errs = self.errors.lock().expect("error sink");
+        if errs.is_empty() {
+            return Ok(());
+        }
+        let all = std::mem::take(&mut *errs);
+        Err(err(all.join("; ")))
+    }
+
+    fn wait(&self) -> Result<(), RuntimeError> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| err(format!("waiting for the device: {e}")))?;
+        self.check()
+    }
+}
+
+fn pad4(bytes: u64) -> u64 {
+    bytes.max(4).div_ceil(4) * 4
+}
+
+impl Device for WgpuDevice {
+    type Buffer = wgpu::Buffer;
+    type Module = WgpuModule;
+
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn alloc(&self, bytes: u64, what: &str) -> Result<wgpu::Buffer, RuntimeError> {
+        let size = pad4(bytes);
+        let max = self.device.limits().max_buffer_size;
+        if size > max {
+            return Err(err(format!(
+                "tensor `{what}` needs {size} bytes; the adapter's largest buffer is {max}"
+            )));
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(what),
+            size,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(err(format!("allocating {size} bytes for `{what}`: {e}")));
+        }
+        Ok(buf)
+    }
+
+    fn write(&self, buf: &wgpu::Buffer, data: &[u8]) -> Result<(), RuntimeError> {
+        // Launches recorded before must see the old contents: submit them first.
+        self.flush()?;
+        if data.len() % 4 == 0 {
+            self.queue.write_buffer(buf, 0, data);
+        } else {
+            let mut padded = data.to_vec();
+            padded.resize(pad4(data.len() as u64) as usize, 0);
+            self.queue.write_buffer(buf, 0, &padded);
+        }
+        Ok(())
+    }
+
+    fn read(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+        let size = pad4(bytes);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .pending
+            .lock()
+            .expect("encoder")
+            .take()
+            .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()));
+        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| err("readback was never mapped"))?
+            .map_err(|e| err(format!("mapping a readback buffer: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| err(format!("reading back: {e}")))?;
+        let out = view[..bytes as usize].to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    fn compile(&self, kernel: &Kernel) -> Result<WgpuModule, RuntimeError> {
+        let src = transfuse_codegen::wgsl::print(kernel)
+            .map_err(|e| RuntimeError::Codegen(e.to_string()))?;
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&kernel.name),
+                source: wgpu::ShaderSource::Wgsl(src.into()),
+            });
+        let stage = wgpu::ShaderStages::COMPUTE;
+        let mut entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
+            .buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: stage,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage {
+                        read_only: b.access == Access::Read,
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            })
+            .collect();
+        if !kernel.uniforms.is_empty() {
+            entries.push(wgpu::BindGroupLayoutEntry {
+                binding: kernel.buffers.len() as u32,
+                visibility: stage,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            });
+        }
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(&kernel.name),
+                entries: &entries,
+            });
+        let playout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(&kernel.name),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&kernel.name),
+                layout: Some(&playout),
+                module: &module,
+                entry_point: Some(&kernel.name),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(err(format!("kernel `{}` was rejected: {e}", kernel.name)));
+        }
+        Ok(WgpuModule {
+            name: kernel.name.clone(),
+            pipeline,
+            layout,
+            buffers: kernel.buffers.len(),
+            uniforms: kernel.uniforms.len(),
+        })
+    }
+
+    fn launch(
+        &self,
+        m: &WgpuModule,
+        bufs: &[&wgpu::Buffer],
+        uniforms: &[u32],
+        grid: [u32; 3],
+    ) -> Result<(), RuntimeError> {
+        if bufs.len() != m.buffers || uniforms.len() != m.uniforms {
+            return Err(err(format!(
+                "kernel `{}` takes {} buffers and {} uniforms, got {} and {}",
+                m.name,
+                m.buffers,
+                m.uniforms,
+                bufs.len(),
+                uniforms.len()
+            )));
+        }
+        if grid.contains(&0) {
+            return Ok(());
+        }
+        let ubuf = (!uniforms.is_empty()).then(|| {
+            // Uniform structs round up to 16 bytes.
+            let mut words = uniforms.to_vec();
+            words.resize(uniforms.len().div_ceil(4) * 4, 0);
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("uniforms"),
+                    contents: bytemuck::cast_slice(&words),
+                    usage: wgpu::BufferUsages::UNIFORM,
+                })
+        });
+        let mut entries: Vec<wgpu::BindGroupEntry> = bufs
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        if let Some(u) = &ubuf {
+            entries.push(wgpu::BindGroupEntry {
+                binding: bufs.len() as u32,
+                resource: u.as_entire_binding(),
+            });
+        }
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&m.name),
+            layout: &m.layout,
+            entries: &entries,
+        });
+        let mut pending = self.pending.lock().expect("encoder");
+        let enc = pending.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(&m.name),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&m.pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), RuntimeError> {
+        self.flush()?;
+        self.wait()
+    }
+}
