@@ -484,13 +484,17 @@ fn codegen(
         for (i, k) in plan.kernels.iter().enumerate() {
             let src = target.print(&k.gen.kernel)?;
             write_file(&dir.join(plan.file_name(i)), &src)?;
+            if let (Some(v), Some(file)) = (&k.decode, plan.decode_file_name(i)) {
+                write_file(&dir.join(file), &target.print(&v.gen.kernel)?)?;
+            }
         }
         let json = serde_json::to_string_pretty(&plan.to_json(Some(bindings)))
             .expect("plan JSON serialises");
         write_file(&dir.join("plan.json"), &(json + "\n"))?;
+        let variants = plan.kernels.iter().filter(|k| k.decode.is_some()).count();
         eprintln!(
-            "wrote {} kernel sources and plan.json to {}",
-            plan.kernels.len(),
+            "wrote {} kernel sources ({variants} decode variants) and plan.json to {}",
+            plan.kernels.len() + variants,
             dir.display()
         );
     }

@@ -19,7 +19,8 @@ fn validate_wgsl(src: &str) {
         .unwrap_or_else(|e| panic!("WGSL validation error:\n{}\n{src}", e.emit_to_string(src)));
 }
 
-/// The emitted folder: plan.json and the kernel files it names, checked against each other.
+/// The emitted folder: plan.json and the kernel files it names (decode variants included),
+/// checked against each other.
 fn read_emitted(dir: &Path, ext: &str) -> (serde_json::Value, Vec<(String, String)>) {
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("plan.json")).unwrap()).unwrap();
@@ -30,12 +31,26 @@ fn read_emitted(dir: &Path, ext: &str) -> (serde_json::Value, Vec<(String, Strin
         .filter(|n| n != "plan.json")
         .collect();
     files.sort();
-    assert_eq!(files.len(), kernels.len(), "one file per kernel: {files:?}");
+    let mut named = vec![];
+    for (i, k) in kernels.iter().enumerate() {
+        named.push(k["file"].as_str().unwrap().to_string());
+        if let Some(f) = k["decode_file"].as_str() {
+            assert_eq!(f, format!("{i:02}_{}.{ext}", k["decode"].as_str().unwrap()));
+            named.push(f.to_string());
+        }
+    }
+    named.sort();
+    assert_eq!(files, named, "one file per kernel and decode variant");
     let mut out = vec![];
     for (i, k) in kernels.iter().enumerate() {
         let (entry, file) = (k["entry"].as_str().unwrap(), k["file"].as_str().unwrap());
         assert_eq!(file, format!("{i:02}_{entry}.{ext}"));
-        assert_eq!(files[i], file, "files sort in launch order");
+        if let Some(f) = k["decode_file"].as_str() {
+            let src = std::fs::read_to_string(dir.join(f)).unwrap();
+            let d = k["decode"].as_str().unwrap();
+            assert!(src.contains(d), "{f} defines {d}");
+            out.push((f.to_string(), src));
+        }
         let src = std::fs::read_to_string(dir.join(file)).unwrap();
         assert!(src.contains(entry), "{file} defines {entry}");
         // Each binding names a buffer of the plan; each uniform has an expression.
@@ -98,6 +113,14 @@ fn emit_cuda_writes_one_source_per_kernel_and_plan_json() {
     assert_eq!(logits["bytes_at"], 4 * 1000 * 2 * 16);
     // Kernel 0 launches with a grid at the given dims.
     assert!(plan["kernels"][0]["grid_at"].as_array().is_some());
+    // Attention kernels name their decode variant (written too), not launched at seq=16.
+    let kernels = plan["kernels"].as_array().unwrap();
+    let att: Vec<_> = kernels.iter().filter(|k| k["decode"].is_string()).collect();
+    assert_eq!(att.len(), 2, "one per GPT-2 block");
+    for k in att {
+        assert!(k["ops"][0] == "attention", "{k}");
+        assert_eq!(k["decode_at"], false);
+    }
 }
 
 #[test]

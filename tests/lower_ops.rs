@@ -51,6 +51,9 @@ fn check(g: &Graph, inputs: &TensorMap, weights: &Weights, what: &str) -> Plan {
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     for k in &plan.kernels {
         validate_wgsl(&Target::Wgsl.print(&k.gen.kernel).unwrap());
+        if let Some(v) = &k.decode {
+            validate_wgsl(&Target::Wgsl.print(&v.gen.kernel).unwrap());
+        }
     }
     let want = CpuBackend::new().run(g, weights, inputs).expect("cpu runs");
     let b = bind_inputs(g, inputs).unwrap();
@@ -381,7 +384,21 @@ fn attention_rank3_windowed_and_with_a_square_mask() {
         ("v", f32t(&[2, 7, 4], 21)),
         ("m", f32t(&[5, 7], 22)),
     ]);
-    check(&g, &i, &Weights::new(), "attention");
+    let plan = check(&g, &i, &Weights::new(), "attention");
+    // One query row: both launches take their decode variants.
+    let i = inputs(&[
+        ("q", f32t(&[2, 1, 8], 23)),
+        ("k", f32t(&[2, 7, 8], 24)),
+        ("v", f32t(&[2, 7, 4], 25)),
+        ("m", f32t(&[1, 7], 26)),
+    ]);
+    let b = bind_inputs(&g, &i).unwrap();
+    let att: Vec<usize> = (0..plan.kernels.len())
+        .filter(|&k| plan.kernels[k].decode.is_some())
+        .collect();
+    assert_eq!(att.len(), 2);
+    assert!(att.iter().all(|&k| plan.use_decode(k, &b).unwrap()));
+    check(&g, &i, &Weights::new(), "attention, one query row");
 }
 
 #[test]

@@ -2,14 +2,15 @@
 //! to launch plans and executed kernel by kernel on the kernel-IR interpreter, agree with the
 //! CPU backend on the same optimized graph; every kernel of the plans prints WGSL that naga
 //! validates (f32, f16) and CUDA C that NVRTC compiles (f32, f16, bf16; skipped without NVRTC
-//! unless `TRANSFUSE_REQUIRE` names `nvrtc`); kernel counts per GPT-2 block and BERT layer.
+//! unless `TRANSFUSE_REQUIRE` names `nvrtc`), the attention kernels' decode variants included
+//! (one-token KV-cache steps run through them); kernel counts per GPT-2 block and BERT layer.
 
 mod common;
 
 use std::collections::HashMap;
 use transfuse::codegen::exec::{host_buf, run_plan_interpreted, tensor};
 use transfuse::codegen::interp::HostBuf;
-use transfuse::codegen::kir::Elem;
+use transfuse::codegen::kir::{Elem, Kernel};
 use transfuse::codegen::lower::{lower, LowerOptions, Phase, Plan, Target};
 use transfuse::ir::{Bindings, Graph, Tensor, Weights};
 use transfuse::models::config::ModelConfig;
@@ -152,6 +153,20 @@ fn parity_with(
     worst
 }
 
+/// Every kernel of the plan: each launch's main kernel, then its decode variant if any.
+fn all_kernels(plan: &Plan) -> impl Iterator<Item = &Kernel> {
+    plan.kernels.iter().flat_map(|k| {
+        std::iter::once(&k.gen.kernel).chain(k.decode.as_deref().map(|v| &v.gen.kernel))
+    })
+}
+
+/// Indices of the attention kernels.
+fn attention_kernels(plan: &Plan) -> Vec<usize> {
+    (0..plan.kernels.len())
+        .filter(|&i| plan.kernels[i].ops.iter().any(|o| o == "attention"))
+        .collect()
+}
+
 fn summary(plan: &Plan) -> String {
     let mut s = String::new();
     for (i, k) in plan.kernels.iter().enumerate() {
@@ -182,6 +197,29 @@ fn gpt2_plan_matches_the_cpu_backend_prefill_and_with_a_cache() {
         .filter(|k| k.ops == ["fused_matmul", "concat", "concat"])
         .collect();
     assert_eq!(qkv.len(), 2, "{}", summary(&plan));
+    // Each block's attention carries a decode variant (seq is symbolic), taken for one token.
+    let att = attention_kernels(&plan);
+    assert_eq!(att.len(), 2, "{}", summary(&plan));
+    let dims = |b, s, p| bind_inputs(&g, &gpt2_inputs(&m, b, s, p)).unwrap();
+    for (i, k) in plan.kernels.iter().enumerate() {
+        if !att.contains(&i) {
+            assert!(k.decode.is_none(), "{}", k.entry());
+            continue;
+        }
+        let d = k.decode_entry().expect("a decode variant");
+        assert!(
+            d.starts_with("attention_decode_f32_d16_causal_mask_"),
+            "{d}"
+        );
+        assert!(plan.use_decode(i, &dims(1, 1, 6)).unwrap());
+        assert!(plan.use_decode(i, &dims(2, 1, 4)).unwrap());
+        assert!(!plan.use_decode(i, &dims(2, 5, 0)).unwrap());
+        assert!(!plan.use_decode(i, &dims(2, 3, 4)).unwrap());
+        assert_eq!(
+            plan.launch_args_for(i, true, &dims(2, 1, 4)).unwrap().1[0],
+            1
+        );
+    }
     let w1 = parity(
         &g,
         &m.weights,
@@ -200,7 +238,14 @@ fn gpt2_plan_matches_the_cpu_backend_prefill_and_with_a_cache() {
         &gpt2_inputs(&m, 1, 1, 6),
         "gpt2 b1 s1 past6",
     );
-    eprintln!("gpt2 worst |diff|: {:.2e}", w1.max(w2).max(w3));
+    // A decode step of two rows, the second with its first position padded (masked).
+    let w4 = parity(
+        &g,
+        &m.weights,
+        &gpt2_inputs(&m, 2, 1, 4),
+        "gpt2 b2 s1 past4",
+    );
+    eprintln!("gpt2 worst |diff|: {:.2e}", w1.max(w2).max(w3).max(w4));
 }
 
 #[test]
@@ -216,6 +261,14 @@ fn cuda_sized_and_f16_plans_run_on_the_interpreter_too() {
         &cuda,
         1e-4,
     );
+    parity_with(
+        &g,
+        &m.weights,
+        &gpt2_inputs(&m, 1, 1, 2),
+        "gpt2 cuda-sized decode step",
+        &cuda,
+        1e-4,
+    );
     // f16 storage: every stored activation rounded to f16 (inputs and weights stay exact f32
     // values here, so this measures the plan's own rounding).
     let f16 = LowerOptions::new(Target::Wgsl, Elem::F16);
@@ -227,9 +280,20 @@ fn cuda_sized_and_f16_plans_run_on_the_interpreter_too() {
         &f16,
         2e-2,
     );
+    let d1 = parity_with(
+        &g,
+        &m.weights,
+        &gpt2_inputs(&m, 1, 1, 3),
+        "gpt2 f16 decode step",
+        &f16,
+        2e-2,
+    );
     let (b, bg) = model("tiny_bert");
     let e = parity_with(&bg, &b.weights, &bert_inputs(1, 4), "bert f16", &f16, 2e-2);
-    eprintln!("f16 plans: worst |diff| gpt2 {d:.2e}, bert {e:.2e}");
+    eprintln!(
+        "f16 plans: worst |diff| gpt2 {:.2e}, bert {e:.2e}",
+        d.max(d1)
+    );
 }
 
 #[test]
@@ -329,13 +393,17 @@ fn every_kernel_of_both_plans_is_valid_wgsl_in_f32_and_f16() {
     for (name, g) in all {
         for elem in [Elem::F32, Elem::F16] {
             let plan = lower(&g, &LowerOptions::new(Target::Wgsl, elem)).unwrap();
+            assert!(attention_kernels(&plan)
+                .iter()
+                .all(|&i| plan.kernels[i].decode.is_some()));
             let mut seen = std::collections::HashSet::new();
-            for k in &plan.kernels {
-                if seen.insert(k.entry().to_string()) {
-                    let src = Target::Wgsl.print(&k.gen.kernel).unwrap();
+            for k in all_kernels(&plan) {
+                if seen.insert(k.name.clone()) {
+                    let src = Target::Wgsl.print(k).unwrap();
                     validate_wgsl(&src);
                 }
             }
+            assert!(seen.iter().any(|n| n.starts_with("attention_decode_")));
             eprintln!(
                 "{name} {elem:?}: {} distinct WGSL kernels valid",
                 seen.len()
@@ -364,18 +432,18 @@ fn every_kernel_of_both_plans_compiles_with_nvrtc_in_f32_f16_bf16() {
         for elem in [Elem::F32, Elem::F16, Elem::BF16] {
             let plan = lower(&g, &LowerOptions::new(Target::Cuda, elem)).unwrap();
             let mut seen = std::collections::HashSet::new();
-            for k in &plan.kernels {
-                if !seen.insert(k.entry().to_string()) {
+            for k in all_kernels(&plan) {
+                if !seen.insert(k.name.clone()) {
                     continue;
                 }
-                let src = Target::Cuda.print(&k.gen.kernel).unwrap();
+                let entry = k.name.as_str();
+                let src = Target::Cuda.print(k).unwrap();
                 if src.contains("#include") && nvrtc::cuda_include_dir().is_none() {
                     assert!(
                         !common::required("nvrtc"),
-                        "{}: CUDA headers missing (TRANSFUSE_CUDA_INCLUDE)",
-                        k.entry()
+                        "{entry}: CUDA headers missing (TRANSFUSE_CUDA_INCLUDE)"
                     );
-                    eprintln!("skipping {}: no CUDA headers", k.entry());
+                    eprintln!("skipping {entry}: no CUDA headers");
                     continue;
                 }
                 // f32 for both PTX targets; every dtype to sm_90 SASS with zero spills.
@@ -385,22 +453,22 @@ fn every_kernel_of_both_plans_compiles_with_nvrtc_in_f32_f16_bf16() {
                     &["compute_80"]
                 };
                 for arch in archs {
-                    if let Err(e) = nvrtc::compile_ptx(&src, k.entry(), arch, &[]) {
-                        panic!("{name} {elem:?} {} for {arch}: {e}\n{src}", k.entry());
+                    if let Err(e) = nvrtc::compile_ptx(&src, entry, arch, &[]) {
+                        panic!("{name} {elem:?} {entry} for {arch}: {e}\n{src}");
                     }
                 }
-                let sass = nvrtc::compile_sass(&src, k.entry(), "sm_90")
-                    .unwrap_or_else(|e| panic!("{name} {elem:?} {} for sm_90: {e}", k.entry()));
-                let r = sass.kernel(k.entry()).expect("ptxas reports every kernel");
+                let sass = nvrtc::compile_sass(&src, entry, "sm_90")
+                    .unwrap_or_else(|e| panic!("{name} {elem:?} {entry} for sm_90: {e}"));
+                let r = sass.kernel(entry).expect("ptxas reports every kernel");
                 assert_eq!(
                     (r.spill_stores_bytes, r.spill_loads_bytes),
                     (0, 0),
-                    "{name} {elem:?} {} spills at default tunables",
-                    k.entry()
+                    "{name} {elem:?} {entry} spills at default tunables"
                 );
             }
+            assert!(seen.iter().any(|n| n.starts_with("attention_decode_")));
             table.push(format!(
-                "{name} {elem:?}: {} distinct kernels compile",
+                "{name} {elem:?}: {} distinct kernels compile (decode variants included)",
                 seen.len()
             ));
         }

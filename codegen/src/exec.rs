@@ -1,6 +1,7 @@
 //! Runs a [`Plan`] on the kernel-IR interpreter: allocates every buffer, launches each kernel
-//! in order with the uniforms and grid [`Plan::launch_args`] gives, and returns the graph
-//! outputs. Slow, exact, device-free: the test of a whole lowering against the CPU reference.
+//! in order (its decode variant instead where [`Plan::use_decode`] says so) with the uniforms
+//! and grid [`Plan::launch_args_for`] gives, and returns the graph outputs. Slow, exact,
+//! device-free: the test of a whole lowering against the CPU reference.
 
 use std::collections::HashMap;
 
@@ -109,33 +110,35 @@ pub fn run_plan_interpreted(
         };
         mem.insert(b.name.as_str(), h);
     }
-    for (i, k) in plan.kernels.iter().enumerate() {
-        let (uniforms, grid) = plan.launch_args(i, bindings)?;
+    for i in 0..plan.kernels.len() {
+        let decode = plan.use_decode(i, bindings)?;
+        let (uniforms, grid) = plan.launch_args_for(i, decode, bindings)?;
+        let (gen, binds, _) = plan.kernels[i]
+            .launched(decode)
+            .expect("checked by launch_args_for");
+        let kernel = &gen.kernel;
         // Take each bound buffer out (a buffer bound twice is cloned for its read-only uses).
-        let mut bufs = Vec::with_capacity(k.bindings.len());
+        let mut bufs = Vec::with_capacity(binds.len());
         let mut owner: Vec<bool> = vec![];
-        for (j, name) in k.bindings.iter().enumerate() {
-            let first = k.bindings[..j].iter().all(|n| n != name);
+        for (j, name) in binds.iter().enumerate() {
+            let first = binds[..j].iter().all(|n| n != name);
             if first {
                 let b = mem
                     .remove(name.as_str())
                     .ok_or_else(|| CodegenError::Plan(format!("no buffer `{name}`")))?;
                 bufs.push(b);
             } else {
-                let src = k.bindings[..j]
-                    .iter()
-                    .position(|n| n == name)
-                    .expect("seen");
+                let src = binds[..j].iter().position(|n| n == name).expect("seen");
                 bufs.push(bufs[src].clone());
             }
             owner.push(first);
         }
-        let result = interp::run(&k.gen.kernel, grid, &mut bufs, &uniforms, SUBGROUP);
+        let result = interp::run(kernel, grid, &mut bufs, &uniforms, SUBGROUP);
         // Put the buffers back (a written duplicate wins).
         let mut back: HashMap<&str, HostBuf> = HashMap::new();
         for (j, b) in bufs.into_iter().enumerate() {
-            let name = k.bindings[j].as_str();
-            let written = k.gen.kernel.buffers[j].access == Access::ReadWrite;
+            let name = binds[j].as_str();
+            let written = kernel.buffers[j].access == Access::ReadWrite;
             if owner[j] || written {
                 back.insert(name, b);
             }

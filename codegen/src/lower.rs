@@ -27,7 +27,9 @@
 //! - **a kernel**: clusters of elementwise ops (`kernels::elementwise::cluster`), last-axis
 //!   reductions of any single axis through a permuted view (`reduce_rows`), matmul and fused
 //!   matmul (`kernels::matmul::matmul`; a weight-side `permute [1,0]` is read as transposed
-//!   B), attention (`kernels::attention::flash`, additive mask through its stride uniforms),
+//!   B), attention (`kernels::attention::flash`, additive mask through its stride uniforms;
+//!   `kernels::attention::decode` when the query length is the constant 1, and as the kernel's
+//!   decode [`Variant`] when it is symbolic),
 //!   softmax, layer/RMS/group/instance/batch norm (`kernels::norm`; constant γ = 1, β = 0 →
 //!   no affine buffers), and the lowering's own concat (several same-shaped concatenations
 //!   whose operands are ready share one launch) and iota kernels ([`copy`]);
@@ -51,10 +53,18 @@
 //! zero-length buffer, e.g. an empty KV cache, still needs a binding: WebGPU cannot bind 0
 //! bytes, so allocate at least 4), upload inputs (i64 as i32, bool as u32) and weights, fill
 //! `Const` buffers, run the prepare kernels once, then per call the forward kernels in order
-//! with [`Plan::launch_args`]; read the outputs. Grid-stride kernels (norms, concat, placed
-//! copies) accept a clamped grid. WebGPU guarantees 8 storage buffers per kernel: placement
-//! respects it; a cluster of more than 7 inputs (none in BERT or GPT-2) needs an adapter with
-//! more.
+//! with [`Plan::launch_args`]; read the outputs. An attention kernel whose query length is
+//! symbolic carries a decode variant ([`PlanKernel::decode`], a [`Variant`]: the one-workgroup-
+//! per-query-row kernel, for KV-cache decoding steps) with its own bindings, uniforms and grid:
+//! when [`Plan::use_decode`] is true at the bound dims (the query length is 1), launch it
+//! instead, with [`Plan::launch_args_for`]`(k, true, …)`. Both compute the same attention (up
+//! to rounding), for any query length; the variant is the faster one for a single row.
+//! `transfuse compile --emit` writes its source next to the main kernel's
+//! ([`Plan::decode_file_name`]) and plan.json names it.
+//!
+//! Grid-stride kernels (norms, concat, placed copies) accept a clamped grid. WebGPU guarantees
+//! 8 storage buffers per kernel: placement respects it; a cluster of more than 7 inputs (none
+//! in BERT or GPT-2) needs an adapter with more.
 
 pub mod copy;
 mod json;
@@ -289,6 +299,9 @@ pub struct PlanKernel {
     pub bytes: Poly,
     /// Estimated floating-point operations.
     pub flops: Poly,
+    /// The decode variant of an attention kernel whose query length is symbolic (None for
+    /// every other kernel): see [`Plan::use_decode`].
+    pub decode: Option<Box<Variant>>,
 }
 
 impl PlanKernel {
@@ -296,6 +309,36 @@ impl PlanKernel {
     pub fn entry(&self) -> &str {
         &self.gen.kernel.name
     }
+
+    /// The decode variant's entry-point name, if there is one.
+    pub fn decode_entry(&self) -> Option<&str> {
+        self.decode.as_deref().map(|v| v.gen.kernel.name.as_str())
+    }
+
+    /// What is launched: the decode variant's kernel, bindings and uniform expressions when
+    /// `decode` (None without a variant), else the main kernel's.
+    pub fn launched(&self, decode: bool) -> Option<(&Generated, &[String], &[UniformExpr])> {
+        if decode {
+            let v = self.decode.as_deref()?;
+            Some((&v.gen, &v.bindings, &v.uniforms))
+        } else {
+            Some((&self.gen, &self.bindings, &self.uniforms))
+        }
+    }
+}
+
+/// An alternative kernel for the same nodes, launched instead of the main one when `when_one`
+/// evaluates to 1 (attention's query length: the decode kernel).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Variant {
+    /// The kernel, its grid (in terms of its uniforms) and tunables.
+    pub gen: Generated,
+    /// Plan buffer bound to each kernel buffer parameter, in parameter order.
+    pub bindings: Vec<String>,
+    /// How to compute each uniform, in `gen.kernel.uniforms` order.
+    pub uniforms: Vec<UniformExpr>,
+    /// The variant replaces the main kernel when this evaluates to 1.
+    pub when_one: Poly,
 }
 
 /// A graph input, weight or output and its buffer.
@@ -388,6 +431,17 @@ impl Plan {
 
     /// Source file name of kernel `i`: `NN_entry.cu` / `.wgsl` (NN zero-padded to the count).
     pub fn file_name(&self, i: usize) -> String {
+        self.file_name_of(i, self.kernels[i].entry())
+    }
+
+    /// Source file name of kernel `i`'s decode variant, if it has one: `NN_entry.cu` / `.wgsl`
+    /// with the variant's entry (same `NN` as the main kernel).
+    pub fn decode_file_name(&self, i: usize) -> Option<String> {
+        let entry = self.kernels[i].decode_entry()?;
+        Some(self.file_name_of(i, entry))
+    }
+
+    fn file_name_of(&self, i: usize, entry: &str) -> String {
         let width = self
             .kernels
             .len()
@@ -395,30 +449,52 @@ impl Plan {
             .to_string()
             .len()
             .max(2);
-        format!(
-            "{i:0width$}_{}.{}",
-            self.kernels[i].entry(),
-            self.target.ext()
-        )
+        format!("{i:0width$}_{entry}.{}", self.target.ext())
     }
 
-    /// Uniform values (in kernel order) and grid of kernel `k` for the dims `b`.
+    fn kernel(&self, k: usize) -> Result<&PlanKernel, CodegenError> {
+        self.kernels
+            .get(k)
+            .ok_or_else(|| plan_err(format!("no kernel {k}")))
+    }
+
+    /// Whether kernel `k` is launched as its decode variant for the dims `b`: it has one and
+    /// the variant's `when_one` (the query length) evaluates to 1.
+    pub fn use_decode(&self, k: usize, b: &Bindings) -> Result<bool, CodegenError> {
+        match &self.kernel(k)?.decode {
+            Some(v) => Ok(v.when_one.eval(b)? == 1),
+            None => Ok(false),
+        }
+    }
+
+    /// Uniform values (in kernel order) and grid of kernel `k`'s main kernel for the dims `b`.
     pub fn launch_args(
         &self,
         k: usize,
         b: &Bindings,
     ) -> Result<(Vec<u32>, [u32; 3]), CodegenError> {
-        let pk = self
-            .kernels
-            .get(k)
-            .ok_or_else(|| plan_err(format!("no kernel {k}")))?;
-        let kname = pk.entry();
+        self.launch_args_for(k, false, b)
+    }
+
+    /// Uniform values (in kernel order) and grid of kernel `k` for the dims `b`: of its decode
+    /// variant when `decode` (an error if it has none), else of the main kernel.
+    pub fn launch_args_for(
+        &self,
+        k: usize,
+        decode: bool,
+        b: &Bindings,
+    ) -> Result<(Vec<u32>, [u32; 3]), CodegenError> {
+        let pk = self.kernel(k)?;
+        let (gen, _, uniforms) = pk.launched(decode).ok_or_else(|| {
+            plan_err(format!("kernel {k} ({}) has no decode variant", pk.entry()))
+        })?;
+        let kname = &gen.kernel.name;
         let kerr = |msg: String| CodegenError::Kernel {
             kernel: kname.to_string(),
             msg,
         };
-        let mut vals = Vec::with_capacity(pk.uniforms.len());
-        for (u, name) in pk.uniforms.iter().zip(&pk.gen.kernel.uniforms) {
+        let mut vals = Vec::with_capacity(uniforms.len());
+        for (u, name) in uniforms.iter().zip(&gen.kernel.uniforms) {
             let v: i64 = match u {
                 UniformExpr::Poly(p) => p.eval(b)?,
                 UniformExpr::SoftmaxMask {
@@ -443,7 +519,7 @@ impl Plan {
                     .map_err(|_| kerr(format!("uniform `{name}` = {v} does not fit u32")))?,
             );
         }
-        let names = &pk.gen.kernel.uniforms;
+        let names = &gen.kernel.uniforms;
         let lookup = |n: &str| {
             names
                 .iter()
@@ -451,7 +527,7 @@ impl Plan {
                 .map(|i| u64::from(vals[i]))
         };
         let mut grid = [0u32; 3];
-        for (a, d) in pk.gen.grid.iter().enumerate() {
+        for (a, d) in gen.grid.iter().enumerate() {
             let g = d
                 .eval(&lookup)
                 .ok_or_else(|| kerr(format!("grid axis {a} refers to an unknown uniform")))?;
@@ -799,6 +875,51 @@ impl Kb {
         });
         self.bind(param, buf);
     }
+
+    /// Finishes the kernel: folds the uniforms whose value is a constant into literals, drops
+    /// the parameters no longer read or written, names it `<base>_<hash of its code>`; returns
+    /// the bindings and uniform expressions, in parameter and uniform order.
+    fn finish(&mut self, base: &str) -> Result<(Vec<String>, Vec<UniformExpr>), CodegenError> {
+        let consts: Vec<(String, u32)> = self
+            .gen
+            .kernel
+            .uniforms
+            .iter()
+            .filter_map(|u| match self.uvals.get(u) {
+                Some(UniformExpr::Poly(p)) => p
+                    .as_const()
+                    .and_then(|c| u32::try_from(c).ok())
+                    .map(|c| (u.clone(), c)),
+                _ => None,
+            })
+            .collect();
+        for (u, c) in consts {
+            rewrite::fold_uniform(&mut self.gen, &u, c);
+        }
+        let used = rewrite::used_buffers(&self.gen.kernel);
+        self.gen.kernel.buffers.retain(|b| used.contains(&b.name));
+        let mut bindings = vec![];
+        for b in &self.gen.kernel.buffers {
+            bindings.push(
+                self.binds.get(&b.name).cloned().ok_or_else(|| {
+                    plan_err(format!("{base}: parameter `{}` is not bound", b.name))
+                })?,
+            );
+        }
+        let mut uniforms = vec![];
+        for u in &self.gen.kernel.uniforms {
+            uniforms.push(
+                self.uvals
+                    .get(u)
+                    .cloned()
+                    .ok_or_else(|| plan_err(format!("{base}: uniform `{u}` has no value")))?,
+            );
+        }
+        self.gen.kernel.name = String::new();
+        let h = fnv(&format!("{:?}", self.gen.kernel));
+        self.gen.kernel.name = format!("{base}_{h:08x}");
+        Ok((bindings, uniforms))
+    }
 }
 
 fn fnv(s: &str) -> u32 {
@@ -965,47 +1086,18 @@ impl<'a> Lower<'a> {
         }
     }
 
-    fn push(&mut self, mut kb: Kb, base: &str) -> Result<(), CodegenError> {
-        // Fold constant uniforms into literals.
-        let consts: Vec<(String, u32)> = kb
-            .gen
-            .kernel
-            .uniforms
-            .iter()
-            .filter_map(|u| match kb.uvals.get(u) {
-                Some(UniformExpr::Poly(p)) => p
-                    .as_const()
-                    .and_then(|c| u32::try_from(c).ok())
-                    .map(|c| (u.clone(), c)),
-                _ => None,
-            })
-            .collect();
-        for (u, c) in consts {
-            rewrite::fold_uniform(&mut kb.gen, &u, c);
-        }
-        // Drop parameters no longer read or written.
-        let used = rewrite::used_buffers(&kb.gen.kernel);
-        kb.gen.kernel.buffers.retain(|b| used.contains(&b.name));
-        let mut bindings = vec![];
-        for b in &kb.gen.kernel.buffers {
-            bindings.push(
-                kb.binds.get(&b.name).cloned().ok_or_else(|| {
-                    plan_err(format!("{base}: parameter `{}` is not bound", b.name))
-                })?,
-            );
-        }
-        let mut uniforms = vec![];
-        for u in &kb.gen.kernel.uniforms {
-            uniforms.push(
-                kb.uvals
-                    .get(u)
-                    .cloned()
-                    .ok_or_else(|| plan_err(format!("{base}: uniform `{u}` has no value")))?,
-            );
-        }
-        kb.gen.kernel.name = String::new();
-        let h = fnv(&format!("{:?}", kb.gen.kernel));
-        kb.gen.kernel.name = format!("{base}_{h:08x}");
+    fn push(&mut self, kb: Kb, base: &str) -> Result<(), CodegenError> {
+        self.push_with(kb, base, None)
+    }
+
+    /// [`Self::push`] with a decode variant (already finished).
+    fn push_with(
+        &mut self,
+        mut kb: Kb,
+        base: &str,
+        decode: Option<Box<Variant>>,
+    ) -> Result<(), CodegenError> {
+        let (bindings, uniforms) = kb.finish(base)?;
         let phase = if kb.nodes.iter().all(|n| self.weight_only[n.index()]) {
             Phase::Prepare
         } else {
@@ -1026,6 +1118,7 @@ impl<'a> Lower<'a> {
             phase,
             bytes: kb.bytes,
             flops: kb.flops,
+            decode,
         });
         Ok(())
     }
@@ -1436,14 +1529,7 @@ impl<'a> Lower<'a> {
         let ins = n.inputs.clone();
         let oshape = n.shape.clone();
         let g = self.g;
-        let (qs, ks, vs) = (
-            g.node(ins[0]).shape.clone(),
-            g.node(ins[1]).shape.clone(),
-            g.node(ins[2]).shape.clone(),
-        );
-        let q = self.lin_of(ins[0])?;
-        let k = self.lin_of(ins[1])?;
-        let v = self.lin_of(ins[2])?;
+        let (qs, vs) = (g.node(ins[0]).shape.clone(), g.node(ins[2]).shape.clone());
         let r = qs.len();
         let known = |d: &Dim, what: &str| {
             d.as_known()
@@ -1464,11 +1550,70 @@ impl<'a> Lower<'a> {
             window,
             mask: ins.len() == 4,
         };
-        let gen = attention::flash(
-            &cfg,
-            &AttentionTunables::default_for(&cfg, &self.o.limits),
-            &self.o.limits,
-        )?;
+        let limits = &self.o.limits;
+        let decode = || {
+            attention::decode(
+                &cfg,
+                &AttentionTunables::decode_default_for(&cfg, limits),
+                limits,
+            )
+        };
+        // A query length of 1 takes the decode kernel; a symbolic one gets it as a variant.
+        let sq = qs[r - 2].clone();
+        let (gen, base, variant) = match sq.as_known() {
+            Some(1) => (decode()?, cfg.kernel_name(true), None),
+            known => {
+                let flash =
+                    attention::flash(&cfg, &AttentionTunables::default_for(&cfg, limits), limits)?;
+                let variant = if known.is_none() {
+                    Some(decode()?)
+                } else {
+                    None
+                };
+                (flash, cfg.kernel_name(false), variant)
+            }
+        };
+        let mut kb = self.attention_kb(id, &cfg, gen)?;
+        let mut dkb = variant
+            .map(|gen| self.attention_kb(id, &cfg, gen))
+            .transpose()?;
+        let out = self.out_buffer(id);
+        let eb = i64::from(elem_bytes(self.o.elem));
+        for k in std::iter::once(&mut kb).chain(dkb.as_mut()) {
+            k.bind("out", &out.buf);
+            k.bytes = k.bytes.add(&Poly::product(&oshape).scale(eb));
+        }
+        let decode = match dkb {
+            Some(mut dkb) => {
+                let (bindings, uniforms) = dkb.finish(&cfg.kernel_name(true))?;
+                Some(Box::new(Variant {
+                    gen: dkb.gen,
+                    bindings,
+                    uniforms,
+                    when_one: Poly::dim(&sq),
+                }))
+            }
+            None => None,
+        };
+        self.push_with(kb, &base, decode)?;
+        Ok(out)
+    }
+
+    /// The kernel of attention node `id` from template `gen` (flash or decode: same buffers and
+    /// uniforms), everything bound but `out`, with its bytes (but the output's) and flops.
+    fn attention_kb(
+        &mut self,
+        id: NodeId,
+        cfg: &AttentionCfg,
+        gen: Generated,
+    ) -> Result<Kb, CodegenError> {
+        let g = self.g;
+        let ins = g.node(id).inputs.clone();
+        let (qs, ks) = (g.node(ins[0]).shape.clone(), g.node(ins[1]).shape.clone());
+        let q = self.lin_of(ins[0])?;
+        let k = self.lin_of(ins[1])?;
+        let v = self.lin_of(ins[2])?;
+        let r = qs.len();
         let mut kb = Kb::new(gen, vec![id]);
         let (sq, sk) = (qs[r - 2].clone(), ks[r - 2].clone());
         let bh = Poly::product(&qs[..r - 2]);
@@ -1515,16 +1660,11 @@ impl<'a> Lower<'a> {
             }
             kb.bytes = kb.bytes.add(&e.footprint().scale(eb));
         }
-        let out = self.out_buffer(id);
-        kb.bind("out", &out.buf);
-        kb.bytes = kb.bytes.add(&Poly::product(&oshape).scale(eb));
         kb.flops = bh
             .mul(&Poly::dim(&sq))
             .mul(&Poly::dim(&sk))
-            .scale(2 * i64::from(d + dv) + 5);
-        let base = cfg.kernel_name(false);
-        self.push(kb, &base)?;
-        Ok(out)
+            .scale(2 * i64::from(cfg.head_dim + cfg.dv) + 5);
+        Ok(kb)
     }
 
     /// Operand `p` of a norm over `x_shape` as a per-`axis` parameter.
@@ -2003,7 +2143,8 @@ impl<'a> Lower<'a> {
             }
         }
         for k in &mut self.kernels {
-            for b in &mut k.bindings {
+            let variant = k.decode.as_deref_mut().map(|v| &mut v.bindings);
+            for b in k.bindings.iter_mut().chain(variant.into_iter().flatten()) {
                 if b == old {
                     *b = new.to_string();
                 }
@@ -2161,4 +2302,126 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Plan, CodegenError> {
         weights,
         outputs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use transfuse_ir::{Builder, Scalar};
+
+    /// One causal, masked attention `[b, 2, sq, 8]` against `[b, 2, sk, 8]` keys.
+    fn attention_graph(sq: Dim) -> Graph {
+        let mut b = Builder::new();
+        let q = b
+            .input(
+                "q",
+                vec![Dim::sym("b"), 2.into(), sq.clone(), 8.into()],
+                DType::F32,
+            )
+            .unwrap();
+        let kv = vec![Dim::sym("b"), 2.into(), Dim::sym("t"), 8.into()];
+        let k = b.input("k", kv.clone(), DType::F32).unwrap();
+        let v = b.input("v", kv, DType::F32).unwrap();
+        let m = b
+            .input(
+                "m",
+                vec![Dim::sym("b"), 1.into(), sq, Dim::sym("t")],
+                DType::F32,
+            )
+            .unwrap();
+        let o = b
+            .op(
+                Op::Attention {
+                    scale: Scalar(0.25),
+                    causal: true,
+                    window: None,
+                },
+                &[q, k, v, m],
+            )
+            .unwrap();
+        b.output("o", o);
+        b.finish()
+    }
+
+    fn dims(v: &[(&str, usize)]) -> Bindings {
+        v.iter().map(|(k, x)| (k.to_string(), *x)).collect()
+    }
+
+    fn lowered(sq: Dim) -> Plan {
+        lower(
+            &attention_graph(sq),
+            &LowerOptions::new(Target::Wgsl, Elem::F32),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_symbolic_query_length_gets_a_decode_variant() {
+        let plan = lowered(Dim::sym("s"));
+        assert_eq!(plan.kernels.len(), 1);
+        let k = &plan.kernels[0];
+        assert!(k.entry().starts_with("attention_f32_d8_causal_mask_s"));
+        let v = k.decode.as_deref().expect("a decode variant");
+        assert!(
+            v.gen
+                .kernel
+                .name
+                .starts_with("attention_decode_f32_d8_causal_mask_s"),
+            "{}",
+            v.gen.kernel.name
+        );
+        assert_eq!(v.when_one, Poly::sym("s"));
+        // The same buffers, bound alike; the output renamed after the graph output in both.
+        assert_eq!(v.bindings, k.bindings);
+        assert!(v.bindings.contains(&"o".to_string()));
+        assert_eq!(v.uniforms.len(), v.gen.kernel.uniforms.len());
+        let one = dims(&[("b", 3), ("s", 1), ("t", 9)]);
+        let five = dims(&[("b", 3), ("s", 5), ("t", 9)]);
+        assert!(plan.use_decode(0, &one).unwrap());
+        assert!(!plan.use_decode(0, &five).unwrap());
+        assert!(plan.use_decode(0, &dims(&[("b", 3)])).is_err());
+        assert!(plan.use_decode(1, &one).is_err());
+        // The decode grid: one workgroup per (query row, batch·head).
+        let (du, dg) = plan.launch_args_for(0, true, &one).unwrap();
+        assert_eq!(dg, [1, 6, 1]);
+        assert_eq!(du.len(), v.uniforms.len());
+        assert_eq!(
+            plan.launch_args(0, &five).unwrap(),
+            plan.launch_args_for(0, false, &five).unwrap()
+        );
+        let j = plan.to_json(Some(&one));
+        assert_eq!(j["kernels"][0]["decode"], v.gen.kernel.name.as_str());
+        assert_eq!(
+            j["kernels"][0]["decode_file"],
+            format!("00_{}.wgsl", v.gen.kernel.name)
+        );
+        assert_eq!(j["kernels"][0]["decode_at"], true);
+        assert_eq!(plan.to_json(Some(&five))["kernels"][0]["decode_at"], false);
+    }
+
+    #[test]
+    fn a_query_length_of_one_is_the_decode_kernel_itself_and_other_constants_flash() {
+        let plan = lowered(1.into());
+        let k = &plan.kernels[0];
+        assert!(
+            k.entry().starts_with("attention_decode_f32_d8"),
+            "{}",
+            k.entry()
+        );
+        assert!(k.decode.is_none());
+        let b = dims(&[("b", 2), ("t", 4)]);
+        assert!(!plan.use_decode(0, &b).unwrap());
+        assert_eq!(plan.launch_args(0, &b).unwrap().1, [1, 4, 1]);
+        assert!(plan.launch_args_for(0, true, &b).is_err());
+        assert_eq!(
+            plan.to_json(None)["kernels"][0]["decode"],
+            serde_json::Value::Null
+        );
+        assert_eq!(plan.decode_file_name(0), None);
+
+        let plan = lowered(4.into());
+        let k = &plan.kernels[0];
+        assert!(k.entry().starts_with("attention_f32_d8"), "{}", k.entry());
+        assert!(k.decode.is_none());
+    }
 }

@@ -1,5 +1,7 @@
 //! `plan.json`: the plan in readable form (sizes, uniforms and grids as expressions of the
-//! symbolic dims; with `dims`, also their values and the estimated bytes/flops).
+//! symbolic dims; with `dims`, also their values and the estimated bytes/flops). Each kernel's
+//! `decode` is its decode variant's entry (null without one) and `decode_file` its source
+//! file; with `dims`, `decode_at` says whether the variant is launched at those dims.
 
 use serde_json::{json, Value};
 use transfuse_ir::{shape_string, Bindings, Shape};
@@ -122,6 +124,8 @@ impl Plan {
                     "tunables": k.gen.tunables.iter().map(|t| json!({"name": t.name, "value": t.value, "space": t.space})).collect::<Vec<_>>(),
                     "bytes": k.bytes.to_string(),
                     "flops": k.flops.to_string(),
+                    "decode": k.decode_entry(),
+                    "decode_file": self.decode_file_name(i),
                 });
                 if let Some(b) = dims_at {
                     o["bytes_at"] = json!(at(&k.bytes));
@@ -129,6 +133,9 @@ impl Plan {
                     if let Ok((u, g)) = self.launch_args(i, b) {
                         o["uniforms_at"] = json!(u);
                         o["grid_at"] = json!(g);
+                    }
+                    if k.decode.is_some() {
+                        o["decode_at"] = json!(self.use_decode(i, b).ok());
                     }
                 }
                 o
