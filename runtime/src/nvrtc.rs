@@ -13,9 +13,11 @@
 //!   has no built-in copies); passed to every compilation as `--include-path`.
 //!
 //! [`compile_ptx`] gives PTX for a virtual architecture (`compute_80`, `compute_90`), what the
-//! CUDA backend loads. [`compile_sass`] compiles all the way to a cubin for a real architecture
-//! (`sm_90`) with `--ptxas-options=-v` and returns, per kernel, the registers, spills and static
-//! shared memory ptxas reported: what a codegen test checks without a GPU.
+//! CUDA backend loads ([`compile_cubin`] a cubin instead, when the driver is too old to JIT
+//! that PTX; [`supported_archs`] says what this NVRTC targets). [`compile_sass`] compiles all
+//! the way to a cubin for a real architecture (`sm_90`) with `--ptxas-options=-v` and returns,
+//! per kernel, the registers, spills and static shared memory ptxas reported: what a codegen
+//! test checks without a GPU.
 //!
 //! ```
 //! use transfuse_runtime::nvrtc;
@@ -206,6 +208,43 @@ pub fn compile_ptx(
     let prog = Program::compile(src, name, arch, extra_opts)?;
     let ptx = prog.output(sys::nvrtcGetPTXSize, sys::nvrtcGetPTX, "nvrtcGetPTX")?;
     Ok(String::from_utf8_lossy(until_nul(&ptx)).into_owned())
+}
+
+/// Compiles CUDA C `src` to a cubin (SASS) for the real architecture `arch` (e.g. `"sm_90"`):
+/// what the CUDA backend loads when the driver is older than NVRTC and so cannot JIT its PTX.
+/// The options are those of [`compile_ptx`].
+pub fn compile_cubin(
+    src: &str,
+    name: &str,
+    arch: &str,
+    extra_opts: &[&str],
+) -> Result<Vec<u8>, NvrtcError> {
+    let prog = Program::compile(src, name, arch, extra_opts)?;
+    prog.output(sys::nvrtcGetCUBINSize, sys::nvrtcGetCUBIN, "nvrtcGetCUBIN")
+}
+
+/// The architectures the loaded NVRTC compiles for, as `major * 10 + minor` in ascending
+/// order (`[50, 52, …, 90, 100, 101, 103, 120, 121]` for 12.9): `compute_XY` and `sm_XY` both exist for each.
+pub fn supported_archs() -> Result<Vec<i32>, NvrtcError> {
+    available()?;
+    let mut n: c_int = 0;
+    // SAFETY: the library is loaded; `n` is a valid pointer.
+    check(
+        unsafe { sys::nvrtcGetNumSupportedArchs(&mut n) },
+        "",
+        "nvrtcGetNumSupportedArchs",
+    )?;
+    let mut archs = vec![0 as c_int; usize::try_from(n).unwrap_or(0)];
+    if !archs.is_empty() {
+        // SAFETY: `archs` holds the `n` ints NVRTC reported.
+        check(
+            unsafe { sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) },
+            "",
+            "nvrtcGetSupportedArchs",
+        )?;
+    }
+    archs.sort_unstable();
+    Ok(archs)
 }
 
 /// Compiles CUDA C `src` to SASS (a cubin) for the real architecture `arch` (e.g. `"sm_90"`)

@@ -1,0 +1,648 @@
+//! The CUDA device: cudarc's driver API for memory and launches, NVRTC ([`crate::nvrtc`]) for
+//! kernels, behind the same [`Device`] interface as [`crate::webgpu::WgpuDevice`], so the plan
+//! executor ([`crate::program::Program`]) runs on it unchanged.
+//!
+//! - **Nothing CUDA is needed to build or to start.** The driver (`libcuda.so.1`) and NVRTC are
+//!   loaded at run time. cudarc panics when it cannot load a library, so [`CudaDevice::new`]
+//!   checks first ([`driver_present`], [`crate::nvrtc::available`]) and returns
+//!   [`RuntimeError::Device`] when one is missing, when the driver is older than CUDA 12.0 or
+//!   when it sees no device.
+//! - **One device per process** ([`shared`]): device 0 (pick another with
+//!   `CUDA_VISIBLE_DEVICES`), its primary context, its default stream. The result, error
+//!   included, is computed once, so [`CudaBackend::new`] is cheap after the first call (and on
+//!   the first, without a driver, it is one failed `dlopen` per candidate name).
+//! - **One stream, in order.** Every copy and launch goes to the context's default (NULL)
+//!   stream, so a launch sees the writes and launches issued before it and a read sees them
+//!   all; cudarc's per-buffer event tracking (for multi-stream use) is turned off. Host writes
+//!   and reads are synchronous copies (`cuMemcpyHtoD` / `cuMemcpyDtoH`): they wait for the
+//!   launches before them, and the host data may be dropped when they return.
+//! - **Kernels**: each [`Kernel`] is printed as CUDA C ([`transfuse_codegen::cuda::print`]),
+//!   compiled by NVRTC for the device's own architecture and loaded as a module. The loaded
+//!   function is cached by source inside the device, so a kernel shared by several graphs (or
+//!   loaded again) compiles once per process. What NVRTC emits ([`DeviceInfo::description`]
+//!   says which):
+//!   - PTX for `compute_XY`, the device's compute capability (or the newest NVRTC knows, when
+//!     the device is newer), JIT-compiled by the driver;
+//!   - a cubin for `sm_XY` when the driver is older than NVRTC: a driver cannot JIT PTX from a
+//!     newer toolkit, but runs its cubins (CUDA minor-version compatibility).
+//! - **Launches**: grid as given, block = the kernel's workgroup, no dynamic shared memory (the
+//!   kernels declare static `__shared__` arrays), parameters = the buffers' device pointers in
+//!   order, then the `unsigned int` uniforms. A grid with a zero axis launches nothing.
+//! - **Limits** ([`DeviceInfo`]): [`Limits::cuda`] (1024 threads, 48 KiB static shared memory)
+//!   or less if the device says so; no per-binding limit (a buffer is a pointer: its cap is the
+//!   device's memory); 256 buffers per kernel (8-byte pointers, well inside the 4 KiB of kernel
+//!   parameters); the device's grid limits; f32, f16 and bf16 storage (the printed kernels only
+//!   convert f16/bf16 to and from f32, which `cuda_fp16.h` / `cuda_bf16.h` provide on every
+//!   architecture NVRTC 12 targets).
+//! - **Errors** are [`RuntimeError::Device`] naming what was being done and the driver's error
+//!   (`CUDA_ERROR_…: text`). Launches are asynchronous: a kernel that faults is reported by the
+//!   next read or [`Device::sync`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::result as cu;
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use transfuse_codegen::kernels::Limits;
+use transfuse_codegen::kir::{Elem, Kernel};
+use transfuse_codegen::lower::Target;
+use transfuse_ir::{Graph, Weights};
+
+use crate::device::{Device, DeviceInfo};
+use crate::nvrtc;
+use crate::program::Program;
+use crate::{Backend, Loaded, RuntimeError};
+
+const BACKEND: &str = "cuda";
+
+/// Oldest driver accepted, as `cuDriverGetVersion` encodes it (`1000 * major + 10 * minor`).
+const MIN_DRIVER: i32 = 12000;
+
+/// Most buffers one kernel may take: 256 pointers are 2 KiB of the 4 KiB of kernel parameters.
+const MAX_BUFFERS: u32 = 256;
+
+fn err(msg: impl Into<String>) -> RuntimeError {
+    RuntimeError::Device {
+        backend: BACKEND.into(),
+        msg: msg.into(),
+    }
+}
+
+/// A driver error as `CUDA_ERROR_NAME: description`.
+fn drv(e: &DriverError) -> String {
+    let name = e
+        .error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("{:?}", e.0));
+    match e.error_string() {
+        Ok(s) => format!("{name}: {}", s.to_string_lossy()),
+        Err(_) => name,
+    }
+}
+
+/// `12090` → `12.9`.
+fn version_string(v: i32) -> String {
+    format!("{}.{}", v / 1000, (v % 1000) / 10)
+}
+
+/// True when the CUDA driver library (`libcuda.so.1`, `nvcuda.dll`) can be loaded: the check
+/// every use of the driver API comes after, since cudarc panics without it. Computed once per
+/// process.
+pub fn driver_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only tries to open the candidate library names (running the driver's
+    // initialisers, which have no preconditions); it calls nothing in them.
+    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+}
+
+/// The process-wide device (device 0), created on first use; the error is kept and returned
+/// again.
+pub fn shared() -> Result<Arc<CudaDevice>, RuntimeError> {
+    static DEVICE: OnceLock<Result<Arc<CudaDevice>, RuntimeError>> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| CudaDevice::new().map(Arc::new))
+        .clone()
+}
+
+/// What NVRTC emits for the device (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Code {
+    /// PTX for `compute_XY` (`major * 10 + minor`), JIT-compiled by the driver.
+    Ptx(i32),
+    /// A cubin for `sm_XY`.
+    Cubin(i32),
+}
+
+impl Code {
+    /// The NVRTC `--gpu-architecture` value.
+    fn arch(self) -> String {
+        match self {
+            Code::Ptx(a) => format!("compute_{a}"),
+            Code::Cubin(a) => format!("sm_{a}"),
+        }
+    }
+}
+
+/// Chooses what to compile for a device of compute capability `cc` (`major * 10 + minor`),
+/// under a driver of version `driver` (`cuDriverGetVersion`), with NVRTC `nvrtc` (major, minor)
+/// supporting the architectures `supported` (ascending).
+fn choose_code(cc: i32, driver: i32, nvrtc: (i32, i32), supported: &[i32]) -> Result<Code, String> {
+    let nvrtc_version = 1000 * nvrtc.0 + 10 * nvrtc.1;
+    let nv = format!("NVRTC {}.{}", nvrtc.0, nvrtc.1);
+    let cap = format!("compute capability {}.{}", cc / 10, cc % 10);
+    let Some(&newest_fit) = supported.iter().rev().find(|&&a| a <= cc) else {
+        return Err(format!(
+            "{nv} cannot compile for {cap}: its architectures are {supported:?}"
+        ));
+    };
+    if driver >= nvrtc_version {
+        return Ok(Code::Ptx(newest_fit));
+    }
+    if supported.contains(&cc) {
+        return Ok(Code::Cubin(cc));
+    }
+    Err(format!(
+        "the driver (CUDA {}) is older than {nv}, so it cannot JIT its PTX, and {nv} has no \
+         sm_{cc} target for {cap}; update the driver",
+        version_string(driver)
+    ))
+}
+
+/// A device allocation (see [`Device::alloc`]).
+pub struct CudaBuffer {
+    slice: CudaSlice<u8>,
+}
+
+impl CudaBuffer {
+    /// Its size in bytes (the size asked for, rounded up to a multiple of 4, at least 4).
+    pub fn bytes(&self) -> u64 {
+        self.slice.len() as u64
+    }
+
+    /// The cudarc allocation.
+    pub fn slice(&self) -> &CudaSlice<u8> {
+        &self.slice
+    }
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        // cudarc frees without making its context current; a thread that never used the
+        // device (a `Loaded` dropped elsewhere) has none. Binding through `set_current` rather
+        // than `bind_to_thread` leaves the context's recorded errors for the next call.
+        // SAFETY: the context outlives its allocations (the slice holds it).
+        let _ = unsafe { cu::ctx::set_current(self.slice.context().cu_ctx()) };
+    }
+}
+
+/// A compiled kernel: the loaded function and what a launch needs.
+pub struct CudaKernel {
+    name: String,
+    func: CudaFunction,
+    block: [u32; 3],
+    buffers: usize,
+    uniforms: usize,
+}
+
+impl CudaKernel {
+    /// The entry-point name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A CUDA device: its primary context, default stream and kernel cache (see the module docs).
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: DeviceInfo,
+    code: Code,
+    /// Loaded kernels by CUDA C source.
+    kernels: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl CudaDevice {
+    /// Opens device 0 (see the module docs). Prefer [`shared`]: this creates a second handle on
+    /// the same primary context, with its own kernel cache.
+    pub fn new() -> Result<CudaDevice, RuntimeError> {
+        if !driver_present() {
+            return Err(err(
+                "no CUDA driver library (libcuda.so.1) found: the NVIDIA driver is not installed \
+                 or not on the loader's path",
+            ));
+        }
+        let mut driver = 0;
+        // SAFETY: the library is present (checked above); `driver` is a valid pointer.
+        unsafe { sys::cuDriverGetVersion(&mut driver) }
+            .result()
+            .map_err(|e| err(format!("querying the driver version: {}", drv(&e))))?;
+        if driver < MIN_DRIVER {
+            return Err(err(format!(
+                "the CUDA driver supports CUDA {}; CUDA {} or newer is needed",
+                version_string(driver),
+                version_string(MIN_DRIVER)
+            )));
+        }
+        let count = match CudaContext::device_count() {
+            Ok(n) => n,
+            Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
+            Err(e) => return Err(err(format!("initialising the driver: {}", drv(&e)))),
+        };
+        if count <= 0 {
+            let visible = std::env::var("CUDA_VISIBLE_DEVICES")
+                .map(|v| format!(" (CUDA_VISIBLE_DEVICES={v:?})"))
+                .unwrap_or_default();
+            return Err(err(format!(
+                "the driver (CUDA {}) found no CUDA device{visible}",
+                version_string(driver)
+            )));
+        }
+        nvrtc::available().map_err(|e| err(e.to_string()))?;
+        let nvrtc_version = nvrtc::version().map_err(|e| err(e.to_string()))?;
+        let supported = nvrtc::supported_archs().map_err(|e| err(e.to_string()))?;
+
+        let ctx = CudaContext::new(0).map_err(|e| err(format!("opening device 0: {}", drv(&e))))?;
+        // SAFETY: every allocation and launch of this device goes to one stream (the default
+        // one), so no cross-stream synchronisation is needed; nothing is allocated yet.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+
+        let attr = |a: sys::CUdevice_attribute, what: &str| -> Result<i32, RuntimeError> {
+            ctx.attribute(a)
+                .map_err(|e| err(format!("reading the device's {what}: {}", drv(&e))))
+        };
+        use sys::CUdevice_attribute as A;
+        let name = ctx
+            .name()
+            .map_err(|e| err(format!("reading the device name: {}", drv(&e))))?;
+        let major = attr(
+            A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            "compute capability",
+        )?;
+        let minor = attr(
+            A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+            "compute capability",
+        )?;
+        let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, "SM count")?;
+        let threads = attr(
+            A::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
+            "threads per block",
+        )?;
+        let shared = attr(
+            A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK,
+            "shared memory per block",
+        )?;
+        let grid = [
+            attr(A::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X, "grid size")?,
+            attr(A::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y, "grid size")?,
+            attr(A::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z, "grid size")?,
+        ];
+        let memory = ctx
+            .total_mem()
+            .map_err(|e| err(format!("reading the device memory size: {}", drv(&e))))?
+            as u64;
+
+        let cc = major * 10 + minor;
+        let code = choose_code(cc, driver, nvrtc_version, &supported)
+            .map_err(|m| err(format!("{name}: {m}")))?;
+        let cuda = Limits::cuda();
+        let positive = |v: i32| u32::try_from(v).unwrap_or(0).max(1);
+        let info = DeviceInfo {
+            backend: BACKEND,
+            description: format!(
+                "{name} (compute capability {major}.{minor}, {:.1} GiB, {sms} SMs; driver CUDA \
+                 {}, NVRTC {}.{} → {})",
+                memory as f64 / f64::from(1u32 << 30),
+                version_string(driver),
+                nvrtc_version.0,
+                nvrtc_version.1,
+                code.arch()
+            ),
+            target: Target::Cuda,
+            limits: Limits {
+                max_threads: cuda.max_threads.min(positive(threads)),
+                max_shared_bytes: cuda.max_shared_bytes.min(positive(shared)),
+            },
+            max_binding_bytes: memory,
+            max_storage_buffers: MAX_BUFFERS,
+            max_grid: grid.map(positive),
+            elems: vec![Elem::F32, Elem::F16, Elem::BF16],
+            is_gpu: true,
+        };
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            info,
+            code,
+            kernels: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The cudarc context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Compiles `src` (the kernel `name`) with NVRTC, loads it and finds its entry point.
+    fn build(&self, name: &str, src: &str, threads: u32) -> Result<CudaFunction, RuntimeError> {
+        let file = format!("{name}.cu");
+        let arch = self.code.arch();
+        let image = match self.code {
+            Code::Ptx(_) => nvrtc::compile_ptx(src, &file, &arch, &[]).map(Ptx::from_src),
+            Code::Cubin(_) => nvrtc::compile_cubin(src, &file, &arch, &[]).map(Ptx::from_binary),
+        }
+        .map_err(|e| err(format!("compiling kernel `{name}`: {e}")))?;
+        let module = self.ctx.load_module(image).map_err(|e| {
+            let hint = if e.0 == sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
+                " (the driver is older than NVRTC: update it)"
+            } else {
+                ""
+            };
+            err(format!(
+                "loading kernel `{name}` ({arch}): {}{hint}",
+                drv(&e)
+            ))
+        })?;
+        let func = module
+            .load_function(name)
+            .map_err(|e| err(format!("finding entry `{name}` in its module: {}", drv(&e))))?;
+        // SAFETY: the function was just loaded and its module is alive (`func` holds it).
+        let max = unsafe {
+            cu::function::get_function_attribute(
+                func.cu_function(),
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
+            )
+        }
+        .map_err(|e| err(format!("reading kernel `{name}`'s attributes: {}", drv(&e))))?;
+        if i64::from(threads) > i64::from(max) {
+            return Err(err(format!(
+                "kernel `{name}` runs {threads} threads per block; its resources (registers) \
+                 allow {max} on {}",
+                self.info.description
+            )));
+        }
+        Ok(func)
+    }
+}
+
+/// `bytes` rounded up to a multiple of 4, at least 4.
+fn pad4(bytes: u64) -> u64 {
+    bytes.max(4).div_ceil(4) * 4
+}
+
+impl Device for CudaDevice {
+    type Buffer = CudaBuffer;
+    type Module = CudaKernel;
+
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn alloc(&self, bytes: u64, what: &str) -> Result<CudaBuffer, RuntimeError> {
+        let size = pad4(bytes);
+        let len = usize::try_from(size)
+            .map_err(|_| err(format!("tensor `{what}` needs {size} bytes")))?;
+        let slice = self
+            .stream
+            .alloc_zeros::<u8>(len)
+            .map_err(|e| err(format!("allocating {size} bytes for `{what}`: {}", drv(&e))))?;
+        Ok(CudaBuffer { slice })
+    }
+
+    fn write(&self, buf: &CudaBuffer, data: &[u8]) -> Result<(), RuntimeError> {
+        if data.len() as u64 > buf.bytes() {
+            return Err(err(format!(
+                "writing {} bytes into a buffer of {}",
+                data.len(),
+                buf.bytes()
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        // Zero the padding, as the wgpu device does (the buffer's size is a multiple of 4).
+        let padded;
+        let src = if data.len().is_multiple_of(4) {
+            data
+        } else {
+            let mut v = data.to_vec();
+            v.resize(pad4(data.len() as u64) as usize, 0);
+            padded = v;
+            &padded
+        };
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| err(format!("writing to the device: {}", drv(&e))))?;
+        let (ptr, _record) = buf.slice.device_ptr(&self.stream);
+        // SAFETY: `ptr` is a live allocation of this context of at least `src.len()` bytes
+        // (checked above; the padding stays within the buffer's multiple-of-4 size). The copy is
+        // synchronous on the NULL stream: it follows the launches before it and has read `src`
+        // when it returns.
+        unsafe { cu::memcpy_htod_sync(ptr, src) }.map_err(|e| {
+            err(format!(
+                "writing {} bytes to the device: {}",
+                src.len(),
+                drv(&e)
+            ))
+        })
+    }
+
+    fn read(&self, buf: &CudaBuffer, bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+        if bytes > buf.bytes() {
+            return Err(err(format!(
+                "reading {bytes} bytes from a buffer of {}",
+                buf.bytes()
+            )));
+        }
+        let mut out = vec![0u8; bytes as usize];
+        if out.is_empty() {
+            return self.sync().map(|()| out);
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| err(format!("reading from the device: {}", drv(&e))))?;
+        let (ptr, _record) = buf.slice.device_ptr(&self.stream);
+        // SAFETY: `ptr` is a live allocation of at least `bytes` bytes (checked above). The
+        // copy is synchronous on the NULL stream: it waits for every launch before it and has
+        // filled `out` when it returns.
+        unsafe { cu::memcpy_dtoh_sync(&mut out, ptr) }.map_err(|e| {
+            err(format!(
+                "reading {bytes} bytes back (a kernel launched before may have failed): {}",
+                drv(&e)
+            ))
+        })?;
+        Ok(out)
+    }
+
+    fn compile(&self, kernel: &Kernel) -> Result<CudaKernel, RuntimeError> {
+        let threads = kernel.threads();
+        if threads == 0 || threads > self.info.limits.max_threads {
+            return Err(err(format!(
+                "kernel `{}` has {threads} threads per block; {} allows 1 to {}",
+                kernel.name, self.info.description, self.info.limits.max_threads
+            )));
+        }
+        let src = transfuse_codegen::cuda::print(kernel)?;
+        let cached = self
+            .kernels
+            .lock()
+            .expect("kernel cache")
+            .get(&src)
+            .cloned();
+        let func = match cached {
+            Some(f) => f,
+            None => {
+                // Compiled outside the lock: two threads may compile the same kernel at once,
+                // and the second insert replaces an identical function.
+                let f = self.build(&kernel.name, &src, threads)?;
+                self.kernels
+                    .lock()
+                    .expect("kernel cache")
+                    .insert(src, f.clone());
+                f
+            }
+        };
+        Ok(CudaKernel {
+            name: kernel.name.clone(),
+            func,
+            block: kernel.workgroup,
+            buffers: kernel.buffers.len(),
+            uniforms: kernel.uniforms.len(),
+        })
+    }
+
+    fn launch(
+        &self,
+        m: &CudaKernel,
+        bufs: &[&CudaBuffer],
+        uniforms: &[u32],
+        grid: [u32; 3],
+    ) -> Result<(), RuntimeError> {
+        if bufs.len() != m.buffers || uniforms.len() != m.uniforms {
+            return Err(err(format!(
+                "kernel `{}` takes {} buffers and {} uniforms, got {} and {}",
+                m.name,
+                m.buffers,
+                m.uniforms,
+                bufs.len(),
+                uniforms.len()
+            )));
+        }
+        if grid.contains(&0) {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid[0], grid[1], grid[2]),
+            block_dim: (m.block[0], m.block[1], m.block[2]),
+            shared_mem_bytes: 0,
+        };
+        let mut args = self.stream.launch_builder(&m.func);
+        for b in bufs {
+            args.arg(&b.slice);
+        }
+        for u in uniforms {
+            args.arg(u);
+        }
+        // SAFETY: the function was printed from a kernel whose parameters are exactly its
+        // buffers as pointers, in order, then its uniforms as `unsigned int`; the counts were
+        // checked above, and every pointer is a live allocation of this context. The executor
+        // sizes each buffer for the kernel's indexing under these uniforms.
+        unsafe { args.launch(cfg) }.map_err(|e| {
+            err(format!(
+                "launching kernel `{}` (grid {grid:?}, block {:?}): {}",
+                m.name,
+                m.block,
+                drv(&e)
+            ))
+        })?;
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), RuntimeError> {
+        self.stream.synchronize().map_err(|e| {
+            err(format!(
+                "waiting for the device (a kernel launched before failed): {}",
+                drv(&e)
+            ))
+        })
+    }
+}
+
+/// The CUDA backend: graphs lowered to CUDA C and run by [`Program`] on the shared
+/// [`CudaDevice`].
+pub struct CudaBackend {
+    dev: Arc<CudaDevice>,
+}
+
+impl CudaBackend {
+    /// The backend on the shared device ([`shared`]); an error, never a panic, when the driver
+    /// library, NVRTC or a device is missing. Cheap after the first call in a process.
+    pub fn new() -> Result<CudaBackend, RuntimeError> {
+        Ok(CudaBackend { dev: shared()? })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &str {
+        BACKEND
+    }
+
+    fn description(&self) -> String {
+        self.dev.info().description.clone()
+    }
+
+    fn load(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Loaded>, RuntimeError> {
+        Ok(Box::new(Program::new(
+            self.dev.clone(),
+            graph,
+            weights,
+            Elem::F32,
+        )?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NVRTC_12_9: &[i32] = &[
+        50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90, 100, 101, 103, 120, 121,
+    ];
+
+    #[test]
+    fn ptx_for_the_device_when_the_driver_is_new_enough() {
+        assert_eq!(
+            choose_code(90, 12090, (12, 9), NVRTC_12_9),
+            Ok(Code::Ptx(90))
+        );
+        assert_eq!(
+            choose_code(86, 13000, (12, 9), NVRTC_12_9),
+            Ok(Code::Ptx(86))
+        );
+        assert_eq!(Code::Ptx(90).arch(), "compute_90");
+    }
+
+    #[test]
+    fn a_device_newer_than_nvrtc_gets_the_newest_ptx_below_it() {
+        assert_eq!(
+            choose_code(130, 13000, (12, 9), NVRTC_12_9),
+            Ok(Code::Ptx(120))
+        );
+        assert_eq!(
+            choose_code(88, 12090, (12, 9), NVRTC_12_9),
+            Ok(Code::Ptx(87))
+        );
+    }
+
+    #[test]
+    fn an_older_driver_gets_a_cubin() {
+        assert_eq!(
+            choose_code(80, 12040, (12, 9), NVRTC_12_9),
+            Ok(Code::Cubin(80))
+        );
+        assert_eq!(Code::Cubin(80).arch(), "sm_80");
+        let e = choose_code(130, 12040, (12, 9), NVRTC_12_9).unwrap_err();
+        assert!(e.contains("CUDA 12.4") && e.contains("sm_130"), "{e}");
+    }
+
+    #[test]
+    fn a_device_older_than_nvrtc_supports_is_refused() {
+        let e = choose_code(35, 12090, (12, 9), NVRTC_12_9).unwrap_err();
+        assert!(e.contains("compute capability 3.5"), "{e}");
+    }
+
+    #[test]
+    fn versions_print_as_major_minor() {
+        assert_eq!(version_string(12090), "12.9");
+        assert_eq!(version_string(13010), "13.1");
+    }
+}

@@ -1,0 +1,380 @@
+//! The CUDA backend.
+//!
+//! - Without a driver library (CI machines, this workspace's): `CudaBackend::new` is an error
+//!   naming the driver, returned again on the next call, never a panic.
+//! - With a device: the buffer round trip and launch checks of `CudaDevice`, and a small graph
+//!   (softmax, layer norm, matmul + bias, GELU), as built and optimized, run by
+//!   `Program<CudaDevice>` and compared with the CPU backend: within 1e-4 in f32 storage,
+//!   looser in f16 and bf16 (those need `TRANSFUSE_CUDA_INCLUDE`).
+//!
+//! - With NVRTC only (no GPU needed): every kernel of those plans compiles the way the device
+//!   would compile it.
+//!
+//! The device tests skip with a message when no CUDA device can be opened (no driver, no GPU,
+//! no NVRTC), unless `TRANSFUSE_REQUIRE` names `cuda`: then they fail. The NVRTC test skips
+//! without NVRTC unless `TRANSFUSE_REQUIRE` names `nvrtc`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use transfuse_codegen::kir::Elem;
+use transfuse_codegen::lower::{lower, LowerOptions, Target};
+use transfuse_ir::{shape, Builder, DType, Data, Dim, Graph, Tensor, Weights};
+use transfuse_runtime::cuda::{self, CudaBackend, CudaDevice};
+use transfuse_runtime::device::Device;
+use transfuse_runtime::{nvrtc, Backend, CpuBackend, Loaded, Program, RuntimeError, TensorMap};
+
+/// True when `TRANSFUSE_REQUIRE` (comma-separated) names `what` (as tests/common/mod.rs).
+fn required(what: &str) -> bool {
+    std::env::var("TRANSFUSE_REQUIRE")
+        .map(|v| v.split(',').any(|x| x.trim() == what))
+        .unwrap_or(false)
+}
+
+/// The shared device, or `None` after printing why this test is skipped (a failure when
+/// `TRANSFUSE_REQUIRE` names `cuda`).
+fn device_or_skip(test: &str) -> Option<Arc<CudaDevice>> {
+    match cuda::shared() {
+        Ok(d) => {
+            eprintln!("{test}: on {}", d.info().description);
+            Some(d)
+        }
+        Err(e) if required("cuda") => panic!("TRANSFUSE_REQUIRE names cuda: {e}"),
+        Err(e) => {
+            eprintln!("skipped {test}: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn without_a_driver_the_backend_is_an_error_not_a_panic() {
+    let first = CudaBackend::new();
+    if cuda::driver_present() {
+        match &first {
+            Ok(b) => eprintln!("a CUDA driver is present: {}", b.description()),
+            Err(e) => eprintln!("a CUDA driver is present but the backend failed: {e}"),
+        }
+        return;
+    }
+    let Err(e) = first else {
+        panic!("no driver library, yet CudaBackend::new succeeded");
+    };
+    let msg = e.to_string();
+    assert!(
+        matches!(&e, RuntimeError::Device { backend, .. } if backend == "cuda"),
+        "{e:?}"
+    );
+    assert!(
+        msg.contains("driver") && msg.contains("libcuda.so.1"),
+        "the error should name the driver library: {msg}"
+    );
+    // Kept: the second call gives the same error without looking again.
+    assert_eq!(CudaBackend::new().err(), Some(e));
+}
+
+#[test]
+fn device_info_describes_a_cuda_gpu() {
+    let Some(dev) = device_or_skip("device_info_describes_a_cuda_gpu") else {
+        return;
+    };
+    let info = dev.info();
+    assert_eq!(info.backend, "cuda");
+    assert_eq!(info.target, Target::Cuda);
+    assert!(info.is_gpu);
+    assert!(
+        info.description.contains("compute capability"),
+        "{}",
+        info.description
+    );
+    assert!(info.limits.max_threads >= 256 && info.limits.max_threads <= 1024);
+    assert!(info.limits.max_shared_bytes >= 16 * 1024 && info.limits.max_shared_bytes <= 48 * 1024);
+    assert!(
+        info.max_binding_bytes >= 1 << 30,
+        "{}",
+        info.max_binding_bytes
+    );
+    assert!(info.max_grid[0] >= 65535);
+    for e in [Elem::F32, Elem::F16, Elem::BF16] {
+        assert!(info.elems.contains(&e), "{e:?}");
+    }
+    let backend = CudaBackend::new().expect("the shared device opened");
+    assert_eq!(backend.name(), "cuda");
+    assert!(
+        Arc::ptr_eq(backend.device(), &dev),
+        "one device per process"
+    );
+}
+
+#[test]
+fn buffers_round_trip() {
+    let Some(dev) = device_or_skip("buffers_round_trip") else {
+        return;
+    };
+    let buf = dev.alloc(7, "seven").unwrap();
+    assert_eq!(buf.bytes(), 8, "rounded up to 4");
+    assert_eq!(
+        dev.read(&buf, 8).unwrap(),
+        vec![0; 8],
+        "allocations are zeroed"
+    );
+    dev.write(&buf, &[1, 2, 3, 4, 5, 6, 7]).unwrap();
+    assert_eq!(dev.read(&buf, 7).unwrap(), vec![1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(dev.read(&buf, 0).unwrap(), Vec::<u8>::new());
+    assert!(dev.write(&buf, &[0; 9]).is_err(), "a write past the end");
+    assert!(dev.read(&buf, 9).is_err(), "a read past the end");
+    assert_eq!(dev.alloc(0, "empty").unwrap().bytes(), 4);
+    let big: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let b = dev.alloc(big.len() as u64, "big").unwrap();
+    dev.write(&b, &big).unwrap();
+    assert_eq!(dev.read(&b, big.len() as u64).unwrap(), big);
+    dev.sync().unwrap();
+}
+
+#[test]
+fn launches_check_their_arguments_and_skip_empty_grids() {
+    let Some(dev) = device_or_skip("launches_check_their_arguments_and_skip_empty_grids") else {
+        return;
+    };
+    let (g, _) = graph();
+    let plan = lower(&g, &LowerOptions::new(Target::Cuda, Elem::F32)).unwrap();
+    let k = &plan.kernels[0].gen.kernel;
+    let m = dev.compile(k).unwrap();
+    assert_eq!(m.name(), k.name);
+    // The second compile is a cache hit: the same kernel, no NVRTC run.
+    let again = dev.compile(k).unwrap();
+    assert_eq!(again.name(), k.name);
+    let bufs: Vec<_> = k
+        .buffers
+        .iter()
+        .map(|b| dev.alloc(4, &b.name).unwrap())
+        .collect();
+    let refs: Vec<_> = bufs.iter().collect();
+    let uniforms = vec![0u32; k.uniforms.len()];
+    dev.launch(&m, &refs, &uniforms, [0, 1, 1]).unwrap();
+    dev.launch(&m, &refs, &uniforms, [1, 1, 0]).unwrap();
+    let e = dev
+        .launch(&m, &refs[..refs.len() - 1], &uniforms, [1, 1, 1])
+        .unwrap_err();
+    assert!(e.to_string().contains("buffers"), "{e}");
+    dev.sync().unwrap();
+}
+
+/// What `CudaDevice::compile` does short of loading, on any machine with NVRTC: every kernel of
+/// the test graph's plans (as built and optimized; f32, f16, bf16 storage) printed as CUDA C
+/// compiles to PTX (`compute_80`), and those of the f32 plans to a cubin too (`sm_90`, the path
+/// for drivers older than NVRTC). Skipped without NVRTC unless `TRANSFUSE_REQUIRE` names `nvrtc`.
+#[test]
+fn the_kernels_it_would_load_compile_with_nvrtc() {
+    if let Err(e) = nvrtc::available() {
+        if required("nvrtc") {
+            panic!("TRANSFUSE_REQUIRE names nvrtc: {e}");
+        }
+        eprintln!("skipped the_kernels_it_would_load_compile_with_nvrtc: {e}");
+        return;
+    }
+    let archs = nvrtc::supported_archs().unwrap();
+    assert!(archs.contains(&80) && archs.contains(&90), "{archs:?}");
+    assert!(
+        archs.windows(2).all(|w| w[0] < w[1]),
+        "ascending: {archs:?}"
+    );
+    eprintln!("NVRTC {:?} targets {archs:?}", nvrtc::version().unwrap());
+    let (g, _) = graph();
+    let (opt, _) = transfuse_passes::optimize(&g, &transfuse_passes::Options::default())
+        .expect("the graph optimizes");
+    let mut elems = vec![Elem::F32];
+    if nvrtc::cuda_include_dir().is_some() {
+        elems.extend([Elem::F16, Elem::BF16]);
+    } else {
+        eprintln!("f16/bf16 plans skipped: {} is not set", nvrtc::INCLUDE_ENV);
+    }
+    let mut compiled = 0;
+    for graph in [&g, &opt] {
+        for &elem in &elems {
+            let plan = lower(graph, &LowerOptions::new(Target::Cuda, elem)).unwrap();
+            for k in &plan.kernels {
+                let gens = std::iter::once(&k.gen).chain(k.decode.as_ref().map(|v| &v.gen));
+                for gen in gens {
+                    let src = transfuse_codegen::cuda::print(&gen.kernel).unwrap();
+                    let name = format!("{}.cu", gen.kernel.name);
+                    let ptx = nvrtc::compile_ptx(&src, &name, "compute_80", &[])
+                        .unwrap_or_else(|e| panic!("{e}\n{src}"));
+                    assert!(ptx.contains(&format!(".entry {}", gen.kernel.name)));
+                    // ptxas is slow: cubins for the f32 plans only.
+                    if elem == Elem::F32 {
+                        let cubin = nvrtc::compile_cubin(&src, &name, "sm_90", &[])
+                            .unwrap_or_else(|e| panic!("{e}\n{src}"));
+                        assert_eq!(&cubin[..4], b"\x7fELF", "a cubin is an ELF image");
+                    }
+                    compiled += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{compiled} kernels compiled");
+    assert!(compiled >= 4);
+}
+
+/// Deterministic pseudo-random values in [-scale, scale).
+fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// `x: [n, 50]` → `probs = softmax(x)`, `h = gelu(layer_norm(x) · w + bias)` (`[n, 20]`),
+/// `p = softmax(h)`.
+fn graph() -> (Graph, Weights) {
+    let mut b = Builder::new();
+    let x = b
+        .input("x", vec![Dim::sym("n"), 50.into()], DType::F32)
+        .unwrap();
+    let gamma = b.weight("ln.gamma", shape([50])).unwrap();
+    let beta = b.weight("ln.beta", shape([50])).unwrap();
+    let w = b.weight("w", shape([50, 20])).unwrap();
+    let bias = b.weight("bias", shape([20])).unwrap();
+    let probs = b.softmax(x).unwrap();
+    let ln = b.layer_norm(x, gamma, beta, 1e-5).unwrap();
+    let mm = b.matmul(ln, w).unwrap();
+    let mm = b.add(mm, bias).unwrap();
+    let h = b.gelu_erf(mm).unwrap();
+    let p = b.softmax(h).unwrap();
+    b.output("probs", probs);
+    b.output("h", h);
+    b.output("p", p);
+    let weights: Weights = [
+        ("ln.gamma", vec![50], 1.0),
+        ("ln.beta", vec![50], 0.5),
+        ("w", vec![50, 20], 0.3),
+        ("bias", vec![20], 0.5),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (name, dims, scale))| {
+        let n = dims.iter().product();
+        let mut v = rand_vec(n, 100 + i as u64, scale);
+        if name == "ln.gamma" {
+            v.iter_mut().for_each(|g| *g += 1.0);
+        }
+        (name.to_string(), Arc::new(Tensor::f32(dims, v)))
+    })
+    .collect();
+    (b.finish(), weights)
+}
+
+fn inputs(rows: usize, seed: u64) -> TensorMap {
+    HashMap::from([(
+        "x".to_string(),
+        Tensor::f32(vec![rows, 50], rand_vec(rows * 50, seed, 3.0)),
+    )])
+}
+
+/// Asserts every output of `got` is within `tol · (1 + |want|)` of `want`.
+fn assert_close(got: &TensorMap, want: &TensorMap, tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: outputs");
+    for (name, w) in want {
+        let g = &got[name];
+        assert_eq!(g.shape, w.shape, "{what}: `{name}` shape");
+        let (Data::F32(a), Data::F32(b)) = (&g.data, &w.data) else {
+            panic!("{what}: `{name}` is not f32");
+        };
+        let (i, d) = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+            .enumerate()
+            .fold(
+                (0, 0.0f32),
+                |m, (i, d)| if d > m.1 || d.is_nan() { (i, d) } else { m },
+            );
+        assert!(
+            d <= tol,
+            "{what}: `{name}` differs by {d} (relative to 1 + |cpu|) at {i}: cuda {} vs cpu {}",
+            a[i],
+            b[i]
+        );
+    }
+}
+
+/// Runs `g` on the CUDA device with storage `elem` for 3 then 7 rows and compares with the CPU
+/// backend running `reference`.
+fn check(
+    dev: &Arc<CudaDevice>,
+    g: &Graph,
+    reference: &Graph,
+    weights: &Weights,
+    elem: Elem,
+    tol: f32,
+) {
+    let what = format!("{elem:?}");
+    let mut p = Program::new(dev.clone(), g, weights, elem)
+        .unwrap_or_else(|e| panic!("{what}: loading: {e}"));
+    for (rows, seed) in [(3, 1), (7, 2)] {
+        let x = inputs(rows, seed);
+        let want = CpuBackend::new().run(reference, weights, &x).unwrap();
+        let got = p
+            .run(&x, &[])
+            .unwrap_or_else(|e| panic!("{what}, {rows} rows: {e}"));
+        assert_close(&got, &want, tol, &format!("{what}, {rows} rows"));
+    }
+    let times = p.profile(&inputs(3, 1)).unwrap();
+    assert!(!times.is_empty() && times.iter().all(|t| t.seconds >= 0.0));
+    assert!(p.memory().is_some());
+}
+
+#[test]
+fn graphs_match_the_cpu_backend() {
+    let Some(dev) = device_or_skip("graphs_match_the_cpu_backend") else {
+        return;
+    };
+    let (g, weights) = graph();
+    let (opt, report) = transfuse_passes::optimize(&g, &transfuse_passes::Options::default())
+        .expect("the graph optimizes");
+    eprintln!("optimized: {report:?}");
+    check(&dev, &g, &g, &weights, Elem::F32, 1e-4);
+    check(&dev, &opt, &g, &weights, Elem::F32, 1e-4);
+
+    // Through the Backend interface too.
+    let backend = CudaBackend::new().unwrap();
+    let x = inputs(5, 3);
+    let got = backend.run(&opt, &weights, &x).unwrap();
+    let want = CpuBackend::new().run(&g, &weights, &x).unwrap();
+    assert_close(&got, &want, 1e-4, "CudaBackend::run");
+}
+
+#[test]
+fn half_storage_matches_the_cpu_backend_loosely() {
+    let Some(dev) = device_or_skip("half_storage_matches_the_cpu_backend_loosely") else {
+        return;
+    };
+    if nvrtc::cuda_include_dir().is_none() {
+        if required("cuda") {
+            panic!(
+                "TRANSFUSE_REQUIRE names cuda but {} is not set: f16/bf16 kernels include \
+                 cuda_fp16.h / cuda_bf16.h (run scripts/fetch-nvrtc.sh)",
+                nvrtc::INCLUDE_ENV
+            );
+        }
+        eprintln!(
+            "skipped half_storage_matches_the_cpu_backend_loosely: {} is not set (run \
+             scripts/fetch-nvrtc.sh)",
+            nvrtc::INCLUDE_ENV
+        );
+        return;
+    }
+    let (g, weights) = graph();
+    let (opt, _) = transfuse_passes::optimize(&g, &transfuse_passes::Options::default())
+        .expect("the graph optimizes");
+    // f16 keeps 11 significant bits, bf16 8: every stored intermediate is rounded.
+    check(&dev, &opt, &g, &weights, Elem::F16, 2e-2);
+    check(&dev, &opt, &g, &weights, Elem::BF16, 6e-2);
+}
