@@ -7,11 +7,14 @@
 # NVRTC and the CUDA headers are fetched next (scripts/fetch-nvrtc.sh, cached): the library
 # folder is prepended to LD_LIBRARY_PATH and exported as TRANSFUSE_NVRTC_LIB, the include
 # folder as TRANSFUSE_CUDA_INCLUDE, so the CUDA C tests compile with NVRTC (no GPU needed).
-# If a fetch fails, the tests that need it skip, unless TRANSFUSE_REQUIRE (comma-separated,
-# e.g. `minilm,nvrtc`) names it (`minilm`, `nvrtc`), in which case this script fails.
+# A Vulkan driver for the wgpu backend comes last (scripts/setup-vulkan.sh: Mesa's lavapipe,
+# installed with apt when missing), with WGPU_BACKEND=vulkan exported (kept if already set).
+# If a fetch or install fails, the tests that need it skip, unless TRANSFUSE_REQUIRE
+# (comma-separated, e.g. `minilm,nvrtc,wgpu`) names it (`minilm`, `nvrtc`, `wgpu`), in which
+# case this script fails. `cuda` (a CUDA driver and GPU) can be required too; nothing installs it.
 #
-#     scripts/test.sh                               # everything available
-#     TRANSFUSE_REQUIRE=minilm,nvrtc scripts/test.sh   # as CI runs it (.ci/run)
+#     scripts/test.sh                                    # everything available
+#     TRANSFUSE_REQUIRE=minilm,nvrtc,wgpu scripts/test.sh   # as CI runs it (.ci/run)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -87,6 +90,24 @@ elif requires nvrtc; then
 else
     echo "test.sh: warning: could not fetch NVRTC; the CUDA compilation tests will be skipped" >&2
     summary+=("skip  nvrtc: fetch failed, CUDA compilation tests skipped")
+fi
+
+# --- Vulkan for wgpu (lavapipe on machines without a GPU) -------------------------------------
+export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
+# Mesa warns on every device open when this is unset; any private writable folder will do.
+if [[ -z "${XDG_RUNTIME_DIR:-}" ]]; then
+    export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/transfuse-xdg-$(id -u)"
+    mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
+fi
+if bash scripts/setup-vulkan.sh; then
+    summary+=("ok    wgpu: Vulkan driver present, WGPU_BACKEND=$WGPU_BACKEND")
+elif requires wgpu; then
+    summary+=("FAIL  wgpu: no Vulkan driver and TRANSFUSE_REQUIRE names wgpu")
+    print_summary
+    exit 1
+else
+    echo "test.sh: warning: no Vulkan driver; the wgpu tests will be skipped" >&2
+    summary+=("skip  wgpu: no Vulkan driver, wgpu tests skipped")
 fi
 
 # --- Tests ----------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
+
+mod bench;
 use transfuse::ir::{to_dot, to_text, Tensor};
 use transfuse::models::{build_graph, load_config, BertHeads, Model, Pooling};
 use transfuse::{write_safetensors, Batch, Error, Sampling, Session};
@@ -23,12 +25,16 @@ struct Cli {
 /// How a model runs.
 #[derive(Args)]
 struct Exec {
-    /// Backend: cpu (or auto, which is cpu until the GPU backends land).
-    #[arg(long, default_value = "cpu")]
+    /// Backend: cpu, wgpu, cuda, or auto (CUDA when a device exists, else the best wgpu
+    /// adapter, else cpu).
+    #[arg(long, default_value = "auto")]
     backend: String,
     /// Run the primitive graph as built, without the optimizer's fusions.
     #[arg(long)]
     no_optimize: bool,
+    /// Print the device (adapter) chosen and, after running, its memory plan.
+    #[arg(long, short)]
+    verbose: bool,
 }
 
 #[derive(Subcommand)]
@@ -147,6 +153,11 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         dims: Vec<String>,
     },
+    /// Benchmark a model on a backend: forward time, per-kernel times, memory plan, decoding.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Print a model's IR (config.json alone is enough).
     Graph {
         /// Hugging Face folder.
@@ -158,19 +169,65 @@ enum Cmd {
     },
 }
 
-fn session(model: Model, exec: &Exec) -> Result<Session, Error> {
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Time a model from a Hugging Face folder.
+    Model {
+        /// Hugging Face folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Timed forward runs (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Untimed runs first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Decoders: also time generating this many tokens after a `seq`-token prompt.
+        #[arg(long, default_value_t = 32)]
+        decode_tokens: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        exec: Exec,
+    },
+}
+
+/// The session for `model` on the backend `exec` names; returns why that backend was chosen.
+fn session_why(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
     let opts = (!exec.no_optimize).then(transfuse::passes::Options::from_env);
-    match exec.backend.as_str() {
-        "cpu" | "auto" => {
-            let cpu = Box::new(transfuse::runtime::CpuBackend::new());
-            Session::with_options(model, cpu, opts.as_ref())
+    let choice = match exec.backend.as_str() {
+        "cpu" | "wgpu" | "cuda" | "auto" => transfuse::runtime::backend_by_name(&exec.backend)?,
+        other => {
+            return Err(Error::Usage(format!(
+                "unknown backend `{other}` (expected cpu, wgpu, cuda or auto)"
+            )))
         }
-        backend @ ("wgpu" | "cuda") => Err(Error::Usage(format!(
-            "backend `{backend}` is not implemented yet (planned); use --backend cpu"
-        ))),
-        other => Err(Error::Usage(format!(
-            "unknown backend `{other}` (expected cpu, wgpu, cuda or auto)"
-        ))),
+    };
+    if exec.verbose {
+        eprintln!("device: {}", choice.backend.description());
+    }
+    let s = Session::with_options(model, choice.backend, opts.as_ref())?;
+    Ok((s, choice.reason))
+}
+
+/// After a successful command: which backend ran and why (always for `auto`, which may have
+/// fallen back), and with `--verbose` the memory plan of the last run. Errors stay one line.
+fn report_backend(s: &Session, reason: &str, exec: &Exec) {
+    if exec.backend == "auto" || exec.verbose {
+        eprintln!("backend: {} ({reason})", s.backend_name());
+    }
+    if let (true, Some(m)) = (exec.verbose, s.memory()) {
+        eprintln!(
+            "memory: resident {} B, inputs/outputs {} B, temporaries {} B planned vs {} B one buffer per tensor (live peak {} B)",
+            m.persistent, m.io, m.temps_planned, m.temps_naive, m.temps_live_peak
+        );
     }
 }
 
@@ -190,7 +247,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             exec,
         } => {
             let batch = Batch::from_json_file(&inputs)?;
-            let s = session(Model::load(&model)?, &exec)?;
+            let (s, reason) = session_why(Model::load(&model)?, &exec)?;
             let t0 = Instant::now();
             let outputs = s.forward(&batch)?;
             let elapsed = t0.elapsed();
@@ -215,6 +272,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 summary.join(", "),
                 out.display()
             );
+            report_backend(&s, &reason, &exec);
         }
         Cmd::Generate {
             model,
@@ -227,7 +285,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             json,
             exec,
         } => {
-            let s = session(Model::load(&model)?, &exec)?;
+            let (s, reason) = session_why(Model::load(&model)?, &exec)?;
             let tok = s.model.tokenizer.as_ref();
             let ids = match (prompt, prompt_ids) {
                 (Some(text), _) => tok
@@ -276,6 +334,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 secs * 1e3,
                 max_new_tokens as f64 / secs.max(1e-9)
             );
+            report_backend(&s, &reason, &exec);
         }
         Cmd::Embed {
             model,
@@ -291,7 +350,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     "unknown pooling `{pooling}` (expected mean, cls or max)"
                 ))
             })?;
-            let s = session(
+            let (s, reason) = session_why(
                 Model::load_with(&model, Some(pooling), !no_normalize)?,
                 &exec,
             )?;
@@ -313,6 +372,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     }
                 }
             }
+            report_backend(&s, &reason, &exec);
         }
         Cmd::Compile {
             model,
@@ -384,6 +444,30 @@ fn run(cli: Cli) -> Result<(), Error> {
             if let Some(args) = &cg {
                 codegen(&opt, args, emit.as_deref(), report && !json)?;
             }
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Model {
+                    model,
+                    batch,
+                    seq,
+                    iters,
+                    warmup,
+                    decode_tokens,
+                    json,
+                    exec,
+                },
+        } => {
+            let (s, reason) = session_why(Model::load(&model)?, &exec)?;
+            let args = bench::BenchArgs {
+                batch,
+                seq,
+                iters,
+                warmup,
+                decode_tokens,
+                json,
+            };
+            bench::bench_model(&s, &reason, &args)?;
         }
         Cmd::Graph { model, dot } => {
             let cfg = load_config(&model)?;

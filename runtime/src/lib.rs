@@ -219,11 +219,14 @@ pub fn bind_inputs(graph: &Graph, inputs: &TensorMap) -> Result<Bindings, Runtim
     })
 }
 
+/// The shape and dtype supplied for an input.
+pub type Supplied = (Vec<usize>, DType);
+
 /// [`bind_inputs`] over declared `(name, shape, dtype)` inputs and a lookup of what was
 /// supplied for each (shape and dtype).
 pub fn bind_shapes(
     declared: &[(&str, &[transfuse_ir::Dim], DType)],
-    supplied: &dyn Fn(&str) -> Option<(Vec<usize>, DType)>,
+    supplied: &dyn Fn(&str) -> Option<Supplied>,
 ) -> Result<Bindings, RuntimeError> {
     let mut b = Bindings::new();
     let shape_err = |name: &str, shape: &[transfuse_ir::Dim], found: &[usize], why: String| {

@@ -39,6 +39,9 @@ struct Held<B> {
     cap: u64,
 }
 
+/// A carried tensor: its buffer, shape and dtype.
+type Carried<B> = (Held<B>, Vec<usize>, DType);
+
 /// Where a plan buffer lives during a call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Place {
@@ -66,7 +69,7 @@ pub struct Program<D: Device> {
     /// Input and output buffers by plan buffer name.
     io: HashMap<String, Held<D::Buffer>>,
     /// Carried tensors by graph input name: buffer and shape.
-    carried: HashMap<String, (Held<D::Buffer>, Vec<usize>, DType)>,
+    carried: HashMap<String, Carried<D::Buffer>>,
     id_checks: Vec<IdCheck>,
     last_memory: Option<MemoryReport>,
 }

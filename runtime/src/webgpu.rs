@@ -204,7 +204,7 @@ impl Device for WgpuDevice {
     fn write(&self, buf: &wgpu::Buffer, data: &[u8]) -> Result<(), RuntimeError> {
         // Launches recorded before must see the old contents: submit them first.
         self.flush()?;
-        if data.len() % 4 == 0 {
+        if data.len().is_multiple_of(4) {
             self.queue.write_buffer(buf, 0, data);
         } else {
             let mut padded = data.to_vec();
