@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use transfuse_codegen::kir::{elem_bytes, Builtin, Elem};
+use transfuse_codegen::kir::{elem_bytes, Access, Builtin, Elem};
 use transfuse_codegen::lower::{self, BufferKind, LowerOptions, Phase, Plan};
 use transfuse_ir::{Bindings, DType, Data, Graph, NodeId, Op, Tensor, Weights};
 
@@ -294,11 +294,28 @@ impl<D: Device> Program<D> {
     fn check_binding(&self, name: &str, bytes: u64) -> Result<(), RuntimeError> {
         let max = self.dev.info().max_binding_bytes;
         if bytes > max {
+            // Intermediates are named after their node: say which kernel writes them.
+            let writer = self.plan.kernels.iter().find(|k| {
+                k.bindings
+                    .iter()
+                    .zip(&k.gen.kernel.buffers)
+                    .any(|(b, p)| b == name && p.access == Access::ReadWrite)
+            });
+            let what = match writer {
+                Some(k) if self.plan.buffer(name).map(|b| &b.kind) == Some(&BufferKind::Temp) => {
+                    format!(
+                        "tensor `{name}` (written by kernel `{}`: {})",
+                        k.entry(),
+                        k.ops.join("+")
+                    )
+                }
+                _ => format!("tensor `{name}`"),
+            };
             return Err(dev_err(
                 self.backend(),
                 format!(
-                    "tensor `{name}` takes {bytes} bytes; {} binds at most {max} bytes per \
-                     buffer (splitting larger tensors is not implemented)",
+                    "{what} takes {bytes} bytes; {} binds at most {max} bytes per buffer \
+                     (splitting larger tensors is not implemented)",
                     self.dev.info().description
                 ),
             ));
