@@ -11,8 +11,13 @@
 mod common;
 
 use common::{assert_close_masked, fixture, minilm_dir, outputs_of, rows};
+use std::sync::Arc;
 use transfuse::models::{Model, Pooling};
-use transfuse::runtime::Backend;
+
+use transfuse::codegen::kir::{Elem, Kernel};
+use transfuse::ir::{Graph, Weights};
+use transfuse::runtime::device::{Device, DeviceInfo};
+use transfuse::runtime::{Backend, Loaded, Program, RuntimeError};
 use transfuse::{Batch, Sampling, Session};
 
 const TOL: f32 = 1e-3;
@@ -143,3 +148,88 @@ macro_rules! per_backend {
 }
 
 per_backend!(tiny_gpt2_logits, tiny_gpt2_greedy, tiny_bert, minilm);
+
+/// A device with a smaller largest binding than it really has, to exercise weight splitting.
+struct Limited<D: Device> {
+    inner: Arc<D>,
+    info: DeviceInfo,
+}
+
+impl<D: Device> Device for Limited<D> {
+    type Buffer = D::Buffer;
+    type Module = D::Module;
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+    fn alloc(&self, bytes: u64, what: &str) -> Result<D::Buffer, RuntimeError> {
+        self.inner.alloc(bytes, what)
+    }
+    fn write(&self, buf: &D::Buffer, data: &[u8]) -> Result<(), RuntimeError> {
+        self.inner.write(buf, data)
+    }
+    fn read(&self, buf: &D::Buffer, bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+        self.inner.read(buf, bytes)
+    }
+    fn compile(&self, k: &Kernel) -> Result<D::Module, RuntimeError> {
+        self.inner.compile(k)
+    }
+    fn launch(
+        &self,
+        m: &D::Module,
+        bufs: &[&D::Buffer],
+        uniforms: &[u32],
+        grid: [u32; 3],
+    ) -> Result<(), RuntimeError> {
+        self.inner.launch(m, bufs, uniforms, grid)
+    }
+    fn sync(&self) -> Result<(), RuntimeError> {
+        self.inner.sync()
+    }
+}
+
+struct LimitedBackend<D: Device>(Arc<Limited<D>>);
+
+impl<D: Device + 'static> Backend for LimitedBackend<D> {
+    fn name(&self) -> &str {
+        "limited"
+    }
+    fn load(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Loaded>, RuntimeError> {
+        Ok(Box::new(Program::new(
+            self.0.clone(),
+            graph,
+            weights,
+            Elem::F32,
+        )?))
+    }
+}
+
+/// Tiny GPT-2's token embedding (1000 × 64 f32 = 256 000 bytes) over a 64 KiB binding limit: it
+/// is bound as four chunks by the gather and by the tied LM head, and the logits and greedy
+/// tokens do not change.
+#[test]
+fn wgpu_split_weights_keep_gpt2_exact() {
+    let Some(dev) = common::wgpu_backend().map(|b| b.device().clone()) else {
+        return;
+    };
+    let mut info = dev.info().clone();
+    info.max_binding_bytes = 64 * 1024;
+    let limited = Arc::new(Limited { inner: dev, info });
+    let refs = outputs_of("tiny_gpt2");
+    // One sequence: its logits (16 × 1000 × 4 bytes) fit the binding; activations never split.
+    let ids = rows(&refs["input_ids"])[..1].to_vec();
+    let model = Model::load(&fixture("tiny_gpt2/model")).unwrap();
+    let s = Session::new(model, Box::new(LimitedBackend(limited))).unwrap();
+    let out = s.forward(&Batch::new(ids)).unwrap();
+    let all = &refs["logits"];
+    let first = transfuse::ir::Tensor::f32(
+        vec![1, all.shape[1], all.shape[2]],
+        all.as_f32().unwrap()[..all.shape[1] * all.shape[2]].to_vec(),
+    );
+    assert_close_masked(&out["logits"], &first, None, TOL, "logits (split wte)");
+    let want = rows(&refs["greedy_ids"]).remove(0);
+    let prompt = rows(&refs["input_ids"]).remove(0);
+    let got = s
+        .generate(&prompt, want.len() - prompt.len(), Sampling::Greedy)
+        .unwrap();
+    assert_eq!(got, want);
+}

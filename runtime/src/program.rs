@@ -26,10 +26,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use transfuse_codegen::kir::{elem_bytes, Access, Builtin, Elem};
-use transfuse_codegen::lower::{self, BufferKind, LowerOptions, Phase, Plan};
+use transfuse_codegen::lower::{self, rewrite, BufferKind, LowerOptions, Phase, Plan};
 use transfuse_ir::{Bindings, DType, Data, Graph, NodeId, Op, Tensor, Weights};
 
-use crate::device::Device;
+use crate::device::{Device, DeviceInfo};
 use crate::memory::{self, Interval};
 use crate::{bind_shapes, Backend, KernelTime, Loaded, MemoryReport, RuntimeError, TensorMap};
 
@@ -38,6 +38,18 @@ struct Held<B> {
     buf: B,
     cap: u64,
 }
+
+/// A kernel as compiled for the device: the module, and per parameter the plan buffer and
+/// chunk bound to it (chunk 0 unless the buffer is split).
+struct Compiled<M> {
+    module: M,
+    name: String,
+    binds: Vec<(String, usize)>,
+    grid_strided: [bool; 3],
+}
+
+/// A plan kernel compiled: the main kernel and its decode variant.
+type MainAndDecode<M> = (Compiled<M>, Option<Compiled<M>>);
 
 /// A carried tensor: its buffer, shape and dtype.
 type Carried<B> = (Held<B>, Vec<usize>, DType);
@@ -61,9 +73,12 @@ pub struct Program<D: Device> {
     dev: Arc<D>,
     graph: Graph,
     plan: Plan,
-    modules: Vec<D::Module>,
-    decode_modules: Vec<Option<D::Module>>,
-    persistent: HashMap<String, D::Buffer>,
+    /// Per plan kernel: the compiled main kernel and its decode variant.
+    compiled: Vec<MainAndDecode<D::Module>>,
+    /// Resident buffers split into chunks: buffer → (elements, elements per chunk).
+    splits: HashMap<String, (u32, u32)>,
+    /// Weights, derived weights, constants: one buffer, or several chunks when split.
+    persistent: HashMap<String, Vec<D::Buffer>>,
     persistent_bytes: u64,
     slots: Vec<Held<D::Buffer>>,
     /// Input and output buffers by plan buffer name.
@@ -241,36 +256,23 @@ impl<D: Device> Program<D> {
             target: info.target,
         };
         let plan = lower::lower(graph, &opts)?;
-        let mut modules = Vec::with_capacity(plan.kernels.len());
-        let mut decode_modules = Vec::with_capacity(plan.kernels.len());
+        let splits = Self::splits(&plan, &info)?;
+        let mut compiled = Vec::with_capacity(plan.kernels.len());
         for k in &plan.kernels {
-            for gen in std::iter::once(&k.gen).chain(k.decode.as_ref().map(|v| &v.gen)) {
-                if gen.kernel.buffers.len() > info.max_storage_buffers as usize {
-                    return Err(dev_err(
-                        backend,
-                        format!(
-                            "kernel `{}` binds {} storage buffers; {} allows {}",
-                            gen.kernel.name,
-                            gen.kernel.buffers.len(),
-                            info.description,
-                            info.max_storage_buffers
-                        ),
-                    ));
-                }
-            }
-            modules.push(dev.compile(&k.gen.kernel)?);
-            decode_modules.push(match &k.decode {
-                Some(v) => Some(dev.compile(&v.gen.kernel)?),
+            let main = Self::compile(&dev, &k.gen.kernel, &k.bindings, &splits)?;
+            let decode = match &k.decode {
+                Some(v) => Some(Self::compile(&dev, &v.gen.kernel, &v.bindings, &splits)?),
                 None => None,
-            });
+            };
+            compiled.push((main, decode));
         }
         let mut p = Program {
             dev,
             graph: graph.clone(),
             id_checks: id_checks(graph, weights),
             plan,
-            modules,
-            decode_modules,
+            compiled,
+            splits,
             persistent: HashMap::new(),
             persistent_bytes: 0,
             slots: vec![],
@@ -285,6 +287,93 @@ impl<D: Device> Program<D> {
     /// The plan it runs.
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Resident buffers over the device's largest binding, split into chunks that fit:
+    /// buffer → (elements, elements per chunk).
+    fn splits(plan: &Plan, info: &DeviceInfo) -> Result<HashMap<String, (u32, u32)>, RuntimeError> {
+        let none = Bindings::new();
+        let mut out = HashMap::new();
+        for b in &plan.buffers {
+            if !matches!(
+                b.kind,
+                BufferKind::Weight | BufferKind::Derived | BufferKind::Const(_)
+            ) {
+                continue;
+            }
+            let eb = u64::from(elem_bytes(b.elem));
+            let n = b.len().eval_usize(&none)? as u64;
+            if n * eb <= info.max_binding_bytes {
+                continue;
+            }
+            // Chunks of a multiple of 64 elements (any offset alignment a device asks).
+            let chunk = (info.max_binding_bytes / eb) / 64 * 64;
+            let fits = |x: u64| u32::try_from(x).ok();
+            match (fits(n), fits(chunk)) {
+                (Some(n), Some(c)) if c > 0 => {
+                    out.insert(b.name.clone(), (n, c));
+                }
+                _ => {
+                    return Err(dev_err(
+                        info.backend,
+                        format!(
+                            "tensor `{}` ({n} elements) cannot be split into bindings of {} bytes",
+                            b.name, info.max_binding_bytes
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Compiles `kernel` with its split parameters rewritten into chunks.
+    fn compile(
+        dev: &Arc<D>,
+        kernel: &transfuse_codegen::kir::Kernel,
+        bindings: &[String],
+        splits: &HashMap<String, (u32, u32)>,
+    ) -> Result<Compiled<D::Module>, RuntimeError> {
+        let info = dev.info();
+        let mut k = kernel.clone();
+        let mut binds = vec![];
+        for (param, buf) in kernel.buffers.iter().zip(bindings) {
+            match splits.get(buf) {
+                Some(&(len, chunk)) => {
+                    let names = rewrite::split_buffer(&mut k, &param.name, len, chunk);
+                    binds.extend((0..names.len()).map(|c| (buf.clone(), c)));
+                }
+                None => binds.push((buf.clone(), 0)),
+            }
+        }
+        if k.buffers.len() > info.max_storage_buffers as usize {
+            return Err(dev_err(
+                info.backend,
+                format!(
+                    "kernel `{}` binds {} storage buffers{}; {} allows {}",
+                    k.name,
+                    k.buffers.len(),
+                    if k.buffers.len() > kernel.buffers.len() {
+                        " once its large tensors are split"
+                    } else {
+                        ""
+                    },
+                    info.description,
+                    info.max_storage_buffers
+                ),
+            ));
+        }
+        Ok(Compiled {
+            module: dev.compile(&k)?,
+            name: k.name.clone(),
+            binds,
+            grid_strided: [0u8, 1, 2].map(|a| grid_strided(&k, a)),
+        })
+    }
+
+    /// (elements, chunk) of a split resident buffer.
+    fn splits_of(&self, name: &str) -> Option<(u32, u32)> {
+        self.splits.get(name).copied()
     }
 
     fn backend(&self) -> &'static str {
@@ -315,7 +404,7 @@ impl<D: Device> Program<D> {
                 self.backend(),
                 format!(
                     "{what} takes {bytes} bytes; {} binds at most {max} bytes per buffer \
-                     (splitting larger tensors is not implemented)",
+                     (weights are split to fit; activations are not: use a smaller batch)",
                     self.dev.info().description
                 ),
             ));
@@ -346,9 +435,19 @@ impl<D: Device> Program<D> {
                 continue;
             }
             let n = b.len().eval_usize(&none)?;
-            let bytes = n as u64 * u64::from(elem_bytes(b.elem));
-            self.check_binding(&b.name, bytes)?;
-            let buf = self.dev.alloc(bytes, &b.name)?;
+            let eb = elem_bytes(b.elem) as usize;
+            let bytes = n as u64 * eb as u64;
+            // Chunk sizes in bytes (one chunk unless split).
+            let chunks: Vec<usize> = match self.splits_of(&b.name) {
+                Some((len, chunk)) => (0..len.div_ceil(chunk))
+                    .map(|c| (chunk.min(len - c * chunk) as usize) * eb)
+                    .collect(),
+                None => {
+                    self.check_binding(&b.name, bytes)?;
+                    vec![bytes as usize]
+                }
+            };
+            let mut data: Option<Vec<u8>> = None;
             match b.kind {
                 BufferKind::Weight => {
                     let io = self
@@ -368,13 +467,28 @@ impl<D: Device> Program<D> {
                             found: t.shape.clone(),
                         });
                     }
-                    self.dev.write(&buf, &to_bytes(t, b.elem, &io.name)?)?;
+                    data = Some(to_bytes(t, b.elem, &io.name)?);
                 }
-                BufferKind::Const(v) => self.dev.write(&buf, &const_bytes(v, b.elem, n))?,
+                BufferKind::Const(v) => data = Some(const_bytes(v, b.elem, n)),
                 _ => {}
             }
+            let mut bufs = Vec::with_capacity(chunks.len());
+            let mut at = 0;
+            for (c, &len) in chunks.iter().enumerate() {
+                let what = if chunks.len() > 1 {
+                    format!("{} (chunk {c})", b.name)
+                } else {
+                    b.name.clone()
+                };
+                let buf = self.dev.alloc(len as u64, &what)?;
+                if let Some(d) = &data {
+                    self.dev.write(&buf, &d[at..at + len])?;
+                }
+                at += len;
+                bufs.push(buf);
+            }
             total += bytes;
-            made.insert(b.name.clone(), buf);
+            made.insert(b.name.clone(), bufs);
         }
         self.persistent = made;
         self.persistent_bytes = total;
@@ -394,42 +508,42 @@ impl<D: Device> Program<D> {
         dims: &Bindings,
         places: &HashMap<&str, Place>,
     ) -> Result<(), RuntimeError> {
-        let k = &self.plan.kernels[i];
         let decode = self.plan.use_decode(i, dims)?;
-        let (gen, bindings, module) = match (&k.decode, &self.decode_modules[i]) {
-            (Some(v), Some(m)) if decode => (&v.gen, &v.bindings, m),
-            _ => (&k.gen, &k.bindings, &self.modules[i]),
+        let c = match &self.compiled[i] {
+            (_, Some(d)) if decode => d,
+            (m, _) => m,
         };
         let (uniforms, mut grid) = self.plan.launch_args_for(i, decode, dims)?;
         let max = self.dev.info().max_grid;
         for a in 0..3 {
             if grid[a] > max[a] {
-                if grid_strided(&gen.kernel, a as u8) {
+                if c.grid_strided[a] {
                     grid[a] = max[a];
                 } else {
                     return Err(dev_err(
                         self.backend(),
                         format!(
                             "kernel `{}` needs {} workgroups along axis {a}; the device allows {}",
-                            gen.kernel.name, grid[a], max[a]
+                            c.name, grid[a], max[a]
                         ),
                     ));
                 }
             }
         }
-        let mut bufs = Vec::with_capacity(bindings.len());
-        for name in bindings {
+        let mut bufs = Vec::with_capacity(c.binds.len());
+        for (name, chunk) in &c.binds {
             let b = match places.get(name.as_str()) {
                 Some(Place::Slot(s)) => &self.slots[*s].buf,
                 Some(Place::Io) => self.io_buffer(name)?,
                 _ => self
                     .persistent
                     .get(name)
+                    .and_then(|v| v.get(*chunk))
                     .ok_or_else(|| dev_err(self.backend(), format!("no buffer `{name}`")))?,
             };
             bufs.push(b);
         }
-        self.dev.launch(module, &bufs, &uniforms, grid)
+        self.dev.launch(&c.module, &bufs, &uniforms, grid)
     }
 
     fn io_buffer(&self, buffer: &str) -> Result<&D::Buffer, RuntimeError> {

@@ -255,24 +255,35 @@ fn carried_outputs_feed_the_next_call() {
 }
 
 #[test]
-fn a_tensor_over_the_binding_limit_is_named() {
+fn weights_over_the_binding_limit_are_split_and_activations_named() {
+    // w1 and w2 are 24·48·4 = 4608 bytes, over a 4000-byte binding: each is bound as two
+    // chunks (960 + 192 elements) and the results do not change.
     let (g, w) = mlp(24);
-    // w1 is 24·48·4 = 4608 bytes.
-    let e = Program::new(InterpDevice::new(4000, 8, 65_535), &g, &w, Elem::F32)
-        .err()
-        .expect("refused");
-    let msg = e.to_string();
-    eprintln!("{msg}");
-    assert!(msg.contains("binds at most 4000 bytes"), "{msg}");
-    // A large input is refused at the call, naming it.
-    let (g, w) = mlp(8);
     let mut p = Program::new(InterpDevice::new(4000, 8, 65_535), &g, &w, Elem::F32).unwrap();
-    let msg = p.run(&inputs(200, 8), &[]).unwrap_err().to_string();
+    for n in [1, 3, 7] {
+        let ins = inputs(n, 24);
+        let want = CpuBackend::new().run(&g, &w, &ins).unwrap();
+        assert_close(&p.run(&ins, &[]).unwrap(), &want);
+    }
+    // Three chunks of 320 + 320 + 512 elements.
+    let mut p = Program::new(InterpDevice::new(1300, 8, 65_535), &g, &w, Elem::F32).unwrap();
+    let ins = inputs(5, 24);
+    let want = CpuBackend::new().run(&g, &w, &ins).unwrap();
+    assert_close(&p.run(&ins, &[]).unwrap(), &want);
+    // Activations are not split: too large an input or intermediate is refused, naming it.
+    let msg = p.run(&inputs(200, 24), &[]).unwrap_err().to_string();
     eprintln!("{msg}");
     assert!(
-        msg.contains("tensor `") && msg.contains("binds at most"),
+        msg.contains("tensor `") && msg.contains("binds at most 1300"),
         "{msg}"
     );
+    // Splitting that needs more storage buffers than the kernel may bind is refused.
+    let msg = Program::new(InterpDevice::new(600, 4, 65_535), &g, &w, Elem::F32)
+        .err()
+        .expect("refused")
+        .to_string();
+    eprintln!("{msg}");
+    assert!(msg.contains("once its large tensors are split"), "{msg}");
 }
 
 #[test]

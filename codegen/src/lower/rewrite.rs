@@ -160,10 +160,16 @@ impl Remapper<'_> {
 
 /// Replaces every load `buf[i]` of `k` by `f(i)`.
 pub fn remap_loads(k: &mut Kernel, buf: &str, f: &dyn Fn(Expr) -> Expr) {
+    remap_loads_tagged(k, buf, &format!("rm_{buf}_"), f);
+}
+
+/// [`remap_loads`] naming the hoisted indices `<tag>0, <tag>1, …` (a second remap of the same
+/// buffer needs its own tag).
+fn remap_loads_tagged(k: &mut Kernel, buf: &str, tag: &str, f: &dyn Fn(Expr) -> Expr) {
     let mut r = Remapper {
         buf,
         f,
-        tag: format!("rm_{buf}_"),
+        tag: tag.to_string(),
         n: 0,
     };
     let body = std::mem::take(&mut k.body);
@@ -286,4 +292,188 @@ pub fn used_buffers(k: &Kernel) -> HashSet<String> {
     let mut out = HashSet::new();
     stmts(&k.body, &mut out);
     out
+}
+
+/// Splits buffer parameter `param` (`len` elements) into parameters `<param>_c0, _c1, …` of
+/// `chunk` elements each (the last holds the rest), inserted where `param` was, so a tensor
+/// larger than a device's largest binding is bound as several buffers. A load picks its chunk
+/// with selects, each chunk's index clamped into that chunk (the loads a select discards stay
+/// in bounds); a store branches on the chunk. Returns the new parameter names in order.
+pub fn split_buffer(k: &mut Kernel, param: &str, len: u32, chunk: u32) -> Vec<String> {
+    assert!(
+        chunk > 0 && len > chunk,
+        "split_buffer: {len} elements in chunks of {chunk}"
+    );
+    let parts = len.div_ceil(chunk);
+    let names: Vec<String> = (0..parts).map(|c| format!("{param}_c{c}")).collect();
+    let Some(pos) = k.buffers.iter().position(|b| b.name == param) else {
+        return names;
+    };
+    let orig = k.buffers.remove(pos);
+    for (c, n) in names.iter().enumerate() {
+        k.buffers.insert(
+            pos + c,
+            Buffer {
+                name: n.clone(),
+                ..orig.clone()
+            },
+        );
+    }
+    // Index of element `i` within chunk `c`, clamped into the chunk.
+    let local = move |i: &Expr, c: u32| {
+        let first = c * chunk;
+        let size = chunk.min(len - first);
+        let shifted = if c == 0 {
+            i.clone()
+        } else {
+            Expr::Bin(BinOp::Max, Box::new(i.clone()), Box::new(u(first))) - u(first)
+        };
+        Expr::Bin(BinOp::Min, Box::new(shifted), Box::new(u(size - 1)))
+    };
+    let loads = names.clone();
+    remap_loads_tagged(k, param, &format!("sp_{param}_l"), &|i| {
+        let mut e = load(&loads[parts as usize - 1], local(&i, parts - 1));
+        for c in (0..parts - 1).rev() {
+            let in_chunk = i.clone().lt(u((c + 1) * chunk));
+            e = select(in_chunk, load(&loads[c as usize], local(&i, c)), e);
+        }
+        e
+    });
+    let mut fresh = 0usize;
+    let body = std::mem::take(&mut k.body);
+    k.body = split_stores(body, param, &names, chunk, orig.elem, &mut fresh);
+    names
+}
+
+fn split_stores(
+    body: Vec<Stmt>,
+    param: &str,
+    names: &[String],
+    chunk: u32,
+    elem: Elem,
+    fresh: &mut usize,
+) -> Vec<Stmt> {
+    let mut out = Vec::with_capacity(body.len());
+    for s in body {
+        match s {
+            Stmt::Store(b, i, v) if b == param => {
+                let (iv, vv) = (
+                    format!("sp_{param}_i{fresh}"),
+                    format!("sp_{param}_v{fresh}"),
+                );
+                *fresh += 1;
+                out.push(let_(&iv, Elem::U32, i));
+                out.push(let_(&vv, elem, v));
+                let last = names.len() - 1;
+                let at = |c: usize| var(&iv) - u(c as u32 * chunk);
+                let mut tail = vec![store(&names[last], at(last), var(&vv))];
+                for c in (0..last).rev() {
+                    tail = vec![Stmt::If(
+                        var(&iv).lt(u((c as u32 + 1) * chunk)),
+                        vec![store(&names[c], at(c), var(&vv))],
+                        tail,
+                    )];
+                }
+                out.extend(tail);
+            }
+            Stmt::If(c, a, b) => out.push(Stmt::If(
+                c,
+                split_stores(a, param, names, chunk, elem, fresh),
+                split_stores(b, param, names, chunk, elem, fresh),
+            )),
+            Stmt::For {
+                var,
+                start,
+                end,
+                step,
+                body,
+            } => out.push(Stmt::For {
+                var,
+                start,
+                end,
+                step,
+                body: split_stores(body, param, names, chunk, elem, fresh),
+            }),
+            s => out.push(s),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interp::{self, HostBuf};
+
+    /// `out[i] = src[n - 1 - i] * 2` for i < n: reversed reads cross chunk boundaries.
+    fn reverse_double() -> Kernel {
+        let i = global_id(0);
+        Kernel {
+            name: "reverse_double".into(),
+            buffers: vec![
+                Buffer {
+                    name: "src".into(),
+                    elem: Elem::F32,
+                    access: Access::Read,
+                },
+                Buffer {
+                    name: "out".into(),
+                    elem: Elem::F32,
+                    access: Access::ReadWrite,
+                },
+            ],
+            uniforms: vec!["n".into()],
+            workgroup: [32, 1, 1],
+            shared: vec![],
+            body: vec![if_(
+                i.clone().lt(uni("n")),
+                vec![store(
+                    "out",
+                    i.clone(),
+                    load("src", uni("n") - u(1) - i) * f(2.0),
+                )],
+            )],
+        }
+    }
+
+    fn chunks(v: &[f32], chunk: usize) -> Vec<HostBuf> {
+        v.chunks(chunk).map(|c| HostBuf::F32(c.to_vec())).collect()
+    }
+
+    #[test]
+    fn split_loads_and_stores_equal_the_whole_buffers() {
+        let n = 100u32;
+        let src: Vec<f32> = (0..n).map(|x| x as f32).collect();
+        let want: Vec<f32> = src.iter().rev().map(|x| x * 2.0).collect();
+        let grid = [n.div_ceil(32), 1, 1];
+        let mut whole = vec![
+            HostBuf::F32(src.clone()),
+            HostBuf::F32(vec![0.0; n as usize]),
+        ];
+        interp::run(&reverse_double(), grid, &mut whole, &[n], 32).unwrap();
+        assert_eq!(whole[1].f32(), &want[..]);
+        for chunk in [7u32, 33, 64, 99] {
+            let mut k = reverse_double();
+            let s = split_buffer(&mut k, "src", n, chunk);
+            let o = split_buffer(&mut k, "out", n, chunk);
+            let names: Vec<&str> = k.buffers.iter().map(|b| b.name.as_str()).collect();
+            assert_eq!(
+                names,
+                s.iter().chain(&o).map(String::as_str).collect::<Vec<_>>()
+            );
+            let mut bufs = chunks(&src, chunk as usize);
+            let outs = chunks(&vec![0.0; n as usize], chunk as usize);
+            let parts = outs.len();
+            bufs.extend(outs);
+            interp::run(&k, grid, &mut bufs, &[n], 32).unwrap();
+            let got: Vec<f32> = bufs[bufs.len() - parts..]
+                .iter()
+                .flat_map(|b| b.f32().to_vec())
+                .collect();
+            assert_eq!(got, want, "chunk {chunk}");
+            // Both printers accept the rewritten kernel.
+            crate::wgsl::print(&k).unwrap();
+            crate::cuda::print(&k).unwrap();
+        }
+    }
 }
