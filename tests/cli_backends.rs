@@ -177,3 +177,40 @@ fn bench_rejects_bad_sizes() {
     ]);
     assert_error(&out, &["--iters"]);
 }
+
+/// `WGPU_BACKEND` names an API this machine has no adapter for (Metal on Linux, Vulkan on a
+/// Mac): asking for wgpu is one clean error; `auto` falls back to the CPU and says why.
+#[test]
+fn no_wgpu_adapter_is_one_clean_error_and_auto_falls_back() {
+    let api = if cfg!(target_os = "macos") {
+        "vulkan"
+    } else {
+        "metal"
+    };
+    let tmp = TempDir::new("no_wgpu_adapter");
+    let run = |backend: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_transfuse"))
+            .args(["run", "--model", &s(&fixture(GPT2)), "--inputs"])
+            .arg(fixture("tiny_gpt2/inputs.json"))
+            .arg("--out")
+            .arg(tmp.join("out.safetensors"))
+            .args(["--backend", backend])
+            .env("WGPU_BACKEND", api)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap()
+    };
+    assert_error(&run("wgpu"), &["wgpu", "no adapter"]);
+    assert!(!tmp.join("out.safetensors").exists());
+    if transfuse::runtime::cuda::driver_present() {
+        return; // auto would pick CUDA
+    }
+    let out = run("auto");
+    assert_ok(&out);
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("backend: cpu (auto:") && err.contains("wgpu unavailable"),
+        "{err}"
+    );
+    assert!(tmp.join("out.safetensors").exists());
+}

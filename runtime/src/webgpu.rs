@@ -8,6 +8,8 @@
 //!   `SHADER_F16` is requested when the adapter has it (f16 plans).
 //! - **Adapter choice**: `WGPU_BACKEND` picks the APIs (wgpu reads it); among the adapters a
 //!   discrete GPU comes first, then integrated, virtual, other, and a CPU adapter last.
+//! - **Compiled pipelines are cached** by WGSL source for the life of the device, so sessions
+//!   (and tests) sharing kernels compile each once.
 //! - **Launches are recorded** into one command encoder and submitted when the host needs a
 //!   result ([`Device::read`], [`Device::sync`]) or before a host write, so a whole forward
 //!   pass is one submission. Each launch gets its own small uniform buffer.
@@ -42,13 +44,20 @@ pub struct WgpuDevice {
     pending: Mutex<Option<wgpu::CommandEncoder>>,
     /// Errors the device reported outside an error scope.
     errors: Arc<Mutex<Vec<String>>>,
+    /// Compiled kernels by WGSL source: sessions sharing kernels compile them once.
+    cache: Mutex<std::collections::HashMap<String, Arc<Pipeline>>>,
+}
+
+/// A compiled pipeline and its bind-group layout.
+struct Pipeline {
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
 }
 
 /// A compiled kernel: its pipeline and bind-group layout.
 pub struct WgpuModule {
     name: String,
-    pipeline: wgpu::ComputePipeline,
-    layout: wgpu::BindGroupLayout,
+    compiled: Arc<Pipeline>,
     buffers: usize,
     uniforms: usize,
 }
@@ -90,7 +99,8 @@ impl WgpuDevice {
         })?;
         let ainfo = adapter.get_info();
         let limits = adapter.limits();
-        let features = adapter.features() & wgpu::Features::SHADER_F16;
+        // f16 storage when offered; subgroups when offered (the subgroup tunables need them).
+        let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("transfuse"),
             required_features: features,
@@ -133,6 +143,7 @@ impl WgpuDevice {
             adapter: ainfo,
             pending: Mutex::new(None),
             errors,
+            cache: Mutex::default(),
         })
     }
 
@@ -250,6 +261,16 @@ impl Device for WgpuDevice {
     fn compile(&self, kernel: &Kernel) -> Result<WgpuModule, RuntimeError> {
         let src = transfuse_codegen::wgsl::print(kernel)
             .map_err(|e| RuntimeError::Codegen(e.to_string()))?;
+        let wrap = |compiled| WgpuModule {
+            name: kernel.name.clone(),
+            compiled,
+            buffers: kernel.buffers.len(),
+            uniforms: kernel.uniforms.len(),
+        };
+        if let Some(p) = self.cache.lock().expect("kernel cache").get(&src) {
+            return Ok(wrap(p.clone()));
+        }
+        let key = src.clone();
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self
             .device
@@ -313,13 +334,12 @@ impl Device for WgpuDevice {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(err(format!("kernel `{}` was rejected: {e}", kernel.name)));
         }
-        Ok(WgpuModule {
-            name: kernel.name.clone(),
-            pipeline,
-            layout,
-            buffers: kernel.buffers.len(),
-            uniforms: kernel.uniforms.len(),
-        })
+        let compiled = Arc::new(Pipeline { pipeline, layout });
+        self.cache
+            .lock()
+            .expect("kernel cache")
+            .insert(key, compiled.clone());
+        Ok(wrap(compiled))
     }
 
     fn launch(
@@ -369,7 +389,7 @@ impl Device for WgpuDevice {
         }
         let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(&m.name),
-            layout: &m.layout,
+            layout: &m.compiled.layout,
             entries: &entries,
         });
         let mut pending = self.pending.lock().expect("encoder");
@@ -382,7 +402,7 @@ impl Device for WgpuDevice {
                 label: Some(&m.name),
                 timestamp_writes: None,
             });
-            pass.set_pipeline(&m.pipeline);
+            pass.set_pipeline(&m.compiled.pipeline);
             pass.set_bind_group(0, &group, &[]);
             pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
         }
