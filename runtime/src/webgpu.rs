@@ -233,14 +233,15 @@ impl Device for WgpuDevice {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut enc = self
-            .pending
-            .lock()
-            .expect("encoder")
+        // Hold the lock until the submit: another thread's launches taken out of the shared
+        // encoder must not be submitted after this read's copy.
+        let mut pending = self.pending.lock().expect("encoder");
+        let mut enc = pending
             .take()
             .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()));
         enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
         self.queue.submit([enc.finish()]);
+        drop(pending);
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
