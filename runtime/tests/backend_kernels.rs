@@ -41,9 +41,8 @@
 //! tolerance is meaningful for sums.
 //!
 //! Also here: `launch_order_across_threads` (the device is shared by the process, and these
-//! tests run in parallel on it), and two ignored cases that do not work yet, each documented
-//! where it is defined: `instance_norm_rank3` (does not lower) and `softmax_graph_mask_f16`
-//! (NaN rows).
+//! tests run in parallel on it), and one ignored case that does not work yet, documented where
+//! it is defined: `softmax_graph_mask_f16` (NaN rows).
 //!
 //! Device access: a test skips with a `skipped: ...` message when the backend has no device,
 //! and fails when `TRANSFUSE_REQUIRE` (comma-separated) names it (`wgpu`, `cuda`). On lavapipe
@@ -869,11 +868,9 @@ fn channel_norms<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
 }
 
 /// Instance norm of a rank-3 `[N, C, L]` (1-D spatial) with a per-channel affine `[C, 1]`.
-/// The normalised axis is the last one, so the optimizer extracts it as
-/// `layer_norm(x, γ[C, 1], β[C, 1])` (the affine rules absorb any weight-only γ/β that
-/// broadcasts into x), and the lowering refuses a layer norm whose parameters vary along
-/// another axis than the last ("parameter [6, 1] varies along more than axis 2"): the graph
-/// cannot be loaded on a device. Ignored until one of them changes.
+/// The normalised axis is the last one, so the optimizer extracts a layer norm over it; the
+/// per-channel affine is not absorbed into it (layer/RMS norm parameters are per feature, the
+/// last axis) and runs as an elementwise kernel after it.
 fn instance_norm_rank3<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
     let mut worst = Worst::new("instance norm, rank 3", &**dev, elem);
     for l in [1, 3, 129] {
@@ -1395,7 +1392,6 @@ per_backend! {
     softmax_graph_mask => softmax_graph_mask(F32),
     layer_rms_norm => layer_rms_norm(F32),
     channel_norms => channel_norms(F32),
-    #[ignore = "optimized to a layer_norm with a [C, 1] affine, which does not lower (see the case)"]
     instance_norm_rank3 => instance_norm_rank3(F32),
     matmul => matmul(F32),
     attention => attention(F32),

@@ -288,6 +288,24 @@ fn affine(eg: &EG, n: &TNode, bin: BinaryOp) -> Option<Plan> {
             if let Some(i) = slot {
                 kids[i] = Plan::Class(p);
             }
+            // Layer/RMS norm parameters are per feature (the last axis): a γ/β that varies along
+            // another axis (a per-channel affine after an instance norm spelled as a layer norm
+            // over `[N, C, L]`) stays a separate elementwise op.
+            let per_feature = |c: Id| {
+                eg[c].data.ty.as_ref().is_some_and(|(shape, _)| {
+                    let r = shape.len();
+                    shape
+                        .iter()
+                        .enumerate()
+                        .all(|(i, d)| i + 1 == r || d.as_known() == Some(1))
+                })
+            };
+            if matches!(op, Op::LayerNorm { .. } | Op::RmsNorm { .. })
+                && slot.is_some()
+                && !per_feature(p)
+            {
+                continue;
+            }
             // The affine term must broadcast into x without changing its shape.
             let probe: Vec<Id> = norm
                 .children
