@@ -186,7 +186,7 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
     }
     if let Some((p, n, secs)) = decode {
         println!(
-            "decode: prompt {p} tokens, then {n} tokens in {:.1} ms ({:.1} tokens/s, KV cache on the device)",
+            "decode: prompt {p} tokens, then {n} tokens in {:.1} ms ({:.1} tokens/s, KV cache carried between steps)",
             secs * 1e3,
             n as f64 / secs
         );

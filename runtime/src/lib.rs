@@ -1,10 +1,15 @@
 //! # transfuse-runtime
 //!
-//! Runs graphs. The [`Backend`] trait is what every backend implements; [`CpuBackend`] is the
-//! executable specification of every op, the reference that GPU backends are checked against.
-//! Symbolic dims (`batch`, `seq`, `past`) are bound from the inputs on each call
-//! ([`bind_inputs`]), so one graph serves every batch size and sequence length without
-//! recompilation.
+//! Runs graphs. The [`Backend`] trait is what every backend implements: [`CpuBackend`] is the
+//! executable specification of every op, the reference the device backends are checked
+//! against; [`WgpuBackend`] (any WebGPU adapter) and [`CudaBackend`] (cudarc + NVRTC) run the
+//! graph as compiled kernels through one executor, [`Program`], generic over a
+//! [`device::Device`] ([`memory`] plans its temporaries by liveness). [`backend_by_name`]
+//! picks one (`auto`: CUDA, else wgpu, else CPU). A backend `load`s a graph once (kernels
+//! compiled, weights resident) into a [`Loaded`] graph that runs many times and can carry
+//! outputs on the device into the next call (a KV cache). Symbolic dims (`batch`, `seq`,
+//! `past`) are bound from the inputs on each call ([`bind_inputs`]), so one graph serves every
+//! batch size and sequence length without recompilation.
 //!
 //! ```
 //! use std::collections::HashMap;
@@ -20,6 +25,13 @@
 //! let inputs = HashMap::from([("x".to_string(), Tensor::f32(vec![1, 2], vec![0.0, 0.0]))]);
 //! let out = CpuBackend::new().run(&g, &HashMap::new(), &inputs).unwrap();
 //! assert_eq!(out["y"].as_f32().unwrap(), &[0.5, 0.5]);
+//!
+//! // The same graph as a WGSL kernel on a WebGPU adapter, when this machine has one.
+//! if let Ok(gpu) = transfuse_runtime::WgpuBackend::new() {
+//!     let mut loaded = gpu.load(&g, &HashMap::new()).unwrap();
+//!     let out = loaded.run(&inputs, &[]).unwrap();
+//!     assert!((out["y"].as_f32().unwrap()[0] - 0.5).abs() < 1e-6);
+//! }
 //! ```
 #![warn(missing_docs)]
 

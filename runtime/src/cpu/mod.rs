@@ -125,7 +125,7 @@ fn run_graph(
         if let Some(times) = times.as_deref_mut() {
             if !node.inputs.is_empty() {
                 times.push(KernelTime {
-                    name: format!("%{} {}", id.index(), node.op.name()),
+                    name: node.op.name(),
                     ops: vec![node.op.name()],
                     seconds: t0.elapsed().as_secs_f64(),
                 });
