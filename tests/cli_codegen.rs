@@ -113,12 +113,23 @@ fn emit_cuda_writes_one_source_per_kernel_and_plan_json() {
     assert_eq!(logits["bytes_at"], 4 * 1000 * 2 * 16);
     // Kernel 0 launches with a grid at the given dims.
     assert!(plan["kernels"][0]["grid_at"].as_array().is_some());
-    // Attention kernels name their decode variant (written too), not launched at seq=16.
+    // Attention kernels name their decode variant, matmuls their GEMV (written too), none
+    // launched at seq=16.
     let kernels = plan["kernels"].as_array().unwrap();
-    let att: Vec<_> = kernels.iter().filter(|k| k["decode"].is_string()).collect();
+    let att: Vec<_> = kernels
+        .iter()
+        .filter(|k| k["ops"][0] == "attention")
+        .collect();
     assert_eq!(att.len(), 2, "one per GPT-2 block");
-    for k in att {
-        assert!(k["ops"][0] == "attention", "{k}");
+    let with: Vec<_> = kernels.iter().filter(|k| k["decode"].is_string()).collect();
+    assert_eq!(
+        with.len(),
+        2 + 2 * 4 + 1,
+        "attention, 4 matmuls per block, LM head"
+    );
+    for k in with {
+        let op = k["ops"][0].as_str().unwrap();
+        assert!(op == "attention" || op.ends_with("matmul"), "{k}");
         assert_eq!(k["decode_at"], false);
     }
 }

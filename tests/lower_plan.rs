@@ -201,7 +201,34 @@ fn gpt2_plan_matches_the_cpu_backend_prefill_and_with_a_cache() {
     let att = attention_kernels(&plan);
     assert_eq!(att.len(), 2, "{}", summary(&plan));
     let dims = |b, s, p| bind_inputs(&g, &gpt2_inputs(&m, b, s, p)).unwrap();
+    // Each matmul (rows = batch·seq, symbolic) carries a GEMV variant, taken for one row only;
+    // the QKV matmuls' variants carry the same K/V cache placement as their main kernels.
+    let mut gemvs = 0;
     for (i, k) in plan.kernels.iter().enumerate() {
+        if k.ops[0].ends_with("matmul") {
+            let v = k.decode.as_deref().expect("a GEMV variant");
+            assert!(
+                v.gen.kernel.name.starts_with("gemv_f32"),
+                "{}",
+                v.gen.kernel.name
+            );
+            assert_eq!(v.bindings, k.bindings, "{}", k.entry());
+            assert!(plan.use_decode(i, &dims(1, 1, 6)).unwrap());
+            assert!(!plan.use_decode(i, &dims(1, 5, 0)).unwrap());
+            assert!(!plan.use_decode(i, &dims(2, 1, 4)).unwrap());
+            assert!(!plan.use_decode(i, &dims(2, 5, 0)).unwrap());
+            let (ua, grid) = plan.launch_args_for(i, true, &dims(1, 1, 6)).unwrap();
+            let (um, mgrid) = plan.launch_args_for(i, false, &dims(1, 1, 6)).unwrap();
+            assert_eq!(ua, um, "{}: same uniforms", k.entry());
+            assert_eq!(
+                grid[2],
+                mgrid[2],
+                "{}: same batch and copy z-slices",
+                k.entry()
+            );
+            gemvs += 1;
+            continue;
+        }
         if !att.contains(&i) {
             assert!(k.decode.is_none(), "{}", k.entry());
             continue;
@@ -220,6 +247,8 @@ fn gpt2_plan_matches_the_cpu_backend_prefill_and_with_a_cache() {
             1
         );
     }
+    // Four per block (QKV, attention projection, MLP up and down) and the LM head.
+    assert_eq!(gemvs, 2 * 4 + 1, "{}", summary(&plan));
     let w1 = parity(
         &g,
         &m.weights,
@@ -404,6 +433,7 @@ fn every_kernel_of_both_plans_is_valid_wgsl_in_f32_and_f16() {
                 }
             }
             assert!(seen.iter().any(|n| n.starts_with("attention_decode_")));
+            assert!(seen.iter().any(|n| n.starts_with("gemv_")));
             eprintln!(
                 "{name} {elem:?}: {} distinct WGSL kernels valid",
                 seen.len()
@@ -467,6 +497,7 @@ fn every_kernel_of_both_plans_compiles_with_nvrtc_in_f32_f16_bf16() {
                 );
             }
             assert!(seen.iter().any(|n| n.starts_with("attention_decode_")));
+            assert!(seen.iter().any(|n| n.starts_with("gemv_")));
             table.push(format!(
                 "{name} {elem:?}: {} distinct kernels compile (decode variants included)",
                 seen.len()

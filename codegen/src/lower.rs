@@ -84,7 +84,7 @@ pub use view::View;
 
 use crate::kernels::attention::{self, AttentionCfg, AttentionTunables};
 use crate::kernels::elementwise::{self, EwExpr, EwInput, EwTunables, RowTunables};
-use crate::kernels::matmul::{self, MatMulConfig, MatMulTunables};
+use crate::kernels::matmul::{self, GemvTunables, MatMulConfig, MatMulTunables};
 use crate::kernels::norm::{self, Affine, NormKind, Tune};
 use crate::kernels::{Generated, Limits};
 use crate::kir::*;
@@ -938,6 +938,20 @@ fn is_ew(op: &Op) -> bool {
     )
 }
 
+/// What [`Lower::matmul_kb`] binds, shared by a matmul's kernel and its GEMV variant.
+struct MatMulOperands {
+    /// Template uniform values.
+    u: Vec<(&'static str, Poly)>,
+    /// `a`, read in row-major order.
+    a: View,
+    /// `b` as the template reads it (transposed when that is its memory order).
+    b_logical: View,
+    /// Output columns.
+    ndim: Dim,
+    /// Output shape.
+    oshape: Shape,
+}
+
 struct Lower<'a> {
     g: &'a Graph,
     o: &'a LowerOptions,
@@ -1404,7 +1418,8 @@ impl<'a> Lower<'a> {
         } else {
             (b.clone(), bshape.clone())
         };
-        let mut u: Vec<(&str, Poly)> = vec![("k", Poly::dim(&kdim)), ("n", Poly::dim(&ndim))];
+        let mut u: Vec<(&'static str, Poly)> =
+            vec![("k", Poly::dim(&kdim)), ("n", Poly::dim(&ndim))];
         if rb == 2 {
             // Every batch dim of a folds into m.
             u.push(("m", Poly::product(&ashape[..ra - 1])));
@@ -1455,49 +1470,47 @@ impl<'a> Lower<'a> {
         let cfg = MatMulConfig::plain(self.o.elem)
             .transposed_b(transposed)
             .epilogue(act, bias, residual);
-        let gen = matmul::matmul(
-            &cfg,
-            &MatMulTunables::default_for(&cfg, &self.o.limits),
-            &self.o.limits,
-        )?;
-        let mut kb = Kb::new(gen, vec![id]);
+        let limits = &self.o.limits;
+        let gemv = || matmul::gemv(&cfg, &GemvTunables::default_for(&cfg, limits), limits);
+        // One row (decoding) takes the GEMV; a symbolic row count gets it as a variant.
+        let rows = u.iter().find(|(x, _)| *x == "m").expect("m").1.clone();
+        let (gen, base, variant) = match rows.as_const() {
+            Some(1) => (gemv()?, cfg.name("gemv"), None),
+            known => {
+                let tiled =
+                    matmul::matmul(&cfg, &MatMulTunables::default_for(&cfg, limits), limits)?;
+                let variant = if known.is_none() { Some(gemv()?) } else { None };
+                (tiled, cfg.name("matmul"), variant)
+            }
+        };
+        let ops = MatMulOperands {
+            u,
+            a,
+            b_logical,
+            ndim: ndim.clone(),
+            oshape: oshape.clone(),
+        };
+        let mut kb = self.matmul_kb(id, &cfg, gen, &ops)?;
+        let mut dkb = variant
+            .map(|gen| self.matmul_kb(id, &cfg, gen, &ops))
+            .transpose()?;
+        let out = self.out_buffer(id);
+        let eb = i64::from(elem_bytes(self.o.elem));
+        let olen = Poly::product(&oshape);
+        for k in std::iter::once(&mut kb).chain(dkb.as_mut()) {
+            k.bind("out", &out.buf);
+            k.bytes = k.bytes.add(&b.footprint().scale(eb)).add(&olen.scale(eb));
+        }
         let mut m_batch = Poly::one();
         let mut m_batch_only = Poly::one();
-        for (name, p) in u {
-            if matches!(name, "m" | "batch0" | "batch1") {
-                m_batch = m_batch.mul(&p);
+        for (name, p) in &ops.u {
+            if matches!(*name, "m" | "batch0" | "batch1") {
+                m_batch = m_batch.mul(p);
             }
-            if matches!(name, "batch0" | "batch1") {
-                m_batch_only = m_batch_only.mul(&p);
+            if matches!(*name, "batch0" | "batch1") {
+                m_batch_only = m_batch_only.mul(p);
             }
-            kb.set(name, p);
         }
-        let eb = i64::from(elem_bytes(self.o.elem));
-        kb.remap("a", &a);
-        kb.remap("b", &b_logical);
-        kb.bytes = a.footprint().add(&b.footprint()).scale(eb);
-        let mut next = 2;
-        if bias {
-            let v = self.view_of(ins[next])?;
-            next += 1;
-            let lead = v.shape.iter().take_while(|d| d.is(1)).count();
-            let stripped = v.reshape(&v.shape[lead..]).expect("dropping size-1 axes");
-            let bv = stripped
-                .expand(std::slice::from_ref(&ndim))
-                .ok_or_else(|| self.unsupported(id, "the bias varies along rows"))?;
-            kb.bytes = kb.bytes.add(&bv.footprint().scale(eb));
-            kb.remap("bias", &bv);
-        }
-        if residual {
-            let v = self.view_of(ins[next])?;
-            let rv = v.expand(&oshape).expect("inference checked the residual");
-            kb.bytes = kb.bytes.add(&rv.footprint().scale(eb));
-            kb.remap("residual", &rv);
-        }
-        let out = self.out_buffer(id);
-        kb.bind("out", &out.buf);
-        let olen = Poly::product(&oshape);
-        kb.bytes = kb.bytes.add(&olen.scale(eb));
         kb.flops = m_batch
             .mul(&Poly::dim(&ndim))
             .mul(&Poly::dim(&kdim))
@@ -1505,17 +1518,71 @@ impl<'a> Lower<'a> {
             .add(&olen.scale(
                 i64::from(bias) + i64::from(residual) + if act == Act::Identity { 0 } else { 8 },
             ));
+        let decode = match dkb {
+            Some(mut dkb) => {
+                let (bindings, uniforms) = dkb.finish(&cfg.name("gemv"))?;
+                Some(Box::new(Variant {
+                    gen: dkb.gen,
+                    bindings,
+                    uniforms,
+                    when_one: rows,
+                }))
+            }
+            None => None,
+        };
         self.matmuls.insert(
             self.kernels.len(),
             place::MatMulInfo {
                 node: id,
                 batch: m_batch_only,
-                base: cfg.name("matmul"),
+                base: base.clone(),
+                decode_base: cfg.name("gemv"),
                 jobs: 0,
             },
         );
-        self.push(kb, &cfg.name("matmul"))?;
+        self.push_with(kb, &base, decode)?;
         Ok(out)
+    }
+
+    /// The kernel of matmul node `id` from template `gen` (tiled or GEMV: same buffers and
+    /// uniforms), everything bound but `out`, with the bytes of `a`, bias and residual.
+    fn matmul_kb(
+        &mut self,
+        id: NodeId,
+        cfg: &MatMulConfig,
+        gen: Generated,
+        ops: &MatMulOperands,
+    ) -> Result<Kb, CodegenError> {
+        let ins = self.g.node(id).inputs.clone();
+        let mut kb = Kb::new(gen, vec![id]);
+        for (name, p) in &ops.u {
+            kb.set(name, p.clone());
+        }
+        let eb = i64::from(elem_bytes(self.o.elem));
+        kb.remap("a", &ops.a);
+        kb.remap("b", &ops.b_logical);
+        kb.bytes = ops.a.footprint().scale(eb);
+        let mut next = 2;
+        if cfg.bias {
+            let v = self.view_of(ins[next])?;
+            next += 1;
+            let lead = v.shape.iter().take_while(|d| d.is(1)).count();
+            let stripped = v.reshape(&v.shape[lead..]).expect("dropping size-1 axes");
+            let bv = stripped
+                .expand(std::slice::from_ref(&ops.ndim))
+                .ok_or_else(|| self.unsupported(id, "the bias varies along rows"))?;
+            kb.bytes = kb.bytes.add(&bv.footprint().scale(eb));
+            kb.remap("bias", &bv);
+        }
+        if cfg.residual {
+            let v = self.view_of(ins[next])?;
+            let rv = v
+                .expand(&ops.oshape)
+                .expect("inference checked the residual");
+            kb.bytes = kb.bytes.add(&rv.footprint().scale(eb));
+            kb.remap("residual", &rv);
+        }
+        Ok(kb)
     }
 
     fn attention(

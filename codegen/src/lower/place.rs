@@ -18,7 +18,7 @@
 use transfuse_ir::{DType, Dim, NodeId, Op};
 
 use super::{BufferKind, Lower, Poly, Target, UniformExpr, Val, View};
-use crate::kernels::{Factor, GridDim};
+use crate::kernels::{Factor, Generated, GridDim};
 use crate::kir::*;
 
 /// What placement needs to know of an emitted matmul kernel.
@@ -29,13 +29,16 @@ pub(super) struct MatMulInfo {
     pub batch: Poly,
     /// Name stem (the kernel is renamed `<base>_<hash>` after each change).
     pub base: String,
+    /// Name stem of its decode (GEMV) variant, if it has one.
+    pub decode_base: String,
     /// Copy jobs (extra z-slices) added so far.
     pub jobs: usize,
 }
 
 /// Statements being assembled, with literals or uniforms of one kernel for the sizes.
 struct Patch<'k> {
-    kernel: &'k mut super::PlanKernel,
+    gen: &'k mut Generated,
+    uniforms: &'k mut Vec<UniformExpr>,
     tag: String,
     n: usize,
     stmts: Vec<Stmt>,
@@ -46,17 +49,16 @@ impl Patch<'_> {
         if let Some(c) = p.as_const().and_then(|c| u32::try_from(c).ok()) {
             return u(c);
         }
-        let k = &mut self.kernel;
-        if let Some(i) = k
+        if let Some(i) = self
             .uniforms
             .iter()
             .position(|u| *u == UniformExpr::Poly(p.clone()))
         {
-            return uni(&k.gen.kernel.uniforms[i]);
+            return uni(&self.gen.kernel.uniforms[i]);
         }
-        let name = format!("{}_u{}", self.tag, k.gen.kernel.uniforms.len());
-        k.gen.kernel.uniforms.push(name.clone());
-        k.uniforms.push(UniformExpr::Poly(p.clone()));
+        let name = format!("{}_u{}", self.tag, self.gen.kernel.uniforms.len());
+        self.gen.kernel.uniforms.push(name.clone());
+        self.uniforms.push(UniformExpr::Poly(p.clone()));
         uni(&name)
     }
 
@@ -147,6 +149,217 @@ fn expand_stores(
     out
 }
 
+/// One placement, applied to a matmul kernel and to its decode variant alike.
+struct Site<'s> {
+    g: &'s transfuse_ir::Graph,
+    axis: usize,
+    /// The concat's parts.
+    inputs: &'s [NodeId],
+    /// The concat's shape.
+    shape: &'s [Dim],
+    /// The matmul output's shape.
+    xshape: &'s [Dim],
+    placed: &'s [(usize, Vec<NodeId>)],
+    copied: &'s [(usize, View)],
+    /// Start of each part along `axis`.
+    begs: &'s [Poly],
+    /// The concat's buffer.
+    dst_buf: &'s str,
+    elem: Elem,
+    batch: &'s Poly,
+    jobs0: usize,
+}
+
+impl Site<'_> {
+    /// Rewrites one kernel (its code, grid, bindings and uniforms) and renames it
+    /// `<base>_<hash>`; returns the bytes the placement adds.
+    fn rewrite(
+        &self,
+        gen: &mut Generated,
+        bindings: &mut Vec<String>,
+        uniforms: &mut Vec<UniformExpr>,
+        base: &str,
+    ) -> Poly {
+        let elem = self.elem;
+        let eb = i64::from(elem_bytes(elem));
+        let slot = gen.kernel.buffers.len();
+        let dst = format!("place{slot}");
+        gen.kernel.buffers.push(Buffer {
+            name: dst.clone(),
+            elem,
+            access: Access::ReadWrite,
+        });
+        bindings.push(self.dst_buf.to_string());
+        let mut patch = Patch {
+            gen,
+            uniforms,
+            tag: format!("tf_pl{slot}"),
+            n: 0,
+            stmts: vec![],
+        };
+        // The placement: from the stored element's index in X to its index in the concat.
+        let mut mapping = vec![];
+        let mut bytes = Poly::zero();
+        for (p, chain) in self.placed {
+            patch.stmts.clear();
+            let mut cur_shape = self.xshape.to_vec();
+            let mut coords = patch.delinearize(var("tf_po"), &cur_shape);
+            let mut cond: Option<Expr> = None;
+            for &c in chain {
+                let node = self.g.node(c);
+                match &node.op {
+                    Op::Slice {
+                        axis: a,
+                        start,
+                        end,
+                    } => {
+                        let (s, e) = (Poly::dim(start), Poly::dim(end));
+                        let mut cnd = coords[*a].clone().lt(patch.value(&e));
+                        if !s.is_zero() {
+                            cnd = coords[*a].clone().ge(patch.value(&s)).and(cnd);
+                            let sv = patch.value(&s);
+                            coords[*a] = patch.bind(coords[*a].clone() - sv);
+                        }
+                        cond = Some(match cond {
+                            None => cnd,
+                            Some(x) => x.and(cnd),
+                        });
+                    }
+                    Op::Reshape { shape: to } => {
+                        let l = patch.linearize(&coords, &cur_shape);
+                        coords = patch.delinearize(l, to);
+                    }
+                    Op::Permute { perm } => {
+                        coords = perm.iter().map(|&q| coords[q].clone()).collect();
+                    }
+                    _ => unreachable!("chains hold views only"),
+                }
+                cur_shape = node.shape.clone();
+            }
+            if !self.begs[*p].is_zero() {
+                let bv = patch.value(&self.begs[*p]);
+                coords[self.axis] = patch.bind(coords[self.axis].clone() + bv);
+            }
+            let di = patch.linearize(&coords, self.shape);
+            let st = store(&dst, di, var("tf_pv"));
+            let mut block = std::mem::take(&mut patch.stmts);
+            block.push(match cond {
+                Some(c) => if_(c, vec![st]),
+                None => st,
+            });
+            mapping.push(Stmt::If(Expr::Bool(true), block, vec![]));
+            bytes = bytes.add(&Poly::product(&self.g.node(self.inputs[*p]).shape).scale(eb));
+        }
+        // Copy jobs: one z-slice each.
+        let threads = patch.gen.kernel.threads();
+        let mut wraps: Vec<(Expr, Vec<Stmt>)> = vec![];
+        let mut z = self.batch.add(&Poly::konst(self.jobs0 as i64));
+        for (j, (p, v)) in self.copied.iter().enumerate() {
+            let src = format!("psrc{slot}_{j}");
+            patch.gen.kernel.buffers.push(Buffer {
+                name: src.clone(),
+                elem,
+                access: Access::Read,
+            });
+            bindings.push(v.buf.clone());
+            patch.stmts.clear();
+            let pshape = self.g.node(self.inputs[*p]).shape.clone();
+            let total = patch.value(&Poly::product(&pshape));
+            let e = format!("tf_pe{slot}_{j}");
+            let mut coords = patch.delinearize(var(&e), &pshape);
+            let mut si = patch.value(&v.offset);
+            for (a, st) in v.strides.iter().enumerate() {
+                if !st.is_zero() {
+                    si = si + coords[a].clone() * patch.value(st);
+                }
+            }
+            if !self.begs[*p].is_zero() {
+                coords[self.axis] = coords[self.axis].clone() + patch.value(&self.begs[*p]);
+            }
+            let di = patch.linearize(&coords, self.shape);
+            let mut body = std::mem::take(&mut patch.stmts);
+            body.push(store(&dst, di, load(&src, si)));
+            let zb = patch.value(&z);
+            wraps.push((
+                zb,
+                vec![
+                    let_(
+                        "tf_cw",
+                        Elem::U32,
+                        workgroup_id(1) * num_workgroups(0) + workgroup_id(0),
+                    ),
+                    for_step(
+                        &e,
+                        var("tf_cw") * u(threads) + local_id(0),
+                        total,
+                        num_workgroups(0) * num_workgroups(1) * u(threads),
+                        body,
+                    ),
+                ],
+            ));
+            bytes = bytes.add(&Poly::product(&pshape).scale(2 * eb));
+            z = z.add(&Poly::one());
+        }
+        let k = &mut patch.gen.kernel;
+        let body = std::mem::take(&mut k.body);
+        // Each store of `out` also stores into the concat; a store an earlier placement
+        // already rewrote (index and value in locals) just gains this mapping.
+        let (pv_name, po_name) = (format!("tf_pv{slot}"), format!("tf_po{slot}"));
+        let mut body = expand_stores(body, "out", &mut |i, val| {
+            let (pre, po, pv) = match (&i, &val) {
+                (Expr::Var(a), Expr::Var(b)) => (vec![], a.clone(), b.clone()),
+                _ => (
+                    vec![let_(&pv_name, elem, val), let_(&po_name, Elem::U32, i)],
+                    po_name.clone(),
+                    pv_name.clone(),
+                ),
+            };
+            let fresh = !pre.is_empty();
+            let mut s = pre;
+            s.push(store("out", var(&po), var(&pv)));
+            s.extend(super::rewrite::map_exprs(
+                mapping.clone(),
+                &mut |e| match e {
+                    Expr::Var(ref n) if n == "tf_po" => var(&po),
+                    Expr::Var(ref n) if n == "tf_pv" => var(&pv),
+                    e => e,
+                },
+            ));
+            if fresh {
+                vec![Stmt::If(Expr::Bool(true), s, vec![])]
+            } else {
+                s
+            }
+        });
+        for (zb, job) in wraps {
+            body = vec![Stmt::If(workgroup_id(2).lt(zb), body, job)];
+        }
+        k.body = body;
+        let jobs = self.jobs0 + self.copied.len();
+        if !self.copied.is_empty() {
+            let gz = self.batch.add(&Poly::konst(jobs as i64));
+            patch.gen.grid[2] = match gz.as_const().and_then(|c| u32::try_from(c).ok()) {
+                Some(c) => GridDim {
+                    factors: vec![Factor::Const(c)],
+                    per_group: 1,
+                },
+                None => {
+                    let e = patch.value(&gz);
+                    let Expr::Uniform(name) = e else {
+                        unreachable!("symbolic")
+                    };
+                    GridDim::of(&name, 1)
+                }
+            };
+        }
+        let k = &mut patch.gen.kernel;
+        k.name = String::new();
+        let h = super::fnv(&format!("{k:?}"));
+        k.name = format!("{base}_{h:08x}");
+        bytes
+    }
+}
+
 impl Lower<'_> {
     /// The matmul kernel whose output `part` is a slice/reshape/permute chain of, and the
     /// chain (from the matmul's output node outwards).
@@ -210,8 +423,10 @@ impl Lower<'_> {
         if copied.iter().any(|(_, v)| !self.ready_before(&v.buf, ki)) {
             return Ok(false);
         }
-        {
-            let k = &self.kernels[ki].gen.kernel;
+        // The main kernel and its decode variant (if any) are rewritten alike.
+        let pk = &self.kernels[ki];
+        for gen in std::iter::once(&pk.gen).chain(pk.decode.as_deref().map(|v| &v.gen)) {
+            let k = &gen.kernel;
             if k.workgroup[1] != 1 || k.workgroup[2] != 1 {
                 return Ok(false);
             }
@@ -222,7 +437,6 @@ impl Lower<'_> {
         }
         let shape = n.shape.clone();
         let elem = self.elem_of(DType::F32);
-        let eb = i64::from(elem_bytes(elem));
         let begs: Vec<Poly> = n
             .inputs
             .iter()
@@ -234,185 +448,36 @@ impl Lower<'_> {
             .collect();
         let out = self.out_buffer(id);
         let info = self.matmuls.get(&ki).expect("a matmul kernel");
-        let (x, batch, base, jobs0) = (info.node, info.batch.clone(), info.base.clone(), info.jobs);
-        let xshape = g.node(x).shape.clone();
-        let kernel = &mut self.kernels[ki];
-        let slot = kernel.gen.kernel.buffers.len();
-        let dst = format!("place{slot}");
-        kernel.gen.kernel.buffers.push(Buffer {
-            name: dst.clone(),
+        let (x, batch, jobs0) = (info.node, info.batch.clone(), info.jobs);
+        let (base, decode_base) = (info.base.clone(), info.decode_base.clone());
+        let site = Site {
+            g,
+            axis,
+            inputs: &n.inputs,
+            shape: &shape,
+            xshape: &g.node(x).shape,
+            placed: &placed,
+            copied: &copied,
+            begs: &begs,
+            dst_buf: &out.buf,
             elem,
-            access: Access::ReadWrite,
-        });
-        kernel.bindings.push(out.buf.clone());
-        let mut patch = Patch {
-            kernel,
-            tag: format!("tf_pl{slot}"),
-            n: 0,
-            stmts: vec![],
+            batch: &batch,
+            jobs0,
         };
-        // The placement: from the stored element's index in X to its index in the concat.
-        let mut mapping = vec![];
-        let mut bytes = Poly::zero();
-        for (p, chain) in &placed {
-            patch.stmts.clear();
-            let mut cur_shape = xshape.clone();
-            let mut coords = patch.delinearize(var("tf_po"), &cur_shape);
-            let mut cond: Option<Expr> = None;
-            for &c in chain {
-                let node = g.node(c);
-                match &node.op {
-                    Op::Slice {
-                        axis: a,
-                        start,
-                        end,
-                    } => {
-                        let (s, e) = (Poly::dim(start), Poly::dim(end));
-                        let mut cnd = coords[*a].clone().lt(patch.value(&e));
-                        if !s.is_zero() {
-                            cnd = coords[*a].clone().ge(patch.value(&s)).and(cnd);
-                            let sv = patch.value(&s);
-                            coords[*a] = patch.bind(coords[*a].clone() - sv);
-                        }
-                        cond = Some(match cond {
-                            None => cnd,
-                            Some(x) => x.and(cnd),
-                        });
-                    }
-                    Op::Reshape { shape: to } => {
-                        let l = patch.linearize(&coords, &cur_shape);
-                        coords = patch.delinearize(l, to);
-                    }
-                    Op::Permute { perm } => {
-                        coords = perm.iter().map(|&q| coords[q].clone()).collect();
-                    }
-                    _ => unreachable!("chains hold views only"),
-                }
-                cur_shape = node.shape.clone();
-            }
-            if !begs[*p].is_zero() {
-                let bv = patch.value(&begs[*p]);
-                coords[axis] = patch.bind(coords[axis].clone() + bv);
-            }
-            let di = patch.linearize(&coords, &shape);
-            let st = store(&dst, di, var("tf_pv"));
-            let mut block = std::mem::take(&mut patch.stmts);
-            block.push(match cond {
-                Some(c) => if_(c, vec![st]),
-                None => st,
-            });
-            mapping.push(Stmt::If(Expr::Bool(true), block, vec![]));
-            bytes = bytes.add(&Poly::product(&g.node(n.inputs[*p]).shape).scale(eb));
+        let kernel = &mut self.kernels[ki];
+        let bytes = site.rewrite(
+            &mut kernel.gen,
+            &mut kernel.bindings,
+            &mut kernel.uniforms,
+            &base,
+        );
+        if let Some(v) = kernel.decode.as_deref_mut() {
+            site.rewrite(&mut v.gen, &mut v.bindings, &mut v.uniforms, &decode_base);
         }
-        // Copy jobs: one z-slice each.
-        let threads = patch.kernel.gen.kernel.threads();
-        let mut wraps: Vec<(Expr, Vec<Stmt>)> = vec![];
-        let mut z = batch.add(&Poly::konst(jobs0 as i64));
-        for (j, (p, v)) in copied.iter().enumerate() {
-            let src = format!("psrc{slot}_{j}");
-            patch.kernel.gen.kernel.buffers.push(Buffer {
-                name: src.clone(),
-                elem,
-                access: Access::Read,
-            });
-            patch.kernel.bindings.push(v.buf.clone());
-            patch.stmts.clear();
-            let pshape = g.node(n.inputs[*p]).shape.clone();
-            let total = patch.value(&Poly::product(&pshape));
-            let e = format!("tf_pe{slot}_{j}");
-            let mut coords = patch.delinearize(var(&e), &pshape);
-            let mut si = patch.value(&v.offset);
-            for (a, st) in v.strides.iter().enumerate() {
-                if !st.is_zero() {
-                    si = si + coords[a].clone() * patch.value(st);
-                }
-            }
-            if !begs[*p].is_zero() {
-                coords[axis] = coords[axis].clone() + patch.value(&begs[*p]);
-            }
-            let di = patch.linearize(&coords, &shape);
-            let mut body = std::mem::take(&mut patch.stmts);
-            body.push(store(&dst, di, load(&src, si)));
-            let zb = patch.value(&z);
-            wraps.push((
-                zb,
-                vec![
-                    let_(
-                        "tf_cw",
-                        Elem::U32,
-                        workgroup_id(1) * num_workgroups(0) + workgroup_id(0),
-                    ),
-                    for_step(
-                        &e,
-                        var("tf_cw") * u(threads) + local_id(0),
-                        total,
-                        num_workgroups(0) * num_workgroups(1) * u(threads),
-                        body,
-                    ),
-                ],
-            ));
-            bytes = bytes.add(&Poly::product(&pshape).scale(2 * eb));
-            z = z.add(&Poly::one());
-        }
-        let k = &mut patch.kernel.gen.kernel;
-        let body = std::mem::take(&mut k.body);
-        // Each store of `out` also stores into the concat; a store an earlier placement
-        // already rewrote (index and value in locals) just gains this mapping.
-        let (pv_name, po_name) = (format!("tf_pv{slot}"), format!("tf_po{slot}"));
-        let mut body = expand_stores(body, "out", &mut |i, val| {
-            let (pre, po, pv) = match (&i, &val) {
-                (Expr::Var(a), Expr::Var(b)) => (vec![], a.clone(), b.clone()),
-                _ => (
-                    vec![let_(&pv_name, elem, val), let_(&po_name, Elem::U32, i)],
-                    po_name.clone(),
-                    pv_name.clone(),
-                ),
-            };
-            let fresh = !pre.is_empty();
-            let mut s = pre;
-            s.push(store("out", var(&po), var(&pv)));
-            s.extend(super::rewrite::map_exprs(
-                mapping.clone(),
-                &mut |e| match e {
-                    Expr::Var(ref n) if n == "tf_po" => var(&po),
-                    Expr::Var(ref n) if n == "tf_pv" => var(&pv),
-                    e => e,
-                },
-            ));
-            if fresh {
-                vec![Stmt::If(Expr::Bool(true), s, vec![])]
-            } else {
-                s
-            }
-        });
-        for (zb, job) in wraps {
-            body = vec![Stmt::If(workgroup_id(2).lt(zb), body, job)];
-        }
-        k.body = body;
         let jobs = jobs0 + copied.len();
-        if !copied.is_empty() {
-            let gz = batch.add(&Poly::konst(jobs as i64));
-            patch.kernel.gen.grid[2] = match gz.as_const().and_then(|c| u32::try_from(c).ok()) {
-                Some(c) => GridDim {
-                    factors: vec![Factor::Const(c)],
-                    per_group: 1,
-                },
-                None => {
-                    let e = patch.value(&gz);
-                    let Expr::Uniform(name) = e else {
-                        unreachable!("symbolic")
-                    };
-                    GridDim::of(&name, 1)
-                }
-            };
-        }
-        let kernel = patch.kernel;
         kernel.nodes.push(id);
         kernel.ops.push("concat".into());
         kernel.bytes = kernel.bytes.add(&bytes);
-        kernel.gen.kernel.name = String::new();
-        let h = super::fnv(&format!("{:?}", kernel.gen.kernel));
-        kernel.gen.kernel.name = format!("{base}_{h:08x}");
         self.matmuls.get_mut(&ki).expect("matmul").jobs = jobs;
         self.producer.insert(out.buf.clone(), ki);
         self.vals[id.index()] = Some(Val::View(out));
