@@ -615,7 +615,7 @@ mod tests {
     fn a_device_newer_than_nvrtc_gets_the_newest_ptx_below_it() {
         assert_eq!(
             choose_code(130, 13000, (12, 9), NVRTC_12_9),
-            Ok(Code::Ptx(120))
+            Ok(Code::Ptx(121))
         );
         assert_eq!(
             choose_code(88, 12090, (12, 9), NVRTC_12_9),
