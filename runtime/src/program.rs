@@ -17,9 +17,14 @@
 //! 5. reads the outputs back, except carried ones: those stay on the device and become inputs
 //!    of the next call (the buffer they replace is reused for the next output).
 //!
-//! Grids over the device's per-axis limit are clamped for grid-stride kernels (they read
-//! `num_workgroups`) and refused for the others; tensors over the largest binding and kernels
-//! with more storage buffers than the device allows are refused at load, naming them.
+//! Tensors over the device's largest binding (128 MiB on lavapipe) are bound as several chunk
+//! buffers, the kernels that bind them rewritten to select the chunk
+//! ([`transfuse_codegen::lower::rewrite::split_buffer`]): weights once at load, activations
+//! per call (kernels compiled per chunk count and cached; such activations get their own
+//! buffers outside the slot plan, and cannot be carried). Grids over the device's per-axis
+//! limit are clamped for grid-stride kernels (they read `num_workgroups`) and refused for the
+//! others; kernels with more storage buffers than the device allows (after splitting) are
+//! refused, naming them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,7 +64,12 @@ type Carried<B> = (Held<B>, Vec<usize>, DType);
 enum Place {
     Slot(usize),
     Io,
+    /// Over the device's largest binding: chunk buffers in `Program::big`.
+    Big,
 }
+
+/// A kernel compiled with some activations split: (plan kernel, decode, (buffer, chunks)…).
+type ChunkKey = (usize, bool, Vec<(String, u32)>);
 
 /// A gather whose ids come straight from a graph input: checked on the host before a call.
 struct IdCheck {
@@ -81,6 +91,10 @@ pub struct Program<D: Device> {
     persistent: HashMap<String, Vec<D::Buffer>>,
     persistent_bytes: u64,
     slots: Vec<Held<D::Buffer>>,
+    /// Activations over the largest binding this call, as chunk buffers by plan buffer name.
+    big: HashMap<String, Vec<Held<D::Buffer>>>,
+    /// Kernels compiled for the chunk counts of such activations.
+    chunked: std::sync::Mutex<HashMap<ChunkKey, Compiled<D::Module>>>,
     /// Input and output buffers by plan buffer name.
     io: HashMap<String, Held<D::Buffer>>,
     /// Carried tensors by graph input name: buffer and shape.
@@ -276,6 +290,8 @@ impl<D: Device> Program<D> {
             persistent: HashMap::new(),
             persistent_bytes: 0,
             slots: vec![],
+            big: HashMap::new(),
+            chunked: std::sync::Mutex::default(),
             io: HashMap::new(),
             carried: HashMap::new(),
             last_memory: None,
@@ -371,6 +387,37 @@ impl<D: Device> Program<D> {
         })
     }
 
+    /// Elements per chunk of a split tensor of `elem` (a multiple of 64 that fits a binding).
+    fn chunk_elems(&self, elem: Elem) -> u64 {
+        (self.dev.info().max_binding_bytes / u64::from(elem_bytes(elem))) / 64 * 64
+    }
+
+    /// Chunk buffers for an activation of `n` elements of `elem` (every chunk full-size: the
+    /// kernels clamp indices into a whole chunk).
+    fn ensure_chunks(&mut self, name: &str, n: u64, elem: Elem) -> Result<(), RuntimeError> {
+        let chunk = self.chunk_elems(elem);
+        if chunk == 0 {
+            return self.check_binding(name, n * u64::from(elem_bytes(elem)));
+        }
+        let parts = n.div_ceil(chunk) as usize;
+        let bytes = chunk * u64::from(elem_bytes(elem));
+        let mut held = self.big.remove(name).unwrap_or_default();
+        held.truncate(parts);
+        let mut out = Vec::with_capacity(parts);
+        let mut old = held.into_iter();
+        for c in 0..parts {
+            let h = old.next();
+            out.push(Self::ensure(
+                &self.dev,
+                h,
+                bytes,
+                &format!("{name} (chunk {c})"),
+            )?);
+        }
+        self.big.insert(name.to_string(), out);
+        Ok(())
+    }
+
     /// (elements, chunk) of a split resident buffer.
     fn splits_of(&self, name: &str) -> Option<(u32, u32)> {
         self.splits.get(name).copied()
@@ -403,8 +450,8 @@ impl<D: Device> Program<D> {
             return Err(dev_err(
                 self.backend(),
                 format!(
-                    "{what} takes {bytes} bytes; {} binds at most {max} bytes per buffer \
-                     (weights are split to fit; activations are not: use a smaller batch)",
+                    "{what} takes {bytes} bytes; {} binds at most {max} bytes per buffer and \
+                     this tensor cannot be split",
                     self.dev.info().description
                 ),
             ));
@@ -530,11 +577,52 @@ impl<D: Device> Program<D> {
                 }
             }
         }
+        // Activations over the largest binding this call: the kernel with them split.
+        let mut split: Vec<(String, u32)> = vec![];
+        for (name, _) in &c.binds {
+            if places.get(name.as_str()) == Some(&Place::Big)
+                && !split.iter().any(|(n, _)| n == name)
+            {
+                split.push((name.clone(), self.big[name].len() as u32));
+            }
+        }
+        if split.is_empty() {
+            return self.launch_with(c, places, &uniforms, grid);
+        }
+        let key: ChunkKey = (i, decode, split);
+        let mut cache = self.chunked.lock().unwrap_or_else(|p| p.into_inner());
+        if !cache.contains_key(&key) {
+            let k = &self.plan.kernels[i];
+            let (kernel, bindings) = match &k.decode {
+                Some(v) if decode => (&v.gen.kernel, &v.bindings),
+                _ => (&k.gen.kernel, &k.bindings),
+            };
+            let mut splits = self.splits.clone();
+            for (name, parts) in &key.2 {
+                let elem = self.plan.buffer(name).map_or(Elem::F32, |b| b.elem);
+                let chunk = self.chunk_elems(elem) as u32;
+                splits.insert(name.clone(), (parts * chunk, chunk));
+            }
+            let compiled = Self::compile(&self.dev, kernel, bindings, &splits)?;
+            cache.insert(key.clone(), compiled);
+        }
+        self.launch_with(&cache[&key], places, &uniforms, grid)
+    }
+
+    /// Launches a compiled kernel, resolving its bindings through `places`.
+    fn launch_with(
+        &self,
+        c: &Compiled<D::Module>,
+        places: &HashMap<&str, Place>,
+        uniforms: &[u32],
+        grid: [u32; 3],
+    ) -> Result<(), RuntimeError> {
         let mut bufs = Vec::with_capacity(c.binds.len());
         for (name, chunk) in &c.binds {
             let b = match places.get(name.as_str()) {
                 Some(Place::Slot(s)) => &self.slots[*s].buf,
                 Some(Place::Io) => self.io_buffer(name)?,
+                Some(Place::Big) => &self.big[name][*chunk].buf,
                 _ => self
                     .persistent
                     .get(name)
@@ -543,7 +631,7 @@ impl<D: Device> Program<D> {
             };
             bufs.push(b);
         }
-        self.dev.launch(&c.module, &bufs, &uniforms, grid)
+        self.dev.launch(&c.module, &bufs, uniforms, grid)
     }
 
     fn io_buffer(&self, buffer: &str) -> Result<&D::Buffer, RuntimeError> {
@@ -625,6 +713,7 @@ impl<D: Device> Program<D> {
         let mut places: HashMap<String, Place> = HashMap::new();
         let mut temps: Vec<(String, Interval)> = vec![];
         let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut big: Vec<(String, u64, Elem)> = vec![];
         for (ki, k) in self.plan.kernels.iter().enumerate() {
             if k.phase != Phase::Forward {
                 continue;
@@ -644,10 +733,15 @@ impl<D: Device> Program<D> {
                 }
                 match index.get(name.as_str()) {
                     Some(&t) => temps[t].1.last = ki,
+                    None if places.contains_key(name) => {}
                     None => {
-                        let bytes =
-                            b.len().eval_usize(&dims)? as u64 * u64::from(elem_bytes(b.elem));
-                        self.check_binding(name, bytes)?;
+                        let n = b.len().eval_usize(&dims)? as u64;
+                        let bytes = n * u64::from(elem_bytes(b.elem));
+                        if bytes > self.dev.info().max_binding_bytes {
+                            big.push((name.clone(), n, b.elem));
+                            places.insert(name.clone(), Place::Big);
+                            continue;
+                        }
                         index.insert(name, temps.len());
                         temps.push((
                             name.clone(),
@@ -674,17 +768,35 @@ impl<D: Device> Program<D> {
         for ((name, _), &s) in temps.iter().zip(&mp.slot_of) {
             places.insert(name.clone(), Place::Slot(s));
         }
+        let mut big_bytes = 0;
+        for (name, n, elem) in &big {
+            self.ensure_chunks(name, *n, *elem)?;
+            big_bytes += n * u64::from(elem_bytes(*elem));
+        }
         // Inputs.
         let mut io_bytes = 0u64;
-        for io in &self.plan.inputs {
+        let plan_inputs = self.plan.inputs.clone();
+        for io in &plan_inputs {
             places.insert(io.buffer.clone(), Place::Io);
             let b = self.plan.buffer(&io.buffer).expect("inputs have buffers");
-            let bytes = b.len().eval_usize(&dims)? as u64 * u64::from(elem_bytes(b.elem));
-            self.check_binding(&io.name, bytes)?;
+            let elem = b.elem;
+            let n = b.len().eval_usize(&dims)? as u64;
+            let bytes = n * u64::from(elem_bytes(elem));
             io_bytes += bytes;
             let Some(t) = inputs.get(&io.name) else {
                 continue; // carried
             };
+            if bytes > self.dev.info().max_binding_bytes {
+                places.insert(io.buffer.clone(), Place::Big);
+                self.carried.remove(&io.name);
+                self.ensure_chunks(&io.buffer, n, elem)?;
+                let data = to_bytes(t, elem, &io.name)?;
+                let step = (self.chunk_elems(elem) * u64::from(elem_bytes(elem))) as usize;
+                for (c, part) in data.chunks(step).enumerate() {
+                    self.dev.write(&self.big[&io.buffer][c].buf, part)?;
+                }
+                continue;
+            }
             // Supplied inputs replace carried ones.
             if let Some((h, _, _)) = self.carried.remove(&io.name) {
                 self.io.entry(io.buffer.clone()).or_insert(h);
@@ -694,20 +806,27 @@ impl<D: Device> Program<D> {
             self.dev.write(&h.buf, &data)?;
             self.io.insert(io.buffer.clone(), h);
         }
-        for io in &self.plan.outputs {
+        let plan_outputs = self.plan.outputs.clone();
+        for io in &plan_outputs {
             places.insert(io.buffer.clone(), Place::Io);
             let b = self.plan.buffer(&io.buffer).expect("outputs have buffers");
-            let bytes = b.len().eval_usize(&dims)? as u64 * u64::from(elem_bytes(b.elem));
-            self.check_binding(&io.name, bytes)?;
+            let elem = b.elem;
+            let n = b.len().eval_usize(&dims)? as u64;
+            let bytes = n * u64::from(elem_bytes(elem));
             io_bytes += bytes;
+            if bytes > self.dev.info().max_binding_bytes {
+                places.insert(io.buffer.clone(), Place::Big);
+                self.ensure_chunks(&io.buffer, n, elem)?;
+                continue;
+            }
             let h = Self::ensure(&self.dev, self.io.remove(&io.buffer), bytes, &io.name)?;
             self.io.insert(io.buffer.clone(), h);
         }
         self.last_memory = Some(MemoryReport {
             persistent: self.persistent_bytes,
             io: io_bytes,
-            temps_naive: mp.naive_bytes,
-            temps_planned: mp.planned_bytes,
+            temps_naive: mp.naive_bytes + big_bytes,
+            temps_planned: mp.planned_bytes + big_bytes,
             temps_live_peak: mp.live_peak_bytes,
         });
         Ok((dims, places))
@@ -741,7 +860,18 @@ impl<D: Device + 'static> Loaded for Program<D> {
             let b = self.plan.buffer(&io.buffer).expect("outputs have buffers");
             let shape = transfuse_ir::eval_shape(&io.shape, &dims)?;
             let bytes = b.len().eval_usize(&dims)? as u64 * u64::from(elem_bytes(b.elem));
+            let is_big = places.get(&io.buffer) == Some(&Place::Big);
             if let Some((_, input)) = carry.iter().find(|(o, _)| *o == io.name) {
+                if is_big {
+                    return Err(dev_err(
+                        self.backend(),
+                        format!(
+                            "output `{}` takes {bytes} bytes, over the largest binding: it cannot \
+                             be carried to the next call (a smaller batch or context would fit)",
+                            io.name
+                        ),
+                    ));
+                }
                 let h = self.io.remove(&io.buffer).expect("allocated above");
                 if let Some((old, _, _)) = self.carried.insert(input.clone(), (h, shape, io.dtype))
                 {
@@ -749,7 +879,17 @@ impl<D: Device + 'static> Loaded for Program<D> {
                 }
                 continue;
             }
-            let data = self.dev.read(&self.io[&io.buffer].buf, bytes)?;
+            let data = if is_big {
+                let step = self.chunk_elems(b.elem) * u64::from(elem_bytes(b.elem));
+                let mut data = Vec::with_capacity(bytes as usize);
+                for h in &self.big[&io.buffer] {
+                    let want = step.min(bytes - data.len() as u64);
+                    data.extend(self.dev.read(&h.buf, want)?);
+                }
+                data
+            } else {
+                self.dev.read(&self.io[&io.buffer].buf, bytes)?
+            };
             out.insert(io.name.clone(), from_bytes(&data, b.elem, io.dtype, shape));
         }
         Ok(out)

@@ -255,7 +255,7 @@ fn carried_outputs_feed_the_next_call() {
 }
 
 #[test]
-fn weights_over_the_binding_limit_are_split_and_activations_named() {
+fn tensors_over_the_binding_limit_are_split() {
     // w1 and w2 are 24·48·4 = 4608 bytes, over a 4000-byte binding: each is bound as two
     // chunks (960 + 192 elements) and the results do not change.
     let (g, w) = mlp(24);
@@ -270,11 +270,25 @@ fn weights_over_the_binding_limit_are_split_and_activations_named() {
     let ins = inputs(5, 24);
     let want = CpuBackend::new().run(&g, &w, &ins).unwrap();
     assert_close(&p.run(&ins, &[]).unwrap(), &want);
-    // Activations are not split: too large an input or intermediate is refused, naming it.
-    let msg = p.run(&inputs(200, 24), &[]).unwrap_err().to_string();
+    // Activations over the binding are split per call too, on a device allowing 16 storage
+    // buffers: at 60 rows the input (1440 elements), the hidden layer (2880) and both outputs
+    // are chunked (960 elements a chunk); at 7 rows nothing is; then chunked again.
+    let mut p = Program::new(InterpDevice::new(4000, 16, 65_535), &g, &w, Elem::F32).unwrap();
+    for n in [60, 7, 40, 60] {
+        let ins = inputs(n, 24);
+        let want = CpuBackend::new().run(&g, &w, &ins).unwrap();
+        assert_close(&p.run(&ins, &[]).unwrap(), &want);
+    }
+    // Too many chunks for the kernel's storage buffers: one line naming the kernel.
+    let msg = p.run(&inputs(400, 24), &[]).unwrap_err().to_string();
+    eprintln!("{msg}");
+    assert!(msg.contains("once its large tensors are split"), "{msg}");
+    // A chunked output cannot be carried to the next call.
+    let carry = vec![("y".to_string(), "x".to_string())];
+    let msg = p.run(&inputs(60, 24), &carry).unwrap_err().to_string();
     eprintln!("{msg}");
     assert!(
-        msg.contains("tensor `") && msg.contains("binds at most 1300"),
+        msg.contains("output `y`") && msg.contains("cannot be carried"),
         "{msg}"
     );
     // Splitting that needs more storage buffers than the kernel may bind is refused.
