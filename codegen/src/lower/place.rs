@@ -115,40 +115,6 @@ impl Patch<'_> {
     }
 }
 
-/// Replaces every `Store(buf, i, v)` by `f(i, v)`.
-fn expand_stores(
-    body: Vec<Stmt>,
-    buf: &str,
-    f: &mut dyn FnMut(Expr, Expr) -> Vec<Stmt>,
-) -> Vec<Stmt> {
-    let mut out = vec![];
-    for s in body {
-        match s {
-            Stmt::Store(b, i, v) if b == buf => out.extend(f(i, v)),
-            Stmt::If(c, a, b) => out.push(Stmt::If(
-                c,
-                expand_stores(a, buf, f),
-                expand_stores(b, buf, f),
-            )),
-            Stmt::For {
-                var,
-                start,
-                end,
-                step,
-                body,
-            } => out.push(Stmt::For {
-                var,
-                start,
-                end,
-                step,
-                body: expand_stores(body, buf, f),
-            }),
-            s => out.push(s),
-        }
-    }
-    out
-}
-
 /// One placement, applied to a matmul kernel and to its decode variant alike.
 struct Site<'s> {
     g: &'s transfuse_ir::Graph,
@@ -305,7 +271,7 @@ impl Site<'_> {
         // Each store of `out` also stores into the concat; a store an earlier placement
         // already rewrote (index and value in locals) just gains this mapping.
         let (pv_name, po_name) = (format!("tf_pv{slot}"), format!("tf_po{slot}"));
-        let mut body = expand_stores(body, "out", &mut |i, val| {
+        let mut body = super::rewrite::expand_stores(body, "out", &mut |i, val| {
             let (pre, po, pv) = match (&i, &val) {
                 (Expr::Var(a), Expr::Var(b)) => (vec![], a.clone(), b.clone()),
                 _ => (

@@ -6,6 +6,10 @@
 //!   fresh `let`, so a long remap does not repeat it.
 //! - [`fold_uniform`]: a uniform whose value is a constant becomes a literal (and leaves the
 //!   kernel's uniforms and its grid).
+//! - [`expand_stores`]: every store to a buffer becomes statements (a placed concat's extra
+//!   stores, a split buffer's chunk branches, a rename).
+//! - [`split_buffer`]: one parameter becomes several chunk parameters (tensors over a device's
+//!   largest binding).
 //! - [`rename_buffer`], [`used_buffers`]: parameter bookkeeping.
 
 use std::collections::HashSet;
@@ -205,32 +209,43 @@ pub fn rename_buffer(k: &mut Kernel, old: &str, new: &str) {
         Expr::Load(ref b, ref i) if b == old => Expr::Load(new.to_string(), i.clone()),
         e => e,
     });
-    k.body = rename_stores(body, old, new);
+    k.body = expand_stores(body, old, &mut |i, v| {
+        vec![Stmt::Store(new.to_string(), i, v)]
+    });
 }
 
-fn rename_stores(body: Vec<Stmt>, old: &str, new: &str) -> Vec<Stmt> {
-    body.into_iter()
-        .map(|s| match s {
-            Stmt::Store(b, i, v) if b == old => Stmt::Store(new.to_string(), i, v),
-            Stmt::If(c, a, b) => {
-                Stmt::If(c, rename_stores(a, old, new), rename_stores(b, old, new))
-            }
+/// Replaces every `Store(buf, i, v)` by `f(i, v)`.
+pub fn expand_stores(
+    body: Vec<Stmt>,
+    buf: &str,
+    f: &mut dyn FnMut(Expr, Expr) -> Vec<Stmt>,
+) -> Vec<Stmt> {
+    let mut out = vec![];
+    for s in body {
+        match s {
+            Stmt::Store(b, i, v) if b == buf => out.extend(f(i, v)),
+            Stmt::If(c, a, b) => out.push(Stmt::If(
+                c,
+                expand_stores(a, buf, f),
+                expand_stores(b, buf, f),
+            )),
             Stmt::For {
                 var,
                 start,
                 end,
                 step,
                 body,
-            } => Stmt::For {
+            } => out.push(Stmt::For {
                 var,
                 start,
                 end,
                 step,
-                body: rename_stores(body, old, new),
-            },
-            s => s,
-        })
-        .collect()
+                body: expand_stores(body, buf, f),
+            }),
+            s => out.push(s),
+        }
+    }
+    out
 }
 
 /// Names of the buffers the body loads from or stores to.
@@ -341,63 +356,27 @@ pub fn split_buffer(k: &mut Kernel, param: &str, len: u32, chunk: u32) -> Vec<St
     });
     let mut fresh = 0usize;
     let body = std::mem::take(&mut k.body);
-    k.body = split_stores(body, param, &names, chunk, orig.elem, &mut fresh);
-    names
-}
-
-fn split_stores(
-    body: Vec<Stmt>,
-    param: &str,
-    names: &[String],
-    chunk: u32,
-    elem: Elem,
-    fresh: &mut usize,
-) -> Vec<Stmt> {
-    let mut out = Vec::with_capacity(body.len());
-    for s in body {
-        match s {
-            Stmt::Store(b, i, v) if b == param => {
-                let (iv, vv) = (
-                    format!("sp_{param}_i{fresh}"),
-                    format!("sp_{param}_v{fresh}"),
-                );
-                *fresh += 1;
-                out.push(let_(&iv, Elem::U32, i));
-                out.push(let_(&vv, elem, v));
-                let last = names.len() - 1;
-                let at = |c: usize| var(&iv) - u(c as u32 * chunk);
-                let mut tail = vec![store(&names[last], at(last), var(&vv))];
-                for c in (0..last).rev() {
-                    tail = vec![Stmt::If(
-                        var(&iv).lt(u((c as u32 + 1) * chunk)),
-                        vec![store(&names[c], at(c), var(&vv))],
-                        tail,
-                    )];
-                }
-                out.extend(tail);
-            }
-            Stmt::If(c, a, b) => out.push(Stmt::If(
-                c,
-                split_stores(a, param, names, chunk, elem, fresh),
-                split_stores(b, param, names, chunk, elem, fresh),
-            )),
-            Stmt::For {
-                var,
-                start,
-                end,
-                step,
-                body,
-            } => out.push(Stmt::For {
-                var,
-                start,
-                end,
-                step,
-                body: split_stores(body, param, names, chunk, elem, fresh),
-            }),
-            s => out.push(s),
+    k.body = expand_stores(body, param, &mut |i, v| {
+        let (iv, vv) = (
+            format!("sp_{param}_i{fresh}"),
+            format!("sp_{param}_v{fresh}"),
+        );
+        fresh += 1;
+        let last = names.len() - 1;
+        let at = |c: usize| var(&iv) - u(c as u32 * chunk);
+        let mut tail = vec![store(&names[last], at(last), var(&vv))];
+        for c in (0..last).rev() {
+            tail = vec![Stmt::If(
+                var(&iv).lt(u((c as u32 + 1) * chunk)),
+                vec![store(&names[c], at(c), var(&vv))],
+                tail,
+            )];
         }
-    }
-    out
+        let mut out = vec![let_(&iv, Elem::U32, i), let_(&vv, orig.elem, v)];
+        out.extend(tail);
+        out
+    });
+    names
 }
 
 #[cfg(test)]
