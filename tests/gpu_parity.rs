@@ -14,10 +14,9 @@ use common::{assert_close_masked, fixture, minilm_dir, outputs_of, rows};
 use std::sync::Arc;
 use transfuse::models::{Model, Pooling};
 
-use transfuse::codegen::kir::{Elem, Kernel};
-use transfuse::ir::{Graph, Weights};
+use transfuse::codegen::kir::Kernel;
 use transfuse::runtime::device::{Device, DeviceInfo};
-use transfuse::runtime::{Backend, Loaded, Program, RuntimeError};
+use transfuse::runtime::{Backend, DeviceBackend, RuntimeError};
 use transfuse::{Batch, Sampling, Session};
 
 const TOL: f32 = 1e-3;
@@ -187,22 +186,6 @@ impl<D: Device> Device for Limited<D> {
     }
 }
 
-struct LimitedBackend<D: Device>(Arc<Limited<D>>);
-
-impl<D: Device + 'static> Backend for LimitedBackend<D> {
-    fn name(&self) -> &str {
-        "limited"
-    }
-    fn load(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Loaded>, RuntimeError> {
-        Ok(Box::new(Program::new(
-            self.0.clone(),
-            graph,
-            weights,
-            Elem::F32,
-        )?))
-    }
-}
-
 /// Tiny GPT-2 under a 64 KiB binding limit: the token embedding (1000 × 64 f32 = 256 000 bytes)
 /// is bound as four chunks by the gather and the tied LM head, the batch's logits (128 000
 /// bytes) as two; the logits and greedy tokens do not change.
@@ -219,7 +202,7 @@ fn wgpu_split_tensors_keep_gpt2_exact() {
     // head writes them as two chunks.
     let ids = rows(&refs["input_ids"]);
     let model = Model::load(&fixture("tiny_gpt2/model")).unwrap();
-    let s = Session::new(model, Box::new(LimitedBackend(limited))).unwrap();
+    let s = Session::new(model, Box::new(DeviceBackend::on(limited))).unwrap();
     let out = s.forward(&Batch::new(ids)).unwrap();
     assert_close_masked(&out["logits"], &refs["logits"], None, TOL, "logits (split)");
     let want = rows(&refs["greedy_ids"]).remove(0);

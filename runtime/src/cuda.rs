@@ -50,12 +50,11 @@ use cudarc::nvrtc::Ptx;
 use transfuse_codegen::kernels::Limits;
 use transfuse_codegen::kir::{Elem, Kernel};
 use transfuse_codegen::lower::Target;
-use transfuse_ir::{Graph, Weights};
 
 use crate::device::{Device, DeviceInfo};
 use crate::nvrtc;
-use crate::program::Program;
-use crate::{Backend, Loaded, RuntimeError};
+use crate::program::DeviceBackend;
+use crate::RuntimeError;
 
 const BACKEND: &str = "cuda";
 
@@ -502,16 +501,13 @@ impl Device for CudaDevice {
         uniforms: &[u32],
         grid: [u32; 3],
     ) -> Result<(), RuntimeError> {
-        if bufs.len() != m.buffers || uniforms.len() != m.uniforms {
-            return Err(err(format!(
-                "kernel `{}` takes {} buffers and {} uniforms, got {} and {}",
-                m.name,
-                m.buffers,
-                m.uniforms,
-                bufs.len(),
-                uniforms.len()
-            )));
-        }
+        crate::device::check_launch_args(
+            BACKEND,
+            &m.name,
+            (m.buffers, m.uniforms),
+            bufs.len(),
+            uniforms.len(),
+        )?;
         if grid.contains(&0) {
             return Ok(());
         }
@@ -552,41 +548,15 @@ impl Device for CudaDevice {
     }
 }
 
-/// The CUDA backend: graphs lowered to CUDA C and run by [`Program`] on the shared
+/// The CUDA backend: graphs lowered to CUDA C and run by [`crate::Program`] on the shared
 /// [`CudaDevice`].
-pub struct CudaBackend {
-    dev: Arc<CudaDevice>,
-}
+pub type CudaBackend = DeviceBackend<CudaDevice>;
 
-impl CudaBackend {
+impl DeviceBackend<CudaDevice> {
     /// The backend on the shared device ([`shared`]); an error, never a panic, when the driver
     /// library, NVRTC or a device is missing. Cheap after the first call in a process.
     pub fn new() -> Result<CudaBackend, RuntimeError> {
-        Ok(CudaBackend { dev: shared()? })
-    }
-
-    /// The device.
-    pub fn device(&self) -> &Arc<CudaDevice> {
-        &self.dev
-    }
-}
-
-impl Backend for CudaBackend {
-    fn name(&self) -> &str {
-        BACKEND
-    }
-
-    fn description(&self) -> String {
-        self.dev.info().description.clone()
-    }
-
-    fn load(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Loaded>, RuntimeError> {
-        Ok(Box::new(Program::new(
-            self.dev.clone(),
-            graph,
-            weights,
-            Elem::F32,
-        )?))
+        Ok(DeviceBackend::on(shared()?))
     }
 }
 

@@ -72,3 +72,24 @@ pub trait Device: Send + Sync {
     /// Waits for every launch issued so far.
     fn sync(&self) -> Result<(), RuntimeError>;
 }
+
+/// The argument check of every [`Device::launch`]: `bufs` and `uniforms` as many as kernel
+/// `name` declares (`want`: buffers, uniforms).
+pub fn check_launch_args(
+    backend: &str,
+    name: &str,
+    want: (usize, usize),
+    bufs: usize,
+    uniforms: usize,
+) -> Result<(), RuntimeError> {
+    if (bufs, uniforms) == want {
+        return Ok(());
+    }
+    Err(RuntimeError::Device {
+        backend: backend.to_string(),
+        msg: format!(
+            "kernel `{name}` takes {} buffers and {} uniforms, got {bufs} and {uniforms}",
+            want.0, want.1
+        ),
+    })
+}

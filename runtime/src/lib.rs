@@ -52,8 +52,9 @@ pub mod webgpu;
 pub use cpu::CpuBackend;
 pub use cuda::CudaBackend;
 pub use fold::fold_weights;
-pub use program::{Program, WgpuBackend};
+pub use program::{DeviceBackend, Program};
 pub use select::{backend_by_name, BackendChoice};
+pub use webgpu::WgpuBackend;
 
 /// Named host tensors (graph inputs or outputs).
 pub type TensorMap = HashMap<String, Tensor>;

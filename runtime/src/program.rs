@@ -927,29 +927,28 @@ impl<D: Device + 'static> Loaded for Program<D> {
     }
 }
 
-/// The WebGPU backend: graphs lowered to WGSL and run on the process's shared wgpu device
-/// ([`crate::webgpu::shared`]), f32 storage.
-pub struct WgpuBackend {
-    dev: Arc<crate::webgpu::WgpuDevice>,
+/// A backend running graphs as compiled kernels on a [`Device`]: each `load` is a
+/// [`Program`] with f32 storage. [`crate::WgpuBackend`] and [`crate::CudaBackend`] are this on
+/// their shared devices.
+pub struct DeviceBackend<D: Device> {
+    dev: Arc<D>,
 }
 
-impl WgpuBackend {
-    /// The backend on the shared device; an error when no adapter is found.
-    pub fn new() -> Result<WgpuBackend, RuntimeError> {
-        Ok(WgpuBackend {
-            dev: crate::webgpu::shared()?,
-        })
+impl<D: Device> DeviceBackend<D> {
+    /// The backend on `dev`.
+    pub fn on(dev: Arc<D>) -> DeviceBackend<D> {
+        DeviceBackend { dev }
     }
 
     /// The device.
-    pub fn device(&self) -> &Arc<crate::webgpu::WgpuDevice> {
+    pub fn device(&self) -> &Arc<D> {
         &self.dev
     }
 }
 
-impl Backend for WgpuBackend {
+impl<D: Device + 'static> Backend for DeviceBackend<D> {
     fn name(&self) -> &str {
-        "wgpu"
+        self.dev.info().backend
     }
 
     fn description(&self) -> String {

@@ -25,6 +25,7 @@ use transfuse_codegen::lower::Target;
 use wgpu::util::DeviceExt;
 
 use crate::device::{Device, DeviceInfo};
+use crate::program::DeviceBackend;
 use crate::RuntimeError;
 
 fn err(msg: impl Into<String>) -> RuntimeError {
@@ -350,16 +351,13 @@ impl Device for WgpuDevice {
         uniforms: &[u32],
         grid: [u32; 3],
     ) -> Result<(), RuntimeError> {
-        if bufs.len() != m.buffers || uniforms.len() != m.uniforms {
-            return Err(err(format!(
-                "kernel `{}` takes {} buffers and {} uniforms, got {} and {}",
-                m.name,
-                m.buffers,
-                m.uniforms,
-                bufs.len(),
-                uniforms.len()
-            )));
-        }
+        crate::device::check_launch_args(
+            "wgpu",
+            &m.name,
+            (m.buffers, m.uniforms),
+            bufs.len(),
+            uniforms.len(),
+        )?;
         if grid.contains(&0) {
             return Ok(());
         }
@@ -413,5 +411,16 @@ impl Device for WgpuDevice {
     fn sync(&self) -> Result<(), RuntimeError> {
         self.flush()?;
         self.wait()
+    }
+}
+
+/// The WebGPU backend: graphs lowered to WGSL and run by [`crate::Program`] on the process's
+/// shared wgpu device ([`shared`]).
+pub type WgpuBackend = DeviceBackend<WgpuDevice>;
+
+impl DeviceBackend<WgpuDevice> {
+    /// The backend on the shared device; an error when no adapter is found.
+    pub fn new() -> Result<WgpuBackend, RuntimeError> {
+        Ok(DeviceBackend::on(shared()?))
     }
 }
