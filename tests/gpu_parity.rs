@@ -10,7 +10,9 @@
 
 mod common;
 
-use common::{assert_close_masked, fixture, minilm_dir, outputs_of, rows};
+use common::{
+    assert_close_masked, encoder_batch, fixture, minilm_dir, minilm_sentences, outputs_of, rows,
+};
 use std::sync::Arc;
 use transfuse::models::{Model, Pooling};
 
@@ -65,12 +67,7 @@ fn tiny_gpt2_greedy(backend: Box<dyn Backend>) {
 
 fn tiny_bert(backend: Box<dyn Backend>) {
     let refs = outputs_of("tiny_bert");
-    let mask = rows(&refs["attention_mask"]);
-    let batch = Batch {
-        input_ids: rows(&refs["input_ids"]),
-        attention_mask: Some(mask.clone()),
-        token_type_ids: Some(rows(&refs["token_type_ids"])),
-    };
+    let (batch, mask) = encoder_batch(&refs);
     let s = session(Model::load(&fixture("tiny_bert/model")).unwrap(), backend);
     let out = s.forward(&batch).unwrap();
     let want = &refs["last_hidden_state"];
@@ -88,21 +85,9 @@ fn tiny_bert(backend: Box<dyn Backend>) {
 fn minilm(backend: Box<dyn Backend>) {
     let Some(dir) = minilm_dir() else { return };
     let refs = outputs_of("minilm");
-    let mask = rows(&refs["attention_mask"]);
-    let batch = Batch {
-        input_ids: rows(&refs["input_ids"]),
-        attention_mask: Some(mask.clone()),
-        token_type_ids: Some(rows(&refs["token_type_ids"])),
-    };
-    let inputs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("minilm/inputs.json")).unwrap())
-            .unwrap();
-    let sentences: Vec<&str> = inputs["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap())
-        .collect();
+    let (batch, mask) = encoder_batch(&refs);
+    let sentences = minilm_sentences();
+    let sentences: Vec<&str> = sentences.iter().map(String::as_str).collect();
     let model = Model::load_with(&dir, Some(Pooling::Mean), true).unwrap();
     let s = session(model, backend);
     let out = s.forward(&batch).unwrap();

@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{assert_close_masked, fixture, minilm_dir, outputs_of, rows};
+use common::{
+    assert_close_masked, encoder_batch, fixture, minilm_dir, minilm_sentences, outputs_of, rows,
+};
 use transfuse::models::{Model, Pooling};
 use transfuse::{Batch, Sampling, Session};
 
@@ -67,12 +69,7 @@ fn tiny_gpt2_greedy_decoding_with_kv_cache_is_exact() {
 #[test]
 fn tiny_bert_matches_transformers() {
     let refs = outputs_of("tiny_bert");
-    let mask = rows(&refs["attention_mask"]);
-    let batch = Batch {
-        input_ids: rows(&refs["input_ids"]),
-        attention_mask: Some(mask.clone()),
-        token_type_ids: Some(rows(&refs["token_type_ids"])),
-    };
+    let (batch, mask) = encoder_batch(&refs);
     for optimize in [true, false] {
         let s = session(Model::load(&fixture("tiny_bert/model")).unwrap(), optimize);
         let out = s.forward(&batch).unwrap();
@@ -93,21 +90,9 @@ fn tiny_bert_matches_transformers() {
 fn minilm_matches_transformers_and_sentence_transformers() {
     let Some(dir) = minilm_dir() else { return };
     let refs = outputs_of("minilm");
-    let mask = rows(&refs["attention_mask"]);
-    let batch = Batch {
-        input_ids: rows(&refs["input_ids"]),
-        attention_mask: Some(mask.clone()),
-        token_type_ids: Some(rows(&refs["token_type_ids"])),
-    };
-    let inputs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("minilm/inputs.json")).unwrap())
-            .unwrap();
-    let sentences: Vec<&str> = inputs["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap())
-        .collect();
+    let (batch, mask) = encoder_batch(&refs);
+    let sentences = minilm_sentences();
+    let sentences: Vec<&str> = sentences.iter().map(String::as_str).collect();
     for optimize in [true, false] {
         let model = Model::load_with(&dir, Some(Pooling::Mean), true).unwrap();
         let s = session(model, optimize);

@@ -119,3 +119,28 @@ pub fn cuda_backend() -> Option<transfuse::runtime::CudaBackend> {
         }
     }
 }
+
+/// An encoder fixture's reference batch (`input_ids`, `attention_mask`, `token_type_ids` of its
+/// outputs.safetensors) and its mask as rows.
+pub fn encoder_batch(refs: &HashMap<String, Tensor>) -> (transfuse::Batch, Vec<Vec<i64>>) {
+    let mask = rows(&refs["attention_mask"]);
+    let batch = transfuse::Batch {
+        input_ids: rows(&refs["input_ids"]),
+        attention_mask: Some(mask.clone()),
+        token_type_ids: Some(rows(&refs["token_type_ids"])),
+    };
+    (batch, mask)
+}
+
+/// The sentences of the MiniLM fixture (`minilm/inputs.json`).
+pub fn minilm_sentences() -> Vec<String> {
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("minilm/inputs.json")).unwrap())
+            .unwrap();
+    inputs["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
