@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use transfuse_codegen::kir::{elem_bytes, Access, Builtin, Elem};
+use transfuse_codegen::kir::{elem_bytes, Access, Builtin, Elem, Expr};
 use transfuse_codegen::lower::{self, rewrite, BufferKind, LowerOptions, Phase, Plan};
 use transfuse_ir::{Bindings, DType, Data, Graph, NodeId, Op, Tensor, Weights};
 
@@ -203,7 +203,7 @@ fn const_bytes(v: f64, elem: Elem, n: usize) -> Vec<u8> {
 /// True when the kernel reads `num_workgroups` along `axis` (a grid-stride loop, so a launcher
 /// may clamp that axis).
 fn grid_strided(k: &transfuse_codegen::kir::Kernel, axis: u8) -> bool {
-    format!("{:?}", k.body).contains(&format!("{:?}", Builtin::NumWorkgroups(axis)))
+    k.any_expr(&|e| matches!(e, Expr::Builtin(Builtin::NumWorkgroups(a)) if *a == axis))
 }
 
 /// Gathers whose ids are a graph input (through views and casts).
