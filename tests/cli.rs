@@ -530,3 +530,86 @@ fn run_without_optimizer_matches_reference_too() {
     let want = common::outputs_of("tiny_gpt2");
     common::assert_close_masked(&got["logits"], &want["logits"], None, 1e-4, "logits");
 }
+
+/// Values no limit accepts: negative, NaN, too large for a `Duration` or a `usize`, not a
+/// number, empty.
+const BAD_LIMITS: [&str; 6] = ["-1", "NaN", "1e20", "99999999999999999999999", "abc", ""];
+
+#[test]
+fn bad_limit_flags_are_usage_errors() {
+    let tmp = TempDir::new("bad_limit_flags_are_usage_errors");
+    let model = config_only(&tmp, BERT);
+    for flag in ["--time-limit", "--node-limit", "--iter-limit"] {
+        for bad in BAD_LIMITS.iter().chain(&["0", "inf"]) {
+            let out = transfuse([
+                "compile".as_ref(),
+                "--model".as_ref(),
+                model.as_os_str(),
+                flag.as_ref(),
+                bad.as_ref(),
+            ]);
+            assert_error(&out, &[flag]);
+        }
+    }
+    // Fractions of a second are fine; counts must be whole.
+    let out = transfuse([
+        "compile".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--time-limit".as_ref(),
+        "2.5".as_ref(),
+        "--node-limit".as_ref(),
+        "100000".as_ref(),
+    ]);
+    assert_ok(&out);
+    let out = transfuse([
+        "compile".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--iter-limit".as_ref(),
+        "2.5".as_ref(),
+    ]);
+    assert_error(&out, &["--iter-limit", "2.5"]);
+}
+
+#[test]
+fn bad_limit_environment_is_a_usage_error() {
+    let tmp = TempDir::new("bad_limit_environment_is_a_usage_error");
+    let model = config_only(&tmp, BERT);
+    for var in [
+        "TRANSFUSE_EGRAPH_SECONDS",
+        "TRANSFUSE_EGRAPH_NODES",
+        "TRANSFUSE_EGRAPH_ITERS",
+    ] {
+        for bad in BAD_LIMITS {
+            let out = transfuse_env(
+                ["compile".as_ref(), "--model".as_ref(), model.as_os_str()],
+                &[(var, bad)],
+            );
+            assert_error(&out, &[var]);
+        }
+    }
+    // The sessions of run/generate/embed/bench read the same variables.
+    let out = transfuse_env(
+        [
+            "run".as_ref(),
+            "--model".as_ref(),
+            fixture(GPT2).as_os_str(),
+            "--inputs".as_ref(),
+            fixture("tiny_gpt2/inputs.json").as_os_str(),
+            "--out".as_ref(),
+            tmp.join("out.safetensors").as_os_str(),
+            "--backend".as_ref(),
+            "cpu".as_ref(),
+        ],
+        &[("TRANSFUSE_EGRAPH_SECONDS", "-1")],
+    );
+    assert_error(&out, &["TRANSFUSE_EGRAPH_SECONDS", "-1"]);
+    assert!(!tmp.join("out.safetensors").exists());
+    // A valid value still works.
+    let out = transfuse_env(
+        ["compile".as_ref(), "--model".as_ref(), model.as_os_str()],
+        &[("TRANSFUSE_EGRAPH_SECONDS", "5")],
+    );
+    assert_ok(&out);
+}

@@ -66,6 +66,21 @@ where
         .expect("spawn the transfuse binary")
 }
 
+/// Runs the binary with `args` and the environment variables `envs` set.
+pub fn transfuse_env<I, S>(args: I, envs: &[(&str, &str)]) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_transfuse"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .expect("spawn the transfuse binary")
+}
+
 pub fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
