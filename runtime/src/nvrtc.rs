@@ -268,9 +268,19 @@ pub fn compile_sass(src: &str, name: &str, arch: &str) -> Result<SassInfo, Nvrtc
 /// The CUDA include folder from `TRANSFUSE_CUDA_INCLUDE` (unset or empty: `None`). Sources
 /// that include `cuda_fp16.h` or `cuda_bf16.h` need it: NVRTC has no built-in copies.
 pub fn cuda_include_dir() -> Option<std::path::PathBuf> {
-    std::env::var_os(INCLUDE_ENV)
+    search_cuda_include(&|k| std::env::var_os(k), &[]).ok()
+}
+
+/// The folder holding `cuda_fp16.h`, from the environment variables `var` gives and then the
+/// `system` folders; `Err` lists what was searched.
+pub fn search_cuda_include(
+    var: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+    _system: &[std::path::PathBuf],
+) -> Result<std::path::PathBuf, Vec<String>> {
+    var(INCLUDE_ENV)
         .filter(|d| !d.is_empty())
         .map(Into::into)
+        .ok_or_else(|| vec![format!("{INCLUDE_ENV} (unset)")])
 }
 
 /// The options every compilation gets: the architecture and the CUDA include folder.
@@ -528,6 +538,82 @@ ptxas info    : Compile time = 3.691 ms";
     #[test]
     fn an_empty_report_has_no_kernels() {
         assert_eq!(parse_ptxas_report(""), Ok(vec![]));
+    }
+
+    /// A fresh folder under the system temp dir, removed on drop.
+    struct Tmp(std::path::PathBuf);
+    impl Tmp {
+        fn new(name: &str) -> Tmp {
+            let d =
+                std::env::temp_dir().join(format!("transfuse-nvrtc-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Tmp(d)
+        }
+    }
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn vars<'a>(
+        pairs: &'a [(&'a str, &'a std::path::Path)],
+    ) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.as_os_str().to_owned())
+        }
+    }
+
+    #[test]
+    fn cuda_headers_are_found_under_cuda_home() {
+        let tmp = Tmp::new("cuda-home");
+        let include = tmp.0.join("include");
+        std::fs::create_dir_all(&include).unwrap();
+        std::fs::write(include.join("cuda_fp16.h"), "").unwrap();
+        let v = vars(&[("CUDA_HOME", &tmp.0)]);
+        assert_eq!(search_cuda_include(&v, &[]), Ok(include.clone()));
+        // CUDA_PATH comes first, but only when it has the header.
+        let empty = tmp.0.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        let v = vars(&[("CUDA_PATH", &empty), ("CUDA_HOME", &tmp.0)]);
+        assert_eq!(search_cuda_include(&v, &[]), Ok(include.clone()));
+        // So does a system folder (e.g. /usr/local/cuda/include) when no variable is set.
+        assert_eq!(
+            search_cuda_include(&vars(&[]), &[empty.clone(), include.clone()]),
+            Ok(include)
+        );
+    }
+
+    #[test]
+    fn cuda_headers_in_the_fetched_wheel_are_found() {
+        let tmp = Tmp::new("wheel");
+        let include = tmp.0.join("nvrtc/nvidia/cuda_runtime/include");
+        std::fs::create_dir_all(&include).unwrap();
+        std::fs::write(include.join("cuda_fp16.h"), "").unwrap();
+        let v = vars(&[("TRANSFUSE_CACHE", &tmp.0)]);
+        assert_eq!(search_cuda_include(&v, &[]), Ok(include));
+    }
+
+    #[test]
+    fn missing_cuda_headers_list_what_was_searched() {
+        let tmp = Tmp::new("missing");
+        let (a, b) = (tmp.0.join("a"), tmp.0.join("b"));
+        let v = vars(&[(INCLUDE_ENV, &a), ("CUDA_HOME", &b)]);
+        let sys = tmp.0.join("sys");
+        let searched = search_cuda_include(&v, std::slice::from_ref(&sys)).unwrap_err();
+        let all = searched.join("; ");
+        for want in [
+            a.display().to_string(),
+            b.join("include").display().to_string(),
+            "CUDA_PATH".to_string(),
+            sys.display().to_string(),
+        ] {
+            assert!(all.contains(&want), "{all:?} does not name {want}");
+        }
     }
 
     #[test]
