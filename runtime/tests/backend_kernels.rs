@@ -41,8 +41,7 @@
 //! tolerance is meaningful for sums.
 //!
 //! Also here: `launch_order_across_threads` (the device is shared by the process, and these
-//! tests run in parallel on it), and one ignored case that does not work yet, documented where
-//! it is defined: `softmax_graph_mask_f16` (NaN rows).
+//! tests run in parallel on it).
 //!
 //! Device access: a test skips with a `skipped: ...` message when the backend has no device,
 //! and fails when `TRANSFUSE_REQUIRE` (comma-separated) names it (`wgpu`, `cuda`). On lavapipe
@@ -764,8 +763,8 @@ fn softmax<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
 /// Softmax under HF's extended mask computed in the graph, `(1 - attention_mask)·finfo.min`
 /// as `[b, 1, n]`: item 0 has its last n/4 keys padded, item 1 is all padding (fully masked
 /// rows: uniform on the CPU). With f16 storage the mask is an f16 temporary, where
-/// `finfo(f32).min` saturates to `-inf`, and the softmax kernel (like the CPU on a `-inf` row)
-/// gives NaN for those rows: the f16 instantiation is ignored until that changes.
+/// `finfo(f32).min` saturates to `-inf`: the kernel must still give the CPU's uniform rows, not
+/// NaN.
 fn softmax_graph_mask<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
     let mut worst = Worst::new("softmax, mask computed in the graph", &**dev, elem);
     for &n in &SIZES {
@@ -1398,7 +1397,6 @@ per_backend! {
     gather_concat => gather_concat(F32),
     launch_order_across_threads => launch_order_across_threads(F32),
     softmax_f16 => softmax(F16),
-    #[ignore = "f32::MIN saturates to -inf in an f16 mask: fully masked rows are NaN (see the case)"]
     softmax_graph_mask_f16 => softmax_graph_mask(F16),
     layer_rms_norm_f16 => layer_rms_norm(F16),
     matmul_f16 => matmul(F16),
