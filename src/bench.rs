@@ -193,3 +193,237 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
     }
     Ok(())
 }
+
+/// `transfuse bench attention` as given on the command line.
+pub struct AttentionArgs {
+    pub backend: String,
+    pub seq: String,
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: Option<usize>,
+    pub head_dim: usize,
+    pub mask: String,
+    pub lengths: Option<String>,
+    pub window: Option<usize>,
+    pub decode: bool,
+    pub past: String,
+    pub dtype: String,
+    pub iters: usize,
+    pub warmup: usize,
+    pub variants: Vec<String>,
+    pub json: bool,
+    pub csv: bool,
+    pub plot: Option<std::path::PathBuf>,
+}
+
+/// A comma-separated list of counts; an empty list or a bad item is an error naming `flag`.
+fn parse_list(flag: &str, text: &str) -> Result<Vec<usize>, Error> {
+    let items: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    if items.is_empty() {
+        return Err(Error::Usage(format!("{flag} needs at least one value")));
+    }
+    items
+        .iter()
+        .map(|t| {
+            t.parse::<usize>()
+                .map_err(|_| Error::Usage(format!("{flag}: `{t}` is not a non-negative integer")))
+        })
+        .collect()
+}
+
+/// Checks the arguments (every error names its flag), then runs each point × variant and
+/// prints a table, JSON lines or CSV as it goes.
+pub fn bench_attention(a: &AttentionArgs) -> Result<(), Error> {
+    use transfuse::attention_bench::{self as ab, AttnConfig, MaskKind, Point, Variant};
+    let usage = |m: String| Error::Usage(m);
+    let mask = MaskKind::from_name(&a.mask).ok_or_else(|| {
+        usage(format!(
+            "--mask `{}` is unknown (expected causal, padding, window or none)",
+            a.mask
+        ))
+    })?;
+    let dtype = ab::elem_from_name(&a.dtype).ok_or_else(|| {
+        usage(format!(
+            "--dtype `{}` is unknown (expected f32, f16 or bf16)",
+            a.dtype
+        ))
+    })?;
+    let lengths = match &a.lengths {
+        Some(l) => parse_list("--lengths", l)?,
+        None => vec![],
+    };
+    if let Some(p) = &a.plot {
+        if !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")) {
+            return Err(usage(format!(
+                "--plot {}: only .svg is supported (it needs no system fonts)",
+                p.display()
+            )));
+        }
+    }
+    if a.window.is_some() && mask != MaskKind::Window {
+        return Err(usage("--window needs --mask window".into()));
+    }
+    if !lengths.is_empty() && mask != MaskKind::Padding {
+        return Err(usage("--lengths needs --mask padding".into()));
+    }
+    if mask == MaskKind::Window && a.window.is_none() {
+        return Err(usage("--mask window needs --window W".into()));
+    }
+    if a.iters == 0 {
+        return Err(usage("--iters must be at least 1".into()));
+    }
+    let mut variants = vec![];
+    for v in &a.variants {
+        let v = Variant::from_name(v).ok_or_else(|| {
+            usage(format!(
+                "--variants `{v}` is unknown (expected fused, unfused or primitive)"
+            ))
+        })?;
+        if !variants.contains(&v) {
+            variants.push(v);
+        }
+    }
+    if variants.is_empty() {
+        return Err(usage(
+            "--variants needs at least one of fused, unfused, primitive".into(),
+        ));
+    }
+    let cfg = AttnConfig {
+        batch: a.batch,
+        heads: a.heads,
+        kv_heads: a.kv_heads.unwrap_or(a.heads),
+        head_dim: a.head_dim,
+        mask,
+        window: a.window.unwrap_or(0),
+        lengths,
+        dtype,
+    };
+    let points: Vec<Point> = if a.decode {
+        parse_list("--past", &a.past)?
+            .into_iter()
+            .map(Point::Decode)
+            .collect()
+    } else {
+        parse_list("--seq", &a.seq)?
+            .into_iter()
+            .map(Point::Prefill)
+            .collect()
+    };
+    cfg.validate(&points)?;
+    let choice = match a.backend.as_str() {
+        "cpu" | "wgpu" | "cuda" | "auto" => transfuse::runtime::backend_by_name(&a.backend)?,
+        other => {
+            return Err(usage(format!(
+                "--backend `{other}` is unknown (expected cpu, wgpu, cuda or auto)"
+            )))
+        }
+    };
+    let backend = choice.backend;
+    if !backend.storage_types().contains(&dtype) {
+        let can: Vec<&str> = backend
+            .storage_types()
+            .into_iter()
+            .map(ab::elem_name)
+            .collect();
+        return Err(usage(format!(
+            "--dtype {}: the {} backend ({}) runs {} only",
+            a.dtype,
+            backend.name(),
+            backend.description(),
+            can.join(", ")
+        )));
+    }
+    let system = format!("transfuse-{}", backend.name());
+    let description = backend.description();
+    let peak = ab::peak_tflops(&description, dtype);
+    if a.csv {
+        println!("{}", ab::CSV_HEADER);
+    } else if !a.json {
+        println!(
+            "bench attention on {} ({description}; {}); {} mask, batch {}, heads {}/{} kv, head dim {}, {}",
+            backend.name(),
+            choice.reason,
+            mask.name(),
+            cfg.batch,
+            cfg.heads,
+            cfg.kv_heads,
+            cfg.head_dim,
+            ab::elem_name(dtype)
+        );
+        println!(
+            "each case checked against an f64 reference (tolerance {:.0e}); {} timed runs after {} warm-up; \
+             vs unf. = unfused median / this median",
+            ab::tolerance(dtype),
+            a.iters,
+            a.warmup
+        );
+        println!("{}", ab::table_header());
+    }
+    let mut results: Vec<ab::CaseResult> = vec![];
+    let mut clock = None;
+    for &p in &points {
+        let case = cfg.case_name(p);
+        let first = results.len();
+        // Unfused first, so the fused line can show its speedup as it is printed.
+        let mut order = variants.clone();
+        order.sort_by_key(|v| *v != Variant::Unfused);
+        for &v in &order {
+            let outcome = ab::run_case(backend.as_ref(), &cfg, p, v, a.warmup, a.iters)?;
+            if let ab::Outcome::Timed(t) = &outcome {
+                clock = Some(t.clock);
+            }
+            results.push(ab::CaseResult {
+                system: system.clone(),
+                variant: v,
+                case: case.clone(),
+                point: p,
+                outcome,
+            });
+        }
+        // Print in the order asked for.
+        let mut these: Vec<&ab::CaseResult> = results[first..].iter().collect();
+        these.sort_by_key(|r| variants.iter().position(|v| *v == r.variant));
+        let speed = ab::speedups(&results);
+        for r in these {
+            let i = results
+                .iter()
+                .position(|o| std::ptr::eq(o, r))
+                .expect("in results");
+            if a.json {
+                println!("{}", r.json(speed[i], peak));
+            } else if a.csv {
+                println!("{}", ab::csv_line(r, speed[i], peak));
+            } else {
+                println!("{}", ab::table_line(r, speed[i], peak));
+            }
+        }
+    }
+    if !a.json && !a.csv {
+        match clock {
+            Some("host-sync") => println!(
+                "clock: host wall time from the first launch to a device sync, inputs resident on the device"
+            ),
+            Some(c) => println!("clock: {c} wall time around whole runs"),
+            None => {}
+        }
+    }
+    if let Some(path) = &a.plot {
+        let title = format!(
+            "{} attention, {} mask, b{} h{} d{} {} — {}",
+            if a.decode { "decode" } else { "prefill" },
+            mask.name(),
+            cfg.batch,
+            cfg.heads,
+            cfg.head_dim,
+            ab::elem_name(dtype),
+            description
+        );
+        ab::plot(path, &title, &results)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -20,6 +20,8 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod attention_bench;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -37,6 +37,7 @@
 
 use std::collections::HashMap;
 
+use transfuse_codegen::kir::Elem;
 use transfuse_ir::{Bindings, DType, Graph, IrError, Tensor, Weights};
 
 pub mod cpu;
@@ -156,6 +157,30 @@ pub trait Backend {
     /// Prepares `graph` to run: compiles its kernels and uploads `weights` once.
     fn load(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Loaded>, RuntimeError>;
 
+    /// The float storage types this backend can run (`F32` at least).
+    fn storage_types(&self) -> Vec<Elem> {
+        vec![Elem::F32]
+    }
+
+    /// Loads `graph` with its float tensors stored as `storage` on the device (inputs and
+    /// outputs stay f32 on the host and are converted at the transfer). `F32` is [`Backend::load`];
+    /// any other type the backend does not list in [`Backend::storage_types`] is an error
+    /// naming the backend.
+    fn load_as(
+        &self,
+        graph: &Graph,
+        weights: &Weights,
+        storage: Elem,
+    ) -> Result<Box<dyn Loaded>, RuntimeError> {
+        if storage == Elem::F32 {
+            return self.load(graph, weights);
+        }
+        Err(RuntimeError::Device {
+            backend: self.name().to_string(),
+            msg: format!("{storage:?} storage is not supported (it runs f32 only)"),
+        })
+    }
+
     /// Runs `graph` with `weights` on `inputs` once, returning its named outputs.
     fn run(
         &self,
@@ -196,10 +221,37 @@ pub trait Loaded: Send {
     /// [`Loaded::run`]); the outputs are discarded.
     fn profile(&mut self, inputs: &TensorMap) -> Result<Vec<KernelTime>, RuntimeError>;
 
+    /// Times `iters` forward runs on `inputs` and says by which clock. The default times
+    /// whole [`Loaded::run`] calls on the host (`"host"`); device backends upload the inputs
+    /// once and time the launches of one forward up to a device sync, inputs resident
+    /// (`"host-sync"`), so transfers are not counted.
+    fn time_forward(&mut self, inputs: &TensorMap, iters: usize) -> Result<Timing, RuntimeError> {
+        let mut seconds = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t0 = std::time::Instant::now();
+            self.run(inputs, &[])?;
+            seconds.push(t0.elapsed().as_secs_f64());
+        }
+        Ok(Timing {
+            seconds,
+            clock: "host",
+        })
+    }
+
     /// The memory plan of the last run (`None` on the CPU backend).
     fn memory(&self) -> Option<MemoryReport> {
         None
     }
+}
+
+/// Forward times from [`Loaded::time_forward`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timing {
+    /// Seconds per run, in order.
+    pub seconds: Vec<f64>,
+    /// The clock: `"host"` (host wall time around whole runs, transfers included) or
+    /// `"host-sync"` (host wall time from the first launch to a device sync, inputs resident).
+    pub clock: &'static str,
 }
 
 /// Device memory of the last run of a [`Loaded`] graph, in bytes.

@@ -36,7 +36,9 @@ use transfuse_ir::{Bindings, DType, Data, Graph, NodeId, Op, Tensor, Weights};
 
 use crate::device::{Device, DeviceInfo};
 use crate::memory::{self, Interval};
-use crate::{bind_shapes, Backend, KernelTime, Loaded, MemoryReport, RuntimeError, TensorMap};
+use crate::{
+    bind_shapes, Backend, KernelTime, Loaded, MemoryReport, RuntimeError, TensorMap, Timing,
+};
 
 /// A device buffer and its capacity in bytes.
 struct Held<B> {
@@ -922,6 +924,25 @@ impl<D: Device + 'static> Loaded for Program<D> {
         Ok(times)
     }
 
+    fn time_forward(&mut self, inputs: &TensorMap, iters: usize) -> Result<Timing, RuntimeError> {
+        let (dims, places) = self.prepare_call(inputs)?;
+        self.dev.sync()?;
+        let places = Self::places_ref(&places);
+        let mut seconds = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t0 = Instant::now();
+            for i in self.forward_kernels() {
+                self.launch(i, &dims, &places)?;
+            }
+            self.dev.sync()?;
+            seconds.push(t0.elapsed().as_secs_f64());
+        }
+        Ok(Timing {
+            seconds,
+            clock: "host-sync",
+        })
+    }
+
     fn memory(&self) -> Option<MemoryReport> {
         self.last_memory
     }
@@ -956,11 +977,29 @@ impl<D: Device + 'static> Backend for DeviceBackend<D> {
     }
 
     fn load(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Loaded>, RuntimeError> {
+        self.load_as(graph, weights, Elem::F32)
+    }
+
+    fn storage_types(&self) -> Vec<Elem> {
+        let floats = [Elem::F32, Elem::F16, Elem::BF16];
+        let info = self.dev.info();
+        floats
+            .into_iter()
+            .filter(|e| info.elems.contains(e))
+            .collect()
+    }
+
+    fn load_as(
+        &self,
+        graph: &Graph,
+        weights: &Weights,
+        storage: Elem,
+    ) -> Result<Box<dyn Loaded>, RuntimeError> {
         Ok(Box::new(Program::new(
             self.dev.clone(),
             graph,
             weights,
-            Elem::F32,
+            storage,
         )?))
     }
 }
