@@ -150,7 +150,7 @@ impl AttnConfig {
         if self.heads == 0 {
             return usage("--heads must be at least 1".into());
         }
-        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return usage(format!(
                 "--kv-heads {} must divide --heads {}",
                 self.kv_heads, self.heads
@@ -538,7 +538,7 @@ pub fn max_abs_diff(cfg: &AttnConfig, p: Point, inp: &TensorMap, out: &Tensor) -
         check(r);
         r += step;
     }
-    if (rows - 1) % step != 0 {
+    if !(rows - 1).is_multiple_of(step) {
         check(rows - 1);
     }
     worst

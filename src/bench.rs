@@ -1,9 +1,13 @@
 //! `transfuse bench model`: times a model's forward pass (and, for decoders, KV-cache decoding)
 //! on a backend, with a per-kernel breakdown and the memory planner's numbers.
 //!
-//! Timings are host wall-clock: the median of `--iters` runs after `--warmup` runs. The
+//! Timings are host wall-clock: the median of `--iters` end-to-end forwards (inputs uploaded,
+//! outputs read back) after `--warmup` runs, and the median of `--iters` forwards with the
+//! inputs resident (first launch to device sync, [`transfuse::Session::time_forward`]). The
 //! per-kernel table comes from one extra run in which every launch is synchronised (so its
-//! total exceeds the forward time by the launch-and-wait overhead). Inputs are deterministic
+//! total exceeds the resident forward by the launch-and-wait overhead). Decoding reports the
+//! prefill (time to first token) apart from the one-token steps, whose median and rate
+//! exclude it. Inputs are deterministic
 //! pseudo-random ids below the vocabulary size.
 
 use std::time::Instant;
@@ -46,6 +50,19 @@ fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
 
+/// Decoding figures: the prefill step (time to first token) apart from the one-token steps.
+struct Decode {
+    prompt: usize,
+    ttft: f64,
+    per_token: Vec<f64>,
+}
+
+impl Decode {
+    fn total(&self) -> f64 {
+        self.per_token.iter().sum::<f64>().max(1e-12)
+    }
+}
+
 /// Runs the bench and prints its report (a table, or one JSON object with `--json`).
 pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error> {
     if a.batch == 0 || a.seq == 0 || a.iters == 0 {
@@ -74,6 +91,8 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
         times.push(t0.elapsed().as_secs_f64());
     }
     let fwd = median(times.clone());
+    let resident = s.time_forward(&batch, a.iters)?;
+    let kernels_fwd = median(resident.seconds.clone());
     let tokens = (a.batch * a.seq) as f64;
     let profile = s.profile(&batch)?;
     let mut by_kernel: Vec<(String, String, usize, f64)> = vec![];
@@ -94,10 +113,13 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
         (ModelConfig::Gpt2(c), n) if n > 0 => {
             let prompt_len = a.seq.min(c.n_positions.saturating_sub(n)).max(1);
             let prompt = ids(1, prompt_len, vocab).remove(0);
-            s.generate(&prompt, 1, Sampling::Greedy)?; // warm-up
-            let t0 = Instant::now();
-            s.generate(&prompt, n, Sampling::Greedy)?;
-            Some((prompt_len, n, t0.elapsed().as_secs_f64()))
+            s.generate(&prompt, 2, Sampling::Greedy)?; // warm-up (prefill and one step)
+            let (_, steps) = s.generate_timed(&prompt, n + 1, Sampling::Greedy)?;
+            Some(Decode {
+                prompt: prompt_len,
+                ttft: steps[0],
+                per_token: steps[1..].to_vec(),
+            })
         }
         _ => None,
     };
@@ -117,6 +139,8 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
             "forward_ms_median": fwd * 1e3,
             "forward_ms_all": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
             "tokens_per_s": tokens / fwd,
+            "forward_resident_ms_median": kernels_fwd * 1e3,
+            "clock": resident.clock,
             "kernels": kernels,
             "profiled_total_ms": profiled * 1e3,
             "memory": memory.map(|m| serde_json::json!({
@@ -126,8 +150,13 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
                 "temps_planned_bytes": m.temps_planned,
                 "temps_live_peak_bytes": m.temps_live_peak,
             })),
-            "decode": decode.map(|(p, n, secs)| serde_json::json!({
-                "prompt": p, "tokens": n, "ms": secs * 1e3, "tokens_per_s": n as f64 / secs,
+            "decode": decode.as_ref().map(|d| serde_json::json!({
+                "prompt": d.prompt,
+                "tokens": d.per_token.len(),
+                "time_to_first_token_ms": d.ttft * 1e3,
+                "per_token_ms_median": median(d.per_token.clone()) * 1e3,
+                "decode_ms": d.total() * 1e3,
+                "tokens_per_s": d.per_token.len() as f64 / d.total(),
             })),
         });
         println!("{j}");
@@ -150,6 +179,16 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
         times.iter().copied().fold(f64::INFINITY, f64::min) * 1e3,
         times.iter().copied().fold(0.0, f64::max) * 1e3,
         tokens / fwd
+    );
+    println!(
+        "forward with inputs resident: median {:.2} ms (clock {}: {})",
+        kernels_fwd * 1e3,
+        resident.clock,
+        if resident.clock == "host-sync" {
+            "host time from the first launch to a device sync; the per-kernel table uses it too"
+        } else {
+            "host time around whole runs"
+        }
     );
     println!("per kernel (one run, every launch synchronised):");
     println!(
@@ -184,11 +223,16 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
             mb(m.temps_live_peak)
         );
     }
-    if let Some((p, n, secs)) = decode {
+    if let Some(d) = decode {
+        let n = d.per_token.len();
         println!(
-            "decode: prompt {p} tokens, then {n} tokens in {:.1} ms ({:.1} tokens/s, KV cache carried between steps)",
-            secs * 1e3,
-            n as f64 / secs
+            "decode: prompt {} tokens: first token after {:.2} ms (prefill); then {n} tokens in {:.1} ms, \
+             median {:.3} ms per token ({:.1} tokens/s, prefill excluded; KV cache carried between steps)",
+            d.prompt,
+            d.ttft * 1e3,
+            d.total() * 1e3,
+            median(d.per_token.clone()) * 1e3,
+            n as f64 / d.total()
         );
     }
     Ok(())

@@ -371,6 +371,14 @@ impl Session {
         Ok(self.lock().profile(&inputs)?)
     }
 
+    /// Times `iters` forward runs of `batch` as [`Loaded::time_forward`] does: on device
+    /// backends inputs uploaded once and each run timed from its first launch to a device sync
+    /// (`clock` `"host-sync"`, the clock of [`Session::profile`]); on the CPU whole runs.
+    pub fn time_forward(&self, batch: &Batch, iters: usize) -> Result<runtime::Timing, Error> {
+        let inputs = self.batch_inputs(batch)?;
+        Ok(self.lock().time_forward(&inputs, iters)?)
+    }
+
     /// Decodes `max_new` tokens after `prompt` (a decoder model), reusing the KV cache: one
     /// prefill over the prompt, then one single-token step per new token. Returns prompt + new ids.
     pub fn generate(
@@ -379,6 +387,18 @@ impl Session {
         max_new: usize,
         sampling: Sampling,
     ) -> Result<Vec<i64>, Error> {
+        Ok(self.generate_timed(prompt, max_new, sampling)?.0)
+    }
+
+    /// [`Session::generate`], also returning the host wall time of each step in seconds:
+    /// the first is the prefill (time to first token), the others one token each. Each step
+    /// includes reading its logits back, as decoding must.
+    pub fn generate_timed(
+        &self,
+        prompt: &[i64],
+        max_new: usize,
+        sampling: Sampling,
+    ) -> Result<(Vec<i64>, Vec<f64>), Error> {
         let ModelConfig::Gpt2(cfg) = &self.model.config else {
             return Err(Error::Usage(format!(
                 "generate needs a decoder model; {} is a `{}` encoder",
@@ -418,7 +438,9 @@ impl Session {
         let mut program = self.lock();
         program.clear_carry();
         let mut step: Vec<i64> = prompt.to_vec();
+        let mut times = Vec::with_capacity(max_new);
         for _ in 0..max_new {
+            let t0 = std::time::Instant::now();
             inputs.insert(
                 "input_ids".into(),
                 Tensor::i64(vec![1, step.len()], step.clone()),
@@ -437,9 +459,10 @@ impl Session {
             let next = pick(last, sampling, &mut rng);
             ids.push(next);
             step = vec![next];
+            times.push(t0.elapsed().as_secs_f64());
         }
         program.clear_carry();
-        Ok(ids)
+        Ok((ids, times))
     }
 
     /// Sentence embeddings of `texts` (a BERT model loaded with a pooling head), `[n, hidden]`.
