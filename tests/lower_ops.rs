@@ -472,3 +472,54 @@ fn launch_args_follow_the_bound_dims() {
     assert!(plan.launch_args(0, &bind(1, usize::MAX / 4)).is_err());
     assert!(plan.launch_args(0, &Default::default()).is_err());
 }
+
+#[test]
+fn two_outputs_on_one_node_and_outputs_that_are_views_of_outputs() {
+    // Two names for one elementwise kernel's result, and for one matmul's.
+    let mut b = Builder::new();
+    let x = b
+        .input("x", vec![sym("n"), 3.into(), 4.into()], DType::F32)
+        .unwrap();
+    let y = b.unary(UnaryOp::Tanh, x).unwrap();
+    b.output("y", y);
+    b.output("y_again", y);
+    let w = b.weight("w", shape([4usize, 5])).unwrap();
+    let m = b.matmul(y, w).unwrap();
+    b.output("m", m);
+    b.output("m_again", m);
+    let g = b.finish();
+    let i = inputs(&[("x", f32t(&[2, 3, 4], 31))]);
+    let wts = weights(&[("w", f32t(&[4, 5], 32))]);
+    let plan = check(&g, &i, &wts, "two outputs on one node");
+    assert_eq!(plan.outputs.len(), 4);
+
+    // Outputs that are views (reshape, permute, slice) of another output, before and after it.
+    let mut b = Builder::new();
+    let x = b
+        .input("x", vec![sym("n"), 3.into(), 4.into()], DType::F32)
+        .unwrap();
+    let y = b.unary(UnaryOp::Exp, x).unwrap();
+    let r = b.reshape(y, vec![sym("n"), 12.into()]).unwrap();
+    b.output("r", r); // the plain view first: it takes the kernel's buffer
+    b.output("y", y);
+    let p = b.permute(y, &[0, 2, 1]).unwrap();
+    b.output("p", p);
+    let s = b
+        .op(
+            Op::Slice {
+                axis: 2,
+                start: 1.into(),
+                end: 3.into(),
+            },
+            &[y],
+        )
+        .unwrap();
+    b.output("s", s);
+    let g = b.finish();
+    let i = inputs(&[("x", f32t(&[3, 3, 4], 33))]);
+    let plan = check(&g, &i, &Weights::new(), "outputs that are views of outputs");
+    let mut names: Vec<&str> = plan.outputs.iter().map(|o| o.buffer.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), 4, "each output has its own buffer");
+}
