@@ -60,14 +60,14 @@ fn cases() -> Vec<(AttnConfig, Point)> {
     v
 }
 
-/// Runs every case in every variant; fused GQA/MQA and window cases may be `Unsupported`
-/// (until the attention op has key/value heads and a window rule), everything else must be
+/// Runs every case in every variant; fused GQA/MQA cases may be `Unsupported` (until the
+/// attention op has key/value heads), everything else — the sliding window included — must be
 /// timed within tolerance. Returns how many were checked.
 fn check_all(backend: &dyn Backend, dtype: Elem) -> usize {
     let mut checked = 0;
     for (mut c, p) in cases() {
         c.dtype = dtype;
-        let pending = c.kv_heads != c.heads || c.mask == MaskKind::Window;
+        let pending = c.kv_heads != c.heads;
         for v in [Variant::Fused, Variant::Unfused, Variant::Primitive] {
             let what = format!("{} {} on {}", c.case_name(p), v.name(), backend.name());
             match run_case(backend, &c, p, v, 0, 1).unwrap() {

@@ -336,10 +336,15 @@ impl C {
     }
     /// The causal condition `kpos <= qpos` from iotas, as GPT-2 builds it ([sq, sk]).
     fn causal_cond(&self, past: Dim, seq: Dim) -> NodeId {
+        let (qpos, kpos) = self.positions(past, seq);
+        self.with(|b| b.compare(CmpOp::Le, kpos, qpos))
+    }
+    /// Query positions as a column `[sq, 1]` and key positions `[sk]`, from iotas.
+    fn positions(&self, past: Dim, seq: Dim) -> (NodeId, NodeId) {
         let qpos = self.with(|b| b.iota(past.clone(), seq.clone()));
         let qpos = self.reshape(qpos, vec![seq.clone(), 1.into()]);
         let kpos = self.with(|b| b.iota(0.into(), past.plus(&seq)));
-        self.with(|b| b.compare(CmpOp::Le, kpos, qpos))
+        (qpos, kpos)
     }
 }
 
@@ -686,6 +691,8 @@ case!(attention_where_finfo_min, |c| c.pv(c.select(c.keep_full(), c.mulc(c.qk(),
 case!(attention_where_not_fill_first, |c| c.pv(c.select(c.not(c.keep_full()), c.f(-1e30), c.mulc(c.qk(), S))) => ["attention{}"], gone ATT);
 case!(attention_causal_iota, |c| { let m = c.select(c.causal_cond(0.into(), SEQ.into()), c.f(0.0), c.f(MIN)); c.attention(c.q(), c.k(), c.v(), Some(m)) } => ["attention{causal}"], gone CAUSAL);
 case!(attention_causal_gpt2_padding, |c| { let m = c.select(c.causal_cond(0.into(), SEQ.into()), c.hf_mask(), c.f(MIN)); c.attention(c.q(), c.k(), c.v(), Some(m)) } => ["attention{causal}"], gone CAUSAL);
+case!(attention_sliding_window, |c| { let (qpos, kpos) = c.positions(0.into(), SEQ.into()); let causal = c.with(|b| b.compare(CmpOp::Le, kpos, qpos)); let w = c.with(|b| b.scalar_i64(7)); let kw = c.add(kpos, w); let inside = c.with(|b| b.compare(CmpOp::Gt, kw, qpos)); let win = c.select(inside, c.f(0.0), c.f(MIN)); let m = c.select(causal, win, c.f(MIN)); c.attention(c.q(), c.k(), c.v(), Some(m)) } => ["attention{causal window=7}"], gone CAUSAL);
+case!(attention_sliding_window_padding, |c| { let (qpos, kpos) = c.positions(0.into(), SEQ.into()); let causal = c.with(|b| b.compare(CmpOp::Le, kpos, qpos)); let w = c.with(|b| b.scalar_i64(5)); let kw = c.add(kpos, w); let inside = c.with(|b| b.compare(CmpOp::Lt, qpos, kw)); let win = c.select(inside, c.hf_mask(), c.f(MIN)); let m = c.select(causal, win, c.f(MIN)); c.attention(c.q(), c.k(), c.v(), Some(m)) } => ["attention{causal window=5}"], gone CAUSAL);
 case!(attention_causal_kv_cache, |c| { let (s, p) = (Dim::sym("seq"), Dim::sym("past")); let t = |n: &str, l: Dim| c.input(n, vec![batch(), 3.into(), l, D.into()], DType::F32); let k = c.concat(&[t("past_k", p.clone()), t("k_new", s.clone())], 2); let v = c.concat(&[t("past_v", p.clone()), t("v_new", s.clone())], 2); let m = c.select(c.causal_cond(p.clone(), s.clone()), c.f(0.0), c.f(MIN)); c.attention(t("q_new", s.clone()), k, v, Some(m)) } => ["attention{causal}"], gone CAUSAL);
 
 // Attention: layouts.

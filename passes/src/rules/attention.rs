@@ -4,10 +4,12 @@
 //! transpose), `kᵀ` may be spelled as any permute whose last two axes are swapped (algebra
 //! splits it), and multi-head reshapes/permutes around q, k, v stay outside the fused op.
 //! A mask of the form `where(kpos <= qpos, m, −big)` built from iotas (a causal mask with the
-//! query positions offset by the cache length) becomes the `causal` flag, keeping only `m`.
+//! query positions offset by the cache length) becomes the `causal` flag, keeping only `m`;
+//! a sliding window nested in it, `where(kpos + W > qpos, m, −big)` on the same iotas
+//! (Hugging Face's `i − W < j ≤ i`), becomes `window = W` as well.
 //! Refuses when q, k, v do not share batch dims (the fused op does not broadcast them).
 
-use transfuse_ir::{CmpOp, Dim, Op};
+use transfuse_ir::{BinaryOp, CmpOp, Dim, Op};
 
 use super::{node_rule, nodes_where, Plan, Rule};
 use crate::analysis::{konst, node_type, shape_of, EG};
@@ -67,6 +69,55 @@ fn iota_of(eg: &EG, id: egg::Id, through_reshape: bool) -> Option<(Dim, Dim)> {
     None
 }
 
+/// The value of an integer (i64) constant class (the analysis folds f32 constants only).
+fn int_const(eg: &EG, id: egg::Id) -> Option<i64> {
+    eg[id].nodes.iter().find_map(|n| match n.ir() {
+        Some(Op::Constant {
+            value,
+            dtype: transfuse_ir::DType::I64,
+        }) => Some(value.0 as i64),
+        _ => None,
+    })
+}
+
+/// Hugging Face's sliding window under a causal mask: class `keep` holds
+/// `where(kpos + W > qpos, m, −big)` (or `qpos < kpos + W`) over the causal condition's own
+/// `kpos` and `qpos` classes, with `W ≥ 1` an integer constant; returns `(W, m)`.
+fn window_of(eg: &EG, keep: egg::Id, kpos: egg::Id, qpos: egg::Id) -> Option<(usize, egg::Id)> {
+    let same = |a: egg::Id, b: egg::Id| eg.find(a) == eg.find(b);
+    // `kpos + W` with W a positive integer.
+    let shifted = |id: egg::Id| -> Option<usize> {
+        nodes_where(eg, id, |op| op == &EOp::Ir(Op::Binary(BinaryOp::Add))).find_map(|a| {
+            let [x, y] = a.children[..] else {
+                return None;
+            };
+            let w = [(x, y), (y, x)]
+                .into_iter()
+                .find_map(|(p, c)| same(p, kpos).then(|| int_const(eg, c)).flatten())?;
+            (1..u32::MAX as i64).contains(&w).then_some(w as usize)
+        })
+    };
+    for w in nodes_where(eg, keep, |op| op == &EOp::Ir(Op::Where)) {
+        let [cond, inner, fill] = w.children[..] else {
+            continue;
+        };
+        if !konst(eg, fill).is_some_and(|f| f <= MASK_FILL_MAX) {
+            continue;
+        }
+        for c in &eg[cond].nodes {
+            let found = match c.ir() {
+                Some(Op::Compare(CmpOp::Gt)) if same(c.children[1], qpos) => shifted(c.children[0]),
+                Some(Op::Compare(CmpOp::Lt)) if same(c.children[0], qpos) => shifted(c.children[1]),
+                _ => None,
+            };
+            if let Some(window) = found {
+                return Some((window, inner));
+            }
+        }
+    }
+    None
+}
+
 fn causal_from_iota(eg: &EG, n: &TNode) -> Option<Plan> {
     let Some(Op::Attention {
         scale,
@@ -99,10 +150,15 @@ fn causal_from_iota(eg: &EG, n: &TNode) -> Option<Plan> {
             let qshape = shape_of(eg, c.children[1]);
             let column = qshape.len() == 2 && qshape[1].is(1);
             if k0.is(0) && klen == sk && qlen == sq && qstart == sk.minus(&sq) && column {
+                // A sliding window inside: where(kpos + W > qpos, m, −big) on the same iotas.
+                let (window, keep) = match window_of(eg, keep, c.children[0], c.children[1]) {
+                    Some((w, inner)) => (Some(w), inner),
+                    None => (None, keep),
+                };
                 let op = Op::Attention {
                     scale: *scale,
                     causal: true,
-                    window: None,
+                    window,
                 };
                 let mut kids = vec![Plan::Class(q), Plan::Class(k), Plan::Class(v)];
                 if konst(eg, keep) != Some(0.0) {
