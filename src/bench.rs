@@ -184,13 +184,9 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
         "forward with inputs resident: median {:.2} ms (clock {}: {})",
         kernels_fwd * 1e3,
         resident.clock,
-        if resident.clock == "host-sync" {
-            "host time from the first launch to a device sync; the per-kernel table uses it too"
-        } else {
-            "host time around whole runs"
-        }
+        transfuse::runtime::clock_description(resident.clock)
     );
-    println!("per kernel (one run, every launch synchronised):");
+    println!("per kernel (one run, every launch synchronised, host time around each):");
     println!(
         "{:>10} {:>6} {:>8}  {:<44} ops",
         "ms", "%", "launches", "kernel"
@@ -447,12 +443,8 @@ pub fn bench_attention(a: &AttentionArgs) -> Result<(), Error> {
         }
     }
     if !a.json && !a.csv {
-        match clock {
-            Some("host-sync") => println!(
-                "clock: host wall time from the first launch to a device sync, inputs resident on the device"
-            ),
-            Some(c) => println!("clock: {c} wall time around whole runs"),
-            None => {}
+        if let Some(c) = clock {
+            println!("clock: {c} ({})", transfuse::runtime::clock_description(c));
         }
     }
     if let Some(path) = &a.plot {

@@ -372,8 +372,9 @@ impl Session {
     }
 
     /// Times `iters` forward runs of `batch` as [`Loaded::time_forward`] does: on device
-    /// backends inputs uploaded once and each run timed from its first launch to a device sync
-    /// (`clock` `"host-sync"`, the clock of [`Session::profile`]); on the CPU whole runs.
+    /// backends inputs uploaded once and each run timed by the device's timestamps where it has
+    /// them (`clock` `"device"`), else from its first launch to a device sync (`"host-sync"`);
+    /// on the CPU whole runs (`"host"`).
     pub fn time_forward(&self, batch: &Batch, iters: usize) -> Result<runtime::Timing, Error> {
         let inputs = self.batch_inputs(batch)?;
         Ok(self.lock().time_forward(&inputs, iters)?)

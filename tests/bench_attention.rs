@@ -78,7 +78,15 @@ fn check_all(backend: &dyn Backend, dtype: Elem) -> usize {
                         t.max_abs_diff,
                         tolerance(dtype)
                     );
-                    eprintln!("{what}: max abs diff {:.2e}", t.max_abs_diff);
+                    let clocks: &[&str] = match backend.name() {
+                        "cpu" => &["host"],
+                        _ => &["device", "host-sync"],
+                    };
+                    assert!(clocks.contains(&t.clock), "{what}: clock {}", t.clock);
+                    eprintln!(
+                        "{what}: max abs diff {:.2e} ({} clock)",
+                        t.max_abs_diff, t.clock
+                    );
                     checked += 1;
                 }
                 Outcome::Unsupported(why) if v == Variant::Fused && pending => {

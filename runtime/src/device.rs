@@ -71,6 +71,20 @@ pub trait Device: Send + Sync {
 
     /// Waits for every launch issued so far.
     fn sync(&self) -> Result<(), RuntimeError>;
+
+    /// Starts timing the launches that follow on the device's own clock (timestamp queries);
+    /// false when the device has none.
+    fn timer_start(&self) -> bool {
+        false
+    }
+
+    /// After [`Device::timer_start`]: waits for the launches and returns the device seconds
+    /// from the start of the first one to the end of the last; `None` without a device clock
+    /// or launches (then only synchronises).
+    fn timer_stop(&self) -> Result<Option<f64>, RuntimeError> {
+        self.sync()?;
+        Ok(None)
+    }
 }
 
 /// The argument check of every [`Device::launch`]: `bufs` and `uniforms` as many as kernel

@@ -223,8 +223,9 @@ pub trait Loaded: Send {
 
     /// Times `iters` forward runs on `inputs` and says by which clock. The default times
     /// whole [`Loaded::run`] calls on the host (`"host"`); device backends upload the inputs
-    /// once and time the launches of one forward up to a device sync, inputs resident
-    /// (`"host-sync"`), so transfers are not counted.
+    /// once and time the launches of one forward with the device's timestamps where it has
+    /// them (`"device"`), else up to a device sync (`"host-sync"`), so transfers are not
+    /// counted.
     fn time_forward(&mut self, inputs: &TensorMap, iters: usize) -> Result<Timing, RuntimeError> {
         let mut seconds = Vec::with_capacity(iters);
         for _ in 0..iters {
@@ -249,9 +250,20 @@ pub trait Loaded: Send {
 pub struct Timing {
     /// Seconds per run, in order.
     pub seconds: Vec<f64>,
-    /// The clock: `"host"` (host wall time around whole runs, transfers included) or
-    /// `"host-sync"` (host wall time from the first launch to a device sync, inputs resident).
+    /// The clock: `"device"` (the device's timestamps from the start of the first kernel to
+    /// the end of the last, inputs resident), `"host-sync"` (host wall time from the first
+    /// launch to a device sync, inputs resident) or `"host"` (host wall time around whole
+    /// runs, transfers included). See [`clock_description`].
     pub clock: &'static str,
+}
+
+/// What a [`Timing::clock`] name measures, in words.
+pub fn clock_description(clock: &str) -> &'static str {
+    match clock {
+        "device" => "device timestamps from the start of the first kernel to the end of the last, inputs resident",
+        "host-sync" => "host wall time from the first launch to a device sync, inputs resident",
+        _ => "host wall time around whole runs",
+    }
 }
 
 /// Device memory of the last run of a [`Loaded`] graph, in bytes.

@@ -47,6 +47,18 @@ pub struct WgpuDevice {
     errors: Arc<Mutex<Vec<String>>>,
     /// Compiled kernels by WGSL source: sessions sharing kernels compile them once.
     cache: Mutex<std::collections::HashMap<String, Arc<Pipeline>>>,
+    /// Timestamp queries, when the adapter offers them.
+    timer: Option<Timer>,
+    /// While timing: whether the first pass's start has been written.
+    timing: Mutex<Option<bool>>,
+}
+
+/// Two timestamps (start of the first timed pass, end of the last) and where they resolve.
+struct Timer {
+    set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    /// Nanoseconds per timestamp tick.
+    period_ns: f32,
 }
 
 /// A compiled pipeline and its bind-group layout.
@@ -101,7 +113,11 @@ impl WgpuDevice {
         let ainfo = adapter.get_info();
         let limits = adapter.limits();
         // f16 storage when offered; subgroups when offered (the subgroup tunables need them).
-        let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP);
+        // Timestamp queries when offered (bench attention's device clock).
+        let features = adapter.features()
+            & (wgpu::Features::SHADER_F16
+                | wgpu::Features::SUBGROUP
+                | wgpu::Features::TIMESTAMP_QUERY);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("transfuse"),
             required_features: features,
@@ -137,6 +153,23 @@ impl WgpuDevice {
             elems,
             is_gpu: ainfo.device_type != wgpu::DeviceType::Cpu,
         };
+        let timer = features
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+            .then(|| Timer {
+                set: device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("timer"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: 2,
+                }),
+                resolve: device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("timer resolve"),
+                    size: 16,
+                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                }),
+                period_ns: queue.get_timestamp_period(),
+            })
+            .filter(|t| t.period_ns > 0.0);
         Ok(WgpuDevice {
             device,
             queue,
@@ -145,6 +178,8 @@ impl WgpuDevice {
             pending: Mutex::new(None),
             errors,
             cache: Mutex::default(),
+            timer,
+            timing: Mutex::new(None),
         })
     }
 
@@ -397,9 +432,24 @@ impl Device for WgpuDevice {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
         });
         {
+            // While timing, the first pass writes the start and every pass the end (the last
+            // one's end remains).
+            let mut timing = self.timing.lock().expect("timing");
+            let writes = match (&self.timer, timing.as_mut()) {
+                (Some(t), Some(started)) => {
+                    let first = !*started;
+                    *started = true;
+                    Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &t.set,
+                        beginning_of_pass_write_index: first.then_some(0),
+                        end_of_pass_write_index: Some(1),
+                    })
+                }
+                _ => None,
+            };
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(&m.name),
-                timestamp_writes: None,
+                timestamp_writes: writes,
             });
             pass.set_pipeline(&m.compiled.pipeline);
             pass.set_bind_group(0, &group, &[]);
@@ -411,6 +461,56 @@ impl Device for WgpuDevice {
     fn sync(&self) -> Result<(), RuntimeError> {
         self.flush()?;
         self.wait()
+    }
+
+    fn timer_start(&self) -> bool {
+        if self.timer.is_none() {
+            return false;
+        }
+        *self.timing.lock().expect("timing") = Some(false);
+        true
+    }
+
+    fn timer_stop(&self) -> Result<Option<f64>, RuntimeError> {
+        let started = self.timing.lock().expect("timing").take();
+        let (Some(t), Some(true)) = (&self.timer, started) else {
+            self.sync()?;
+            return Ok(None);
+        };
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timer readback"),
+            size: 16,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut pending = self.pending.lock().expect("encoder");
+        let mut enc = pending
+            .take()
+            .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()));
+        enc.resolve_query_set(&t.set, 0..2, &t.resolve, 0);
+        enc.copy_buffer_to_buffer(&t.resolve, 0, &staging, 0, 16);
+        self.queue.submit([enc.finish()]);
+        drop(pending);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| err("timer readback was never mapped"))?
+            .map_err(|e| err(format!("mapping the timer readback: {e}")))?;
+        let ticks: Vec<u64> = {
+            let view = staging
+                .get_mapped_range(..)
+                .map_err(|e| err(format!("reading the timer back: {e}")))?;
+            view.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect()
+        };
+        staging.unmap();
+        let (t0, t1) = (ticks[0], ticks[1]);
+        // A reversed pair means the driver's counter is not usable here: fall back to the host.
+        Ok((t1 > t0).then(|| (t1 - t0) as f64 * f64::from(t.period_ns) * 1e-9))
     }
 }
 
