@@ -90,7 +90,7 @@ impl Plan {
             .map(|a| {
                 json!({
                     "node": a.node.0,
-                    "of": a.view.buf,
+                    "of": self.buffers[a.view.buf.index()].name,
                     "shape": dims(&a.shape),
                     "strided": a.strided,
                     "view_shape": dims(&a.view.shape),

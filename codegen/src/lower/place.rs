@@ -17,7 +17,9 @@
 
 use transfuse_ir::{DType, Dim, NodeId, Op};
 
-use super::{BufferKind, Lower, Poly, Target, UniformExpr, Val, View};
+use super::buffers::BufId;
+use super::partition::{Lower, Val};
+use super::{BufferKind, Poly, Target, UniformExpr, View};
 use crate::kernels::{Factor, Generated, GridDim};
 use crate::kir::*;
 
@@ -130,7 +132,7 @@ struct Site<'s> {
     /// Start of each part along `axis`.
     begs: &'s [Poly],
     /// The concat's buffer.
-    dst_buf: &'s str,
+    dst_buf: BufId,
     elem: Elem,
     batch: &'s Poly,
     jobs0: usize,
@@ -142,7 +144,7 @@ impl Site<'_> {
     fn rewrite(
         &self,
         gen: &mut Generated,
-        bindings: &mut Vec<String>,
+        bindings: &mut Vec<BufId>,
         uniforms: &mut Vec<UniformExpr>,
         base: &str,
     ) -> Poly {
@@ -155,7 +157,7 @@ impl Site<'_> {
             elem,
             access: Access::ReadWrite,
         });
-        bindings.push(self.dst_buf.to_string());
+        bindings.push(self.dst_buf);
         let mut patch = Patch {
             gen,
             uniforms,
@@ -227,7 +229,7 @@ impl Site<'_> {
                 elem,
                 access: Access::Read,
             });
-            bindings.push(v.buf.clone());
+            bindings.push(v.buf);
             patch.stmts.clear();
             let pshape = self.g.node(self.inputs[*p]).shape.clone();
             let total = patch.value(&Poly::product(&pshape));
@@ -320,7 +322,7 @@ impl Site<'_> {
         }
         let k = &mut patch.gen.kernel;
         k.name = String::new();
-        let h = super::fnv(&format!("{k:?}"));
+        let h = super::kernel::fnv(&format!("{k:?}"));
         k.name = format!("{base}_{h:08x}");
         bytes
     }
@@ -348,11 +350,11 @@ impl Lower<'_> {
         }
     }
 
-    fn ready_before(&self, buf: &str, k: usize) -> bool {
-        match self.buffers.iter().find(|b| b.name == buf).map(|b| &b.kind) {
-            Some(BufferKind::Input | BufferKind::Weight | BufferKind::Derived) => true,
-            Some(BufferKind::Const(_)) => true,
-            _ => self.producer.get(buf).is_some_and(|&p| p < k),
+    fn ready_before(&self, buf: BufId, k: usize) -> bool {
+        match self.buffers.get(buf).kind {
+            BufferKind::Input | BufferKind::Weight | BufferKind::Derived => true,
+            BufferKind::Const(_) => true,
+            _ => self.producer.get(&buf).is_some_and(|&p| p < k),
         }
     }
 
@@ -386,7 +388,7 @@ impl Lower<'_> {
         let Some(ki) = ki else {
             return Ok(false);
         };
-        if copied.iter().any(|(_, v)| !self.ready_before(&v.buf, ki)) {
+        if copied.iter().any(|(_, v)| !self.ready_before(v.buf, ki)) {
             return Ok(false);
         }
         // The main kernel and its decode variant (if any) are rewritten alike.
@@ -425,7 +427,7 @@ impl Lower<'_> {
             placed: &placed,
             copied: &copied,
             begs: &begs,
-            dst_buf: &out.buf,
+            dst_buf: out.buf,
             elem,
             batch: &batch,
             jobs0,
@@ -445,7 +447,7 @@ impl Lower<'_> {
         kernel.ops.push("concat".into());
         kernel.bytes = kernel.bytes.add(&bytes);
         self.matmuls.get_mut(&ki).expect("matmul").jobs = jobs;
-        self.producer.insert(out.buf.clone(), ki);
+        self.producer.insert(out.buf, ki);
         self.vals[id.index()] = Some(Val::View(out));
         self.done[id.index()] = true;
         Ok(true)

@@ -5,13 +5,14 @@
 
 use transfuse_ir::{Dim, Shape};
 
+use super::buffers::BufId;
 use super::poly::Poly;
 
 /// A strided view of a buffer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct View {
     /// The plan buffer.
-    pub buf: String,
+    pub buf: BufId,
     /// Logical shape.
     pub shape: Shape,
     /// Element stride per axis (0 along broadcast axes).
@@ -33,9 +34,9 @@ pub fn contiguous_strides(shape: &[Dim]) -> Vec<Poly> {
 
 impl View {
     /// The whole buffer `buf` of shape `shape`, row-major.
-    pub fn contiguous(buf: &str, shape: &[Dim]) -> View {
+    pub fn contiguous(buf: BufId, shape: &[Dim]) -> View {
         View {
-            buf: buf.to_string(),
+            buf,
             shape: shape.to_vec(),
             strides: contiguous_strides(shape),
             offset: Poly::zero(),
@@ -81,7 +82,7 @@ impl View {
     /// Output axis `i` is axis `perm[i]`.
     pub fn permute(&self, perm: &[usize]) -> View {
         View {
-            buf: self.buf.clone(),
+            buf: self.buf,
             shape: perm.iter().map(|&p| self.shape[p].clone()).collect(),
             strides: perm.iter().map(|&p| self.strides[p].clone()).collect(),
             offset: self.offset.clone(),
@@ -110,7 +111,7 @@ impl View {
             }
         }
         Some(View {
-            buf: self.buf.clone(),
+            buf: self.buf,
             shape: shape.to_vec(),
             strides,
             offset: self.offset.clone(),
@@ -191,7 +192,7 @@ impl View {
             }
         }
         Some(View {
-            buf: self.buf.clone(),
+            buf: self.buf,
             shape: shape.to_vec(),
             strides,
             offset: self.offset.clone(),
@@ -237,7 +238,7 @@ mod tests {
 
     #[test]
     fn split_heads_of_a_qkv_slice_is_a_strided_view() {
-        let qkv = View::contiguous("qkv", &dims(&["batch", "seq", "192"]));
+        let qkv = View::contiguous(BufId(0), &dims(&["batch", "seq", "192"]));
         let k = qkv
             .slice(2, &Dim::known(64), &Dim::known(128))
             .reshape(&dims(&["batch", "seq", "4", "16"]))
@@ -248,19 +249,19 @@ mod tests {
         assert_eq!(k.offset.to_string(), "64");
         assert!(!k.is_dense());
         // Merging heads back is dense again.
-        let o = View::contiguous("o", &dims(&["batch", "4", "seq", "16"]));
+        let o = View::contiguous(BufId(1), &dims(&["batch", "4", "seq", "16"]));
         let m = o.permute(&[0, 2, 1, 3]);
         assert!(m.reshape(&dims(&["batch", "seq", "64"])).is_none());
         let r = o.reshape(&dims(&["batch", "64", "seq"])).is_none();
         assert!(r, "seq is symbolic, 4·seq cannot regroup as 64·seq");
-        let mask = View::contiguous("m", &dims(&["batch", "seq"]));
+        let mask = View::contiguous(BufId(2), &dims(&["batch", "seq"]));
         let m4 = mask.reshape(&dims(&["batch", "1", "1", "seq"])).unwrap();
         assert!(m4.is_plain());
         let e = m4.expand(&dims(&["batch", "4", "seq", "seq"])).unwrap();
         let st: Vec<String> = e.strides.iter().map(|s| s.to_string()).collect();
         assert_eq!(st, ["seq", "0", "0", "1"]);
         assert_eq!(e.footprint().to_string(), "batch*seq");
-        let w = View::contiguous("w", &shape([3usize, 4]));
+        let w = View::contiguous(BufId(3), &shape([3usize, 4]));
         assert!(w.permute(&[1, 0]).permute(&[1, 0]).is_plain());
         assert_eq!(m4.merged_axes().len(), 1);
     }

@@ -1,0 +1,462 @@
+//! The plan schema: what a runtime needs to run a lowered graph ([`Plan`]: buffers, aliases,
+//! kernels with their bindings and uniform expressions, inputs, weights, outputs) and the
+//! run-time arithmetic on it: buffer sizes and each kernel's uniform values and grid at the
+//! bound dims ([`Plan::launch_args`]), and whether a kernel is launched as its decode variant
+//! ([`Plan::use_decode`]).
+
+use transfuse_ir::{Bindings, DType, NodeId, Shape};
+
+use super::{Poly, View};
+use crate::kernels::norm;
+use crate::kernels::{Generated, Limits};
+use crate::kir::*;
+use crate::CodegenError;
+
+/// Which printer the plan's kernels are meant for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// CUDA C through NVRTC.
+    Cuda,
+    /// WGSL (WebGPU).
+    Wgsl,
+}
+
+impl Target {
+    /// `cuda` or `wgsl`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Cuda => "cuda",
+            Target::Wgsl => "wgsl",
+        }
+    }
+
+    /// The target by name.
+    pub fn from_name(s: &str) -> Option<Target> {
+        match s {
+            "cuda" => Some(Target::Cuda),
+            "wgsl" => Some(Target::Wgsl),
+            _ => None,
+        }
+    }
+
+    /// Source file extension (`cu`, `wgsl`).
+    pub fn ext(self) -> &'static str {
+        match self {
+            Target::Cuda => "cu",
+            Target::Wgsl => "wgsl",
+        }
+    }
+
+    /// The target's default limits.
+    pub fn limits(self) -> Limits {
+        match self {
+            Target::Cuda => Limits::cuda(),
+            Target::Wgsl => Limits::webgpu(),
+        }
+    }
+
+    /// Prints a kernel for this target.
+    pub fn print(self, k: &Kernel) -> Result<String, CodegenError> {
+        match self {
+            Target::Cuda => crate::cuda::print(k),
+            Target::Wgsl => crate::wgsl::print(k),
+        }
+    }
+}
+
+/// What to lower for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LowerOptions {
+    /// Storage type of float tensors (F32, F16, BF16; BF16 is CUDA only).
+    pub elem: Elem,
+    /// The target's limits (threads, shared memory), which the tunables respect.
+    pub limits: Limits,
+    /// The printer.
+    pub target: Target,
+}
+
+impl LowerOptions {
+    /// `target` with its default limits and storage `elem`.
+    pub fn new(target: Target, elem: Elem) -> LowerOptions {
+        LowerOptions {
+            elem,
+            limits: target.limits(),
+            target,
+        }
+    }
+}
+
+/// What a buffer holds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BufferKind {
+    /// A graph input, uploaded each call.
+    Input,
+    /// A weight, uploaded once.
+    Weight,
+    /// Computed once from weights by the prepare kernels.
+    Derived,
+    /// A graph output.
+    Output,
+    /// An intermediate of the forward pass.
+    Temp,
+    /// Filled with this value once (scalar operands a template needs as a buffer).
+    Const(f64),
+}
+
+impl BufferKind {
+    /// Printable name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BufferKind::Input => "input",
+            BufferKind::Weight => "weight",
+            BufferKind::Derived => "derived",
+            BufferKind::Output => "output",
+            BufferKind::Temp => "temp",
+            BufferKind::Const(_) => "const",
+        }
+    }
+}
+
+/// A buffer of the plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanBuffer {
+    /// Name (graph input/weight/output name, `t<node>` for intermediates).
+    pub name: String,
+    /// Storage type.
+    pub elem: Elem,
+    /// The graph dtype it holds.
+    pub dtype: DType,
+    /// Shape (its size is the product).
+    pub shape: Shape,
+    /// What it holds.
+    pub kind: BufferKind,
+}
+
+impl PlanBuffer {
+    /// Elements.
+    pub fn len(&self) -> Poly {
+        Poly::product(&self.shape)
+    }
+
+    /// Bytes.
+    pub fn bytes(&self) -> Poly {
+        self.len().scale(i64::from(elem_bytes(self.elem)))
+    }
+}
+
+/// A view node (reshape/permute/expand/slice) and the buffer region it denotes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Alias {
+    /// The IR node.
+    pub node: NodeId,
+    /// Its shape.
+    pub shape: Shape,
+    /// The strided view it is; for a reshape no strides express (merging permuted axes), the
+    /// view whose row-major element order it shares (`strided` false): kernels that read it
+    /// through a load remap use that order, others copy it first.
+    pub view: View,
+    /// False for such a reshape.
+    pub strided: bool,
+}
+
+/// How a uniform's value is computed from the bound dims.
+#[derive(Clone, Debug, PartialEq)]
+pub enum UniformExpr {
+    /// A polynomial of the dims.
+    Poly(Poly),
+    /// Entry `index` of [`norm::mask_uniforms`] for these shapes.
+    SoftmaxMask {
+        /// The softmax input's shape.
+        scores: Shape,
+        /// The mask's shape (contiguous in the kernel's view).
+        mask: Shape,
+        /// Which of the seven values.
+        index: usize,
+    },
+}
+
+impl std::fmt::Display for UniformExpr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UniformExpr::Poly(p) => write!(f, "{p}"),
+            UniformExpr::SoftmaxMask {
+                scores,
+                mask,
+                index,
+            } => write!(
+                f,
+                "mask_uniforms({}, {})[{index}]",
+                transfuse_ir::shape_string(scores),
+                transfuse_ir::shape_string(mask)
+            ),
+        }
+    }
+}
+
+/// When a kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Once, after the weights are uploaded (weight-only computations).
+    Prepare,
+    /// Every forward pass.
+    Forward,
+}
+
+/// One kernel launch of the plan. `B` is how a binding names its buffer: by name in a
+/// finished plan, by [`BufId`](super::BufId) while lowering.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanKernel<B = String> {
+    /// The kernel, its grid (in terms of its uniforms) and tunables.
+    pub gen: Generated,
+    /// The IR nodes it computes.
+    pub nodes: Vec<NodeId>,
+    /// Their op names.
+    pub ops: Vec<String>,
+    /// Plan buffer bound to each kernel buffer parameter, in parameter order.
+    pub bindings: Vec<B>,
+    /// How to compute each uniform, in `gen.kernel.uniforms` order.
+    pub uniforms: Vec<UniformExpr>,
+    /// Prepare (once) or forward.
+    pub phase: Phase,
+    /// Estimated global-memory bytes moved (each distinct element once).
+    pub bytes: Poly,
+    /// Estimated floating-point operations.
+    pub flops: Poly,
+    /// The decode variant of an attention kernel whose query length is symbolic (None for
+    /// every other kernel): see [`Plan::use_decode`].
+    pub decode: Option<Box<Variant<B>>>,
+}
+
+impl<B> PlanKernel<B> {
+    /// The entry-point name.
+    pub fn entry(&self) -> &str {
+        &self.gen.kernel.name
+    }
+
+    /// The decode variant's entry-point name, if there is one.
+    pub fn decode_entry(&self) -> Option<&str> {
+        self.decode.as_deref().map(|v| v.gen.kernel.name.as_str())
+    }
+
+    /// What is launched: the decode variant's kernel, bindings and uniform expressions when
+    /// `decode` (None without a variant), else the main kernel's.
+    pub fn launched(&self, decode: bool) -> Option<(&Generated, &[B], &[UniformExpr])> {
+        if decode {
+            let v = self.decode.as_deref()?;
+            Some((&v.gen, &v.bindings, &v.uniforms))
+        } else {
+            Some((&self.gen, &self.bindings, &self.uniforms))
+        }
+    }
+}
+
+/// An alternative kernel for the same nodes, launched instead of the main one when `when_one`
+/// evaluates to 1 (attention's query length: the decode kernel).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Variant<B = String> {
+    /// The kernel, its grid (in terms of its uniforms) and tunables.
+    pub gen: Generated,
+    /// Plan buffer bound to each kernel buffer parameter, in parameter order.
+    pub bindings: Vec<B>,
+    /// How to compute each uniform, in `gen.kernel.uniforms` order.
+    pub uniforms: Vec<UniformExpr>,
+    /// The variant replaces the main kernel when this evaluates to 1.
+    pub when_one: Poly,
+}
+
+/// A graph input, weight or output and its buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanIo {
+    /// Graph name.
+    pub name: String,
+    /// Plan buffer.
+    pub buffer: String,
+    /// Shape.
+    pub shape: Shape,
+    /// Graph dtype.
+    pub dtype: DType,
+}
+
+/// A launch plan (see the module docs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Printer the kernels are for.
+    pub target: Target,
+    /// Storage type of float tensors.
+    pub elem: Elem,
+    /// Every buffer.
+    pub buffers: Vec<PlanBuffer>,
+    /// Views of buffers, by IR node (documentation: kernels already carry their strides).
+    pub aliases: Vec<Alias>,
+    /// Kernels in launch order: the prepare phase first.
+    pub kernels: Vec<PlanKernel>,
+    /// Graph inputs.
+    pub inputs: Vec<PlanIo>,
+    /// Weights the plan reads.
+    pub weights: Vec<PlanIo>,
+    /// Graph outputs.
+    pub outputs: Vec<PlanIo>,
+}
+
+pub(super) fn plan_err(msg: impl Into<String>) -> CodegenError {
+    CodegenError::Plan(msg.into())
+}
+
+impl Plan {
+    /// The buffer called `name`.
+    pub fn buffer(&self, name: &str) -> Option<&PlanBuffer> {
+        self.buffers.iter().find(|b| b.name == name)
+    }
+
+    /// Elements of buffer `name` under `b`.
+    pub fn buffer_len(&self, name: &str, b: &Bindings) -> Result<usize, CodegenError> {
+        self.buffer(name)
+            .ok_or_else(|| plan_err(format!("no buffer `{name}`")))?
+            .len()
+            .eval_usize(b)
+    }
+
+    /// The forward-phase kernels.
+    pub fn forward(&self) -> impl Iterator<Item = &PlanKernel> {
+        self.kernels.iter().filter(|k| k.phase == Phase::Forward)
+    }
+
+    /// Σ estimated bytes of the forward kernels.
+    pub fn forward_bytes(&self) -> Poly {
+        self.forward().fold(Poly::zero(), |a, k| a.add(&k.bytes))
+    }
+
+    /// Σ estimated flops of the forward kernels.
+    pub fn forward_flops(&self) -> Poly {
+        self.forward().fold(Poly::zero(), |a, k| a.add(&k.flops))
+    }
+
+    /// The least global-memory traffic of one forward: every input, weight (or derived weight)
+    /// the forward kernels read and every output, once.
+    pub fn lower_bound_bytes(&self) -> Poly {
+        let mut read: Vec<&str> = self
+            .forward()
+            .flat_map(|k| k.bindings.iter().map(String::as_str))
+            .collect();
+        read.sort_unstable();
+        read.dedup();
+        self.buffers
+            .iter()
+            .filter(|b| match b.kind {
+                BufferKind::Input | BufferKind::Weight | BufferKind::Derived => {
+                    read.contains(&b.name.as_str())
+                }
+                BufferKind::Output => true,
+                _ => false,
+            })
+            .fold(Poly::zero(), |a, b| a.add(&b.bytes()))
+    }
+
+    /// Source file name of kernel `i`: `NN_entry.cu` / `.wgsl` (NN zero-padded to the count).
+    pub fn file_name(&self, i: usize) -> String {
+        self.file_name_of(i, self.kernels[i].entry())
+    }
+
+    /// Source file name of kernel `i`'s decode variant, if it has one: `NN_entry.cu` / `.wgsl`
+    /// with the variant's entry (same `NN` as the main kernel).
+    pub fn decode_file_name(&self, i: usize) -> Option<String> {
+        let entry = self.kernels[i].decode_entry()?;
+        Some(self.file_name_of(i, entry))
+    }
+
+    fn file_name_of(&self, i: usize, entry: &str) -> String {
+        let width = self
+            .kernels
+            .len()
+            .saturating_sub(1)
+            .to_string()
+            .len()
+            .max(2);
+        format!("{i:0width$}_{entry}.{}", self.target.ext())
+    }
+
+    fn kernel(&self, k: usize) -> Result<&PlanKernel, CodegenError> {
+        self.kernels
+            .get(k)
+            .ok_or_else(|| plan_err(format!("no kernel {k}")))
+    }
+
+    /// Whether kernel `k` is launched as its decode variant for the dims `b`: it has one and
+    /// the variant's `when_one` (the query length) evaluates to 1.
+    pub fn use_decode(&self, k: usize, b: &Bindings) -> Result<bool, CodegenError> {
+        match &self.kernel(k)?.decode {
+            Some(v) => Ok(v.when_one.eval(b)? == 1),
+            None => Ok(false),
+        }
+    }
+
+    /// Uniform values (in kernel order) and grid of kernel `k`'s main kernel for the dims `b`.
+    pub fn launch_args(
+        &self,
+        k: usize,
+        b: &Bindings,
+    ) -> Result<(Vec<u32>, [u32; 3]), CodegenError> {
+        self.launch_args_for(k, false, b)
+    }
+
+    /// Uniform values (in kernel order) and grid of kernel `k` for the dims `b`: of its decode
+    /// variant when `decode` (an error if it has none), else of the main kernel.
+    pub fn launch_args_for(
+        &self,
+        k: usize,
+        decode: bool,
+        b: &Bindings,
+    ) -> Result<(Vec<u32>, [u32; 3]), CodegenError> {
+        let pk = self.kernel(k)?;
+        let (gen, _, uniforms) = pk.launched(decode).ok_or_else(|| {
+            plan_err(format!("kernel {k} ({}) has no decode variant", pk.entry()))
+        })?;
+        let kname = &gen.kernel.name;
+        let kerr = |msg: String| CodegenError::Kernel {
+            kernel: kname.to_string(),
+            msg,
+        };
+        let mut vals = Vec::with_capacity(uniforms.len());
+        for (u, name) in uniforms.iter().zip(&gen.kernel.uniforms) {
+            let v: i64 = match u {
+                UniformExpr::Poly(p) => p.eval(b)?,
+                UniformExpr::SoftmaxMask {
+                    scores,
+                    mask,
+                    index,
+                } => {
+                    let s = transfuse_ir::eval_shape(scores, b)
+                        .map_err(|e| kerr(format!("uniform `{name}`: {e}")))?;
+                    let m = transfuse_ir::eval_shape(mask, b)
+                        .map_err(|e| kerr(format!("uniform `{name}`: {e}")))?;
+                    let us = norm::mask_uniforms(&s, &m).ok_or_else(|| {
+                        kerr(format!(
+                            "mask {m:?} does not broadcast to scores {s:?} in two runs"
+                        ))
+                    })?;
+                    i64::from(us[*index])
+                }
+            };
+            vals.push(
+                u32::try_from(v)
+                    .map_err(|_| kerr(format!("uniform `{name}` = {v} does not fit u32")))?,
+            );
+        }
+        let names = &gen.kernel.uniforms;
+        let lookup = |n: &str| {
+            names
+                .iter()
+                .position(|u| u == n)
+                .map(|i| u64::from(vals[i]))
+        };
+        let mut grid = [0u32; 3];
+        for (a, d) in gen.grid.iter().enumerate() {
+            let g = d
+                .eval(&lookup)
+                .ok_or_else(|| kerr(format!("grid axis {a} refers to an unknown uniform")))?;
+            grid[a] =
+                u32::try_from(g).map_err(|_| kerr(format!("grid axis {a} = {g} exceeds u32")))?;
+        }
+        Ok((vals, grid))
+    }
+}
