@@ -129,15 +129,15 @@ enum Cmd {
         /// Cost-model target: gpu (default) or cpu.
         #[arg(long, default_value = "gpu")]
         profile: String,
-        /// E-graph node limit.
-        #[arg(long)]
-        node_limit: Option<usize>,
-        /// E-graph iteration limit.
-        #[arg(long)]
-        iter_limit: Option<usize>,
-        /// E-graph time limit in seconds.
-        #[arg(long)]
-        time_limit: Option<f64>,
+        /// E-graph node limit (a whole number ≥ 1).
+        #[arg(long, allow_hyphen_values = true)]
+        node_limit: Option<String>,
+        /// E-graph iteration limit (a whole number ≥ 1).
+        #[arg(long, allow_hyphen_values = true)]
+        iter_limit: Option<String>,
+        /// E-graph time limit in seconds (> 0).
+        #[arg(long, allow_hyphen_values = true)]
+        time_limit: Option<String>,
         /// Lower the optimized graph to kernels for this target: cuda or wgsl.
         #[arg(long)]
         target: Option<String>,
@@ -262,7 +262,10 @@ enum BenchCmd {
 
 /// The session for `model` on the backend `exec` names; returns why that backend was chosen.
 fn session_why(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
-    let opts = (!exec.no_optimize).then(transfuse::passes::Options::from_env);
+    let opts = match exec.no_optimize {
+        true => None,
+        false => Some(transfuse::passes::Options::from_env()?),
+    };
     let choice = match exec.backend.as_str() {
         "cpu" | "wgpu" | "cuda" | "auto" => transfuse::runtime::backend_by_name(&exec.backend)?,
         other => {
@@ -463,21 +466,18 @@ fn run(cli: Cli) -> Result<(), Error> {
                 &dims,
                 emit.as_deref(),
             )?;
-            let mut opts = transfuse::passes::Options::from_env();
+            let mut opts = transfuse::passes::Options::from_env()?;
             opts.profile = transfuse::passes::Profile::by_name(&profile).ok_or_else(|| {
                 Error::Usage(format!("unknown profile `{profile}` (expected gpu or cpu)"))
             })?;
             if let Some(n) = node_limit {
-                opts.node_limit = n;
+                opts.node_limit = transfuse::passes::parse_count("--node-limit", &n)?;
             }
             if let Some(n) = iter_limit {
-                opts.iter_limit = n;
+                opts.iter_limit = transfuse::passes::parse_count("--iter-limit", &n)?;
             }
             if let Some(t) = time_limit {
-                if !(t > 0.0 && t.is_finite()) {
-                    return Err(Error::Usage(format!("--time-limit must be > 0, got {t}")));
-                }
-                opts.time_limit = std::time::Duration::from_secs_f64(t);
+                opts.time_limit = transfuse::passes::parse_seconds("--time-limit", &t)?;
             }
             let (opt, r) = transfuse::passes::optimize(&g, &opts)?;
             if let Some(p) = dot_before {

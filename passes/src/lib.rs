@@ -76,21 +76,63 @@ impl Default for Options {
 
 impl Options {
     /// Defaults overridden by `TRANSFUSE_EGRAPH_NODES`, `TRANSFUSE_EGRAPH_ITERS` and
-    /// `TRANSFUSE_EGRAPH_SECONDS` when set to numbers.
-    pub fn from_env() -> Options {
+    /// `TRANSFUSE_EGRAPH_SECONDS` when set. A variable that is set must hold a valid limit
+    /// ([`parse_count`], [`parse_seconds`]): anything else is [`PassError::Limit`] naming it.
+    pub fn from_env() -> Result<Options, PassError> {
         let mut o = Options::default();
-        let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok());
-        if let Some(n) = num("TRANSFUSE_EGRAPH_NODES") {
-            o.node_limit = n as usize;
+        let var = |k: &str| -> Result<Option<String>, PassError> {
+            match std::env::var(k) {
+                Ok(v) => Ok(Some(v)),
+                Err(std::env::VarError::NotPresent) => Ok(None),
+                Err(std::env::VarError::NotUnicode(v)) => Err(PassError::Limit {
+                    name: k.to_string(),
+                    value: v.to_string_lossy().into_owned(),
+                    expected: "valid UTF-8",
+                }),
+            }
+        };
+        if let Some(v) = var("TRANSFUSE_EGRAPH_NODES")? {
+            o.node_limit = parse_count("TRANSFUSE_EGRAPH_NODES", &v)?;
         }
-        if let Some(n) = num("TRANSFUSE_EGRAPH_ITERS") {
-            o.iter_limit = n as usize;
+        if let Some(v) = var("TRANSFUSE_EGRAPH_ITERS")? {
+            o.iter_limit = parse_count("TRANSFUSE_EGRAPH_ITERS", &v)?;
         }
-        if let Some(s) = num("TRANSFUSE_EGRAPH_SECONDS") {
-            o.time_limit = Duration::from_secs_f64(s);
+        if let Some(v) = var("TRANSFUSE_EGRAPH_SECONDS")? {
+            o.time_limit = parse_seconds("TRANSFUSE_EGRAPH_SECONDS", &v)?;
         }
-        o
+        Ok(o)
     }
+}
+
+/// A node or iteration limit named `name` (a flag or a variable, for the error): a whole
+/// number from 1 to `usize::MAX`, surrounding spaces allowed.
+pub fn parse_count(name: &str, value: &str) -> Result<usize, PassError> {
+    value
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| PassError::Limit {
+            name: name.to_string(),
+            value: value.to_string(),
+            expected: "a whole number ≥ 1",
+        })
+}
+
+/// A time limit in seconds named `name` (a flag or a variable, for the error): a finite number
+/// > 0 that a [`Duration`] holds (below 2⁶⁴ s), fractions allowed.
+pub fn parse_seconds(name: &str, value: &str) -> Result<Duration, PassError> {
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| PassError::Limit {
+            name: name.to_string(),
+            value: value.to_string(),
+            expected: "a number of seconds > 0 and below 1.8e19",
+        })
 }
 
 /// What saturation did.
@@ -133,6 +175,16 @@ pub enum PassError {
     /// The extracted graph failed IR validation.
     #[error("optimizer produced an invalid graph: {0}")]
     Invalid(#[from] IrError),
+    /// A limit from a flag or an environment variable that is not a valid value.
+    #[error("{name}: expected {expected}, got `{value}`")]
+    Limit {
+        /// The flag (`--time-limit`) or variable (`TRANSFUSE_EGRAPH_SECONDS`).
+        name: String,
+        /// The value given.
+        value: String,
+        /// What a valid value is.
+        expected: &'static str,
+    },
 }
 
 fn stop_name(r: &Option<StopReason>) -> String {
