@@ -10,7 +10,10 @@
 //! - `TRANSFUSE_NVRTC_LIB`: the folder holding `libnvrtc.so.12`. When set, [`available`] loads
 //!   the library from there first, so a process started without `LD_LIBRARY_PATH` finds it too.
 //! - `TRANSFUSE_CUDA_INCLUDE`: the folder holding `cuda_fp16.h`, `cuda_bf16.h`, … (NVRTC 12.9
-//!   has no built-in copies); passed to every compilation as `--include-path`.
+//!   has no built-in copies); passed to every compilation as `--include-path`. Unset, the
+//!   headers are looked for under `CUDA_PATH`, `CUDA_HOME`, the wheel fetch-nvrtc.sh installs,
+//!   `/usr/local/cuda/include` and Python's site-packages ([`search_cuda_include`]); a source
+//!   that includes them when none has them is [`NvrtcError::NoCudaHeaders`], listing the search.
 //!
 //! [`compile_ptx`] gives PTX for a virtual architecture (`compute_80`, `compute_90`), what the
 //! CUDA backend loads ([`compile_cubin`] a cubin instead, when the driver is too old to JIT
@@ -38,7 +41,8 @@
 //! }
 //! ```
 
-use std::ffi::{c_char, c_int, CStr, CString};
+use std::ffi::{c_char, c_int, CStr, CString, OsString};
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use cudarc::nvrtc::sys;
@@ -68,6 +72,18 @@ pub enum NvrtcError {
         major: i32,
         /// Minor version reported by `nvrtcVersion`.
         minor: i32,
+    },
+    /// The source includes `cuda_fp16.h` / `cuda_bf16.h` and no searched folder has them.
+    #[error(
+        "`{name}` includes cuda_fp16.h/cuda_bf16.h, which NVRTC has no built-in copy of, and \
+         no folder searched holds cuda_fp16.h (searched: {searched}); run scripts/fetch-nvrtc.sh \
+         or set {INCLUDE_ENV} to the folder holding it"
+    )]
+    NoCudaHeaders {
+        /// The program name.
+        name: String,
+        /// Every place searched, in order.
+        searched: String,
     },
     /// The source, name or an option contains a NUL byte.
     #[error("`{name}`: {what} contains a NUL byte")]
@@ -197,7 +213,7 @@ fn load() -> Result<(), NvrtcError> {
 /// Compiles CUDA C `src` to PTX for the virtual architecture `arch` (e.g. `"compute_80"`).
 ///
 /// `name` is the program's file name in diagnostics (e.g. `"attention.cu"`). The options are
-/// `--gpu-architecture=ARCH`, `--include-path=$TRANSFUSE_CUDA_INCLUDE` when set, then
+/// `--gpu-architecture=ARCH`, `--include-path=DIR` for the [`cuda_include_dir`] found, then
 /// `extra_opts` (e.g. `["--use_fast_math"]`). On failure the error carries NVRTC's log.
 pub fn compile_ptx(
     src: &str,
@@ -265,28 +281,104 @@ pub fn compile_sass(src: &str, name: &str, arch: &str) -> Result<SassInfo, Nvrtc
     })
 }
 
-/// The CUDA include folder from `TRANSFUSE_CUDA_INCLUDE` (unset or empty: `None`). Sources
-/// that include `cuda_fp16.h` or `cuda_bf16.h` need it: NVRTC has no built-in copies.
-pub fn cuda_include_dir() -> Option<std::path::PathBuf> {
-    search_cuda_include(&|k| std::env::var_os(k), &[]).ok()
+/// The CUDA include folder (the first that holds `cuda_fp16.h`, searched as
+/// [`search_cuda_include`] says, in this process' environment and this machine's system
+/// folders), or `None`. Sources that include `cuda_fp16.h` or `cuda_bf16.h` need it: NVRTC has
+/// no built-in copies.
+pub fn cuda_include_dir() -> Option<PathBuf> {
+    search_cuda_include(&|k| std::env::var_os(k), &system_include_dirs()).ok()
 }
 
-/// The folder holding `cuda_fp16.h`, from the environment variables `var` gives and then the
-/// `system` folders; `Err` lists what was searched.
+/// The folder holding `cuda_fp16.h` (and `cuda_bf16.h`), the first of:
+///
+/// 1. `$TRANSFUSE_CUDA_INCLUDE` itself, 2. `$CUDA_PATH/include`, 3. `$CUDA_HOME/include`,
+/// 4. the wheel `scripts/fetch-nvrtc.sh` installs, pinned to match its NVRTC:
+///    `${TRANSFUSE_CACHE:-$HOME/.cache/transfuse}/nvrtc/nvidia/cuda_runtime/include`,
+/// 5. the `system` folders in order ([`system_include_dirs`]: `/usr/local/cuda/include`, then
+///    `nvidia/cuda_runtime/include` in Python's site-packages folders).
+///
+/// `var` reads an environment variable (unset or empty: not searched). Pure apart from file
+/// existence checks, so it is tested on a temp dir. `Err` lists every place searched, in order.
 pub fn search_cuda_include(
-    var: &dyn Fn(&str) -> Option<std::ffi::OsString>,
-    _system: &[std::path::PathBuf],
-) -> Result<std::path::PathBuf, Vec<String>> {
-    var(INCLUDE_ENV)
-        .filter(|d| !d.is_empty())
-        .map(Into::into)
-        .ok_or_else(|| vec![format!("{INCLUDE_ENV} (unset)")])
+    var: &dyn Fn(&str) -> Option<OsString>,
+    system: &[PathBuf],
+) -> Result<PathBuf, Vec<String>> {
+    let get = |k: &str| var(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let mut candidates: Vec<(String, Option<PathBuf>)> = vec![];
+    let mut from_var = |k: &str, sub: &str| {
+        let what = if sub.is_empty() {
+            format!("${k}")
+        } else {
+            format!("${k}/{sub}")
+        };
+        candidates.push((what, get(k).map(|d| d.join(sub))));
+    };
+    from_var(INCLUDE_ENV, "");
+    from_var("CUDA_PATH", "include");
+    from_var("CUDA_HOME", "include");
+    let cache = get("TRANSFUSE_CACHE").or_else(|| get("HOME").map(|h| h.join(".cache/transfuse")));
+    candidates.push((
+        "the fetch-nvrtc.sh wheel".into(),
+        cache.map(|c| c.join("nvrtc").join(WHEEL_INCLUDE)),
+    ));
+    candidates.extend(system.iter().map(|d| (String::new(), Some(d.clone()))));
+    let mut searched = vec![];
+    for (what, dir) in candidates {
+        match dir {
+            Some(d) if d.join("cuda_fp16.h").is_file() => return Ok(d),
+            Some(d) if what.is_empty() => searched.push(d.display().to_string()),
+            Some(d) => searched.push(format!("{what} = {}", d.display())),
+            None => searched.push(format!("{what} (unset)")),
+        }
+    }
+    Err(searched)
+}
+
+/// Where the `nvidia-cuda-runtime-cu12` wheel keeps the headers, under a site-packages folder
+/// (or `scripts/fetch-nvrtc.sh`'s target).
+const WHEEL_INCLUDE: &str = "nvidia/cuda_runtime/include";
+
+/// This machine's fixed places for the CUDA headers: `/usr/local/cuda/include`, then the wheel
+/// in the site-packages of `$VIRTUAL_ENV`, `~/.local`, `/usr/local` and `/usr` (every
+/// `python3.*` under their `lib`, and Debian's `dist-packages`).
+pub fn system_include_dirs() -> Vec<PathBuf> {
+    let mut dirs = vec![PathBuf::from("/usr/local/cuda/include")];
+    let mut prefixes: Vec<PathBuf> = vec![];
+    if let Some(v) = std::env::var_os("VIRTUAL_ENV").filter(|v| !v.is_empty()) {
+        prefixes.push(v.into());
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        prefixes.push(PathBuf::from(h).join(".local"));
+    }
+    prefixes.extend(["/usr/local", "/usr"].map(PathBuf::from));
+    for prefix in prefixes {
+        let lib = prefix.join("lib");
+        let mut pythons: Vec<PathBuf> = std::fs::read_dir(&lib)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
+            .map(|e| e.path())
+            .collect();
+        pythons.sort();
+        for py in pythons {
+            for sp in ["site-packages", "dist-packages"] {
+                dirs.push(py.join(sp).join(WHEEL_INCLUDE));
+            }
+        }
+    }
+    dirs
+}
+
+/// Whether `src` includes a CUDA header NVRTC has no built-in copy of.
+fn needs_cuda_headers(src: &str) -> bool {
+    src.contains("cuda_fp16.h") || src.contains("cuda_bf16.h")
 }
 
 /// The options every compilation gets: the architecture and the CUDA include folder.
-fn base_options(arch: &str) -> Vec<String> {
+fn base_options(arch: &str, include: Option<&Path>) -> Vec<String> {
     let mut opts = vec![format!("--gpu-architecture={arch}")];
-    if let Some(dir) = cuda_include_dir() {
+    if let Some(dir) = include {
         opts.push(format!("--include-path={}", dir.display()));
     }
     opts
@@ -313,7 +405,17 @@ impl Program {
         };
         let c_src = CString::new(src).map_err(|_| nul("the source"))?;
         let c_name = CString::new(name).map_err(|_| nul("the name"))?;
-        let opts = base_options(arch)
+        let include = match search_cuda_include(&|k| std::env::var_os(k), &system_include_dirs()) {
+            Ok(dir) => Some(dir),
+            Err(searched) if needs_cuda_headers(src) => {
+                return Err(NvrtcError::NoCudaHeaders {
+                    name: name.to_string(),
+                    searched: searched.join(", "),
+                })
+            }
+            Err(_) => None,
+        };
+        let opts = base_options(arch, include.as_deref())
             .into_iter()
             .chain(extra.iter().map(|o| o.to_string()))
             .map(|o| CString::new(o.as_str()).map_err(|_| nul(&format!("option `{o}`"))))
@@ -557,9 +659,7 @@ ptxas info    : Compile time = 3.691 ms";
         }
     }
 
-    fn vars<'a>(
-        pairs: &'a [(&'a str, &'a std::path::Path)],
-    ) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
+    fn vars(pairs: Vec<(&'static str, PathBuf)>) -> impl Fn(&str) -> Option<OsString> {
         move |k| {
             pairs
                 .iter()
@@ -574,16 +674,19 @@ ptxas info    : Compile time = 3.691 ms";
         let include = tmp.0.join("include");
         std::fs::create_dir_all(&include).unwrap();
         std::fs::write(include.join("cuda_fp16.h"), "").unwrap();
-        let v = vars(&[("CUDA_HOME", &tmp.0)]);
+        let v = vars(vec![("CUDA_HOME", tmp.0.clone())]);
         assert_eq!(search_cuda_include(&v, &[]), Ok(include.clone()));
         // CUDA_PATH comes first, but only when it has the header.
         let empty = tmp.0.join("empty");
         std::fs::create_dir_all(&empty).unwrap();
-        let v = vars(&[("CUDA_PATH", &empty), ("CUDA_HOME", &tmp.0)]);
+        let v = vars(vec![
+            ("CUDA_PATH", empty.clone()),
+            ("CUDA_HOME", tmp.0.clone()),
+        ]);
         assert_eq!(search_cuda_include(&v, &[]), Ok(include.clone()));
         // So does a system folder (e.g. /usr/local/cuda/include) when no variable is set.
         assert_eq!(
-            search_cuda_include(&vars(&[]), &[empty.clone(), include.clone()]),
+            search_cuda_include(&vars(vec![]), &[empty.clone(), include.clone()]),
             Ok(include)
         );
     }
@@ -594,7 +697,7 @@ ptxas info    : Compile time = 3.691 ms";
         let include = tmp.0.join("nvrtc/nvidia/cuda_runtime/include");
         std::fs::create_dir_all(&include).unwrap();
         std::fs::write(include.join("cuda_fp16.h"), "").unwrap();
-        let v = vars(&[("TRANSFUSE_CACHE", &tmp.0)]);
+        let v = vars(vec![("TRANSFUSE_CACHE", tmp.0.clone())]);
         assert_eq!(search_cuda_include(&v, &[]), Ok(include));
     }
 
@@ -602,7 +705,7 @@ ptxas info    : Compile time = 3.691 ms";
     fn missing_cuda_headers_list_what_was_searched() {
         let tmp = Tmp::new("missing");
         let (a, b) = (tmp.0.join("a"), tmp.0.join("b"));
-        let v = vars(&[(INCLUDE_ENV, &a), ("CUDA_HOME", &b)]);
+        let v = vars(vec![(INCLUDE_ENV, a.clone()), ("CUDA_HOME", b.clone())]);
         let sys = tmp.0.join("sys");
         let searched = search_cuda_include(&v, std::slice::from_ref(&sys)).unwrap_err();
         let all = searched.join("; ");
@@ -618,6 +721,10 @@ ptxas info    : Compile time = 3.691 ms";
 
     #[test]
     fn base_options_name_the_architecture_first() {
-        assert_eq!(base_options("sm_90")[0], "--gpu-architecture=sm_90");
+        assert_eq!(base_options("sm_90", None)[0], "--gpu-architecture=sm_90");
+        assert_eq!(
+            base_options("sm_90", Some(Path::new("/x/include")))[1],
+            "--include-path=/x/include"
+        );
     }
 }
