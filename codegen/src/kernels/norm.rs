@@ -41,7 +41,10 @@
 //!
 //! The softmax mask is additive (`score + mask`, exactly like the CPU kernel: an `f32::MIN` mask
 //! keeps scores finite, so a fully masked row gives uniform probabilities; a `-inf` mask on a
-//! whole row gives NaN, as on the CPU). It is stored with the kernel's element type and read
+//! whole row gives NaN, as on the CPU). With f16/bf16 storage, where `f32::MIN` rounds to
+//! `-inf`, a mask value is read as `max(mask, f32::MIN)` (what the attention kernel does with
+//! `-inf`), so HF's `finfo(f32).min` padding still gives the CPU's uniform rows rather than NaN.
+//! It is stored with the kernel's element type and read
 //! broadcast through uniforms: element `(row, j)` of the scores reads
 //! `mask[term0(row) + term1(row) + j·mask_col_stride]` with
 //! `termK(row) = ((row / mask_divK) % mask_modK) · mask_strideK`. Two terms cover every mask
@@ -675,7 +678,15 @@ pub fn softmax(cfg: &SoftmaxCfg, tune: &Tune, limits: &Limits) -> Result<Generat
         let x = ld("x", var("base") + j.clone());
         let x = if scale != 1.0 { x * f(scale) } else { x };
         if mask {
-            x + ld("mask", var("mbase") + j * uni("mask_col_stride"))
+            let m = ld("mask", var("mbase") + j * uni("mask_col_stride"));
+            // f16/bf16 round HF's `finfo(f32).min` fill to -inf: read it back as f32::MIN, as
+            // the attention kernel does, so a fully masked row stays finite (uniform).
+            let m = if e == Elem::F32 {
+                m
+            } else {
+                m.max(f(f32::MIN))
+            };
+            x + m
         } else {
             x
         }
