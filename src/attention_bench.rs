@@ -370,7 +370,7 @@ pub fn graph(cfg: &AttnConfig) -> Result<Graph, Error> {
 
 /// The graph `variant` runs (optimizer options from the environment, as sessions use).
 pub fn variant_graph(g: &Graph, variant: Variant) -> Result<Graph, Error> {
-    let mut opts = passes::Options::from_env();
+    let mut opts = passes::Options::from_env()?;
     match variant {
         Variant::Primitive => return Ok(g.clone()),
         Variant::Unfused => opts.families.retain(|f| f != "attention"),
