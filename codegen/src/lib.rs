@@ -55,6 +55,24 @@ pub enum CodegenError {
     /// A plan that cannot be made or run (bad options, unbound dims, missing buffers).
     #[error("plan: {0}")]
     Plan(String),
+    /// A tensor too large for the kernels' 32-bit indices at the bound dims (or, with constant
+    /// sizes, when lowering).
+    #[error(
+        "tensor `{tensor}` has {elements} elements at these dims, more than kernel `{kernel}` \
+         can index ({why}: at most {max})"
+    )]
+    IndexOverflow {
+        /// The plan buffer (graph input, weight or output name, `t<node>` for intermediates).
+        tensor: String,
+        /// Its element count.
+        elements: u64,
+        /// The kernel that binds it.
+        kernel: String,
+        /// The most elements the kernel can index at this launch.
+        max: u64,
+        /// What limits it.
+        why: &'static str,
+    },
     /// An op the lowering has no kernel for.
     #[error("op `{op}` (node %{node}): {msg}")]
     Unsupported {

@@ -4,6 +4,7 @@
 
 use transfuse_codegen::kir::Elem;
 use transfuse_codegen::lower::{lower, LowerOptions, Plan, Target};
+use transfuse_codegen::CodegenError;
 use transfuse_ir::{shape, Bindings, Builder, DType, Dim, Op, UnaryOp};
 
 fn dims(v: &[(&str, usize)]) -> Bindings {
@@ -27,12 +28,40 @@ fn an_elementwise_kernel_takes_2_pow_32_minus_1_elements_and_refuses_2_pow_32() 
     // 65537 · 65535 = 2^32 − 1: every index fits.
     let fits = dims(&[("a", 65537), ("b", 65535)]);
     assert_eq!(plan.buffer_len("y", &fits).unwrap(), (1usize << 32) - 1);
-    plan.launch_args(0, &fits).expect("2^32 - 1 elements fit u32 indices");
+    plan.launch_args(0, &fits)
+        .expect("2^32 - 1 elements fit u32 indices");
     // 65536 · 65536 = 2^32: the last index would wrap to 0.
     let wraps = dims(&[("a", 65536), ("b", 65536)]);
-    let e = plan.launch_args(0, &wraps).unwrap_err().to_string();
+    let e = plan.launch_args(0, &wraps).unwrap_err();
+    assert!(
+        matches!(&e, CodegenError::IndexOverflow { tensor, elements: 4294967296, max: 4294967295, .. } if tensor == "x"),
+        "{e:?}"
+    );
+    let e = e.to_string();
     assert!(e.contains("tensor `x` has 4294967296 elements"), "{e}");
     assert!(e.contains("32-bit"), "{e}");
+}
+
+#[test]
+fn constant_sizes_too_large_fail_when_lowering() {
+    let mut b = Builder::new();
+    let x = b
+        .input("x", shape([65536usize, 65536]), DType::F32)
+        .unwrap();
+    let y = b.unary(UnaryOp::Exp, x).unwrap();
+    b.output("y", y);
+    let e = lower(&b.finish(), &LowerOptions::new(Target::Cuda, Elem::F32)).unwrap_err();
+    assert!(
+        matches!(&e, CodegenError::IndexOverflow { tensor, .. } if tensor == "x"),
+        "{e:?}"
+    );
+    let mut b = Builder::new();
+    let x = b
+        .input("x", shape([65537usize, 65535]), DType::F32)
+        .unwrap();
+    let y = b.unary(UnaryOp::Exp, x).unwrap();
+    b.output("y", y);
+    lower(&b.finish(), &LowerOptions::new(Target::Cuda, Elem::F32)).expect("2^32 - 1 fits");
 }
 
 #[test]

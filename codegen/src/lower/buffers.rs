@@ -1,13 +1,14 @@
 //! Typed buffer ids. Every buffer the lowering makes is a [`BufId`], an index into one table
 //! ([`BufferTable`], which becomes [`Plan::buffers`](super::Plan::buffers) in the same order).
-//! Views, kernel bindings, producers and placement refer to buffers by id only; a buffer's
-//! name lives in the table alone and is given to the kernels' bindings once, when the plan is
+//! Views, kernel bindings ([`PlanKernel::buffer_ids`](super::PlanKernel::buffer_ids)), producers
+//! and placement refer to buffers by id only; a buffer's name lives in the table alone and is
+//! copied into the kernels' [`bindings`](super::PlanKernel::bindings) once, when the plan is
 //! finished. So naming a buffer after a graph output (or anything else) cannot leave a stale
 //! name behind in some map.
 
 use transfuse_ir::{DType, Shape};
 
-use super::plan::{BufferKind, PlanBuffer, PlanKernel, Variant};
+use super::plan::{BufferKind, PlanBuffer, PlanKernel};
 use crate::kir::Elem;
 
 /// A buffer of a plan: its index in [`Plan::buffers`](super::Plan::buffers).
@@ -94,25 +95,11 @@ impl BufferTable {
         ids.iter().map(|&b| self.get(b).name.clone()).collect()
     }
 
-    /// `k` with its bindings (and its decode variant's) given their final names.
-    pub(super) fn name_kernel(&self, k: PlanKernel<BufId>) -> PlanKernel {
-        PlanKernel {
-            bindings: self.names(&k.bindings),
-            decode: k.decode.map(|v| {
-                Box::new(Variant {
-                    bindings: self.names(&v.bindings),
-                    gen: v.gen,
-                    uniforms: v.uniforms,
-                    when_one: v.when_one,
-                })
-            }),
-            gen: k.gen,
-            nodes: k.nodes,
-            ops: k.ops,
-            uniforms: k.uniforms,
-            phase: k.phase,
-            bytes: k.bytes,
-            flops: k.flops,
+    /// Gives `k`'s bindings (and its decode variant's) the names of their buffer ids.
+    pub(super) fn name_bindings(&self, k: &mut PlanKernel) {
+        k.bindings = self.names(&k.buffer_ids);
+        if let Some(v) = k.decode.as_deref_mut() {
+            v.bindings = self.names(&v.buffer_ids);
         }
     }
 }

@@ -179,7 +179,8 @@ impl Lower<'_> {
                 let (bindings, uniforms) = dkb.finish(&cfg.name("gemv"))?;
                 Some(Box::new(Variant {
                     gen: dkb.gen,
-                    bindings,
+                    bindings: vec![],
+                    buffer_ids: bindings,
                     uniforms,
                     when_one: rows,
                 }))
@@ -311,7 +312,8 @@ impl Lower<'_> {
                 let (bindings, uniforms) = dkb.finish(&cfg.kernel_name(true))?;
                 Some(Box::new(Variant {
                     gen: dkb.gen,
-                    bindings,
+                    bindings: vec![],
+                    buffer_ids: bindings,
                     uniforms,
                     when_one: Poly::dim(&sq),
                 }))

@@ -13,7 +13,7 @@ use transfuse_ir::{Act, DType, Dim, Graph, NodeId, Op, Shape};
 use super::buffers::{BufId, BufferTable};
 use super::cluster::{GatherSrc, Ids, Leaf, Tree};
 use super::kernel::Kb;
-use super::plan::*;
+use super::plan::{index_overflow, *};
 use super::{place, View};
 use crate::kernels::norm::NormKind;
 use crate::kir::*;
@@ -53,7 +53,7 @@ pub(super) struct Lower<'a> {
     pub(super) done: Vec<bool>,
     pub(super) buffers: BufferTable,
     /// Kernels in emission order (prepare and forward mixed).
-    pub(super) kernels: Vec<PlanKernel<BufId>>,
+    pub(super) kernels: Vec<PlanKernel>,
     pub(super) aliases: Vec<Alias>,
     /// Buffer → index of the kernel that writes it.
     pub(super) producer: HashMap<BufId, usize>,
@@ -189,7 +189,7 @@ impl<'a> Lower<'a> {
         &mut self,
         mut kb: Kb,
         base: &str,
-        decode: Option<Box<Variant<BufId>>>,
+        decode: Option<Box<Variant>>,
     ) -> Result<(), CodegenError> {
         let (bindings, uniforms) = kb.finish(base)?;
         let phase = if kb.nodes.iter().all(|n| self.weight_only[n.index()]) {
@@ -207,7 +207,8 @@ impl<'a> Lower<'a> {
             gen: kb.gen,
             nodes: kb.nodes,
             ops,
-            bindings,
+            bindings: vec![],
+            buffer_ids: bindings,
             uniforms,
             phase,
             bytes: kb.bytes,
@@ -458,6 +459,19 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Plan, CodegenError> {
             .collect()
     };
     let (inputs, weights) = (io(BufferKind::Input), io(BufferKind::Weight));
+    // Constant sizes the kernels' 32-bit indices cannot reach fail now, not at the first launch.
+    for k in &l.kernels {
+        let variant = k.decode.as_deref().map(|v| (&v.gen.kernel, &v.buffer_ids));
+        for (kernel, ids) in std::iter::once((&k.gen.kernel, &k.buffer_ids)).chain(variant) {
+            for &id in ids {
+                let b = l.buffers.get(id);
+                if let Some(n) = b.len().as_const().filter(|&n| n > i64::from(u32::MAX)) {
+                    let max = u128::from(u32::MAX);
+                    return Err(index_overflow(&b.name, n, &kernel.name, max, false));
+                }
+            }
+        }
+    }
     // Bindings get their names now that every name is final; the prepare phase goes first.
     let (prepare, forward): (Vec<_>, Vec<_>) = l
         .kernels
@@ -466,7 +480,10 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Plan, CodegenError> {
     let kernels = prepare
         .into_iter()
         .chain(forward)
-        .map(|k| l.buffers.name_kernel(k))
+        .map(|mut k| {
+            l.buffers.name_bindings(&mut k);
+            k
+        })
         .collect();
     Ok(Plan {
         target: opts.target,

@@ -435,12 +435,12 @@ impl Lower<'_> {
         let kernel = &mut self.kernels[ki];
         let bytes = site.rewrite(
             &mut kernel.gen,
-            &mut kernel.bindings,
+            &mut kernel.buffer_ids,
             &mut kernel.uniforms,
             &base,
         );
         if let Some(v) = kernel.decode.as_deref_mut() {
-            site.rewrite(&mut v.gen, &mut v.bindings, &mut v.uniforms, &decode_base);
+            site.rewrite(&mut v.gen, &mut v.buffer_ids, &mut v.uniforms, &decode_base);
         }
         let jobs = jobs0 + copied.len();
         kernel.nodes.push(id);

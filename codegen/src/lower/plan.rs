@@ -6,7 +6,7 @@
 
 use transfuse_ir::{Bindings, DType, NodeId, Shape};
 
-use super::{Poly, View};
+use super::{BufId, Poly, View};
 use crate::kernels::norm;
 use crate::kernels::{Generated, Limits};
 use crate::kir::*;
@@ -202,18 +202,20 @@ pub enum Phase {
     Forward,
 }
 
-/// One kernel launch of the plan. `B` is how a binding names its buffer: by name in a
-/// finished plan, by [`BufId`](super::BufId) while lowering.
+/// One kernel launch of the plan.
 #[derive(Clone, Debug, PartialEq)]
-pub struct PlanKernel<B = String> {
+pub struct PlanKernel {
     /// The kernel, its grid (in terms of its uniforms) and tunables.
     pub gen: Generated,
     /// The IR nodes it computes.
     pub nodes: Vec<NodeId>,
     /// Their op names.
     pub ops: Vec<String>,
-    /// Plan buffer bound to each kernel buffer parameter, in parameter order.
-    pub bindings: Vec<B>,
+    /// Name of the plan buffer bound to each kernel buffer parameter, in parameter order (the
+    /// names of `buffer_ids`, given when the plan is finished).
+    pub bindings: Vec<String>,
+    /// The same buffers by id (index into [`Plan::buffers`]).
+    pub buffer_ids: Vec<BufId>,
     /// How to compute each uniform, in `gen.kernel.uniforms` order.
     pub uniforms: Vec<UniformExpr>,
     /// Prepare (once) or forward.
@@ -224,10 +226,10 @@ pub struct PlanKernel<B = String> {
     pub flops: Poly,
     /// The decode variant of an attention kernel whose query length is symbolic (None for
     /// every other kernel): see [`Plan::use_decode`].
-    pub decode: Option<Box<Variant<B>>>,
+    pub decode: Option<Box<Variant>>,
 }
 
-impl<B> PlanKernel<B> {
+impl PlanKernel {
     /// The entry-point name.
     pub fn entry(&self) -> &str {
         &self.gen.kernel.name
@@ -240,7 +242,7 @@ impl<B> PlanKernel<B> {
 
     /// What is launched: the decode variant's kernel, bindings and uniform expressions when
     /// `decode` (None without a variant), else the main kernel's.
-    pub fn launched(&self, decode: bool) -> Option<(&Generated, &[B], &[UniformExpr])> {
+    pub fn launched(&self, decode: bool) -> Option<(&Generated, &[String], &[UniformExpr])> {
         if decode {
             let v = self.decode.as_deref()?;
             Some((&v.gen, &v.bindings, &v.uniforms))
@@ -253,11 +255,13 @@ impl<B> PlanKernel<B> {
 /// An alternative kernel for the same nodes, launched instead of the main one when `when_one`
 /// evaluates to 1 (attention's query length: the decode kernel).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Variant<B = String> {
+pub struct Variant {
     /// The kernel, its grid (in terms of its uniforms) and tunables.
     pub gen: Generated,
-    /// Plan buffer bound to each kernel buffer parameter, in parameter order.
-    pub bindings: Vec<B>,
+    /// Name of the plan buffer bound to each kernel buffer parameter, in parameter order.
+    pub bindings: Vec<String>,
+    /// The same buffers by id (index into [`Plan::buffers`]).
+    pub buffer_ids: Vec<BufId>,
     /// How to compute each uniform, in `gen.kernel.uniforms` order.
     pub uniforms: Vec<UniformExpr>,
     /// The variant replaces the main kernel when this evaluates to 1.
@@ -457,6 +461,72 @@ impl Plan {
             grid[a] =
                 u32::try_from(g).map_err(|_| kerr(format!("grid axis {a} = {g} exceeds u32")))?;
         }
+        let ids = match &pk.decode {
+            Some(v) if decode => &v.buffer_ids,
+            _ => &pk.buffer_ids,
+        };
+        self.check_indices(&gen.kernel, ids, grid, b)?;
         Ok((vals, grid))
+    }
+
+    /// Kernels index with u32: every tensor a kernel binds must have at most `u32::MAX`
+    /// elements at the dims `b`, and in a grid-stride kernel (one that reads the workgroup
+    /// count) an index plus one stride of the whole `grid` must stay below 2^32 as well (a
+    /// launcher that clamps the grid only shortens the stride). Else
+    /// [`CodegenError::IndexOverflow`] naming the tensor and the kernel.
+    pub fn check_indices(
+        &self,
+        kernel: &Kernel,
+        ids: &[BufId],
+        grid: [u32; 3],
+        b: &Bindings,
+    ) -> Result<(), CodegenError> {
+        let threads: u128 =
+            grid.iter().map(|&g| u128::from(g)).product::<u128>() * u128::from(kernel.threads());
+        let strided = kernel.any_expr(&|e| matches!(e, Expr::Builtin(Builtin::NumWorkgroups(_))));
+        let max = if strided {
+            (1u128 << 32).saturating_sub(threads)
+        } else {
+            u128::from(u32::MAX)
+        };
+        // The largest tensor: a loop runs over at most its elements.
+        let mut largest: Option<(i64, &str)> = None;
+        for &id in ids {
+            let buf = self
+                .buffers
+                .get(id.index())
+                .ok_or_else(|| plan_err(format!("kernel `{}`: no buffer {id:?}", kernel.name)))?;
+            let n = buf.len().eval(b)?;
+            if largest.is_none_or(|(m, _)| n > m) {
+                largest = Some((n, &buf.name));
+            }
+        }
+        match largest {
+            Some((n, name)) if u128::try_from(n).unwrap_or(0) > max => {
+                Err(index_overflow(name, n, &kernel.name, max, strided))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The error of a tensor of `n` elements that kernel `kernel` cannot index (at most `max`).
+pub(super) fn index_overflow(
+    tensor: &str,
+    n: i64,
+    kernel: &str,
+    max: u128,
+    strided: bool,
+) -> CodegenError {
+    CodegenError::IndexOverflow {
+        tensor: tensor.to_string(),
+        elements: n.unsigned_abs(),
+        kernel: kernel.to_string(),
+        max: u64::try_from(max).unwrap_or(u64::MAX),
+        why: if strided {
+            "32-bit indices and its grid-stride loop"
+        } else {
+            "32-bit indices"
+        },
     }
 }
