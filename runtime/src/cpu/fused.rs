@@ -8,6 +8,9 @@
 //!
 //! Attention computes one `[rows, sk]` block of scores per (batch, head, block of at most
 //! [`ATTN_ROWS`] queries) at a time and never holds the whole `[.., sq, sk]` score tensor.
+//!
+//! With `fast`, attention is `flash::attention` and the fused matmul `gemm::matmul` with the
+//! epilogue applied per block of rows; the same epilogue arithmetic as here.
 
 use std::sync::Arc;
 
@@ -15,6 +18,8 @@ use rayon::prelude::*;
 use transfuse_ir::{Act, Op, Tensor};
 
 use super::kernels::{broadcast_strides, for_rows, gemm, gemm_strided, matmul, row_offset};
+use super::simd;
+use super::{flash, gemm as fast_gemm};
 
 /// Queries per attention work item: one score block is `ATTN_ROWS × sk` floats.
 pub const ATTN_ROWS: usize = 64;
@@ -23,7 +28,12 @@ pub const ATTN_ROWS: usize = 64;
 const PAR_MIN: usize = 1 << 15;
 
 /// Evaluates a fused op on f32 operands into a buffer of `out_shape`.
-pub fn eval(op: &Op, args: &[Arc<Tensor>], out_shape: &[usize]) -> Result<Vec<f32>, String> {
+pub fn eval(
+    op: &Op,
+    args: &[Arc<Tensor>],
+    out_shape: &[usize],
+    fast: bool,
+) -> Result<Vec<f32>, String> {
     if args.iter().any(|a| a.as_f32().is_none()) {
         return Err("operands must be f32".into());
     }
@@ -37,7 +47,7 @@ pub fn eval(op: &Op, args: &[Arc<Tensor>], out_shape: &[usize]) -> Result<Vec<f3
             scale,
             causal,
             window,
-        } => attention(
+        } => (if fast { flash::attention } else { attention })(
             &args[0],
             &args[1],
             &args[2],
@@ -79,6 +89,7 @@ pub fn eval(op: &Op, args: &[Arc<Tensor>], out_shape: &[usize]) -> Result<Vec<f3
                 bias.map(|b| Bcast::new(b, out_shape)),
                 residual.map(|r| Bcast::new(r, out_shape)),
                 out_shape,
+                fast,
             )
         }
         other => return Err(format!("`{}` is not a fused op", other.name())),
@@ -156,10 +167,10 @@ fn softmax(x: &[f32], mask: Option<Bcast>, scale: f32, out: &[usize]) -> Vec<f32
 
 /// Attention's score transform: scale, then the causal / window mask.
 #[derive(Clone, Copy)]
-struct Mask {
-    scale: f32,
-    causal: bool,
-    window: Option<usize>,
+pub(crate) struct Mask {
+    pub(crate) scale: f32,
+    pub(crate) causal: bool,
+    pub(crate) window: Option<usize>,
 }
 
 fn attention(
@@ -372,6 +383,7 @@ fn fused_matmul(
     bias: Option<Bcast>,
     residual: Option<Bcast>,
     out: &[usize],
+    fast: bool,
 ) -> Vec<f32> {
     let (ra, rb) = (a.shape.len(), w.shape.len());
     let (m, k, n) = (a.shape[ra - 2], a.shape[ra - 1], w.shape[rb - 1]);
@@ -381,21 +393,10 @@ fn fused_matmul(
         v.extend_from_slice(s);
         v
     };
-    let mut c = matmul(
-        f32s(a),
-        &pad(&a.shape[..ra - 2]),
-        f32s(w),
-        &pad(&w.shape[..rb - 2]),
-        out_batch,
-        m,
-        k,
-        n,
-    );
-    if bias.is_none() && residual.is_none() && act == Act::Identity {
-        return c;
-    }
+    let (pa, pw) = (pad(&a.shape[..ra - 2]), pad(&w.shape[..rb - 2]));
     let consts = ActConsts::new();
-    for_rows(&mut c, n, |r, row| {
+    let plain = bias.is_none() && residual.is_none() && act == Act::Identity;
+    let epilogue = |r: usize, row: &mut [f32]| {
         let bb = bias.as_ref().map(|b| (b, b.row(r, out)));
         let rr = residual.as_ref().map(|x| (x, x.row(r, out)));
         for (j, o) in row.iter_mut().enumerate() {
@@ -409,6 +410,34 @@ fn fused_matmul(
             }
             *o = y;
         }
-    });
+    };
+    if fast {
+        // The same steps, a row at a time and vectorised.
+        let add = |x: &Bcast, r: usize, row: &mut [f32]| {
+            let base = x.row(r, out);
+            if x.step == 1 {
+                simd::add(row, &x.data[base..base + row.len()]);
+            } else {
+                for (j, o) in row.iter_mut().enumerate() {
+                    *o += x.at(base, j);
+                }
+            }
+        };
+        let vectorised = |r: usize, row: &mut [f32]| {
+            if let Some(b) = &bias {
+                add(b, r, row);
+            }
+            simd::act(act, row);
+            if let Some(x) = &residual {
+                add(x, r, row);
+            }
+        };
+        let epi: Option<fast_gemm::Epilogue> = if plain { None } else { Some(&vectorised) };
+        return fast_gemm::matmul(f32s(a), &pa, f32s(w), &pw, out_batch, m, k, n, epi);
+    }
+    let mut c = matmul(f32s(a), &pa, f32s(w), &pw, out_batch, m, k, n);
+    if !plain {
+        for_rows(&mut c, n, epilogue);
+    }
     c
 }

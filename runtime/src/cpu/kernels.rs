@@ -1,4 +1,5 @@
-//! CPU kernels over contiguous row-major buffers. Large loops split across rayon's pool by rows.
+//! CPU kernels over contiguous row-major buffers, the reference implementations (plain loops;
+//! large loops split across rayon's pool by rows). The fast paths are in `gemm` and `flash`.
 
 use rayon::prelude::*;
 
@@ -286,23 +287,27 @@ pub fn gemm_strided(
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: the asserts above bound every access sgemm makes with these dims and strides.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            0.0,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
+    // Plain loops: every element is `Σ_p a[i,p]·b[p,j]` summed from 0 in order of `p`, by
+    // whichever loop order reads `b` contiguously; both orders round identically.
+    for (i, row) in c[..m * n].chunks_mut(n).enumerate() {
+        let ai = i * rsa;
+        if csb == 1 {
+            row.fill(0.0);
+            for p in 0..k {
+                let x = a[ai + p * csa];
+                let bp = &b[p * rsb..p * rsb + n];
+                for (o, &y) in row.iter_mut().zip(bp) {
+                    *o += x * y;
+                }
+            }
+        } else {
+            for (j, o) in row.iter_mut().enumerate() {
+                let mut acc = 0f32;
+                for p in 0..k {
+                    acc += a[ai + p * csa] * b[p * rsb + j * csb];
+                }
+                *o = acc;
+            }
+        }
     }
 }

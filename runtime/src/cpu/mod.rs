@@ -1,7 +1,13 @@
 //! The CPU backend: executes any graph op by op in f32 (i64 for ids and positions, bool for
-//! comparisons). It is the executable specification every other backend is checked against,
-//! so it favours plain, obviously correct loops; matmul goes through `matrixmultiply` and large
-//! loops through rayon.
+//! comparisons). It is the executable specification every other backend is checked against.
+//!
+//! Two modes share everything but the heavy ops. [`CpuBackend::reference`] is plain,
+//! obviously correct loops (`kernels`, `fused`): matmul as an in-order sum, attention a block
+//! of full score rows at a time; it is the oracle the fast paths are tested against.
+//! [`CpuBackend::new`] (the default) runs matmuls and the fused matmul through `faer`'s packed,
+//! threaded GEMM with the epilogue applied per block of rows (`gemm`), and attention as a
+//! flash kernel (`flash`: query × key blocks, online softmax, masked-out key blocks skipped,
+//! SIMD `exp` chosen at run time). Both use rayon's global pool (`RAYON_NUM_THREADS`).
 //!
 //! Intermediate tensors are dropped after their last use, so peak memory follows liveness.
 
@@ -17,19 +23,41 @@ use std::time::Instant;
 
 use crate::{bind_inputs, Backend, KernelTime, Loaded, RuntimeError, TensorMap};
 
+pub mod flash;
 pub mod fused;
+pub mod gemm;
 pub mod kernels;
+pub mod simd;
 
 use kernels::{broadcast_strides, map1, map2, matmul, reduce, strided_copy, strides};
 
-/// The CPU reference backend.
-#[derive(Clone, Debug, Default)]
-pub struct CpuBackend;
+/// The CPU backend (see the module docs for its two modes).
+#[derive(Clone, Debug)]
+pub struct CpuBackend {
+    fast: bool,
+}
+
+impl Default for CpuBackend {
+    /// The fast mode, as [`CpuBackend::new`].
+    fn default() -> CpuBackend {
+        CpuBackend { fast: true }
+    }
+}
 
 impl CpuBackend {
-    /// A CPU backend on rayon's global pool.
+    /// The fast CPU backend (faer GEMM, flash attention) on rayon's global pool.
     pub fn new() -> CpuBackend {
-        CpuBackend
+        CpuBackend { fast: true }
+    }
+
+    /// The reference implementation: plain loops for every op, the oracle of the fast paths.
+    pub fn reference() -> CpuBackend {
+        CpuBackend { fast: false }
+    }
+
+    /// Whether this is the fast mode.
+    pub fn is_fast(&self) -> bool {
+        self.fast
     }
 }
 
@@ -40,7 +68,12 @@ impl Backend for CpuBackend {
 
     fn description(&self) -> String {
         format!(
-            "cpu (reference backend, {} rayon threads)",
+            "cpu ({}, {} rayon threads)",
+            if self.fast {
+                "faer GEMM, flash attention"
+            } else {
+                "reference loops"
+            },
             rayon::current_num_threads()
         )
     }
@@ -50,6 +83,7 @@ impl Backend for CpuBackend {
             graph: graph.clone(),
             weights: weights.clone(),
             carried: HashMap::new(),
+            fast: self.fast,
         }))
     }
 
@@ -59,7 +93,7 @@ impl Backend for CpuBackend {
         weights: &Weights,
         inputs: &TensorMap,
     ) -> Result<TensorMap, RuntimeError> {
-        run_graph(graph, weights, inputs, None)
+        run_graph(graph, weights, inputs, None, self.fast)
     }
 }
 
@@ -68,6 +102,7 @@ struct CpuProgram {
     graph: Graph,
     weights: Weights,
     carried: TensorMap,
+    fast: bool,
 }
 
 impl Loaded for CpuProgram {
@@ -80,7 +115,7 @@ impl Loaded for CpuProgram {
         for (k, v) in &self.carried {
             all.entry(k.clone()).or_insert_with(|| v.clone());
         }
-        let mut out = run_graph(&self.graph, &self.weights, &all, None)?;
+        let mut out = run_graph(&self.graph, &self.weights, &all, None, self.fast)?;
         for (o, i) in carry {
             if let Some(t) = out.remove(o) {
                 self.carried.insert(i.clone(), t);
@@ -95,7 +130,13 @@ impl Loaded for CpuProgram {
 
     fn profile(&mut self, inputs: &TensorMap) -> Result<Vec<KernelTime>, RuntimeError> {
         let mut times = vec![];
-        run_graph(&self.graph, &self.weights, inputs, Some(&mut times))?;
+        run_graph(
+            &self.graph,
+            &self.weights,
+            inputs,
+            Some(&mut times),
+            self.fast,
+        )?;
         Ok(times)
     }
 }
@@ -106,22 +147,28 @@ fn run_graph(
     weights: &Weights,
     inputs: &TensorMap,
     mut times: Option<&mut Vec<KernelTime>>,
+    fast: bool,
 ) -> Result<TensorMap, RuntimeError> {
     let bindings = bind_inputs(graph, inputs)?;
     let mut remaining = graph.use_counts();
     let mut values: Vec<Option<Arc<Tensor>>> = vec![None; graph.len()];
     for (id, node) in graph.nodes() {
+        // An operand at its last use is moved, not shared, so a reshape can take its buffer.
         let args: Vec<Arc<Tensor>> = node
             .inputs
             .iter()
             .map(|i| {
-                values[i.index()]
-                    .clone()
-                    .expect("operand computed before use")
+                let slot = &mut values[i.index()];
+                if remaining[i.index()] == 1 {
+                    slot.take()
+                } else {
+                    slot.clone()
+                }
+                .expect("operand computed before use")
             })
             .collect();
         let t0 = Instant::now();
-        let out = eval_node(id, node, &args, &bindings, weights, inputs)?;
+        let out = eval_node(id, node, args, &bindings, weights, inputs, fast)?;
         if let Some(times) = times.as_deref_mut() {
             if !node.inputs.is_empty() {
                 times.push(KernelTime {
@@ -132,7 +179,6 @@ fn run_graph(
             }
         }
         values[id.index()] = Some(out);
-        drop(args);
         for i in &node.inputs {
             remaining[i.index()] -= 1;
             if remaining[i.index()] == 0 {
@@ -162,10 +208,11 @@ fn op_err(id: NodeId, node: &Node, msg: impl Into<String>) -> RuntimeError {
 fn eval_node(
     id: NodeId,
     node: &Node,
-    args: &[Arc<Tensor>],
+    args: Vec<Arc<Tensor>>,
     bindings: &Bindings,
     weights: &Weights,
     inputs: &TensorMap,
+    fast: bool,
 ) -> Result<Arc<Tensor>, RuntimeError> {
     let out_shape = eval_shape(&node.shape, bindings)?;
     let t = |data: Data| {
@@ -278,23 +325,21 @@ fn eval_node(
                 v.extend_from_slice(s);
                 v
             };
-            let c = matmul(
-                av,
-                &pad(&a.shape[..ra - 2]),
-                bv,
-                &pad(&b.shape[..rb - 2]),
-                out_batch,
-                m,
-                k,
-                n,
-            );
+            let (pa, pb) = (pad(&a.shape[..ra - 2]), pad(&b.shape[..rb - 2]));
+            let c = if fast {
+                gemm::matmul(av, &pa, bv, &pb, out_batch, m, k, n, None)
+            } else {
+                matmul(av, &pa, bv, &pb, out_batch, m, k, n)
+            };
             t(Data::F32(c))
         }
         Op::Reshape { .. } => {
-            let x = &args[0];
+            let x = args.into_iter().next().expect("reshape has an operand");
+            // The operand's buffer when this was its last use, else a copy.
+            let data = Arc::try_unwrap(x).map_or_else(|x| x.data.clone(), |t| t.data);
             Ok(Arc::new(Tensor {
                 shape: out_shape,
-                data: x.data.clone(),
+                data,
             }))
         }
         Op::Permute { perm } => {
@@ -321,7 +366,7 @@ fn eval_node(
             let s = strides(&x.shape);
             t(copy_data(&x.data, st * s[*axis], &s, &out_shape))
         }
-        Op::Concat { axis } => t(concat(args, *axis, &out_shape)
+        Op::Concat { axis } => t(concat(&args, *axis, &out_shape)
             .ok_or_else(|| op_err(id, node, "operands differ in dtype"))?),
         Op::Gather => {
             let (table, ids) = (&args[0], &args[1]);
@@ -347,7 +392,8 @@ fn eval_node(
         Op::Cast { dtype } => t(cast(&args[0].data, *dtype)),
         op => {
             debug_assert!(op.is_fused());
-            let data = fused::eval(op, args, &out_shape).map_err(|msg| op_err(id, node, msg))?;
+            let data =
+                fused::eval(op, &args, &out_shape, fast).map_err(|msg| op_err(id, node, msg))?;
             t(Data::F32(data))
         }
     }

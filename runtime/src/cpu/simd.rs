@@ -1,0 +1,316 @@
+//! Vectorised row primitives for the fast CPU paths, with the instruction set chosen at run
+//! time: each loop is written once as plain lane-parallel Rust (`#[inline(always)]`) and
+//! compiled again inside `#[target_feature(enable = "avx2,fma")]` wrappers, picked by
+//! `is_x86_feature_detected!` on first use. Other targets (and x86 without AVX2) run the same
+//! loop compiled for the baseline (SSE2 on x86-64, NEON on aarch64). Never `target-cpu=native`.
+
+use std::sync::OnceLock;
+
+use transfuse_ir::Act;
+
+/// Lanes of the partial accumulators: 8 f32 = one AVX register (two SSE/NEON registers).
+const LANES: usize = 8;
+
+/// Inputs below this give 0 (`exp` underflows to a subnormal or zero there).
+const EXP_LO: f32 = -87.336_55;
+/// Inputs above this are clamped (2^128 would overflow the exponent bits).
+const EXP_HI: f32 = 88.376_26;
+
+/// `e^x` to about 2 ulp (Cephes' `expf` polynomial); `-inf` and anything below
+/// [`EXP_LO`] give exactly 0. Branch-free so that it vectorises.
+#[inline(always)]
+fn exp_approx(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Round to nearest by the 1.5·2^23 trick (no `round` call, exact for |v| < 2^22).
+    const MAGIC: f32 = 12_582_912.0;
+    // Not `clamp`: max/min map to vector instructions and let -inf through to the select.
+    #[allow(clippy::manual_clamp)]
+    let xc = x.max(EXP_LO).min(EXP_HI);
+    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let y = p * (r * r) + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let y = y * scale;
+    if x < EXP_LO {
+        0.0
+    } else {
+        y
+    }
+}
+
+#[inline(always)]
+fn exp_shift_sum_body(x: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = exp_approx(*v - m);
+            *a += *v;
+        }
+    }
+    let mut tail = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp_approx(*v - m);
+        tail += *v;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn max_body(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let mut best = f32::NEG_INFINITY;
+    for &v in acc.iter().chain(chunks.remainder()) {
+        best = if v > best { v } else { best };
+    }
+    best
+}
+
+#[inline(always)]
+fn scale_body(x: &mut [f32], s: f32) {
+    for v in x {
+        *v *= s;
+    }
+}
+
+/// `erf(x)` to within 5e-7 absolute (Abramowitz & Stegun 7.1.26, 1.5e-7, plus f32 rounding): used where
+/// it is added to 1, as in GELU, so the absolute error is what counts.
+#[inline(always)]
+fn erf_approx(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let mut p = 1.061_405_4f32;
+    p = p * t - 1.453_152_1;
+    p = p * t + 1.421_413_8;
+    p = p * t - 0.284_496_72;
+    p = p * t + 0.254_829_6;
+    let y = 1.0 - p * t * exp_approx(-a * a);
+    if x < 0.0 {
+        -y
+    } else {
+        y
+    }
+}
+
+/// `tanh(x)` as `1 - 2 / (e^(2x) + 1)`, odd-symmetric; about 1e-7 absolute.
+#[inline(always)]
+fn tanh_approx(x: f32) -> f32 {
+    let a = x.abs();
+    let y = 1.0 - 2.0 / (exp_approx(2.0 * a) + 1.0);
+    if x < 0.0 {
+        -y
+    } else {
+        y
+    }
+}
+
+#[inline(always)]
+fn act_body(kind: Act, x: &mut [f32]) {
+    const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    const CUBIC: f32 = 0.044_715;
+    const SQRT_2_PI: f32 = 0.797_884_6;
+    match kind {
+        Act::Identity => {}
+        Act::GeluErf => {
+            for v in x {
+                let y = *v;
+                *v = (y * 0.5) * (erf_approx(y * INV_SQRT2) + 1.0);
+            }
+        }
+        Act::GeluTanh => {
+            for v in x {
+                let y = *v;
+                let inner = y + ((y * y) * y) * CUBIC;
+                *v = (y * 0.5) * (tanh_approx(inner * SQRT_2_PI) + 1.0);
+            }
+        }
+        Act::Relu => {
+            for v in x {
+                *v = if *v > 0.0 { *v } else { 0.0 };
+            }
+        }
+        Act::Silu => {
+            for v in x {
+                let y = *v;
+                *v = y / (1.0 + exp_approx(-y));
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn add_body(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Level {
+    Baseline,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Level::Avx2;
+        }
+        Level::Baseline
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_shift_sum(x: &mut [f32], m: f32) -> f32 {
+        super::exp_shift_sum_body(x, m)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn max(x: &[f32]) -> f32 {
+        super::max_body(x)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scale(x: &mut [f32], s: f32) {
+        super::scale_body(x, s)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn act(kind: transfuse_ir::Act, x: &mut [f32]) {
+        super::act_body(kind, x)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn add(x: &mut [f32], y: &[f32]) {
+        super::add_body(x, y)
+    }
+}
+
+/// The instruction-set levels this machine runs these loops at (for reports).
+pub fn level_name() -> &'static str {
+    match level() {
+        Level::Baseline => "baseline",
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => "avx2+fma",
+    }
+}
+
+/// `x[j] = e^(x[j] - m)` in place; returns `Σ x[j]` (summed in lanes).
+pub fn exp_shift_sum(x: &mut [f32], m: f32) -> f32 {
+    match level() {
+        // SAFETY: the features were detected on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::exp_shift_sum(x, m) },
+        Level::Baseline => exp_shift_sum_body(x, m),
+    }
+}
+
+/// The largest element (`-inf` for an empty slice or all `-inf`); NaNs are skipped.
+pub fn max(x: &[f32]) -> f32 {
+    match level() {
+        // SAFETY: the features were detected on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::max(x) },
+        Level::Baseline => max_body(x),
+    }
+}
+
+/// `x[j] *= s` in place.
+pub fn scale(x: &mut [f32], s: f32) {
+    match level() {
+        // SAFETY: the features were detected on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::scale(x, s) },
+        Level::Baseline => scale_body(x, s),
+    }
+}
+
+/// The activation in place, vectorised (GELU's `erf`/`tanh` and SiLU's `exp` approximated to
+/// within 5e-7 absolute).
+pub fn act(kind: Act, x: &mut [f32]) {
+    match level() {
+        // SAFETY: the features were detected on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::act(kind, x) },
+        Level::Baseline => act_body(kind, x),
+    }
+}
+
+/// `x[j] += y[j]`.
+pub fn add(x: &mut [f32], y: &[f32]) {
+    match level() {
+        // SAFETY: the features were detected on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::add(x, y) },
+        Level::Baseline => add_body(x, y),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_2_ulp_of_std() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (exp_approx(x) as f64, (x as f64).exp());
+            worst = worst.max((got - want).abs() / want);
+            x += 0.000_37;
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst:e}");
+        assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_approx(-100.0), 0.0);
+        assert_eq!(exp_approx(0.0), 1.0);
+    }
+
+    #[test]
+    fn erf_and_tanh_are_within_5e7_absolute() {
+        let mut x = -9.0f32;
+        while x < 9.0 {
+            let e = erf_approx(x) as f64 - libm::erf(x as f64);
+            let t = tanh_approx(x) as f64 - (x as f64).tanh();
+            assert!(
+                e.abs() < 5e-7 && t.abs() < 5e-7,
+                "x={x}: erf {e:e}, tanh {t:e}"
+            );
+            x += 0.000_71;
+        }
+    }
+
+    #[test]
+    fn dispatched_loops_match_plain_ones() {
+        for n in [0, 1, 3, 8, 50, 129, 783] {
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.7)
+                .collect();
+            let want_max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&v), want_max);
+            let mut e = v.clone();
+            let s = exp_shift_sum(&mut e, want_max);
+            let want: Vec<f64> = v.iter().map(|&x| ((x - want_max) as f64).exp()).collect();
+            for (g, w) in e.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() <= 3e-7 * w, "{g} vs {w}");
+            }
+            let ws: f64 = want.iter().sum();
+            assert!((s as f64 - ws).abs() <= 1e-6 * (1.0 + ws));
+        }
+    }
+}

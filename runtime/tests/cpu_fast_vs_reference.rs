@@ -1,0 +1,434 @@
+//! The fast CPU paths (`CpuBackend::new()`: faer GEMM with epilogues, flash attention) against
+//! the reference loops (`CpuBackend::reference()`) on the same graphs, at sizes 1, 3, 50, 129
+//! and 783, batched and broadcast operands, one-row products, and magnitudes ×100.
+//!
+//! Tolerances, per element:
+//! - matmul and fused matmul: `|fast - ref| <= 3·k·ε·Σ_p |a_ip·b_pj| + 1e-6·(1 + |ref|)`, with
+//!   ε = 2⁻²⁴: twice the textbook bound on a k-term f32 dot product's rounding error (each side
+//!   is within `k·ε·Σ|a·b|` of the exact value whatever its summation order), a margin for the
+//!   epilogue's rounding, measured far below it;
+//! - attention: `|fast - ref| <= 1e-5·(max|v| + |ref|)` — the fused-vs-decomposition tolerance
+//!   `1e-5·(1 + |ref|)` with v's scale in place of 1, since an output is a convex combination
+//!   of v rows (online softmax and a 2-ulp vectorised `exp` against one pass with `f32::exp`);
+//!   v ×100 and q ×10 for large magnitudes: a score's own rounding differs between any two
+//!   summation orders (faer's FMA blocks, the reference's in-order sum) by a few ulps, and with
+//!   scores in the hundreds (q ×100) that alone moves the softmax by more than 1e-5 whatever the
+//!   kernel. Scores in the thousands are covered by fused_vs_decomposition.rs, where the flash
+//!   kernel and the decomposition's matmul round the scores alike.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use transfuse_ir::{shape, Act, DType, Dim, Graph, NodeId, Op, Scalar, Tensor, Weights};
+use transfuse_runtime::{Backend, CpuBackend, TensorMap};
+
+fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+struct Case {
+    g: Graph,
+    inputs: TensorMap,
+    weights: Weights,
+    seed: u64,
+}
+
+impl Case {
+    fn new(seed: u64) -> Case {
+        Case {
+            g: Graph::new(),
+            inputs: HashMap::new(),
+            weights: HashMap::new(),
+            seed,
+        }
+    }
+
+    fn input_data(&mut self, name: &str, s: &[usize], data: Vec<f32>) -> NodeId {
+        let mut dims: Vec<Dim> = shape(s.iter().copied());
+        if s.len() > 2 {
+            dims[0] = Dim::sym("batch");
+        }
+        let id = self
+            .g
+            .add(
+                Op::Input {
+                    name: name.into(),
+                    shape: dims,
+                    dtype: DType::F32,
+                },
+                &[],
+            )
+            .unwrap();
+        self.inputs
+            .insert(name.into(), Tensor::f32(s.to_vec(), data));
+        id
+    }
+
+    fn input(&mut self, name: &str, s: &[usize], scale: f32) -> NodeId {
+        self.seed += 1;
+        let data = rand_vec(s.iter().product(), self.seed, scale);
+        self.input_data(name, s, data)
+    }
+
+    fn weight(&mut self, name: &str, s: &[usize], scale: f32) -> NodeId {
+        self.seed += 1;
+        let data = rand_vec(s.iter().product(), self.seed, scale);
+        self.weights
+            .insert(name.into(), Arc::new(Tensor::f32(s.to_vec(), data)));
+        self.g
+            .add(
+                Op::Weight {
+                    name: name.into(),
+                    shape: shape(s.iter().copied()),
+                },
+                &[],
+            )
+            .unwrap()
+    }
+
+    fn get(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let t = self
+            .inputs
+            .get(name)
+            .or_else(|| self.weights.get(name).map(|w| &**w))
+            .unwrap();
+        (t.shape.clone(), t.as_f32().unwrap().to_vec())
+    }
+
+    /// Runs output `y` on both modes: (fast, reference).
+    fn run(mut self, y: NodeId) -> (Self, Vec<f32>, Vec<f32>) {
+        self.g.set_output("y", y);
+        let go = |cpu: CpuBackend| {
+            let out = cpu.run(&self.g, &self.weights, &self.inputs).unwrap();
+            out["y"].as_f32().unwrap().to_vec()
+        };
+        let fast = go(CpuBackend::new());
+        let reference = go(CpuBackend::reference());
+        (self, fast, reference)
+    }
+}
+
+/// `Σ_p |a_ip·b_pj|` for `a [batch, m, k]` (batch 1 broadcasts) and `b [batch|1, k, n]`.
+#[allow(clippy::too_many_arguments)]
+fn abs_product(
+    a: &[f32],
+    b: &[f32],
+    batch: usize,
+    a_batched: bool,
+    b_batched: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Vec<f64> {
+    let mut out = vec![0f64; batch * m * n];
+    for bi in 0..batch {
+        let ao = if a_batched { bi * m * k } else { 0 };
+        let bo = if b_batched { bi * k * n } else { 0 };
+        for i in 0..m {
+            for p in 0..k {
+                let x = (a[ao + i * k + p] as f64).abs();
+                for j in 0..n {
+                    out[(bi * m + i) * n + j] += x * (b[bo + p * n + j] as f64).abs();
+                }
+            }
+        }
+    }
+    out
+}
+
+fn check_gemm(label: &str, fast: &[f32], reference: &[f32], bound: &[f64], k: usize) -> f64 {
+    assert_eq!(fast.len(), reference.len(), "{label}: length");
+    let eps = f32::EPSILON as f64 / 2.0;
+    let mut worst = 0f64;
+    for (i, ((&f, &r), &s)) in fast.iter().zip(reference).zip(bound).enumerate() {
+        assert!(f.is_finite(), "{label}: element {i} = {f}");
+        let diff = (f as f64 - r as f64).abs();
+        let tol = 3.0 * k as f64 * eps * s + 1e-6 * (1.0 + (r as f64).abs());
+        assert!(
+            diff <= tol,
+            "{label}: element {i}: fast {f}, reference {r}, tol {tol:e}"
+        );
+        worst = worst.max(diff / tol);
+    }
+    worst
+}
+
+/// (m, k, n) triples over the odd sizes, bounded so the f64 bound stays cheap.
+fn shapes() -> Vec<(usize, usize, usize)> {
+    vec![
+        (1, 1, 1),
+        (3, 3, 3),
+        (1, 783, 129),
+        (1, 50, 783),
+        (3, 129, 50),
+        (50, 783, 3),
+        (129, 50, 783),
+        (783, 129, 50),
+        (129, 129, 129),
+        (783, 3, 129),
+    ]
+}
+
+#[test]
+fn matmul_fast_matches_reference() {
+    let mut worst = 0f64;
+    for (si, &(m, k, n)) in shapes().iter().enumerate() {
+        for mag in [1.0, 100.0] {
+            // Activations [batch, m, k] against a shared weight [k, n] (rows folded), and a
+            // batched product [batch, m, k] × [batch, k, n] (one product per batch).
+            for batched_b in [false, true] {
+                let batch = if m * k * n > 1_000_000 { 1 } else { 3 };
+                let mut c = Case::new(si as u64 * 10 + batched_b as u64);
+                let a = c.input("a", &[batch, m, k], mag);
+                let b = if batched_b {
+                    c.input("b", &[batch, k, n], mag)
+                } else {
+                    c.weight("b", &[k, n], mag)
+                };
+                let y = c.g.add(Op::MatMul, &[a, b]).unwrap();
+                let (c, fast, reference) = c.run(y);
+                let (_, av) = c.get("a");
+                let (_, bv) = c.get("b");
+                let bound = abs_product(&av, &bv, batch, true, batched_b, m, k, n);
+                let label = format!("matmul {batch}×{m}×{k}·{k}×{n} batched_b={batched_b} ×{mag}");
+                worst = worst.max(check_gemm(&label, &fast, &reference, &bound, k));
+            }
+        }
+    }
+    eprintln!("matmul: worst |fast - ref| / tol = {worst:.3e}");
+}
+
+#[test]
+fn fused_matmul_fast_matches_reference() {
+    let mut worst = 0f64;
+    let acts = [
+        Act::Identity,
+        Act::GeluErf,
+        Act::GeluTanh,
+        Act::Relu,
+        Act::Silu,
+    ];
+    for (si, &(m, k, n)) in shapes().iter().enumerate() {
+        for mag in [1.0, 100.0] {
+            for (ai, &act) in acts.iter().enumerate() {
+                for (bias, residual) in [(false, false), (true, false), (true, true), (false, true)]
+                {
+                    let mut c = Case::new(1000 + si as u64 * 100 + ai as u64 * 10);
+                    let batch = 2;
+                    let x = c.input("x", &[batch, m, k], mag);
+                    let w = c.weight("w", &[k, n], 1.0);
+                    let mut args = vec![x, w];
+                    if bias {
+                        args.push(c.weight("bias", &[n], mag));
+                    }
+                    if residual {
+                        args.push(c.input("res", &[batch, m, n], mag));
+                    }
+                    let y =
+                        c.g.add(
+                            Op::FusedMatMul {
+                                act,
+                                bias,
+                                residual,
+                            },
+                            &args,
+                        )
+                        .unwrap();
+                    let (c, fast, reference) = c.run(y);
+                    let (_, xv) = c.get("x");
+                    let (_, wv) = c.get("w");
+                    let bound = abs_product(&xv, &wv, batch, true, false, m, k, n);
+                    let label = format!(
+                        "fused matmul {batch}×{m}×{k}·{k}×{n} {act:?} bias={bias} residual={residual} ×{mag}"
+                    );
+                    worst = worst.max(check_gemm(&label, &fast, &reference, &bound, k));
+                }
+            }
+        }
+    }
+    eprintln!("fused matmul: worst |fast - ref| / tol = {worst:.3e}");
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Attn {
+    b: usize,
+    h: usize,
+    sq: usize,
+    sk: usize,
+    d: usize,
+    dv: usize,
+    causal: bool,
+    window: Option<usize>,
+    /// "none", "full" (random [b, h, sq, sk]), "pad" ([b, 1, 1, sk], every fourth key
+    /// f32::MIN), "dead" ([b, 1, sq, sk], every fifth query row all f32::MIN).
+    mask: &'static str,
+    mag: f32,
+}
+
+impl Attn {
+    fn new(sq: usize, sk: usize, d: usize) -> Attn {
+        Attn {
+            b: 2,
+            h: 2,
+            sq,
+            sk,
+            d,
+            dv: d,
+            causal: false,
+            window: None,
+            mask: "none",
+            mag: 1.0,
+        }
+    }
+
+    fn run(self, seed: u64) -> f32 {
+        let Attn {
+            b,
+            h,
+            sq,
+            sk,
+            d,
+            dv,
+            ..
+        } = self;
+        let mut c = Case::new(seed);
+        let q = c.input("q", &[b, h, sq, d], self.mag.sqrt().min(10.0));
+        let k = c.input("k", &[b, h, sk, d], 1.0);
+        let v = c.input("v", &[b, h, sk, dv], self.mag);
+        let mut args = vec![q, k, v];
+        match self.mask {
+            "none" => {}
+            "full" => args.push(c.input("m", &[b, h, sq, sk], 2.0)),
+            "pad" => {
+                let m = (0..b * sk)
+                    .map(|i| if i % sk % 4 == 3 { f32::MIN } else { 0.0 })
+                    .collect();
+                args.push(c.input_data("m", &[b, 1, 1, sk], m));
+            }
+            "dead" => {
+                let m = (0..b * sq * sk)
+                    .map(|i| if i / sk % sq % 5 == 0 { f32::MIN } else { 0.0 })
+                    .collect();
+                args.push(c.input_data("m", &[b, 1, sq, sk], m));
+            }
+            other => panic!("unknown mask {other}"),
+        }
+        let y =
+            c.g.add(
+                Op::Attention {
+                    scale: Scalar(1.0 / (d as f64).sqrt()),
+                    causal: self.causal,
+                    window: self.window,
+                },
+                &args,
+            )
+            .unwrap();
+        let (c, fast, reference) = c.run(y);
+        let vmax = c.get("v").1.iter().fold(0f32, |a, &x| a.max(x.abs()));
+        let mut worst = 0f32;
+        for (i, (&f, &r)) in fast.iter().zip(&reference).enumerate() {
+            assert!(f.is_finite() && r.is_finite(), "{self:?}: element {i}");
+            let diff = (f - r).abs();
+            let tol = 1e-5 * (vmax + r.abs());
+            assert!(
+                diff <= tol,
+                "{self:?}: element {i}: fast {f}, reference {r}"
+            );
+            worst = worst.max(diff / tol);
+        }
+        worst
+    }
+}
+
+#[test]
+fn flash_attention_matches_reference() {
+    let sizes = [1, 3, 50, 129, 783];
+    let mut cases = vec![];
+    for &sq in &sizes {
+        for &sk in &sizes {
+            if sq * sk > 129 * 783 {
+                continue;
+            }
+            for d in [7, 64] {
+                let a = Attn::new(sq, sk, d);
+                cases.push(a);
+                cases.push(Attn { causal: true, ..a });
+                cases.push(Attn { mask: "pad", ..a });
+            }
+        }
+    }
+    for d in [32, 33, 128] {
+        for &(sq, sk) in &[(129, 129), (1, 783), (50, 129)] {
+            let a = Attn::new(sq, sk, d);
+            cases.push(Attn { mask: "full", ..a });
+            cases.push(Attn {
+                causal: true,
+                window: Some(4),
+                ..a
+            });
+            cases.push(Attn {
+                causal: true,
+                window: Some(100),
+                mask: "pad",
+                ..a
+            });
+            cases.push(Attn {
+                window: Some(2),
+                ..a
+            });
+            cases.push(Attn { mask: "dead", ..a });
+            cases.push(Attn {
+                mask: "dead",
+                causal: true,
+                window: Some(2),
+                ..a
+            });
+            cases.push(Attn {
+                causal: true,
+                window: Some(0),
+                ..a
+            });
+        }
+    }
+    // Large magnitudes: v ×100, q ×10 (scores up to about 30 after scaling).
+    for &(sq, sk) in &[(50, 50), (129, 129), (3, 783)] {
+        for causal in [false, true] {
+            cases.push(Attn {
+                mag: 100.0,
+                causal,
+                ..Attn::new(sq, sk, 64)
+            });
+        }
+    }
+    // sq > sk: the first queries see no key; odd value width.
+    cases.push(Attn {
+        causal: true,
+        ..Attn::new(129, 50, 64)
+    });
+    cases.push(Attn {
+        dv: 17,
+        mask: "full",
+        ..Attn::new(50, 129, 33)
+    });
+    cases.push(Attn {
+        b: 1,
+        h: 1,
+        causal: true,
+        ..Attn::new(783, 783, 64)
+    });
+    let mut worst = 0f32;
+    for (i, a) in cases.into_iter().enumerate() {
+        worst = worst.max(a.run(5000 + i as u64));
+    }
+    eprintln!("flash attention: worst |fast - ref| / tol = {worst:.3e}");
+}
