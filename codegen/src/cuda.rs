@@ -130,7 +130,9 @@ impl P<'_> {
                     UnOp::Sigmoid => format!("(1.0f / (1.0f + expf(-{x})))"),
                     UnOp::Sin => format!("sinf({x})"),
                     UnOp::Cos => format!("cosf({x})"),
-                    UnOp::Lane(i) => format!("({x}).{}", ["x", "y", "z", "w"][(*i).min(3) as usize]),
+                    UnOp::Lane(i) => {
+                        format!("({x}).{}", ["x", "y", "z", "w"][(*i).min(3) as usize])
+                    }
                 }
             }
             Expr::Select(c, a, b) => {
@@ -191,7 +193,9 @@ impl Syntax for P<'_> {
         };
         Ok(vec![
             format!("{} {n}[{len}];", ty(e)),
-            format!("for (unsigned int tf_i = 0u; tf_i < {len}u; ++tf_i) {{ {n}[tf_i] = {zero}; }}"),
+            format!(
+                "for (unsigned int tf_i = 0u; tf_i < {len}u; ++tf_i) {{ {n}[tf_i] = {zero}; }}"
+            ),
         ])
     }
 

@@ -259,7 +259,9 @@ impl Wg<'_> {
                         let i = idx[t].u() as usize;
                         let buf = &self.bufs[bi];
                         if i % 4 != 0 {
-                            return Err(self.err(format!("vector load {b}[{i}] is not aligned to 4")));
+                            return Err(
+                                self.err(format!("vector load {b}[{i}] is not aligned to 4"))
+                            );
                         }
                         if i + 4 > buf.len() {
                             return Err(self.err(format!(
@@ -270,12 +272,21 @@ impl Wg<'_> {
                         }
                         Ok(Val::V(match buf {
                             HostBuf::F32(v) => [v[i], v[i + 1], v[i + 2], v[i + 3]],
-                            HostBuf::U32(v) => [v[i], v[i + 1], v[i + 2], v[i + 3]].map(|x| x as f32),
-                            HostBuf::I32(v) => [v[i], v[i + 1], v[i + 2], v[i + 3]].map(|x| x as f32),
+                            HostBuf::U32(v) => {
+                                [v[i], v[i + 1], v[i + 2], v[i + 3]].map(|x| x as f32)
+                            }
+                            HostBuf::I32(v) => {
+                                [v[i], v[i + 1], v[i + 2], v[i + 3]].map(|x| x as f32)
+                            }
                         }))
                     });
                 }
-                if crate::kir::loads_anything(a) && !matches!(self.eval(a, mask)?.iter().zip(mask).find(|(_, &m)| m), Some((Val::V(_), _))) {
+                if crate::kir::loads_anything(a)
+                    && !matches!(
+                        self.eval(a, mask)?.iter().zip(mask).find(|(_, &m)| m),
+                        Some((Val::V(_), _))
+                    )
+                {
                     return Err(self.err(
                         "a vector cast of an expression that loads is neither a vector load nor \
                          a broadcast (was a vector load rewritten?)"
