@@ -49,6 +49,25 @@
 //! `sq > sk` with causal, causal with window 0, or a mask of `f32::MIN` over every seen key)
 //! instead takes the mean of `v` over all `sk` keys, read directly: what the reference gives.
 //!
+//! # Prefill on CPU adapters: the register design (`rows > 0`)
+//!
+//! On llvmpipe every load from storage or shared memory is a loop over the 8 SIMD lanes, so
+//! what counts is loads per multiply-add (`notes/wgsl-on-lavapipe.md`); the tiled design above
+//! does 1–2 scalar loads per FMA there. When [`Limits::kind`] is [`DeviceKind::Cpu`] (and both
+//! head dims are multiples of 4) the default is instead: a workgroup of `threads` (8, one
+//! llvmpipe subgroup) invocations, each holding `rows` query rows — row `q0 + r·threads + tid`
+//! — in registers: q as `d/4` vectors, the running max and sum, `dv/4` accumulator vectors.
+//! Per tile of `block_k` keys (the same causal/window tile range as above, so fully hidden
+//! tiles are skipped), each K vector is loaded once (a vec4 load straight from storage) and
+//! dotted with every row's q; each row's online softmax then rescales its accumulators once;
+//! each V vector is loaded once and added into every row. No shared memory, no barriers: all
+//! indices are constants after unrolling over rows × tile keys × head-dim vectors, so the
+//! values stay in registers (llvmpipe turns dynamically indexed local arrays into memory). Keys
+//! past `sk` read the last key and weigh 0; rows past `sq` read the last row and store
+//! nothing; a row that saw no key takes the mean of `v`, as above. Bounds on the unrolling
+//! (compile time): `rows ≤ 16`, `block_k ≤ 8`, `rows·(d + dv)/4 ≤ 512` vectors; defaults
+//! `rows = clamp(512 / max(d, dv), 1, 8)`, `block_k = 4`.
+//!
 //! # Decode ([`decode`]): one workgroup per (query row, `bh`)
 //!
 //! For short `sq` (one new token) against a long KV cache; grid `(sq, bh, 1)`. The query row is
@@ -62,7 +81,8 @@
 //!
 //! # Tunables
 //!
-//! [`AttentionTunables`]: `block_q`, `block_k`, `threads`. Prefill defaults are the largest tiles
+//! [`AttentionTunables`]: `block_q`, `block_k`, `threads`, `rows` (0: the tiled design; in
+//! the register design `block_q = threads · rows`). Prefill defaults on GPUs are the largest tiles
 //! up to 32 × 32 that fit the target's shared memory, with 256 threads (f32 under WebGPU's
 //! 16 KiB: 32 × 32 for d = 32, 32 × 16 for d = 64, 16 × 8 for d = 128; under CUDA's 48 KiB
 //! 32 × 32 up to d = 128). Decode defaults to 256 threads and 256-key tiles. The search spaces
