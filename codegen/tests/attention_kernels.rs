@@ -563,7 +563,7 @@ fn cpu_adapters_get_the_register_design() {
     let t = |d: u32| AttentionTunables::default_for(&cfg(Elem::F32, d, true, None, true), &cpu);
     let lanes = |rows: u32| AttentionTunables {
         block_q: 8 * rows,
-        block_k: 4,
+        block_k: 2,
         threads: 8,
         rows,
     };

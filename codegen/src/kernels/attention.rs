@@ -66,7 +66,7 @@
 //! past `sk` read the last key and weigh 0; rows past `sq` read the last row and store
 //! nothing; a row that saw no key takes the mean of `v`, as above. Bounds on the unrolling
 //! (compile time): `rows ≤ 16`, `block_k ≤ 8`, `rows·(d + dv)/4 ≤ 512` vectors; defaults
-//! `rows = clamp(512 / max(d, dv), 1, 8)`, `block_k = 4`.
+//! `rows = clamp(512 / max(d, dv), 1, 8)`, `block_k = 2` (at d = 64 on lavapipe 2 keys compiled cold in ~6 s against 17 s for 4, and ran as fast).
 //!
 //! # Decode ([`decode`]): one workgroup per (query row, `bh`)
 //!
@@ -118,7 +118,7 @@ const DECODE_BLOCKS: [u32; 6] = [32, 64, 128, 256, 512, 1024];
 const THREADS: [u32; 6] = [32, 64, 128, 256, 512, 1024];
 /// Register design: invocations per workgroup (llvmpipe's subgroup is 8), key tile.
 const LANES_THREADS: u32 = 8;
-const LANES_BLOCK_K: u32 = 4;
+const LANES_BLOCK_K: u32 = 2;
 /// Register design: thread counts and rows per invocation worth trying (0: tiled design).
 const LANES_THREADS_SPACE: [u32; 4] = [4, 8, 16, 32];
 const ROWS: [u32; 6] = [0, 1, 2, 4, 8, 16];
@@ -207,7 +207,7 @@ impl AttentionTunables {
     /// On a CPU adapter ([`DeviceKind::Cpu`]) the register design instead, when the head dims
     /// allow vector loads: one 8-invocation workgroup (llvmpipe's subgroup), `rows` query rows
     /// per invocation (8 up to d = 64, then fewer, keeping the unrolled kernel's size and
-    /// llvmpipe's cold compile time modest), 4-key tiles.
+    /// llvmpipe's cold compile time modest), 2-key tiles.
     pub fn default_for(cfg: &AttentionCfg, limits: &Limits) -> Self {
         if limits.kind == DeviceKind::Cpu {
             let rows = (512 / cfg.head_dim.max(cfg.dv)).clamp(1, 8);
