@@ -258,7 +258,7 @@ impl Wg<'_> {
                     return per(&|t| {
                         let i = idx[t].u() as usize;
                         let buf = &self.bufs[bi];
-                        if i % 4 != 0 {
+                        if !i.is_multiple_of(4) {
                             return Err(
                                 self.err(format!("vector load {b}[{i}] is not aligned to 4"))
                             );
