@@ -20,6 +20,7 @@ fn ty(e: Elem) -> &'static str {
         Elem::U32 => "unsigned int",
         Elem::I32 => "int",
         Elem::Bool => "bool",
+        Elem::F32x4 => "float4",
     }
 }
 
@@ -34,6 +35,21 @@ fn float_lit(v: f32) -> String {
         format!("__int_as_float(0x{:08x})", v.to_bits())
     }
 }
+
+/// float4 arithmetic and loads (CUDA has no float4 operators). A vector load reads four
+/// scalars: correct at any alignment (a binding may start at any element), which NVCC merges
+/// into one 16-byte load where it can prove alignment.
+const VEC4: &str = "__device__ __forceinline__ float4 operator+(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
+__device__ __forceinline__ float4 operator-(float4 a, float4 b) { return make_float4(a.x - b.x, a.y - b.y, a.z - b.z, a.w - b.w); }
+__device__ __forceinline__ float4 operator*(float4 a, float4 b) { return make_float4(a.x * b.x, a.y * b.y, a.z * b.z, a.w * b.w); }
+__device__ __forceinline__ float4 operator/(float4 a, float4 b) { return make_float4(a.x / b.x, a.y / b.y, a.z / b.z, a.w / b.w); }
+__device__ __forceinline__ float4 operator-(float4 a) { return make_float4(-a.x, -a.y, -a.z, -a.w); }
+__device__ __forceinline__ float4 fminf(float4 a, float4 b) { return make_float4(fminf(a.x, b.x), fminf(a.y, b.y), fminf(a.z, b.z), fminf(a.w, b.w)); }
+__device__ __forceinline__ float4 fmaxf(float4 a, float4 b) { return make_float4(fmaxf(a.x, b.x), fmaxf(a.y, b.y), fmaxf(a.z, b.z), fmaxf(a.w, b.w)); }
+__device__ __forceinline__ float tf_dot4(float4 a, float4 b) { return ((a.x * b.x + a.y * b.y) + a.z * b.z) + a.w * b.w; }
+__device__ __forceinline__ float4 tf_splat4(float x) { return make_float4(x, x, x, x); }
+__device__ __forceinline__ float4 tf_ld4(const float* p) { return make_float4(p[0], p[1], p[2], p[3]); }
+";
 
 struct P<'a> {
     k: &'a Kernel,
@@ -70,12 +86,13 @@ impl P<'_> {
             }
             Expr::Bin(op, a, b) => {
                 let (x, y) = (self.expr(s, a)?, self.expr(s, b)?);
-                let float = s.ty(k, a)? == Elem::F32;
+                let float = matches!(s.ty(k, a)?, Elem::F32 | Elem::F32x4);
                 match op {
                     BinOp::Min if float => format!("fminf({x}, {y})"),
                     BinOp::Max if float => format!("fmaxf({x}, {y})"),
                     BinOp::Min => format!("(({x}) < ({y}) ? ({x}) : ({y}))"),
                     BinOp::Max => format!("(({x}) > ({y}) ? ({x}) : ({y}))"),
+                    BinOp::Dot => format!("tf_dot4({x}, {y})"),
                     _ => {
                         let o = match op {
                             BinOp::Add => "+",
@@ -91,7 +108,7 @@ impl P<'_> {
                             BinOp::Ne => "!=",
                             BinOp::And => "&&",
                             BinOp::Or => "||",
-                            BinOp::Min | BinOp::Max => unreachable!(),
+                            BinOp::Min | BinOp::Max | BinOp::Dot => unreachable!(),
                         };
                         format!("({x} {o} {y})")
                     }
@@ -113,6 +130,9 @@ impl P<'_> {
                     UnOp::Sigmoid => format!("(1.0f / (1.0f + expf(-{x})))"),
                     UnOp::Sin => format!("sinf({x})"),
                     UnOp::Cos => format!("cosf({x})"),
+                    UnOp::Lane(i) => {
+                        format!("({x}).{}", ["x", "y", "z", "w"][(*i).min(3) as usize])
+                    }
                 }
             }
             Expr::Select(c, a, b) => {
@@ -122,6 +142,13 @@ impl P<'_> {
                     self.expr(s, a)?,
                     self.expr(s, b)?
                 )
+            }
+            Expr::Cast(Elem::F32x4, a) if s.ty(k, a)? != Elem::F32x4 => {
+                s.check_vector_cast(k, a)?;
+                match &**a {
+                    Expr::Load(b, i) => format!("tf_ld4(&{b}[{}])", self.expr(s, i)?),
+                    _ => format!("tf_splat4({})", self.expr(s, &a.clone().cast(Elem::F32))?),
+                }
             }
             Expr::Cast(to, a) => {
                 let x = self.expr(s, a)?;
@@ -159,11 +186,15 @@ impl Syntax for P<'_> {
     }
 
     fn local_array(&self, n: &str, e: Elem, len: u32) -> Result<Vec<String>, CodegenError> {
+        let zero = if e == Elem::F32x4 {
+            "make_float4(0.0f, 0.0f, 0.0f, 0.0f)".to_string()
+        } else {
+            format!("({})0", ty(e))
+        };
         Ok(vec![
             format!("{} {n}[{len}];", ty(e)),
             format!(
-                "for (unsigned int tf_i = 0u; tf_i < {len}u; ++tf_i) {{ {n}[tf_i] = ({})0; }}",
-                ty(e)
+                "for (unsigned int tf_i = 0u; tf_i < {len}u; ++tf_i) {{ {n}[tf_i] = {zero}; }}"
             ),
         ])
     }
@@ -207,6 +238,23 @@ pub fn print(k: &Kernel) -> Result<String, CodegenError> {
              for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));\n    \
              return v;\n}\n",
         );
+    }
+    if k.uses(Elem::F32x4) {
+        p.out.push_str(VEC4);
+        if k.uses(Elem::F16) {
+            p.out.push_str(
+                "__device__ __forceinline__ float4 tf_ld4(const __half* p) { return \
+                 make_float4(__half2float(p[0]), __half2float(p[1]), __half2float(p[2]), \
+                 __half2float(p[3])); }\n",
+            );
+        }
+        if k.uses(Elem::BF16) {
+            p.out.push_str(
+                "__device__ __forceinline__ float4 tf_ld4(const __nv_bfloat16* p) { return \
+                 make_float4(__bfloat162float(p[0]), __bfloat162float(p[1]), \
+                 __bfloat162float(p[2]), __bfloat162float(p[3])); }\n",
+            );
+        }
     }
     let mut params: Vec<String> = k
         .buffers

@@ -47,6 +47,8 @@ enum Val {
     U(u32),
     I(i32),
     B(bool),
+    /// An [`Elem::F32x4`] vector.
+    V([f32; 4]),
 }
 
 impl Val {
@@ -56,6 +58,13 @@ impl Val {
             Val::U(v) => v as f32,
             Val::I(v) => v as f32,
             Val::B(b) => b as u8 as f32,
+            Val::V(v) => v[0],
+        }
+    }
+    fn v(self) -> [f32; 4] {
+        match self {
+            Val::V(v) => v,
+            other => [other.f(); 4],
         }
     }
     fn u(self) -> u32 {
@@ -64,6 +73,7 @@ impl Val {
             Val::U(v) => v,
             Val::I(v) => v as u32,
             Val::B(b) => b as u32,
+            Val::V(v) => v[0] as u32,
         }
     }
     fn b(self) -> bool {
@@ -72,6 +82,7 @@ impl Val {
             Val::F(v) => v != 0.0,
             Val::U(v) => v != 0,
             Val::I(v) => v != 0,
+            Val::V(v) => v[0] != 0.0,
         }
     }
 }
@@ -237,6 +248,54 @@ impl Wg<'_> {
                 );
                 per(&|t| Ok(if c[t].b() { x[t] } else { y[t] }))
             }
+            Expr::Cast(Elem::F32x4, a) => {
+                if let Expr::Load(b, i) = &**a {
+                    let idx = self.eval(i, mask)?;
+                    let bi = *self
+                        .buf_index
+                        .get(b.as_str())
+                        .ok_or_else(|| self.err(format!("unknown buffer `{b}`")))?;
+                    return per(&|t| {
+                        let i = idx[t].u() as usize;
+                        let buf = &self.bufs[bi];
+                        if !i.is_multiple_of(4) {
+                            return Err(
+                                self.err(format!("vector load {b}[{i}] is not aligned to 4"))
+                            );
+                        }
+                        if i + 4 > buf.len() {
+                            return Err(self.err(format!(
+                                "vector load {b}[{i}..{}] out of bounds (len {})",
+                                i + 4,
+                                buf.len()
+                            )));
+                        }
+                        Ok(Val::V(match buf {
+                            HostBuf::F32(v) => [v[i], v[i + 1], v[i + 2], v[i + 3]],
+                            HostBuf::U32(v) => {
+                                [v[i], v[i + 1], v[i + 2], v[i + 3]].map(|x| x as f32)
+                            }
+                            HostBuf::I32(v) => {
+                                [v[i], v[i + 1], v[i + 2], v[i + 3]].map(|x| x as f32)
+                            }
+                        }))
+                    });
+                }
+                if crate::kir::loads_anything(a)
+                    && !matches!(
+                        self.eval(a, mask)?.iter().zip(mask).find(|(_, &m)| m),
+                        Some((Val::V(_), _))
+                    )
+                {
+                    return Err(self.err(
+                        "a vector cast of an expression that loads is neither a vector load nor \
+                         a broadcast (was a vector load rewritten?)"
+                            .into(),
+                    ));
+                }
+                let x = self.eval(a, mask)?;
+                per(&|t| Ok(Val::V(x[t].v())))
+            }
             Expr::Cast(to, a) => {
                 let x = self.eval(a, mask)?;
                 per(&|t| {
@@ -249,6 +308,7 @@ impl Wg<'_> {
                             other => other.u() as i32,
                         }),
                         Elem::Bool => Val::B(x[t].b()),
+                        Elem::F32x4 => Val::V(x[t].v()),
                     })
                 })
             }
@@ -288,6 +348,7 @@ impl Wg<'_> {
                                 Elem::U32 => Val::U(vals[t].u()),
                                 Elem::I32 => Val::I(vals[t].u() as i32),
                                 Elem::Bool => Val::B(vals[t].b()),
+                                Elem::F32x4 => Val::V(vals[t].v()),
                             };
                             self.locals[t].insert(n.clone(), v);
                         }
@@ -298,6 +359,7 @@ impl Wg<'_> {
                         Elem::U32 => Val::U(0),
                         Elem::I32 => Val::I(0),
                         Elem::Bool => Val::B(false),
+                        Elem::F32x4 => Val::V([0.0; 4]),
                         _ => Val::F(0.0),
                     };
                     for (t, &m) in mask.iter().enumerate() {
@@ -322,6 +384,7 @@ impl Wg<'_> {
                                 Val::U(_) => Val::U(vals[t].u()),
                                 Val::I(_) => Val::I(vals[t].u() as i32),
                                 Val::B(_) => Val::B(vals[t].b()),
+                                Val::V(_) => Val::V(vals[t].v()),
                             };
                         }
                     }
@@ -455,6 +518,17 @@ impl Wg<'_> {
 fn bin(op: BinOp, x: Val, y: Val) -> Val {
     use Val::*;
     match (x, y) {
+        (V(a), V(b)) => match op {
+            // In the order the CUDA printer spells it.
+            BinOp::Dot => F(((a[0] * b[0] + a[1] * b[1]) + a[2] * b[2]) + a[3] * b[3]),
+            _ => {
+                let l = |i: usize| match bin(op, F(a[i]), F(b[i])) {
+                    F(v) => v,
+                    other => other.f(),
+                };
+                V([l(0), l(1), l(2), l(3)])
+            }
+        },
         (F(a), F(b)) => match op {
             BinOp::Add => F(a + b),
             BinOp::Sub => F(a - b),
@@ -469,7 +543,7 @@ fn bin(op: BinOp, x: Val, y: Val) -> Val {
             BinOp::Ge => B(a >= b),
             BinOp::Eq => B(a == b),
             BinOp::Ne => B(a != b),
-            BinOp::And | BinOp::Or => B(false),
+            BinOp::And | BinOp::Or | BinOp::Dot => B(false),
         },
         (B(a), B(b)) => match op {
             BinOp::And => B(a && b),
@@ -492,7 +566,7 @@ fn bin(op: BinOp, x: Val, y: Val) -> Val {
             BinOp::Ge => B(a >= b),
             BinOp::Eq => B(a == b),
             BinOp::Ne => B(a != b),
-            BinOp::And | BinOp::Or => B(false),
+            BinOp::And | BinOp::Or | BinOp::Dot => B(false),
         },
         (a, b) => {
             let (a, b) = (a.u(), b.u());
@@ -512,6 +586,7 @@ fn bin(op: BinOp, x: Val, y: Val) -> Val {
                 BinOp::Ne => B(a != b),
                 BinOp::And => B(a != 0 && b != 0),
                 BinOp::Or => B(a != 0 || b != 0),
+                BinOp::Dot => U(0),
             }
         }
     }
@@ -519,6 +594,8 @@ fn bin(op: BinOp, x: Val, y: Val) -> Val {
 
 fn un(op: UnOp, x: Val) -> Val {
     match (op, x) {
+        (UnOp::Lane(i), v) => Val::F(v.v()[(i as usize).min(3)]),
+        (op, Val::V(a)) => Val::V(a.map(|x| un(op, Val::F(x)).f())),
         (UnOp::Not, v) => Val::B(!v.b()),
         (UnOp::Neg, Val::I(v)) => Val::I(-v),
         (UnOp::Abs, Val::I(v)) => Val::I(v.abs()),
@@ -537,7 +614,7 @@ fn un(op: UnOp, x: Val) -> Val {
                 UnOp::Sigmoid => 1.0 / (1.0 + (-a).exp()),
                 UnOp::Sin => a.sin(),
                 UnOp::Cos => a.cos(),
-                UnOp::Not => unreachable!(),
+                UnOp::Not | UnOp::Lane(_) => unreachable!(),
             })
         }
     }

@@ -25,6 +25,8 @@ pub enum Elem {
     I32,
     /// Boolean (locals only).
     Bool,
+    /// Four f32 lanes (locals and local arrays only; see the module docs).
+    F32x4,
 }
 
 /// How a kernel uses a buffer.
@@ -104,6 +106,8 @@ pub enum BinOp {
     And,
     /// logical or
     Or,
+    /// Dot product of two [`Elem::F32x4`] vectors (f32).
+    Dot,
 }
 
 /// Unary operators and math intrinsics (f32 unless noted).
@@ -135,6 +139,8 @@ pub enum UnOp {
     Sin,
     /// cos x
     Cos,
+    /// Lane 0..4 of an [`Elem::F32x4`] vector (f32).
+    Lane(u8),
 }
 
 /// Reductions across a subgroup (warp).
@@ -268,6 +274,7 @@ pub fn elem_bytes(e: Elem) -> u32 {
         Elem::F32 | Elem::U32 | Elem::I32 => 4,
         Elem::F16 | Elem::BF16 => 2,
         Elem::Bool => 4,
+        Elem::F32x4 => 16,
     }
 }
 
@@ -344,6 +351,45 @@ pub fn load_shared(arr: &str, index: Expr) -> Expr {
 /// `local[index]`.
 pub fn load_local(arr: &str, index: Expr) -> Expr {
     Expr::LoadLocal(arr.to_string(), Box::new(index))
+}
+
+/// The vector load `buffer[index..index + 4]` as f32 lanes (`index` a multiple of 4).
+pub fn load4(buf: &str, index: Expr) -> Expr {
+    load(buf, index).cast(Elem::F32x4)
+}
+
+/// A scalar broadcast to four f32 lanes.
+pub fn splat4(x: Expr) -> Expr {
+    x.cast(Elem::F32x4)
+}
+
+/// Names of the buffers read by a vector load (their WGSL arrays are of vectors).
+pub fn vector_buffers(k: &Kernel) -> Vec<String> {
+    let mut out: Vec<String> = k
+        .buffers
+        .iter()
+        .filter(|b| {
+            k.any_expr(&|e| matches!(e, Expr::Cast(Elem::F32x4, x) if matches!(&**x, Expr::Load(n, _) if *n == b.name)))
+        })
+        .map(|b| b.name.clone())
+        .collect();
+    out.dedup();
+    out
+}
+
+/// True when `e` is a vector load (`Cast(F32x4, Load(..))`).
+pub fn is_load4(e: &Expr) -> bool {
+    matches!(e, Expr::Cast(Elem::F32x4, x) if matches!(**x, Expr::Load(..)))
+}
+
+/// True when `e` reads a buffer, shared or local array anywhere.
+pub fn loads_anything(e: &Expr) -> bool {
+    expr_uses(e, &|x| {
+        matches!(
+            x,
+            Expr::Load(..) | Expr::LoadShared(..) | Expr::LoadLocal(..)
+        )
+    })
 }
 
 /// `cond ? a : b`.
@@ -515,6 +561,14 @@ impl Expr {
     /// Unary op by value.
     pub fn apply(self, op: UnOp) -> Expr {
         self.un(op)
+    }
+    /// Dot product of two vectors.
+    pub fn dot(self, o: Expr) -> Expr {
+        self.bin(BinOp::Dot, o)
+    }
+    /// Lane `i` of a vector.
+    pub fn lane(self, i: u8) -> Expr {
+        self.un(UnOp::Lane(i))
     }
     /// Binary op by value.
     pub fn apply2(self, op: BinOp, o: Expr) -> Expr {

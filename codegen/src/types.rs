@@ -56,13 +56,32 @@ impl Scope {
             Expr::Bin(op, a, _) => match op {
                 BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge | BinOp::Eq | BinOp::Ne => Elem::Bool,
                 BinOp::And | BinOp::Or => Elem::Bool,
+                BinOp::Dot => Elem::F32,
                 _ => self.ty(k, a)?,
             },
             Expr::Un(UnOp::Not, _) => Elem::Bool,
+            Expr::Un(UnOp::Lane(_), _) => Elem::F32,
             Expr::Un(_, a) => self.ty(k, a)?,
             Expr::Select(_, a, _) => self.ty(k, a)?,
             Expr::Cast(t, _) => *t,
         })
+    }
+
+    /// Errors unless a cast to [`Elem::F32x4`] of `a` is a vector load or a broadcast of a
+    /// scalar that loads nothing (see [`crate::kir`]).
+    pub fn check_vector_cast(&self, k: &str, a: &Expr) -> Result<(), CodegenError> {
+        if crate::kir::is_load4(&Expr::Cast(Elem::F32x4, Box::new(a.clone()))) {
+            return Ok(());
+        }
+        if crate::kir::loads_anything(a) && self.ty(k, a)? != Elem::F32x4 {
+            return Err(CodegenError::Kernel {
+                kernel: k.to_string(),
+                msg: "a vector cast of an expression that loads is neither a vector load nor a \
+                      broadcast (was a vector load rewritten?)"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -21,6 +21,7 @@ fn ty(k: &Kernel, e: Elem) -> Result<&'static str, CodegenError> {
         Elem::U32 => "u32",
         Elem::I32 => "i32",
         Elem::Bool => "bool",
+        Elem::F32x4 => "vec4<f32>",
         Elem::BF16 => {
             return Err(CodegenError::Kernel {
                 kernel: k.name.clone(),
@@ -53,6 +54,19 @@ const ERF: &str = "fn tf_erf(x: f32) -> f32 {
 struct P<'a> {
     k: &'a Kernel,
     out: String,
+    /// Buffers declared as arrays of 4-vectors (read by a vector load): a scalar access of
+    /// element `i` is `b[i / 4][i % 4]`.
+    vec_bufs: Vec<String>,
+}
+
+impl P<'_> {
+    fn scalar_index(&self, b: &str, i: &str) -> String {
+        if self.vec_bufs.iter().any(|v| v == b) {
+            format!("[({i}) / 4u][({i}) % 4u]")
+        } else {
+            format!("[{i}]")
+        }
+    }
 }
 
 impl P<'_> {
@@ -77,7 +91,7 @@ impl P<'_> {
                 Builtin::NumWorkgroups(a) => format!("tf_nwg.{}", axis(*a)),
                 Builtin::GlobalId(a) => format!("tf_gid.{}", axis(*a)),
             },
-            Expr::Load(b, i) => format!("b_{b}[{}]", self.expr(s, i)?),
+            Expr::Load(b, i) => format!("b_{b}{}", self.scalar_index(b, &self.expr(s, i)?)),
             Expr::LoadShared(b, i) => format!("s_{b}[{}]", self.expr(s, i)?),
             Expr::LoadLocal(b, i) => format!("{b}[{}]", self.expr(s, i)?),
             Expr::Bin(op, a, b) => {
@@ -85,6 +99,7 @@ impl P<'_> {
                 match op {
                     BinOp::Min => format!("min({x}, {y})"),
                     BinOp::Max => format!("max({x}, {y})"),
+                    BinOp::Dot => format!("dot({x}, {y})"),
                     _ => {
                         let o = match op {
                             BinOp::Add => "+",
@@ -100,7 +115,7 @@ impl P<'_> {
                             BinOp::Ne => "!=",
                             BinOp::And => "&&",
                             BinOp::Or => "||",
-                            BinOp::Min | BinOp::Max => unreachable!(),
+                            BinOp::Min | BinOp::Max | BinOp::Dot => unreachable!(),
                         };
                         format!("({x} {o} {y})")
                     }
@@ -127,6 +142,7 @@ impl P<'_> {
                     UnOp::Sigmoid => format!("({one} / ({one} + exp(-{x})))"),
                     UnOp::Sin => format!("sin({x})"),
                     UnOp::Cos => format!("cos({x})"),
+                    UnOp::Lane(i) => format!("{x}.{}", ["x", "y", "z", "w"][(*i).min(3) as usize]),
                 }
             }
             Expr::Select(c, a, b) => {
@@ -136,6 +152,27 @@ impl P<'_> {
                     self.expr(s, a)?,
                     self.expr(s, c)?
                 )
+            }
+            Expr::Cast(Elem::F32x4, a) if s.ty(k, a)? != Elem::F32x4 => {
+                s.check_vector_cast(k, a)?;
+                match &**a {
+                    Expr::Load(b, i) => {
+                        let v = format!("b_{b}[({}) / 4u]", self.expr(s, i)?);
+                        if s.ty(k, a)? == Elem::F32 {
+                            v
+                        } else {
+                            format!("vec4<f32>({v})")
+                        }
+                    }
+                    _ => {
+                        let x = self.expr(s, a)?;
+                        if s.ty(k, a)? == Elem::F32 {
+                            format!("vec4<f32>({x})")
+                        } else {
+                            format!("vec4<f32>(f32({x}))")
+                        }
+                    }
+                }
             }
             Expr::Cast(to, a) => {
                 let x = self.expr(s, a)?;
@@ -171,12 +208,11 @@ impl Syntax for P<'_> {
     }
 
     fn store(&self, mem: Mem, arr: &str, i: &str, v: &str) -> String {
-        let prefix = match mem {
-            Mem::Local => "",
-            Mem::Global => "b_",
-            Mem::Shared => "s_",
-        };
-        format!("{prefix}{arr}[{i}] = {v};")
+        match mem {
+            Mem::Local => format!("{arr}[{i}] = {v};"),
+            Mem::Global => format!("b_{arr}{} = {v};", self.scalar_index(arr, i)),
+            Mem::Shared => format!("s_{arr}[{i}] = {v};"),
+        }
     }
 
     fn for_header(&self, var: &str, a: &str, b: &str, c: &str) -> String {
@@ -193,6 +229,7 @@ pub fn print(k: &Kernel) -> Result<String, CodegenError> {
     let mut p = P {
         k,
         out: String::new(),
+        vec_bufs: crate::kir::vector_buffers(k),
     };
     let _ = writeln!(
         p.out,
@@ -211,11 +248,16 @@ pub fn print(k: &Kernel) -> Result<String, CodegenError> {
         } else {
             "read_write"
         };
+        let elem = ty(k, b.elem)?;
+        let elem = if p.vec_bufs.contains(&b.name) {
+            format!("vec4<{elem}>")
+        } else {
+            elem.to_string()
+        };
         let _ = writeln!(
             p.out,
-            "@group(0) @binding({i}) var<storage, {access}> b_{}: array<{}>;",
+            "@group(0) @binding({i}) var<storage, {access}> b_{}: array<{elem}>;",
             b.name,
-            ty(k, b.elem)?
         );
     }
     if !k.uniforms.is_empty() {

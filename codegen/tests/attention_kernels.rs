@@ -11,7 +11,7 @@ use transfuse_codegen::interp::{self, HostBuf};
 use transfuse_codegen::kernels::attention::{
     catalog, decode, default_scale, flash, AttentionCfg, AttentionTunables,
 };
-use transfuse_codegen::kernels::{Generated, Limits};
+use transfuse_codegen::kernels::{DeviceKind, Generated, Limits};
 use transfuse_codegen::kir::Elem;
 use transfuse_codegen::{cuda, wgsl};
 
@@ -89,19 +89,17 @@ fn defaults_and_every_space_value_build_under_both_targets() {
                 (true, Some(8), false),
             ] {
                 let c = cfg(elem, d, causal, window, mask);
-                for limits in [Limits::webgpu(), Limits::cuda()] {
+                for limits in [
+                    Limits::webgpu(),
+                    Limits::cuda(),
+                    Limits::webgpu().with_kind(DeviceKind::Cpu),
+                ] {
                     let t = AttentionTunables::default_for(&c, &limits);
                     let g = flash(&c, &t, &limits).unwrap_or_else(|e| panic!("{e}"));
                     assert!(g.kernel.shared_bytes() <= limits.max_shared_bytes);
                     for tun in AttentionTunables::space(&c, &limits) {
                         for v in &tun.space {
-                            let mut x = t;
-                            match tun.name {
-                                "block_q" => x.block_q = *v,
-                                "block_k" => x.block_k = *v,
-                                "threads" => x.threads = *v,
-                                n => panic!("unknown tunable {n}"),
-                            }
+                            let x = t.with(tun.name, *v).expect("known tunable");
                             flash(&c, &x, &limits).unwrap_or_else(|e| panic!("{x:?}: {e}"));
                         }
                     }
@@ -109,13 +107,7 @@ fn defaults_and_every_space_value_build_under_both_targets() {
                     decode(&c, &t, &limits).unwrap_or_else(|e| panic!("{e}"));
                     for tun in AttentionTunables::decode_space(&c, &limits) {
                         for v in &tun.space {
-                            let mut x = t;
-                            match tun.name {
-                                "block_q" => x.block_q = *v,
-                                "block_k" => x.block_k = *v,
-                                "threads" => x.threads = *v,
-                                n => panic!("unknown tunable {n}"),
-                            }
+                            let x = t.with(tun.name, *v).expect("known tunable");
                             decode(&c, &x, &limits).unwrap_or_else(|e| panic!("{x:?}: {e}"));
                         }
                     }
@@ -133,6 +125,7 @@ fn default_tunables_per_target() {
         block_q,
         block_k,
         threads,
+        rows: 0,
     };
     assert_eq!(
         AttentionTunables::default_for(&d64, &Limits::webgpu()),
@@ -167,6 +160,7 @@ fn tunables_outside_limits_are_refused_naming_the_kernel() {
         block_q,
         block_k,
         threads,
+        rows: 0,
     };
     refused(flash(&c, &t(32, 32, 256), &web), name, "shared memory");
     refused(flash(&c, &t(16, 8, 512), &web), name, "threads exceed");
@@ -416,6 +410,12 @@ fn check(case: &Case, c: &AttentionCfg, tiles: &[AttentionTunables], tol: f32) {
     let limits = Limits::webgpu();
     let mut all = tiles.to_vec();
     all.push(AttentionTunables::default_for(c, &limits));
+    // The register design: odd row counts, workgroups and key tiles (partial last tiles), and
+    // the CPU adapter's default.
+    all.extend(LANES);
+    let cpu = AttentionTunables::default_for(c, &limits.with_kind(DeviceKind::Cpu));
+    assert!(cpu.rows > 0, "{cpu:?}");
+    all.push(cpu);
     for t in &all {
         let g = flash(c, t, &limits).unwrap_or_else(|e| panic!("{e}"));
         let what = format!("{} {t:?}", g.kernel.name);
@@ -426,11 +426,13 @@ fn check(case: &Case, c: &AttentionCfg, tiles: &[AttentionTunables], tol: f32) {
             block_q: 1,
             block_k: 4,
             threads: 8,
+            rows: 0,
         },
         AttentionTunables {
             block_q: 1,
             block_k: 32,
             threads: 64,
+            rows: 0,
         },
     ] {
         let g = decode(c, &t, &limits).unwrap_or_else(|e| panic!("{e}"));
@@ -446,16 +448,42 @@ const SMALL: [AttentionTunables; 3] = [
         block_q: 2,
         block_k: 4,
         threads: 8,
+        rows: 0,
     },
     AttentionTunables {
         block_q: 4,
         block_k: 3,
         threads: 16,
+        rows: 0,
     },
     AttentionTunables {
         block_q: 2,
         block_k: 3,
         threads: 10,
+        rows: 0,
+    },
+];
+
+/// The register design at small sizes: 1–3 rows per invocation, 2–3 invocations, 1–4 keys per
+/// tile.
+const LANES: [AttentionTunables; 3] = [
+    AttentionTunables {
+        block_q: 3,
+        block_k: 3,
+        threads: 3,
+        rows: 1,
+    },
+    AttentionTunables {
+        block_q: 4,
+        block_k: 1,
+        threads: 2,
+        rows: 2,
+    },
+    AttentionTunables {
+        block_q: 6,
+        block_k: 4,
+        threads: 2,
+        rows: 3,
     },
 ];
 
@@ -523,6 +551,77 @@ fn f16_kernel_matches_within_f16_rounding() {
     let c = cfg(Elem::F16, 32, true, None, true);
     let want = case.reference(&c);
     let limits = Limits::webgpu();
-    let g = flash(&c, &SMALL[0], &limits).unwrap();
-    assert_close(&g.kernel.name, &case.run(&g), &want, 2e-3);
+    for t in [SMALL[0], LANES[2]] {
+        let g = flash(&c, &t, &limits).unwrap();
+        assert_close(&g.kernel.name, &case.run(&g), &want, 2e-3);
+    }
+}
+
+#[test]
+fn cpu_adapters_get_the_register_design() {
+    let cpu = Limits::webgpu().with_kind(DeviceKind::Cpu);
+    let t = |d: u32| AttentionTunables::default_for(&cfg(Elem::F32, d, true, None, true), &cpu);
+    let lanes = |rows: u32| AttentionTunables {
+        block_q: 8 * rows,
+        block_k: 2,
+        threads: 8,
+        rows,
+    };
+    assert_eq!(t(32), lanes(8));
+    assert_eq!(t(64), lanes(8));
+    assert_eq!(t(128), lanes(4));
+    assert_eq!(t(256), lanes(2));
+    // Head dims that are not multiples of 4 keep the tiled design; GPUs always do.
+    assert_eq!(t(6).rows, 0);
+    let gpu = cfg(Elem::F32, 64, true, None, true);
+    assert_eq!(
+        AttentionTunables::default_for(&gpu, &Limits::webgpu()).rows,
+        0
+    );
+    let g = flash(&gpu, &t(64), &cpu).unwrap();
+    assert_eq!(g.kernel.threads(), 8);
+    assert_eq!(g.kernel.shared_bytes(), 0);
+    assert!(!g
+        .kernel
+        .body
+        .iter()
+        .any(|s| matches!(s, transfuse_codegen::kir::Stmt::Barrier)));
+    let rows = g.tunables.iter().find(|x| x.name == "rows").unwrap();
+    assert_eq!(rows.value, 8);
+    assert!(rows.space.contains(&16), "{rows:?}");
+    // Refusals name the kernel.
+    let name = "attention_f32_d64_causal_mask";
+    let mut bad = t(64);
+    bad.block_q = 7;
+    refused(flash(&gpu, &bad, &cpu), name, "threads · rows");
+    refused(flash(&gpu, &lanes(32), &cpu), name, "unrolls too far");
+    let mut odd = cfg(Elem::F32, 6, false, None, false);
+    odd.scale = default_scale(6);
+    refused(
+        flash(&odd, &lanes(1), &cpu),
+        "attention_f32_d6",
+        "multiples of 4",
+    );
+    refused(
+        decode(&gpu, &lanes(1), &cpu),
+        "attention_decode_f32_d64_causal_mask",
+        "no register design",
+    );
+}
+
+#[test]
+fn snapshot_register_design_f16_d8_causal_mask() {
+    let c = cfg(Elem::F16, 8, true, None, true);
+    let t = AttentionTunables {
+        block_q: 4,
+        block_k: 2,
+        threads: 2,
+        rows: 2,
+    };
+    let g = flash(&c, &t, &Limits::webgpu().with_kind(DeviceKind::Cpu)).unwrap();
+    let w = wgsl::print(&g.kernel).unwrap();
+    common::validate_wgsl(&w);
+    expect_file!["snapshots/attention_lanes_f16_d8_causal_mask.wgsl"].assert_eq(&w);
+    expect_file!["snapshots/attention_lanes_f16_d8_causal_mask.cu"]
+        .assert_eq(&cuda::print(&g.kernel).unwrap());
 }

@@ -190,6 +190,7 @@ fn invalid_tunables_and_configs_are_refused_naming_the_kernel() {
     let tiny = Limits {
         max_threads: 1024,
         max_shared_bytes: 1024,
+        ..Limits::cuda()
     };
     let e = softmax(&sm, &big, &tiny).unwrap_err().to_string();
     assert!(e.contains("bytes of shared memory"), "{e}");

@@ -305,6 +305,7 @@ impl CudaDevice {
             limits: Limits {
                 max_threads: cuda.max_threads.min(positive(threads)),
                 max_shared_bytes: cuda.max_shared_bytes.min(positive(shared)),
+                kind: cuda.kind,
             },
             max_binding_bytes: memory,
             max_storage_buffers: MAX_BUFFERS,

@@ -194,6 +194,8 @@ fn from_bytes(b: &[u8], elem: Elem, dtype: DType, shape: Vec<usize>) -> Tensor {
 fn const_bytes(v: f64, elem: Elem, n: usize) -> Vec<u8> {
     let one: Vec<u8> = match elem {
         Elem::F32 => (v as f32).to_le_bytes().to_vec(),
+        // Never a storage type; four f32 lanes if it were one.
+        Elem::F32x4 => (v as f32).to_le_bytes().repeat(4),
         Elem::F16 => half::f16::from_f64(v).to_le_bytes().to_vec(),
         Elem::BF16 => half::bf16::from_f64(v).to_le_bytes().to_vec(),
         Elem::I32 => (v as i32).to_le_bytes().to_vec(),

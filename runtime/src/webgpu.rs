@@ -19,7 +19,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use transfuse_codegen::kernels::Limits;
+use transfuse_codegen::kernels::{DeviceKind, Limits};
 use transfuse_codegen::kir::{Access, Elem, Kernel};
 use transfuse_codegen::lower::Target;
 use wgpu::util::DeviceExt;
@@ -146,6 +146,11 @@ impl WgpuDevice {
                     .max_compute_invocations_per_workgroup
                     .min(limits.max_compute_workgroup_size_x),
                 max_shared_bytes: limits.max_compute_workgroup_storage_size,
+                kind: if ainfo.device_type == wgpu::DeviceType::Cpu {
+                    DeviceKind::Cpu
+                } else {
+                    DeviceKind::Gpu
+                },
             },
             max_binding_bytes: limits.max_storage_buffer_binding_size,
             max_storage_buffers: limits.max_storage_buffers_per_shader_stage,

@@ -49,6 +49,25 @@
 //! `sq > sk` with causal, causal with window 0, or a mask of `f32::MIN` over every seen key)
 //! instead takes the mean of `v` over all `sk` keys, read directly: what the reference gives.
 //!
+//! # Prefill on CPU adapters: the register design (`rows > 0`)
+//!
+//! On llvmpipe every load from storage or shared memory is a loop over the 8 SIMD lanes, so
+//! what counts is loads per multiply-add (`notes/wgsl-on-lavapipe.md`); the tiled design above
+//! does 1–2 scalar loads per FMA there. When [`Limits::kind`] is [`DeviceKind::Cpu`] (and both
+//! head dims are multiples of 4) the default is instead: a workgroup of `threads` (8, one
+//! llvmpipe subgroup) invocations, each holding `rows` query rows — row `q0 + r·threads + tid`
+//! — in registers: q as `d/4` vectors, the running max and sum, `dv/4` accumulator vectors.
+//! Per tile of `block_k` keys (the same causal/window tile range as above, so fully hidden
+//! tiles are skipped), each K vector is loaded once (a vec4 load straight from storage) and
+//! dotted with every row's q; each row's online softmax then rescales its accumulators once;
+//! each V vector is loaded once and added into every row. No shared memory, no barriers: all
+//! indices are constants after unrolling over rows × tile keys × head-dim vectors, so the
+//! values stay in registers (llvmpipe turns dynamically indexed local arrays into memory). Keys
+//! past `sk` read the last key and weigh 0; rows past `sq` read the last row and store
+//! nothing; a row that saw no key takes the mean of `v`, as above. Bounds on the unrolling
+//! (compile time): `rows ≤ 16`, `block_k ≤ 8`, `rows·(d + dv)/4 ≤ 512` vectors; defaults
+//! `rows = clamp(512 / max(d, dv), 1, 8)`, `block_k = 2` (at d = 64 on lavapipe 2 keys compiled cold in ~6 s against 17 s for 4, and ran as fast).
+//!
 //! # Decode ([`decode`]): one workgroup per (query row, `bh`)
 //!
 //! For short `sq` (one new token) against a long KV cache; grid `(sq, bh, 1)`. The query row is
@@ -62,7 +81,8 @@
 //!
 //! # Tunables
 //!
-//! [`AttentionTunables`]: `block_q`, `block_k`, `threads`. Prefill defaults are the largest tiles
+//! [`AttentionTunables`]: `block_q`, `block_k`, `threads`, `rows` (0: the tiled design; in
+//! the register design `block_q = threads · rows`). Prefill defaults on GPUs are the largest tiles
 //! up to 32 × 32 that fit the target's shared memory, with 256 threads (f32 under WebGPU's
 //! 16 KiB: 32 × 32 for d = 32, 32 × 16 for d = 64, 16 × 8 for d = 128; under CUDA's 48 KiB
 //! 32 × 32 up to d = 128). Decode defaults to 256 threads and 256-key tiles. The search spaces
@@ -80,7 +100,7 @@
 //! Indices are u32 (tensors below 2³² elements); the grid is at most 65 535 along x and y on
 //! WebGPU, so `bh` and `ceil(sq / block_q)` must stay below that there.
 
-use super::{check_limits, Generated, GridDim, Limits, Tunable};
+use super::{check_limits, DeviceKind, Generated, GridDim, Limits, Tunable};
 use crate::kir::*;
 use crate::CodegenError;
 
@@ -96,6 +116,18 @@ const BLOCKS: [u32; 7] = [2, 4, 8, 16, 32, 64, 128];
 const DECODE_BLOCKS: [u32; 6] = [32, 64, 128, 256, 512, 1024];
 /// Thread counts worth trying.
 const THREADS: [u32; 6] = [32, 64, 128, 256, 512, 1024];
+/// Register design: invocations per workgroup (llvmpipe's subgroup is 8), key tile.
+const LANES_THREADS: u32 = 8;
+const LANES_BLOCK_K: u32 = 2;
+/// Register design: thread counts and rows per invocation worth trying (0: tiled design).
+const LANES_THREADS_SPACE: [u32; 4] = [4, 8, 16, 32];
+const ROWS: [u32; 6] = [0, 1, 2, 4, 8, 16];
+/// Register design: most rows per invocation, keys per tile, and vector registers per
+/// invocation (`rows · (d + dv) / 4`): the kernel is unrolled over all three, so these bound
+/// its size (llvmpipe's cold compile of a fully unrolled kernel takes seconds).
+const MAX_ROWS: u32 = 16;
+const MAX_LANES_BLOCK_K: u32 = 8;
+const MAX_VEC_REGS: u32 = 512;
 
 /// What an attention kernel computes (fixed at compile time).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -163,12 +195,32 @@ pub struct AttentionTunables {
     pub block_k: u32,
     /// Threads per workgroup.
     pub threads: u32,
+    /// Prefill design: 0 is the tiled shared-memory design; `n > 0` the register design, each
+    /// invocation holding `n` query rows (`block_q = threads · n`). Decode: always 0.
+    pub rows: u32,
 }
 
 impl AttentionTunables {
     /// The prefill default under `limits`: the largest tiles (up to 32 × 32) that fit the
     /// shared memory, with 256 threads (or fewer, keeping `threads / block_q <= dv`).
+    ///
+    /// On a CPU adapter ([`DeviceKind::Cpu`]) the register design instead, when the head dims
+    /// allow vector loads: one 8-invocation workgroup (llvmpipe's subgroup), `rows` query rows
+    /// per invocation (8 up to d = 64, then fewer, keeping the unrolled kernel's size and
+    /// llvmpipe's cold compile time modest), 2-key tiles.
     pub fn default_for(cfg: &AttentionCfg, limits: &Limits) -> Self {
+        if limits.kind == DeviceKind::Cpu {
+            let rows = (512 / cfg.head_dim.max(cfg.dv)).clamp(1, 8);
+            let t = AttentionTunables {
+                block_q: LANES_THREADS * rows,
+                block_k: LANES_BLOCK_K,
+                threads: LANES_THREADS,
+                rows,
+            };
+            if build_flash(cfg, &t, limits).is_ok() {
+                return t;
+            }
+        }
         const PAIRS: [(u32, u32); 12] = [
             (32, 32),
             (32, 16),
@@ -189,6 +241,7 @@ impl AttentionTunables {
                     block_q,
                     block_k,
                     threads,
+                    rows: 0,
                 };
                 if build_flash(cfg, &t, limits).is_ok() {
                     return t;
@@ -199,6 +252,7 @@ impl AttentionTunables {
             block_q: 1,
             block_k: 1,
             threads: 32,
+            rows: 0,
         }
     }
 
@@ -217,6 +271,7 @@ impl AttentionTunables {
                 block_q: 1,
                 block_k: threads,
                 threads,
+                rows: 0,
             };
             if build_decode(cfg, &t, limits).is_ok() {
                 return t;
@@ -226,6 +281,7 @@ impl AttentionTunables {
             block_q: 1,
             block_k: 32,
             threads: 32,
+            rows: 0,
         }
     }
 
@@ -239,6 +295,30 @@ impl AttentionTunables {
         )
     }
 
+    /// `self` with tunable `name` set to `v`; in the register design `block_q` follows
+    /// `threads · rows`. `None` for an unknown name.
+    pub fn with(&self, name: &str, v: u32) -> Option<Self> {
+        let mut x = *self;
+        match name {
+            "block_q" => x.block_q = v,
+            "block_k" => x.block_k = v,
+            "threads" => {
+                x.threads = v;
+                if x.rows > 0 {
+                    x.block_q = v * x.rows;
+                }
+            }
+            "rows" => {
+                x.rows = v;
+                if v > 0 {
+                    x.block_q = x.threads * v;
+                }
+            }
+            _ => return None,
+        }
+        Some(x)
+    }
+
     /// Each tunable with the candidate values valid while the others keep `self`'s values.
     fn tunables(
         &self,
@@ -246,7 +326,8 @@ impl AttentionTunables {
         qs: &[u32],
         ks: &[u32],
     ) -> Vec<Tunable> {
-        let one = |name: &'static str, value: u32, cands: &[u32], set: &dyn Fn(u32) -> Self| {
+        let one = |name: &'static str, value: u32, cands: &[u32]| {
+            let set = |x| self.with(name, x).expect("known tunable");
             let mut space: Vec<u32> = cands.iter().copied().filter(|&x| valid(&set(x))).collect();
             if !space.contains(&value) {
                 space.push(value);
@@ -254,19 +335,16 @@ impl AttentionTunables {
             }
             Tunable { name, value, space }
         };
+        let threads: &[u32] = if self.rows > 0 {
+            &LANES_THREADS_SPACE
+        } else {
+            &THREADS
+        };
         vec![
-            one("block_q", self.block_q, qs, &|x| Self {
-                block_q: x,
-                ..*self
-            }),
-            one("block_k", self.block_k, ks, &|x| Self {
-                block_k: x,
-                ..*self
-            }),
-            one("threads", self.threads, &THREADS, &|x| Self {
-                threads: x,
-                ..*self
-            }),
+            one("block_q", self.block_q, qs),
+            one("block_k", self.block_k, ks),
+            one("threads", self.threads, threads),
+            one("rows", self.rows, &ROWS),
         ]
     }
 }
@@ -279,6 +357,7 @@ fn elem_name(e: Elem) -> &'static str {
         Elem::U32 => "u32",
         Elem::I32 => "i32",
         Elem::Bool => "bool",
+        Elem::F32x4 => "f32x4",
     }
 }
 
@@ -423,8 +502,22 @@ fn tile_range(cfg: &AttentionCfg, q0: Expr, rows: u32, bk: u32) -> Vec<Stmt> {
 /// Statements defining `score` (f32) from `dot` for query `i` and key `j` (u32 expressions);
 /// the mask is read only where `guard` holds (`i < sq`, `j < sk` must hold when it is `None`).
 fn score(cfg: &AttentionCfg, i: Expr, j: Expr, guard: Option<Expr>) -> Vec<Stmt> {
-    let mut s = vec![let_("x", Elem::F32, var("dot") * f(cfg.scale))];
-    let mut added = var("x");
+    score_named(cfg, i, j, guard, "dot", "")
+}
+
+/// [`score`] from the f32 local `dot`, its locals suffixed with `sfx` (`x{sfx}`, `mv{sfx}`,
+/// `score{sfx}`), for unrolled code.
+fn score_named(
+    cfg: &AttentionCfg,
+    i: Expr,
+    j: Expr,
+    guard: Option<Expr>,
+    dot: &str,
+    sfx: &str,
+) -> Vec<Stmt> {
+    let (xn, mvn, scn) = (format!("x{sfx}"), format!("mv{sfx}"), format!("score{sfx}"));
+    let mut s = vec![let_(&xn, Elem::F32, var(dot) * f(cfg.scale))];
+    let mut added = var(&xn);
     if cfg.mask {
         let load_mask = load(
             "mask",
@@ -433,12 +526,12 @@ fn score(cfg: &AttentionCfg, i: Expr, j: Expr, guard: Option<Expr>) -> Vec<Stmt>
         .cast(Elem::F32);
         match guard {
             Some(g) => {
-                s.push(var_("mv", Elem::F32, f(0.0)));
-                s.push(if_(g, vec![assign("mv", load_mask)]));
+                s.push(var_(&mvn, Elem::F32, f(0.0)));
+                s.push(if_(g, vec![assign(&mvn, load_mask)]));
             }
-            None => s.push(let_("mv", Elem::F32, load_mask)),
+            None => s.push(let_(&mvn, Elem::F32, load_mask)),
         }
-        added = var("x") + var("mv");
+        added = var(&xn) + var(&mvn);
     }
     let value = if cfg.positional() {
         // Positions in u32 without negatives: j <= i + sk - sq  ⇔  j + sq <= i + sk, and
@@ -452,11 +545,11 @@ fn score(cfg: &AttentionCfg, i: Expr, j: Expr, guard: Option<Expr>) -> Vec<Stmt>
             (Some(a), None) | (None, Some(a)) => a,
             (None, None) => unreachable!("positional"),
         };
-        select(seen, added, var("x") + f(MASKED))
+        select(seen, added, var(&xn) + f(MASKED))
     } else {
         added
     };
-    s.push(let_("score", Elem::F32, value));
+    s.push(let_(&scn, Elem::F32, value));
     s
 }
 
@@ -517,6 +610,9 @@ fn build_flash(
     t: &AttentionTunables,
     limits: &Limits,
 ) -> Result<Kernel, CodegenError> {
+    if t.rows > 0 {
+        return build_lanes(cfg, t, limits);
+    }
     let name = cfg.kernel_name(false);
     check_common(cfg, t, &name)?;
     let (bq, bk, nt, d, dv) = (t.block_q, t.block_k, t.threads, cfg.head_dim, cfg.dv);
@@ -789,6 +885,231 @@ fn build_flash(
     Ok(kernel)
 }
 
+/// The register design of prefill for CPU adapters (see the module docs): `threads`
+/// invocations, each holding `rows` query rows (q, running max and sum, output accumulators)
+/// in vector registers; K and V read with vector loads straight from storage; no shared memory
+/// and no barriers. Unrolled over rows, keys of a tile and head-dim vectors; the key tiles are
+/// a loop.
+fn build_lanes(
+    cfg: &AttentionCfg,
+    t: &AttentionTunables,
+    limits: &Limits,
+) -> Result<Kernel, CodegenError> {
+    let name = cfg.kernel_name(false);
+    check_common(cfg, t, &name)?;
+    let (nt, rows, bk, d, dv) = (t.threads, t.rows, t.block_k, cfg.head_dim, cfg.dv);
+    if d % 4 != 0 || dv % 4 != 0 {
+        return Err(kernel_err(
+            &name,
+            format!(
+                "register design: head dims {d} and {dv} must be multiples of 4 (vector loads)"
+            ),
+        ));
+    }
+    if t.block_q != nt * rows {
+        return Err(kernel_err(
+            &name,
+            format!(
+                "register design: block_q = {} is not threads · rows = {}",
+                t.block_q,
+                nt * rows
+            ),
+        ));
+    }
+    if rows > MAX_ROWS || bk > MAX_LANES_BLOCK_K {
+        return Err(kernel_err(
+            &name,
+            format!(
+                "register design: rows = {rows} (at most {MAX_ROWS}) or block_k = {bk} (at most \
+                 {MAX_LANES_BLOCK_K}) unrolls too far"
+            ),
+        ));
+    }
+    let (d4, dv4) = (d / 4, dv / 4);
+    if rows * (d4 + dv4) > MAX_VEC_REGS {
+        return Err(kernel_err(
+            &name,
+            format!(
+                "register design: {} vector registers per invocation exceed {MAX_VEC_REGS}",
+                rows * (d4 + dv4)
+            ),
+        ));
+    }
+    let e = cfg.elem;
+    let n = |base: &str, r: u32| format!("{base}{r}");
+    let n2 = |base: &str, a: u32, b: u32| format!("{base}{a}_{b}");
+    let qv = |r: u32, x: u32| format!("q{r}_{x}");
+    let av = |r: u32, x: u32| format!("acc{r}_{x}");
+
+    let mut body = prologue(cfg);
+    body.push(let_("q0", Elem::U32, workgroup_id(0) * u(t.block_q)));
+    for r in 0..rows {
+        // Row r·threads + tid of the block; rows past sq read the last row (finite) and store
+        // nothing.
+        body.push(let_(
+            &n("i", r),
+            Elem::U32,
+            var("q0") + u(r * nt) + var("tid"),
+        ));
+        body.push(let_(
+            &n("qb", r),
+            Elem::U32,
+            (var("qrow") + var(&n("i", r)).min(uni("sq") - u(1))) * u(d),
+        ));
+        for x in 0..d4 {
+            body.push(let_(
+                &qv(r, x),
+                Elem::F32x4,
+                load4("q", var(&n("qb", r)) + u(4 * x)),
+            ));
+        }
+        body.push(var_(&n("m", r), Elem::F32, f(MASKED)));
+        body.push(var_(&n("l", r), Elem::F32, f(0.0)));
+        for x in 0..dv4 {
+            body.push(var_(&av(r, x), Elem::F32x4, splat4(f(0.0))));
+        }
+    }
+    body.extend(tile_range(cfg, var("q0"), t.block_q, bk));
+
+    let mut tile = vec![let_("k0", Elem::U32, var("kt") * u(bk))];
+    for c in 0..bk {
+        let j = var("k0") + u(c);
+        tile.push(let_(&n("j", c), Elem::U32, j));
+        tile.push(let_(&n("ok", c), Elem::Bool, var(&n("j", c)).lt(uni("sk"))));
+        // Keys past sk read the last key (finite) and get no weight.
+        tile.push(let_(
+            &n("kr", c),
+            Elem::U32,
+            var("krow") + var(&n("j", c)).min(uni("sk") - u(1)),
+        ));
+    }
+    // Scores: one vector of K at a time, against every row's q.
+    for c in 0..bk {
+        for r in 0..rows {
+            tile.push(var_(&n2("dot", r, c), Elem::F32, f(0.0)));
+        }
+        for x in 0..d4 {
+            let kx = n2("k", c, x);
+            tile.push(let_(
+                &kx,
+                Elem::F32x4,
+                load4("k", var(&n("kr", c)) * u(d) + u(4 * x)),
+            ));
+            for r in 0..rows {
+                let dn = n2("dot", r, c);
+                tile.push(assign(&dn, var(&dn) + var(&qv(r, x)).dot(var(&kx))));
+            }
+        }
+        for r in 0..rows {
+            let (i, j) = (var(&n("i", r)), var(&n("j", c)));
+            let guard = i.clone().lt(uni("sq")).and(var(&n("ok", c)));
+            tile.extend(score_named(
+                cfg,
+                i,
+                j,
+                Some(guard),
+                &n2("dot", r, c),
+                &format!("{r}_{c}"),
+            ));
+        }
+    }
+    // Online softmax per row: the tile's max, rescale, probabilities (0 past sk).
+    for r in 0..rows {
+        let sc = |c: u32| select(var(&n("ok", c)), var(&n2("score", r, c)), f(MASKED));
+        let mut mt = sc(0);
+        for c in 1..bk {
+            mt = mt.max(sc(c));
+        }
+        let (m, l, mn, a) = (n("m", r), n("l", r), n("mn", r), n("a", r));
+        tile.push(let_(&mn, Elem::F32, var(&m).max(mt)));
+        tile.push(let_(&a, Elem::F32, (var(&m) - var(&mn)).exp()));
+        let mut lsum = var(&l) * var(&a);
+        for c in 0..bk {
+            let p = n2("p", r, c);
+            tile.push(let_(
+                &p,
+                Elem::F32,
+                select(
+                    var(&n("ok", c)),
+                    (var(&n2("score", r, c)) - var(&mn)).exp(),
+                    f(0.0),
+                ),
+            ));
+            lsum = lsum + var(&p);
+        }
+        tile.push(assign(&l, lsum));
+        tile.push(assign(&m, var(&mn)));
+        for x in 0..dv4 {
+            tile.push(assign(&av(r, x), var(&av(r, x)) * splat4(var(&a))));
+        }
+    }
+    // acc += p · v: one vector of V at a time, into every row.
+    for c in 0..bk {
+        for x in 0..dv4 {
+            let vx = n2("v", c, x);
+            tile.push(let_(
+                &vx,
+                Elem::F32x4,
+                load4("v", var(&n("kr", c)) * u(dv) + u(4 * x)),
+            ));
+            for r in 0..rows {
+                tile.push(assign(
+                    &av(r, x),
+                    var(&av(r, x)) + splat4(var(&n2("p", r, c))) * var(&vx),
+                ));
+            }
+        }
+    }
+    body.push(for_("kt", var("kt_lo"), var("kt_hi"), tile));
+
+    // out = acc / l, or the mean of v for a row that saw no key.
+    for r in 0..rows {
+        let mut stores = vec![];
+        for x in 0..dv4 {
+            let o = n2("o", r, x);
+            stores.push(let_(
+                &o,
+                Elem::F32x4,
+                var(&av(r, x)) / splat4(var(&n("l", r))),
+            ));
+            for lane in 0..4u8 {
+                stores.push(store(
+                    "out",
+                    var("orow") * u(dv) + u(4 * x + u32::from(lane)),
+                    var(&o).lane(lane).cast(e),
+                ));
+            }
+        }
+        body.push(if_(
+            var(&n("i", r)).lt(uni("sq")),
+            vec![
+                let_("orow", Elem::U32, var("qrow") + var(&n("i", r))),
+                Stmt::If(
+                    var(&n("m", r)).eq_(f(MASKED)),
+                    vec![for_(
+                        "col",
+                        u(0),
+                        u(dv),
+                        mean_of_v(cfg, var("orow"), var("col")),
+                    )],
+                    stores,
+                ),
+            ],
+        ));
+    }
+
+    let kernel = Kernel {
+        name,
+        buffers: buffers(cfg),
+        uniforms: uniforms(cfg),
+        workgroup: [nt, 1, 1],
+        shared: vec![],
+        body,
+    };
+    check_limits(&kernel, limits)?;
+    Ok(kernel)
+}
+
 /// Decode attention: one workgroup per query row (see the module docs).
 pub fn decode(
     cfg: &AttentionCfg,
@@ -815,6 +1136,12 @@ fn build_decode(
     let name = cfg.kernel_name(true);
     check_common(cfg, t, &name)?;
     let (bk, nt, d, dv) = (t.block_k, t.threads, cfg.head_dim, cfg.dv);
+    if t.rows != 0 {
+        return Err(kernel_err(
+            &name,
+            format!("rows = {}: decode has no register design", t.rows),
+        ));
+    }
     if t.block_q != 1 {
         return Err(kernel_err(
             &name,
@@ -1089,6 +1416,20 @@ pub fn catalog() -> Vec<Generated> {
         let l = limits(c.elem);
         let t = AttentionTunables::default_for(c, &l);
         out.push(flash(c, &t, &l).expect("catalog config builds"));
+    }
+    // The register design (chosen on CPU adapters), with one row per invocation: its CUDA
+    // must compile without spills (the NVRTC test), which the CPU default's 8 rows of q and
+    // accumulators (1024 floats) cannot; its WGSL is run on lavapipe by the runtime tests.
+    for c in [
+        cfg(Elem::F32, 64, 64, true, None, false),
+        cfg(Elem::F16, 64, 64, true, Some(32), true),
+        cfg(Elem::BF16, 64, 64, true, None, false),
+    ] {
+        let l = limits(c.elem).with_kind(DeviceKind::Cpu);
+        let t = AttentionTunables::default_for(&c, &l)
+            .with("rows", 1)
+            .expect("known tunable");
+        out.push(flash(&c, &t, &l).expect("catalog config builds"));
     }
     for c in &decoding {
         let l = limits(c.elem);

@@ -135,6 +135,7 @@ pub(crate) fn elem_name(e: Elem) -> &'static str {
         Elem::U32 => "u32",
         Elem::I32 => "i32",
         Elem::Bool => "bool",
+        Elem::F32x4 => "f32x4",
     }
 }
 

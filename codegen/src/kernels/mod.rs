@@ -39,6 +39,18 @@ impl Tunable {
     }
 }
 
+/// What kind of processor runs the kernels: templates with more than one design pick by it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    /// A GPU (or unknown): shared-memory tiles, many threads per workgroup.
+    #[default]
+    Gpu,
+    /// A CPU adapter (lavapipe/llvmpipe, SwiftShader): every load is a loop over the SIMD
+    /// lanes, so designs that hold data in registers and load vectors win (see
+    /// `notes/wgsl-on-lavapipe.md`).
+    Cpu,
+}
+
 /// What a target guarantees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -46,6 +58,8 @@ pub struct Limits {
     pub max_threads: u32,
     /// Most workgroup-shared bytes.
     pub max_shared_bytes: u32,
+    /// The kind of device (the runtime fills it from the adapter).
+    pub kind: DeviceKind,
 }
 
 impl Limits {
@@ -54,7 +68,13 @@ impl Limits {
         Limits {
             max_threads: 256,
             max_shared_bytes: 16 * 1024,
+            kind: DeviceKind::Gpu,
         }
+    }
+
+    /// The same limits on a device of kind `kind`.
+    pub fn with_kind(self, kind: DeviceKind) -> Limits {
+        Limits { kind, ..self }
     }
 
     /// CUDA (sm_80+): 1024 threads per block, 48 KiB static shared memory.
@@ -62,6 +82,7 @@ impl Limits {
         Limits {
             max_threads: 1024,
             max_shared_bytes: 48 * 1024,
+            kind: DeviceKind::Gpu,
         }
     }
 }

@@ -370,6 +370,7 @@ fn elem_name(e: Elem) -> &'static str {
         Elem::U32 => "u32",
         Elem::I32 => "i32",
         Elem::Bool => "bool",
+        Elem::F32x4 => "f32x4",
     }
 }
 
