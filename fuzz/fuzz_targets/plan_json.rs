@@ -32,15 +32,23 @@ fuzz_target!(|data: &[u8]| {
     } else {
         c.graph.clone()
     };
-    let target = if mode & 2 == 2 { Target::Cuda } else { Target::Wgsl };
+    let target = if mode & 2 == 2 {
+        Target::Cuda
+    } else {
+        Target::Wgsl
+    };
     let elem = if mode & 4 == 4 { Elem::F16 } else { Elem::F32 };
     let Ok(plan) = lower(&g, &LowerOptions::new(target, elem)) else {
         return;
     };
     for k in &plan.kernels {
-        target.print(&k.gen.kernel).expect("a lowered kernel prints");
+        target
+            .print(&k.gen.kernel)
+            .expect("a lowered kernel prints");
         if let Some(v) = &k.decode {
-            target.print(&v.gen.kernel).expect("a decode variant prints");
+            target
+                .print(&v.gen.kernel)
+                .expect("a decode variant prints");
         }
     }
     for dims in [None, Some(&c.bindings)] {

@@ -48,10 +48,7 @@ fn built(u: &mut Unstructured) -> arbitrary::Result<Vec<u8>> {
         );
     }
     if u.arbitrary()? {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::json!({"format": "pt"}),
-        );
+        header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     }
     let text = serde_json::to_vec(&header).expect("json");
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

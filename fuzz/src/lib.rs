@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use arbitrary::{Result, Unstructured};
 use transfuse::ir::{
-    BResult, Bindings, Builder, CmpOp, DType, Dim, Graph, NodeId, ReduceOp, Shape, Tensor,
-    UnaryOp, Weights,
+    BResult, Bindings, Builder, CmpOp, DType, Dim, Graph, NodeId, ReduceOp, Shape, Tensor, UnaryOp,
+    Weights,
 };
 use transfuse::runtime::TensorMap;
 
@@ -107,9 +107,12 @@ impl Gen<'_, '_> {
                 self.push(y, kx);
             }
             1 => {
-                let op = *self
-                    .u
-                    .choose(&[UnaryOp::Log, UnaryOp::Sqrt, UnaryOp::Rsqrt, UnaryOp::Recip])?;
+                let op = *self.u.choose(&[
+                    UnaryOp::Log,
+                    UnaryOp::Sqrt,
+                    UnaryOp::Rsqrt,
+                    UnaryOp::Recip,
+                ])?;
                 let p = self.positive(x);
                 let y = self.b.unary(op, p);
                 self.push(y, kx);
@@ -212,11 +215,8 @@ impl Gen<'_, '_> {
                     return Ok(());
                 };
                 let four = |g: &mut Self, t: NodeId| {
-                    g.b.reshape(
-                        t,
-                        vec![Dim::sym("b"), 1.into(), g.r.into(), g.c.into()],
-                    )
-                    .expect("reshape to heads")
+                    g.b.reshape(t, vec![Dim::sym("b"), 1.into(), g.r.into(), g.c.into()])
+                        .expect("reshape to heads")
                 };
                 let (q4, k4, v4) = (four(self, x), four(self, k), four(self, v));
                 let mask = if self.u.arbitrary()? {
@@ -270,10 +270,9 @@ impl Gen<'_, '_> {
                 self.push(r, Class::Full);
             }
             13 if kx == Class::Row => {
-                let r = self.b.expand(
-                    x,
-                    vec![Dim::sym("b"), self.r.into(), self.c.into()],
-                );
+                let r = self
+                    .b
+                    .expand(x, vec![Dim::sym("b"), self.r.into(), self.c.into()]);
                 self.push(r, Class::Full);
             }
             14 if kx == Class::Square => {
@@ -317,7 +316,10 @@ impl Gen<'_, '_> {
             .b
             .reduce(ReduceOp::Sum, x0, &[2], false)
             .expect("row sums"); // [b, r]
-        let t = self.b.scalar(value(self.u, 3.0)? as f64).expect("threshold");
+        let t = self
+            .b
+            .scalar(value(self.u, 3.0)? as f64)
+            .expect("threshold");
         let seen = self.b.compare(CmpOp::Gt, sums, t).expect("compare");
         let zero = self.b.scalar(0.0).expect("0");
         let min = self.b.scalar(f32::MIN as f64).expect("min");
@@ -347,14 +349,9 @@ pub fn case(u: &mut Unstructured) -> Result<Case> {
     let mut inputs = TensorMap::new();
     for i in 0..n_inputs {
         let name = format!("x{i}");
-        let id = g
-            .b
-            .input(
-                &name,
-                vec![Dim::sym("b"), r.into(), c.into()],
-                DType::F32,
-            )
-            .expect("input");
+        let id =
+            g.b.input(&name, vec![Dim::sym("b"), r.into(), c.into()], DType::F32)
+                .expect("input");
         g.nodes.push((id, Class::Full));
         let mut data = Vec::with_capacity(batch * r * c);
         for _ in 0..batch * r * c {
