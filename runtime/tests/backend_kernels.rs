@@ -420,7 +420,7 @@ impl Case {
                     "{what}: decode variant used: {decode}"
                 );
             }
-            let want = CpuBackend::new()
+            let want = CpuBackend::reference()
                 .run(&g, &w_ref, &ref_inputs)
                 .unwrap_or_else(|e| panic!("{what}: cpu: {e}"));
             let scale = abs_scale.then(|| {
@@ -432,7 +432,7 @@ impl Case {
                     .iter()
                     .map(|(k, t)| (k.clone(), abs(t)))
                     .collect();
-                CpuBackend::new()
+                CpuBackend::reference()
                     .run(&g, &w_abs, &i_abs)
                     .unwrap_or_else(|e| panic!("{what}: cpu on |inputs|: {e}"))
             });
@@ -1331,7 +1331,7 @@ fn launch_order_across_threads<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
             .map(|i| ((i * 7 + it) % 13) as f32 / 3.0)
             .collect();
         let inputs: TensorMap = [("x".to_string(), Tensor::f32(vec![4, 64], v))].into();
-        let want = CpuBackend::new().run(&g, &w, &inputs).unwrap();
+        let want = CpuBackend::reference().run(&g, &w, &inputs).unwrap();
         let got = p.run(&inputs, &[]).unwrap();
         let (a, e) = (got["y"].as_f32().unwrap(), want["y"].as_f32().unwrap());
         let d = a

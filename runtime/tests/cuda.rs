@@ -320,7 +320,7 @@ fn check(
         .unwrap_or_else(|e| panic!("{what}: loading: {e}"));
     for (rows, seed) in [(3, 1), (7, 2)] {
         let x = inputs(rows, seed);
-        let want = CpuBackend::new().run(reference, weights, &x).unwrap();
+        let want = CpuBackend::reference().run(reference, weights, &x).unwrap();
         let got = p
             .run(&x, &[])
             .unwrap_or_else(|e| panic!("{what}, {rows} rows: {e}"));
@@ -347,7 +347,7 @@ fn graphs_match_the_cpu_backend() {
     let backend = CudaBackend::new().unwrap();
     let x = inputs(5, 3);
     let got = backend.run(&opt, &weights, &x).unwrap();
-    let want = CpuBackend::new().run(&g, &weights, &x).unwrap();
+    let want = CpuBackend::reference().run(&g, &weights, &x).unwrap();
     assert_close(&got, &want, 1e-4, "CudaBackend::run");
 }
 

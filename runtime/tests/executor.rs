@@ -211,7 +211,7 @@ fn planned_memory_gives_the_cpu_results_and_reuses_buffers() {
     // Several sizes in a row: slots grow and are reused across calls.
     for n in [3, 1, 50, 7] {
         let ins = inputs(n, 24);
-        let want = CpuBackend::new().run(&g, &w, &ins).unwrap();
+        let want = CpuBackend::reference().run(&g, &w, &ins).unwrap();
         let got = p.run(&ins, &[]).unwrap();
         assert_close(&got, &want);
         let m = p.memory().unwrap();
@@ -262,13 +262,13 @@ fn tensors_over_the_binding_limit_are_split() {
     let mut p = Program::new(InterpDevice::new(4000, 8, 65_535), &g, &w, Elem::F32).unwrap();
     for n in [1, 3, 7] {
         let ins = inputs(n, 24);
-        let want = CpuBackend::new().run(&g, &w, &ins).unwrap();
+        let want = CpuBackend::reference().run(&g, &w, &ins).unwrap();
         assert_close(&p.run(&ins, &[]).unwrap(), &want);
     }
     // Three chunks of 320 + 320 + 512 elements.
     let mut p = Program::new(InterpDevice::new(1300, 8, 65_535), &g, &w, Elem::F32).unwrap();
     let ins = inputs(5, 24);
-    let want = CpuBackend::new().run(&g, &w, &ins).unwrap();
+    let want = CpuBackend::reference().run(&g, &w, &ins).unwrap();
     assert_close(&p.run(&ins, &[]).unwrap(), &want);
     // Activations over the binding are split per call too, on a device allowing 16 storage
     // buffers: at 60 rows the input (1440 elements), the hidden layer (2880) and both outputs
@@ -276,7 +276,7 @@ fn tensors_over_the_binding_limit_are_split() {
     let mut p = Program::new(InterpDevice::new(4000, 16, 65_535), &g, &w, Elem::F32).unwrap();
     for n in [60, 7, 40, 60] {
         let ins = inputs(n, 24);
-        let want = CpuBackend::new().run(&g, &w, &ins).unwrap();
+        let want = CpuBackend::reference().run(&g, &w, &ins).unwrap();
         assert_close(&p.run(&ins, &[]).unwrap(), &want);
     }
     // Too many chunks for the kernel's storage buffers: one line naming the kernel.
@@ -339,7 +339,7 @@ fn grids_clamp_for_grid_stride_kernels_and_are_refused_otherwise() {
         ),
     ]);
     let ins = inputs(50, 16);
-    let want = CpuBackend::new().run(&graph, &w, &ins).unwrap();
+    let want = CpuBackend::reference().run(&graph, &w, &ins).unwrap();
     let mut p = Program::new(InterpDevice::new(1 << 30, 8, 2), &graph, &w, Elem::F32).unwrap();
     assert_close(&p.run(&ins, &[]).unwrap(), &want);
     // The MLP's matmul tiles cannot stride: refused, naming the kernel and the axis.
@@ -367,7 +367,7 @@ fn gathered_ids_out_of_range_are_an_error() {
     )]);
     let mut p = Program::new(InterpDevice::roomy(), &g, &w, Elem::F32).unwrap();
     let ok = HashMap::from([("ids".to_string(), Tensor::i64(vec![2], vec![4, 0]))]);
-    let want = CpuBackend::new().run(&g, &w, &ok).unwrap();
+    let want = CpuBackend::reference().run(&g, &w, &ok).unwrap();
     assert_eq!(p.run(&ok, &[]).unwrap()["y"], want["y"]);
     let bad = HashMap::from([("ids".to_string(), Tensor::i64(vec![2], vec![1, 5]))]);
     match p.run(&bad, &[]).unwrap_err() {
