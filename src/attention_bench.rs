@@ -631,7 +631,15 @@ pub fn run_case(
         }
     }
     let inp = inputs(cfg, p);
-    let refused = |e: crate::runtime::RuntimeError| Ok(Outcome::Refused(e.to_string()));
+    // One line whatever the device said (wgpu's validation errors span several).
+    let refused = |e: crate::runtime::RuntimeError| {
+        let why = e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(Outcome::Refused(why))
+    };
     let mut loaded = match backend.load_as(&vg, &Default::default(), cfg.dtype) {
         Ok(l) => l,
         Err(e) => return refused(e),
@@ -910,6 +918,7 @@ pub fn plot(path: &std::path::Path, title: &str, results: &[CaseResult]) -> Resu
         })
         .y_desc(if decode { "ms per step" } else { "GFLOP/s" })
         .x_label_formatter(&|x| format!("{x:.0}"))
+        .light_line_style(TRANSPARENT)
         .draw()
         .map_err(|e| draw_err(e.to_string()))?;
     for (i, (name, pts)) in series.iter().enumerate() {

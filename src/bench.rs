@@ -456,7 +456,8 @@ pub fn bench_attention(a: &AttentionArgs) -> Result<(), Error> {
             cfg.heads,
             cfg.head_dim,
             ab::elem_name(dtype),
-            description
+            // The adapter's name without the driver details, so the title fits.
+            description.split(" (").next().unwrap_or(&description)
         );
         ab::plot(path, &title, &results)?;
         eprintln!("wrote {}", path.display());
