@@ -235,24 +235,63 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
 }
 
 /// `transfuse bench attention` as given on the command line.
+#[derive(clap::Args)]
 pub struct AttentionArgs {
+    /// Backend: cpu, wgpu, cuda or auto.
+    #[arg(long, default_value = "auto")]
     pub backend: String,
+    /// Sequence lengths (query rows = keys), comma-separated.
+    #[arg(long, default_value = "128,512,1024")]
     pub seq: String,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 12)]
     pub heads: usize,
+    /// Key/value heads (GQA/MQA; must divide --heads; default: --heads).
+    #[arg(long)]
     pub kv_heads: Option<usize>,
+    /// Head dimension: 32, 64 or 128.
+    #[arg(long, default_value_t = 64)]
     pub head_dim: usize,
+    /// Mask: causal, padding (with --lengths), window (with --window) or none.
+    #[arg(long, default_value = "causal")]
     pub mask: String,
+    /// Padding: valid key lengths, one for every row or one per batch row (default: ¾ of
+    /// the keys).
+    #[arg(long)]
     pub lengths: Option<String>,
+    /// Window: key j is visible from position i iff i − W < j ≤ i (Hugging Face's sliding
+    /// window).
+    #[arg(long)]
     pub window: Option<usize>,
+    /// Decode: one new query row per sequence against a KV cache (see --past).
+    #[arg(long)]
     pub decode: bool,
+    /// Decode: cache lengths, comma-separated (replaces --seq).
+    #[arg(long, default_value = "0,1,37,1024")]
     pub past: String,
+    /// Storage type: f32, f16 or bf16 (what the backend can run).
+    #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Timed runs (median, min, max reported).
+    #[arg(long, default_value_t = 10)]
     pub iters: usize,
+    /// Untimed runs first (after the checked first call).
+    #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Variants, comma-separated: fused, unfused, primitive.
+    #[arg(long, value_delimiter = ',', default_value = "fused,unfused")]
     pub variants: Vec<String>,
+    /// One JSON line per case and variant.
+    #[arg(long, conflicts_with = "csv")]
     pub json: bool,
+    /// CSV with a header line.
+    #[arg(long)]
     pub csv: bool,
+    /// Also draw the results (an .svg file).
+    #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
 }
 

@@ -174,64 +174,7 @@ enum BenchCmd {
     /// Time attention as a model spells it: fused (one attention kernel) against unfused
     /// (matmul, fused softmax, matmul) and primitive, every case checked against an f64
     /// reference first.
-    Attention {
-        /// Backend: cpu, wgpu, cuda or auto.
-        #[arg(long, default_value = "auto")]
-        backend: String,
-        /// Sequence lengths (query rows = keys), comma-separated.
-        #[arg(long, default_value = "128,512,1024")]
-        seq: String,
-        /// Sequences per batch.
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        /// Query heads.
-        #[arg(long, default_value_t = 12)]
-        heads: usize,
-        /// Key/value heads (GQA/MQA; must divide --heads; default: --heads).
-        #[arg(long)]
-        kv_heads: Option<usize>,
-        /// Head dimension: 32, 64 or 128.
-        #[arg(long, default_value_t = 64)]
-        head_dim: usize,
-        /// Mask: causal, padding (with --lengths), window (with --window) or none.
-        #[arg(long, default_value = "causal")]
-        mask: String,
-        /// Padding: valid key lengths, one for every row or one per batch row (default: ¾ of
-        /// the keys).
-        #[arg(long)]
-        lengths: Option<String>,
-        /// Window: key j is visible from position i iff i − W < j ≤ i (Hugging Face's sliding
-        /// window).
-        #[arg(long)]
-        window: Option<usize>,
-        /// Decode: one new query row per sequence against a KV cache (see --past).
-        #[arg(long)]
-        decode: bool,
-        /// Decode: cache lengths, comma-separated (replaces --seq).
-        #[arg(long, default_value = "0,1,37,1024")]
-        past: String,
-        /// Storage type: f32, f16 or bf16 (what the backend can run).
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        /// Timed runs (median, min, max reported).
-        #[arg(long, default_value_t = 10)]
-        iters: usize,
-        /// Untimed runs first (after the checked first call).
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        /// Variants, comma-separated: fused, unfused, primitive.
-        #[arg(long, value_delimiter = ',', default_value = "fused,unfused")]
-        variants: Vec<String>,
-        /// One JSON line per case and variant.
-        #[arg(long, conflicts_with = "csv")]
-        json: bool,
-        /// CSV with a header line.
-        #[arg(long)]
-        csv: bool,
-        /// Also draw the results (an .svg file).
-        #[arg(long)]
-        plot: Option<PathBuf>,
-    },
+    Attention(bench::AttentionArgs),
     /// Time a model from a Hugging Face folder.
     Model {
         /// Hugging Face folder.
@@ -531,50 +474,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             bench::bench_model(&s, &reason, &args)?;
         }
         Cmd::Bench {
-            what:
-                BenchCmd::Attention {
-                    backend,
-                    seq,
-                    batch,
-                    heads,
-                    kv_heads,
-                    head_dim,
-                    mask,
-                    lengths,
-                    window,
-                    decode,
-                    past,
-                    dtype,
-                    iters,
-                    warmup,
-                    variants,
-                    json,
-                    csv,
-                    plot,
-                },
-        } => {
-            let args = bench::AttentionArgs {
-                backend,
-                seq,
-                batch,
-                heads,
-                kv_heads,
-                head_dim,
-                mask,
-                lengths,
-                window,
-                decode,
-                past,
-                dtype,
-                iters,
-                warmup,
-                variants,
-                json,
-                csv,
-                plot,
-            };
-            bench::bench_attention(&args)?;
-        }
+            what: BenchCmd::Attention(args),
+        } => bench::bench_attention(&args)?,
         Cmd::Graph { model, dot } => {
             let cfg = load_config(&model)?;
             let heads = BertHeads {

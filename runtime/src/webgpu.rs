@@ -210,6 +210,46 @@ impl WgpuDevice {
         Err(err(all.join("; ")))
     }
 
+    /// Records `fill` (copies into a `size`-byte staging buffer) after every pending launch,
+    /// submits, waits and returns the staging buffer's first `bytes` bytes. The encoder lock is
+    /// held until the submit: another thread's launches taken out of the shared encoder must
+    /// not be submitted after this copy.
+    fn read_back(
+        &self,
+        size: u64,
+        bytes: u64,
+        fill: impl FnOnce(&mut wgpu::CommandEncoder, &wgpu::Buffer),
+    ) -> Result<Vec<u8>, RuntimeError> {
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut pending = self.pending.lock().expect("encoder");
+        let mut enc = pending
+            .take()
+            .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()));
+        fill(&mut enc, &staging);
+        self.queue.submit([enc.finish()]);
+        drop(pending);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| err("readback was never mapped"))?
+            .map_err(|e| err(format!("mapping a readback buffer: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| err(format!("reading back: {e}")))?;
+        let out = view[..bytes as usize].to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
     fn wait(&self) -> Result<(), RuntimeError> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
@@ -268,36 +308,9 @@ impl Device for WgpuDevice {
 
     fn read(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, RuntimeError> {
         let size = pad4(bytes);
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        // Hold the lock until the submit: another thread's launches taken out of the shared
-        // encoder must not be submitted after this read's copy.
-        let mut pending = self.pending.lock().expect("encoder");
-        let mut enc = pending
-            .take()
-            .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()));
-        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
-        self.queue.submit([enc.finish()]);
-        drop(pending);
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait()?;
-        rx.recv()
-            .map_err(|_| err("readback was never mapped"))?
-            .map_err(|e| err(format!("mapping a readback buffer: {e}")))?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| err(format!("reading back: {e}")))?;
-        let out = view[..bytes as usize].to_vec();
-        drop(view);
-        staging.unmap();
-        Ok(out)
+        self.read_back(size, bytes, |enc, staging| {
+            enc.copy_buffer_to_buffer(buf, 0, staging, 0, size)
+        })
     }
 
     fn compile(&self, kernel: &Kernel) -> Result<WgpuModule, RuntimeError> {
@@ -482,37 +495,14 @@ impl Device for WgpuDevice {
             self.sync()?;
             return Ok(None);
         };
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("timer readback"),
-            size: 16,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut pending = self.pending.lock().expect("encoder");
-        let mut enc = pending
-            .take()
-            .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()));
-        enc.resolve_query_set(&t.set, 0..2, &t.resolve, 0);
-        enc.copy_buffer_to_buffer(&t.resolve, 0, &staging, 0, 16);
-        self.queue.submit([enc.finish()]);
-        drop(pending);
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait()?;
-        rx.recv()
-            .map_err(|_| err("timer readback was never mapped"))?
-            .map_err(|e| err(format!("mapping the timer readback: {e}")))?;
-        let ticks: Vec<u64> = {
-            let view = staging
-                .get_mapped_range(..)
-                .map_err(|e| err(format!("reading the timer back: {e}")))?;
-            view.chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect()
-        };
-        staging.unmap();
+        let bytes = self.read_back(16, 16, |enc, staging| {
+            enc.resolve_query_set(&t.set, 0..2, &t.resolve, 0);
+            enc.copy_buffer_to_buffer(&t.resolve, 0, staging, 0, 16);
+        })?;
+        let ticks: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
         let (t0, t1) = (ticks[0], ticks[1]);
         // A reversed pair means the driver's counter is not usable here: fall back to the host.
         Ok((t1 > t0).then(|| (t1 - t0) as f64 * f64::from(t.period_ns) * 1e-9))
