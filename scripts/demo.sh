@@ -39,7 +39,10 @@ $tf embed --model "$minilm" --text "The quick brown fox jumps over the lazy dog.
 echo "== 5. benchmark tiny GPT-2 on the same backend"
 $tf bench model --model $fx/tiny_gpt2/model --seq 16 --iters 3 --decode-tokens 8
 
-echo "== 6. kernels for tiny GPT-2: WGSL and CUDA C, one file per kernel, plus plan.json"
+echo "== 6. fused vs unfused attention on the same backend, checked against f64 (causal, b1 h12 d64)"
+$tf bench attention --seq 128,512 --iters 3 --warmup 1
+
+echo "== 7. kernels for tiny GPT-2: WGSL and CUDA C, one file per kernel, plus plan.json"
 $tf compile --model $fx/tiny_gpt2/model --target wgsl --emit "$out/wgsl"
 $tf compile --model $fx/tiny_gpt2/model --target cuda --emit "$out/cuda" --dtype f16
 ls "$out/wgsl" | head -5
