@@ -35,15 +35,7 @@ pub fn gemm_strided(
     accum: bool,
     par: Par,
 ) {
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        }
-    };
-    assert!(a.len() >= last(m, k, rsa, csa) && b.len() >= last(k, n, rsb, csb));
-    assert!(c.len() >= m * n);
+    super::kernels::check_strided(a, (rsa, csa), b, (rsb, csb), c, (m, k, n));
     if m == 0 || n == 0 {
         return;
     }

@@ -261,6 +261,28 @@ pub fn gemm(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
     gemm_strided(a, (k, 1), b, (n, 1), c, m, k, n);
 }
 
+/// Asserts that `a` [m, k] and `b` [k, n] read through their (row, column) strides stay in
+/// bounds and that `c` holds [m, n]: the precondition of both strided GEMMs (the reference
+/// here and `cpu::gemm::gemm_strided`).
+pub(crate) fn check_strided(
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    c: &[f32],
+    (m, k, n): (usize, usize, usize),
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(a.len() >= last(m, k, rsa, csa) && b.len() >= last(k, n, rsb, csb));
+    assert!(c.len() >= m * n);
+}
+
 /// `c = a × b` for `a` [m, k] and `b` [k, n] read through (row, column) strides, into
 /// contiguous row-major `c` [m, n]. Each element's arithmetic depends only on `k`, not on the
 /// strides or on `m`, `n`: `a × bᵀ` with `b` read transposed equals `a × (bᵀ copied)` bit for bit.
@@ -275,15 +297,7 @@ pub fn gemm_strided(
     k: usize,
     n: usize,
 ) {
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        }
-    };
-    assert!(a.len() >= last(m, k, rsa, csa) && b.len() >= last(k, n, rsb, csb));
-    assert!(c.len() >= m * n);
+    check_strided(a, (rsa, csa), b, (rsb, csb), c, (m, k, n));
     if m == 0 || n == 0 {
         return;
     }
