@@ -12,7 +12,6 @@
 
 use std::time::Instant;
 
-use transfuse::models::ModelConfig;
 use transfuse::{Batch, Error, Sampling, Session};
 
 /// What to bench.
@@ -70,10 +69,7 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
             "--batch, --seq and --iters must be at least 1".into(),
         ));
     }
-    let (vocab, positions) = match &s.model.config {
-        ModelConfig::Bert(c) => (c.vocab_size, c.max_position_embeddings),
-        ModelConfig::Gpt2(c) => (c.vocab_size, c.n_positions),
-    };
+    let (vocab, positions) = (s.model.vocab_size(), s.model.max_positions());
     if a.seq > positions {
         return Err(Error::Usage(format!(
             "--seq {} exceeds the model's {positions} positions",
@@ -110,8 +106,8 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
     let memory = s.memory();
     // Decoding: a prompt of `seq` tokens, then `decode_tokens` one-token steps.
     let decode = match (&s.model.config, a.decode_tokens) {
-        (ModelConfig::Gpt2(c), n) if n > 0 => {
-            let prompt_len = a.seq.min(c.n_positions.saturating_sub(n)).max(1);
+        (c, n) if n > 0 && c.cache_shape().is_some() => {
+            let prompt_len = a.seq.min(positions.saturating_sub(n)).max(1);
             let prompt = ids(1, prompt_len, vocab).remove(0);
             s.generate(&prompt, 2, Sampling::Greedy)?; // warm-up (prefill and one step)
             let (_, steps) = s.generate_timed(&prompt, n + 1, Sampling::Greedy)?;

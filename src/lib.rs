@@ -288,13 +288,14 @@ impl Session {
         Ok(self.lock().run(inputs, carry)?)
     }
 
-    fn gpt2_cache_inputs(&self, batch: usize, inputs: &mut TensorMap) {
-        if let ModelConfig::Gpt2(c) = &self.model.config {
-            for i in 0..c.n_layer {
+    /// An empty KV cache (`past` = 0) for a decoder; nothing for an encoder.
+    fn empty_cache_inputs(&self, batch: usize, inputs: &mut TensorMap) {
+        if let Some(c) = self.model.config.cache_shape() {
+            for i in 0..c.layers {
                 for name in [gpt2::past_key(i), gpt2::past_value(i)] {
                     inputs.insert(
                         name,
-                        Tensor::f32(vec![batch, c.n_head, 0, c.head_dim()], vec![]),
+                        Tensor::f32(vec![batch, c.kv_heads, 0, c.head_dim], vec![]),
                     );
                 }
             }
@@ -350,7 +351,7 @@ impl Session {
                 }
                 inputs.insert("token_type_ids".into(), matrix_tensor(&types));
             }
-            ModelConfig::Gpt2(_) => self.gpt2_cache_inputs(b, &mut inputs),
+            ModelConfig::Gpt2(_) | ModelConfig::Llama(_) => self.empty_cache_inputs(b, &mut inputs),
         }
         Ok(inputs)
     }
@@ -400,7 +401,7 @@ impl Session {
         max_new: usize,
         sampling: Sampling,
     ) -> Result<(Vec<i64>, Vec<f64>), Error> {
-        let ModelConfig::Gpt2(cfg) = &self.model.config else {
+        let Some(cache) = self.model.config.cache_shape() else {
             return Err(Error::Usage(format!(
                 "generate needs a decoder model; {} is a `{}` encoder",
                 self.model.dir.display(),
@@ -411,11 +412,11 @@ impl Session {
             return Err(Error::Usage("the prompt is empty".into()));
         }
         self.model.check_ids(&[prompt.to_vec()], 0)?;
-        if prompt.len() + max_new > cfg.n_positions {
+        let positions = self.model.max_positions();
+        if prompt.len() + max_new > positions {
             return Err(ModelError::Input(format!(
-                "prompt of {} tokens + {max_new} new tokens exceeds the model's position table of {} positions",
+                "prompt of {} tokens + {max_new} new tokens exceeds the model's {positions} positions",
                 prompt.len(),
-                cfg.n_positions
             ))
             .into());
         }
@@ -425,10 +426,10 @@ impl Session {
         });
         let mut ids = prompt.to_vec();
         let mut inputs: TensorMap = HashMap::new();
-        self.gpt2_cache_inputs(1, &mut inputs);
+        self.empty_cache_inputs(1, &mut inputs);
         // The cache stays on the backend's device between steps: each `present_*` output
         // becomes the next step's `past_*` input.
-        let carry: Vec<(String, String)> = (0..cfg.n_layer)
+        let carry: Vec<(String, String)> = (0..cache.layers)
             .flat_map(|i| {
                 [
                     (gpt2::present_key(i), gpt2::past_key(i)),
@@ -468,10 +469,11 @@ impl Session {
 
     /// Sentence embeddings of `texts` (a BERT model loaded with a pooling head), `[n, hidden]`.
     pub fn embed(&self, texts: &[&str]) -> Result<Tensor, Error> {
-        if let ModelConfig::Gpt2(_) = self.model.config {
+        if self.model.config.cache_shape().is_some() {
             return Err(Error::Usage(format!(
-                "embed needs a BERT-family encoder; {} is a `gpt2` decoder",
-                self.model.dir.display()
+                "embed needs a BERT-family encoder; {} is a `{}` decoder",
+                self.model.dir.display(),
+                self.model.config.model_type()
             )));
         }
         if !self.graph.outputs().iter().any(|(n, _)| n == "embeddings") {

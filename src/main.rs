@@ -302,7 +302,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                             model.display()
                         ))
                     })?
-                    .encode(&text, false)?,
+                    .encode(&text, true)?,
                 (None, Some(ids)) => ids,
                 (None, None) => return Err(Error::Usage("give --prompt or --prompt-ids".into())),
             };

@@ -385,6 +385,10 @@ fn graphs(layers: usize) -> Vec<(&'static str, Graph)> {
         match &mut cfg {
             ModelConfig::Gpt2(c) => c.n_layer = layers,
             ModelConfig::Bert(c) => c.num_hidden_layers = layers,
+            ModelConfig::Llama(c) => {
+                c.num_hidden_layers = layers;
+                c.sliding_window.resize(layers, None);
+            }
         }
         let heads = BertHeads {
             pooler: true,

@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let small = match &cfg {
         ModelConfig::Bert(c) => c.num_hidden_layers <= 4 && c.hidden_size <= 4096,
         ModelConfig::Gpt2(c) => c.n_layer <= 4 && c.n_embd <= 4096,
+        ModelConfig::Llama(c) => c.num_hidden_layers <= 4 && c.hidden_size <= 4096,
     };
     if small {
         let _ = build_graph(&cfg, BertHeads::default());

@@ -25,12 +25,23 @@ pub enum ModelError {
         msg: String,
     },
     /// `config.json` names a model family this crate does not build.
-    #[error("{}: unknown model_type `{model_type}` (supported: bert, gpt2)", path.display())]
+    #[error("{}: unknown model_type `{model_type}` (supported: bert, gpt2, llama, mistral, qwen2)", path.display())]
     UnknownModelType {
         /// The config file.
         path: PathBuf,
         /// The `model_type` it holds.
         model_type: String,
+    },
+    /// `config.json` asks for a rotary-embedding scaling (`rope_type`) this crate does not build
+    /// (e.g. `dynamic`, `yarn`).
+    #[error("{}: unsupported rope_type `{rope_type}` (supported: {supported})", path.display())]
+    UnsupportedRope {
+        /// The config file.
+        path: PathBuf,
+        /// The `rope_type` (or legacy `type`) it holds.
+        rope_type: String,
+        /// The kinds that are supported.
+        supported: &'static str,
     },
     /// A weights file is not a well-formed safetensors file (truncated, corrupt header, ...).
     #[error("{}: invalid safetensors: {msg}", path.display())]

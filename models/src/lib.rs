@@ -16,6 +16,7 @@
 //! match load_config(dir)? {
 //!     ModelConfig::Gpt2(c) => println!("GPT-2 with {} layers", c.n_layer),
 //!     ModelConfig::Bert(c) => println!("BERT with {} layers", c.num_hidden_layers),
+//!     ModelConfig::Llama(c) => println!("{} with {} layers", c.family.model_type(), c.num_hidden_layers),
 //! }
 //! # Ok::<(), transfuse_models::ModelError>(())
 //! ```
@@ -25,13 +26,17 @@ pub mod bert;
 pub mod config;
 pub mod error;
 pub mod gpt2;
+pub mod llama;
 pub mod model;
 pub mod tokenizer;
 pub mod weights;
 
 pub use bert::{BertHeads, Pooling};
-pub use config::{load_config, parse_config, Activation, BertConfig, Gpt2Config, ModelConfig};
+pub use config::{
+    load_config, parse_config, Activation, BertConfig, CacheShape, Gpt2Config, LlamaConfig,
+    LlamaFamily, ModelConfig, RopeConfig, RopeScaling,
+};
 pub use error::ModelError;
-pub use model::{build_graph, expected_weights, Model};
+pub use model::{build_graph, checkpoint_weights, expected_weights, synthesized_weights, Model};
 pub use tokenizer::Tokenizer;
 pub use weights::{load_all_safetensors, load_safetensors};

@@ -8,6 +8,7 @@ use crate::bert::{self, BertHeads, Pooling};
 use crate::config::{load_config, ModelConfig};
 use crate::error::ModelError;
 use crate::gpt2;
+use crate::llama;
 use crate::tokenizer::Tokenizer;
 use crate::weights::load_safetensors;
 
@@ -16,6 +17,7 @@ fn prefixes(cfg: &ModelConfig) -> &'static [&'static str] {
     match cfg {
         ModelConfig::Bert(_) => &["bert."],
         ModelConfig::Gpt2(_) => &["transformer."],
+        ModelConfig::Llama(_) => &[],
     }
 }
 
@@ -38,7 +40,29 @@ pub fn build_graph(cfg: &ModelConfig, heads: BertHeads) -> Result<Graph, ModelEr
     match cfg {
         ModelConfig::Bert(c) => bert::build_graph(c, heads),
         ModelConfig::Gpt2(c) => gpt2::build_graph(c),
+        ModelConfig::Llama(c) => llama::build_graph(c),
     }
+}
+
+/// The weights of `graph` that no checkpoint holds and the loader computes from the config
+/// (the LLaMA family's RoPE inverse frequencies, [`llama::INV_FREQ`]).
+pub fn synthesized_weights(cfg: &ModelConfig) -> Weights {
+    match cfg {
+        ModelConfig::Llama(c) => llama::synthesized_weights(c),
+        ModelConfig::Bert(_) | ModelConfig::Gpt2(_) => Weights::new(),
+    }
+}
+
+/// The `(name, shape)` of every weight `graph` reads from the checkpoint: those it declares
+/// minus the [`synthesized_weights`].
+pub fn checkpoint_weights(
+    cfg: &ModelConfig,
+    graph: &Graph,
+) -> Result<Vec<(String, Vec<usize>)>, ModelError> {
+    let synth = synthesized_weights(cfg);
+    let mut all = expected_weights(graph)?;
+    all.retain(|(n, _)| !synth.contains_key(n));
+    Ok(all)
 }
 
 /// The `(name, shape)` of every weight a graph declares.
@@ -72,9 +96,12 @@ impl Model {
         };
         let (graph, weights) = loop {
             let graph = build_graph(&config, heads)?;
-            let expected = expected_weights(&graph)?;
+            let expected = checkpoint_weights(&config, &graph)?;
             match load_safetensors(&weights_path, &expected, prefixes(&config)) {
-                Ok(w) => break (graph, w),
+                Ok(mut w) => {
+                    w.extend(synthesized_weights(&config));
+                    break (graph, w);
+                }
                 // Sentence encoders are often saved without the pooler: load without it.
                 Err(ModelError::MissingWeight { name, .. })
                     if heads.pooler && name.starts_with("pooler.") =>
@@ -101,18 +128,12 @@ impl Model {
 
     /// Number of token ids the embedding table holds.
     pub fn vocab_size(&self) -> usize {
-        match &self.config {
-            ModelConfig::Bert(c) => c.vocab_size,
-            ModelConfig::Gpt2(c) => c.vocab_size,
-        }
+        self.config.vocab_size()
     }
 
     /// Longest sequence the position table allows (including any KV cache).
     pub fn max_positions(&self) -> usize {
-        match &self.config {
-            ModelConfig::Bert(c) => c.max_position_embeddings,
-            ModelConfig::Gpt2(c) => c.n_positions,
-        }
+        self.config.max_positions()
     }
 
     /// Checks token ids against the vocabulary and the position table; `offset` is the number

@@ -346,16 +346,16 @@ fn config_wrong_type_or_range() {
 #[test]
 fn config_unknown_model_type() {
     let text = bert_json(|m| {
-        m.insert("model_type".into(), "llama".into());
+        m.insert("model_type".into(), "t5".into());
     });
     let e = parse(&text).unwrap_err();
     assert!(
-        matches!(&e, ModelError::UnknownModelType { model_type, .. } if model_type == "llama"),
+        matches!(&e, ModelError::UnknownModelType { model_type, .. } if model_type == "t5"),
         "{e:?}"
     );
     assert_eq!(
         e.to_string(),
-        "some/config.json: unknown model_type `llama` (supported: bert, gpt2)"
+        "some/config.json: unknown model_type `t5` (supported: bert, gpt2, llama, mistral, qwen2)"
     );
 }
 
