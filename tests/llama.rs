@@ -229,6 +229,9 @@ fn rope_run(rope: &RopeConfig, head_dim: usize, past: usize, seq: usize) -> (Vec
     (get("cos"), get("sin"))
 }
 
+/// `[position][column]` of a cos or sin table.
+type Table = [[f32; 8]; 3];
+
 /// cos/sin of RoPE at positions 7, 8, 9 for head_dim 16 (the first 8 columns; the other 8
 /// repeat them), produced outside the project with transformers 5.24.0 / torch 2.15.0:
 /// `LlamaRotaryEmbedding(LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16,
@@ -238,8 +241,10 @@ fn rope_run(rope: &RopeConfig, head_dim: usize, past: usize, seq: usize) -> (Vec
 /// "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
 /// "original_max_position_embeddings": 64}` (its bands: column 0 kept, column 1 interpolated,
 /// the rest divided by 8).
+/// Printed with `%.7e`, as pasted (hence more digits than an f32 holds).
 #[rustfmt::skip]
-const ROPE_REFERENCE: [(&str, [[f32; 8]; 3], [[f32; 8]; 3]); 3] = [
+#[allow(clippy::excessive_precision)]
+const ROPE_REFERENCE: [(&str, Table, Table); 3] = [
     ("default",
      [[7.5390226e-01, -5.9943748e-01, 7.6484221e-01, 9.7559988e-01, 9.9755102e-01, 9.9975502e-01, 9.9997550e-01, 9.9999756e-01],
       [-1.4550003e-01, -8.1863242e-01, 6.9670671e-01, 9.6817029e-01, 9.9680167e-01, 9.9968004e-01, 9.9996799e-01, 9.9999678e-01],

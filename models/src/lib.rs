@@ -1,8 +1,15 @@
 //! # transfuse-models
 //!
-//! BERT and GPT-2 from Hugging Face model folders: this crate reads a folder's `config.json`
-//! ([`config`]), its `model.safetensors` weights ([`weights`]) and its `tokenizer.json`
-//! ([`tokenizer`]), and builds the model's tensor graph in the `transfuse-ir` IR.
+//! BERT, GPT-2 and the LLaMA family (`model_type` llama, mistral, qwen2) from Hugging Face model
+//! folders: this crate reads a folder's `config.json` ([`config`]), its `model.safetensors`
+//! weights ([`weights`]) and its `tokenizer.json` ([`tokenizer`]), and builds the model's tensor
+//! graph in the `transfuse-ir` IR ([`bert`], [`gpt2`], [`llama`]).
+//!
+//! The decoders (GPT-2 and the LLaMA family) take their KV cache as graph inputs
+//! `past_key_{i}` / `past_value_{i}` and return it as `present_key_{i}` / `present_value_{i}`
+//! ([`ModelConfig::cache_shape`] gives its shape). LLaMA-family graphs read one weight no
+//! checkpoint holds, RoPE's inverse frequencies [`llama::INV_FREQ`], which [`Model::load`]
+//! computes from the config ([`synthesized_weights`]).
 //!
 //! It depends on the IR only — never on the optimisation passes, code generation or the
 //! runtime — so a graph and its weights can be produced, inspected and printed without any

@@ -1,4 +1,5 @@
-//! Hugging Face tokenizers (`tokenizer.json`): WordPiece for BERT, byte-level BPE for GPT-2.
+//! Hugging Face tokenizers (`tokenizer.json`): WordPiece for BERT, byte-level BPE for GPT-2,
+//! SentencePiece-style BPE with byte fallback for the LLaMA family.
 //!
 //! Encoding behaves like a plain `transformers` tokenizer call: the padding and truncation
 //! stored in `tokenizer.json` are switched off (some files, e.g. all-MiniLM-L6-v2's, pad every
@@ -63,7 +64,7 @@ impl Tokenizer {
     }
 
     /// The ids of `text`; with `add_special_tokens` the model's template (e.g. BERT's
-    /// `[CLS] … [SEP]`) is applied. GPT-2's template adds nothing.
+    /// `[CLS] … [SEP]`, LLaMA's leading `<s>`) is applied. GPT-2's template adds nothing.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>, ModelError> {
         let enc = self
             .inner
