@@ -318,17 +318,10 @@ pub fn graph(cfg: &AttnConfig) -> Result<Graph, Error> {
         let mut k = bl.input("k", kv_shape.clone(), DType::F32)?;
         let mut v = bl.input("v", kv_shape, DType::F32)?;
         if g != h {
-            // GQA as transformers spells it (`repeat_kv`): each k/v head serves h/g query heads.
-            let rep = |bl: &mut crate::ir::Builder, x| -> crate::ir::BResult {
-                let x = bl.reshape(x, vec![b.into(), g.into(), 1.into(), kv.clone(), d.into()])?;
-                let x = bl.expand(
-                    x,
-                    vec![b.into(), g.into(), (h / g).into(), kv.clone(), d.into()],
-                )?;
-                bl.reshape(x, vec![b.into(), h.into(), kv.clone(), d.into()])
-            };
-            k = rep(&mut bl, k)?;
-            v = rep(&mut bl, v)?;
+            // GQA as transformers spells it (`repeat_kv`, the LLaMA builder's own helper): each
+            // k/v head serves h/g query heads.
+            k = crate::models::llama::repeat_kv(&mut bl, k, h / g)?;
+            v = crate::models::llama::repeat_kv(&mut bl, v, h / g)?;
         }
         let min = f32::MIN as f64;
         let mask = match cfg.mask {
