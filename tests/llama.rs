@@ -541,6 +541,9 @@ fn llama3_8b_shaped_config_compiles() {
         v["ops_after"]
     );
     assert_eq!(v["ops_after"]["rms_norm"], 65, "{v}");
+    // One causal attention per layer (today with `repeat_kv` materialised before it: the
+    // attention op has no key/value-head count yet).
+    assert_eq!(v["ops_after"]["attention"], 32, "{v}");
     assert_eq!(v["ops_before"]["matmul"].as_u64().unwrap() % 32, 1, "{v}");
 }
 
