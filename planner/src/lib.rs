@@ -77,7 +77,7 @@ pub fn render_text(p: &Plan) -> String {
     let m = &p.model;
     let _ = writeln!(
         out,
-        "{} ({}): {} layers, hidden {}, {} heads ({} kv), MLP {}, vocab {}, {:.2} B parameters",
+        "{} ({}): {} layers, hidden {}, {} heads ({} kv), MLP {}, vocab {}, {} parameters",
         m.name,
         m.family,
         m.layers,
@@ -86,7 +86,10 @@ pub fn render_text(p: &Plan) -> String {
         m.kv_heads,
         m.intermediate,
         m.vocab,
-        m.params as f64 / 1e9
+        match m.params as f64 {
+            x if x >= 1e9 => format!("{:.2} B", x / 1e9),
+            x => format!("{:.2} M", x / 1e6),
+        }
     );
     let d = &p.device;
     let _ = writeln!(
@@ -107,12 +110,10 @@ pub fn render_text(p: &Plan) -> String {
             "training, recompute {r}, ZeRO {z}, sequence parallel {}",
             if sp { "on" } else { "off" }
         ),
-        _ => format!(
-            "inference, KV cache {} tokens per replica",
-            p.kv_cache_tokens
-                .map_or("of every sequence at full length".to_string(), |n| n
-                    .to_string())
-        ),
+        _ => match p.kv_cache_tokens {
+            Some(n) => format!("inference, KV cache of {n} tokens per replica"),
+            None => "inference, KV cache of every sequence at full length".to_string(),
+        },
     };
     let _ = writeln!(
         out,
