@@ -25,25 +25,25 @@ pub struct PlanArgs {
     #[arg(long)]
     gpu: Option<String>,
     /// Memory per GPU, GiB.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     mem: Option<f64>,
     /// Dense 16-bit tensor peak, TFLOP/s.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     tflops: Option<f64>,
     /// HBM bandwidth, GB/s.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     hbm_bw: Option<f64>,
     /// GPU-to-GPU bandwidth within a node, per direction, GB/s.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     intra_bw: Option<f64>,
     /// Network bandwidth per GPU between nodes, per direction, GB/s.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     inter_bw: Option<f64>,
     /// GPUs per node.
     #[arg(long)]
     gpus_per_node: Option<u64>,
     /// Fraction of the peak that large GEMMs sustain (default 0.75, an assumption).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     gemm_efficiency: Option<f64>,
     /// Tensor-parallel size (default: every divisor of G).
     #[arg(long)]
@@ -143,7 +143,9 @@ pub fn run(a: &PlanArgs) -> Result<(), Error> {
             ("--no-sequence-parallel", a.no_sequence_parallel),
         ] {
             if given {
-                return Err(Error::Usage(format!("{flag} is a training option, not --inference")));
+                return Err(Error::Usage(format!(
+                    "{flag} is a training option, not --inference"
+                )));
             }
         }
         Mode::Inference {
@@ -151,9 +153,7 @@ pub fn run(a: &PlanArgs) -> Result<(), Error> {
         }
     } else {
         if a.kv_cache_tokens.is_some() {
-            return Err(Error::Usage(
-                "--kv-cache-tokens needs --inference".into(),
-            ));
+            return Err(Error::Usage("--kv-cache-tokens needs --inference".into()));
         }
         let name = a.recompute.as_deref().unwrap_or("selective");
         let recompute = Recompute::from_name(name).ok_or_else(|| {

@@ -123,7 +123,19 @@ pub fn render_text(p: &Plan) -> String {
     let _ = writeln!(
         out,
         "\n{:>4} {:>4} {:>4} {:>5} {:>6} {:>8} {:>8} {:>8} {:>8}  {:>7} {:>9} {:>6} {:>6}  note",
-        "rank", "tp", "pp", "dp", "m", "mem GiB", "weights", "optim", "activ", "bubble", "step s", "MFU", "HFU"
+        "rank",
+        "tp",
+        "pp",
+        "dp",
+        "m",
+        "mem GiB",
+        "weights",
+        "optim",
+        "activ",
+        "bubble",
+        "step s",
+        "MFU",
+        "HFU"
     );
     for l in &p.layouts {
         let rank = l.rank.map_or("-".to_string(), |r| r.to_string());

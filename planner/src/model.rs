@@ -271,8 +271,19 @@ fn opt_bool(m: &Map<String, Value>, key: &str, default: bool) -> bool {
 }
 
 fn gpt2(m: &Map<String, Value>) -> Result<ModelDesc, String> {
-    let (l, h, a) = (get_u64(m, "n_layer")?, get_u64(m, "n_embd")?, get_u64(m, "n_head")?);
-    let mut d = ModelDesc::gpt("gpt2", l, h, a, get_u64(m, "vocab_size")?, get_u64(m, "n_positions")?);
+    let (l, h, a) = (
+        get_u64(m, "n_layer")?,
+        get_u64(m, "n_embd")?,
+        get_u64(m, "n_head")?,
+    );
+    let mut d = ModelDesc::gpt(
+        "gpt2",
+        l,
+        h,
+        a,
+        get_u64(m, "vocab_size")?,
+        get_u64(m, "n_positions")?,
+    );
     d.family = "gpt2".into();
     d.intermediate = opt_u64(m, "n_inner")?.unwrap_or(4 * h);
     d.tied_embeddings = opt_bool(m, "tie_word_embeddings", true);

@@ -324,9 +324,7 @@ pub fn plan(req: &Request) -> Result<Plan, PlanError> {
     }
     let training = matches!(req.mode, Mode::Training { .. });
     let b = req.micro_batch.unwrap_or(1);
-    let big_b = req
-        .global_batch
-        .unwrap_or(if training { 512 } else { 1 });
+    let big_b = req.global_batch.unwrap_or(if training { 512 } else { 1 });
     if b == 0 || big_b == 0 {
         return Err(PlanError::Usage(
             "--global-batch and --micro-batch-size must be ≥ 1".into(),
@@ -604,8 +602,7 @@ fn evaluate(req: &Request, s: u64, big_b: u64, b: u64, t: u64, p: u64, d: u64) -
             sequence_parallel,
         } => {
             let sp = sequence_parallel && t > 1;
-            let act_layer =
-                memory::layer_activation_bytes(&shape, bf, sf, tf, sp, recompute);
+            let act_layer = memory::layer_activation_bytes(&shape, bf, sf, tf, sp, recompute);
             let in_flight = memory::in_flight_micro_batches(p, mb) as f64;
             // Logits in bf16 and their fp32 softmax for the loss, one micro-batch on the last
             // stage (this model's estimate; not in Korthikanti et al.).
@@ -661,7 +658,11 @@ fn evaluate(req: &Request, s: u64, big_b: u64, b: u64, t: u64, p: u64, d: u64) -
             // Tensor parallelism: two all-reduces (or all-gather + reduce-scatter pairs with
             // sequence parallelism, the same bytes) forward, two backward, two more when the
             // whole layer is recomputed.
-            let collectives = if recompute == Recompute::Full { 6.0 } else { 4.0 };
+            let collectives = if recompute == Recompute::Full {
+                6.0
+            } else {
+                4.0
+            };
             let layer_tp = collectives * comm::all_reduce_time(t, msg, tp_link);
             let logits_compute = 3.0 * m.logits_forward_flops(b, s) / tf / gemm_rate;
             // Pipeline: the activation forward and its gradient backward, split over the t
@@ -715,8 +716,7 @@ fn evaluate(req: &Request, s: u64, big_b: u64, b: u64, t: u64, p: u64, d: u64) -
             let seqs = big_b as f64;
             let layers = m.layers as f64;
             let model_flops = seqs
-                * (3.0 * layers * m.layer_forward_flops(1, s)
-                    + 3.0 * m.logits_forward_flops(1, s));
+                * (3.0 * layers * m.layer_forward_flops(1, s) + 3.0 * m.logits_forward_flops(1, s));
             let re_one = match recompute {
                 Recompute::None => 0.0,
                 Recompute::Selective => m.attention_core_flops(1, s),

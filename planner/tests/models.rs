@@ -49,7 +49,11 @@ fn llama2_7b_parameters_and_kv_cache() {
     let p = plan(&req).unwrap();
     let l = p.best().unwrap();
     assert_eq!(l.memory.kv_cache_gib, 2.0);
-    assert!(close(l.memory.weights_gib * GIB, 2.0 * 6_738_415_616.0, 1e-12));
+    assert!(close(
+        l.memory.weights_gib * GIB,
+        2.0 * 6_738_415_616.0,
+        1e-12
+    ));
     assert!(l.decode_ms_per_token.is_some());
 }
 
@@ -104,12 +108,21 @@ fn generic_and_fixture_configs() {
     .unwrap();
     assert_eq!(m, ModelDesc::gpt("gpt", 96, 12288, 96, 51200, 2048));
     // Without model_type, the generic keys are enough.
-    assert!(ModelDesc::from_json(r#"{"n_layer": 2, "hidden": 64, "heads": 4, "vocab": 10, "seq": 8}"#).is_ok());
+    assert!(ModelDesc::from_json(
+        r#"{"n_layer": 2, "hidden": 64, "heads": 4, "vocab": 10, "seq": 8}"#
+    )
+    .is_ok());
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
     let g = ModelDesc::from_dir(&std::path::Path::new(dir).join("tiny_gpt2/model")).unwrap();
-    assert_eq!((g.family.as_str(), g.layers, g.hidden, g.heads), ("gpt2", 2, 64, 4));
+    assert_eq!(
+        (g.family.as_str(), g.layers, g.hidden, g.heads),
+        ("gpt2", 2, 64, 4)
+    );
     let b = ModelDesc::from_dir(&std::path::Path::new(dir).join("tiny_bert/model")).unwrap();
-    assert_eq!((b.family.as_str(), b.intermediate, b.decoder), ("bert", 256, false));
+    assert_eq!(
+        (b.family.as_str(), b.intermediate, b.decoder),
+        ("bert", 256, false)
+    );
 }
 
 #[test]
@@ -117,17 +130,24 @@ fn bad_configs_name_the_field() {
     let err = |text: &str| ModelDesc::from_json(text).unwrap_err();
     assert!(err(r#"{"model_type": "gpt2", "n_layer": 2, "n_head": 4}"#).contains("`n_embd`"));
     assert!(err(r#"{"model_type": "t5"}"#).contains("`t5`"));
-    assert!(err(r#"{"model_type": "gpt", "n_layer": 0, "hidden": 8, "heads": 2, "vocab": 1, "seq": 1}"#)
-        .contains("`n_layer`"));
-    assert!(err(r#"{"model_type": "gpt", "n_layer": 1, "hidden": 10, "heads": 3, "vocab": 1, "seq": 1}"#)
-        .contains("not divisible by 3 heads"));
+    assert!(err(
+        r#"{"model_type": "gpt", "n_layer": 0, "hidden": 8, "heads": 2, "vocab": 1, "seq": 1}"#
+    )
+    .contains("`n_layer`"));
+    assert!(err(
+        r#"{"model_type": "gpt", "n_layer": 1, "hidden": 10, "heads": 3, "vocab": 1, "seq": 1}"#
+    )
+    .contains("not divisible by 3 heads"));
     assert!(err(r#"{"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 4,
         "num_key_value_heads": 3, "intermediate_size": 8, "vocab_size": 8, "max_position_embeddings": 8}"#)
         .contains("key/value heads"));
     assert!(err("[1]").contains("object"));
     assert!(err("{").contains("JSON"));
-    let missing = ModelDesc::from_file(std::path::Path::new("/nonexistent/config.json")).unwrap_err();
-    assert!(missing.to_string().starts_with("/nonexistent/config.json: "));
+    let missing =
+        ModelDesc::from_file(std::path::Path::new("/nonexistent/config.json")).unwrap_err();
+    assert!(missing
+        .to_string()
+        .starts_with("/nonexistent/config.json: "));
 }
 
 fn gpt3_req(gpus: u64) -> Request {
@@ -149,7 +169,10 @@ fn refusals() {
     let mut r = gpt3_req(1000);
     r.tp = Some(8);
     r.pp = Some(16);
-    assert_eq!(usage(&r), "--gpus 1000 is not divisible by --tp 8 × --pp 16 = 128");
+    assert_eq!(
+        usage(&r),
+        "--gpus 1000 is not divisible by --tp 8 × --pp 16 = 128"
+    );
     let mut r = gpt3_req(1024);
     r.tp = Some(8);
     r.pp = Some(16);
@@ -164,7 +187,10 @@ fn refusals() {
     );
     let r = gpt3_req(8);
     let msg = usage(&r);
-    assert!(msg.contains("does not fit on 8 × a100-80gb in any of"), "{msg}");
+    assert!(
+        msg.contains("does not fit on 8 × a100-80gb in any of"),
+        "{msg}"
+    );
     let mut r = gpt3_req(1024);
     r.seq = Some(4096);
     assert!(usage(&r).contains("exceeds the model's 2048 positions"));
@@ -174,7 +200,10 @@ fn refusals() {
     let mut r = gpt3_req(1024);
     r.tp = Some(64);
     assert!(usage(&r).contains("t=64 does not divide the 96 attention heads"));
-    assert!(matches!(Device::by_name("v100"), Err(PlanError::UnknownGpu(_))));
+    assert!(matches!(
+        Device::by_name("v100"),
+        Err(PlanError::UnknownGpu(_))
+    ));
 }
 
 /// Inference on BERT has no KV cache; a bigger batch fills the pipeline (smaller bubble).

@@ -40,7 +40,11 @@ fn korthikanti_activation_equations_gpt3_175b() {
     let shape = LayerShape::gpt(h, a);
     let f = |t: f64, sp: bool, r: Recompute| memory::layer_activation_bytes(&shape, b, s, t, sp, r);
     let cases = [
-        ("no parallelism: sbh(34 + 5as/h)", f(1.0, false, Recompute::None), sbh * (34.0 + five_as_h)),
+        (
+            "no parallelism: sbh(34 + 5as/h)",
+            f(1.0, false, Recompute::None),
+            sbh * (34.0 + five_as_h),
+        ),
         (
             "tensor parallel: sbh(10 + 24/t + 5as/(ht))",
             f(t, false, Recompute::None),
@@ -61,15 +65,26 @@ fn korthikanti_activation_equations_gpt3_175b() {
             f(t, true, Recompute::Selective),
             sbh * 34.0 / t,
         ),
-        ("full recomputation: 2sbh", f(t, false, Recompute::Full), 2.0 * sbh),
-        ("full recomputation, sequence parallel: 2sbh/t", f(t, true, Recompute::Full), 2.0 * sbh / t),
+        (
+            "full recomputation: 2sbh",
+            f(t, false, Recompute::Full),
+            2.0 * sbh,
+        ),
+        (
+            "full recomputation, sequence parallel: 2sbh/t",
+            f(t, true, Recompute::Full),
+            2.0 * sbh / t,
+        ),
     ];
     for (what, got, want) in cases {
         assert!(close(got, want, 1e-12), "{what}: {got} vs {want}");
         eprintln!("{what}: {:.3} GiB per layer", got / GIB);
     }
     // With t = 1 tensor and sequence parallelism change nothing.
-    assert_eq!(f(1.0, true, Recompute::None), f(1.0, false, Recompute::None));
+    assert_eq!(
+        f(1.0, true, Recompute::None),
+        f(1.0, false, Recompute::None)
+    );
     // Selective recomputation removes the 5as/h term: 80 of 114 for GPT-3, 70% (the paper's
     // section 4.2 states the 70% for GPT-3; here as the equation's ratio).
     let saved = 1.0 - f(1.0, false, Recompute::Selective) / f(1.0, false, Recompute::None);
@@ -91,7 +106,11 @@ fn first_stage_holds_p_micro_batches() {
         req.global_batch = Some(1536);
         let pl = plan(&req).unwrap();
         let l = pl.layout(8, p, 8).unwrap();
-        assert!(close(l.memory.activations_gib * GIB, want, 1e-9), "p={p}: {}", l.memory.activations_gib);
+        assert!(
+            close(l.memory.activations_gib * GIB, want, 1e-9),
+            "p={p}: {}",
+            l.memory.activations_gib
+        );
     }
     // Fewer micro-batches than stages: only m are in flight.
     assert_eq!(memory::in_flight_micro_batches(16, 4), 4);
@@ -116,7 +135,11 @@ fn zero_bytes_per_parameter_and_figure_1() {
     };
     let printed = [(0u8, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)];
     for (stage, gb) in printed {
-        assert!((total(stage) - gb).abs() < 0.05, "ZeRO-{stage}: {} GB vs {gb}", total(stage));
+        assert!(
+            (total(stage) - gb).abs() < 0.05,
+            "ZeRO-{stage}: {} GB vs {gb}",
+            total(stage)
+        );
     }
 }
 
@@ -202,8 +225,15 @@ fn narayanan_table_1_parameters() {
     ] {
         let m = ModelDesc::gpt("t1", l, h, a, 51200, 2048);
         let (lf, hf) = (l as f64, h as f64);
-        let eq2 = 12.0 * lf * hf * hf * (1.0 + 13.0 / (12.0 * hf) + (51200.0 + 2048.0) / (12.0 * lf * hf));
-        assert!(close(m.params() as f64, eq2 + 2.0 * hf, 1e-12), "eq. 2 for h={h}");
+        let eq2 = 12.0
+            * lf
+            * hf
+            * hf
+            * (1.0 + 13.0 / (12.0 * hf) + (51200.0 + 2048.0) / (12.0 * lf * hf));
+        assert!(
+            close(m.params() as f64, eq2 + 2.0 * hf, 1e-12),
+            "eq. 2 for h={h}"
+        );
         let billions = (m.params() as f64 / 1e8).round() / 10.0;
         assert_eq!(billions, printed, "Table 1 row h={h}");
     }
@@ -220,7 +250,11 @@ fn narayanan_eq_3_flops() {
     let g = 384.0;
     let executed = l.hfu * l.time.step_s * g * 312e12;
     assert!(close(executed, eq3, 1e-9), "{executed} vs {eq3}");
-    assert!(close(l.tflops_per_gpu * 1e12 * l.time.step_s * g, eq3, 1e-9));
+    assert!(close(
+        l.tflops_per_gpu * 1e12 * l.time.step_s * g,
+        eq3,
+        1e-9
+    ));
     // Eq. 4's shortcut, 8TP/(nX), rests on ≈ 8P flops per token with recomputation.
     let per_token = eq3 / (bb * s);
     assert!(close(per_token, 8.0 * gpt3().params() as f64, 0.03));
@@ -268,8 +302,16 @@ fn narayanan_table_2_roofline_bounds_the_measurement() {
         100.0 * large.mfu
     );
     for (l, measured) in [(&small, 153.0), (&large, 141.0)] {
-        assert!(l.tflops_per_gpu >= measured, "{} < {measured}", l.tflops_per_gpu);
-        assert!(l.tflops_per_gpu <= 1.3 * measured, "{} ≫ {measured}", l.tflops_per_gpu);
+        assert!(
+            l.tflops_per_gpu >= measured,
+            "{} < {measured}",
+            l.tflops_per_gpu
+        );
+        assert!(
+            l.tflops_per_gpu <= 1.3 * measured,
+            "{} ≫ {measured}",
+            l.tflops_per_gpu
+        );
     }
     assert!(large.tflops_per_gpu < small.tflops_per_gpu);
     assert!(large.bubble_fraction > small.bubble_fraction);
@@ -302,7 +344,11 @@ fn narayanan_table_2_calibrated_on_384_predicts_1536() {
         100.0 * at1536.hfu,
         100.0 * at1536.mfu
     );
-    assert!(close(at1536.tflops_per_gpu, 141.0, 0.03), "{}", at1536.tflops_per_gpu);
+    assert!(
+        close(at1536.tflops_per_gpu, 141.0, 0.03),
+        "{}",
+        at1536.tflops_per_gpu
+    );
     // Table 2 prints whole percents, so 45% and 49% stand for [44.5%, 49.5%).
     assert!((0.445..0.495).contains(&at1536.hfu), "{}", at1536.hfu);
     assert!((0.445..0.495).contains(&at384.hfu), "{}", at384.hfu);
@@ -335,7 +381,11 @@ fn korthikanti_selective_vs_full_speedup_530b() {
     let full = mfu(Recompute::Full, false);
     let selective = mfu(Recompute::Selective, true);
     eprintln!("MFU full {full:.3}, selective + SP {selective:.3} (paper: 0.421, 0.542)");
-    assert!(close(selective / full, 54.2 / 42.1, 0.05), "{}", selective / full);
+    assert!(
+        close(selective / full, 54.2 / 42.1, 0.05),
+        "{}",
+        selective / full
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -366,7 +416,11 @@ fn gpt3_175b_on_1024_gpus_fits_and_does_not() {
     // The first stage: 6 layers and the embeddings, 16 micro-batches in flight.
     let params = (6.0 * layer + m.embedding_params() as f64) / 8.0;
     let want = (4.0 * params + 12.0 * params / 8.0 + 16.0 * 6.0 * act_layer) / GIB;
-    assert!(close(fits.memory.total_gib, want, 1e-9), "{} vs {want}", fits.memory.total_gib);
+    assert!(
+        close(fits.memory.total_gib, want, 1e-9),
+        "{} vs {want}",
+        fits.memory.total_gib
+    );
     assert!(fits.memory.total_gib < 80.0);
 
     let no = p.layout(8, 1, 128).unwrap();
@@ -374,21 +428,35 @@ fn gpt3_175b_on_1024_gpus_fits_and_does_not() {
     let all = m.params() as f64 / 8.0;
     let logits = 6.0 * s * v / 8.0;
     let want = (4.0 * all + 12.0 * all / 128.0 + 96.0 * act_layer + logits) / GIB;
-    assert!(close(no.memory.total_gib, want, 1e-9), "{} vs {want}", no.memory.total_gib);
+    assert!(
+        close(no.memory.total_gib, want, 1e-9),
+        "{} vs {want}",
+        no.memory.total_gib
+    );
     assert_eq!(
         no.reason.as_deref(),
         Some(format!("needs {} GiB per device, has 80", fmt_gib(want)).as_str())
     );
-    assert_eq!(no.reason.as_deref(), Some("needs 92.9 GiB per device, has 80"));
+    assert_eq!(
+        no.reason.as_deref(),
+        Some("needs 92.9 GiB per device, has 80")
+    );
     // Ranked: feasible first, by step time; the infeasible after, unranked.
     let ranks: Vec<_> = p.feasible().map(|l| l.rank.unwrap()).collect();
     assert_eq!(ranks, (1..=ranks.len()).collect::<Vec<_>>());
     let steps: Vec<f64> = p.feasible().map(|l| l.time.step_s).collect();
     assert!(steps.windows(2).all(|w| w[0] <= w[1]));
-    assert!(p.layouts.iter().skip(ranks.len()).all(|l| !l.feasible && l.reason.is_some()));
+    assert!(p
+        .layouts
+        .iter()
+        .skip(ranks.len())
+        .all(|l| !l.feasible && l.reason.is_some()));
     // The best keeps tensor parallelism within a node, as Megatron does.
     let best = p.best().unwrap();
-    assert!(best.tp <= 8 && best.communication.tp_within_node, "{best:?}");
+    assert!(
+        best.tp <= 8 && best.communication.tp_within_node,
+        "{best:?}"
+    );
 }
 
 /// Tensor parallelism across nodes is slower than within (the network is 12× slower than
