@@ -143,7 +143,7 @@ impl ModelDesc {
                 self.hidden, self.heads
             ));
         }
-        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(format!(
                 "{} key/value heads do not divide {} attention heads",
                 self.kv_heads, self.heads
@@ -355,7 +355,7 @@ fn generic(m: &Map<String, Value>) -> Result<ModelDesc, String> {
         get_u64(m, "vocab")?,
         get_u64(m, "seq")?,
     );
-    if d.hidden % d.heads != 0 {
+    if !d.hidden.is_multiple_of(d.heads) {
         return Err(format!(
             "hidden size {} is not divisible by {} heads",
             d.hidden, d.heads

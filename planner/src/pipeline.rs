@@ -4,7 +4,7 @@
 /// batch `B` is not a whole number of micro-batches of `b` sequences on each of `d` replicas.
 pub fn micro_batches(global_batch: u64, micro_batch: u64, dp: u64) -> Option<u64> {
     let per_step = micro_batch.checked_mul(dp)?;
-    if per_step == 0 || global_batch % per_step != 0 || global_batch < per_step {
+    if per_step == 0 || !global_batch.is_multiple_of(per_step) || global_batch < per_step {
         return None;
     }
     Some(global_batch / per_step)

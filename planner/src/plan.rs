@@ -286,7 +286,7 @@ pub fn plan(req: &Request) -> Result<Plan, PlanError> {
         }
     }
     let tp_pp = req.tp.unwrap_or(1) * req.pp.unwrap_or(1);
-    if g % tp_pp != 0 {
+    if !g.is_multiple_of(tp_pp) {
         return Err(PlanError::Usage(format!(
             "--gpus {g} is not divisible by {}{}",
             match (req.tp, req.pp) {
@@ -301,7 +301,8 @@ pub fn plan(req: &Request) -> Result<Plan, PlanError> {
         )));
     }
     if let Some(d) = req.dp {
-        if g % (tp_pp * d) != 0 || (req.tp.is_some() && req.pp.is_some() && tp_pp * d != g) {
+        if !g.is_multiple_of(tp_pp * d) || (req.tp.is_some() && req.pp.is_some() && tp_pp * d != g)
+        {
             return Err(PlanError::Usage(format!(
                 "--gpus {g} ≠ t·p·d with {}--dp {d}",
                 [("--tp", req.tp), ("--pp", req.pp)]
@@ -330,7 +331,7 @@ pub fn plan(req: &Request) -> Result<Plan, PlanError> {
             "--global-batch and --micro-batch-size must be ≥ 1".into(),
         ));
     }
-    if big_b % b != 0 {
+    if !big_b.is_multiple_of(b) {
         return Err(PlanError::Usage(format!(
             "--global-batch {big_b} is not a multiple of --micro-batch-size {b}"
         )));
@@ -459,7 +460,7 @@ fn no_layout(plan: &Plan, req: &Request) -> PlanError {
 }
 
 fn divisors(n: u64) -> Vec<u64> {
-    (1..=n).filter(|k| n % k == 0).collect()
+    (1..=n).filter(|k| n.is_multiple_of(*k)).collect()
 }
 
 fn layer_shape(m: &ModelDesc) -> LayerShape {
@@ -476,13 +477,13 @@ fn layer_shape(m: &ModelDesc) -> LayerShape {
 
 /// Why `(t, p)` cannot split this model, if it cannot.
 fn malformed(m: &ModelDesc, t: u64, p: u64) -> Option<String> {
-    if m.heads % t != 0 {
+    if !m.heads.is_multiple_of(t) {
         return Some(format!(
             "t={t} does not divide the {} attention heads",
             m.heads
         ));
     }
-    if m.kv_heads % t != 0 && t % m.kv_heads != 0 {
+    if !m.kv_heads.is_multiple_of(t) && !t.is_multiple_of(m.kv_heads) {
         return Some(format!(
             "t={t} neither divides nor is a multiple of the {} key/value heads",
             m.kv_heads
