@@ -29,10 +29,10 @@
 //! let best = p.best().unwrap();
 //! assert_eq!(best.tp * best.pp * best.dp, 1024);
 //! assert!(best.memory.total_gib <= 80.0);
-//! // Pure data parallelism cannot hold 175B parameters' states on one device.
-//! let dp = p.layout(1, 1, 1024).unwrap();
-//! assert!(!dp.feasible);
-//! assert!(dp.reason.as_deref().unwrap().starts_with("needs "));
+//! // Tensor parallelism alone leaves 1/8 of the weights and gradients on each device.
+//! let tp_only = p.layout(8, 1, 128).unwrap();
+//! assert!(!tp_only.feasible);
+//! assert_eq!(tp_only.reason.as_deref(), Some("needs 92.9 GiB per device, has 80"));
 //! ```
 #![warn(missing_docs)]
 
