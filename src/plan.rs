@@ -120,7 +120,7 @@ fn device(a: &PlanArgs) -> Result<Device, Error> {
     set(&mut d.hbm_gbs, a.hbm_bw);
     set(&mut d.intra_node_gbs, a.intra_bw);
     set(&mut d.inter_node_gbs, a.inter_bw);
-    set(&mut d.matmul_efficiency, a.gemm_efficiency);
+    set(&mut d.gemm_efficiency, a.gemm_efficiency);
     if let Some(k) = a.gpus_per_node {
         d.gpus_per_node = k;
     }

@@ -86,7 +86,7 @@ fn plan_json_contract() {
             "intra_node_gbs",
             "inter_node_gbs",
             "gpus_per_node",
-            "matmul_efficiency",
+            "gemm_efficiency",
         ])
     );
     assert_eq!(v["mode"], "training");

@@ -25,7 +25,7 @@ pub struct Device {
     pub gpus_per_node: u64,
     /// Fraction of the dense peak that large bf16 GEMMs sustain; an assumption of this model
     /// (see [`GEMM_EFFICIENCY`]), not a datasheet figure.
-    pub matmul_efficiency: f64,
+    pub gemm_efficiency: f64,
 }
 
 /// The sustained fraction of the datasheet peak assumed for the GEMMs of a large Transformer
@@ -46,9 +46,10 @@ impl Device {
             // TFLOPS with sparsity (989 dense), NVLink 900 GB/s (bidirectional: 450 per
             // direction). DGX H100: one ConnectX-7 400 Gb/s per GPU = 50 GB/s.
             "h100-80gb" => (80.0, 989.0, 3350.0, 450.0, 50.0),
-            // NVIDIA H200 datasheet (SXM): 141 GB HBM3e (the 141 decimal GB are 131.3 GiB), 4.8
-            // TB/s, same tensor cores and NVLink as H100; 400 Gb/s per GPU in HGX H200.
-            "h200-141gb" => (141e9 / GIB, 989.0, 4800.0, 450.0, 50.0),
+            // NVIDIA H200 datasheet (SXM): 141 GB HBM3e, 4.8 TB/s, the tensor cores and NVLink
+            // of H100; 400 Gb/s per GPU in HGX H200. Memory "GB" on these datasheets are read as
+            // GiB, as for the A100 80GB (81,920 MiB).
+            "h200-141gb" => (141.0, 989.0, 4800.0, 450.0, 50.0),
             // NVIDIA A100 Tensor Core GPU datasheet (SXM 80GB): 80 GB HBM2e, 2,039 GB/s,
             // BF16 312 TFLOPS dense (624 sparse), NVLink 600 GB/s (300 per direction). DGX
             // A100 (Selene, the machine of Narayanan et al. 2021): one HDR InfiniBand 200 Gb/s
@@ -68,7 +69,7 @@ impl Device {
             intra_node_gbs: intra,
             inter_node_gbs: inter,
             gpus_per_node: 8,
-            matmul_efficiency: GEMM_EFFICIENCY,
+            gemm_efficiency: GEMM_EFFICIENCY,
         })
     }
 
@@ -94,10 +95,10 @@ impl Device {
         if self.gpus_per_node == 0 {
             return Err(PlanError::Usage("--gpus-per-node must be ≥ 1".into()));
         }
-        if !(self.matmul_efficiency > 0.0 && self.matmul_efficiency <= 1.0) {
+        if !(self.gemm_efficiency > 0.0 && self.gemm_efficiency <= 1.0) {
             return Err(PlanError::Usage(format!(
                 "the matmul efficiency must be in (0, 1], got {}",
-                self.matmul_efficiency
+                self.gemm_efficiency
             )));
         }
         Ok(())

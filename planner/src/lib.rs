@@ -99,7 +99,7 @@ pub fn render_text(p: &Plan) -> String {
         d.name,
         plan::fmt_gib(d.memory_gib),
         d.peak_tflops,
-        d.matmul_efficiency * 100.0,
+        d.gemm_efficiency * 100.0,
         d.hbm_gbs,
         d.intra_node_gbs,
         d.gpus_per_node,

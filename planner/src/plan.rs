@@ -70,6 +70,16 @@ pub struct Request {
 }
 
 impl Request {
+    /// An inference request: a batch of one, the KV cache of every sequence at full length.
+    pub fn inference(model: ModelDesc, device: Device, gpus: u64) -> Request {
+        Request {
+            mode: Mode::Inference {
+                kv_cache_tokens: None,
+            },
+            ..Request::training(model, device, gpus)
+        }
+    }
+
     /// A training request with Megatron's defaults: selective recomputation, sequence
     /// parallelism, ZeRO 1 (the distributed optimizer).
     pub fn training(model: ModelDesc, device: Device, gpus: u64) -> Request {
@@ -519,7 +529,7 @@ fn evaluate(req: &Request, s: u64, big_b: u64, b: u64, t: u64, p: u64, d: u64) -
     let lps = m.layers.div_ceil(p) as f64;
     let shape = layer_shape(m);
     let peak = dev.peak_tflops * 1e12;
-    let gemm_rate = peak * dev.matmul_efficiency;
+    let gemm_rate = peak * dev.gemm_efficiency;
     let hbm = dev.hbm_gbs * 1e9;
 
     // Parameters per device on the first and the last stage (embeddings are split over the

@@ -41,7 +41,7 @@ fn llama2_7b_parameters_and_kv_cache() {
     assert_eq!(m.params(), 6_738_415_616);
     // KV cache: 2 (K, V) × 2 bytes × 32 layers × 4096 per token = 0.5 MiB per token, so 4096
     // tokens are 2 GiB on one device.
-    let mut req = Request::training(m, Device::by_name("h100-80gb").unwrap(), 1);
+    let mut req = Request::inference(m, Device::by_name("h100-80gb").unwrap(), 1);
     req.mode = Mode::Inference {
         kv_cache_tokens: Some(4096),
     };
@@ -74,7 +74,7 @@ fn mistral_gqa() {
     assert_eq!(m.params(), 7_241_732_096);
     assert_eq!(m.kv_dim(), 1024);
     let kv = |t: u64| {
-        let mut req = Request::training(m.clone(), Device::by_name("h100-80gb").unwrap(), t);
+        let mut req = Request::inference(m.clone(), Device::by_name("h100-80gb").unwrap(), t);
         req.tp = Some(t);
         req.seq = Some(4096);
         req.mode = Mode::Inference {
@@ -215,11 +215,8 @@ fn inference_plans() {
             "max_position_embeddings": 512}"#,
     )
     .unwrap();
-    let mut r = Request::training(bert, Device::by_name("a100-40gb").unwrap(), 4);
+    let mut r = Request::inference(bert, Device::by_name("a100-40gb").unwrap(), 4);
     r.pp = Some(4);
-    r.mode = Mode::Inference {
-        kv_cache_tokens: None,
-    };
     r.global_batch = Some(64);
     let p = plan(&r).unwrap();
     let l = p.best().unwrap();

@@ -268,7 +268,7 @@ fn narayanan_eq_3_flops() {
 fn table2_layout(gpus: u64, recompute: Recompute, efficiency: Option<f64>) -> Layout {
     let mut dev = a100();
     if let Some(e) = efficiency {
-        dev.matmul_efficiency = e;
+        dev.gemm_efficiency = e;
     }
     let mut req = Request::training(gpt3(), dev, gpus);
     req.tp = Some(8);
