@@ -7,6 +7,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod plan;
 use transfuse::ir::{to_dot, to_text, Tensor};
 use transfuse::models::{build_graph, load_config, BertHeads, Model, Pooling};
 use transfuse::{write_safetensors, Batch, Error, Sampling, Session};
@@ -158,6 +159,9 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+    /// Plan tensor × pipeline × data parallelism (PTD-P): memory, communication, bubble, step
+    /// time and MFU of every layout (config.json alone is enough).
+    Plan(plan::PlanArgs),
     /// Print a model's IR (config.json alone is enough).
     Graph {
         /// Hugging Face folder.
@@ -476,6 +480,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         Cmd::Bench {
             what: BenchCmd::Attention(args),
         } => bench::bench_attention(&args)?,
+        Cmd::Plan(args) => plan::run(&args)?,
         Cmd::Graph { model, dot } => {
             let cfg = load_config(&model)?;
             let heads = BertHeads {
