@@ -22,6 +22,7 @@
 pub mod builder;
 pub mod decompose;
 pub mod dim;
+mod fused;
 pub mod graph;
 pub mod op;
 pub mod print;

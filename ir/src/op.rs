@@ -1,7 +1,8 @@
 //! The op set: one declarative table per op family, each op with a stable printable name.
 //!
-//! Only primitives live here. Fused ops (softmax, attention, norms, matmul epilogues) are added
-//! by the optimizer's issue and appear only as its output.
+//! The fused ops (softmax, attention, norms, matmul epilogues) are declared in [`Op`] too, but
+//! appear only as the optimizer's output; their names, attributes, inference and decomposition
+//! live in `fused.rs`.
 
 use std::fmt;
 
@@ -239,7 +240,8 @@ pub enum Op {
     Cast { dtype: DType },
 
     // ---- Fused ops: produced only by the optimizer (transfuse-passes). Each has a CPU
-    // ---- implementation and a primitive decomposition (`decompose`), held equal by tests.
+    // ---- implementation and a primitive decomposition, held equal by tests; everything the
+    // ---- IR knows about one (name, attributes, inference, decomposition) is in `fused.rs`.
     /// `softmax(x·scale [+ mask])` over the last axis; operands `x [, mask]`, the additive mask
     /// broadcasting to `x`.
     Softmax { scale: Scalar },
@@ -295,14 +297,10 @@ impl Op {
             Op::Concat { .. } => "concat".into(),
             Op::Gather => "gather".into(),
             Op::Cast { .. } => "cast".into(),
-            Op::Softmax { .. } => "softmax".into(),
-            Op::Attention { .. } => "attention".into(),
-            Op::LayerNorm { .. } => "layer_norm".into(),
-            Op::RmsNorm { .. } => "rms_norm".into(),
-            Op::GroupNorm { .. } => "group_norm".into(),
-            Op::InstanceNorm { .. } => "instance_norm".into(),
-            Op::BatchNorm => "batch_norm".into(),
-            Op::FusedMatMul { .. } => "fused_matmul".into(),
+            fused => crate::fused::def(fused)
+                .expect("every op is primitive or fused")
+                .name
+                .into(),
         }
     }
 
@@ -328,67 +326,18 @@ impl Op {
             Op::Slice { axis, start, end } => format!("axis={axis} {start}..{end}"),
             Op::Concat { axis } => format!("axis={axis}"),
             Op::Cast { dtype } => dtype.to_string(),
-            Op::Softmax { scale } => format!("scale={scale}"),
-            Op::Attention {
-                scale,
-                causal,
-                window,
-            } => {
-                let mut a = format!("scale={scale}");
-                if *causal {
-                    a.push_str(" causal");
-                }
-                if let Some(w) = window {
-                    a.push_str(&format!(" window={w}"));
-                }
-                a
-            }
-            Op::LayerNorm { eps } | Op::RmsNorm { eps } | Op::InstanceNorm { eps } => {
-                format!("eps={eps}")
-            }
-            Op::GroupNorm { groups, eps } => format!("groups={groups} eps={eps}"),
-            Op::FusedMatMul {
-                act,
-                bias,
-                residual,
-            } => {
-                let mut a = format!("act={}", act.name());
-                if *bias {
-                    a.push_str(" bias");
-                }
-                if *residual {
-                    a.push_str(" residual");
-                }
-                a
-            }
-            _ => String::new(),
+            op => crate::fused::def(op).map_or_else(String::new, |d| (d.attrs)(op)),
         }
     }
 
     /// True for ops only the optimizer produces.
     pub fn is_fused(&self) -> bool {
-        matches!(
-            self,
-            Op::Softmax { .. }
-                | Op::Attention { .. }
-                | Op::LayerNorm { .. }
-                | Op::RmsNorm { .. }
-                | Op::GroupNorm { .. }
-                | Op::InstanceNorm { .. }
-                | Op::BatchNorm
-                | Op::FusedMatMul { .. }
-        )
+        crate::fused::def(self).is_some()
     }
 
     /// How many operands the op takes (`None`: any number ≥ 1).
     pub fn arity(&self) -> Option<usize> {
         match self {
-            Op::Softmax { .. } | Op::Attention { .. } | Op::FusedMatMul { .. } => None,
-            Op::LayerNorm { .. }
-            | Op::GroupNorm { .. }
-            | Op::InstanceNorm { .. }
-            | Op::BatchNorm => Some(3),
-            Op::RmsNorm { .. } => Some(2),
             Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. } => Some(0),
             Op::Unary(_)
             | Op::Reduce { .. }
@@ -400,6 +349,11 @@ impl Op {
             Op::Binary(_) | Op::Compare(_) | Op::MatMul | Op::Gather => Some(2),
             Op::Where => Some(3),
             Op::Concat { .. } => None,
+            fused => {
+                crate::fused::def(fused)
+                    .expect("every op is primitive or fused")
+                    .arity
+            }
         }
     }
 }

@@ -42,6 +42,27 @@ struct MatMulOperands {
 }
 
 impl Lower<'_> {
+    /// Binds fused op `op` (node `id`) to its template: the one table of fused-op bindings.
+    pub(super) fn fused(&mut self, id: NodeId, op: &Op) -> Result<View, CodegenError> {
+        match op {
+            Op::FusedMatMul {
+                act,
+                bias,
+                residual,
+            } => self.matmul(id, *act, *bias, *residual),
+            Op::Attention {
+                scale,
+                causal,
+                window,
+            } => self.attention(id, scale.0, *causal, *window),
+            Op::LayerNorm { eps } => self.row_norm(id, NormKind::Layer, eps.0),
+            Op::RmsNorm { eps } => self.row_norm(id, NormKind::Rms, eps.0),
+            Op::Softmax { scale } => self.softmax(id, scale.0),
+            Op::GroupNorm { .. } | Op::InstanceNorm { .. } | Op::BatchNorm => self.channel_norm(id),
+            op => Err(self.unsupported(id, format!("no kernel for `{}`", op.name()))),
+        }
+    }
+
     pub(super) fn matmul(
         &mut self,
         id: NodeId,

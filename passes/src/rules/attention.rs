@@ -13,6 +13,7 @@ use transfuse_ir::{BinaryOp, CmpOp, Dim, Op};
 
 use super::{node_rule, nodes_where, Plan, Rule};
 use crate::analysis::{konst, node_type, shape_of, EG};
+use crate::cost::Sizes;
 use crate::lang::{EOp, TNode};
 use crate::rules::softmax::MASK_FILL_MAX;
 
@@ -23,6 +24,11 @@ pub fn rules() -> Vec<Rule> {
         node_rule("attention-from-softmax", from_softmax),
         node_rule("attention-causal-iota",  causal_from_iota),
     ]
+}
+
+/// `attention`: `4·sq·sk·d` per batch and head (the two matmuls).
+pub fn flops(op: &Op, s: &Sizes) -> Option<f64> {
+    matches!(op, Op::Attention { .. }).then(|| 4.0 * s.numel(&s.kids[0].0) * s.dim_from_end(1, 2))
 }
 
 fn from_softmax(eg: &EG, n: &TNode) -> Option<Plan> {

@@ -31,7 +31,13 @@ use transfuse_ir::{Act, BinaryOp, Dim, Op, UnaryOp};
 
 use super::{node_rule, nodes_where, Plan, Rule};
 use crate::analysis::{konst, node_type, shape_of, EG};
+use crate::cost::Sizes;
 use crate::lang::{EOp, TNode};
+
+/// `fused_matmul`: `2·m·n·k`, the epilogue free (it runs on the accumulator).
+pub fn flops(op: &Op, s: &Sizes) -> Option<f64> {
+    matches!(op, Op::FusedMatMul { .. }).then(|| s.matmul_flops())
+}
 
 /// The gemm family.
 #[rustfmt::skip]
