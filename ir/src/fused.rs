@@ -16,6 +16,9 @@ use crate::dim::{shape_string, Dim, Shape};
 use crate::graph::{expect_broadcast_into, infer as infer_any, same_dtype, NodeId};
 use crate::op::{Act, CmpOp, DType, Op, UnaryOp};
 
+/// Operand shapes and dtypes → the output's, or what is wrong.
+type Infer = fn(&Op, &[(&Shape, DType)]) -> Result<(Shape, DType), String>;
+
 /// What the IR knows about one fused op.
 pub(crate) struct Def {
     /// The printable name.
@@ -25,7 +28,7 @@ pub(crate) struct Def {
     /// Its attributes as they appear in the text form.
     pub attrs: fn(&Op) -> String,
     /// Output shape and dtype from the operands' (arity already checked).
-    pub infer: fn(&Op, &[(&Shape, DType)]) -> Result<(Shape, DType), String>,
+    pub infer: Infer,
     /// Its primitive spelling on already-built operands.
     pub decompose: fn(&mut Builder, &Op, &[NodeId]) -> BResult,
 }
