@@ -140,8 +140,14 @@ const ATTENTION: Def = Def {
                 shape_string(v)
             ));
         }
-        if q[..r - 2] != k[..r - 2] || q[..r - 2] != v[..r - 2] {
-            return Err("q, k, v differ in batch dims".into());
+        if k[..r - 2] != v[..r - 2] || kv_group(q, k).is_none() {
+            return Err(format!(
+                "q, k, v differ in batch dims (k/v may have fewer heads, a divisor of q's): \
+                 q {} k {} v {}",
+                shape_string(q),
+                shape_string(k),
+                shape_string(v)
+            ));
         }
         if q[r - 1] != k[r - 1] || k[r - 2] != v[r - 2] {
             return Err(format!(
@@ -162,7 +168,9 @@ const ATTENTION: Def = Def {
     // `matmul(softmax(matmul(q, kᵀ)·scale [+ m]), v)` where, with `causal` or `window`,
     // `m = where(allowed, mask or 0, f32::MIN)` and `allowed[i, j]` is `j <= i + sk - sq`
     // (causal) and `j > i + sk - sq - window` (window). Without `causal`, a `window` bounds only
-    // from below. No `mul` when `scale == 1`.
+    // from below. No `mul` when `scale == 1`. Grouped-query attention (k/v with `kvh` heads
+    // against q's `h`) first repeats each k/v head `h / kvh` times as transformers' `repeat_kv`
+    // does.
     decompose: |b, op, args| {
         let Op::Attention {
             scale,
@@ -188,6 +196,12 @@ const ATTENTION: Def = Def {
         } else {
             user_mask
         };
+        let group = kv_group(b.shape(q), b.shape(k)).expect("inference checked the heads");
+        let (k, v) = if group > 1 {
+            (repeat_kv(b, k, group)?, repeat_kv(b, v, group)?)
+        } else {
+            (k, v)
+        };
         let kt = b.transpose_last(k)?;
         let mut s = b.matmul(q, kt)?;
         if scale.0 != 1.0 {
@@ -200,6 +214,43 @@ const ATTENTION: Def = Def {
         b.matmul(p, v)
     },
 };
+
+/// Query heads per key/value head of an attention with operands `q [.., h, sq, d]` and
+/// `k [.., kvh, sk, d]`: 1 when the batch dims agree; `h / kvh` when they differ only in the
+/// head axis (`r - 3`), both known and `kvh` dividing `h` (grouped-query / multi-query
+/// attention: query head `i` reads key/value head `i / group`, and flattened over the batch
+/// dims, batch-head `bh` reads `bh / group`); `None` otherwise.
+pub fn kv_group(q: &[Dim], k: &[Dim]) -> Option<usize> {
+    let r = q.len();
+    if k.len() != r || r < 2 {
+        return None;
+    }
+    if q[..r - 2] == k[..r - 2] {
+        return Some(1);
+    }
+    if r < 3 || q[..r - 3] != k[..r - 3] {
+        return None;
+    }
+    let (h, kvh) = (q[r - 3].as_known()?, k[r - 3].as_known()?);
+    (kvh > 0 && h % kvh == 0).then(|| h / kvh)
+}
+
+/// transformers' `repeat_kv`: `x [b, kvh, s, d]` → reshape `[b, kvh, 1, s, d]` → expand
+/// `[b, kvh, g, s, d]` → reshape `[b, kvh·g, s, d]` (any number of leading dims).
+fn repeat_kv(b: &mut Builder, x: NodeId, group: usize) -> BResult {
+    let s = b.shape(x).clone();
+    let r = s.len();
+    let kvh = s[r - 3].as_known().expect("kv_group checked the heads");
+    let mut one = s[..r - 2].to_vec();
+    one.push(1.into());
+    one.extend(s[r - 2..].iter().cloned());
+    let x = b.reshape(x, one.clone())?;
+    one[r - 2] = group.into();
+    let x = b.expand(x, one)?;
+    let mut out = s.clone();
+    out[r - 3] = (kvh * group).into();
+    b.reshape(x, out)
+}
 
 /// Which keys each query may see, as bool `[sq, sk]`: query `i` sits at absolute position
 /// `i + sk - sq`; `causal` admits keys `j <= position`, `window` keys `j > position - window`.

@@ -249,6 +249,8 @@ pub enum Op {
     /// `k [.., sk, d]`, `v [.., sk, dv] [, mask]` (additive, broadcasting to `[.., sq, sk]`).
     /// `causal`: query `i` sees keys `j <= i + sk - sq`; `window`: and only the last `window`
     /// of those.
+    /// `k`, `v` may have fewer heads than `q` (axis `r - 3`, a divisor): grouped-query
+    /// attention, query head `i` reading key/value head `i / group` (see [`crate::kv_group`]).
     Attention {
         scale: Scalar,
         causal: bool,

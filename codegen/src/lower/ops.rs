@@ -1,7 +1,7 @@
 //! Template binding, one function per fused op: the matmul (tiled, with its GEMV decode
 //! variant for a symbolic row count; a weight-side `permute [1,0]` is read as transposed B),
 //! attention (flash, with the decode kernel as variant for a symbolic query length; additive
-//! mask through its stride uniforms), softmax, layer/RMS/group/instance/batch norm (constant
+//! mask through its stride uniforms; k/v with fewer heads than q read per key/value head), softmax, layer/RMS/group/instance/batch norm (constant
 //! γ = 1, β = 0 → no affine buffers), and concat (placed into a matmul's epilogue when it can
 //! be, [`super::place`]; else the lowering's own kernel, shared by later same-shaped concats
 //! whose operands are ready). Operands are views; templates written for contiguous operands
@@ -286,6 +286,10 @@ impl Lower<'_> {
         let window = window
             .map(|w| u32::try_from(w).map_err(|_| self.unsupported(id, "window exceeds u32")))
             .transpose()?;
+        let ks = g.node(ins[1]).shape.clone();
+        let group = transfuse_ir::kv_group(&qs, &ks)
+            .and_then(|x| u32::try_from(x).ok())
+            .ok_or_else(|| self.unsupported(id, "key/value heads do not divide the query heads"))?;
         let cfg = AttentionCfg {
             elem: self.o.elem,
             head_dim: d,
@@ -294,6 +298,7 @@ impl Lower<'_> {
             causal,
             window,
             mask: ins.len() == 4,
+            group,
         };
         let limits = &self.o.limits;
         let decode = || {

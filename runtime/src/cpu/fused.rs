@@ -99,6 +99,15 @@ pub fn eval(
     })
 }
 
+/// Query heads per key/value head (`transfuse_ir::kv_group`; inference checked the shapes):
+/// the ratio of q's batch·heads to k's.
+pub(crate) fn kv_group(q: &Tensor, k: &Tensor) -> usize {
+    let r = q.shape.len();
+    let qb: usize = q.shape[..r - 2].iter().product();
+    let kb: usize = k.shape[..r - 2].iter().product();
+    (qb / kb.max(1)).max(1)
+}
+
 fn f32s(t: &Tensor) -> &[f32] {
     t.as_f32().expect("checked f32 in eval")
 }
@@ -218,6 +227,7 @@ fn attention(
         return dst;
     }
     let (qd, kd, vd) = (f32s(q), f32s(k), f32s(v));
+    let group = kv_group(q, k);
     let mut scores_shape = batch.to_vec();
     scores_shape.extend([sq, sk]);
     let mask = mask.map(|m| (f32s(m), broadcast_strides(&m.shape, &scores_shape)));
@@ -228,8 +238,10 @@ fn attention(
         .enumerate()
         .for_each(|(bi, ob)| {
             let qb = &qd[bi * sq * d..(bi + 1) * sq * d];
-            let kb = &kd[bi * sk * d..(bi + 1) * sk * d];
-            let vb = &vd[bi * sk * dv..(bi + 1) * sk * dv];
+            // Grouped-query attention: batch-head `bi` reads key/value head `bi / group`.
+            let kvi = bi / group;
+            let kb = &kd[kvi * sk * d..(kvi + 1) * sk * d];
+            let vb = &vd[kvi * sk * dv..(kvi + 1) * sk * dv];
             let mbase = mask.as_ref().map_or(0, |(_, st)| {
                 let (mut rem, mut off) = (bi, 0);
                 for ax in (0..batch.len()).rev() {
