@@ -278,6 +278,12 @@ impl C {
     fn qk(&self) -> NodeId {
         self.matmul(self.q(), self.tr(self.k()))
     }
+    /// `softmax(q kᵀ·S [+ mask]) v` spelled in primitives on given operands.
+    fn pv_with(&self, q: NodeId, k: NodeId, v: NodeId, m: Option<NodeId>) -> NodeId {
+        let s = self.mulc(self.matmul(q, self.tr(k)), S);
+        let s = m.map_or(s, |m| self.add(s, m));
+        self.matmul(self.softmax(s), v)
+    }
     /// `softmax(scores) v`.
     fn pv(&self, scores: NodeId) -> NodeId {
         self.matmul(self.softmax(scores), self.v())
@@ -333,6 +339,31 @@ impl C {
             self.matmul(self.h(), self.w("w_sq", &[72, 72])),
             self.w("bias_sq", &[72]),
         )
+    }
+    /// transformers' `repeat_kv`: `x [b, kvh, s, d]` → reshape `[b, kvh, 1, s, d]` → expand
+    /// `[b, kvh, g, s, d]` → reshape `[b, kvh·g, s, d]`.
+    fn repeat_kv(&self, x: NodeId, g: usize) -> NodeId {
+        let s = self.b.borrow().shape(x).clone();
+        let (kvh, len, d) = (s[1].as_known().unwrap(), s[2].clone(), s[3].clone());
+        let one = vec![batch(), kvh.into(), 1.into(), len.clone(), d.clone()];
+        let x = self.reshape(x, one);
+        let big = vec![batch(), kvh.into(), g.into(), len.clone(), d.clone()];
+        let x = self.with(|b| b.expand(x, big));
+        self.reshape(x, vec![batch(), (kvh * g).into(), len, d])
+    }
+    /// A `[batch, heads, SEQ, D]` input.
+    fn heads_in(&self, name: &str, heads: usize) -> NodeId {
+        self.input(name, dims(&[heads, SEQ, D]), DType::F32)
+    }
+    /// HF's sliding-window causal mask `i − w < j ≤ i` over `[SEQ, SEQ]`, filled with `keep`.
+    fn window_mask(&self, w: i64, keep: NodeId) -> NodeId {
+        let (qpos, kpos) = self.positions(0.into(), SEQ.into());
+        let causal = self.with(|b| b.compare(CmpOp::Le, kpos, qpos));
+        let w = self.with(|b| b.scalar_i64(w));
+        let kw = self.add(kpos, w);
+        let inside = self.with(|b| b.compare(CmpOp::Gt, kw, qpos));
+        let win = self.select(inside, keep, self.f(MIN));
+        self.select(causal, win, self.f(MIN))
     }
     /// The causal condition `kpos <= qpos` from iotas, as GPT-2 builds it ([sq, sk]).
     fn causal_cond(&self, past: Dim, seq: Dim) -> NodeId {
@@ -694,6 +725,21 @@ case!(attention_causal_gpt2_padding, |c| { let m = c.select(c.causal_cond(0.into
 case!(attention_sliding_window, |c| { let (qpos, kpos) = c.positions(0.into(), SEQ.into()); let causal = c.with(|b| b.compare(CmpOp::Le, kpos, qpos)); let w = c.with(|b| b.scalar_i64(7)); let kw = c.add(kpos, w); let inside = c.with(|b| b.compare(CmpOp::Gt, kw, qpos)); let win = c.select(inside, c.f(0.0), c.f(MIN)); let m = c.select(causal, win, c.f(MIN)); c.attention(c.q(), c.k(), c.v(), Some(m)) } => ["attention{causal window=7}"], gone CAUSAL);
 case!(attention_sliding_window_padding, |c| { let (qpos, kpos) = c.positions(0.into(), SEQ.into()); let causal = c.with(|b| b.compare(CmpOp::Le, kpos, qpos)); let w = c.with(|b| b.scalar_i64(5)); let kw = c.add(kpos, w); let inside = c.with(|b| b.compare(CmpOp::Lt, qpos, kw)); let win = c.select(inside, c.hf_mask(), c.f(MIN)); let m = c.select(causal, win, c.f(MIN)); c.attention(c.q(), c.k(), c.v(), Some(m)) } => ["attention{causal window=5}"], gone CAUSAL);
 case!(attention_causal_kv_cache, |c| { let (s, p) = (Dim::sym("seq"), Dim::sym("past")); let t = |n: &str, l: Dim| c.input(n, vec![batch(), 3.into(), l, D.into()], DType::F32); let k = c.concat(&[t("past_k", p.clone()), t("k_new", s.clone())], 2); let v = c.concat(&[t("past_v", p.clone()), t("v_new", s.clone())], 2); let m = c.select(c.causal_cond(p.clone(), s.clone()), c.f(0.0), c.f(MIN)); c.attention(t("q_new", s.clone()), k, v, Some(m)) } => ["attention{causal}"], gone CAUSAL);
+
+// Attention: grouped-query (k/v repeated per query head by `repeat_kv`, absorbed: the fused
+// op reads k/v at head / group).
+/// GQA: the repeat (`expand`) is gone too.
+#[rustfmt::skip]
+const GQA: [&str; 6] = ["exp", "reduce_max", "reduce_sum", "softmax", "matmul", "expand"];
+#[rustfmt::skip]
+const GQA_CAUSAL: [&str; 9] = ["exp", "reduce_max", "reduce_sum", "softmax", "matmul", "expand", "iota", "le", "where"];
+case!(attention_mqa_repeat_kv, |c| { let [k, v] = ["k1", "v1"].map(|n| c.repeat_kv(c.heads_in(n, 1), 3)); c.attention(c.q(), k, v, None) } => ["attention{}"], gone GQA);
+case!(attention_gqa_repeat_kv_masked, |c| { let [k, v] = ["k2", "v2"].map(|n| c.repeat_kv(c.heads_in(n, 2), 3)); c.pv_with(c.heads_in("q6", 6), k, v, Some(c.mask_min())) } => ["attention{}"], gone GQA);
+case!(attention_gqa_causal, |c| { let [k, v] = ["k2", "v2"].map(|n| c.repeat_kv(c.heads_in(n, 2), 3)); let m = c.select(c.causal_cond(0.into(), SEQ.into()), c.f(0.0), c.f(MIN)); c.attention(c.heads_in("q6", 6), k, v, Some(m)) } => ["attention{causal}"], gone GQA_CAUSAL);
+case!(attention_gqa_sliding_window, |c| { let [k, v] = ["k2", "v2"].map(|n| c.repeat_kv(c.heads_in(n, 2), 3)); let m = c.window_mask(7, c.f(0.0)); c.attention(c.heads_in("q6", 6), k, v, Some(m)) } => ["attention{causal window=7}"], gone GQA_CAUSAL);
+case!(attention_gqa_sliding_window_padding, |c| { let [k, v] = ["k2", "v2"].map(|n| c.repeat_kv(c.heads_in(n, 2), 3)); let m = c.window_mask(5, c.hf_mask()); c.pv_with(c.heads_in("q6", 6), k, v, Some(m)) } => ["attention{causal window=5}"], gone GQA_CAUSAL);
+case!(attention_gqa_kv_cache, |c| { let (s, p) = (Dim::sym("seq"), Dim::sym("past")); let t = |n: &str, h: usize, l: Dim| c.input(n, vec![batch(), h.into(), l, D.into()], DType::F32); let k = c.repeat_kv(c.concat(&[t("past_k", 2, p.clone()), t("k_new", 2, s.clone())], 2), 2); let v = c.repeat_kv(c.concat(&[t("past_v", 2, p.clone()), t("v_new", 2, s.clone())], 2), 2); let m = c.select(c.causal_cond(p.clone(), s.clone()), c.f(0.0), c.f(MIN)); c.attention(t("q_new", 4, s.clone()), k, v, Some(m)) } => ["attention{causal}"], gone GQA_CAUSAL);
+case!(attention_repeat_kv_groups_differ_kept, |c| { let k = c.repeat_kv(c.heads_in("k2", 2), 3); let v = c.repeat_kv(c.heads_in("v3", 3), 2); c.attention(c.heads_in("q6", 6), k, v, None) } => ["attention{}"], gone ATT_CORE);
 
 // Attention: layouts.
 case!(attention_multi_head, |c| { let [q, k, v] = ["hq", "hk", "hv"].map(|n| c.split_heads(c.hin(n))); c.merge_heads(c.attention(q, k, v, Some(c.hf_mask()))) } => ["attention{}"], gone ATT_CORE);
