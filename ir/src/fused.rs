@@ -44,6 +44,7 @@ pub(crate) fn def(op: &Op) -> Option<&'static Def> {
         Op::InstanceNorm { .. } => &INSTANCE_NORM,
         Op::BatchNorm => &BATCH_NORM,
         Op::FusedMatMul { .. } => &FUSED_MATMUL,
+        Op::Rope => &ROPE,
         _ => return None,
     })
 }
@@ -458,5 +459,40 @@ const FUSED_MATMUL: Def = Def {
             y = b.add(y, r)?;
         }
         Ok(y)
+    },
+};
+
+// ---- rotary embedding -----------------------------------------------------------------------
+
+/// `rope(x, cos, sin)` → `x·cos + concat(neg(x[.., d/2..d]), x[.., 0..d/2])·sin`, the spelling
+/// of transformers' `apply_rotary_pos_emb` (and the one the `rope` rule finds).
+const ROPE: Def = Def {
+    name: "rope",
+    arity: Some(3),
+    attrs: no_attrs,
+    infer: |_, xs| {
+        let d = same_dtype("rope", xs)?;
+        let x = xs[0].0;
+        let even = x.last().and_then(Dim::as_known).is_some_and(|n| n >= 2 && n % 2 == 0);
+        if d != DType::F32 || !even {
+            return Err(format!(
+                "takes f32 x, cos, sin with x's last dim known and even: x {}",
+                shape_string(x)
+            ));
+        }
+        expect_broadcast_into(&xs[1..], x)?;
+        Ok((x.clone(), d))
+    },
+    decompose: |b, _, args| {
+        let (x, cos, sin) = (args[0], args[1], args[2]);
+        let r = b.rank(x);
+        let d = b.shape(x)[r - 1].as_known().expect("inference checked the last dim");
+        let hi = b.slice(x, r - 1, Dim::known(d / 2), Dim::known(d))?;
+        let lo = b.slice(x, r - 1, Dim::known(0), Dim::known(d / 2))?;
+        let neg = b.unary(UnaryOp::Neg, hi)?;
+        let rot = b.concat(&[neg, lo], r - 1)?;
+        let a = b.mul(x, cos)?;
+        let c = b.mul(rot, sin)?;
+        b.add(a, c)
     },
 };

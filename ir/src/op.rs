@@ -270,6 +270,10 @@ pub enum Op {
     /// Inference batch norm with running statistics and affine folded: `x · scale + shift`
     /// with per-channel `scale`, `shift` broadcast to `x [N, C, ..]`.
     BatchNorm,
+    /// Rotary position embedding in transformers' rotate-half form: `x·cos + rotate_half(x)·sin`
+    /// with `rotate_half(x) = concat(−x[.., d/2..], x[.., ..d/2])` over the last axis (`d`
+    /// known and even); operands `x, cos, sin` (cos/sin broadcast to `x`, e.g. `[seq, d]`).
+    Rope,
     /// `act(x @ w [+ bias]) [+ residual]`; operands `x, w [, bias] [, residual]`.
     FusedMatMul {
         act: Act,

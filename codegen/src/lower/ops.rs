@@ -14,6 +14,8 @@ use super::partition::{Lower, Val};
 use super::plan::{UniformExpr, Variant};
 use super::{copy, place, rewrite, view, Poly, View};
 use crate::kernels::attention::{self, AttentionCfg, AttentionTunables};
+use crate::kernels::elementwise::EwTunables;
+use crate::kernels::rope;
 use crate::kernels::matmul::{self, GemvTunables, MatMulConfig, MatMulTunables};
 use crate::kernels::norm::{self, Affine, NormKind, Tune};
 use crate::kernels::Generated;
@@ -59,8 +61,47 @@ impl Lower<'_> {
             Op::RmsNorm { eps } => self.row_norm(id, NormKind::Rms, eps.0),
             Op::Softmax { scale } => self.softmax(id, scale.0),
             Op::GroupNorm { .. } | Op::InstanceNorm { .. } | Op::BatchNorm => self.channel_norm(id),
+            Op::Rope => self.rope(id),
             op => Err(self.unsupported(id, format!("no kernel for `{}`", op.name()))),
         }
+    }
+
+    /// `rope(x, cos, sin)`: the template reads all three at the output's index; strided `x`
+    /// and broadcast cos/sin tables (`[seq, d]` against `[b, h, seq, d]`) through load remaps.
+    fn rope(&mut self, id: NodeId) -> Result<View, CodegenError> {
+        let n = self.g.node(id);
+        let ins = n.inputs.clone();
+        let oshape = n.shape.clone();
+        let d = oshape
+            .last()
+            .and_then(Dim::as_known)
+            .and_then(|d| u32::try_from(d).ok())
+            .ok_or_else(|| self.unsupported(id, "symbolic rotary dim"))?;
+        let limits = &self.o.limits;
+        let cfg = rope::RopeCfg {
+            elem: self.o.elem,
+            head_dim: d,
+        };
+        let gen = rope::rope(&cfg, &EwTunables::default_for(limits), limits)?;
+        let mut kb = Kb::new(gen, vec![id]);
+        let len = Poly::product(&oshape);
+        kb.set("n", len.clone());
+        let eb = i64::from(elem_bytes(self.o.elem));
+        let x = self.view_of(ins[0])?;
+        kb.bytes = x.footprint().scale(eb);
+        kb.remap("x", &x);
+        for (param, i) in [("cos", 1), ("sin", 2)] {
+            let t = self.view_of(ins[i])?;
+            let t = t.expand(&oshape).expect("inference checked the broadcast");
+            kb.bytes = kb.bytes.add(&t.footprint().scale(eb));
+            kb.remap(param, &t);
+        }
+        let out = self.out_buffer(id);
+        kb.bind("out", out.buf);
+        kb.bytes = kb.bytes.add(&len.scale(eb));
+        kb.flops = len.scale(3);
+        self.push(kb, "rope")?;
+        Ok(out)
     }
 
     pub(super) fn matmul(

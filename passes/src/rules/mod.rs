@@ -17,6 +17,7 @@ pub mod attention;
 pub mod gemm;
 pub mod lora;
 pub mod norm;
+pub mod rope;
 pub mod softmax;
 
 /// A rewrite rule of the optimizer.
@@ -190,6 +191,7 @@ pub const FAMILIES: &[Family] = &[
     Family { name: "norm",      rules: norm::rules,      flops: no_flops },
     Family { name: "gemm",      rules: gemm::rules,      flops: gemm::flops },
     Family { name: "lora",      rules: lora::rules,      flops: no_flops },
+    Family { name: "rope",      rules: rope::rules,      flops: rope::flops },
 ];
 
 /// The rules of one family (none for an unknown name).

@@ -77,6 +77,7 @@ pub fn eval(
             grouped_norm(x(), &arg(1), &arg(2), eps.0 as f32, rest, out_shape)
         }
         Op::BatchNorm => batch_norm(x(), &arg(1), &arg(2), out_shape),
+        Op::Rope => rope(x(), &arg(1), &arg(2), out_shape),
         Op::FusedMatMul {
             act,
             bias,
@@ -315,6 +316,25 @@ fn rms_norm(x: &[f32], g: &Bcast, eps: f32, out: &[usize]) -> Vec<f32> {
         let gb = g.row(r, out);
         for (j, (o, &v)) in row.iter_mut().zip(xr).enumerate() {
             *o = v * inv * g.at(gb, j);
+        }
+    });
+    dst
+}
+
+/// `x·cos + rotate_half(x)·sin` per row of the last axis (`d` even, checked by inference),
+/// `rotate_half(x)[j]` being `−x[j + d/2]` for `j < d/2` and `x[j − d/2]` after: the
+/// decomposition's multiplies and add, in its order (one pass, nothing materialised). Both CPU
+/// modes use it.
+fn rope(x: &[f32], cos: &Bcast, sin: &Bcast, out: &[usize]) -> Vec<f32> {
+    let d = out[out.len() - 1];
+    let h = d / 2;
+    let mut dst = vec![0f32; x.len()];
+    for_rows(&mut dst, d, |r, row| {
+        let xr = &x[r * d..(r + 1) * d];
+        let (cb, sb) = (cos.row(r, out), sin.row(r, out));
+        for (j, o) in row.iter_mut().enumerate() {
+            let rot = if j < h { -xr[j + h] } else { xr[j - h] };
+            *o = xr[j] * cos.at(cb, j) + rot * sin.at(sb, j);
         }
     });
     dst
