@@ -365,6 +365,34 @@ impl C {
         let win = self.select(inside, keep, self.f(MIN));
         self.select(causal, win, self.f(MIN))
     }
+    /// transformers' `rotate_half`: `concat([neg(x[.., d/2..]), x[.., ..d/2]], last)`.
+    fn rotate_half(&self, x: NodeId) -> NodeId {
+        let r = self.last(x);
+        let d = self.b.borrow().shape(x)[r].as_known().unwrap();
+        let hi = self.with(|b| b.slice(x, r, (d / 2).into(), d.into()));
+        let lo = self.with(|b| b.slice(x, r, 0.into(), (d / 2).into()));
+        self.concat(&[self.un(UnaryOp::Neg, hi), lo], r)
+    }
+    /// `x·cos + rotate_half(x)·sin` with `[SEQ, D]` tables.
+    fn rope(&self, x: NodeId, cos: NodeId, sin: NodeId) -> NodeId {
+        self.add(self.mul(x, cos), self.mul(self.rotate_half(x), sin))
+    }
+    fn cos_in(&self) -> NodeId {
+        self.input("cos", vec![SEQ.into(), D.into()], DType::F32)
+    }
+    fn sin_in(&self) -> NodeId {
+        self.input("sin", vec![SEQ.into(), D.into()], DType::F32)
+    }
+    /// cos/sin tables as transformers computes them in the graph: positions (an iota) times
+    /// `inv_freq` `[D/2]`, duplicated to `[SEQ, D]`, then `cos`/`sin`.
+    fn rope_tables(&self) -> (NodeId, NodeId) {
+        let pos = self.cast(self.with(|b| b.iota(0.into(), SEQ.into())), DType::F32);
+        let pos = self.reshape(pos, vec![SEQ.into(), 1.into()]);
+        let inv = self.w("inv_freq", &[1, D / 2]);
+        let freqs = self.mul(pos, inv);
+        let emb = self.concat(&[freqs, freqs], 1);
+        (self.un(UnaryOp::Cos, emb), self.un(UnaryOp::Sin, emb))
+    }
     /// The causal condition `kpos <= qpos` from iotas, as GPT-2 builds it ([sq, sk]).
     fn causal_cond(&self, past: Dim, seq: Dim) -> NodeId {
         let (qpos, kpos) = self.positions(past, seq);
@@ -740,6 +768,17 @@ case!(attention_gqa_sliding_window, |c| { let [k, v] = ["k2", "v2"].map(|n| c.re
 case!(attention_gqa_sliding_window_padding, |c| { let [k, v] = ["k2", "v2"].map(|n| c.repeat_kv(c.heads_in(n, 2), 3)); let m = c.window_mask(5, c.hf_mask()); c.pv_with(c.heads_in("q6", 6), k, v, Some(m)) } => ["attention{causal window=5}"], gone GQA_CAUSAL);
 case!(attention_gqa_kv_cache, |c| { let (s, p) = (Dim::sym("seq"), Dim::sym("past")); let t = |n: &str, h: usize, l: Dim| c.input(n, vec![batch(), h.into(), l, D.into()], DType::F32); let k = c.repeat_kv(c.concat(&[t("past_k", 2, p.clone()), t("k_new", 2, s.clone())], 2), 2); let v = c.repeat_kv(c.concat(&[t("past_v", 2, p.clone()), t("v_new", 2, s.clone())], 2), 2); let m = c.select(c.causal_cond(p.clone(), s.clone()), c.f(0.0), c.f(MIN)); c.attention(t("q_new", 4, s.clone()), k, v, Some(m)) } => ["attention{causal}"], gone GQA_CAUSAL);
 case!(attention_repeat_kv_groups_differ_kept, |c| { let k = c.repeat_kv(c.heads_in("k2", 2), 3); let v = c.repeat_kv(c.heads_in("v3", 3), 2); c.attention(c.heads_in("q6", 6), k, v, None) } => ["attention{}"], gone ATT_CORE);
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding (transformers' rotate-half form) on q/k [batch, 3, SEQ, D], cos/sin [SEQ, D].
+/// The rotation, its products and sum are gone.
+const ROPE: [&str; 5] = ["neg", "concat", "slice", "mul", "add"];
+case!(rope_hf, |c| c.rope(c.q(), c.cos_in(), c.sin_in()) => ["rope"], gone ROPE);
+case!(rope_commuted, |c| { let q = c.q(); c.add(c.mul(c.sin_in(), c.rotate_half(q)), c.mul(c.cos_in(), q)) } => ["rope"], gone ROPE);
+case!(rope_tables_in_graph, |c| { let (cos, sin) = c.rope_tables(); c.rope(c.q(), cos, sin) } => ["rope"], gone ["neg", "slice", "add"]);
+case!(rope_q_k_then_attention, |c| { let (cos, sin) = (c.cos_in(), c.sin_in()); c.attention(c.rope(c.q(), cos, sin), c.rope(c.k(), cos, sin), c.v(), None) } => ["rope", "rope", "attention{}"], gone ROPE);
+case!(rope_gqa_causal_llama, |c| { let (cos, sin) = c.rope_tables(); let [k, v] = ["k2", "v2"].map(|n| c.heads_in(n, 2)); let k = c.repeat_kv(c.rope(k, cos, sin), 3); let v = c.repeat_kv(v, 3); let m = c.select(c.causal_cond(0.into(), SEQ.into()), c.f(0.0), c.f(MIN)); c.attention(c.rope(c.heads_in("q6", 6), cos, sin), k, v, Some(m)) } => ["rope", "rope", "attention{causal}"], gone ["expand", "softmax", "matmul", "neg", "slice", "le", "where"]);
+case!(rope_other_tensor_rotated_kept, |c| c.add(c.mul(c.q(), c.cos_in()), c.mul(c.rotate_half(c.k()), c.sin_in())) => [], gone ["exp"]);
 
 // Attention: layouts.
 case!(attention_multi_head, |c| { let [q, k, v] = ["hq", "hk", "hv"].map(|n| c.split_heads(c.hin(n))); c.merge_heads(c.attention(q, k, v, Some(c.hf_mask()))) } => ["attention{}"], gone ATT_CORE);

@@ -826,3 +826,44 @@ fn decomposing_a_primitive_graph_keeps_its_text_form() {
     assert_eq!(to_text(&d), to_text(&g));
     assert_eq!(d.outputs(), g.outputs());
 }
+
+/// Rotary embedding at odd row counts and head dims (2, 6, 50, 130, 784: every even neighbour
+/// of the odd sizes), cos/sin as `[seq, d]` tables broadcast over batch and heads, as full
+/// tensors, and at large magnitudes.
+#[test]
+fn rope_matches_decomposition() {
+    let mut worst = 0f32;
+    for (si, &d) in [2usize, 6, 50, 130, 784].iter().enumerate() {
+        for seq in [1, 3, 129] {
+            for (tables, mag) in [("seq", 1.0), ("full", 1.0), ("seq", 1e3)] {
+                let s = [2, 3, seq, d];
+                let t: Vec<usize> = if tables == "seq" {
+                    vec![seq, d]
+                } else {
+                    s.to_vec()
+                };
+                let td = if tables == "seq" {
+                    known(&t)
+                } else {
+                    sym_batch(&t)
+                };
+                let mut c = Case::new(si as u64 * 7 + seq as u64);
+                let x = c.input("x", sym_batch(&s), &s, mag);
+                let cos = c.input("cos", td.clone(), &t, 1.0);
+                let sin = c.input("sin", td, &t, 1.0);
+                let y = c.fused(Op::Rope, &[x, cos, sin]);
+                let label = format!("rope d={d} seq={seq} tables={tables} mag={mag}");
+                worst = worst.max(c.check(&label, y).1);
+            }
+        }
+    }
+    report("rope", worst);
+}
+
+#[test]
+fn rope_refuses_an_odd_rotary_dim() {
+    let mut c = Case::new(1);
+    let x = c.input("x", known(&[2, 7]), &[2, 7], 1.0);
+    let e = c.g.add(Op::Rope, &[x, x, x]).unwrap_err().to_string();
+    assert!(e.contains("rope") && e.contains("even"), "{e}");
+}
