@@ -450,6 +450,45 @@ fn rope_on_strided_heads_and_grouped_query_attention() {
     }
 }
 
+/// LLaMA's MLP core: the gated matmul with PyTorch-layout `[out, in]` weights read transposed
+/// and with `[in, out]` ones, over a symbolic row count (tiled kernel and its GEMV variant).
+#[test]
+fn gated_matmul_both_weight_layouts_tiled_and_gemv() {
+    for out_in in [true, false] {
+        let mut b = Builder::new();
+        let x = b
+            .input("x", vec![2.into(), sym("s"), 12.into()], DType::F32)
+            .unwrap();
+        let (wshape, tshape): (Vec<usize>, Vec<usize>) = if out_in {
+            (vec![10, 12], vec![10, 12])
+        } else {
+            (vec![12, 10], vec![12, 10])
+        };
+        let w = |b: &mut Builder, name: &str| {
+            let w = b.weight(name, shape(wshape.iter().copied())).unwrap();
+            if out_in {
+                b.permute(w, &[1, 0]).unwrap()
+            } else {
+                w
+            }
+        };
+        let (wg, wu) = (w(&mut b, "wg"), w(&mut b, "wu"));
+        let y = b.op(Op::GatedMatMul { act: Act::Silu }, &[x, wg, wu]).unwrap();
+        b.output("y", y);
+        let g = b.finish();
+        let ws = weights(&[
+            ("wg", f32t(&tshape, 60)),
+            ("wu", f32t(&tshape, 61)),
+        ]);
+        for (len, seed) in [(5, 62), (1, 63)] {
+            let i = inputs(&[("x", f32t(&[2, len, 12], seed))]);
+            let plan = check(&g, &i, &ws, &format!("gated matmul out_in={out_in} s={len}"));
+            assert_eq!(plan.kernels.len(), 1);
+            assert!(plan.kernels[0].decode.is_some());
+        }
+    }
+}
+
 #[test]
 fn reshapes_no_strides_express_are_read_in_order_or_copied() {
     let mut b = Builder::new();

@@ -823,6 +823,14 @@ case!(matmul_residual, |c| c.add(c.mmb_sq(), c.h()) => ["fused_matmul{act=identi
 case!(matmul_residual_first, |c| c.add(c.h(), c.mmb_sq()) => ["fused_matmul{act=identity bias residual}"], gone MM);
 case!(matmul_gelu_residual, |c| c.add(c.h(), c.gelu_erf(c.mmb_sq())) => ["fused_matmul{act=gelu_erf bias residual}"], gone MM);
 
+// Gated MLP (SwiGLU): `silu(h @ Wg) · (h @ Wu)` → one gated matmul reading h once.
+const GLU: [&str; 4] = ["matmul", "mul", "sigmoid", "fused_matmul"];
+case!(swiglu_llama, |c| { let g = c.matmul(c.h(), c.w("gate", &[72, 40])); let u = c.matmul(c.h(), c.w("up", &[72, 40])); c.mul(c.mul(g, c.sigmoid(g)), u) } => ["gated_matmul{act=silu}"], gone GLU);
+case!(swiglu_up_first_sigmoid_first, |c| { let g = c.matmul(c.h(), c.w("gate", &[72, 40])); let u = c.matmul(c.h(), c.w("up", &[72, 40])); c.mul(u, c.mul(c.sigmoid(g), g)) } => ["gated_matmul{act=silu}"], gone GLU);
+case!(swiglu_linear_out_in_then_down, |c| { let lin = |x, w: &str, s: &[usize]| c.linear(x, c.w(w, s), None, WeightLayout::OutIn); let act = c.mul(c.silu(lin(c.h(), "gate_oi", &[40, 72])), lin(c.h(), "up_oi", &[40, 72])); lin(act, "down_oi", &[72, 40]) } => ["gated_matmul{act=silu}"], gone ["mul", "sigmoid", "fused_matmul"], matmuls 1);
+case!(geglu_tanh, |c| { let g = c.matmul(c.h(), c.w("gate", &[72, 40])); let u = c.matmul(c.h(), c.w("up", &[72, 40])); c.mul(c.gelu_tanh(g), u) } => ["gated_matmul{act=gelu_tanh}"], gone ["matmul", "tanh", "fused_matmul"]);
+case!(swiglu_other_input_kept, |c| { let g = c.matmul(c.h(), c.w("gate", &[72, 40])); let u = c.matmul(c.hin("h2"), c.w("up", &[72, 40])); c.mul(c.silu(g), u) } => ["fused_matmul{act=silu}"], gone ["sigmoid"]);
+
 // ---------------------------------------------------------------------------------------------
 // Projection merge on h [batch, 50, 72]: q/k/v-style projections of one input become one
 // fused_matmul on concatenated weights, sliced per projection. The projections are outputs

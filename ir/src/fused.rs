@@ -45,6 +45,7 @@ pub(crate) fn def(op: &Op) -> Option<&'static Def> {
         Op::BatchNorm => &BATCH_NORM,
         Op::FusedMatMul { .. } => &FUSED_MATMUL,
         Op::Rope => &ROPE,
+        Op::GatedMatMul { .. } => &GATED_MATMUL,
         _ => return None,
     })
 }
@@ -447,18 +448,54 @@ const FUSED_MATMUL: Def = Def {
             let bias = rest.next().expect("arity checked by infer");
             y = b.add(y, bias)?;
         }
-        y = match act {
-            Act::Identity => y,
-            Act::GeluErf => b.gelu_erf(y)?,
-            Act::GeluTanh => b.gelu_tanh(y)?,
-            Act::Relu => b.unary(UnaryOp::Relu, y)?,
-            Act::Silu => b.silu(y)?,
-        };
+        y = activation(b, *act, y)?;
         if *residual {
             let r = rest.next().expect("arity checked by infer");
             y = b.add(y, r)?;
         }
         Ok(y)
+    },
+};
+
+/// `act(y)` in the builder's spelling.
+fn activation(b: &mut Builder, act: Act, y: NodeId) -> BResult {
+    match act {
+        Act::Identity => Ok(y),
+        Act::GeluErf => b.gelu_erf(y),
+        Act::GeluTanh => b.gelu_tanh(y),
+        Act::Relu => b.unary(UnaryOp::Relu, y),
+        Act::Silu => b.silu(y),
+    }
+}
+
+/// `gated_matmul{act}(x, wg, wu)` → `act(x @ wg) · (x @ wu)`.
+const GATED_MATMUL: Def = Def {
+    name: "gated_matmul",
+    arity: Some(3),
+    attrs: |op| {
+        let Op::GatedMatMul { act } = op else {
+            unreachable!()
+        };
+        format!("act={}", act.name())
+    },
+    infer: |_, xs| {
+        if xs[1] != xs[2] {
+            return Err(format!(
+                "the gate and up weights differ: {} {}",
+                shape_string(xs[1].0),
+                shape_string(xs[2].0)
+            ));
+        }
+        infer_any(&Op::MatMul, &xs[..2])
+    },
+    decompose: |b, op, args| {
+        let Op::GatedMatMul { act } = op else {
+            unreachable!()
+        };
+        let g = b.matmul(args[0], args[1])?;
+        let g = activation(b, *act, g)?;
+        let u = b.matmul(args[0], args[2])?;
+        b.mul(g, u)
     },
 };
 

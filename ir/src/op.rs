@@ -270,6 +270,9 @@ pub enum Op {
     /// Inference batch norm with running statistics and affine folded: `x · scale + shift`
     /// with per-channel `scale`, `shift` broadcast to `x [N, C, ..]`.
     BatchNorm,
+    /// A gated MLP's two projections in one: `act(x @ w_gate) · (x @ w_up)` (SwiGLU with
+    /// `act = silu`); operands `x, w_gate, w_up` (the two weights of one shape).
+    GatedMatMul { act: Act },
     /// Rotary position embedding in transformers' rotate-half form: `x·cos + rotate_half(x)·sin`
     /// with `rotate_half(x) = concat(−x[.., d/2..], x[.., ..d/2])` over the last axis (`d`
     /// known and even); operands `x, cos, sin` (cos/sin broadcast to `x`, e.g. `[seq, d]`).

@@ -867,3 +867,35 @@ fn rope_refuses_an_odd_rotary_dim() {
     let e = c.g.add(Op::Rope, &[x, x, x]).unwrap_err().to_string();
     assert!(e.contains("rope") && e.contains("even"), "{e}");
 }
+
+/// The gated matmul (SwiGLU and the other activations) at odd sizes, with a shared and a
+/// batched weight pair.
+#[test]
+fn gated_matmul_matches_decomposition() {
+    let mut worst = 0f32;
+    let shapes = [
+        (1, 1, 1, 1, false),
+        (2, 3, 50, 129, false),
+        (2, 129, 33, 3, true),
+        (1, 50, 783, 50, false),
+        (2, 1, 129, 783, false),
+    ];
+    for (si, &(bt, m, k, n, batched)) in shapes.iter().enumerate() {
+        for &act in Act::ALL {
+            let mut c = Case::new(90 + si as u64);
+            let xdims = if batched {
+                known(&[bt, m, k])
+            } else {
+                sym_batch(&[bt, m, k])
+            };
+            let x = c.input("x", xdims, &[bt, m, k], 1.0);
+            let ws: &[usize] = if batched { &[bt, k, n] } else { &[k, n] };
+            let wg = c.weight_rand("wg", ws, 0.0);
+            let wu = c.weight_rand("wu", ws, 0.0);
+            let y = c.fused(Op::GatedMatMul { act }, &[x, wg, wu]);
+            let label = format!("gated_matmul [{bt},{m},{k}]x[{k},{n}] act={}", act.name());
+            worst = worst.max(c.check(&label, y).1);
+        }
+    }
+    report("gated matmul", worst);
+}

@@ -37,6 +37,8 @@ struct MatMulOperands {
     a: View,
     /// `b` as the template reads it (transposed when that is its memory order).
     b_logical: View,
+    /// Gated: the up weight `b2`, read like `b`.
+    b2_logical: Option<View>,
     /// Output columns.
     ndim: Dim,
     /// Output shape.
@@ -51,7 +53,8 @@ impl Lower<'_> {
                 act,
                 bias,
                 residual,
-            } => self.matmul(id, *act, *bias, *residual),
+            } => self.matmul(id, *act, *bias, *residual, false),
+            Op::GatedMatMul { act } => self.matmul(id, *act, false, false, true),
             Op::Attention {
                 scale,
                 causal,
@@ -110,6 +113,7 @@ impl Lower<'_> {
         act: Act,
         bias: bool,
         residual: bool,
+        gate: bool,
     ) -> Result<View, CodegenError> {
         let n = self.g.node(id);
         let ins = n.inputs.clone();
@@ -118,10 +122,15 @@ impl Lower<'_> {
         let ashape = g.node(ins[0]).shape.clone();
         let bshape = g.node(ins[1]).shape.clone();
         let a = self.lin_of(ins[0])?;
-        let (b, b_strided) = match self.vals[ins[1].index()].clone() {
-            Some(Val::Linear { base, .. }) => (base, false),
-            _ => (self.view_of(ins[1])?, true),
+        let mut weight = |i: usize| -> Result<(View, bool), CodegenError> {
+            Ok(match self.vals[ins[i].index()].clone() {
+                Some(Val::Linear { base, .. }) => (base, false),
+                _ => (self.view_of(ins[i])?, true),
+            })
         };
+        let (b, b_strided) = weight(1)?;
+        // Gated: the up weight `b2` (operand 2), read with b's layout.
+        let b2 = gate.then(|| weight(2)).transpose()?;
         let (ra, rb) = (ashape.len(), bshape.len());
         let kdim = ashape[ra - 1].clone();
         let ndim = bshape[rb - 1].clone();
@@ -135,6 +144,17 @@ impl Lower<'_> {
             (bt_view, bperm.iter().map(|&p| bshape[p].clone()).collect())
         } else {
             (b.clone(), bshape.clone())
+        };
+        let b2_logical = match &b2 {
+            Some((v, strided)) => {
+                let t = v.permute(&bperm);
+                let v_transposed = *strided && t.is_dense() && !v.is_dense();
+                if v_transposed != transposed {
+                    return Err(self.unsupported(id, "gate and up weights differ in layout"));
+                }
+                Some(if transposed { t } else { v.clone() })
+            }
+            None => None,
         };
         let mut u: Vec<(&'static str, Poly)> =
             vec![("k", Poly::dim(&kdim)), ("n", Poly::dim(&ndim))];
@@ -187,7 +207,8 @@ impl Lower<'_> {
         }
         let cfg = MatMulConfig::plain(self.o.elem)
             .transposed_b(transposed)
-            .epilogue(act, bias, residual);
+            .epilogue(act, bias, residual)
+            .gated(gate);
         let limits = &self.o.limits;
         let gemv = || matmul::gemv(&cfg, &GemvTunables::default_for(&cfg, limits), limits);
         // One row (decoding) takes the GEMV; a symbolic row count gets it as a variant.
@@ -205,6 +226,7 @@ impl Lower<'_> {
             u,
             a,
             b_logical,
+            b2_logical,
             ndim: ndim.clone(),
             oshape: oshape.clone(),
         };
@@ -218,6 +240,9 @@ impl Lower<'_> {
         for k in std::iter::once(&mut kb).chain(dkb.as_mut()) {
             k.bind("out", out.buf);
             k.bytes = k.bytes.add(&b.footprint().scale(eb)).add(&olen.scale(eb));
+            if let Some((b2, _)) = &b2 {
+                k.bytes = k.bytes.add(&b2.footprint().scale(eb));
+            }
         }
         let mut m_batch = Poly::one();
         let mut m_batch_only = Poly::one();
@@ -232,7 +257,7 @@ impl Lower<'_> {
         kb.flops = m_batch
             .mul(&Poly::dim(&ndim))
             .mul(&Poly::dim(&kdim))
-            .scale(2)
+            .scale(if gate { 4 } else { 2 })
             .add(&olen.scale(
                 i64::from(bias) + i64::from(residual) + if act == Act::Identity { 0 } else { 8 },
             ));
@@ -282,6 +307,10 @@ impl Lower<'_> {
         kb.remap("b", &ops.b_logical);
         kb.bytes = ops.a.footprint().scale(eb);
         let mut next = 2;
+        if let Some(b2) = &ops.b2_logical {
+            kb.remap("b2", b2);
+            next += 1;
+        }
         if cfg.bias {
             let v = self.view_of(ins[next])?;
             next += 1;

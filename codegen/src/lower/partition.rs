@@ -317,7 +317,7 @@ impl<'a> Lower<'a> {
                 })
             }
             Op::Reduce { op: r, axes, .. } => Val::View(self.reduce(id, *r, axes)?),
-            Op::MatMul => Val::View(self.matmul(id, Act::Identity, false, false)?),
+            Op::MatMul => Val::View(self.matmul(id, Act::Identity, false, false, false)?),
             op if op.is_fused() => Val::View(self.fused(id, op)?),
             Op::Concat { axis } => return self.concat(id, *axis),
             op => return Err(self.unsupported(id, format!("no kernel for `{}`", op.name()))),

@@ -78,6 +78,14 @@ pub fn eval(
         }
         Op::BatchNorm => batch_norm(x(), &arg(1), &arg(2), out_shape),
         Op::Rope => rope(x(), &arg(1), &arg(2), out_shape),
+        Op::GatedMatMul { act } => {
+            // The gate with its activation, the up projection, their product: the
+            // decomposition's steps (each matmul the mode's own GEMM), one buffer reused.
+            let mut y = fused_matmul(&args[0], &args[1], *act, None, None, out_shape, fast);
+            let up = fused_matmul(&args[0], &args[2], Act::Identity, None, None, out_shape, fast);
+            y.par_iter_mut().zip(&up).for_each(|(g, u)| *g *= u);
+            y
+        }
         Op::FusedMatMul {
             act,
             bias,
