@@ -1,5 +1,6 @@
-//! The optimizer's variant suite: one line per spelling of softmax, attention, the norms, the
-//! matmul epilogues, projection merges and LoRA merges, in the spirit of egg's
+//! The optimizer's variant suite: one line per spelling of softmax, attention (grouped-query
+//! included), the norms, rotary embeddings, the matmul epilogues (gated MLPs included),
+//! projection merges and LoRA merges, in the spirit of egg's
 //! `test_fn! { name, rules, start => goal }`.
 //!
 //! `case!(name, |c| <builder code> => [fused ops], gone <primitives>)` builds the graph with the
@@ -24,7 +25,8 @@
 //!   `(1 − attention_mask)·finfo.min` with one batch item all padding) have fully masked rows;
 //!   `−inf` masks never do, because a fully `−inf` row is NaN in the reference as in PyTorch.
 //!
-//! `overflow_ok` marks the one spelling whose reference overflows at ×100 (softmax without the
+//! `whole_block` marks a whole decoder block (LLaMA's), held to 10× those tolerances
+//! ([`WHOLE_BLOCK`]). `overflow_ok` marks the one spelling whose reference overflows at ×100 (softmax without the
 //! max subtraction: `exp(100)` is inf in f32); there the fused result must still be finite.
 
 use std::cell::RefCell;
@@ -541,9 +543,21 @@ const TOL: f32 = 1e-5;
 /// relative; the unit-scale run is the strict equivalence check, this one is about overflow,
 /// NaN and masked rows.
 const TOL_BIG: f32 = 1e-3;
+/// `whole_block` cases (a whole decoder block: a dozen fused ops and merged projections in
+/// sequence, each within the per-family tolerances) are held to 10× [`TOL`] / [`TOL_BIG`]:
+/// the rounding differences of each op compound through the residual stream (LLaMA block
+/// measured: 2.8e-5 scaled at [-1, 1]).
+const WHOLE_BLOCK: f32 = 10.0;
 
 /// Runs both graphs on the same data and compares every output.
-fn same_outputs(what: &str, before: &Graph, after: &Graph, big: bool, ref_may_overflow: bool) {
+fn same_outputs(
+    what: &str,
+    before: &Graph,
+    after: &Graph,
+    big: bool,
+    ref_may_overflow: bool,
+    tol_scale: f32,
+) {
     let (w, inputs) = data(before, big);
     let cpu = CpuBackend::new();
     let r = cpu.run(before, &w, &inputs).expect("reference runs");
@@ -584,7 +598,7 @@ fn same_outputs(what: &str, before: &Graph, after: &Graph, big: bool, ref_may_ov
                 (worst, at) = (excess, i);
             }
         }
-        let tol = if big { TOL_BIG } else { TOL };
+        let tol = tol_scale * if big { TOL_BIG } else { TOL };
         eprintln!("{what} ({run}): `{name}` worst scaled diff {worst:e}");
         assert!(
             worst <= tol,
@@ -639,6 +653,7 @@ fn check(
     gone: &[&str],
     matmuls: Option<usize>,
     overflow_ok: bool,
+    whole_block: bool,
 ) {
     let c = C::new();
     let y = build(&c);
@@ -676,8 +691,9 @@ fn check(
     if let Some(n) = matmuls {
         assert_eq!(per_call_matmuls(&opt), n, "per-call matmuls; {why}");
     }
-    same_outputs(case, &g, &opt, false, false);
-    same_outputs(case, &g, &opt, true, overflow_ok);
+    let scale = if whole_block { WHOLE_BLOCK } else { 1.0 };
+    same_outputs(case, &g, &opt, false, false, scale);
+    same_outputs(case, &g, &opt, true, overflow_ok, scale);
 }
 
 /// One case per line: `case!(name, [overflow_ok] |c| graph => [fused ops], gone [primitives]
@@ -692,8 +708,9 @@ macro_rules! case {
                 $body
             }
             let overflow_ok = false $(|| stringify!($flag) == "overflow_ok")?;
+            let whole_block = false $(|| stringify!($flag) == "whole_block")?;
             let matmuls: Option<usize> = None $(.or(Some($m)))?;
-            check(stringify!($name), build, &[$($f),*], &$gone, matmuls, overflow_ok);
+            check(stringify!($name), build, &[$($f),*], &$gone, matmuls, overflow_ok, whole_block);
         }
     };
 }
@@ -780,6 +797,31 @@ case!(rope_q_k_then_attention, |c| { let (cos, sin) = (c.cos_in(), c.sin_in()); 
 case!(rope_gqa_causal_llama, |c| { let (cos, sin) = c.rope_tables(); let [k, v] = ["k2", "v2"].map(|n| c.heads_in(n, 2)); let k = c.repeat_kv(c.rope(k, cos, sin), 3); let v = c.repeat_kv(v, 3); let m = c.select(c.causal_cond(0.into(), SEQ.into()), c.f(0.0), c.f(MIN)); c.attention(c.rope(c.heads_in("q6", 6), cos, sin), k, v, Some(m)) } => ["rope", "rope", "attention{causal}"], gone ["expand", "softmax", "matmul", "neg", "slice", "le", "where"]);
 case!(rope_other_tensor_rotated_kept, |c| c.add(c.mul(c.q(), c.cos_in()), c.mul(c.rotate_half(c.k()), c.sin_in())) => [], gone ["exp"]);
 
+// A whole LLaMA decoder block on h [batch, SEQ, 72] (6 query heads of 12, 2 key/value heads):
+// RMSNorm, q/k/v projections, rope on q and k, repeat_kv, causal attention, o_proj + residual,
+// RMSNorm, SwiGLU MLP, down + residual — spelled as the LLaMA loader spells it. q/k/v merge
+// into one projection; o_proj and down_proj stay plain matmuls with their residual add (the
+// residual rule starts from a fused matmul, and bias-free projections have none).
+case!(llama_block, whole_block |c| {
+    let lin = |x, w: &str, o: usize, i: usize| c.linear(x, c.w(w, &[o, i]), None, WeightLayout::OutIn);
+    let rms = |x: NodeId, w: &str| { let ms = c.rmean(c.mul(x, x)); c.mul(c.w(w, &[72]), c.mul(x, c.rsqrt(c.addc(ms, EPS)))) };
+    let heads = |x, n: usize| c.permute(c.reshape(x, dims(&[SEQ, n, 12])), &[0, 2, 1, 3]);
+    let (cos, sin) = (c.input("cos12", vec![SEQ.into(), 12.into()], DType::F32), c.input("sin12", vec![SEQ.into(), 12.into()], DType::F32));
+    let h = c.h();
+    let x = rms(h, "ln1");
+    let q = c.rope(heads(lin(x, "q_proj", 72, 72), 6), cos, sin);
+    let k = c.repeat_kv(c.rope(heads(lin(x, "k_proj", 24, 72), 2), cos, sin), 3);
+    let v = c.repeat_kv(heads(lin(x, "v_proj", 24, 72), 2), 3);
+    let s = c.mulc(c.matmul(q, c.tr(k)), 1.0 / 12f64.sqrt());
+    let m = c.select(c.causal_cond(0.into(), SEQ.into()), c.f(0.0), c.f(MIN));
+    let a = c.matmul(c.softmax(c.add(s, m)), v);
+    let a = c.reshape(c.permute(a, &[0, 2, 1, 3]), dims(&[SEQ, 72]));
+    let h = c.add(h, lin(a, "o_proj", 72, 72));
+    let x = rms(h, "ln2");
+    let mlp = c.mul(c.silu(lin(x, "gate_proj", 40, 72)), lin(x, "up_proj", 40, 72));
+    c.add(h, lin(mlp, "down_proj", 72, 40))
+} => ["rms_norm", "rms_norm", "rope", "rope", "attention{causal}", "gated_matmul{act=silu}", "fused_matmul{act=identity}"], gone ["expand", "neg", "sigmoid", "rsqrt", "softmax", "iota"], matmuls 3);
+
 // Attention: layouts.
 case!(attention_multi_head, |c| { let [q, k, v] = ["hq", "hk", "hv"].map(|n| c.split_heads(c.hin(n))); c.merge_heads(c.attention(q, k, v, Some(c.hf_mask()))) } => ["attention{}"], gone ATT_CORE);
 case!(attention_k_pretransposed_hf, |c| { let kt = c.permute(c.input("k_bshd", dims(&[SEQ, 3, D]), DType::F32), &[0, 2, 3, 1]); c.pv(c.div(c.matmul(c.q(), kt), c.f((D as f64).sqrt()))) } => ["attention{}"], gone ATT_CORE);
@@ -799,6 +841,10 @@ case!(layer_norm_no_affine, |c| c.normalize(c.x(), &[3]) => ["layer_norm"], gone
 case!(rms_norm_builder, |c| c.rms_norm(c.x(), c.gamma()) => ["rms_norm"], gone NORM);
 case!(rms_norm_no_gamma, |c| { let x = c.x(); c.mul(x, c.rsqrt(c.addc(c.rmean(c.mul(x, x)), EPS))) } => ["rms_norm"], gone NORM);
 case!(rms_norm_pow_div_sqrt, |c| { let x = c.x(); let ms = c.rmean(c.pow(x, 2.0)); c.mul(c.gamma(), c.div(x, c.sqrt(c.addc(ms, EPS)))) } => ["rms_norm"], gone NORM);
+
+// LLaMA's RMSNorm: `x·rsqrt(mean(x²) + eps)·weight`, and transformers' `weight·(x·rsqrt(..))`.
+case!(rms_norm_llama, |c| { let x = c.x(); c.mul(c.mul(x, c.rsqrt(c.addc(c.rmean(c.mul(x, x)), EPS))), c.gamma()) } => ["rms_norm"], gone NORM);
+case!(rms_norm_hf_weight_first, |c| { let x = c.x(); let var = c.rmean(c.pow(x, 2.0)); c.mul(c.gamma(), c.mul(x, c.rsqrt(c.addc(var, EPS)))) } => ["rms_norm"], gone NORM);
 
 // Group / instance / batch norm on img [N, 6, 10, 12] with per-channel [6, 1, 1] affine.
 case!(group_norm_builder, |c| c.group_norm(c.img(), c.cgamma(), c.cbeta(), 3) => ["group_norm"], gone GN);
@@ -884,8 +930,8 @@ fn lora_kept_when_merge_lora_is_off() {
             opts.merge_lora,
             "{what}: {report:?}"
         );
-        same_outputs(&what, &g, &opt, false, false);
-        same_outputs(&what, &g, &opt, true, false);
+        same_outputs(&what, &g, &opt, false, false, 1.0);
+        same_outputs(&what, &g, &opt, true, false, 1.0);
     }
 }
 
@@ -945,6 +991,6 @@ fn explosive_rules_stop_at_a_limit_and_stay_correct() {
         stop == "node_limit" || stop == "time_limit",
         "stop reason {stop}, {report:?}"
     );
-    same_outputs("bounded", &g, &opt, false, false);
-    same_outputs("bounded", &g, &opt, true, false);
+    same_outputs("bounded", &g, &opt, false, false, 1.0);
+    same_outputs("bounded", &g, &opt, true, false, 1.0);
 }
