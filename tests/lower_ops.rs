@@ -409,17 +409,33 @@ fn rope_on_strided_heads_and_grouped_query_attention() {
     let mut b = Builder::new();
     let (s, d) = (sym("s"), 8usize);
     let x = b
-        .input("x", vec![2.into(), s.clone(), 4.into(), d.into()], DType::F32)
+        .input(
+            "x",
+            vec![2.into(), s.clone(), 4.into(), d.into()],
+            DType::F32,
+        )
         .unwrap();
     let q = b.permute(x, &[0, 2, 1, 3]).unwrap();
     let k = b
-        .input("k", vec![2.into(), 2.into(), s.clone(), d.into()], DType::F32)
+        .input(
+            "k",
+            vec![2.into(), 2.into(), s.clone(), d.into()],
+            DType::F32,
+        )
         .unwrap();
     let v = b
-        .input("v", vec![2.into(), 2.into(), s.clone(), 6.into()], DType::F32)
+        .input(
+            "v",
+            vec![2.into(), 2.into(), s.clone(), 6.into()],
+            DType::F32,
+        )
         .unwrap();
-    let cos = b.input("cos", vec![s.clone(), d.into()], DType::F32).unwrap();
-    let sin = b.input("sin", vec![s.clone(), d.into()], DType::F32).unwrap();
+    let cos = b
+        .input("cos", vec![s.clone(), d.into()], DType::F32)
+        .unwrap();
+    let sin = b
+        .input("sin", vec![s.clone(), d.into()], DType::F32)
+        .unwrap();
     let qr = b.op(Op::Rope, &[q, cos, sin]).unwrap();
     let kr = b.op(Op::Rope, &[k, cos, sin]).unwrap();
     b.output("kr", kr);
@@ -444,8 +460,16 @@ fn rope_on_strided_heads_and_grouped_query_attention() {
             ("sin", f32t(&[len, d], seed + 4)),
         ]);
         let plan = check(&g, &i, &Weights::new(), &format!("rope + GQA, s = {len}"));
-        let names: Vec<&str> = plan.kernels.iter().map(|k| k.gen.kernel.name.as_str()).collect();
-        assert_eq!(names.iter().filter(|n| n.starts_with("rope_")).count(), 2, "{names:?}");
+        let names: Vec<&str> = plan
+            .kernels
+            .iter()
+            .map(|k| k.gen.kernel.name.as_str())
+            .collect();
+        assert_eq!(
+            names.iter().filter(|n| n.starts_with("rope_")).count(),
+            2,
+            "{names:?}"
+        );
         assert!(names.iter().any(|n| n.contains("_g2")), "{names:?}");
     }
 }
@@ -473,16 +497,20 @@ fn gated_matmul_both_weight_layouts_tiled_and_gemv() {
             }
         };
         let (wg, wu) = (w(&mut b, "wg"), w(&mut b, "wu"));
-        let y = b.op(Op::GatedMatMul { act: Act::Silu }, &[x, wg, wu]).unwrap();
+        let y = b
+            .op(Op::GatedMatMul { act: Act::Silu }, &[x, wg, wu])
+            .unwrap();
         b.output("y", y);
         let g = b.finish();
-        let ws = weights(&[
-            ("wg", f32t(&tshape, 60)),
-            ("wu", f32t(&tshape, 61)),
-        ]);
+        let ws = weights(&[("wg", f32t(&tshape, 60)), ("wu", f32t(&tshape, 61))]);
         for (len, seed) in [(5, 62), (1, 63)] {
             let i = inputs(&[("x", f32t(&[2, len, 12], seed))]);
-            let plan = check(&g, &i, &ws, &format!("gated matmul out_in={out_in} s={len}"));
+            let plan = check(
+                &g,
+                &i,
+                &ws,
+                &format!("gated matmul out_in={out_in} s={len}"),
+            );
             assert_eq!(plan.kernels.len(), 1);
             assert!(plan.kernels[0].decode.is_some());
         }

@@ -229,6 +229,7 @@ struct Case {
     bstrides: (usize, usize, usize, usize),
 }
 
+#[allow(clippy::needless_range_loop)] // (z, i, j) index several operands at once
 fn run_case(cfg: &MatMulConfig, g: &Generated, c: &Case, tol_scale: f32) {
     let Case {
         m,
@@ -432,7 +433,15 @@ fn gated_kernels_match_reference() {
                 .gated(true);
             let tiled = matmul::matmul(&cfg, &small(), &l).unwrap();
             let default = matmul::matmul(&cfg, &MatMulTunables::default_for(&cfg, &l), &l).unwrap();
-            let gv = gemv(&cfg, &GemvTunables { threads: 64, cols: 4 }, &l).unwrap();
+            let gv = gemv(
+                &cfg,
+                &GemvTunables {
+                    threads: 64,
+                    cols: 4,
+                },
+                &l,
+            )
+            .unwrap();
             for (m, n, k, batch, bstrides) in [
                 (1, 129, 50, (1, 1), (1, 1, 1, 1)),
                 (50, 3, 129, (1, 1), (1, 1, 1, 1)),

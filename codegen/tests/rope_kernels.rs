@@ -32,7 +32,9 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             // Multiples of 1/256 in [-2, 2): exact in f16.
             ((s >> 33) % 1024) as f32 / 256.0 - 2.0
         })

@@ -234,7 +234,7 @@ pub fn kv_group(q: &[Dim], k: &[Dim]) -> Option<usize> {
         return None;
     }
     let (h, kvh) = (q[r - 3].as_known()?, k[r - 3].as_known()?);
-    (kvh > 0 && h % kvh == 0).then(|| h / kvh)
+    (kvh > 0 && h.is_multiple_of(kvh)).then(|| h / kvh)
 }
 
 /// transformers' `repeat_kv`: `x [b, kvh, s, d]` → reshape `[b, kvh, 1, s, d]` → expand
@@ -510,7 +510,10 @@ const ROPE: Def = Def {
     infer: |_, xs| {
         let d = same_dtype("rope", xs)?;
         let x = xs[0].0;
-        let even = x.last().and_then(Dim::as_known).is_some_and(|n| n >= 2 && n % 2 == 0);
+        let even = x
+            .last()
+            .and_then(Dim::as_known)
+            .is_some_and(|n| n >= 2 && n.is_multiple_of(2));
         if d != DType::F32 || !even {
             return Err(format!(
                 "takes f32 x, cos, sin with x's last dim known and even: x {}",
@@ -523,7 +526,9 @@ const ROPE: Def = Def {
     decompose: |b, _, args| {
         let (x, cos, sin) = (args[0], args[1], args[2]);
         let r = b.rank(x);
-        let d = b.shape(x)[r - 1].as_known().expect("inference checked the last dim");
+        let d = b.shape(x)[r - 1]
+            .as_known()
+            .expect("inference checked the last dim");
         let hi = b.slice(x, r - 1, Dim::known(d / 2), Dim::known(d))?;
         let lo = b.slice(x, r - 1, Dim::known(0), Dim::known(d / 2))?;
         let neg = b.unary(UnaryOp::Neg, hi)?;

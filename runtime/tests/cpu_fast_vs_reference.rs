@@ -415,7 +415,12 @@ fn flash_attention_matches_reference() {
         }
     }
     // Grouped-query (6 query heads over 2 or 3) and multi-query attention.
-    for (kvh, sq, sk, d) in [(2, 129, 129, 33), (3, 50, 783, 64), (1, 129, 50, 7), (1, 1, 783, 128)] {
+    for (kvh, sq, sk, d) in [
+        (2, 129, 129, 33),
+        (3, 50, 783, 64),
+        (1, 129, 50, 7),
+        (1, 1, 783, 128),
+    ] {
         let a = Attn {
             h: 6,
             kvh,

@@ -476,7 +476,12 @@ fn attention_matches_decomposition() {
     cases.push(Attn::new(1, 1, 783, 783, 64).causal(None));
     cases.push(Attn::new(1, 1, 3, 783, 128).mask("pad"));
     // Grouped-query (6 query heads over 2 or 3 key/value heads) and multi-query attention.
-    for (kvh, sq, sk, d) in [(2, 50, 50, 33), (3, 3, 129, 64), (1, 129, 50, 7), (1, 1, 783, 32)] {
+    for (kvh, sq, sk, d) in [
+        (2, 50, 50, 33),
+        (3, 3, 129, 64),
+        (1, 129, 50, 7),
+        (1, 1, 783, 32),
+    ] {
         let a = Attn::new(2, 6, sq, sk, d).kv_heads(kvh);
         cases.push(a);
         cases.push(a.mask("full"));

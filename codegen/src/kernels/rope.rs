@@ -42,7 +42,7 @@ pub fn rope(cfg: &RopeCfg, t: &EwTunables, limits: &Limits) -> Result<Generated,
         kernel: name.clone(),
         msg,
     };
-    if cfg.head_dim == 0 || cfg.head_dim % 2 != 0 {
+    if cfg.head_dim == 0 || !cfg.head_dim.is_multiple_of(2) {
         return Err(err(format!(
             "head dim {} must be even and positive",
             cfg.head_dim
@@ -126,12 +126,8 @@ pub fn catalog() -> Vec<Generated> {
     ]
     .into_iter()
     .map(|(elem, head_dim, l)| {
-        rope(
-            &RopeCfg { elem, head_dim },
-            &EwTunables::default_for(l),
-            l,
-        )
-        .expect("catalog config builds")
+        rope(&RopeCfg { elem, head_dim }, &EwTunables::default_for(l), l)
+            .expect("catalog config builds")
     })
     .collect()
 }

@@ -44,7 +44,8 @@ fn rotate_half_of(eg: &EG, id: Id) -> Option<Id> {
                 let (s, e) = (start.as_known()?, end.as_known()?);
                 let half = d / 2;
                 let want = if lo { (0, half) } else { (half, d) };
-                (*axis + 1 == xs.len() && d % 2 == 0 && (s, e) == want).then_some((x, *axis, d))
+                (*axis + 1 == xs.len() && d.is_multiple_of(2) && (s, e) == want)
+                    .then_some((x, *axis, d))
             })
             .collect()
     };

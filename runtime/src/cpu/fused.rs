@@ -82,7 +82,15 @@ pub fn eval(
             // The gate with its activation, the up projection, their product: the
             // decomposition's steps (each matmul the mode's own GEMM), one buffer reused.
             let mut y = fused_matmul(&args[0], &args[1], *act, None, None, out_shape, fast);
-            let up = fused_matmul(&args[0], &args[2], Act::Identity, None, None, out_shape, fast);
+            let up = fused_matmul(
+                &args[0],
+                &args[2],
+                Act::Identity,
+                None,
+                None,
+                out_shape,
+                fast,
+            );
             y.par_iter_mut().zip(&up).for_each(|(g, u)| *g *= u);
             y
         }
