@@ -378,11 +378,14 @@ pub fn fused_unsupported(cfg: &AttnConfig, fused: &Graph) -> Option<String> {
     let counts = fused.op_counts();
     let n = counts.get("attention").copied().unwrap_or(0);
     if cfg.kv_heads != cfg.heads {
-        return Some(
-            "GQA/MQA: the attention op has no key/value-head count yet (the LLaMA issue adds it); \
-             the optimizer leaves repeat_kv outside"
-                .into(),
-        );
+        // GQA/MQA: the fused op must read the key/value heads directly (`repeat_kv` absorbed).
+        let kv_read = fused.nodes().any(|(_, node)| {
+            matches!(node.op, crate::ir::Op::Attention { .. })
+                && fused.node(node.inputs[1]).shape.get(1) == Some(&cfg.kv_heads.into())
+        });
+        if !kv_read {
+            return Some("GQA/MQA: the optimizer left repeat_kv outside the attention op".into());
+        }
     }
     if n != 1 {
         return Some(format!(

@@ -605,6 +605,8 @@ pub const FUSED_NAMES: &[&str] = &[
     "instance_norm",
     "batch_norm",
     "fused_matmul",
+    "gated_matmul",
+    "rope",
 ];
 
 /// The optimizer report as one JSON object (the `transfuse compile --json` contract).

@@ -401,6 +401,122 @@ fn attention_rank3_windowed_and_with_a_square_mask() {
     check(&g, &i, &Weights::new(), "attention, one query row");
 }
 
+/// LLaMA's attention core: rope on a head-split (permuted, strided) q and on k with `[s, d]`
+/// cos/sin tables broadcast over batch and heads, then grouped-query attention (4 query heads
+/// over 2 key/value heads) — prefill and the decode variant.
+#[test]
+fn rope_on_strided_heads_and_grouped_query_attention() {
+    let mut b = Builder::new();
+    let (s, d) = (sym("s"), 8usize);
+    let x = b
+        .input(
+            "x",
+            vec![2.into(), s.clone(), 4.into(), d.into()],
+            DType::F32,
+        )
+        .unwrap();
+    let q = b.permute(x, &[0, 2, 1, 3]).unwrap();
+    let k = b
+        .input(
+            "k",
+            vec![2.into(), 2.into(), s.clone(), d.into()],
+            DType::F32,
+        )
+        .unwrap();
+    let v = b
+        .input(
+            "v",
+            vec![2.into(), 2.into(), s.clone(), 6.into()],
+            DType::F32,
+        )
+        .unwrap();
+    let cos = b
+        .input("cos", vec![s.clone(), d.into()], DType::F32)
+        .unwrap();
+    let sin = b
+        .input("sin", vec![s.clone(), d.into()], DType::F32)
+        .unwrap();
+    let qr = b.op(Op::Rope, &[q, cos, sin]).unwrap();
+    let kr = b.op(Op::Rope, &[k, cos, sin]).unwrap();
+    b.output("kr", kr);
+    let o = b
+        .op(
+            Op::Attention {
+                scale: Scalar(0.35),
+                causal: true,
+                window: Some(3),
+            },
+            &[qr, kr, v],
+        )
+        .unwrap();
+    b.output("o", o);
+    let g = b.finish();
+    for (len, seed) in [(5, 40), (1, 50)] {
+        let i = inputs(&[
+            ("x", f32t(&[2, len, 4, d], seed)),
+            ("k", f32t(&[2, 2, len, d], seed + 1)),
+            ("v", f32t(&[2, 2, len, 6], seed + 2)),
+            ("cos", f32t(&[len, d], seed + 3)),
+            ("sin", f32t(&[len, d], seed + 4)),
+        ]);
+        let plan = check(&g, &i, &Weights::new(), &format!("rope + GQA, s = {len}"));
+        let names: Vec<&str> = plan
+            .kernels
+            .iter()
+            .map(|k| k.gen.kernel.name.as_str())
+            .collect();
+        assert_eq!(
+            names.iter().filter(|n| n.starts_with("rope_")).count(),
+            2,
+            "{names:?}"
+        );
+        assert!(names.iter().any(|n| n.contains("_g2")), "{names:?}");
+    }
+}
+
+/// LLaMA's MLP core: the gated matmul with PyTorch-layout `[out, in]` weights read transposed
+/// and with `[in, out]` ones, over a symbolic row count (tiled kernel and its GEMV variant).
+#[test]
+fn gated_matmul_both_weight_layouts_tiled_and_gemv() {
+    for out_in in [true, false] {
+        let mut b = Builder::new();
+        let x = b
+            .input("x", vec![2.into(), sym("s"), 12.into()], DType::F32)
+            .unwrap();
+        let (wshape, tshape): (Vec<usize>, Vec<usize>) = if out_in {
+            (vec![10, 12], vec![10, 12])
+        } else {
+            (vec![12, 10], vec![12, 10])
+        };
+        let w = |b: &mut Builder, name: &str| {
+            let w = b.weight(name, shape(wshape.iter().copied())).unwrap();
+            if out_in {
+                b.permute(w, &[1, 0]).unwrap()
+            } else {
+                w
+            }
+        };
+        let (wg, wu) = (w(&mut b, "wg"), w(&mut b, "wu"));
+        let y = b
+            .op(Op::GatedMatMul { act: Act::Silu }, &[x, wg, wu])
+            .unwrap();
+        b.output("y", y);
+        let g = b.finish();
+        let ws = weights(&[("wg", f32t(&tshape, 60)), ("wu", f32t(&tshape, 61))]);
+        for (len, seed) in [(5, 62), (1, 63)] {
+            let i = inputs(&[("x", f32t(&[2, len, 12], seed))]);
+            let plan = check(
+                &g,
+                &i,
+                &ws,
+                &format!("gated matmul out_in={out_in} s={len}"),
+            );
+            assert_eq!(plan.kernels.len(), 1);
+            assert!(plan.kernels[0].decode.is_some());
+        }
+    }
+}
+
 #[test]
 fn reshapes_no_strides_express_are_read_in_order_or_copied() {
     let mut b = Builder::new();

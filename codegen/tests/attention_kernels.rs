@@ -24,13 +24,14 @@ fn cfg(elem: Elem, d: u32, causal: bool, window: Option<u32>, mask: bool) -> Att
         causal,
         window,
         mask,
+        group: 1,
     }
 }
 
 #[test]
 fn catalog_prints_valid_wgsl_and_cuda() {
     let all = catalog();
-    assert!((16..=24).contains(&all.len()), "{} kernels", all.len());
+    assert!((16..=28).contains(&all.len()), "{} kernels", all.len());
     let mut names: Vec<&str> = all.iter().map(|g| g.kernel.name.as_str()).collect();
     names.sort_unstable();
     names.dedup();
@@ -212,6 +213,11 @@ fn names_follow_the_config() {
         c.kernel_name(true),
         "attention_decode_f16_d64_dv32_w128_mask_s3f000000"
     );
+    c.group = 4;
+    assert_eq!(
+        c.kernel_name(false),
+        "attention_f16_d64_dv32_w128_mask_g4_s3f000000"
+    );
 }
 
 #[test]
@@ -258,6 +264,8 @@ struct Case {
     v: Vec<f32>,
     /// Mask data and its element strides (batch, head, query, key).
     mask: Option<(Vec<f32>, [usize; 4])>,
+    /// Query heads per key/value head: k, v hold `batch·heads / group` heads.
+    group: usize,
 }
 
 impl Case {
@@ -304,7 +312,17 @@ impl Case {
             k,
             v,
             mask: Some((m, strides)),
+            group: 1,
         }
+    }
+
+    /// The same case with `group` query heads per key/value head (k, v cut to their heads).
+    fn grouped(mut self, group: usize) -> Case {
+        let kvh = self.batch * self.heads / group;
+        self.k.truncate(kvh * self.sk * self.d);
+        self.v.truncate(kvh * self.sk * self.dv);
+        self.group = group;
+        self
     }
 
     /// The op's semantics: f32 scores (as the CPU kernel rounds them), softmax and the
@@ -314,6 +332,7 @@ impl Case {
         let mut out = vec![0f32; self.batch * self.heads * sq * dv];
         for bi in 0..self.batch * self.heads {
             let (b, h) = (bi / self.heads, bi % self.heads);
+            let kvi = bi / self.group;
             for i in 0..sq {
                 let pos = i as i64 + sk as i64 - sq as i64;
                 let s: Vec<f32> = (0..sk)
@@ -321,7 +340,7 @@ impl Case {
                         let dot: f64 = (0..d)
                             .map(|x| {
                                 f64::from(self.q[(bi * sq + i) * d + x])
-                                    * f64::from(self.k[(bi * sk + j) * d + x])
+                                    * f64::from(self.k[(kvi * sk + j) * d + x])
                             })
                             .sum();
                         let x = (dot * f64::from(c.scale)) as f32;
@@ -348,7 +367,7 @@ impl Case {
                 let sum: f64 = p.iter().sum();
                 for col in 0..dv {
                     let acc: f64 = (0..sk)
-                        .map(|j| p[j] * f64::from(self.v[(bi * sk + j) * dv + col]))
+                        .map(|j| p[j] * f64::from(self.v[(kvi * sk + j) * dv + col]))
                         .sum();
                     out[(bi * sq + i) * dv + col] = (acc / sum) as f32;
                 }
@@ -507,6 +526,20 @@ fn f32_kernels_match_the_reference() {
             &SMALL,
             1e-4,
         );
+    }
+}
+
+#[test]
+fn f32_grouped_query_heads_read_their_key_value_head() {
+    // 2 batches × 4 query heads over 2 key/value heads (GQA) and over 1 (MQA): query head h
+    // reads key/value head h / group; the per-head mask still follows the query heads.
+    for group in [2, 4] {
+        let case = Case::new(7, 2, 4, 5, 7, 32, 32, true, Some(2)).grouped(group);
+        for (causal, window, mask) in [(false, None, true), (true, Some(3), true)] {
+            let mut c = cfg(Elem::F32, 32, causal, window, mask);
+            c.group = group as u32;
+            check(&case, &c, &SMALL, 1e-4);
+        }
     }
 }
 

@@ -229,6 +229,7 @@ struct Case {
     bstrides: (usize, usize, usize, usize),
 }
 
+#[allow(clippy::needless_range_loop)] // (z, i, j) index several operands at once
 fn run_case(cfg: &MatMulConfig, g: &Generated, c: &Case, tol_scale: f32) {
     let Case {
         m,
@@ -248,6 +249,7 @@ fn run_case(cfg: &MatMulConfig, g: &Generated, c: &Case, tol_scale: f32) {
     };
     let a = round(rand_vec(a_len, 1 + (m * 31 + k) as u64));
     let b = round(rand_vec(b_len, 2 + (n * 17 + k) as u64));
+    let b2 = round(rand_vec(b_len, 5 + (n * 13 + k) as u64));
     let bias = round(rand_vec(n, 3));
     let res = round(rand_vec(b0 * b1 * m * n, 4));
     let uniforms: HashMap<&str, u32> = [
@@ -265,6 +267,9 @@ fn run_case(cfg: &MatMulConfig, g: &Generated, c: &Case, tol_scale: f32) {
     .map(|(s, v)| (s, v as u32))
     .collect();
     let mut bufs = vec![HostBuf::F32(a.clone()), HostBuf::F32(b.clone())];
+    if cfg.gate {
+        bufs.push(HostBuf::F32(b2.clone()));
+    }
     if cfg.bias {
         bufs.push(HostBuf::F32(bias.clone()));
     }
@@ -292,22 +297,28 @@ fn run_case(cfg: &MatMulConfig, g: &Generated, c: &Case, tol_scale: f32) {
             let bo = (z0 * bs0 + z1 * bs1) * bmat;
             for i in 0..m {
                 for j in 0..n {
-                    let (mut acc, mut mag) = (0f64, 0f64);
+                    let (mut acc, mut mag, mut up) = (0f64, 0f64, 0f64);
                     for kk in 0..k {
-                        let bv = if cfg.b_transposed {
-                            b[bo + j * k + kk]
+                        let bi = if cfg.b_transposed {
+                            bo + j * k + kk
                         } else {
-                            b[bo + kk * n + j]
+                            bo + kk * n + j
                         };
-                        let p = a[ao + i * k + kk] as f64 * bv as f64;
+                        let p = a[ao + i * k + kk] as f64 * b[bi] as f64;
                         acc += p;
                         mag += p.abs();
+                        up += a[ao + i * k + kk] as f64 * b2[bi] as f64;
                     }
                     let mut y = acc as f32;
                     if cfg.bias {
                         y += bias[j];
                     }
                     let mut want = act_ref(cfg.act, y);
+                    if cfg.gate {
+                        // |up| ≤ k, so the error of `act(y)` scales by at most k as well.
+                        want *= up as f32;
+                        mag *= k.max(1) as f64;
+                    }
                     let oi = z * m * n + i * n + j;
                     if cfg.residual {
                         want += res[oi];
@@ -404,6 +415,49 @@ fn every_epilogue_both_layouts() {
                     bstrides: (1, 1, 1, 1),
                 };
                 run_case(&cfg, &g, &c, 1e-5);
+            }
+        }
+    }
+}
+
+/// Gated (SwiGLU) kernels: `act(a @ b) · (a @ b2)`, tiled and GEMV, both layouts, odd sizes,
+/// a broadcast weight batch.
+#[test]
+fn gated_kernels_match_reference() {
+    let l = Limits::webgpu();
+    for bt in [false, true] {
+        for act in [Act::Silu, Act::GeluTanh] {
+            let cfg = MatMulConfig::plain(Elem::F32)
+                .epilogue(act, false, false)
+                .transposed_b(bt)
+                .gated(true);
+            let tiled = matmul::matmul(&cfg, &small(), &l).unwrap();
+            let default = matmul::matmul(&cfg, &MatMulTunables::default_for(&cfg, &l), &l).unwrap();
+            let gv = gemv(
+                &cfg,
+                &GemvTunables {
+                    threads: 64,
+                    cols: 4,
+                },
+                &l,
+            )
+            .unwrap();
+            for (m, n, k, batch, bstrides) in [
+                (1, 129, 50, (1, 1), (1, 1, 1, 1)),
+                (50, 3, 129, (1, 1), (1, 1, 1, 1)),
+                (3, 50, 1, (1, 1), (1, 1, 1, 1)),
+                (3, 9, 33, (2, 2), (2, 1, 0, 0)),
+            ] {
+                let c = Case {
+                    m,
+                    n,
+                    k,
+                    batch,
+                    bstrides,
+                };
+                for g in [&tiled, &default, &gv] {
+                    run_case(&cfg, g, &c, 1e-5);
+                }
             }
         }
     }

@@ -205,8 +205,22 @@ fn size_signature(shape: &[Dim]) -> (usize, Vec<Dim>) {
     (known, syms)
 }
 
+/// The one dtype all operands share, else an error naming `what`.
+pub(crate) fn same_dtype(what: &str, xs: &[(&Shape, DType)]) -> Result<DType, String> {
+    let d = xs[0].1;
+    if xs.iter().all(|x| x.1 == d) {
+        Ok(d)
+    } else {
+        let ds: Vec<&str> = xs.iter().map(|x| x.1.name()).collect();
+        Err(format!(
+            "{what} needs operands of one dtype, got {}",
+            ds.join(", ")
+        ))
+    }
+}
+
 /// Each operand must broadcast into `target` without growing it.
-fn expect_broadcast_into(xs: &[(&Shape, DType)], target: &[Dim]) -> Result<(), String> {
+pub(crate) fn expect_broadcast_into(xs: &[(&Shape, DType)], target: &[Dim]) -> Result<(), String> {
     for (s, _) in xs {
         if broadcast_shapes(s, target)? != target {
             return Err(format!(
@@ -236,18 +250,7 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
     } else if xs.is_empty() {
         return Err("expects at least one operand".into());
     }
-    let same_dtype = |what: &str| -> Result<DType, String> {
-        let d = xs[0].1;
-        if xs.iter().all(|x| x.1 == d) {
-            Ok(d)
-        } else {
-            let ds: Vec<&str> = xs.iter().map(|x| x.1.name()).collect();
-            Err(format!(
-                "{what} needs operands of one dtype, got {}",
-                ds.join(", ")
-            ))
-        }
-    };
+    let same_dtype = |what: &str| same_dtype(what, xs);
     match op {
         Op::Input { shape, dtype, .. } => Ok((shape.clone(), *dtype)),
         Op::Weight { shape, .. } => Ok((shape.clone(), DType::F32)),
@@ -425,84 +428,8 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
             Ok((out, td))
         }
         Op::Cast { dtype } => Ok((xs[0].0.clone(), *dtype)),
-        Op::Softmax { .. } => {
-            let d = same_dtype("softmax")?;
-            if xs.len() > 2 || d != DType::F32 {
-                return Err("takes x [, mask], f32".into());
-            }
-            let x = xs[0].0;
-            if x.is_empty() {
-                return Err("needs rank ≥ 1".into());
-            }
-            expect_broadcast_into(&xs[1..], x)?;
-            Ok((x.clone(), d))
-        }
-        Op::Attention { .. } => {
-            let d = same_dtype("attention")?;
-            if !(3..=4).contains(&xs.len()) || d != DType::F32 {
-                return Err("takes q, k, v [, mask], f32".into());
-            }
-            let (q, k, v) = (xs[0].0, xs[1].0, xs[2].0);
-            let r = q.len();
-            if r < 2 || k.len() != r || v.len() != r {
-                return Err(format!(
-                    "q, k, v need one rank ≥ 2: {} {} {}",
-                    shape_string(q),
-                    shape_string(k),
-                    shape_string(v)
-                ));
-            }
-            if q[..r - 2] != k[..r - 2] || q[..r - 2] != v[..r - 2] {
-                return Err("q, k, v differ in batch dims".into());
-            }
-            if q[r - 1] != k[r - 1] || k[r - 2] != v[r - 2] {
-                return Err(format!(
-                    "head dims do not fit: q {} k {} v {}",
-                    shape_string(q),
-                    shape_string(k),
-                    shape_string(v)
-                ));
-            }
-            let mut scores = q[..r - 1].to_vec();
-            scores.push(k[r - 2].clone());
-            expect_broadcast_into(&xs[3..], &scores)?;
-            let mut out = q[..r - 1].to_vec();
-            out.push(v[r - 1].clone());
-            Ok((out, d))
-        }
-        Op::LayerNorm { .. }
-        | Op::RmsNorm { .. }
-        | Op::GroupNorm { .. }
-        | Op::InstanceNorm { .. }
-        | Op::BatchNorm => {
-            let d = same_dtype(&op.name())?;
-            let x = xs[0].0;
-            if d != DType::F32 || x.is_empty() {
-                return Err("takes f32 operands and x of rank ≥ 1".into());
-            }
-            if let Op::GroupNorm { groups, .. } = op {
-                let c = x.get(1).and_then(Dim::as_known);
-                if x.len() < 3 || *groups == 0 || c.is_none_or(|c| c % groups != 0) {
-                    return Err(format!(
-                        "{groups} groups do not divide the channels of {}",
-                        shape_string(x)
-                    ));
-                }
-            }
-            if matches!(op, Op::InstanceNorm { .. } | Op::BatchNorm) && x.len() < 2 {
-                return Err("x needs [N, C, ..]".into());
-            }
-            expect_broadcast_into(&xs[1..], x)?;
-            Ok((x.clone(), d))
-        }
-        Op::FusedMatMul { bias, residual, .. } => {
-            let want = 2 + usize::from(*bias) + usize::from(*residual);
-            if xs.len() != want {
-                return Err(format!("expects {want} operands, got {}", xs.len()));
-            }
-            let (out, d) = infer(&Op::MatMul, &xs[..2])?;
-            expect_broadcast_into(&xs[2..], &out)?;
-            Ok((out, d))
-        }
+        fused => (crate::fused::def(fused)
+            .expect("every op is primitive or fused")
+            .infer)(op, xs),
     }
 }

@@ -22,6 +22,7 @@
 pub mod builder;
 pub mod decompose;
 pub mod dim;
+mod fused;
 pub mod graph;
 pub mod op;
 pub mod print;
@@ -30,6 +31,7 @@ pub mod tensor;
 pub use builder::{BResult, Builder, WeightLayout};
 pub use decompose::decompose;
 pub use dim::{eval_shape, shape, shape_string, Bindings, Dim, Shape};
+pub use fused::kv_group;
 pub use graph::{broadcast_shapes, infer, Graph, Node, NodeId};
 pub use op::{Act, BinaryOp, CmpOp, DType, Op, ReduceOp, Scalar, UnaryOp};
 pub use print::{to_dot, to_text};

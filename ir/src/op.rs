@@ -1,7 +1,8 @@
 //! The op set: one declarative table per op family, each op with a stable printable name.
 //!
-//! Only primitives live here. Fused ops (softmax, attention, norms, matmul epilogues) are added
-//! by the optimizer's issue and appear only as its output.
+//! The fused ops (softmax, attention, norms, matmul epilogues) are declared in [`Op`] too, but
+//! appear only as the optimizer's output; their names, attributes, inference and decomposition
+//! live in `fused.rs`.
 
 use std::fmt;
 
@@ -239,7 +240,8 @@ pub enum Op {
     Cast { dtype: DType },
 
     // ---- Fused ops: produced only by the optimizer (transfuse-passes). Each has a CPU
-    // ---- implementation and a primitive decomposition (`decompose`), held equal by tests.
+    // ---- implementation and a primitive decomposition, held equal by tests; everything the
+    // ---- IR knows about one (name, attributes, inference, decomposition) is in `fused.rs`.
     /// `softmax(x·scale [+ mask])` over the last axis; operands `x [, mask]`, the additive mask
     /// broadcasting to `x`.
     Softmax { scale: Scalar },
@@ -247,6 +249,8 @@ pub enum Op {
     /// `k [.., sk, d]`, `v [.., sk, dv] [, mask]` (additive, broadcasting to `[.., sq, sk]`).
     /// `causal`: query `i` sees keys `j <= i + sk - sq`; `window`: and only the last `window`
     /// of those.
+    /// `k`, `v` may have fewer heads than `q` (axis `r - 3`, a divisor): grouped-query
+    /// attention, query head `i` reading key/value head `i / group` (see [`crate::kv_group`]).
     Attention {
         scale: Scalar,
         causal: bool,
@@ -266,6 +270,13 @@ pub enum Op {
     /// Inference batch norm with running statistics and affine folded: `x · scale + shift`
     /// with per-channel `scale`, `shift` broadcast to `x [N, C, ..]`.
     BatchNorm,
+    /// A gated MLP's two projections in one: `act(x @ w_gate) · (x @ w_up)` (SwiGLU with
+    /// `act = silu`); operands `x, w_gate, w_up` (the two weights of one shape).
+    GatedMatMul { act: Act },
+    /// Rotary position embedding in transformers' rotate-half form: `x·cos + rotate_half(x)·sin`
+    /// with `rotate_half(x) = concat(−x[.., d/2..], x[.., ..d/2])` over the last axis (`d`
+    /// known and even); operands `x, cos, sin` (cos/sin broadcast to `x`, e.g. `[seq, d]`).
+    Rope,
     /// `act(x @ w [+ bias]) [+ residual]`; operands `x, w [, bias] [, residual]`.
     FusedMatMul {
         act: Act,
@@ -295,14 +306,10 @@ impl Op {
             Op::Concat { .. } => "concat".into(),
             Op::Gather => "gather".into(),
             Op::Cast { .. } => "cast".into(),
-            Op::Softmax { .. } => "softmax".into(),
-            Op::Attention { .. } => "attention".into(),
-            Op::LayerNorm { .. } => "layer_norm".into(),
-            Op::RmsNorm { .. } => "rms_norm".into(),
-            Op::GroupNorm { .. } => "group_norm".into(),
-            Op::InstanceNorm { .. } => "instance_norm".into(),
-            Op::BatchNorm => "batch_norm".into(),
-            Op::FusedMatMul { .. } => "fused_matmul".into(),
+            fused => crate::fused::def(fused)
+                .expect("every op is primitive or fused")
+                .name
+                .into(),
         }
     }
 
@@ -328,67 +335,18 @@ impl Op {
             Op::Slice { axis, start, end } => format!("axis={axis} {start}..{end}"),
             Op::Concat { axis } => format!("axis={axis}"),
             Op::Cast { dtype } => dtype.to_string(),
-            Op::Softmax { scale } => format!("scale={scale}"),
-            Op::Attention {
-                scale,
-                causal,
-                window,
-            } => {
-                let mut a = format!("scale={scale}");
-                if *causal {
-                    a.push_str(" causal");
-                }
-                if let Some(w) = window {
-                    a.push_str(&format!(" window={w}"));
-                }
-                a
-            }
-            Op::LayerNorm { eps } | Op::RmsNorm { eps } | Op::InstanceNorm { eps } => {
-                format!("eps={eps}")
-            }
-            Op::GroupNorm { groups, eps } => format!("groups={groups} eps={eps}"),
-            Op::FusedMatMul {
-                act,
-                bias,
-                residual,
-            } => {
-                let mut a = format!("act={}", act.name());
-                if *bias {
-                    a.push_str(" bias");
-                }
-                if *residual {
-                    a.push_str(" residual");
-                }
-                a
-            }
-            _ => String::new(),
+            op => crate::fused::def(op).map_or_else(String::new, |d| (d.attrs)(op)),
         }
     }
 
     /// True for ops only the optimizer produces.
     pub fn is_fused(&self) -> bool {
-        matches!(
-            self,
-            Op::Softmax { .. }
-                | Op::Attention { .. }
-                | Op::LayerNorm { .. }
-                | Op::RmsNorm { .. }
-                | Op::GroupNorm { .. }
-                | Op::InstanceNorm { .. }
-                | Op::BatchNorm
-                | Op::FusedMatMul { .. }
-        )
+        crate::fused::def(self).is_some()
     }
 
     /// How many operands the op takes (`None`: any number ≥ 1).
     pub fn arity(&self) -> Option<usize> {
         match self {
-            Op::Softmax { .. } | Op::Attention { .. } | Op::FusedMatMul { .. } => None,
-            Op::LayerNorm { .. }
-            | Op::GroupNorm { .. }
-            | Op::InstanceNorm { .. }
-            | Op::BatchNorm => Some(3),
-            Op::RmsNorm { .. } => Some(2),
             Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. } => Some(0),
             Op::Unary(_)
             | Op::Reduce { .. }
@@ -400,6 +358,11 @@ impl Op {
             Op::Binary(_) | Op::Compare(_) | Op::MatMul | Op::Gather => Some(2),
             Op::Where => Some(3),
             Op::Concat { .. } => None,
+            fused => {
+                crate::fused::def(fused)
+                    .expect("every op is primitive or fused")
+                    .arity
+            }
         }
     }
 }

@@ -21,6 +21,7 @@ use transfuse_ir::{Bindings, DType, Op, Shape};
 
 use crate::analysis::{node_type, EG};
 use crate::lang::{EOp, TNode};
+use crate::rules::FAMILIES;
 
 /// A target's rough throughput numbers.
 #[derive(Clone, Debug, PartialEq)]
@@ -98,6 +99,40 @@ fn elem_bytes(d: DType) -> f64 {
     }
 }
 
+/// The sizes a family's flop count reads: the node's output and its operands' types, with
+/// symbolic dims at the profile's values.
+pub struct Sizes<'a> {
+    /// The output shape.
+    pub out: &'a Shape,
+    /// The operands' shapes and dtypes, in order.
+    pub kids: &'a [(Shape, DType)],
+    profile: &'a Profile,
+}
+
+impl Sizes<'_> {
+    /// Elements of `s`.
+    pub fn numel(&self, s: &Shape) -> f64 {
+        self.profile.numel(s)
+    }
+
+    /// The size of operand `i`'s axis `axis` from the end (1 when absent).
+    pub fn dim_from_end(&self, i: usize, axis: usize) -> f64 {
+        let s = self.kids.get(i).map(|k| &k.0);
+        s.and_then(|s| s.len().checked_sub(axis).map(|j| &s[j]))
+            .map_or(1.0, |d| self.numel(&vec![d.clone()]))
+    }
+
+    /// `2·m·n·k` of a matmul whose first operand is `[.., m, k]`.
+    pub fn matmul_flops(&self) -> f64 {
+        2.0 * self.numel(self.out) * self.dim_from_end(0, 1)
+    }
+
+    /// What the model charges any other op: 8 flops per output element.
+    pub fn elementwise_flops(&self) -> f64 {
+        8.0 * self.numel(self.out)
+    }
+}
+
 /// The own cost of an e-node in seconds (children excluded); infinite when ill-typed.
 pub fn node_cost(eg: &EG, p: &Profile, n: &TNode) -> f64 {
     let Some((out, dt)) = node_type(eg, n) else {
@@ -111,9 +146,10 @@ pub fn node_cost(eg: &EG, p: &Profile, n: &TNode) -> f64 {
     let out_b = p.numel(&out) * elem_bytes(dt);
     let in_b: f64 = kids.iter().map(|(s, d)| p.numel(s) * elem_bytes(*d)).sum();
     let kernel = |flops: f64| p.launch_s + (in_b + out_b) / p.bytes_per_s + flops / p.flops_per_s;
-    let matmul_flops = || {
-        let k = kids[0].0.last().map_or(1.0, |d| p.numel(&vec![d.clone()]));
-        2.0 * p.numel(&out) * k
+    let sizes = Sizes {
+        out: &out,
+        kids: &kids,
+        profile: p,
     };
     let cost = match &n.op {
         EOp::Outputs => 0.0,
@@ -123,15 +159,15 @@ pub fn node_cost(eg: &EG, p: &Profile, n: &TNode) -> f64 {
             Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => 0.0,
             Op::Reshape { .. } | Op::Slice { .. } => 0.0,
             Op::Iota { .. } => p.launch_s,
-            Op::MatMul | Op::FusedMatMul { .. } => kernel(matmul_flops()),
-            Op::Attention { .. } => {
-                let (q, k) = (&kids[0].0, &kids[1].0);
-                let sk = k
-                    .get(k.len().wrapping_sub(2))
-                    .map_or(1.0, |d| p.numel(&vec![d.clone()]));
-                kernel(4.0 * p.numel(q) * sk)
-            }
-            _ => kernel(8.0 * p.numel(&out)),
+            Op::MatMul => kernel(sizes.matmul_flops()),
+            // A fused op's flops come from the family that produces it.
+            op if op.is_fused() => kernel(
+                FAMILIES
+                    .iter()
+                    .find_map(|f| (f.flops)(op, &sizes))
+                    .unwrap_or_else(|| sizes.elementwise_flops()),
+            ),
+            _ => kernel(sizes.elementwise_flops()),
         },
     };
     // Weight-only expressions run once per set of weights, not per call.

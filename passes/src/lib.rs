@@ -68,7 +68,7 @@ impl Default for Options {
             iter_limit: 40,
             time_limit: Duration::from_secs(10),
             profile: Profile::gpu(),
-            families: rules::FAMILIES.iter().map(|s| s.to_string()).collect(),
+            families: rules::FAMILIES.iter().map(|f| f.name.to_string()).collect(),
             merge_lora: true,
         }
     }

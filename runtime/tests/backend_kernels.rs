@@ -1088,6 +1088,103 @@ fn heads(h: usize, len: Dim, d: usize) -> Vec<Dim> {
     vec![sym("b"), h.into(), len, d.into()]
 }
 
+/// transformers' `rotate_half` + `apply_rotary_pos_emb`: `x·cos + rotate_half(x)·sin`.
+fn rope(b: &mut Builder, x: NodeId, cos: NodeId, sin: NodeId) -> BResult {
+    let r = b.rank(x) - 1;
+    let d = b.shape(x)[r].as_known().expect("known head dim");
+    let hi = b.slice(x, r, (d / 2).into(), d.into())?;
+    let lo = b.slice(x, r, 0.into(), (d / 2).into())?;
+    let neg = b.unary(UnaryOp::Neg, hi)?;
+    let rot = b.concat(&[neg, lo], r)?;
+    let a = b.mul(x, cos)?;
+    let c = b.mul(rot, sin)?;
+    b.add(a, c)
+}
+
+/// transformers' `repeat_kv`: `[b, kvh, s, d]` → `[b, kvh·g, s, d]` through reshape, expand,
+/// reshape.
+fn repeat_kv(b: &mut Builder, x: NodeId, g: usize) -> BResult {
+    let s = b.shape(x).clone();
+    let kvh = s[1].as_known().expect("known kv heads");
+    let five = vec![
+        s[0].clone(),
+        kvh.into(),
+        1.into(),
+        s[2].clone(),
+        s[3].clone(),
+    ];
+    let x = b.reshape(x, five.clone())?;
+    let mut big = five;
+    big[2] = g.into();
+    let x = b.expand(x, big)?;
+    b.reshape(
+        x,
+        vec![s[0].clone(), (kvh * g).into(), s[2].clone(), s[3].clone()],
+    )
+}
+
+/// The LLaMA family's fused ops as the loader spells them: rope on q and k, `repeat_kv` into
+/// causal grouped-query attention over a KV cache (prefill and the decode variant), and the
+/// SwiGLU MLP (tiled and GEMV).
+fn llama_ops<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
+    let mut worst = Worst::new("llama ops", &**dev, elem);
+    for (d, kvh, g) in [(32, 2, 2), (64, 1, 4)] {
+        let mut c = Case::new(format!(
+            "rope + gqa attention d={d} kv_heads={kvh} group={g}"
+        ));
+        let (seq, past) = (sym("seq"), sym("past"));
+        let q = c.input("q", heads(kvh * g, seq.clone(), d), 1.0, 0.0);
+        let cos = c.input("cos", vec![seq.clone(), d.into()], 1.0, 0.0);
+        let sin = c.input("sin", vec![seq.clone(), d.into()], 1.0, 0.0);
+        let kn = c.input("k_new", heads(kvh, seq.clone(), d), 1.0, 0.0);
+        let vn = c.input("v_new", heads(kvh, seq.clone(), d), 2.0, 0.0);
+        let pk = c.input("past_k", heads(kvh, past.clone(), d), 1.0, 0.0);
+        let pv = c.input("past_v", heads(kvh, past.clone(), d), 2.0, 0.0);
+        let q = c.with(|b| rope(b, q, cos, sin));
+        let kr = c.with(|b| rope(b, kn, cos, sin));
+        let k = c.with(|b| b.concat(&[pk, kr], 2));
+        let v = c.with(|b| b.concat(&[pv, vn], 2));
+        c.out("present_k", k);
+        let cond = causal_cond(&mut c, past.clone(), seq.clone());
+        let m = c.with(|b| {
+            let zero = b.scalar(0.0)?;
+            let fill = b.scalar(MIN)?;
+            b.select(cond, zero, fill)
+        });
+        let (kx, vx) = (
+            c.with(|b| repeat_kv(b, k, g)),
+            c.with(|b| repeat_kv(b, v, g)),
+        );
+        let o = c.with(|b| b.attention(q, kx, vx, Some(m)));
+        c.out("o", o);
+        let c = c.fused("rope").fused("attention causal").decode_iff("seq");
+        worst.add(c.run(
+            dev,
+            elem,
+            &[
+                &[("b", 2), ("seq", 5), ("past", 0)],
+                &[("b", 2), ("seq", 1), ("past", 6)],
+            ],
+        ));
+    }
+    for (k, n) in [(72, 40), (129, 50)] {
+        let mut c = Case::new(format!("swiglu k={k} n={n}"));
+        let x = c.input("x", dims("rows", &[k]), 1.0, 0.0);
+        let wg = c.weight("wg", &[k, n], 0.2, 0.0);
+        let wu = c.weight("wu", &[k, n], 0.2, 0.0);
+        let y = c.with(|b| {
+            let g = b.matmul(x, wg)?;
+            let u = b.matmul(x, wu)?;
+            let sg = b.unary(UnaryOp::Sigmoid, g)?;
+            let s = b.mul(g, sg)?;
+            b.mul(s, u)
+        });
+        c.out("y", y);
+        let c = c.fused("gated_matmul").abs_scale();
+        worst.add(c.run(dev, elem, &[&[("rows", 5)], &[("rows", 1)]]));
+    }
+}
+
 fn attention<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
     let mut worst = Worst::new("attention", &**dev, elem);
     let fill = fill(elem);
@@ -1394,6 +1491,7 @@ per_backend! {
     instance_norm_rank3 => instance_norm_rank3(F32),
     matmul => matmul(F32),
     attention => attention(F32),
+    llama_ops => llama_ops(F32),
     gather_concat => gather_concat(F32),
     launch_order_across_threads => launch_order_across_threads(F32),
     softmax_f16 => softmax(F16),
@@ -1401,4 +1499,5 @@ per_backend! {
     layer_rms_norm_f16 => layer_rms_norm(F16),
     matmul_f16 => matmul(F16),
     attention_f16 => attention(F16),
+    llama_ops_f16 => llama_ops(F16),
 }

@@ -273,6 +273,8 @@ struct Attn {
     /// f32::MIN), "dead" ([b, 1, sq, sk], every fifth query row all f32::MIN).
     mask: &'static str,
     mag: f32,
+    /// Key/value heads (a divisor of `h`: grouped-query attention below `h`; 0: `h`).
+    kvh: usize,
 }
 
 impl Attn {
@@ -288,6 +290,7 @@ impl Attn {
             window: None,
             mask: "none",
             mag: 1.0,
+            kvh: 0,
         }
     }
 
@@ -303,8 +306,9 @@ impl Attn {
         } = self;
         let mut c = Case::new(seed);
         let q = c.input("q", &[b, h, sq, d], self.mag.sqrt().min(10.0));
-        let k = c.input("k", &[b, h, sk, d], 1.0);
-        let v = c.input("v", &[b, h, sk, dv], self.mag);
+        let kvh = if self.kvh == 0 { h } else { self.kvh };
+        let k = c.input("k", &[b, kvh, sk, d], 1.0);
+        let v = c.input("v", &[b, kvh, sk, dv], self.mag);
         let mut args = vec![q, k, v];
         match self.mask {
             "none" => {}
@@ -409,6 +413,32 @@ fn flash_attention_matches_reference() {
                 ..Attn::new(sq, sk, 64)
             });
         }
+    }
+    // Grouped-query (6 query heads over 2 or 3) and multi-query attention.
+    for (kvh, sq, sk, d) in [
+        (2, 129, 129, 33),
+        (3, 50, 783, 64),
+        (1, 129, 50, 7),
+        (1, 1, 783, 128),
+    ] {
+        let a = Attn {
+            h: 6,
+            kvh,
+            ..Attn::new(sq, sk, d)
+        };
+        cases.push(a);
+        cases.push(Attn { mask: "full", ..a });
+        cases.push(Attn {
+            causal: true,
+            window: Some(4),
+            mask: "pad",
+            ..a
+        });
+        cases.push(Attn {
+            causal: true,
+            mask: "dead",
+            ..a
+        });
     }
     // sq > sk: the first queries see no key; odd value width.
     cases.push(Attn {

@@ -255,6 +255,8 @@ struct Attn {
     mag: f32,
     /// Scale 1/√d when true, 1 otherwise.
     inv_sqrt_d: bool,
+    /// Key/value heads (a divisor of `h`: grouped-query attention below `h`).
+    kvh: usize,
 }
 
 impl Attn {
@@ -271,7 +273,12 @@ impl Attn {
             mask: "none",
             mag: 1.0,
             inv_sqrt_d: true,
+            kvh: h,
         }
+    }
+
+    fn kv_heads(self, kvh: usize) -> Attn {
+        Attn { kvh, ..self }
     }
 
     fn causal(self, window: Option<usize>) -> Attn {
@@ -299,8 +306,9 @@ impl Attn {
         } = self;
         let mut c = Case::new(seed);
         let q = c.input("q", sym_batch(&[b, h, sq, d]), &[b, h, sq, d], self.mag);
-        let k = c.input("k", sym_batch(&[b, h, sk, d]), &[b, h, sk, d], 1.0);
-        let v = c.input("v", sym_batch(&[b, h, sk, dv]), &[b, h, sk, dv], 2.0);
+        let kvh = self.kvh;
+        let k = c.input("k", sym_batch(&[b, kvh, sk, d]), &[b, kvh, sk, d], 1.0);
+        let v = c.input("v", sym_batch(&[b, kvh, sk, dv]), &[b, kvh, sk, dv], 2.0);
         let mut args = vec![q, k, v];
         match self.mask {
             "none" => {}
@@ -378,6 +386,8 @@ impl Attn {
         for bi in 0..b {
             for hi in 0..h {
                 let bh = bi * h + hi;
+                // Grouped-query attention: query head `hi` reads key/value head `hi / group`.
+                let kv = bi * self.kvh + hi / (h / self.kvh);
                 for i in 0..sq {
                     let pos = i as i64 + sk as i64 - sq as i64;
                     let mut scores = vec![None; sk];
@@ -400,7 +410,7 @@ impl Attn {
                         }
                         let dot: f64 = (0..d)
                             .map(|p| {
-                                q[(bh * sq + i) * d + p] as f64 * k[(bh * sk + j) * d + p] as f64
+                                q[(bh * sq + i) * d + p] as f64 * k[(kv * sk + j) * d + p] as f64
                             })
                             .sum();
                         *sc = Some(dot * scale + mv as f64);
@@ -418,7 +428,7 @@ impl Attn {
                     };
                     for c in 0..dv {
                         out[(bh * sq + i) * dv + c] = (0..sk)
-                            .map(|j| weights[j] * v[(bh * sk + j) * dv + c] as f64)
+                            .map(|j| weights[j] * v[(kv * sk + j) * dv + c] as f64)
                             .sum();
                     }
                 }
@@ -465,6 +475,19 @@ fn attention_matches_decomposition() {
     // Long sequence, one head.
     cases.push(Attn::new(1, 1, 783, 783, 64).causal(None));
     cases.push(Attn::new(1, 1, 3, 783, 128).mask("pad"));
+    // Grouped-query (6 query heads over 2 or 3 key/value heads) and multi-query attention.
+    for (kvh, sq, sk, d) in [
+        (2, 50, 50, 33),
+        (3, 3, 129, 64),
+        (1, 129, 50, 7),
+        (1, 1, 783, 32),
+    ] {
+        let a = Attn::new(2, 6, sq, sk, d).kv_heads(kvh);
+        cases.push(a);
+        cases.push(a.mask("full"));
+        cases.push(a.causal(Some(4)).mask("pad"));
+        cases.push(a.causal(None).mask("dead"));
+    }
     let mut worst = 0f32;
     for (i, a) in cases.into_iter().enumerate() {
         worst = worst.max(a.run(i as u64).1);
@@ -807,4 +830,77 @@ fn decomposing_a_primitive_graph_keeps_its_text_form() {
     let d = decompose(&g).unwrap();
     assert_eq!(to_text(&d), to_text(&g));
     assert_eq!(d.outputs(), g.outputs());
+}
+
+/// Rotary embedding at odd row counts and head dims (2, 6, 50, 130, 784: every even neighbour
+/// of the odd sizes), cos/sin as `[seq, d]` tables broadcast over batch and heads, as full
+/// tensors, and at large magnitudes.
+#[test]
+fn rope_matches_decomposition() {
+    let mut worst = 0f32;
+    for (si, &d) in [2usize, 6, 50, 130, 784].iter().enumerate() {
+        for seq in [1, 3, 129] {
+            for (tables, mag) in [("seq", 1.0), ("full", 1.0), ("seq", 1e3)] {
+                let s = [2, 3, seq, d];
+                let t: Vec<usize> = if tables == "seq" {
+                    vec![seq, d]
+                } else {
+                    s.to_vec()
+                };
+                let td = if tables == "seq" {
+                    known(&t)
+                } else {
+                    sym_batch(&t)
+                };
+                let mut c = Case::new(si as u64 * 7 + seq as u64);
+                let x = c.input("x", sym_batch(&s), &s, mag);
+                let cos = c.input("cos", td.clone(), &t, 1.0);
+                let sin = c.input("sin", td, &t, 1.0);
+                let y = c.fused(Op::Rope, &[x, cos, sin]);
+                let label = format!("rope d={d} seq={seq} tables={tables} mag={mag}");
+                worst = worst.max(c.check(&label, y).1);
+            }
+        }
+    }
+    report("rope", worst);
+}
+
+#[test]
+fn rope_refuses_an_odd_rotary_dim() {
+    let mut c = Case::new(1);
+    let x = c.input("x", known(&[2, 7]), &[2, 7], 1.0);
+    let e = c.g.add(Op::Rope, &[x, x, x]).unwrap_err().to_string();
+    assert!(e.contains("rope") && e.contains("even"), "{e}");
+}
+
+/// The gated matmul (SwiGLU and the other activations) at odd sizes, with a shared and a
+/// batched weight pair.
+#[test]
+fn gated_matmul_matches_decomposition() {
+    let mut worst = 0f32;
+    let shapes = [
+        (1, 1, 1, 1, false),
+        (2, 3, 50, 129, false),
+        (2, 129, 33, 3, true),
+        (1, 50, 783, 50, false),
+        (2, 1, 129, 783, false),
+    ];
+    for (si, &(bt, m, k, n, batched)) in shapes.iter().enumerate() {
+        for &act in Act::ALL {
+            let mut c = Case::new(90 + si as u64);
+            let xdims = if batched {
+                known(&[bt, m, k])
+            } else {
+                sym_batch(&[bt, m, k])
+            };
+            let x = c.input("x", xdims, &[bt, m, k], 1.0);
+            let ws: &[usize] = if batched { &[bt, k, n] } else { &[k, n] };
+            let wg = c.weight_rand("wg", ws, 0.0);
+            let wu = c.weight_rand("wu", ws, 0.0);
+            let y = c.fused(Op::GatedMatMul { act }, &[x, wg, wu]);
+            let label = format!("gated_matmul [{bt},{m},{k}]x[{k},{n}] act={}", act.name());
+            worst = worst.max(c.check(&label, y).1);
+        }
+    }
+    report("gated matmul", worst);
 }

@@ -5,8 +5,11 @@
 //!
 //! # Operands, uniforms, grid
 //!
-//! Buffers, in order: `q [bh, sq, d]`, `k [bh, sk, d]`, `v [bh, sk, dv]`, `[mask]`,
-//! `out [bh, sq, dv]`, all contiguous, the batch dimensions flattened into `bh` (batch·heads).
+//! Buffers, in order: `q [bh, sq, d]`, `k [bh/g, sk, d]`, `v [bh/g, sk, dv]`, `[mask]`,
+//! `out [bh, sq, dv]`, all contiguous, the batch dimensions flattened into `bh` (batch·heads);
+//! `g` is [`AttentionCfg::group`], the query heads per key/value head (grouped-query and
+//! multi-query attention: batch-head `bh` reads k/v batch-head `bh / g`, never a copy per
+//! query head; `_g{g}` in the kernel name).
 //! Uniforms: `bh, heads, sq, sk` and, with a mask, `mask_sb, mask_sh, mask_sq, mask_sk`: the
 //! additive mask's element strides along batch, head, query and key (0 along broadcast axes);
 //! score `(bh, i, j)` reads `mask[(bh / heads)·mask_sb + (bh % heads)·mask_sh + i·mask_sq +
@@ -146,6 +149,9 @@ pub struct AttentionCfg {
     pub window: Option<u32>,
     /// An additive mask buffer is read (strides as uniforms).
     pub mask: bool,
+    /// Query heads per key/value head (grouped-query attention; 1: one each): batch-head
+    /// `bh` reads k/v rows of batch-head `bh / group`, whose buffers hold `bh / group` heads.
+    pub group: u32,
 }
 
 impl AttentionCfg {
@@ -168,6 +174,9 @@ impl AttentionCfg {
         }
         if self.mask {
             n.push_str("_mask");
+        }
+        if self.group > 1 {
+            n.push_str(&format!("_g{}", self.group));
         }
         if self.scale.to_bits() != default_scale(self.head_dim).to_bits() {
             n.push_str(&format!("_s{:08x}", self.scale.to_bits()));
@@ -440,6 +449,15 @@ fn shared(name: &str, elem: Elem, len: u32) -> Shared {
     }
 }
 
+/// The key/value batch-head of workgroup `bhi`: `bhi / group` (grouped-query attention).
+fn kv_head(cfg: &AttentionCfg) -> Expr {
+    if cfg.group > 1 {
+        var("bhi") / u(cfg.group)
+    } else {
+        var("bhi")
+    }
+}
+
 /// `let`s common to both kernels: the head (`bhi`), row bases of q/out (`qrow`) and k/v
 /// (`krow`), and the mask's base offset (`mbase`).
 fn prologue(cfg: &AttentionCfg) -> Vec<Stmt> {
@@ -447,7 +465,7 @@ fn prologue(cfg: &AttentionCfg) -> Vec<Stmt> {
         let_("tid", Elem::U32, local_id(0)),
         let_("bhi", Elem::U32, workgroup_id(1)),
         let_("qrow", Elem::U32, var("bhi") * uni("sq")),
-        let_("krow", Elem::U32, var("bhi") * uni("sk")),
+        let_("krow", Elem::U32, kv_head(cfg) * uni("sk")),
     ];
     if cfg.mask {
         s.push(let_(
@@ -1367,7 +1385,7 @@ fn build_decode(
 
 /// Representative configurations (validated by naga and NVRTC in the tests): prefill over
 /// f32/f16/bf16 × head dims 32/64/128 × {plain, mask, causal, causal + mask, window}, and
-/// decode. f32/f16 kernels use the WebGPU defaults (so they fit every target), bf16 the CUDA
+/// decode, with grouped-query attention in both. f32/f16 kernels use the WebGPU defaults (so they fit every target), bf16 the CUDA
 /// ones.
 pub fn catalog() -> Vec<Generated> {
     let cfg = |elem, d: u32, dv: u32, causal, window, mask| AttentionCfg {
@@ -1378,6 +1396,7 @@ pub fn catalog() -> Vec<Generated> {
         causal,
         window,
         mask,
+        group: 1,
     };
     let limits = |e: Elem| {
         if e == Elem::BF16 {
@@ -1403,6 +1422,14 @@ pub fn catalog() -> Vec<Generated> {
         cfg(Elem::BF16, 32, 32, true, None, false),
         cfg(Elem::BF16, 64, 64, true, None, true),
         cfg(Elem::BF16, 128, 128, true, Some(64), false),
+        AttentionCfg {
+            group: 4,
+            ..cfg(Elem::F32, 64, 64, true, None, false)
+        },
+        AttentionCfg {
+            group: 8,
+            ..cfg(Elem::BF16, 128, 128, true, Some(64), true)
+        },
     ];
     let decoding = [
         cfg(Elem::F32, 64, 64, false, None, false),
@@ -1410,6 +1437,10 @@ pub fn catalog() -> Vec<Generated> {
         cfg(Elem::F16, 128, 128, true, Some(512), false),
         cfg(Elem::F16, 64, 64, false, None, true),
         cfg(Elem::BF16, 128, 128, false, None, false),
+        AttentionCfg {
+            group: 4,
+            ..cfg(Elem::F16, 128, 128, true, None, false)
+        },
     ];
     let mut out = vec![];
     for c in &prefill {

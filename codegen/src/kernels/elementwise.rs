@@ -384,7 +384,7 @@ impl EwTunables {
         Ok(())
     }
 
-    fn describe(&self, limits: &Limits) -> Vec<Tunable> {
+    pub(crate) fn describe(&self, limits: &Limits) -> Vec<Tunable> {
         let space = Self::space(limits);
         vec![
             Tunable::axis("threads", self.threads, &space, |t| t.threads),

@@ -64,6 +64,9 @@ pub struct MatMulConfig {
     pub bias: bool,
     /// Adds `residual` (shape of `out`) after the activation.
     pub residual: bool,
+    /// Gated: a second weight `b2` (the shape and layout of `b`) is accumulated alongside, and
+    /// the epilogue stores `act(a @ b [+ bias]) · (a @ b2)` (SwiGLU: `act = silu`).
+    pub gate: bool,
 }
 
 impl MatMulConfig {
@@ -75,7 +78,13 @@ impl MatMulConfig {
             act: Act::Identity,
             bias: false,
             residual: false,
+            gate: false,
         }
+    }
+
+    /// Gated by a second weight `b2` (see [`MatMulConfig::gate`]).
+    pub fn gated(self, gate: bool) -> MatMulConfig {
+        MatMulConfig { gate, ..self }
     }
 
     /// With the fused epilogue `act(· + bias) + residual`.
@@ -111,6 +120,9 @@ impl MatMulConfig {
         }
         if self.residual {
             s.push_str("_res");
+        }
+        if self.gate {
+            s.push_str("_gated");
         }
         s
     }
@@ -178,8 +190,9 @@ impl MatMulTunables {
 
     /// The default for a target: 128×128×16 with 8×8 micro-tiles where 1024 threads are
     /// allowed (CUDA), else 64×64×16 with 4×4 (WebGPU); the first valid of a fallback list
-    /// on smaller targets.
-    pub fn default_for(_cfg: &MatMulConfig, limits: &Limits) -> MatMulTunables {
+    /// on smaller targets. Gated kernels keep two accumulators per output, so on CUDA they
+    /// take 128×64 tiles with 8×4 micro-tiles (64 accumulators per thread, as ungated).
+    pub fn default_for(cfg: &MatMulConfig, limits: &Limits) -> MatMulTunables {
         let t = |tile_m, tile_n, tile_k, rm, rn| MatMulTunables {
             tile_m,
             tile_n,
@@ -189,7 +202,11 @@ impl MatMulTunables {
         };
         let mut prefs = vec![];
         if limits.max_threads >= 1024 {
-            prefs.push(t(128, 128, 16, 8, 8));
+            prefs.push(if cfg.gate {
+                t(128, 64, 16, 8, 4)
+            } else {
+                t(128, 128, 16, 8, 8)
+            });
         }
         prefs.extend([
             t(64, 64, 16, 4, 4),
@@ -315,6 +332,9 @@ fn buffers(cfg: &MatMulConfig) -> Vec<Buffer> {
         access,
     };
     let mut v = vec![buf("a", Access::Read), buf("b", Access::Read)];
+    if cfg.gate {
+        v.push(buf("b2", Access::Read));
+    }
     if cfg.bias {
         v.push(buf("bias", Access::Read));
     }
@@ -345,9 +365,17 @@ fn batch_offsets() -> Vec<Stmt> {
     ]
 }
 
-/// The store of one output `acc` at `(row, col)` with the epilogue; the caller guards bounds.
-/// Locals are suffixed by `sfx` (unique per call in a scope).
-fn epilogue(cfg: &MatMulConfig, acc: Expr, row: Expr, col: Expr, sfx: &str) -> Vec<Stmt> {
+/// The store of one output `acc` at `(row, col)` with the epilogue (gated: times `acc2`, the
+/// `b2` product); the caller guards bounds. Locals are suffixed by `sfx` (unique per call in a
+/// scope).
+fn epilogue(
+    cfg: &MatMulConfig,
+    acc: Expr,
+    acc2: Option<Expr>,
+    row: Expr,
+    col: Expr,
+    sfx: &str,
+) -> Vec<Stmt> {
     let (y, oi) = (format!("y{sfx}"), format!("oi{sfx}"));
     let mut v = vec![let_(
         &oi,
@@ -360,6 +388,9 @@ fn epilogue(cfg: &MatMulConfig, acc: Expr, row: Expr, col: Expr, sfx: &str) -> V
     }
     v.push(let_(&y, Elem::F32, value));
     let mut value = activation(cfg.act, var(&y));
+    if let Some(g) = acc2 {
+        value = value * g;
+    }
     if cfg.residual {
         value = value + load("residual", var(&oi)).cast(Elem::F32);
     }
@@ -414,6 +445,9 @@ pub fn matmul(
     ];
     body.extend(batch_offsets());
     body.push(Stmt::LocalArray("acc".into(), Elem::F32, rm * rn));
+    if cfg.gate {
+        body.push(Stmt::LocalArray("acc2".into(), Elem::F32, rm * rn));
+    }
 
     // Staging of one tile: element `e` of a `rows × cols` (row-major in global memory) block,
     // `tile` names the shared array, `index`/`cond`/`dst` map (r, c) to the global index, the
@@ -464,35 +498,41 @@ pub fn matmul(
         },
         &move |r, c| c * u(tm) + r,
     );
-    if cfg.b_transposed {
-        // b [n, k]: rows are output columns.
-        kbody.extend(stage(
-            "b",
-            tn,
-            tk,
-            "tb",
-            &|r, c| var("b_off") + (var("col0") + r) * uni("k") + var("k0") + c,
-            &|r, c| {
-                (var("col0") + r)
-                    .lt(uni("n"))
-                    .and((var("k0") + c).lt(uni("k")))
-            },
-            &move |r, c| c * u(tn) + r,
-        ));
-    } else {
-        kbody.extend(stage(
-            "b",
-            tk,
-            tn,
-            "tb",
-            &|r, c| var("b_off") + (var("k0") + r) * uni("n") + var("col0") + c,
-            &|r, c| {
-                (var("k0") + r)
-                    .lt(uni("k"))
-                    .and((var("col0") + c).lt(uni("n")))
-            },
-            &move |r, c| r * u(tn) + c,
-        ));
+    // b (and, gated, b2 with the same layout) into `tb` (`tb2`).
+    for (buf, tile) in [("b", "tb"), ("b2", "tb2")] {
+        if buf == "b2" && !cfg.gate {
+            continue;
+        }
+        if cfg.b_transposed {
+            // b [n, k]: rows are output columns.
+            kbody.extend(stage(
+                buf,
+                tn,
+                tk,
+                tile,
+                &|r, c| var("b_off") + (var("col0") + r) * uni("k") + var("k0") + c,
+                &|r, c| {
+                    (var("col0") + r)
+                        .lt(uni("n"))
+                        .and((var("k0") + c).lt(uni("k")))
+                },
+                &move |r, c| c * u(tn) + r,
+            ));
+        } else {
+            kbody.extend(stage(
+                buf,
+                tk,
+                tn,
+                tile,
+                &|r, c| var("b_off") + (var("k0") + r) * uni("n") + var("col0") + c,
+                &|r, c| {
+                    (var("k0") + r)
+                        .lt(uni("k"))
+                        .and((var("col0") + c).lt(uni("n")))
+                },
+                &move |r, c| r * u(tn) + c,
+            ));
+        }
     }
     kbody.push(Stmt::Barrier);
     let mut inner = vec![];
@@ -509,6 +549,13 @@ pub fn matmul(
             Elem::F32,
             load_shared("tb", plus(var("kk") * u(tn) + var("tx"), j * tx_n)),
         ));
+        if cfg.gate {
+            inner.push(let_(
+                &format!("fg{j}"),
+                Elem::F32,
+                load_shared("tb2", plus(var("kk") * u(tn) + var("tx"), j * tx_n)),
+            ));
+        }
     }
     for i in 0..rm {
         for j in 0..rn {
@@ -516,8 +563,15 @@ pub fn matmul(
             inner.push(Stmt::StoreLocal(
                 "acc".into(),
                 idx.clone(),
-                load_local("acc", idx) + var(&format!("fa{i}")) * var(&format!("fb{j}")),
+                load_local("acc", idx.clone()) + var(&format!("fa{i}")) * var(&format!("fb{j}")),
             ));
+            if cfg.gate {
+                inner.push(Stmt::StoreLocal(
+                    "acc2".into(),
+                    idx.clone(),
+                    load_local("acc2", idx) + var(&format!("fa{i}")) * var(&format!("fg{j}")),
+                ));
+            }
         }
     }
     kbody.push(for_("kk", u(0), u(tk), inner));
@@ -536,6 +590,7 @@ pub fn matmul(
             let st = epilogue(
                 cfg,
                 load_local("acc", u(i * rn + j)),
+                cfg.gate.then(|| load_local("acc2", u(i * rn + j))),
                 var(&row),
                 var(&col),
                 &format!("{i}_{j}"),
@@ -565,7 +620,14 @@ pub fn matmul(
                 elem: Elem::F32,
                 len: tk * tn,
             },
-        ],
+        ]
+        .into_iter()
+        .chain(cfg.gate.then(|| Shared {
+            name: "tb2".into(),
+            elem: Elem::F32,
+            len: tk * tn,
+        }))
+        .collect(),
         body,
     };
     check_limits(&kernel, limits)?;
@@ -683,34 +745,50 @@ pub fn gemv(
         var("b_off") + var("kk") * uni("n") + var("col")
     };
     body.push(var_("part", Elem::F32, f(0.0)));
+    let mut step = vec![
+        let_(
+            "av",
+            Elem::F32,
+            load("a", var("a_off") + var("row") * uni("k") + var("kk")).cast(Elem::F32),
+        ),
+        assign(
+            "part",
+            var("part") + var("av") * load("b", b_index.clone()).cast(Elem::F32),
+        ),
+    ];
+    // Gated: the `b2` partial sum alongside, reduced in `red2`.
+    let reds: &[(&str, &str)] = if cfg.gate {
+        body.push(var_("part2", Elem::F32, f(0.0)));
+        step.push(assign(
+            "part2",
+            var("part2") + var("av") * load("b2", b_index).cast(Elem::F32),
+        ));
+        &[("red", "part"), ("red2", "part2")]
+    } else {
+        &[("red", "part")]
+    };
     body.push(if_(
         var("col").lt(uni("n")),
-        vec![for_step(
-            "kk",
-            var("lk"),
-            uni("k"),
-            u(lanes),
-            vec![assign(
-                "part",
-                var("part")
-                    + load("a", var("a_off") + var("row") * uni("k") + var("kk")).cast(Elem::F32)
-                        * load("b", b_index).cast(Elem::F32),
-            )],
-        )],
+        vec![for_step("kk", var("lk"), uni("k"), u(lanes), step)],
     ));
-    body.push(store_shared("red", var("tid"), var("part")));
+    for (red, part) in reds {
+        body.push(store_shared(red, var("tid"), var(part)));
+    }
     body.push(Stmt::Barrier);
     let mut s = lanes / 2;
     while s > 0 {
-        body.push(if_(
-            var("lk").lt(u(s)),
-            vec![store_shared(
-                "red",
-                var("tid"),
-                load_shared("red", var("tid"))
-                    + load_shared("red", var("tid") + u(s * lane_stride)),
-            )],
-        ));
+        let adds = reds
+            .iter()
+            .map(|(red, _)| {
+                store_shared(
+                    red,
+                    var("tid"),
+                    load_shared(red, var("tid"))
+                        + load_shared(red, var("tid") + u(s * lane_stride)),
+                )
+            })
+            .collect();
+        body.push(if_(var("lk").lt(u(s)), adds));
         body.push(Stmt::Barrier);
         s /= 2;
     }
@@ -719,6 +797,7 @@ pub fn gemv(
         epilogue(
             cfg,
             load_shared("red", var("tid")),
+            cfg.gate.then(|| load_shared("red2", var("tid"))),
             var("row"),
             var("col"),
             "",
@@ -729,11 +808,14 @@ pub fn gemv(
         buffers: buffers(cfg),
         uniforms: UNIFORMS.iter().map(|s| s.to_string()).collect(),
         workgroup: [threads, 1, 1],
-        shared: vec![Shared {
-            name: "red".into(),
-            elem: Elem::F32,
-            len: threads,
-        }],
+        shared: reds
+            .iter()
+            .map(|(red, _)| Shared {
+                name: red.to_string(),
+                elem: Elem::F32,
+                len: threads,
+            })
+            .collect(),
         body,
     };
     check_limits(&kernel, limits)?;
@@ -817,11 +899,24 @@ pub fn catalog() -> Vec<Generated> {
     let mut g = matmul(&qk, &qk_t, &limits).expect("catalog attention matmul");
     g.kernel.name = "matmul_f16_bt_batched_qk".into();
     v.push(g);
+    // Gated (SwiGLU): f32 and f16 at the WebGPU defaults, bf16 at the CUDA default (its
+    // register use checked by the NVRTC test), and the GEMV.
+    let swiglu = |e| {
+        MatMulConfig::plain(e)
+            .epilogue(Act::Silu, false, false)
+            .gated(true)
+    };
+    v.push(mm(swiglu(Elem::F32)));
+    v.push(mm(swiglu(Elem::F16).transposed_b(true)));
+    let cfg = swiglu(Elem::BF16).transposed_b(true);
+    let t = MatMulTunables::default_for(&cfg, &Limits::cuda());
+    v.push(matmul(&cfg, &t, &Limits::cuda()).expect("catalog gated matmul (CUDA default)"));
     for cfg in [
         MatMulConfig::plain(Elem::F32)
             .epilogue(Act::GeluErf, true, true)
             .transposed_b(true),
         MatMulConfig::plain(Elem::F16).epilogue(Act::Identity, true, false),
+        swiglu(Elem::F32).transposed_b(true),
     ] {
         v.push(
             gemv(&cfg, &GemvTunables::default_for(&cfg, &limits), &limits).expect("catalog gemv"),

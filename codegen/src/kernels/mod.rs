@@ -175,6 +175,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod matmul;
 pub mod norm;
+pub mod rope;
 
 /// Every family's representative kernels (validated by naga and NVRTC in the tests).
 pub fn catalog() -> Vec<Generated> {
@@ -182,5 +183,6 @@ pub fn catalog() -> Vec<Generated> {
     all.extend(norm::catalog());
     all.extend(matmul::catalog());
     all.extend(elementwise::catalog());
+    all.extend(rope::catalog());
     all
 }

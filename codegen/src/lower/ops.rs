@@ -1,7 +1,7 @@
 //! Template binding, one function per fused op: the matmul (tiled, with its GEMV decode
 //! variant for a symbolic row count; a weight-side `permute [1,0]` is read as transposed B),
 //! attention (flash, with the decode kernel as variant for a symbolic query length; additive
-//! mask through its stride uniforms), softmax, layer/RMS/group/instance/batch norm (constant
+//! mask through its stride uniforms; k/v with fewer heads than q read per key/value head), softmax, layer/RMS/group/instance/batch norm (constant
 //! γ = 1, β = 0 → no affine buffers), and concat (placed into a matmul's epilogue when it can
 //! be, [`super::place`]; else the lowering's own kernel, shared by later same-shaped concats
 //! whose operands are ready). Operands are views; templates written for contiguous operands
@@ -14,8 +14,10 @@ use super::partition::{Lower, Val};
 use super::plan::{UniformExpr, Variant};
 use super::{copy, place, rewrite, view, Poly, View};
 use crate::kernels::attention::{self, AttentionCfg, AttentionTunables};
+use crate::kernels::elementwise::EwTunables;
 use crate::kernels::matmul::{self, GemvTunables, MatMulConfig, MatMulTunables};
 use crate::kernels::norm::{self, Affine, NormKind, Tune};
+use crate::kernels::rope;
 use crate::kernels::Generated;
 use crate::kir::*;
 use crate::CodegenError;
@@ -35,6 +37,8 @@ struct MatMulOperands {
     a: View,
     /// `b` as the template reads it (transposed when that is its memory order).
     b_logical: View,
+    /// Gated: the up weight `b2`, read like `b`.
+    b2_logical: Option<View>,
     /// Output columns.
     ndim: Dim,
     /// Output shape.
@@ -42,12 +46,74 @@ struct MatMulOperands {
 }
 
 impl Lower<'_> {
+    /// Binds fused op `op` (node `id`) to its template: the one table of fused-op bindings.
+    pub(super) fn fused(&mut self, id: NodeId, op: &Op) -> Result<View, CodegenError> {
+        match op {
+            Op::FusedMatMul {
+                act,
+                bias,
+                residual,
+            } => self.matmul(id, *act, *bias, *residual, false),
+            Op::GatedMatMul { act } => self.matmul(id, *act, false, false, true),
+            Op::Attention {
+                scale,
+                causal,
+                window,
+            } => self.attention(id, scale.0, *causal, *window),
+            Op::LayerNorm { eps } => self.row_norm(id, NormKind::Layer, eps.0),
+            Op::RmsNorm { eps } => self.row_norm(id, NormKind::Rms, eps.0),
+            Op::Softmax { scale } => self.softmax(id, scale.0),
+            Op::GroupNorm { .. } | Op::InstanceNorm { .. } | Op::BatchNorm => self.channel_norm(id),
+            Op::Rope => self.rope(id),
+            op => Err(self.unsupported(id, format!("no kernel for `{}`", op.name()))),
+        }
+    }
+
+    /// `rope(x, cos, sin)`: the template reads all three at the output's index; strided `x`
+    /// and broadcast cos/sin tables (`[seq, d]` against `[b, h, seq, d]`) through load remaps.
+    fn rope(&mut self, id: NodeId) -> Result<View, CodegenError> {
+        let n = self.g.node(id);
+        let ins = n.inputs.clone();
+        let oshape = n.shape.clone();
+        let d = oshape
+            .last()
+            .and_then(Dim::as_known)
+            .and_then(|d| u32::try_from(d).ok())
+            .ok_or_else(|| self.unsupported(id, "symbolic rotary dim"))?;
+        let limits = &self.o.limits;
+        let cfg = rope::RopeCfg {
+            elem: self.o.elem,
+            head_dim: d,
+        };
+        let gen = rope::rope(&cfg, &EwTunables::default_for(limits), limits)?;
+        let mut kb = Kb::new(gen, vec![id]);
+        let len = Poly::product(&oshape);
+        kb.set("n", len.clone());
+        let eb = i64::from(elem_bytes(self.o.elem));
+        let x = self.view_of(ins[0])?;
+        kb.bytes = x.footprint().scale(eb);
+        kb.remap("x", &x);
+        for (param, i) in [("cos", 1), ("sin", 2)] {
+            let t = self.view_of(ins[i])?;
+            let t = t.expand(&oshape).expect("inference checked the broadcast");
+            kb.bytes = kb.bytes.add(&t.footprint().scale(eb));
+            kb.remap(param, &t);
+        }
+        let out = self.out_buffer(id);
+        kb.bind("out", out.buf);
+        kb.bytes = kb.bytes.add(&len.scale(eb));
+        kb.flops = len.scale(3);
+        self.push(kb, "rope")?;
+        Ok(out)
+    }
+
     pub(super) fn matmul(
         &mut self,
         id: NodeId,
         act: Act,
         bias: bool,
         residual: bool,
+        gate: bool,
     ) -> Result<View, CodegenError> {
         let n = self.g.node(id);
         let ins = n.inputs.clone();
@@ -56,10 +122,15 @@ impl Lower<'_> {
         let ashape = g.node(ins[0]).shape.clone();
         let bshape = g.node(ins[1]).shape.clone();
         let a = self.lin_of(ins[0])?;
-        let (b, b_strided) = match self.vals[ins[1].index()].clone() {
-            Some(Val::Linear { base, .. }) => (base, false),
-            _ => (self.view_of(ins[1])?, true),
+        let mut weight = |i: usize| -> Result<(View, bool), CodegenError> {
+            Ok(match self.vals[ins[i].index()].clone() {
+                Some(Val::Linear { base, .. }) => (base, false),
+                _ => (self.view_of(ins[i])?, true),
+            })
         };
+        let (b, b_strided) = weight(1)?;
+        // Gated: the up weight `b2` (operand 2), read with b's layout.
+        let b2 = gate.then(|| weight(2)).transpose()?;
         let (ra, rb) = (ashape.len(), bshape.len());
         let kdim = ashape[ra - 1].clone();
         let ndim = bshape[rb - 1].clone();
@@ -73,6 +144,17 @@ impl Lower<'_> {
             (bt_view, bperm.iter().map(|&p| bshape[p].clone()).collect())
         } else {
             (b.clone(), bshape.clone())
+        };
+        let b2_logical = match &b2 {
+            Some((v, strided)) => {
+                let t = v.permute(&bperm);
+                let v_transposed = *strided && t.is_dense() && !v.is_dense();
+                if v_transposed != transposed {
+                    return Err(self.unsupported(id, "gate and up weights differ in layout"));
+                }
+                Some(if transposed { t } else { v.clone() })
+            }
+            None => None,
         };
         let mut u: Vec<(&'static str, Poly)> =
             vec![("k", Poly::dim(&kdim)), ("n", Poly::dim(&ndim))];
@@ -125,7 +207,8 @@ impl Lower<'_> {
         }
         let cfg = MatMulConfig::plain(self.o.elem)
             .transposed_b(transposed)
-            .epilogue(act, bias, residual);
+            .epilogue(act, bias, residual)
+            .gated(gate);
         let limits = &self.o.limits;
         let gemv = || matmul::gemv(&cfg, &GemvTunables::default_for(&cfg, limits), limits);
         // One row (decoding) takes the GEMV; a symbolic row count gets it as a variant.
@@ -143,6 +226,7 @@ impl Lower<'_> {
             u,
             a,
             b_logical,
+            b2_logical,
             ndim: ndim.clone(),
             oshape: oshape.clone(),
         };
@@ -156,6 +240,9 @@ impl Lower<'_> {
         for k in std::iter::once(&mut kb).chain(dkb.as_mut()) {
             k.bind("out", out.buf);
             k.bytes = k.bytes.add(&b.footprint().scale(eb)).add(&olen.scale(eb));
+            if let Some((b2, _)) = &b2 {
+                k.bytes = k.bytes.add(&b2.footprint().scale(eb));
+            }
         }
         let mut m_batch = Poly::one();
         let mut m_batch_only = Poly::one();
@@ -170,7 +257,7 @@ impl Lower<'_> {
         kb.flops = m_batch
             .mul(&Poly::dim(&ndim))
             .mul(&Poly::dim(&kdim))
-            .scale(2)
+            .scale(if gate { 4 } else { 2 })
             .add(&olen.scale(
                 i64::from(bias) + i64::from(residual) + if act == Act::Identity { 0 } else { 8 },
             ));
@@ -220,6 +307,10 @@ impl Lower<'_> {
         kb.remap("b", &ops.b_logical);
         kb.bytes = ops.a.footprint().scale(eb);
         let mut next = 2;
+        if let Some(b2) = &ops.b2_logical {
+            kb.remap("b2", b2);
+            next += 1;
+        }
         if cfg.bias {
             let v = self.view_of(ins[next])?;
             next += 1;
@@ -265,6 +356,10 @@ impl Lower<'_> {
         let window = window
             .map(|w| u32::try_from(w).map_err(|_| self.unsupported(id, "window exceeds u32")))
             .transpose()?;
+        let ks = g.node(ins[1]).shape.clone();
+        let group = transfuse_ir::kv_group(&qs, &ks)
+            .and_then(|x| u32::try_from(x).ok())
+            .ok_or_else(|| self.unsupported(id, "key/value heads do not divide the query heads"))?;
         let cfg = AttentionCfg {
             elem: self.o.elem,
             head_dim: d,
@@ -273,6 +368,7 @@ impl Lower<'_> {
             causal,
             window,
             mask: ins.len() == 4,
+            group,
         };
         let limits = &self.o.limits;
         let decode = || {

@@ -15,7 +15,6 @@ use super::cluster::{GatherSrc, Ids, Leaf, Tree};
 use super::kernel::Kb;
 use super::plan::{index_overflow, *};
 use super::{place, View};
-use crate::kernels::norm::NormKind;
 use crate::kir::*;
 use crate::CodegenError;
 
@@ -318,23 +317,8 @@ impl<'a> Lower<'a> {
                 })
             }
             Op::Reduce { op: r, axes, .. } => Val::View(self.reduce(id, *r, axes)?),
-            Op::MatMul => Val::View(self.matmul(id, Act::Identity, false, false)?),
-            Op::FusedMatMul {
-                act,
-                bias,
-                residual,
-            } => Val::View(self.matmul(id, *act, *bias, *residual)?),
-            Op::Attention {
-                scale,
-                causal,
-                window,
-            } => Val::View(self.attention(id, scale.0, *causal, *window)?),
-            Op::LayerNorm { eps } => Val::View(self.row_norm(id, NormKind::Layer, eps.0)?),
-            Op::RmsNorm { eps } => Val::View(self.row_norm(id, NormKind::Rms, eps.0)?),
-            Op::Softmax { scale } => Val::View(self.softmax(id, scale.0)?),
-            Op::GroupNorm { .. } | Op::InstanceNorm { .. } | Op::BatchNorm => {
-                Val::View(self.channel_norm(id)?)
-            }
+            Op::MatMul => Val::View(self.matmul(id, Act::Identity, false, false, false)?),
+            op if op.is_fused() => Val::View(self.fused(id, op)?),
             Op::Concat { axis } => return self.concat(id, *axis),
             op => return Err(self.unsupported(id, format!("no kernel for `{}`", op.name()))),
         };

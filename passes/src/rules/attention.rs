@@ -7,12 +7,17 @@
 //! query positions offset by the cache length) becomes the `causal` flag, keeping only `m`;
 //! a sliding window nested in it, `where(kpos + W > qpos, m, −big)` on the same iotas
 //! (Hugging Face's `i − W < j ≤ i`), becomes `window = W` as well.
-//! Refuses when q, k, v do not share batch dims (the fused op does not broadcast them).
+//! K/V repeated per query head as transformers' `repeat_kv` spells it (reshape
+//! `[b, kvh, 1, s, d]`, expand `[b, kvh, g, s, d]`, reshape `[b, kvh·g, s, d]`) are absorbed:
+//! the attention reads the `kvh` heads directly (grouped-query attention).
+//! Refuses when q, k, v do not share batch dims (the fused op does not broadcast them) other
+//! than through `repeat_kv`.
 
 use transfuse_ir::{BinaryOp, CmpOp, Dim, Op};
 
 use super::{node_rule, nodes_where, Plan, Rule};
 use crate::analysis::{konst, node_type, shape_of, EG};
+use crate::cost::Sizes;
 use crate::lang::{EOp, TNode};
 use crate::rules::softmax::MASK_FILL_MAX;
 
@@ -22,7 +27,83 @@ pub fn rules() -> Vec<Rule> {
     vec![
         node_rule("attention-from-softmax", from_softmax),
         node_rule("attention-causal-iota",  causal_from_iota),
+        node_rule("attention-repeat-kv",    absorb_repeat_kv),
     ]
+}
+
+/// `attention`: `4·sq·sk·d` per batch and head (the two matmuls).
+pub fn flops(op: &Op, s: &Sizes) -> Option<f64> {
+    matches!(op, Op::Attention { .. }).then(|| 4.0 * s.numel(&s.kids[0].0) * s.dim_from_end(1, 2))
+}
+
+/// Class `id` holds transformers' `repeat_kv` of some `x [.., kvh, s, d]`: reshape to
+/// `[.., kvh, 1, s, d]`, expand to `[.., kvh, g, s, d]`, reshape to `[.., kvh·g, s, d]`;
+/// returns `(x, g)`.
+fn repeat_kv_of(eg: &EG, id: egg::Id) -> Option<(egg::Id, usize)> {
+    let out = shape_of(eg, id);
+    let r = out.len();
+    if r < 3 {
+        return None;
+    }
+    for outer in nodes_where(eg, id, |op| matches!(op, EOp::Ir(Op::Reshape { .. }))) {
+        for ex in nodes_where(eg, outer.children[0], |op| {
+            matches!(op, EOp::Ir(Op::Expand { .. }))
+        }) {
+            let big = shape_of(eg, outer.children[0]);
+            for inner in nodes_where(eg, ex.children[0], |op| {
+                matches!(op, EOp::Ir(Op::Reshape { .. }))
+            }) {
+                let one = shape_of(eg, ex.children[0]);
+                let x = inner.children[0];
+                let xs = shape_of(eg, x);
+                if xs.len() != r || one.len() != r + 1 || big.len() != r + 1 {
+                    continue;
+                }
+                // [.., kvh, s, d] → [.., kvh, 1, s, d] → [.., kvh, g, s, d] → [.., kvh·g, s, d]
+                let (kvh, g) = (xs[r - 3].as_known(), big[r - 2].as_known());
+                let (Some(kvh), Some(g)) = (kvh, g) else {
+                    continue;
+                };
+                let lead = &xs[..r - 2];
+                let ok = one[..r - 2] == *lead
+                    && one[r - 2].is(1)
+                    && one[r - 1..] == xs[r - 2..]
+                    && big[..r - 2] == *lead
+                    && big[r - 1..] == xs[r - 2..]
+                    && out[..r - 3] == xs[..r - 3]
+                    && out[r - 3].is(kvh * g)
+                    && out[r - 2..] == xs[r - 2..];
+                if ok && g >= 1 {
+                    return Some((x, g));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// `attention(q, repeat_kv(k, g), repeat_kv(v, g) [, mask])` → `attention(q, k, v [, mask])`
+/// with k/v read per key/value head (grouped-query attention): the repeated K/V are never
+/// materialised. Any flags (causal, window) are kept, so this and `attention-causal-iota`
+/// apply in either order.
+fn absorb_repeat_kv(eg: &EG, n: &TNode) -> Option<Plan> {
+    let op @ Op::Attention { .. } = n.ir()? else {
+        return None;
+    };
+    let (k, g) = repeat_kv_of(eg, n.children[1])?;
+    let (v, gv) = repeat_kv_of(eg, n.children[2])?;
+    if g != gv || g < 2 {
+        return None;
+    }
+    let mut kids = n.children.clone();
+    kids[1] = k;
+    kids[2] = v;
+    let node = TNode::new(EOp::Ir(op.clone()), kids.clone());
+    node_type(eg, &node)?;
+    Some(Plan::ir(
+        op.clone(),
+        kids.into_iter().map(Plan::Class).collect(),
+    ))
 }
 
 fn from_softmax(eg: &EG, n: &TNode) -> Option<Plan> {

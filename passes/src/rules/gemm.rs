@@ -31,7 +31,60 @@ use transfuse_ir::{Act, BinaryOp, Dim, Op, UnaryOp};
 
 use super::{node_rule, nodes_where, Plan, Rule};
 use crate::analysis::{konst, node_type, shape_of, EG};
+use crate::cost::Sizes;
 use crate::lang::{EOp, TNode};
+
+/// `fused_matmul`: `2·m·n·k`, the epilogue free (it runs on the accumulator);
+/// `gated_matmul`: twice that (two products per output).
+pub fn flops(op: &Op, s: &Sizes) -> Option<f64> {
+    match op {
+        Op::FusedMatMul { .. } => Some(s.matmul_flops()),
+        Op::GatedMatMul { .. } => Some(2.0 * s.matmul_flops()),
+        _ => None,
+    }
+}
+
+/// A gated MLP: `act(x @ w_gate) · (x @ w_up)` (either order; `act(x @ w_gate)` already an
+/// activation epilogue, from `matmul-activation`) → `gated_matmul{act}(x, w_gate, w_up)`, one
+/// kernel reading `x` once. Only without bias or residual on either side (LLaMA's MLP has
+/// neither), and not with an identity activation (a product of two projections is no MLP).
+fn gated(eg: &EG, n: &TNode) -> Option<Plan> {
+    if n.ir() != Some(&Op::Binary(BinaryOp::Mul)) {
+        return None;
+    }
+    let [a, b] = n.children[..] else {
+        return None;
+    };
+    let same = |p: Id, q: Id| eg.find(p) == eg.find(q);
+    for (g, u) in [(a, b), (b, a)] {
+        for gn in nodes_where(eg, g, |op| matches!(op, EOp::Ir(Op::FusedMatMul { .. }))) {
+            let Some(Op::FusedMatMul {
+                act,
+                bias: false,
+                residual: false,
+            }) = gn.ir()
+            else {
+                continue;
+            };
+            if *act == Act::Identity {
+                continue;
+            }
+            let (x, wg) = (gn.children[0], gn.children[1]);
+            for un in nodes_where(eg, u, |op| op == &EOp::Ir(Op::MatMul)) {
+                if !same(un.children[0], x) {
+                    continue;
+                }
+                let op = Op::GatedMatMul { act: *act };
+                let kids = vec![x, wg, un.children[1]];
+                let node = TNode::new(EOp::Ir(op.clone()), kids.clone());
+                if node_type(eg, &node).is_some() {
+                    return Some(Plan::ir(op, kids.into_iter().map(Plan::Class).collect()));
+                }
+            }
+        }
+    }
+    None
+}
 
 /// The gemm family.
 #[rustfmt::skip]
@@ -41,6 +94,7 @@ pub fn rules() -> Vec<Rule> {
         node_rule("matmul-activation", activation),
         node_rule("matmul-residual",   residual),
         node_rule("merge-projections", merge_projections),
+        node_rule("matmul-gated",      gated),
     ]
 }
 

@@ -9,6 +9,7 @@ use egg::{Applier, Id, Pattern, PatternAst, Rewrite, SearchMatches, Searcher, Su
 use transfuse_ir::{DType, Op, Scalar};
 
 use crate::analysis::{TAnalysis, EG};
+use crate::cost::Sizes;
 use crate::lang::{EOp, TNode};
 
 pub mod algebra;
@@ -16,6 +17,7 @@ pub mod attention;
 pub mod gemm;
 pub mod lora;
 pub mod norm;
+pub mod rope;
 pub mod softmax;
 
 /// A rewrite rule of the optimizer.
@@ -162,23 +164,45 @@ pub fn nodes_where<'a>(
     eg[id].nodes.iter().filter(move |n| pred(&n.op))
 }
 
-/// The rule families, by name.
-pub const FAMILIES: &[&str] = &["algebra", "softmax", "attention", "norm", "gemm", "lora"];
+/// One rule family: its rules and the compute cost of the fused ops it produces, together, so
+/// that adding a fused op touches its family's file and, for a new family, one line of
+/// [`FAMILIES`].
+pub struct Family {
+    /// The family's name (`Options::families`, the `--no-fuse` names).
+    pub name: &'static str,
+    /// Its rules.
+    pub rules: fn() -> Vec<Rule>,
+    /// Flops of a fused op this family produces (`None`: not one of its ops); bytes moved and
+    /// launches are the cost model's own (see [`crate::cost`]).
+    pub flops: fn(&Op, &Sizes) -> Option<f64>,
+}
 
-/// The rules of one family.
+/// For families that produce no fused op of their own.
+pub fn no_flops(_: &Op, _: &Sizes) -> Option<f64> {
+    None
+}
+
+/// Every rule family, in the order they are registered.
+#[rustfmt::skip]
+pub const FAMILIES: &[Family] = &[
+    Family { name: "algebra",   rules: algebra::rules,   flops: no_flops },
+    Family { name: "softmax",   rules: softmax::rules,   flops: no_flops },
+    Family { name: "attention", rules: attention::rules, flops: attention::flops },
+    Family { name: "norm",      rules: norm::rules,      flops: no_flops },
+    Family { name: "gemm",      rules: gemm::rules,      flops: gemm::flops },
+    Family { name: "lora",      rules: lora::rules,      flops: no_flops },
+    Family { name: "rope",      rules: rope::rules,      flops: rope::flops },
+];
+
+/// The rules of one family (none for an unknown name).
 pub fn family(name: &str) -> Vec<Rule> {
-    match name {
-        "algebra" => algebra::rules(),
-        "softmax" => softmax::rules(),
-        "attention" => attention::rules(),
-        "norm" => norm::rules(),
-        "gemm" => gemm::rules(),
-        "lora" => lora::rules(),
-        _ => vec![],
-    }
+    FAMILIES
+        .iter()
+        .find(|f| f.name == name)
+        .map_or_else(Vec::new, |f| (f.rules)())
 }
 
 /// Every rule of every family.
 pub fn all() -> Vec<Rule> {
-    FAMILIES.iter().flat_map(|f| family(f)).collect()
+    FAMILIES.iter().flat_map(|f| (f.rules)()).collect()
 }

@@ -17,7 +17,7 @@ use transfuse_ir::Tensor;
 
 use faer::Par;
 
-use super::fused::Mask;
+use super::fused::{kv_group, Mask};
 use super::gemm::gemm_strided;
 use super::kernels::broadcast_strides;
 use super::simd;
@@ -33,7 +33,8 @@ fn f32s(t: &Tensor) -> &[f32] {
     t.as_f32().expect("checked f32 in eval")
 }
 
-/// `softmax(q kᵀ·scale + mask) v` over `q [.., sq, d]`, `k [.., sk, d]`, `v [.., sk, dv]`.
+/// `softmax(q kᵀ·scale + mask) v` over `q [.., sq, d]`, `k [.., sk, d]`, `v [.., sk, dv]`
+/// (k/v with fewer heads than q: grouped-query attention).
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -52,6 +53,7 @@ pub(crate) fn attention(
         return dst;
     }
     let (qd, kd, vd) = (f32s(q), f32s(k), f32s(v));
+    let group = kv_group(q, k);
     let mut scores_shape = batch.to_vec();
     scores_shape.extend([sq, sk]);
     let mask = mask.map(|m| (f32s(m), broadcast_strides(&m.shape, &scores_shape)));
@@ -61,8 +63,10 @@ pub(crate) fn attention(
         .enumerate()
         .for_each(|(bi, ob)| {
             let qb = &qd[bi * sq * d..(bi + 1) * sq * d];
-            let kb = &kd[bi * sk * d..(bi + 1) * sk * d];
-            let vb = &vd[bi * sk * dv..(bi + 1) * sk * dv];
+            // Grouped-query attention: batch-head `bi` reads key/value head `bi / group`.
+            let kvi = bi / group;
+            let kb = &kd[kvi * sk * d..(kvi + 1) * sk * d];
+            let vb = &vd[kvi * sk * dv..(kvi + 1) * sk * dv];
             let m = mask.as_ref().map(|(m, st)| {
                 let (mut rem, mut off) = (bi, 0);
                 for ax in (0..batch.len()).rev() {

@@ -77,6 +77,23 @@ pub fn eval(
             grouped_norm(x(), &arg(1), &arg(2), eps.0 as f32, rest, out_shape)
         }
         Op::BatchNorm => batch_norm(x(), &arg(1), &arg(2), out_shape),
+        Op::Rope => rope(x(), &arg(1), &arg(2), out_shape),
+        Op::GatedMatMul { act } => {
+            // The gate with its activation, the up projection, their product: the
+            // decomposition's steps (each matmul the mode's own GEMM), one buffer reused.
+            let mut y = fused_matmul(&args[0], &args[1], *act, None, None, out_shape, fast);
+            let up = fused_matmul(
+                &args[0],
+                &args[2],
+                Act::Identity,
+                None,
+                None,
+                out_shape,
+                fast,
+            );
+            y.par_iter_mut().zip(&up).for_each(|(g, u)| *g *= u);
+            y
+        }
         Op::FusedMatMul {
             act,
             bias,
@@ -97,6 +114,15 @@ pub fn eval(
         }
         other => return Err(format!("`{}` is not a fused op", other.name())),
     })
+}
+
+/// Query heads per key/value head (`transfuse_ir::kv_group`; inference checked the shapes):
+/// the ratio of q's batch·heads to k's.
+pub(crate) fn kv_group(q: &Tensor, k: &Tensor) -> usize {
+    let r = q.shape.len();
+    let qb: usize = q.shape[..r - 2].iter().product();
+    let kb: usize = k.shape[..r - 2].iter().product();
+    (qb / kb.max(1)).max(1)
 }
 
 fn f32s(t: &Tensor) -> &[f32] {
@@ -218,6 +244,7 @@ fn attention(
         return dst;
     }
     let (qd, kd, vd) = (f32s(q), f32s(k), f32s(v));
+    let group = kv_group(q, k);
     let mut scores_shape = batch.to_vec();
     scores_shape.extend([sq, sk]);
     let mask = mask.map(|m| (f32s(m), broadcast_strides(&m.shape, &scores_shape)));
@@ -228,8 +255,10 @@ fn attention(
         .enumerate()
         .for_each(|(bi, ob)| {
             let qb = &qd[bi * sq * d..(bi + 1) * sq * d];
-            let kb = &kd[bi * sk * d..(bi + 1) * sk * d];
-            let vb = &vd[bi * sk * dv..(bi + 1) * sk * dv];
+            // Grouped-query attention: batch-head `bi` reads key/value head `bi / group`.
+            let kvi = bi / group;
+            let kb = &kd[kvi * sk * d..(kvi + 1) * sk * d];
+            let vb = &vd[kvi * sk * dv..(kvi + 1) * sk * dv];
             let mbase = mask.as_ref().map_or(0, |(_, st)| {
                 let (mut rem, mut off) = (bi, 0);
                 for ax in (0..batch.len()).rev() {
@@ -303,6 +332,25 @@ fn rms_norm(x: &[f32], g: &Bcast, eps: f32, out: &[usize]) -> Vec<f32> {
         let gb = g.row(r, out);
         for (j, (o, &v)) in row.iter_mut().zip(xr).enumerate() {
             *o = v * inv * g.at(gb, j);
+        }
+    });
+    dst
+}
+
+/// `x·cos + rotate_half(x)·sin` per row of the last axis (`d` even, checked by inference),
+/// `rotate_half(x)[j]` being `−x[j + d/2]` for `j < d/2` and `x[j − d/2]` after: the
+/// decomposition's multiplies and add, in its order (one pass, nothing materialised). Both CPU
+/// modes use it.
+fn rope(x: &[f32], cos: &Bcast, sin: &Bcast, out: &[usize]) -> Vec<f32> {
+    let d = out[out.len() - 1];
+    let h = d / 2;
+    let mut dst = vec![0f32; x.len()];
+    for_rows(&mut dst, d, |r, row| {
+        let xr = &x[r * d..(r + 1) * d];
+        let (cb, sb) = (cos.row(r, out), sin.row(r, out));
+        for (j, o) in row.iter_mut().enumerate() {
+            let rot = if j < h { -xr[j + h] } else { xr[j - h] };
+            *o = xr[j] * cos.at(cb, j) + rot * sin.at(sb, j);
         }
     });
     dst
