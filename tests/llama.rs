@@ -541,9 +541,14 @@ fn llama3_8b_shaped_config_compiles() {
         v["ops_after"]
     );
     assert_eq!(v["ops_after"]["rms_norm"], 65, "{v}");
-    // One causal attention per layer (today with `repeat_kv` materialised before it: the
-    // attention op has no key/value-head count yet).
+    // One GQA attention per layer reading the 8 kv heads directly: no `repeat_kv` (expand)
+    // left; rope on q and k of every layer; SwiGLU as one gated matmul per layer.
     assert_eq!(v["ops_after"]["attention"], 32, "{v}");
+    assert_eq!(v["ops_after"]["rope"], 64, "{v}");
+    assert_eq!(v["ops_after"]["gated_matmul"], 32, "{v}");
+    for gone in ["expand", "neg", "sigmoid"] {
+        assert!(v["ops_after"].get(gone).is_none(), "{gone} left: {v}");
+    }
     assert_eq!(v["ops_before"]["matmul"].as_u64().unwrap() % 32, 1, "{v}");
 }
 
