@@ -191,7 +191,20 @@ fn without_nvrtc_every_call_is_an_error() {
         return;
     };
     let message = e.to_string();
+    eprintln!("{message}");
     assert!(message.contains("LD_LIBRARY_PATH"), "{message}");
+    // It names both CUDA 12's and CUDA 13's library and what was searched.
+    assert!(message.contains("libnvrtc.so.13"), "{message}");
+    assert!(message.contains("libnvrtc.so.12"), "{message}");
+    assert!(message.contains("searched: "), "{message}");
+    if let Some(dir) = std::env::var_os(nvrtc::LIB_ENV).filter(|d| !d.is_empty()) {
+        let dir = std::path::PathBuf::from(dir);
+        assert!(
+            message.contains(&dir.display().to_string()),
+            "{message} does not name {}",
+            dir.display()
+        );
+    }
     assert!(message.contains("scripts/fetch-nvrtc.sh"), "{message}");
     assert_eq!(
         nvrtc::compile_ptx(SAXPY, "saxpy.cu", "compute_80", &[]),
