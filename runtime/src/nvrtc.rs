@@ -418,8 +418,16 @@ enum Open {
 }
 
 fn open(path: &Path) -> Result<Api, Open> {
+    // Through symbolic links to the real file: NVRTC finds its builtins library
+    // (libnvrtc-builtins.so.X.Y) in the folder it was loaded from, so a link in another folder
+    // would compile nothing (NVRTC_ERROR_BUILTIN_OPERATION_FAILURE).
+    let real = if path.components().count() > 1 {
+        std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+    } else {
+        path.to_path_buf()
+    };
     // SAFETY: loading NVRTC runs its initialisers, which have no preconditions.
-    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| Open::Failed(e.to_string()))?;
+    let lib = unsafe { libloading::Library::new(&real) }.map_err(|e| Open::Failed(e.to_string()))?;
     macro_rules! sym {
         ($name:literal) => {
             // SAFETY: the symbol's type is NVRTC's C signature of that function (nvrtc.h,
@@ -439,7 +447,7 @@ fn open(path: &Path) -> Result<Api, Open> {
         return Err(Open::Old(NvrtcError::TooOld { major, minor }));
     }
     Ok(Api {
-        path: path.to_path_buf(),
+        path: real,
         version: (major, minor),
         get_error_string: sym!("nvrtcGetErrorString"),
         get_num_supported_archs: sym!("nvrtcGetNumSupportedArchs"),
