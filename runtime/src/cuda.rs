@@ -49,9 +49,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::result as cu;
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError,
-    LaunchConfig,
-    PushKernelArg, sys,
+    sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError,
+    LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use transfuse_codegen::kernels::Limits;
@@ -59,7 +58,7 @@ use transfuse_codegen::kir::{Elem, Kernel};
 use transfuse_codegen::lower::Target;
 
 use crate::device::{Device, DeviceInfo};
-use crate::kernel_cache::{Key, KernelCache};
+use crate::kernel_cache::{KernelCache, Key};
 use crate::nvrtc;
 use crate::program::DeviceBackend;
 use crate::RuntimeError;
@@ -104,6 +103,53 @@ pub fn driver_present() -> bool {
     // SAFETY: only tries to open the candidate library names (running the driver's
     // initialisers, which have no preconditions); it calls nothing in them.
     *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+}
+
+/// The driver entry points this backend reaches through cudarc's CUDA 12.9 bindings. cudarc
+/// resolves each at its first call and panics when it is missing, so [`CudaDevice::new`] checks
+/// them all first ([`missing_driver_symbols`]). Every one is exported by CUDA 12.0+ drivers,
+/// CUDA 13's (580) included: a driver keeps the symbols of the older toolkits it runs.
+const DRIVER_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDriverGetVersion",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDeviceGetAttribute",
+    "cuDeviceGetName",
+    "cuDeviceTotalMem_v2",
+    "cuDevicePrimaryCtxRetain",
+    "cuCtxSetCurrent",
+    "cuModuleLoadData",
+    "cuModuleGetFunction",
+    "cuFuncGetAttribute",
+    "cuLaunchKernel",
+    "cuMemcpyHtoD_v2",
+    "cuMemcpyDtoH_v2",
+    "cuMemAllocAsync",
+    "cuMemsetD8Async",
+    "cuMemFreeAsync",
+    "cuStreamSynchronize",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuEventSynchronize",
+    "cuEventElapsedTime",
+    "cuEventDestroy_v2",
+];
+
+/// The [`DRIVER_SYMBOLS`] that `libcuda.so.1` does not export (empty when it cannot be opened
+/// by that name: cudarc's own search then decides).
+pub fn missing_driver_symbols() -> Vec<&'static str> {
+    // SAFETY: opening the driver runs its initialisers, which have no preconditions; no symbol
+    // is called.
+    let Ok(lib) = (unsafe { libloading::Library::new("libcuda.so.1") }) else {
+        return vec![];
+    };
+    DRIVER_SYMBOLS
+        .iter()
+        .copied()
+        // SAFETY: only the symbol's address is looked up; it is never called through this type.
+        .filter(|s| unsafe { lib.get::<*const ()>(s.as_bytes()) }.is_err())
+        .collect()
 }
 
 /// The process-wide device (device 0), created on first use; the error is kept and returned
@@ -237,6 +283,14 @@ impl CudaDevice {
                  or not on the loader's path",
             ));
         }
+        let missing = missing_driver_symbols();
+        if !missing.is_empty() {
+            return Err(err(format!(
+                "the CUDA driver library lacks {} (entry points of the CUDA 12 driver API this \
+                 backend calls); update the driver",
+                missing.join(", ")
+            )));
+        }
         let mut driver = 0;
         // SAFETY: the library is present (checked above); `driver` is a valid pointer.
         unsafe { sys::cuDriverGetVersion(&mut driver) }
@@ -363,7 +417,9 @@ impl CudaDevice {
             Some(bytes) => bytes,
             None => {
                 let bytes = match self.code {
-                    Code::Ptx(_) => nvrtc::compile_ptx(src, &file, &arch, &[]).map(String::into_bytes),
+                    Code::Ptx(_) => {
+                        nvrtc::compile_ptx(src, &file, &arch, &[]).map(String::into_bytes)
+                    }
                     Code::Cubin(_) => nvrtc::compile_cubin(src, &file, &arch, &[]),
                 }
                 .map_err(|e| err(format!("compiling kernel `{name}`: {e}")))?;

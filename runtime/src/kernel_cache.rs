@@ -30,7 +30,11 @@ const MAGIC: &[u8; 8] = b"TFKERN1\n";
 /// The root of transfuse's caches: `$TRANSFUSE_CACHE_DIR`, else `$XDG_CACHE_HOME/transfuse`,
 /// else `$HOME/.cache/transfuse`; `None` when none of them is set.
 pub fn cache_root() -> Option<PathBuf> {
-    let get = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let get = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     get(CACHE_DIR_ENV)
         .or_else(|| get("XDG_CACHE_HOME").map(|d| d.join("transfuse")))
         .or_else(|| get("HOME").map(|h| h.join(".cache/transfuse")))
@@ -186,10 +190,7 @@ fn decode(bytes: &[u8], key: &Key) -> Result<Vec<u8>, String> {
     let rest = bytes
         .strip_prefix(MAGIC.as_slice())
         .ok_or("not a kernel cache entry (bad magic)")?;
-    let nl = rest
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or("no key line")?;
+    let nl = rest.iter().position(|&b| b == b'\n').ok_or("no key line")?;
     if &rest[..nl] != key.line.as_bytes() {
         return Err("it holds another kernel (key mismatch)".into());
     }
@@ -217,7 +218,8 @@ mod tests {
     use super::*;
 
     fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("transfuse-kcache-{name}-{}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("transfuse-kcache-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
     }

@@ -48,7 +48,6 @@ use std::ffi::{c_char, c_int, CStr, CString, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-
 /// Environment variable naming the folder that holds `libnvrtc.so.13` / `.so.12` (or the file).
 pub const LIB_ENV: &str = "TRANSFUSE_NVRTC_LIB";
 /// Environment variable naming the CUDA include folder (`cuda_fp16.h`, `cuda_bf16.h`).
@@ -427,7 +426,8 @@ fn open(path: &Path) -> Result<Api, Open> {
         path.to_path_buf()
     };
     // SAFETY: loading NVRTC runs its initialisers, which have no preconditions.
-    let lib = unsafe { libloading::Library::new(&real) }.map_err(|e| Open::Failed(e.to_string()))?;
+    let lib =
+        unsafe { libloading::Library::new(&real) }.map_err(|e| Open::Failed(e.to_string()))?;
     macro_rules! sym {
         ($name:literal) => {
             // SAFETY: the symbol's type is NVRTC's C signature of that function (nvrtc.h,
@@ -629,7 +629,6 @@ struct Program {
     _src: CString,
     _name: CString,
 }
-
 
 impl Program {
     /// Creates the program and compiles it; a failed compilation returns the log.
@@ -977,7 +976,10 @@ ptxas info    : Compile time = 3.691 ms";
         let c = library_candidates(&v, &[]);
         assert_eq!(c[0].1, PathBuf::from("/x/libnvrtc.so.13.0.88"));
         // Unset variables add nothing but the loader's own search.
-        assert_eq!(library_candidates(&vars(vec![]), &[]).len(), LIB_NAMES.len());
+        assert_eq!(
+            library_candidates(&vars(vec![]), &[]).len(),
+            LIB_NAMES.len()
+        );
     }
 
     #[test]

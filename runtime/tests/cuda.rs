@@ -423,13 +423,33 @@ fn compiled_kernels_are_cached_on_disk() {
     let first = Arc::new(CudaDevice::new().unwrap());
     let mut p = Program::new(first, &g, &weights, Elem::F32).unwrap();
     assert_close(&p.run(&x, &[]).unwrap(), &want, 1e-4, "first handle");
-    let stored = std::fs::read_dir(dir.join("kernels")).map(|d| d.count()).unwrap_or(0);
+    let stored = std::fs::read_dir(dir.join("kernels"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     assert!(stored > 0, "nothing stored under {}", dir.display());
     let second = Arc::new(CudaDevice::new().unwrap());
     let mut p = Program::new(second, &g, &weights, Elem::F32).unwrap();
-    assert_close(&p.run(&x, &[]).unwrap(), &want, 1e-4, "second handle, from the disk cache");
-    let after = std::fs::read_dir(dir.join("kernels")).map(|d| d.count()).unwrap_or(0);
+    assert_close(
+        &p.run(&x, &[]).unwrap(),
+        &want,
+        1e-4,
+        "second handle, from the disk cache",
+    );
+    let after = std::fs::read_dir(dir.join("kernels"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     assert_eq!(after, stored, "the second handle compiled nothing new");
     std::env::remove_var("TRANSFUSE_CACHE_DIR");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Where a driver library is present, it exports every entry point the backend calls through
+/// cudarc (whose missing symbols would be a panic at first call, not an error).
+#[test]
+fn the_driver_exports_every_entry_point_used() {
+    if !cuda::driver_present() {
+        eprintln!("skipped the_driver_exports_every_entry_point_used: no driver library");
+        return;
+    }
+    assert_eq!(cuda::missing_driver_symbols(), Vec::<&str>::new());
 }

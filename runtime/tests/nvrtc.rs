@@ -221,7 +221,7 @@ fn without_nvrtc_every_call_is_an_error() {
 /// loaded back byte for byte; a corrupted entry is a miss, and the kernel is stored again.
 #[test]
 fn compiled_kernels_round_trip_through_the_disk_cache() {
-    use transfuse_runtime::kernel_cache::{Key, KernelCache};
+    use transfuse_runtime::kernel_cache::{KernelCache, Key};
     if !nvrtc_or_skip("compiled_kernels_round_trip_through_the_disk_cache") {
         return;
     }
