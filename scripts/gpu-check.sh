@@ -7,6 +7,10 @@
 #
 #   bash scripts/gpu-check.sh [PACK]        # from the repository root; PACK defaults to gpu-pack
 #
+# With this workplace's device tool: run scripts/gpu-pack.sh here, then one call with
+# carry ["gpu-pack"], command `bash scripts/gpu-check.sh gpu-pack`, timeout_s 540; the report
+# and the log archive come back from $OUT (2 files).
+#
 # Steps (each under its own `timeout`, all within GPU_CHECK_BUDGET seconds, default 470, so
 # the whole run ends inside 8 minutes; a step that no longer fits is reported as skipped):
 #   env          nvidia-smi, the libraries found, glibc here vs what the binaries need

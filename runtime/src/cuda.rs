@@ -752,6 +752,31 @@ mod tests {
         assert!(e.contains("compute capability 3.5"), "{e}");
     }
 
+    /// CUDA 13's NVRTC targets Turing and newer only (no sm_5x–7.2); the exact list on a
+    /// machine is what `nvrtcGetSupportedArchs` says.
+    const NVRTC_13_0: &[i32] = &[75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121];
+
+    #[test]
+    fn an_h200_under_cuda_13_gets_compute_90_ptx_or_an_sm_90_cubin() {
+        // Driver 580 is CUDA 13.0: NVRTC 13.0's PTX is JIT-compiled...
+        assert_eq!(
+            choose_code(90, 13000, (13, 0), NVRTC_13_0),
+            Ok(Code::Ptx(90))
+        );
+        // ...a newer NVRTC's is not, so it compiles a cubin.
+        assert_eq!(
+            choose_code(90, 13000, (13, 1), NVRTC_13_0),
+            Ok(Code::Cubin(90))
+        );
+        // The pinned 12.9 NVRTC under that driver: PTX.
+        assert_eq!(
+            choose_code(90, 13000, (12, 9), NVRTC_12_9),
+            Ok(Code::Ptx(90))
+        );
+        // A Volta card cannot be served by NVRTC 13.
+        assert!(choose_code(70, 13000, (13, 0), NVRTC_13_0).is_err());
+    }
+
     #[test]
     fn versions_print_as_major_minor() {
         assert_eq!(version_string(12090), "12.9");
