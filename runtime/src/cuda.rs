@@ -19,7 +19,9 @@
 //! - **Kernels**: each [`Kernel`] is printed as CUDA C ([`transfuse_codegen::cuda::print`]),
 //!   compiled by NVRTC for the device's own architecture and loaded as a module. The loaded
 //!   function is cached by source inside the device, so a kernel shared by several graphs (or
-//!   loaded again) compiles once per process. What NVRTC emits ([`DeviceInfo::description`]
+//!   loaded again) compiles once per process, and what NVRTC emitted is kept on disk
+//!   ([`crate::kernel_cache`], keyed by source, architecture, NVRTC and driver versions), so
+//!   a later process skips NVRTC. What NVRTC emits ([`DeviceInfo::description`]
 //!   says which):
 //!   - PTX for `compute_XY`, the device's compute capability (or the newest NVRTC knows, when
 //!     the device is newer), JIT-compiled by the driver;
@@ -34,6 +36,10 @@
 //!   parameters); the device's grid limits; f32, f16 and bf16 storage (the printed kernels only
 //!   convert f16/bf16 to and from f32, which `cuda_fp16.h` / `cuda_bf16.h` provide on every
 //!   architecture NVRTC 12 targets).
+//! - **Timing** ([`Device::timer_start`] / [`Device::timer_stop`], what `time_forward` and
+//!   `bench` use): CUDA events (`cuEventRecord`, `cuEventElapsedTime`) on the same stream, the
+//!   start recorded just before the first timed launch and the end after the last, so
+//!   [`crate::Timing::clock`] is `"device"`, as with wgpu's timestamp queries.
 //! - **Errors** are [`RuntimeError::Device`] naming what was being done and the driver's error
 //!   (`CUDA_ERROR_…: text`). Launches are asynchronous: a kernel that faults is reported by the
 //!   next read or [`Device::sync`].
@@ -43,8 +49,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::result as cu;
 use cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
-    PushKernelArg,
+    sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError,
+    LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use transfuse_codegen::kernels::Limits;
@@ -52,6 +58,7 @@ use transfuse_codegen::kir::{Elem, Kernel};
 use transfuse_codegen::lower::Target;
 
 use crate::device::{Device, DeviceInfo};
+use crate::kernel_cache::{KernelCache, Key};
 use crate::nvrtc;
 use crate::program::DeviceBackend;
 use crate::RuntimeError;
@@ -96,6 +103,53 @@ pub fn driver_present() -> bool {
     // SAFETY: only tries to open the candidate library names (running the driver's
     // initialisers, which have no preconditions); it calls nothing in them.
     *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+}
+
+/// The driver entry points this backend reaches through cudarc's CUDA 12.9 bindings. cudarc
+/// resolves each at its first call and panics when it is missing, so [`CudaDevice::new`] checks
+/// them all first ([`missing_driver_symbols`]). Every one is exported by CUDA 12.0+ drivers,
+/// CUDA 13's (580) included: a driver keeps the symbols of the older toolkits it runs.
+const DRIVER_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDriverGetVersion",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDeviceGetAttribute",
+    "cuDeviceGetName",
+    "cuDeviceTotalMem_v2",
+    "cuDevicePrimaryCtxRetain",
+    "cuCtxSetCurrent",
+    "cuModuleLoadData",
+    "cuModuleGetFunction",
+    "cuFuncGetAttribute",
+    "cuLaunchKernel",
+    "cuMemcpyHtoD_v2",
+    "cuMemcpyDtoH_v2",
+    "cuMemAllocAsync",
+    "cuMemsetD8Async",
+    "cuMemFreeAsync",
+    "cuStreamSynchronize",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuEventSynchronize",
+    "cuEventElapsedTime",
+    "cuEventDestroy_v2",
+];
+
+/// The [`DRIVER_SYMBOLS`] that `libcuda.so.1` does not export (empty when it cannot be opened
+/// by that name: cudarc's own search then decides).
+pub fn missing_driver_symbols() -> Vec<&'static str> {
+    // SAFETY: opening the driver runs its initialisers, which have no preconditions; no symbol
+    // is called.
+    let Ok(lib) = (unsafe { libloading::Library::new("libcuda.so.1") }) else {
+        return vec![];
+    };
+    DRIVER_SYMBOLS
+        .iter()
+        .copied()
+        // SAFETY: only the symbol's address is looked up; it is never called through this type.
+        .filter(|s| unsafe { lib.get::<*const ()>(s.as_bytes()) }.is_err())
+        .collect()
 }
 
 /// The process-wide device (device 0), created on first use; the error is kept and returned
@@ -200,8 +254,23 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     info: DeviceInfo,
     code: Code,
+    /// `cuDriverGetVersion` and `nvrtcVersion`: part of the disk cache's key.
+    driver: i32,
+    nvrtc_version: (i32, i32),
+    /// Compiled kernels on disk ([`crate::kernel_cache`]); `None` when off.
+    disk: Option<KernelCache>,
     /// Loaded kernels by CUDA C source.
     kernels: Mutex<HashMap<String, CudaFunction>>,
+    /// The event timer of [`Device::timer_start`] / [`Device::timer_stop`].
+    timer: Mutex<Timer>,
+}
+
+/// Where the event timer is: between `timer_start` and the first launch (`Armed`), or after
+/// it, with the start event recorded just before that launch (`Running`).
+enum Timer {
+    Off,
+    Armed,
+    Running(CudaEvent),
 }
 
 impl CudaDevice {
@@ -213,6 +282,14 @@ impl CudaDevice {
                 "no CUDA driver library (libcuda.so.1) found: the NVIDIA driver is not installed \
                  or not on the loader's path",
             ));
+        }
+        let missing = missing_driver_symbols();
+        if !missing.is_empty() {
+            return Err(err(format!(
+                "the CUDA driver library lacks {} (entry points of the CUDA 12 driver API this \
+                 backend calls); update the driver",
+                missing.join(", ")
+            )));
         }
         let mut driver = 0;
         // SAFETY: the library is present (checked above); `driver` is a valid pointer.
@@ -318,7 +395,11 @@ impl CudaDevice {
             stream,
             info,
             code,
+            driver,
+            nvrtc_version,
+            disk: KernelCache::from_env(),
             kernels: Mutex::new(HashMap::new()),
+            timer: Mutex::new(Timer::Off),
         })
     }
 
@@ -331,11 +412,27 @@ impl CudaDevice {
     fn build(&self, name: &str, src: &str, threads: u32) -> Result<CudaFunction, RuntimeError> {
         let file = format!("{name}.cu");
         let arch = self.code.arch();
+        let key = Key::new(src, &arch, self.nvrtc_version, self.driver, &[]);
+        let bytes = match self.disk.as_ref().and_then(|d| d.load(&key)) {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = match self.code {
+                    Code::Ptx(_) => {
+                        nvrtc::compile_ptx(src, &file, &arch, &[]).map(String::into_bytes)
+                    }
+                    Code::Cubin(_) => nvrtc::compile_cubin(src, &file, &arch, &[]),
+                }
+                .map_err(|e| err(format!("compiling kernel `{name}`: {e}")))?;
+                if let Some(d) = &self.disk {
+                    d.store_or_warn(&key, &bytes);
+                }
+                bytes
+            }
+        };
         let image = match self.code {
-            Code::Ptx(_) => nvrtc::compile_ptx(src, &file, &arch, &[]).map(Ptx::from_src),
-            Code::Cubin(_) => nvrtc::compile_cubin(src, &file, &arch, &[]).map(Ptx::from_binary),
-        }
-        .map_err(|e| err(format!("compiling kernel `{name}`: {e}")))?;
+            Code::Ptx(_) => Ptx::from_src(String::from_utf8_lossy(&bytes).into_owned()),
+            Code::Cubin(_) => Ptx::from_binary(bytes),
+        };
         let module = self.ctx.load_module(image).map_err(|e| {
             let hint = if e.0 == sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
                 " (the driver is older than NVRTC: update it)"
@@ -517,6 +614,12 @@ impl Device for CudaDevice {
             block_dim: (m.block[0], m.block[1], m.block[2]),
             shared_mem_bytes: 0,
         };
+        {
+            let mut timer = self.timer.lock().expect("timer");
+            if matches!(*timer, Timer::Armed) {
+                *timer = Timer::Running(self.event("starting the timer")?);
+            }
+        }
         let mut args = self.stream.launch_builder(&m.func);
         for b in bufs {
             args.arg(&b.slice);
@@ -546,6 +649,44 @@ impl Device for CudaDevice {
                 drv(&e)
             ))
         })
+    }
+
+    /// Arms the event timer: the next launch records a start event just before it.
+    fn timer_start(&self) -> bool {
+        *self.timer.lock().expect("timer") = Timer::Armed;
+        true
+    }
+
+    /// Records an end event after the launches and returns the events' elapsed time
+    /// (`cuEventElapsedTime`, about 0.5 µs resolution); `None` when nothing was launched.
+    fn timer_stop(&self) -> Result<Option<f64>, RuntimeError> {
+        let state = std::mem::replace(&mut *self.timer.lock().expect("timer"), Timer::Off);
+        let Timer::Running(start) = state else {
+            self.sync()?;
+            return Ok(None);
+        };
+        let end = self.event("stopping the timer")?;
+        let ms = start.elapsed_ms(&end).map_err(|e| {
+            err(format!(
+                "reading the event timer (a kernel launched before may have failed): {}",
+                drv(&e)
+            ))
+        })?;
+        self.sync()?;
+        Ok(Some(f64::from(ms) * 1e-3))
+    }
+}
+
+impl CudaDevice {
+    /// A timing event recorded now on the device's stream.
+    fn event(&self, what: &str) -> Result<CudaEvent, RuntimeError> {
+        let ev = self
+            .ctx
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| err(format!("{what}: creating an event: {}", drv(&e))))?;
+        ev.record(&self.stream)
+            .map_err(|e| err(format!("{what}: recording an event: {}", drv(&e))))?;
+        Ok(ev)
     }
 }
 
@@ -609,6 +750,31 @@ mod tests {
     fn a_device_older_than_nvrtc_supports_is_refused() {
         let e = choose_code(35, 12090, (12, 9), NVRTC_12_9).unwrap_err();
         assert!(e.contains("compute capability 3.5"), "{e}");
+    }
+
+    /// CUDA 13's NVRTC targets Turing and newer only (no sm_5x–7.2); the exact list on a
+    /// machine is what `nvrtcGetSupportedArchs` says.
+    const NVRTC_13_0: &[i32] = &[75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121];
+
+    #[test]
+    fn an_h200_under_cuda_13_gets_compute_90_ptx_or_an_sm_90_cubin() {
+        // Driver 580 is CUDA 13.0: NVRTC 13.0's PTX is JIT-compiled...
+        assert_eq!(
+            choose_code(90, 13000, (13, 0), NVRTC_13_0),
+            Ok(Code::Ptx(90))
+        );
+        // ...a newer NVRTC's is not, so it compiles a cubin.
+        assert_eq!(
+            choose_code(90, 13000, (13, 1), NVRTC_13_0),
+            Ok(Code::Cubin(90))
+        );
+        // The pinned 12.9 NVRTC under that driver: PTX.
+        assert_eq!(
+            choose_code(90, 13000, (12, 9), NVRTC_12_9),
+            Ok(Code::Ptx(90))
+        );
+        // A Volta card cannot be served by NVRTC 13.
+        assert!(choose_code(70, 13000, (13, 0), NVRTC_13_0).is_err());
     }
 
     #[test]

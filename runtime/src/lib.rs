@@ -44,6 +44,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod fold;
+pub mod kernel_cache;
 pub mod memory;
 pub mod nvrtc;
 pub mod program;

@@ -1,14 +1,17 @@
 //! CUDA C → PTX / SASS through NVRTC, the CUDA run-time compiler, on machines with or without
 //! a GPU.
 //!
-//! NVRTC is loaded at run time (`cudarc`'s `dynamic-loading`): nothing CUDA is needed to build
-//! the workspace, and when `libnvrtc.so.12` cannot be found every function here returns
-//! [`NvrtcError::Unavailable`] instead of panicking. `scripts/fetch-nvrtc.sh` installs it (and
+//! NVRTC is loaded at run time, by this module itself (`libloading`, every entry point resolved
+//! at load): nothing CUDA is needed to build the workspace, and when no NVRTC can be found
+//! every function here returns [`NvrtcError::Unavailable`], listing what was searched, instead
+//! of panicking. CUDA 12 (`libnvrtc.so.12`) and CUDA 13 (`libnvrtc.so.13`) are both accepted
+//! ([`library_candidates`] gives the search order; cudarc's own NVRTC loader, which knows only
+//! `libnvrtc.so` and `.so.12`, is not used). `scripts/fetch-nvrtc.sh` installs NVRTC 12.9 (and
 //! the CUDA headers) from pinned PyPI wheels; `scripts/test.sh` then puts its folder on
 //! `LD_LIBRARY_PATH` and exports:
 //!
-//! - `TRANSFUSE_NVRTC_LIB`: the folder holding `libnvrtc.so.12`. When set, [`available`] loads
-//!   the library from there first, so a process started without `LD_LIBRARY_PATH` finds it too.
+//! - `TRANSFUSE_NVRTC_LIB`: the folder holding `libnvrtc.so.13` or `libnvrtc.so.12` (or the
+//!   library file itself), searched first.
 //! - `TRANSFUSE_CUDA_INCLUDE`: the folder holding `cuda_fp16.h`, `cuda_bf16.h`, … (NVRTC 12.9
 //!   has no built-in copies); passed to every compilation as `--include-path`. Unset, the
 //!   headers are looked for under `CUDA_PATH`, `CUDA_HOME`, the wheel fetch-nvrtc.sh installs,
@@ -45,9 +48,7 @@ use std::ffi::{c_char, c_int, CStr, CString, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use cudarc::nvrtc::sys;
-
-/// Environment variable naming the folder that holds `libnvrtc.so.12`.
+/// Environment variable naming the folder that holds `libnvrtc.so.13` / `.so.12` (or the file).
 pub const LIB_ENV: &str = "TRANSFUSE_NVRTC_LIB";
 /// Environment variable naming the CUDA include folder (`cuda_fp16.h`, `cuda_bf16.h`).
 pub const INCLUDE_ENV: &str = "TRANSFUSE_CUDA_INCLUDE";
@@ -57,9 +58,9 @@ pub const INCLUDE_ENV: &str = "TRANSFUSE_CUDA_INCLUDE";
 pub enum NvrtcError {
     /// `libnvrtc` could not be loaded.
     #[error(
-        "NVRTC is not available: libnvrtc.so.12 was not found ({why}); run scripts/fetch-nvrtc.sh \
-         and put the folder it prints last on LD_LIBRARY_PATH (or in {LIB_ENV}); scripts/test.sh \
-         does both"
+        "NVRTC is not available: no libnvrtc.so.13, libnvrtc.so.12 or libnvrtc.so could be \
+         loaded ({why}); run scripts/fetch-nvrtc.sh and put the folder it prints last in \
+         {LIB_ENV} (or on LD_LIBRARY_PATH); scripts/test.sh does both"
     )]
     Unavailable {
         /// What was searched and where.
@@ -161,53 +162,307 @@ impl SassInfo {
 /// Checks that NVRTC 12 or newer can be loaded. Every other function here calls it first;
 /// call it to decide whether to skip CUDA work. The result is computed once per process.
 ///
-/// cudarc panics when it cannot load a library, so nothing calls into it before this check.
+/// NVRTC is opened here, not through cudarc (whose loader only knows `libnvrtc.so` and
+/// `libnvrtc.so.12` and panics without them): see [`library_candidates`] for the search.
 pub fn available() -> Result<(), NvrtcError> {
-    static STATE: OnceLock<Result<(), NvrtcError>> = OnceLock::new();
-    STATE.get_or_init(load).clone()
+    api().map(|_| ())
+}
+
+/// The loaded library: its path and entry points.
+fn api() -> Result<&'static Api, NvrtcError> {
+    static STATE: OnceLock<Result<Api, NvrtcError>> = OnceLock::new();
+    STATE.get_or_init(load).as_ref().map_err(Clone::clone)
 }
 
 /// The version of the loaded NVRTC, e.g. `(12, 9)`.
 pub fn version() -> Result<(i32, i32), NvrtcError> {
-    available()?;
-    raw_version()
+    api().map(|a| a.version)
 }
 
-fn raw_version() -> Result<(i32, i32), NvrtcError> {
-    let (mut major, mut minor): (c_int, c_int) = (0, 0);
-    // SAFETY: the library is loaded (checked by the caller); both pointers are valid.
-    let r = unsafe { sys::nvrtcVersion(&mut major, &mut minor) };
-    check(r, "", "nvrtcVersion")?;
-    Ok((major, minor))
+/// The file NVRTC was loaded from (a candidate of [`library_candidates`], as found).
+pub fn library_path() -> Result<PathBuf, NvrtcError> {
+    api().map(|a| a.path.clone())
 }
 
-fn load() -> Result<(), NvrtcError> {
-    // Pre-load from TRANSFUSE_NVRTC_LIB: cudarc opens the library by name (`libnvrtc.so.12`
-    // among others), and the dynamic loader answers that with an already loaded object of the
-    // same soname, whatever LD_LIBRARY_PATH says.
-    let mut tried = String::new();
-    if let Some(dir) = std::env::var_os(LIB_ENV).filter(|d| !d.is_empty()) {
-        let path = std::path::Path::new(&dir).join("libnvrtc.so.12");
-        // SAFETY: loading NVRTC runs its initialisers, which have no preconditions.
-        match unsafe { libloading::Library::new(&path) } {
-            // Kept loaded for the life of the process, as cudarc keeps its own handle.
-            Ok(lib) => std::mem::forget(lib),
-            Err(e) => tried = format!("{LIB_ENV}: {}: {e}; ", path.display()),
+/// `nvrtcProgram`: an opaque handle.
+type ProgramHandle = *mut std::ffi::c_void;
+/// `nvrtcResult`, as the C `int` it is (NVRTC 13 may return codes the 12.9 bindings lack, so it
+/// is never read as cudarc's Rust enum).
+type NvResult = c_int;
+const NVRTC_SUCCESS: NvResult = 0;
+
+type SizeFn = unsafe extern "C" fn(ProgramHandle, *mut usize) -> NvResult;
+type GetFn = unsafe extern "C" fn(ProgramHandle, *mut c_char) -> NvResult;
+
+/// The NVRTC entry points used here, resolved all at once when the library is loaded: a
+/// symbol missing from some NVRTC version is an [`NvrtcError::Unavailable`] naming it, not a
+/// panic at its first call. Every one exists in NVRTC 12.0 through 13.x (13.0 removed only
+/// `nvrtcGetNVVM*`, unused here).
+struct Api {
+    path: PathBuf,
+    version: (i32, i32),
+    get_error_string: unsafe extern "C" fn(NvResult) -> *const c_char,
+    get_num_supported_archs: unsafe extern "C" fn(*mut c_int) -> NvResult,
+    get_supported_archs: unsafe extern "C" fn(*mut c_int) -> NvResult,
+    #[allow(clippy::type_complexity)]
+    create_program: unsafe extern "C" fn(
+        *mut ProgramHandle,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> NvResult,
+    compile_program: unsafe extern "C" fn(ProgramHandle, c_int, *const *const c_char) -> NvResult,
+    destroy_program: unsafe extern "C" fn(*mut ProgramHandle) -> NvResult,
+    get_ptx_size: SizeFn,
+    get_ptx: GetFn,
+    get_cubin_size: SizeFn,
+    get_cubin: GetFn,
+    get_log_size: SizeFn,
+    get_log: GetFn,
+    /// Kept loaded for the life of the process (the function pointers point into it).
+    _lib: libloading::Library,
+}
+
+impl Api {
+    /// `nvrtcGetErrorString`, e.g. `NVRTC_ERROR_COMPILATION`.
+    fn error_name(&self, r: NvResult) -> String {
+        // SAFETY: nvrtcGetErrorString takes any value and returns a static string (or null).
+        let p = unsafe { (self.get_error_string)(r) };
+        if p.is_null() {
+            return format!("NVRTC error {r}");
+        }
+        // SAFETY: a non-null result is a NUL-terminated static string.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+
+    fn check(&self, r: NvResult, name: &str, call: &'static str) -> Result<(), NvrtcError> {
+        if r == NVRTC_SUCCESS {
+            Ok(())
+        } else {
+            Err(NvrtcError::Call {
+                name: name.to_string(),
+                call,
+                code: self.error_name(r),
+            })
         }
     }
-    // SAFETY: only tries to open the candidate library names; it panics on nothing.
-    if !unsafe { sys::is_culib_present() } {
-        let ld = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
-        let ld = if ld.is_empty() { "unset".into() } else { ld };
-        return Err(NvrtcError::Unavailable {
-            why: format!("{tried}LD_LIBRARY_PATH: {ld}"),
-        });
+}
+
+/// The library file names tried in each folder, newest first.
+pub const LIB_NAMES: [&str; 3] = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"];
+
+/// Where NVRTC is looked for, in order; the first that loads (and is 12.0 or newer) is used:
+///
+/// 1. `$TRANSFUSE_NVRTC_LIB`: a library file itself, or a folder holding one of [`LIB_NAMES`]
+///    (`libnvrtc.so.13` from CUDA 13, `libnvrtc.so.12` from CUDA 12, then `libnvrtc.so`);
+/// 2. `$CUDA_PATH/lib64`, `$CUDA_HOME/lib64`;
+/// 3. the wheel `scripts/fetch-nvrtc.sh` installs:
+///    `${TRANSFUSE_CACHE:-$HOME/.cache/transfuse}/nvrtc/nvidia/cuda_nvrtc/lib`;
+/// 4. the `system` folders in order ([`system_lib_dirs`]: `/usr/local/cuda/lib64`, then the
+///    NVIDIA wheels of Python environments: `nvidia/cu13/lib` (CUDA 13's wheels, as PyTorch
+///    cu130 installs them) and `nvidia/cuda_nvrtc/lib` (CUDA 12's));
+/// 5. the bare names, which the dynamic loader resolves through `LD_LIBRARY_PATH` and its
+///    cache (`ldconfig`).
+///
+/// `var` reads an environment variable (unset or empty: skipped). Pure: the result is a list of
+/// (what, path) to try, with `what` naming its origin for the error message.
+pub fn library_candidates(
+    var: &dyn Fn(&str) -> Option<OsString>,
+    system: &[PathBuf],
+) -> Vec<(String, PathBuf)> {
+    let get = |k: &str| var(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let mut out = vec![];
+    let folder = |out: &mut Vec<(String, PathBuf)>, what: String, dir: &Path| {
+        for n in LIB_NAMES {
+            out.push((what.clone(), dir.join(n)));
+        }
+    };
+    if let Some(p) = get(LIB_ENV) {
+        if p.is_dir() {
+            folder(&mut out, format!("${LIB_ENV}"), &p);
+        } else {
+            out.push((format!("${LIB_ENV}"), p));
+        }
     }
-    let (major, minor) = raw_version()?;
+    for k in ["CUDA_PATH", "CUDA_HOME"] {
+        if let Some(d) = get(k) {
+            folder(&mut out, format!("${k}/lib64"), &d.join("lib64"));
+        }
+    }
+    let cache = get("TRANSFUSE_CACHE").or_else(|| get("HOME").map(|h| h.join(".cache/transfuse")));
+    if let Some(c) = cache {
+        folder(
+            &mut out,
+            "the fetch-nvrtc.sh wheel".into(),
+            &c.join("nvrtc/nvidia/cuda_nvrtc/lib"),
+        );
+    }
+    for d in system {
+        folder(&mut out, String::new(), d);
+    }
+    for n in LIB_NAMES {
+        out.push(("the loader's path".into(), PathBuf::from(n)));
+    }
+    out
+}
+
+/// This machine's fixed places for NVRTC: `/usr/local/cuda/lib64`, then, in the site-packages
+/// of `$VIRTUAL_ENV`, of every `PATH` entry's parent that ends in `bin` (a virtualenv such as
+/// `/opt/torch/.venv`), `~/.local`, `/usr/local` and `/usr`: `nvidia/cu13/lib` and
+/// `nvidia/cuda_nvrtc/lib` (those that exist).
+pub fn system_lib_dirs() -> Vec<PathBuf> {
+    let mut dirs = vec![PathBuf::from("/usr/local/cuda/lib64")];
+    for sp in site_packages() {
+        for sub in ["nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib"] {
+            dirs.push(sp.join(sub));
+        }
+    }
+    // /usr/local/cuda/lib64 stays listed (an error names it); wheels only where they exist.
+    let wheels = dirs.split_off(1);
+    dirs.extend(wheels.into_iter().filter(|d| d.is_dir()));
+    dirs
+}
+
+/// Python site-packages folders that exist, of the prefixes [`system_lib_dirs`] names.
+fn site_packages() -> Vec<PathBuf> {
+    let mut prefixes: Vec<PathBuf> = vec![];
+    if let Some(v) = std::env::var_os("VIRTUAL_ENV").filter(|v| !v.is_empty()) {
+        prefixes.push(v.into());
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for p in std::env::split_paths(&path) {
+            if p.file_name().is_some_and(|n| n == "bin") {
+                if let Some(parent) = p.parent() {
+                    prefixes.push(parent.to_path_buf());
+                }
+            }
+        }
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        prefixes.push(PathBuf::from(h).join(".local"));
+    }
+    prefixes.extend(["/usr/local", "/usr"].map(PathBuf::from));
+    let mut out = vec![];
+    for prefix in prefixes {
+        let lib = prefix.join("lib");
+        let mut pythons: Vec<PathBuf> = std::fs::read_dir(&lib)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
+            .map(|e| e.path())
+            .collect();
+        pythons.sort();
+        for py in pythons {
+            for sp in ["site-packages", "dist-packages"] {
+                let d = py.join(sp);
+                if d.is_dir() && !out.contains(&d) {
+                    out.push(d);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn load() -> Result<Api, NvrtcError> {
+    let candidates = library_candidates(&|k| std::env::var_os(k), &system_lib_dirs());
+    let mut tried: Vec<String> = vec![];
+    for (what, path) in candidates {
+        let bare = path.components().count() == 1;
+        if !bare && !path.exists() {
+            // Not worth a line per missing file: only folders that have no NVRTC are named,
+            // once, below.
+            let in_folder = path
+                .file_name()
+                .is_some_and(|n| LIB_NAMES.iter().any(|l| n == *l));
+            let dir = match path.parent() {
+                Some(d) if in_folder => d.display().to_string(),
+                _ => format!("{} (no such file)", path.display()),
+            };
+            let line = if what.is_empty() {
+                dir
+            } else {
+                format!("{what} = {dir}")
+            };
+            if !tried.contains(&line) {
+                tried.push(line);
+            }
+            continue;
+        }
+        match open(&path) {
+            Ok(api) => return Ok(api),
+            Err(Open::Old(e)) => return Err(e),
+            Err(Open::Failed(e)) => {
+                // A bare name the loader does not find is the common case: name it briefly.
+                let e = if bare { "not found".to_string() } else { e };
+                tried.push(format!("{}: {e}", path.display()));
+            }
+        }
+    }
+    let ld = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    let ld = if ld.is_empty() { "unset".into() } else { ld };
+    Err(NvrtcError::Unavailable {
+        why: format!("searched: {}; LD_LIBRARY_PATH: {ld}", tried.join(", ")),
+    })
+}
+
+enum Open {
+    /// Loaded, but older than 12.0: final.
+    Old(NvrtcError),
+    /// Not loadable, or missing an entry point.
+    Failed(String),
+}
+
+fn open(path: &Path) -> Result<Api, Open> {
+    // Through symbolic links to the real file: NVRTC finds its builtins library
+    // (libnvrtc-builtins.so.X.Y) in the folder it was loaded from, so a link in another folder
+    // would compile nothing (NVRTC_ERROR_BUILTIN_OPERATION_FAILURE).
+    let real = if path.components().count() > 1 {
+        std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+    } else {
+        path.to_path_buf()
+    };
+    // SAFETY: loading NVRTC runs its initialisers, which have no preconditions.
+    let lib =
+        unsafe { libloading::Library::new(&real) }.map_err(|e| Open::Failed(e.to_string()))?;
+    macro_rules! sym {
+        ($name:literal) => {
+            // SAFETY: the symbol's type is NVRTC's C signature of that function (nvrtc.h,
+            // unchanged from 12.0 to 13.x).
+            *unsafe { lib.get(concat!($name, "\0").as_bytes()) }
+                .map_err(|e| Open::Failed(format!("no {} in it: {e}", $name)))?
+        };
+    }
+    let nvrtc_version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> NvResult =
+        sym!("nvrtcVersion");
+    let (mut major, mut minor): (c_int, c_int) = (0, 0);
+    // SAFETY: both pointers are valid.
+    if unsafe { nvrtc_version(&mut major, &mut minor) } != NVRTC_SUCCESS {
+        return Err(Open::Failed("nvrtcVersion failed".into()));
+    }
     if major < 12 {
-        return Err(NvrtcError::TooOld { major, minor });
+        return Err(Open::Old(NvrtcError::TooOld { major, minor }));
     }
-    Ok(())
+    Ok(Api {
+        path: real,
+        version: (major, minor),
+        get_error_string: sym!("nvrtcGetErrorString"),
+        get_num_supported_archs: sym!("nvrtcGetNumSupportedArchs"),
+        get_supported_archs: sym!("nvrtcGetSupportedArchs"),
+        create_program: sym!("nvrtcCreateProgram"),
+        compile_program: sym!("nvrtcCompileProgram"),
+        destroy_program: sym!("nvrtcDestroyProgram"),
+        get_ptx_size: sym!("nvrtcGetPTXSize"),
+        get_ptx: sym!("nvrtcGetPTX"),
+        get_cubin_size: sym!("nvrtcGetCUBINSize"),
+        get_cubin: sym!("nvrtcGetCUBIN"),
+        get_log_size: sym!("nvrtcGetProgramLogSize"),
+        get_log: sym!("nvrtcGetProgramLog"),
+        _lib: lib,
+    })
 }
 
 /// Compiles CUDA C `src` to PTX for the virtual architecture `arch` (e.g. `"compute_80"`).
@@ -222,7 +477,7 @@ pub fn compile_ptx(
     extra_opts: &[&str],
 ) -> Result<String, NvrtcError> {
     let prog = Program::compile(src, name, arch, extra_opts)?;
-    let ptx = prog.output(sys::nvrtcGetPTXSize, sys::nvrtcGetPTX, "nvrtcGetPTX")?;
+    let ptx = prog.output(prog.api.get_ptx_size, prog.api.get_ptx, "nvrtcGetPTX")?;
     Ok(String::from_utf8_lossy(until_nul(&ptx)).into_owned())
 }
 
@@ -236,25 +491,25 @@ pub fn compile_cubin(
     extra_opts: &[&str],
 ) -> Result<Vec<u8>, NvrtcError> {
     let prog = Program::compile(src, name, arch, extra_opts)?;
-    prog.output(sys::nvrtcGetCUBINSize, sys::nvrtcGetCUBIN, "nvrtcGetCUBIN")
+    prog.output(prog.api.get_cubin_size, prog.api.get_cubin, "nvrtcGetCUBIN")
 }
 
 /// The architectures the loaded NVRTC compiles for, as `major * 10 + minor` in ascending
 /// order (`[50, 52, …, 90, 100, 101, 103, 120, 121]` for 12.9): `compute_XY` and `sm_XY` both exist for each.
 pub fn supported_archs() -> Result<Vec<i32>, NvrtcError> {
-    available()?;
+    let api = api()?;
     let mut n: c_int = 0;
     // SAFETY: the library is loaded; `n` is a valid pointer.
-    check(
-        unsafe { sys::nvrtcGetNumSupportedArchs(&mut n) },
+    api.check(
+        unsafe { (api.get_num_supported_archs)(&mut n) },
         "",
         "nvrtcGetNumSupportedArchs",
     )?;
     let mut archs = vec![0 as c_int; usize::try_from(n).unwrap_or(0)];
     if !archs.is_empty() {
         // SAFETY: `archs` holds the `n` ints NVRTC reported.
-        check(
-            unsafe { sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) },
+        api.check(
+            unsafe { (api.get_supported_archs)(archs.as_mut_ptr()) },
             "",
             "nvrtcGetSupportedArchs",
         )?;
@@ -268,7 +523,7 @@ pub fn supported_archs() -> Result<Vec<i32>, NvrtcError> {
 /// from ptxas' report in the program log.
 pub fn compile_sass(src: &str, name: &str, arch: &str) -> Result<SassInfo, NvrtcError> {
     let prog = Program::compile(src, name, arch, &["--ptxas-options=-v"])?;
-    let cubin = prog.output(sys::nvrtcGetCUBINSize, sys::nvrtcGetCUBIN, "nvrtcGetCUBIN")?;
+    let cubin = prog.output(prog.api.get_cubin_size, prog.api.get_cubin, "nvrtcGetCUBIN")?;
     let log = prog.log()?;
     let kernels = parse_ptxas_report(&log).map_err(|why| NvrtcError::Report {
         name: name.to_string(),
@@ -338,34 +593,16 @@ pub fn search_cuda_include(
 /// (or `scripts/fetch-nvrtc.sh`'s target).
 const WHEEL_INCLUDE: &str = "nvidia/cuda_runtime/include";
 
-/// This machine's fixed places for the CUDA headers: `/usr/local/cuda/include`, then the wheel
-/// in the site-packages of `$VIRTUAL_ENV`, `~/.local`, `/usr/local` and `/usr` (every
-/// `python3.*` under their `lib`, and Debian's `dist-packages`).
+/// This machine's fixed places for the CUDA headers: `/usr/local/cuda/include`, then the
+/// wheels (`nvidia/cuda_runtime/include`, CUDA 13's `nvidia/cu13/include`) in the
+/// site-packages of the prefixes [`system_lib_dirs`] names (every `python3.*` under their
+/// `lib`, and Debian's `dist-packages`).
 pub fn system_include_dirs() -> Vec<PathBuf> {
     let mut dirs = vec![PathBuf::from("/usr/local/cuda/include")];
-    let mut prefixes: Vec<PathBuf> = vec![];
-    if let Some(v) = std::env::var_os("VIRTUAL_ENV").filter(|v| !v.is_empty()) {
-        prefixes.push(v.into());
-    }
-    if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-        prefixes.push(PathBuf::from(h).join(".local"));
-    }
-    prefixes.extend(["/usr/local", "/usr"].map(PathBuf::from));
-    for prefix in prefixes {
-        let lib = prefix.join("lib");
-        let mut pythons: Vec<PathBuf> = std::fs::read_dir(&lib)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
-            .map(|e| e.path())
-            .collect();
-        pythons.sort();
-        for py in pythons {
-            for sp in ["site-packages", "dist-packages"] {
-                dirs.push(py.join(sp).join(WHEEL_INCLUDE));
-            }
-        }
+    for sp in site_packages() {
+        // CUDA 12's runtime wheel, then CUDA 13's (everything under nvidia/cu13).
+        dirs.push(sp.join(WHEEL_INCLUDE));
+        dirs.push(sp.join("nvidia/cu13/include"));
     }
     dirs
 }
@@ -386,19 +623,17 @@ fn base_options(arch: &str, include: Option<&Path>) -> Vec<String> {
 
 /// An NVRTC program, destroyed on drop. Owns the strings NVRTC may point into.
 struct Program {
-    handle: sys::nvrtcProgram,
+    api: &'static Api,
+    handle: ProgramHandle,
     name: String,
     _src: CString,
     _name: CString,
 }
 
-type SizeFn = unsafe fn(sys::nvrtcProgram, *mut usize) -> sys::nvrtcResult;
-type GetFn = unsafe fn(sys::nvrtcProgram, *mut c_char) -> sys::nvrtcResult;
-
 impl Program {
     /// Creates the program and compiles it; a failed compilation returns the log.
     fn compile(src: &str, name: &str, arch: &str, extra: &[&str]) -> Result<Self, NvrtcError> {
-        available()?;
+        let api = api()?;
         let nul = |what: &str| NvrtcError::Nul {
             name: name.to_string(),
             what: what.to_string(),
@@ -422,11 +657,11 @@ impl Program {
             .collect::<Result<Vec<_>, _>>()?;
         let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
 
-        let mut handle: sys::nvrtcProgram = std::ptr::null_mut();
+        let mut handle: ProgramHandle = std::ptr::null_mut();
         // SAFETY: NVRTC is loaded; the strings are NUL-terminated and outlive the program
         // (they are moved into it below); no headers are passed.
         let r = unsafe {
-            sys::nvrtcCreateProgram(
+            (api.create_program)(
                 &mut handle,
                 c_src.as_ptr(),
                 c_name.as_ptr(),
@@ -435,8 +670,9 @@ impl Program {
                 std::ptr::null(),
             )
         };
-        check(r, name, "nvrtcCreateProgram")?;
+        api.check(r, name, "nvrtcCreateProgram")?;
         let prog = Program {
+            api,
             handle,
             name: name.to_string(),
             _src: c_src,
@@ -448,12 +684,12 @@ impl Program {
             code: format!("{} options is too many", opt_ptrs.len()),
         })?;
         // SAFETY: the program is live; `opt_ptrs` holds `n` valid C strings alive until return.
-        let r = unsafe { sys::nvrtcCompileProgram(prog.handle, n, opt_ptrs.as_ptr()) };
-        if r != sys::nvrtcResult::NVRTC_SUCCESS {
+        let r = unsafe { (api.compile_program)(prog.handle, n, opt_ptrs.as_ptr()) };
+        if r != NVRTC_SUCCESS {
             return Err(NvrtcError::Compile {
                 name: name.to_string(),
                 arch: arch.to_string(),
-                code: format!("{r:?}"),
+                code: api.error_name(r),
                 log: prog.log()?,
             });
         }
@@ -463,8 +699,8 @@ impl Program {
     /// NVRTC's program log (diagnostics and, with `--ptxas-options=-v`, ptxas' report).
     fn log(&self) -> Result<String, NvrtcError> {
         let bytes = self.output(
-            sys::nvrtcGetProgramLogSize,
-            sys::nvrtcGetProgramLog,
+            self.api.get_log_size,
+            self.api.get_log,
             "nvrtcGetProgramLog",
         )?;
         Ok(String::from_utf8_lossy(until_nul(&bytes))
@@ -481,12 +717,13 @@ impl Program {
     ) -> Result<Vec<u8>, NvrtcError> {
         let mut size = 0usize;
         // SAFETY: the program is live and compiled; `size` is a valid pointer.
-        check(unsafe { size_fn(self.handle, &mut size) }, &self.name, call)?;
+        self.api
+            .check(unsafe { size_fn(self.handle, &mut size) }, &self.name, call)?;
         let mut buf = vec![0u8; size];
         if size > 0 {
             // SAFETY: `buf` has the `size` bytes NVRTC asked for.
             let r = unsafe { get_fn(self.handle, buf.as_mut_ptr().cast::<c_char>()) };
-            check(r, &self.name, call)?;
+            self.api.check(r, &self.name, call)?;
         }
         Ok(buf)
     }
@@ -496,19 +733,7 @@ impl Drop for Program {
     fn drop(&mut self) {
         // SAFETY: the handle came from nvrtcCreateProgram and is destroyed once. A failure
         // here leaks the program, which is all that can be done in drop.
-        let _ = unsafe { sys::nvrtcDestroyProgram(&mut self.handle) };
-    }
-}
-
-fn check(r: sys::nvrtcResult, name: &str, call: &'static str) -> Result<(), NvrtcError> {
-    if r == sys::nvrtcResult::NVRTC_SUCCESS {
-        Ok(())
-    } else {
-        Err(NvrtcError::Call {
-            name: name.to_string(),
-            call,
-            code: format!("{r:?}"),
-        })
+        let _ = unsafe { (self.api.destroy_program)(&mut self.handle) };
     }
 }
 
@@ -717,6 +942,68 @@ ptxas info    : Compile time = 3.691 ms";
         ] {
             assert!(all.contains(&want), "{all:?} does not name {want}");
         }
+    }
+
+    #[test]
+    fn nvrtc_13_is_looked_for_before_12_in_every_folder() {
+        let tmp = Tmp::new("lib-order");
+        let v = vars(vec![
+            (LIB_ENV, tmp.0.clone()),
+            ("CUDA_HOME", PathBuf::from("/opt/cuda")),
+            ("TRANSFUSE_CACHE", PathBuf::from("/c")),
+        ]);
+        let sys = PathBuf::from("/site/nvidia/cu13/lib");
+        let c = library_candidates(&v, std::slice::from_ref(&sys));
+        let paths: Vec<PathBuf> = c.iter().map(|(_, p)| p.clone()).collect();
+        let want: Vec<PathBuf> = [
+            tmp.0.clone(),
+            "/opt/cuda/lib64".into(),
+            "/c/nvrtc/nvidia/cuda_nvrtc/lib".into(),
+            sys.clone(),
+        ]
+        .iter()
+        .flat_map(|d| LIB_NAMES.map(|n| d.join(n)))
+        .chain(LIB_NAMES.map(PathBuf::from))
+        .collect();
+        assert_eq!(paths, want);
+        assert_eq!(c[0].0, format!("${LIB_ENV}"));
+        assert_eq!(c[3].0, "$CUDA_HOME/lib64");
+    }
+
+    #[test]
+    fn the_lib_variable_may_name_the_file_itself() {
+        let v = vars(vec![(LIB_ENV, PathBuf::from("/x/libnvrtc.so.13.0.88"))]);
+        let c = library_candidates(&v, &[]);
+        assert_eq!(c[0].1, PathBuf::from("/x/libnvrtc.so.13.0.88"));
+        // Unset variables add nothing but the loader's own search.
+        assert_eq!(
+            library_candidates(&vars(vec![]), &[]).len(),
+            LIB_NAMES.len()
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_nvrtc_fails_to_open_without_a_panic() {
+        let tmp = Tmp::new("not-a-lib");
+        let fake = tmp.0.join("libnvrtc.so.13");
+        std::fs::write(&fake, "not an ELF file").unwrap();
+        match open(&fake) {
+            Err(Open::Failed(e)) => assert!(!e.is_empty()),
+            Err(Open::Old(e)) => panic!("{e}"),
+            Ok(_) => panic!("a text file loaded as NVRTC"),
+        }
+    }
+
+    #[test]
+    fn the_loaded_library_opens_again_by_its_path_with_every_entry_point() {
+        let Ok(path) = library_path() else {
+            eprintln!("skipping: NVRTC is not available");
+            return;
+        };
+        let api = open(&path).unwrap_or_else(|_| panic!("{} did not open", path.display()));
+        assert!(api.version.0 >= 12);
+        assert_eq!(api.error_name(NVRTC_SUCCESS), "NVRTC_SUCCESS");
+        assert_eq!(api.error_name(6), "NVRTC_ERROR_COMPILATION");
     }
 
     #[test]

@@ -378,3 +378,78 @@ fn half_storage_matches_the_cpu_backend_loosely() {
     check(&dev, &opt, &g, &weights, Elem::F16, 2e-2);
     check(&dev, &opt, &g, &weights, Elem::BF16, 6e-2);
 }
+
+/// `time_forward` on the CUDA backend is timed by CUDA events: the clock is `"device"`, every
+/// run has a positive, finite time, and the timer without launches gives `None`. The results
+/// stay right after timing.
+#[test]
+fn forward_runs_are_timed_by_cuda_events() {
+    let Some(dev) = device_or_skip("forward_runs_are_timed_by_cuda_events") else {
+        return;
+    };
+    assert!(dev.timer_start());
+    assert_eq!(dev.timer_stop().unwrap(), None, "no launch, no device time");
+    let (g, weights) = graph();
+    let mut p = Program::new(dev.clone(), &g, &weights, Elem::F32).unwrap();
+    let x = inputs(7, 4);
+    let t = p.time_forward(&x, 3).unwrap();
+    eprintln!("event times: {:?}", t.seconds);
+    assert_eq!(t.clock, "device");
+    assert_eq!(t.seconds.len(), 3);
+    assert!(
+        t.seconds.iter().all(|s| *s > 0.0 && s.is_finite()),
+        "{:?}",
+        t.seconds
+    );
+    let want = CpuBackend::reference().run(&g, &weights, &x).unwrap();
+    assert_close(&p.run(&x, &[]).unwrap(), &want, 1e-4, "after timing");
+}
+
+/// A kernel compiled by one device handle is stored on disk and the next handle loads it
+/// (with `TRANSFUSE_CACHE_DIR` pointing at a fresh folder); the results match the CPU.
+#[test]
+fn compiled_kernels_are_cached_on_disk() {
+    if cuda::shared().is_err() {
+        let _ = device_or_skip("compiled_kernels_are_cached_on_disk");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("transfuse-cuda-kcache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // Read by CudaDevice::new (another test opening a device meanwhile may use it too: harmless).
+    std::env::set_var("TRANSFUSE_CACHE_DIR", &dir);
+    let (g, weights) = graph();
+    let x = inputs(3, 5);
+    let want = CpuBackend::reference().run(&g, &weights, &x).unwrap();
+    let first = Arc::new(CudaDevice::new().unwrap());
+    let mut p = Program::new(first, &g, &weights, Elem::F32).unwrap();
+    assert_close(&p.run(&x, &[]).unwrap(), &want, 1e-4, "first handle");
+    let stored = std::fs::read_dir(dir.join("kernels"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(stored > 0, "nothing stored under {}", dir.display());
+    let second = Arc::new(CudaDevice::new().unwrap());
+    let mut p = Program::new(second, &g, &weights, Elem::F32).unwrap();
+    assert_close(
+        &p.run(&x, &[]).unwrap(),
+        &want,
+        1e-4,
+        "second handle, from the disk cache",
+    );
+    let after = std::fs::read_dir(dir.join("kernels"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(after, stored, "the second handle compiled nothing new");
+    std::env::remove_var("TRANSFUSE_CACHE_DIR");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Where a driver library is present, it exports every entry point the backend calls through
+/// cudarc (whose missing symbols would be a panic at first call, not an error).
+#[test]
+fn the_driver_exports_every_entry_point_used() {
+    if !cuda::driver_present() {
+        eprintln!("skipped the_driver_exports_every_entry_point_used: no driver library");
+        return;
+    }
+    assert_eq!(cuda::missing_driver_symbols(), Vec::<&str>::new());
+}

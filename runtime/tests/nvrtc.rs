@@ -191,7 +191,20 @@ fn without_nvrtc_every_call_is_an_error() {
         return;
     };
     let message = e.to_string();
+    eprintln!("{message}");
     assert!(message.contains("LD_LIBRARY_PATH"), "{message}");
+    // It names both CUDA 12's and CUDA 13's library and what was searched.
+    assert!(message.contains("libnvrtc.so.13"), "{message}");
+    assert!(message.contains("libnvrtc.so.12"), "{message}");
+    assert!(message.contains("searched: "), "{message}");
+    if let Some(dir) = std::env::var_os(nvrtc::LIB_ENV).filter(|d| !d.is_empty()) {
+        let dir = std::path::PathBuf::from(dir);
+        assert!(
+            message.contains(&dir.display().to_string()),
+            "{message} does not name {}",
+            dir.display()
+        );
+    }
     assert!(message.contains("scripts/fetch-nvrtc.sh"), "{message}");
     assert_eq!(
         nvrtc::compile_ptx(SAXPY, "saxpy.cu", "compute_80", &[]),
@@ -202,4 +215,41 @@ fn without_nvrtc_every_call_is_an_error() {
         Err(e.clone())
     );
     assert_eq!(nvrtc::version(), Err(e));
+}
+
+/// The disk cache of the CUDA backend with real NVRTC output: PTX and a cubin compiled, stored,
+/// loaded back byte for byte; a corrupted entry is a miss, and the kernel is stored again.
+#[test]
+fn compiled_kernels_round_trip_through_the_disk_cache() {
+    use transfuse_runtime::kernel_cache::{KernelCache, Key};
+    if !nvrtc_or_skip("compiled_kernels_round_trip_through_the_disk_cache") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("transfuse-nvrtc-kcache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = KernelCache::at(&dir);
+    let version = nvrtc::version().unwrap();
+    let ptx = nvrtc::compile_ptx(SAXPY, "saxpy.cu", "compute_80", &[]).unwrap();
+    let cubin = nvrtc::compile_cubin(SAXPY, "saxpy.cu", "sm_90", &[]).unwrap();
+    let kp = Key::new(SAXPY, "compute_80", version, 13000, &[]);
+    let kc = Key::new(SAXPY, "sm_90", version, 13000, &[]);
+    assert_eq!(cache.load(&kp), None);
+    cache.store(&kp, ptx.as_bytes()).unwrap();
+    cache.store(&kc, &cubin).unwrap();
+    assert_eq!(cache.load(&kp).as_deref(), Some(ptx.as_bytes()));
+    assert_eq!(cache.load(&kc).as_deref(), Some(cubin.as_slice()));
+    // A cubin is an ELF file; the PTX names its entry.
+    assert_eq!(&cubin[..4], b"\x7fELF");
+    assert!(ptx.contains(".entry saxpy"));
+    // Flip one byte of the cubin entry: ignored (with a warning), removed, stored again.
+    let path = cache.path(&kc);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(cache.load(&kc), None);
+    assert!(!path.exists());
+    cache.store(&kc, &cubin).unwrap();
+    assert_eq!(cache.load(&kc).as_deref(), Some(cubin.as_slice()));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,11 +10,16 @@ use std::path::PathBuf;
 use transfuse::ir::Tensor;
 use transfuse::models::load_all_safetensors;
 
-/// Path of a file or folder under tests/fixtures.
+/// Path of a file or folder under tests/fixtures, or under `$TRANSFUSE_FIXTURES_DIR` when set
+/// (a test binary carried to another machine, where the source tree it was built from, baked in
+/// as `CARGO_MANIFEST_DIR`, is absent: scripts/gpu-pack.sh).
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
+    match std::env::var_os("TRANSFUSE_FIXTURES_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join(rel),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(rel),
+    }
 }
 
 /// The reference tensors of a fixture folder (`outputs.safetensors`).
