@@ -443,10 +443,12 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
                     out[axis] = match (d, s[axis].as_known()) {
                         (DistOp::AllGather { .. }, Some(n)) => Dim::known(n * world),
                         (DistOp::Shard { .. }, Some(n)) if n % world == 0 => Dim::known(n / world),
-                        _ => return Err(format!(
+                        _ => {
+                            return Err(format!(
                             "axis {axis} ({}) must be a known length divisible by world {world}",
                             s[axis]
-                        )),
+                        ))
+                        }
                     };
                     Ok((out, dt))
                 }
