@@ -58,7 +58,7 @@ pub fn megatron_spec(cfg: &ModelConfig, degree: usize) -> Result<ShardSpec, Erro
         ..ShardSpec::default()
     };
     let heads_check = |tensor: &str, heads: usize, what: &str, shape: String| {
-        if heads % degree != 0 {
+        if !heads.is_multiple_of(degree) {
             Err(not_divisible(
                 tensor,
                 shape,
@@ -144,7 +144,7 @@ pub fn megatron_spec(cfg: &ModelConfig, degree: usize) -> Result<ShardSpec, Erro
         }
         ModelConfig::Llama(c) => {
             let (h, d) = (c.hidden_size, c.head_dim);
-            kv_split = c.num_key_value_heads % degree == 0;
+            kv_split = c.num_key_value_heads.is_multiple_of(degree);
             for i in 0..c.num_hidden_layers {
                 let at = format!("model.layers.{i}.self_attn");
                 let q = format!("{at}.q_proj.weight");
@@ -201,7 +201,7 @@ pub fn megatron_spec(cfg: &ModelConfig, degree: usize) -> Result<ShardSpec, Erro
 /// The key/value heads each rank holds in its KV cache under [`megatron_spec`].
 pub fn local_kv_heads(cfg: &ModelConfig, degree: usize) -> Option<usize> {
     let c = cfg.cache_shape()?;
-    Some(if c.kv_heads % degree == 0 {
+    Some(if c.kv_heads.is_multiple_of(degree) {
         c.kv_heads / degree
     } else {
         c.kv_heads
@@ -301,7 +301,7 @@ impl Session {
         let spec = megatron_spec(&model.config, degree)?;
         let (g, report) = crate::passes::optimize(&model.graph, opts)?;
         let sharded = shard(&g, &spec)?;
-        let comms = InProcessGroup::new(degree, collective_timeout());
+        let comms = InProcessGroup::ranks(degree, collective_timeout());
         let mut ranks: Vec<Box<dyn Loaded>> = Vec::new();
         let mut stats = Vec::new();
         let mut rank0 = None;

@@ -442,7 +442,9 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
                     let mut out = s.clone();
                     out[axis] = match (d, s[axis].as_known()) {
                         (DistOp::AllGather { .. }, Some(n)) => Dim::known(n * world),
-                        (DistOp::Shard { .. }, Some(n)) if n % world == 0 => Dim::known(n / world),
+                        (DistOp::Shard { .. }, Some(n)) if n.is_multiple_of(world) => {
+                            Dim::known(n / world)
+                        }
                         _ => {
                             return Err(format!(
                             "axis {axis} ({}) must be a known length divisible by world {world}",

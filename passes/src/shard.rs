@@ -206,7 +206,7 @@ pub fn shard(g: &Graph, spec: &ShardSpec) -> Result<Sharded, ShardError> {
         let out = if spec.rank_local_outputs.contains(name) {
             nid
         } else {
-            p.to_rep(nid, &st)?
+            p.replicate(nid, &st)?
         };
         p.g.set_output(name, out);
     }
@@ -314,13 +314,13 @@ impl Pass<'_> {
             .and_then(Dim::as_known)
             .ok_or_else(|| err(format!("axis {axis} is not a known length")))?;
         let plen = padded.unwrap_or(len);
-        if plen < len || segments == 0 || plen % segments != 0 {
+        if plen < len || segments == 0 || !plen.is_multiple_of(segments) {
             return Err(err(format!(
                 "axis {axis} ({plen}) is not {segments} equal blocks"
             )));
         }
         let seg = plen / segments;
-        if seg % self.n != 0 {
+        if !seg.is_multiple_of(self.n) {
             return Err(err(if segments > 1 {
                 format!(
                     "axis {axis} = {segments} blocks of {seg}, and {seg} is not divisible by {}",
@@ -343,7 +343,7 @@ impl Pass<'_> {
     }
 
     /// `id` in state `st` made replicated: each split segment gathered, padding dropped.
-    fn to_rep(&mut self, id: NodeId, st: &St) -> Result<NodeId, ShardError> {
+    fn replicate(&mut self, id: NodeId, st: &St) -> Result<NodeId, ShardError> {
         let St::Seg { axis, segs } = st else {
             return Ok(id);
         };
@@ -401,7 +401,7 @@ impl Pass<'_> {
     ) -> Result<(NodeId, St), ShardError> {
         let mut ids = Vec::new();
         for (id, st) in ops {
-            ids.push(self.to_rep(*id, st)?);
+            ids.push(self.replicate(*id, st)?);
         }
         let op = self.src.node(user).op.clone();
         Ok((self.add(op, &ids)?, St::Rep))
@@ -702,7 +702,7 @@ impl Pass<'_> {
             return Ok(None);
         };
         let tj = target[j].as_known().expect("known");
-        if tj % self.n != 0 {
+        if !tj.is_multiple_of(self.n) {
             return Err(ShardError::NotDivisible {
                 tensor: format!("reshape %{} (from {})", id.index(), shape_string(src)),
                 dims: shape_string(target),

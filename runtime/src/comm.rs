@@ -100,13 +100,13 @@ impl Shared {
     }
 }
 
-/// A group of ranks in one process; [`InProcessGroup::new`] gives one communicator per rank.
+/// A group of ranks in one process; [`InProcessGroup::ranks`] gives one communicator per rank.
 pub struct InProcessGroup;
 
 impl InProcessGroup {
     /// `world` communicators over shared buffers; a collective waits at most `timeout` for the
     /// other ranks.
-    pub fn new(world: usize, timeout: Duration) -> Vec<Arc<InProcessComm>> {
+    pub fn ranks(world: usize, timeout: Duration) -> Vec<Arc<InProcessComm>> {
         let shared = Arc::new(Shared {
             world,
             timeout,

@@ -54,7 +54,7 @@ fn ranks(g: &Graph, comms: &[Arc<InProcessComm>]) -> Vec<Box<dyn Loaded>> {
 #[test]
 fn collectives_on_two_cpu_ranks() {
     let g = dist_graph(2);
-    let comms = InProcessGroup::new(2, Duration::from_secs(10));
+    let comms = InProcessGroup::ranks(2, Duration::from_secs(10));
     let mut tp = TpLoaded::new(ranks(&g, &comms), comms);
     let x: Vec<f32> = (0..8).map(|i| i as f32).collect();
     let inputs: TensorMap = HashMap::from([("x".into(), Tensor::f32(vec![2, 4], x.clone()))]);
@@ -83,7 +83,7 @@ fn collectives_on_two_cpu_ranks() {
 
 #[test]
 fn all_reduce_sums_distinct_contributions_in_rank_order() {
-    let comms = InProcessGroup::new(3, Duration::from_secs(10));
+    let comms = InProcessGroup::ranks(3, Duration::from_secs(10));
     let sums: Vec<Vec<f32>> = std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .iter()
@@ -143,7 +143,7 @@ impl Loaded for Failing {
 fn a_failing_rank_ends_every_rank_with_its_error() {
     let g = dist_graph(4);
     // A long timeout: the others must be released by the abort, not by the clock.
-    let comms = InProcessGroup::new(4, Duration::from_secs(600));
+    let comms = InProcessGroup::ranks(4, Duration::from_secs(600));
     let mut rs = ranks(&g, &comms);
     rs[2] = Box::new(Failing);
     let probe = comms[0].clone();
@@ -159,7 +159,7 @@ fn a_failing_rank_ends_every_rank_with_its_error() {
 
 #[test]
 fn a_rank_that_never_arrives_times_out() {
-    let comms = InProcessGroup::new(2, Duration::from_millis(200));
+    let comms = InProcessGroup::ranks(2, Duration::from_millis(200));
     let mut v = vec![1.0f32];
     let err = comms[0].all_reduce_sum(&mut v).unwrap_err();
     let msg = err.to_string();

@@ -53,7 +53,10 @@ impl std::fmt::Debug for CpuBackend {
 impl Default for CpuBackend {
     /// The fast mode, as [`CpuBackend::new`].
     fn default() -> CpuBackend {
-        CpuBackend::new()
+        CpuBackend {
+            fast: true,
+            comm: None,
+        }
     }
 }
 
