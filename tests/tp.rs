@@ -223,3 +223,78 @@ fn sharded_graphs_hold_only_megatrons_collectives() {
         }
     }
 }
+
+mod cli {
+    use super::*;
+    use common::cli::{assert_error, assert_ok, s, transfuse, TempDir};
+
+    fn gen(model: &str, extra: &[&str]) -> std::process::Output {
+        let d = s(&dir(model));
+        let mut args = vec![
+            "generate",
+            "--model",
+            &d,
+            "--prompt-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ];
+        if !extra.contains(&"--backend") {
+            args.extend_from_slice(&["--backend", "cpu"]);
+        }
+        args.extend_from_slice(extra);
+        transfuse(args)
+    }
+
+    #[test]
+    fn generate_tp_equals_tp1_and_bad_degrees_exit_2() {
+        let want = assert_ok(&gen("tiny_gpt2", &[]));
+        assert_eq!(assert_ok(&gen("tiny_gpt2", &["--tp", "2"])), want);
+        let want = assert_ok(&gen("tiny_llama", &[]));
+        assert_eq!(assert_ok(&gen("tiny_llama", &["--tp", "3"])), want);
+        assert_error(
+            &gen("tiny_gpt2", &["--tp", "3"]),
+            &["h.0.attn.c_attn.weight", "[64, 192]", "4 heads", "--tp 3"],
+        );
+        assert_error(&gen("tiny_gpt2", &["--tp", "0"]), &["--tp"]);
+        assert_error(
+            &gen("tiny_gpt2", &["--tp", "2", "--tp-layout", "gspmd"]),
+            &["--tp-layout", "gspmd"],
+        );
+        assert_error(
+            &gen("tiny_gpt2", &["--tp", "2", "--backend", "wgpu"]),
+            &["--tp", "wgpu"],
+        );
+    }
+
+    #[test]
+    fn run_with_tp() {
+        let tmp = TempDir::new("tp_cli_run");
+        let inputs = tmp.write(
+            "inputs.json",
+            r#"{"input_ids": [[5, 17, 42, 7], [11, 2, 250, 8]]}"#,
+        );
+        let (one, two) = (tmp.join("one.safetensors"), tmp.join("two.safetensors"));
+        for (out, tp) in [(&one, "1"), (&two, "4")] {
+            assert_ok(&transfuse([
+                "run",
+                "--model",
+                &s(&dir("tiny_bert")),
+                "--inputs",
+                &s(&inputs),
+                "--out",
+                &s(out),
+                "--backend",
+                "cpu",
+                "--tp",
+                tp,
+            ]));
+        }
+        let a = transfuse::models::load_all_safetensors(&one).unwrap();
+        let b = transfuse::models::load_all_safetensors(&two).unwrap();
+        for (k, v) in &a {
+            close(&format!("run --tp 4 {k}"), &b[k], v);
+        }
+    }
+}
