@@ -3,7 +3,7 @@
 //! exact; a degree that does not divide the heads is an error naming the tensor; the loader's
 //! per-rank byte counts; the bytes communicated per forward equal Megatron's count.
 //!
-//! Tolerance: |tp − tp1| ≤ 1e-5·(1 + |tp1|) per element (the row-parallel sums add the
+//! Tolerance: |tp − tp1| ≤ 1e-5·(1 + |tp1|) per element at unpadded positions (the row-parallel sums add the
 //! ranks' partial dot products in another order than one GEMM does).
 
 mod common;
@@ -29,12 +29,28 @@ fn tp(name: &str, n: usize) -> Session {
 }
 
 fn close(what: &str, a: &Tensor, b: &Tensor) {
+    close_masked(what, a, b, None)
+}
+
+/// As [`close`], skipping the positions a `[batch][seq]` mask pads (their outputs are
+/// meaningless; there the fast and reference CPU backends at TP 1 differ by 2.7e-5 on MiniLM).
+fn close_masked(what: &str, a: &Tensor, b: &Tensor, mask: Option<&[Vec<i64>]>) {
     assert_eq!(a.shape, b.shape, "{what}: shapes");
     let (x, y) = (a.as_f32().unwrap(), b.as_f32().unwrap());
+    let h = *a.shape.last().unwrap();
+    let keep = |i: usize| match mask {
+        Some(m) if a.shape.len() == 3 => {
+            let row = i / h;
+            m[row / m[0].len()][row % m[0].len()] == 1
+        }
+        _ => true,
+    };
     let worst = x
         .iter()
         .zip(y)
-        .map(|(p, q)| (p - q).abs() / (1.0 + q.abs()))
+        .enumerate()
+        .filter(|(i, _)| keep(*i))
+        .map(|(_, (p, q))| (p - q).abs() / (1.0 + q.abs()))
         .fold(0.0f32, f32::max);
     assert!(
         worst <= TOL,
@@ -57,8 +73,14 @@ fn check_forward(name: &str, degrees: &[usize]) {
         let s = tp(name, n);
         let got = s.forward(&batch()).unwrap();
         assert_eq!(got.len(), want.len(), "{name} tp {n}: outputs");
+        let b = batch();
         for (k, v) in &want {
-            close(&format!("{name} tp {n} {k}"), &got[k], v);
+            close_masked(
+                &format!("{name} tp {n} {k}"),
+                &got[k],
+                v,
+                b.attention_mask.as_deref(),
+            );
         }
     }
 }
@@ -103,12 +125,14 @@ fn minilm_tp2_tp4_equal_tp1() {
         "a second sentence, longer than the first one",
     ];
     let one = Session::cpu(Model::load(&d).unwrap()).unwrap();
-    let want = one.forward(&one_batch(&one, &texts)).unwrap();
+    let b = one_batch(&one, &texts);
+    let want = one.forward(&b).unwrap();
     for n in [2, 4] {
         let s = Session::cpu_tp(Model::load_without_weights(&d, None, false).unwrap(), n).unwrap();
-        let got = s.forward(&one_batch(&s, &texts)).unwrap();
+        let got = s.forward(&b).unwrap();
         for (k, v) in &want {
-            close(&format!("minilm tp {n} {k}"), &got[k], v);
+            let what = format!("minilm tp {n} {k}");
+            close_masked(&what, &got[k], v, b.attention_mask.as_deref());
         }
     }
 }
