@@ -7,10 +7,11 @@
 //! down projections row-parallel followed by one `all_reduce` each (bias and residual added once,
 //! after it); key/value heads split when the degree divides them, replicated otherwise; the LM
 //! head vocab-parallel (vocabulary padded to a multiple of the degree, local logits, one
-//! `all_gather`, the padding dropped); the MLP width likewise padded with zeros when the degree
+//! `all_gather`, the padding dropped) and the word embedding vocab-parallel (each rank looks up
+//! its rows, masks the others, one `all_reduce`; tied embeddings share the one split table); the MLP width likewise padded with zeros when the degree
 //! does not divide it (exact: the down projection's padded rows are zero). A degree that does not
-//! divide the attention heads is an error naming the weight. The embedding tables stay replicated (no vocab-parallel
-//! embedding yet), as do norms and the BERT pooler.
+//! divide the attention heads is an error naming the weight. Position and token-type embeddings, norms and the BERT
+//! pooler stay replicated.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,7 +119,8 @@ pub fn megatron_spec(cfg: &ModelConfig, degree: usize) -> Result<ShardSpec, Erro
                 spec.weights
                     .insert(format!("{p}.mlp.c_proj.weight"), mlp(0, w));
             }
-            spec.vocab_head = Some(("wte.weight".into(), head_layout));
+            // Tied: one vocab-split table serves the embedding and the LM head.
+            spec.weights.insert("wte.weight".into(), head_layout);
         }
         ModelConfig::Bert(c) => {
             let h = c.hidden_size;
@@ -141,6 +143,8 @@ pub fn megatron_spec(cfg: &ModelConfig, degree: usize) -> Result<ShardSpec, Erro
                 spec.weights
                     .insert(format!("{p}.output.dense.weight"), mlp(1, w));
             }
+            spec.weights
+                .insert("embeddings.word_embeddings.weight".into(), head_layout);
         }
         ModelConfig::Llama(c) => {
             let (h, d) = (c.hidden_size, c.head_dim);
@@ -173,12 +177,11 @@ pub fn megatron_spec(cfg: &ModelConfig, degree: usize) -> Result<ShardSpec, Erro
                 spec.weights
                     .insert(format!("{mp}.down_proj.weight"), mlp(1, w));
             }
-            let head = if c.tie_word_embeddings {
-                "model.embed_tokens.weight"
-            } else {
-                "lm_head.weight"
-            };
-            spec.vocab_head = Some((head.into(), head_layout));
+            spec.weights
+                .insert("model.embed_tokens.weight".into(), head_layout.clone());
+            if !c.tie_word_embeddings {
+                spec.weights.insert("lm_head.weight".into(), head_layout);
+            }
         }
     }
     if let Some(cache) = cfg.cache_shape() {

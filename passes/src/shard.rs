@@ -18,6 +18,8 @@
 //!   output; a matmul whose contraction axis is split the same way on both sides gives
 //!   partial sums: the pass emits the bare matmul, an `all_reduce`, then the bias and the
 //!   residual of a fused matmul, each added once after the reduce (exact: Megatron's order);
+//! - a gather from a table split by rows (the vocabulary) is Megatron's vocab-parallel
+//!   embedding: local lookup of the rank's ids, other rows zeroed, one `all_reduce`;
 //! - anything else (an operand split where the op cannot keep it) is gathered back to
 //!   replicated first and runs replicated: correct, and visible as extra collectives
 //!   ([`comm_cost`]).
@@ -38,7 +40,7 @@ pub enum Layout {
     /// Every rank holds all of it.
     Replicated,
     /// Split along `axis`: the axis is `segments` equal blocks, each split `degree` ways, rank
-    /// `r` holding the `r`-th part of every block. `padded` (vocab-parallel LM heads) pads the
+    /// `r` holding the `r`-th part of every block. `padded` (vocabularies, MLP widths) pads the
     /// axis with zero rows to this length first, a multiple of `segments · degree`.
     Split {
         /// The split axis.
@@ -70,10 +72,6 @@ pub struct ShardSpec {
     pub weights: BTreeMap<String, Layout>,
     /// Layouts of graph inputs (the KV cache); inputs not named are replicated.
     pub inputs: BTreeMap<String, Layout>,
-    /// The LM head's weight and its vocab-parallel layout. When the same weight is also an
-    /// embedding table (tied embeddings), gathers read a replicated copy and the head a split
-    /// copy named `<name>.vocab_shard`.
-    pub vocab_head: Option<(String, Layout)>,
     /// Outputs left as each rank computes them (a KV cache split by heads).
     pub rank_local_outputs: BTreeSet<String>,
 }
@@ -81,7 +79,7 @@ pub struct ShardSpec {
 /// How a rank reads one weight of the sharded graph from the checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WeightSlice {
-    /// The checkpoint tensor (the graph name, or the tied table for `<name>.vocab_shard`).
+    /// The checkpoint tensor.
     pub source: String,
     /// Its layout.
     pub layout: Layout,
@@ -178,8 +176,6 @@ struct Pass<'a> {
     n: usize,
     g: Graph,
     map: Vec<Option<(NodeId, St)>>,
-    /// The split copy of a tied LM-head weight.
-    head_copy: Option<(NodeId, St)>,
     weights: BTreeMap<String, WeightSlice>,
 }
 
@@ -194,7 +190,6 @@ pub fn shard(g: &Graph, spec: &ShardSpec) -> Result<Sharded, ShardError> {
         n: spec.degree,
         g: Graph::new(),
         map: vec![None; g.len()],
-        head_copy: None,
         weights: BTreeMap::new(),
     };
     for (id, _) in g.nodes() {
@@ -234,30 +229,9 @@ impl Pass<'_> {
         Ok(self.g.add(op, inputs)?)
     }
 
-    /// The operand `i` of `user` (the tied head's split copy for non-gather users).
+    /// The operand `i` of `user`, as sharded.
     fn operand(&mut self, user: NodeId, i: usize) -> Result<(NodeId, St), ShardError> {
         let src = self.src.node(user).inputs[i];
-        if let Some((head, layout)) = &self.spec.vocab_head {
-            let is_head = matches!(&self.src.node(src).op, Op::Weight { name, .. } if name == head);
-            let is_table = matches!(self.src.node(user).op, Op::Gather) && i == 0;
-            if is_head && !is_table {
-                if self.head_copy.is_none() {
-                    let tied = self
-                        .src
-                        .nodes()
-                        .any(|(_, n)| matches!(n.op, Op::Gather) && n.inputs[0] == src);
-                    let name = if tied {
-                        format!("{head}.vocab_shard")
-                    } else {
-                        head.clone()
-                    };
-                    let full = self.src.node(src).shape.clone();
-                    let r = self.weight(&name, head, &full, layout.clone())?;
-                    self.head_copy = Some(r);
-                }
-                return Ok(self.head_copy.clone().unwrap());
-            }
-        }
         Ok(self.map[src.index()]
             .clone()
             .expect("operands precede users"))
@@ -484,17 +458,6 @@ impl Pass<'_> {
                 id.index()
             ))),
             Op::Weight { name, shape } => {
-                if let Some((head, layout)) = &self.spec.vocab_head {
-                    let tied = self
-                        .src
-                        .nodes()
-                        .any(|(_, n)| matches!(n.op, Op::Gather) && n.inputs[0] == id);
-                    if head == name && !tied {
-                        let r = self.weight(name, name, shape, layout.clone())?;
-                        self.head_copy = Some(r.clone());
-                        return Ok(r);
-                    }
-                }
                 let layout = self
                     .spec
                     .weights
@@ -621,8 +584,10 @@ impl Pass<'_> {
                     let nid = self.add(Op::Gather, &[ops[0].0, ops[1].0])?;
                     Ok((nid, St::Seg { axis: na, segs }))
                 }
-                // A vocab-split table (a vocab-parallel embedding) is not implemented:
-                // the table is gathered and the lookup runs replicated.
+                (St::Seg { axis: 0, segs }, St::Rep) if segs.len() == 1 => {
+                    let rows = self.local(&segs[0]);
+                    self.vocab_parallel_gather(ops[0].0, ops[1].0, rows)
+                }
                 _ => self.replicated(id, &ops),
             },
             Op::Reduce { axes, keepdim, .. } => {
@@ -667,6 +632,65 @@ impl Pass<'_> {
             Op::MatMul | Op::FusedMatMul { .. } => self.matmul(id, &ops),
             _ => self.replicated(id, &ops),
         }
+    }
+
+    /// Megatron's vocab-parallel embedding: each rank looks up the ids in its `rows` of the
+    /// table, zeroes the rows of ids it does not hold, and an `all_reduce` sums the ranks'
+    /// lookups (exact: every id is non-zero on one rank only).
+    fn vocab_parallel_gather(
+        &mut self,
+        table: NodeId,
+        ids: NodeId,
+        rows: usize,
+    ) -> Result<(NodeId, St), ShardError> {
+        use transfuse_ir::{BinaryOp, CmpOp, DType, Scalar};
+        let konst = |p: &mut Self, v: f64, dtype| {
+            p.add(
+                Op::Constant {
+                    value: Scalar(v),
+                    dtype,
+                },
+                &[],
+            )
+        };
+        // This rank's first row: element 0 of its shard of [0, rows·N).
+        let all = self.add(
+            Op::Iota {
+                start: Dim::known(0),
+                len: Dim::known(rows * self.n),
+            },
+            &[],
+        )?;
+        let mine = self.add(
+            Op::Dist(DistOp::Shard {
+                axis: 0,
+                world: self.n,
+            }),
+            &[all],
+        )?;
+        let first = self.add(
+            Op::Slice {
+                axis: 0,
+                start: Dim::known(0),
+                end: Dim::known(1),
+            },
+            &[mine],
+        )?;
+        let local = self.add(Op::Binary(BinaryOp::Sub), &[ids, first])?;
+        let zero = konst(self, 0.0, DType::I64)?;
+        let end = konst(self, rows as f64, DType::I64)?;
+        let ge = self.add(Op::Compare(CmpOp::Ge), &[local, zero])?;
+        let lt = self.add(Op::Compare(CmpOp::Lt), &[local, end])?;
+        let held = self.add(Op::Where, &[ge, lt, ge])?;
+        let safe = self.add(Op::Where, &[held, local, zero])?;
+        let rows_out = self.add(Op::Gather, &[table, safe])?;
+        let mut s = self.shape(ids);
+        s.push(Dim::known(1));
+        let held = self.add(Op::Reshape { shape: s }, &[held])?;
+        let fzero = konst(self, 0.0, DType::F32)?;
+        let masked = self.add(Op::Where, &[held, rows_out, fzero])?;
+        let sum = self.add(Op::Dist(DistOp::AllReduce), &[masked])?;
+        Ok((sum, St::Rep))
     }
 
     fn reshape(

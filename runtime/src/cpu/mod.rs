@@ -279,6 +279,15 @@ fn dist(
             ),
         ));
     }
+    if let DistOp::Shard { axis, .. } = d {
+        let s = strides(&x.shape);
+        let chunk = out_shape[axis];
+        let data = copy_data(&x.data, comm.rank() * chunk * s[axis], &s, &out_shape);
+        return Ok(Arc::new(Tensor {
+            shape: out_shape,
+            data,
+        }));
+    }
     let data = x
         .as_f32()
         .ok_or_else(|| op_err(id, node, "collectives take f32"))?;
@@ -307,14 +316,7 @@ fn dist(
             }
             v
         }
-        DistOp::Shard { axis, .. } => {
-            let s = strides(&x.shape);
-            let chunk = out_shape[axis];
-            match copy_data(&x.data, comm.rank() * chunk * s[axis], &s, &out_shape) {
-                Data::F32(v) => v,
-                _ => unreachable!("checked f32 above"),
-            }
-        }
+        DistOp::Shard { .. } => unreachable!("returned above"),
     };
     Ok(Arc::new(Tensor::f32(out_shape, out)))
 }
