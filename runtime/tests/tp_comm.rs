@@ -168,3 +168,56 @@ fn a_rank_that_never_arrives_times_out() {
     let err = comms[1].all_reduce_sum(&mut v).unwrap_err();
     assert!(err.to_string().contains("timed out"), "{err}");
 }
+
+/// Rank 1 fails inside its graph (a weight it lacks) while rank 0 already waits in the
+/// all-reduce that follows: rank 0 is released by the abort and the call returns rank 1's error.
+#[test]
+fn a_rank_failing_mid_graph_releases_the_others() {
+    let mut g = Graph::new();
+    let x = g
+        .add(
+            Op::Input {
+                name: "x".into(),
+                shape: shape([2usize]),
+                dtype: DType::F32,
+            },
+            &[],
+        )
+        .unwrap();
+    let w = g
+        .add(
+            Op::Weight {
+                name: "w".into(),
+                shape: shape([2usize]),
+            },
+            &[],
+        )
+        .unwrap();
+    let y = g
+        .add(Op::Binary(transfuse_ir::BinaryOp::Mul), &[x, w])
+        .unwrap();
+    let r = g.add(Op::Dist(DistOp::AllReduce), &[y]).unwrap();
+    g.set_output("y", r);
+    let comms = InProcessGroup::ranks(2, Duration::from_secs(600));
+    let good: Weights = HashMap::from([(
+        "w".to_string(),
+        Arc::new(Tensor::f32(vec![2], vec![1.0, 2.0])),
+    )]);
+    let ranks: Vec<Box<dyn Loaded>> = vec![
+        CpuBackend::new()
+            .with_comm(comms[0].clone())
+            .load(&g, &good)
+            .unwrap(),
+        CpuBackend::new()
+            .with_comm(comms[1].clone())
+            .load(&g, &Weights::new())
+            .unwrap(),
+    ];
+    let mut tp = TpLoaded::new(ranks, comms);
+    let inputs: TensorMap = HashMap::from([("x".into(), Tensor::f32(vec![2], vec![1.0, 1.0]))]);
+    let err = tp.run(&inputs, &[]).unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::MissingWeight(ref n) if n == "w"),
+        "{err}"
+    );
+}
