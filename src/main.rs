@@ -159,6 +159,10 @@ enum Cmd {
         /// `batch=1,seq=128,past=0` (the defaults; other symbols default to 1).
         #[arg(long, value_delimiter = ',')]
         dims: Vec<String>,
+        /// Also shard the optimized graph for N tensor-parallel ranks (Megatron layout) and
+        /// report the per-rank ops, the collectives and the bytes they move per token.
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
     },
     /// Benchmark a model on a backend: forward time, per-kernel times, memory plan, decoding.
     Bench {
@@ -458,6 +462,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             emit,
             dtype,
             dims,
+            tp,
         } => {
             let cfg = load_config(&model)?;
             let heads = BertHeads {
@@ -465,13 +470,18 @@ fn run(cli: Cli) -> Result<(), Error> {
                 ..BertHeads::default()
             };
             let g = build_graph(&cfg, heads)?;
+            // Under --tp alone, --dims sets where the collectives' bytes are evaluated.
+            let tp_only = tp > 1 && target.is_none();
             let cg = codegen_args(
                 &g,
                 target.as_deref(),
                 dtype.as_deref(),
-                &dims,
+                if tp_only { &[] } else { &dims },
                 emit.as_deref(),
             )?;
+            if tp == 0 {
+                return Err(Error::Usage("--tp must be ≥ 1".into()));
+            }
             let mut opts = transfuse::passes::Options::from_env()?;
             opts.profile = transfuse::passes::Profile::by_name(&profile).ok_or_else(|| {
                 Error::Usage(format!("unknown profile `{profile}` (expected gpu or cpu)"))
@@ -492,11 +502,27 @@ fn run(cli: Cli) -> Result<(), Error> {
             if let Some(p) = dot_after {
                 write_file(&p, &to_dot(&opt))?;
             }
+            let tp_report = match tp > 1 {
+                true => {
+                    let spec = transfuse::tp::megatron_spec(&cfg, tp)?;
+                    let sharded = transfuse::passes::shard::shard(&opt, &spec)?;
+                    let b = parse_dims(&g, &dims)?;
+                    Some(transfuse::tp::tp_report(&sharded, &b)?)
+                }
+                false => None,
+            };
             if json {
-                println!("{}", transfuse::report_json(&r));
+                let mut v = transfuse::report_json(&r);
+                if let Some((_, tv)) = &tp_report {
+                    v["tp"] = tv.clone();
+                }
+                println!("{v}");
             } else {
                 if report {
                     print!("{}", transfuse::report_table(&r));
+                    if let Some((text, _)) = &tp_report {
+                        print!("{text}");
+                    }
                 }
                 eprintln!(
                     "compiled {} ({}): {} → {} nodes, {} in {:.1} ms",

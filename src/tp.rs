@@ -344,3 +344,63 @@ pub fn forward_bindings(batch: usize, seq: usize) -> Bindings {
         ("past".to_string(), 0),
     ])
 }
+
+/// `compile --tp N --report`: the per-rank op table of a sharded graph, its collectives and the
+/// bytes they move per forward and per token at `bindings`, and the per-rank weight bytes; as
+/// text and as JSON.
+pub fn tp_report(
+    sharded: &Sharded,
+    bindings: &Bindings,
+) -> Result<(String, serde_json::Value), Error> {
+    use std::fmt::Write;
+    let n = sharded.degree;
+    let g = &sharded.graph;
+    let c =
+        crate::passes::shard::comm_cost(g, bindings, n).map_err(crate::passes::PassError::from)?;
+    let tokens =
+        bindings.get("batch").copied().unwrap_or(1) * bindings.get("seq").copied().unwrap_or(1);
+    let tokens = tokens.max(1) as f64;
+    let mut weight_bytes = 0u64;
+    for (_, shape) in g.weights() {
+        let dims = crate::ir::eval_shape(shape, &Bindings::new())
+            .map_err(crate::passes::PassError::from)?;
+        weight_bytes += 4 * dims.iter().product::<usize>() as u64;
+    }
+    let ops = g.op_counts();
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "\ntensor parallel: {n} ranks, megatron layout; per rank:"
+    );
+    for (op, k) in &ops {
+        let _ = writeln!(t, "  {op:<16} {k:>5}");
+    }
+    let _ = writeln!(
+        t,
+        "collectives per forward: {} all_reduce ({} B), {} all_gather ({} B); {:.0} B per token; ring: {:.0} B sent per rank ({:.0} per token)",
+        c.all_reduces,
+        c.all_reduce_bytes,
+        c.all_gathers,
+        c.all_gather_bytes,
+        (c.all_reduce_bytes + c.all_gather_bytes) as f64 / tokens,
+        c.per_rank_ring,
+        c.per_rank_ring / tokens
+    );
+    let _ = writeln!(
+        t,
+        "weights per rank: {weight_bytes} B (f32, before folding)"
+    );
+    let json = serde_json::json!({
+        "degree": n,
+        "layout": "megatron",
+        "ops_per_rank": ops,
+        "all_reduces": c.all_reduces,
+        "all_reduce_bytes": c.all_reduce_bytes,
+        "all_gathers": c.all_gathers,
+        "all_gather_bytes": c.all_gather_bytes,
+        "ring_bytes_per_rank": c.per_rank_ring,
+        "bytes_per_token": (c.all_reduce_bytes + c.all_gather_bytes) as f64 / tokens,
+        "weight_bytes_per_rank": weight_bytes,
+    });
+    Ok((t, json))
+}

@@ -326,4 +326,34 @@ mod cli {
             close(&format!("run --tp 4 {k}"), &b[k], v);
         }
     }
+
+    #[test]
+    fn compile_tp_report_and_json() {
+        let d = s(&dir("tiny_gpt2"));
+        let out = assert_ok(&transfuse([
+            "compile",
+            "--model",
+            &d,
+            "--tp",
+            "2",
+            "--report",
+            "--dims",
+            "batch=1,seq=16",
+        ]));
+        // 5 all-reduces of 1·16·64 f32 (2 per layer + the embedding), the logits 16·1000.
+        assert!(
+            out.contains("collectives per forward: 5 all_reduce (20480 B), 1 all_gather (64000 B)"),
+            "{out}"
+        );
+        let out = assert_ok(&transfuse([
+            "compile", "--model", &d, "--tp", "4", "--json",
+        ]));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["tp"]["degree"], 4);
+        assert_eq!(v["tp"]["all_reduces"], 5);
+        assert_error(
+            &transfuse(["compile", "--model", &d, "--tp", "3"]),
+            &["h.0.attn.c_attn.weight", "--tp 3"],
+        );
+    }
 }
