@@ -365,12 +365,12 @@ fn lowering_a_sharded_graph_is_a_typed_error() {
     use transfuse::codegen::lower::{lower, LowerOptions, Target};
     let s = tp("tiny_gpt2", 2);
     let g = &s.tp.as_ref().unwrap().sharded.graph;
-    let err = lower(
+    let Err(err) = lower(
         g,
         &LowerOptions::new(Target::Wgsl, transfuse::codegen::kir::Elem::F32),
-    )
-    .err()
-    .expect("no collectives in kernels");
+    ) else {
+        panic!("no collectives in kernels");
+    };
     let msg = err.to_string();
     assert!(
         msg.contains("all_reduce") || msg.contains("shard") || msg.contains("all_gather"),
