@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod attention_bench;
+pub mod tp;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -73,6 +74,9 @@ pub enum Error {
     /// A request the model or options cannot serve.
     #[error("{0}")]
     Usage(String),
+    /// Sharding a graph for tensor parallelism (`--tp`).
+    #[error(transparent)]
+    Shard(#[from] passes::shard::ShardError),
 }
 
 /// A batch of token ids with optional masks, rows of equal length.
@@ -216,6 +220,9 @@ pub struct Session {
     backend: Box<dyn Backend>,
     /// The graph loaded on the backend (kernels compiled, weights resident).
     program: Mutex<Box<dyn Loaded>>,
+    /// Tensor parallelism: the ranks' load statistics and communicators (`None`: one device).
+    /// With it, `graph` and `weights` are rank 0's.
+    pub tp: Option<tp::TpState>,
 }
 
 impl Session {
@@ -249,7 +256,28 @@ impl Session {
             weights,
             backend,
             program,
+            tp: None,
         })
+    }
+
+    pub(crate) fn from_parts(
+        model: Model,
+        graph: ir::Graph,
+        report: Option<passes::Report>,
+        weights: ir::Weights,
+        backend: Box<dyn Backend>,
+        program: Box<dyn Loaded>,
+        tp: Option<tp::TpState>,
+    ) -> Session {
+        Session {
+            model,
+            graph,
+            report,
+            weights,
+            backend,
+            program: Mutex::new(program),
+            tp,
+        }
     }
 
     /// A session on the CPU reference backend running the optimized graph.
@@ -291,11 +319,16 @@ impl Session {
     /// An empty KV cache (`past` = 0) for a decoder; nothing for an encoder.
     fn empty_cache_inputs(&self, batch: usize, inputs: &mut TensorMap) {
         if let Some(c) = self.model.config.cache_shape() {
+            // Under tensor parallelism each rank's cache holds its key/value heads.
+            let kv_heads = match &self.tp {
+                Some(t) => tp::local_kv_heads(&self.model.config, t.degree).unwrap_or(c.kv_heads),
+                None => c.kv_heads,
+            };
             for i in 0..c.layers {
                 for name in [gpt2::past_key(i), gpt2::past_value(i)] {
                     inputs.insert(
                         name,
-                        Tensor::f32(vec![batch, c.kv_heads, 0, c.head_dim], vec![]),
+                        Tensor::f32(vec![batch, kv_heads, 0, c.head_dim], vec![]),
                     );
                 }
             }

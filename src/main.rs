@@ -33,6 +33,13 @@ struct Exec {
     /// Run the primitive graph as built, without the optimizer's fusions.
     #[arg(long)]
     no_optimize: bool,
+    /// Tensor parallelism: run N ranks (threads of this process, CPU backends), each on its
+    /// own slices of the weights.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// How `--tp` shards the model: megatron (the only layout so far).
+    #[arg(long, default_value = "megatron")]
+    tp_layout: String,
     /// Print the device (adapter) chosen and, after running, its memory plan.
     #[arg(long, short)]
     verbose: bool,
@@ -153,6 +160,10 @@ enum Cmd {
         /// `batch=1,seq=128,past=0` (the defaults; other symbols default to 1).
         #[arg(long, value_delimiter = ',')]
         dims: Vec<String>,
+        /// Also shard the optimized graph for N tensor-parallel ranks (Megatron layout) and
+        /// report the per-rank ops, the collectives and the bytes they move per token.
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
     },
     /// Benchmark a model on a backend: forward time, per-kernel times, memory plan, decoding.
     Bench {
@@ -207,8 +218,64 @@ enum BenchCmd {
     },
 }
 
+/// Loads `dir` for `exec`: without weights under `--tp` (each rank reads its slices).
+fn load_model(
+    dir: &std::path::Path,
+    pooling: Option<Pooling>,
+    normalize: bool,
+    exec: &Exec,
+) -> Result<Model, Error> {
+    Ok(match exec.tp > 1 {
+        true => Model::load_without_weights(dir, pooling, normalize)?,
+        false => Model::load_with(dir, pooling, normalize)?,
+    })
+}
+
+/// The tensor-parallel session of `--tp N` (N > 1).
+fn tp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
+    if exec.tp_layout != "megatron" {
+        return Err(Error::Usage(format!(
+            "unknown --tp-layout `{}` (expected megatron)",
+            exec.tp_layout
+        )));
+    }
+    if !matches!(exec.backend.as_str(), "cpu" | "auto") {
+        return Err(Error::Usage(format!(
+            "--tp runs CPU ranks only; --backend {} ranks are not implemented",
+            exec.backend
+        )));
+    }
+    if exec.no_optimize {
+        return Err(Error::Usage(
+            "--tp shards the optimized graph; drop --no-optimize".into(),
+        ));
+    }
+    let opts = transfuse::passes::Options::from_env()?;
+    let s = Session::tp_with(model, exec.tp, transfuse::runtime::CpuBackend::new(), &opts)?;
+    if exec.verbose {
+        if let Some(t) = &s.tp {
+            for (r, st) in t.stats.iter().enumerate() {
+                eprintln!(
+                    "rank {r}: read {} B, resident {} B ({} B sharded + {} B replicated)",
+                    st.bytes_read,
+                    st.resident(),
+                    st.sharded_resident,
+                    st.replicated_resident
+                );
+            }
+        }
+    }
+    Ok((s, format!("{} CPU ranks (--tp {})", exec.tp, exec.tp)))
+}
+
 /// The session for `model` on the backend `exec` names; returns why that backend was chosen.
 fn session_why(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
+    if exec.tp == 0 {
+        return Err(Error::Usage("--tp must be ≥ 1".into()));
+    }
+    if exec.tp > 1 {
+        return tp_session(model, exec);
+    }
     let opts = match exec.no_optimize {
         true => None,
         false => Some(transfuse::passes::Options::from_env()?),
@@ -258,7 +325,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             exec,
         } => {
             let batch = Batch::from_json_file(&inputs)?;
-            let (s, reason) = session_why(Model::load(&model)?, &exec)?;
+            let (s, reason) = session_why(load_model(&model, None, false, &exec)?, &exec)?;
             let t0 = Instant::now();
             let outputs = s.forward(&batch)?;
             let elapsed = t0.elapsed();
@@ -296,7 +363,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             json,
             exec,
         } => {
-            let (s, reason) = session_why(Model::load(&model)?, &exec)?;
+            let (s, reason) = session_why(load_model(&model, None, false, &exec)?, &exec)?;
             let tok = s.model.tokenizer.as_ref();
             let ids = match (prompt, prompt_ids) {
                 (Some(text), _) => tok
@@ -362,7 +429,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 ))
             })?;
             let (s, reason) = session_why(
-                Model::load_with(&model, Some(pooling), !no_normalize)?,
+                load_model(&model, Some(pooling), !no_normalize, &exec)?,
                 &exec,
             )?;
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -399,6 +466,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             emit,
             dtype,
             dims,
+            tp,
         } => {
             let cfg = load_config(&model)?;
             let heads = BertHeads {
@@ -406,13 +474,18 @@ fn run(cli: Cli) -> Result<(), Error> {
                 ..BertHeads::default()
             };
             let g = build_graph(&cfg, heads)?;
+            // Under --tp alone, --dims sets where the collectives' bytes are evaluated.
+            let tp_only = tp > 1 && target.is_none();
             let cg = codegen_args(
                 &g,
                 target.as_deref(),
                 dtype.as_deref(),
-                &dims,
+                if tp_only { &[] } else { &dims },
                 emit.as_deref(),
             )?;
+            if tp == 0 {
+                return Err(Error::Usage("--tp must be ≥ 1".into()));
+            }
             let mut opts = transfuse::passes::Options::from_env()?;
             opts.profile = transfuse::passes::Profile::by_name(&profile).ok_or_else(|| {
                 Error::Usage(format!("unknown profile `{profile}` (expected gpu or cpu)"))
@@ -433,11 +506,27 @@ fn run(cli: Cli) -> Result<(), Error> {
             if let Some(p) = dot_after {
                 write_file(&p, &to_dot(&opt))?;
             }
+            let tp_report = match tp > 1 {
+                true => {
+                    let spec = transfuse::tp::megatron_spec(&cfg, tp)?;
+                    let sharded = transfuse::passes::shard::shard(&opt, &spec)?;
+                    let b = parse_dims(&g, &dims)?;
+                    Some(transfuse::tp::tp_report(&sharded, &b)?)
+                }
+                false => None,
+            };
             if json {
-                println!("{}", transfuse::report_json(&r));
+                let mut v = transfuse::report_json(&r);
+                if let Some((_, tv)) = &tp_report {
+                    v["tp"] = tv.clone();
+                }
+                println!("{v}");
             } else {
                 if report {
                     print!("{}", transfuse::report_table(&r));
+                    if let Some((text, _)) = &tp_report {
+                        print!("{text}");
+                    }
                 }
                 eprintln!(
                     "compiled {} ({}): {} → {} nodes, {} in {:.1} ms",
@@ -466,7 +555,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     exec,
                 },
         } => {
-            let (s, reason) = session_why(Model::load(&model)?, &exec)?;
+            let (s, reason) = session_why(load_model(&model, None, false, &exec)?, &exec)?;
             let args = bench::BenchArgs {
                 batch,
                 seq,

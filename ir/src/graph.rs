@@ -7,7 +7,7 @@
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::dim::{shape_string, Dim, Shape};
-use crate::op::{DType, Op, UnaryOp};
+use crate::op::{DType, DistOp, Op, UnaryOp};
 use crate::IrError;
 
 /// A node handle: index into its graph.
@@ -428,6 +428,37 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
             Ok((out, td))
         }
         Op::Cast { dtype } => Ok((xs[0].0.clone(), *dtype)),
+        Op::Dist(d) => {
+            let (s, dt) = xs[0];
+            match *d {
+                DistOp::AllReduce => {
+                    if dt == DType::Bool {
+                        return Err("cannot sum bool".into());
+                    }
+                    Ok((s.clone(), dt))
+                }
+                DistOp::AllGather { axis, world } | DistOp::Shard { axis, world } => {
+                    check_axis(axis, s.len())?;
+                    if world == 0 {
+                        return Err("world must be ≥ 1".into());
+                    }
+                    let mut out = s.clone();
+                    out[axis] = match (d, s[axis].as_known()) {
+                        (DistOp::AllGather { .. }, Some(n)) => Dim::known(n * world),
+                        (DistOp::Shard { .. }, Some(n)) if n.is_multiple_of(world) => {
+                            Dim::known(n / world)
+                        }
+                        _ => {
+                            return Err(format!(
+                            "axis {axis} ({}) must be a known length divisible by world {world}",
+                            s[axis]
+                        ))
+                        }
+                    };
+                    Ok((out, dt))
+                }
+            }
+        }
         fused => (crate::fused::def(fused)
             .expect("every op is primitive or fused")
             .infer)(op, xs),

@@ -191,6 +191,33 @@ op_table! {
     }
 }
 
+/// The ops of tensor parallelism (`transfuse_passes::shard`'s output): collectives across the
+/// `world` ranks of a tensor-parallel group, and the rank-local slice. Every rank runs the same
+/// graph; a backend needs a communicator to run them where `world > 1` (a world of 1 is the
+/// identity). One `Op` variant for the family, so the ops touch one arm of each match.
+#[allow(missing_docs)] // variant fields are described on the variant
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DistOp {
+    /// Elementwise sum of the operand over all ranks; every rank gets the sum (same shape).
+    AllReduce,
+    /// The ranks' operands concatenated along `axis` in rank order (`axis` grows `world`×).
+    AllGather { axis: usize, world: usize },
+    /// This rank's `1/world` contiguous chunk of a replicated operand along `axis` (no
+    /// communication; the axis length must divide).
+    Shard { axis: usize, world: usize },
+}
+
+impl DistOp {
+    /// The printable name (`all_reduce`, `all_gather`, `shard`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DistOp::AllReduce => "all_reduce",
+            DistOp::AllGather { .. } => "all_gather",
+            DistOp::Shard { .. } => "shard",
+        }
+    }
+}
+
 /// One node's operation. Operands are the node's inputs, in order.
 #[allow(missing_docs)] // variant fields are described on the variant
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -238,6 +265,8 @@ pub enum Op {
     Gather,
     /// Convert the element type.
     Cast { dtype: DType },
+    /// A collective or rank-local op of tensor parallelism ([`DistOp`]).
+    Dist(DistOp),
 
     // ---- Fused ops: produced only by the optimizer (transfuse-passes). Each has a CPU
     // ---- implementation and a primitive decomposition, held equal by tests; everything the
@@ -306,6 +335,7 @@ impl Op {
             Op::Concat { .. } => "concat".into(),
             Op::Gather => "gather".into(),
             Op::Cast { .. } => "cast".into(),
+            Op::Dist(d) => d.name().into(),
             fused => crate::fused::def(fused)
                 .expect("every op is primitive or fused")
                 .name
@@ -335,6 +365,9 @@ impl Op {
             Op::Slice { axis, start, end } => format!("axis={axis} {start}..{end}"),
             Op::Concat { axis } => format!("axis={axis}"),
             Op::Cast { dtype } => dtype.to_string(),
+            Op::Dist(DistOp::AllGather { axis, world } | DistOp::Shard { axis, world }) => {
+                format!("axis={axis} world={world}")
+            }
             op => crate::fused::def(op).map_or_else(String::new, |d| (d.attrs)(op)),
         }
     }
@@ -354,7 +387,8 @@ impl Op {
             | Op::Permute { .. }
             | Op::Expand { .. }
             | Op::Slice { .. }
-            | Op::Cast { .. } => Some(1),
+            | Op::Cast { .. }
+            | Op::Dist(_) => Some(1),
             Op::Binary(_) | Op::Compare(_) | Op::MatMul | Op::Gather => Some(2),
             Op::Where => Some(3),
             Op::Concat { .. } => None,

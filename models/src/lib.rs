@@ -44,6 +44,10 @@ pub use config::{
     LlamaFamily, ModelConfig, RopeConfig, RopeScaling,
 };
 pub use error::ModelError;
+pub use model::checkpoint_prefixes;
 pub use model::{build_graph, checkpoint_weights, expected_weights, synthesized_weights, Model};
 pub use tokenizer::Tokenizer;
-pub use weights::{load_all_safetensors, load_safetensors};
+pub use weights::{
+    load_all_safetensors, load_safetensors, load_safetensors_sliced, safetensors_names, AxisSlice,
+    LoadStats, SliceRequest,
+};

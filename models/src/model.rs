@@ -13,6 +13,10 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::load_safetensors;
 
 /// Prefixes a checkpoint may put before the canonical weight names.
+pub fn checkpoint_prefixes(cfg: &ModelConfig) -> &'static [&'static str] {
+    prefixes(cfg)
+}
+
 fn prefixes(cfg: &ModelConfig) -> &'static [&'static str] {
     match cfg {
         ModelConfig::Bert(_) => &["bert."],
@@ -122,6 +126,42 @@ impl Model {
             config,
             graph,
             weights,
+            tokenizer,
+        })
+    }
+
+    /// Config, graph and tokenizer of `dir` without reading any weight (`weights` is empty):
+    /// for a tensor-parallel load, where each rank reads only its slices. The BERT pooler is
+    /// used when the checkpoint lists its weights, as [`Model::load_with`] decides.
+    pub fn load_without_weights(
+        dir: &Path,
+        pooling: Option<Pooling>,
+        normalize: bool,
+    ) -> Result<Model, ModelError> {
+        let config = load_config(dir)?;
+        let names = crate::weights::safetensors_names(&dir.join("model.safetensors"))?;
+        let has = |n: &str| {
+            std::iter::once(n.to_string())
+                .chain(prefixes(&config).iter().map(|p| format!("{p}{n}")))
+                .any(|k| names.contains(&k))
+        };
+        let heads = BertHeads {
+            pooler: has("pooler.dense.weight"),
+            pooling,
+            normalize,
+        };
+        let graph = build_graph(&config, heads)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = if tok_path.exists() {
+            Some(Tokenizer::from_file(&tok_path)?)
+        } else {
+            None
+        };
+        Ok(Model {
+            dir: dir.to_path_buf(),
+            config,
+            graph,
+            weights: Weights::new(),
             tokenizer,
         })
     }

@@ -60,6 +60,136 @@ pub fn load_safetensors(
     Ok(weights)
 }
 
+/// Which part of a checkpoint tensor one rank of a tensor-parallel group reads: along `axis`,
+/// the concatenation of `ranges` of the axis padded (with zero rows) to `padded`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AxisSlice {
+    /// The split axis.
+    pub axis: usize,
+    /// `[start, end)` ranges of the padded axis, in order.
+    pub ranges: Vec<(usize, usize)>,
+    /// The padded axis length (≥ the tensor's).
+    pub padded: usize,
+}
+
+/// One weight to read: the graph's `name`, the checkpoint's `source` tensor of `shape`, and
+/// the rank's slice of it (`None`: all of it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceRequest {
+    /// Name in the graph (and the result).
+    pub name: String,
+    /// Canonical name in the checkpoint.
+    pub source: String,
+    /// The checkpoint tensor's full shape.
+    pub shape: Vec<usize>,
+    /// The slice, if sharded.
+    pub slice: Option<AxisSlice>,
+}
+
+/// What a sliced load read and keeps, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadStats {
+    /// Bytes copied out of the mapped file (the checkpoint's dtype).
+    pub bytes_read: u64,
+    /// f32 bytes of the sharded weights this rank holds.
+    pub sharded_resident: u64,
+    /// f32 bytes of the replicated weights this rank holds.
+    pub replicated_resident: u64,
+}
+
+impl LoadStats {
+    /// All resident f32 bytes.
+    pub fn resident(&self) -> u64 {
+        self.sharded_resident + self.replicated_resident
+    }
+}
+
+/// Loads only this rank's slices of the requested weights from the memory-mapped file: a
+/// sharded tensor's other rows are never touched, so each rank reads about its share of the
+/// checkpoint. Names, prefixes and errors as [`load_safetensors`].
+pub fn load_safetensors_sliced(
+    path: &Path,
+    requests: &[SliceRequest],
+    prefixes: &[&str],
+) -> Result<(Weights, LoadStats), ModelError> {
+    let mmap = map_file(path)?;
+    let st = deserialize(path, &mmap)?;
+    let mut weights = Weights::with_capacity(requests.len());
+    let mut stats = LoadStats::default();
+    for req in requests {
+        let view = std::iter::once(req.source.clone())
+            .chain(prefixes.iter().map(|p| format!("{p}{}", req.source)))
+            .find_map(|key| st.tensor(&key).ok())
+            .ok_or_else(|| ModelError::MissingWeight {
+                path: path.to_owned(),
+                name: req.source.clone(),
+            })?;
+        if view.shape() != req.shape.as_slice() {
+            return Err(ModelError::WeightShape {
+                path: path.to_owned(),
+                name: req.source.clone(),
+                found: view.shape().to_vec(),
+                expected: req.shape.clone(),
+            });
+        }
+        let dtype_err = || ModelError::WeightDtype {
+            path: path.to_owned(),
+            name: req.source.clone(),
+            dtype: view.dtype().to_string(),
+        };
+        let es = match view.dtype() {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            _ => return Err(dtype_err()),
+        };
+        let bytes = view.data();
+        let (shape, data) = match &req.slice {
+            None => {
+                stats.bytes_read += bytes.len() as u64;
+                (
+                    req.shape.clone(),
+                    to_f32(view.dtype(), bytes).ok_or_else(dtype_err)?,
+                )
+            }
+            Some(sl) => {
+                let len = req.shape[sl.axis];
+                let outer: usize = req.shape[..sl.axis].iter().product();
+                let inner: usize = req.shape[sl.axis + 1..].iter().product();
+                let rows: usize = sl.ranges.iter().map(|(s, e)| e - s).sum();
+                let mut out = Vec::with_capacity(outer * rows * inner);
+                for o in 0..outer {
+                    for &(s, e) in &sl.ranges {
+                        let (a, b) = (s.min(len), e.min(len));
+                        let at = (o * len + a) * inner * es;
+                        let chunk = &bytes[at..at + (b - a) * inner * es];
+                        stats.bytes_read += chunk.len() as u64;
+                        out.extend(to_f32(view.dtype(), chunk).ok_or_else(dtype_err)?);
+                        // Rows past the tensor: the vocabulary padding, zeros.
+                        out.resize(out.len() + (e - s - (b - a)) * inner, 0.0);
+                    }
+                }
+                let mut shape = req.shape.clone();
+                shape[sl.axis] = rows;
+                (shape, out)
+            }
+        };
+        let resident = 4 * data.len() as u64;
+        match req.slice {
+            Some(_) => stats.sharded_resident += resident,
+            None => stats.replicated_resident += resident,
+        }
+        weights.insert(req.name.clone(), Arc::new(Tensor::f32(shape, data)));
+    }
+    Ok((weights, stats))
+}
+
+/// The names of the tensors a safetensors file holds.
+pub fn safetensors_names(path: &Path) -> Result<Vec<String>, ModelError> {
+    let mmap = map_file(path)?;
+    let st = deserialize(path, &mmap)?;
+    Ok(st.names().into_iter().map(|s| s.to_string()).collect())
+}
+
 /// Reads every tensor of a safetensors file (e.g. reference inputs and outputs), keyed by its
 /// name in the file: floating-point dtypes (F32, F16, BF16) become f32, integer dtypes
 /// (I64, I32, I16, I8, U32, U16, U8) become i64, BOOL becomes bool.

@@ -40,6 +40,7 @@ use std::collections::HashMap;
 use transfuse_codegen::kir::Elem;
 use transfuse_ir::{Bindings, DType, Graph, IrError, Tensor, Weights};
 
+pub mod comm;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
@@ -49,6 +50,7 @@ pub mod memory;
 pub mod nvrtc;
 pub mod program;
 pub mod select;
+pub mod tp;
 pub mod webgpu;
 
 pub use cpu::CpuBackend;
@@ -137,6 +139,10 @@ pub enum RuntimeError {
     /// The graph could not be lowered to kernels for the device.
     #[error("codegen: {0}")]
     Codegen(String),
+    /// A collective of tensor parallelism failed: a rank failed and aborted the group (the
+    /// message is that rank's error), a collective timed out, or the ranks disagreed.
+    #[error("tensor parallelism: {0}")]
+    Comm(String),
 }
 
 impl From<transfuse_codegen::CodegenError> for RuntimeError {

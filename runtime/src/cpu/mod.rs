@@ -15,12 +15,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use transfuse_ir::{
-    eval_shape, BinaryOp, Bindings, CmpOp, Data, Graph, Node, NodeId, Op, ReduceOp, Tensor,
+    eval_shape, BinaryOp, Bindings, CmpOp, Data, DistOp, Graph, Node, NodeId, Op, ReduceOp, Tensor,
     UnaryOp, Weights,
 };
 
 use std::time::Instant;
 
+use crate::comm::{Communicator, SingleRank};
 use crate::{bind_inputs, Backend, KernelTime, Loaded, RuntimeError, TensorMap};
 
 pub mod flash;
@@ -32,27 +33,54 @@ pub mod simd;
 use kernels::{broadcast_strides, map1, map2, matmul, reduce, strided_copy, strides};
 
 /// The CPU backend (see the module docs for its two modes).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CpuBackend {
     fast: bool,
+    /// The rank's group for the collectives of a sharded graph; `None` runs them as a world
+    /// of one.
+    comm: Option<Arc<dyn Communicator>>,
+}
+
+impl std::fmt::Debug for CpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuBackend")
+            .field("fast", &self.fast)
+            .field("rank", &self.comm.as_ref().map(|c| (c.rank(), c.world())))
+            .finish()
+    }
 }
 
 impl Default for CpuBackend {
     /// The fast mode, as [`CpuBackend::new`].
     fn default() -> CpuBackend {
-        CpuBackend { fast: true }
+        CpuBackend {
+            fast: true,
+            comm: None,
+        }
     }
 }
 
 impl CpuBackend {
     /// The fast CPU backend (faer GEMM, flash attention) on rayon's global pool.
     pub fn new() -> CpuBackend {
-        CpuBackend { fast: true }
+        CpuBackend {
+            fast: true,
+            comm: None,
+        }
     }
 
     /// The reference implementation: plain loops for every op, the oracle of the fast paths.
     pub fn reference() -> CpuBackend {
-        CpuBackend { fast: false }
+        CpuBackend {
+            fast: false,
+            comm: None,
+        }
+    }
+
+    /// This backend as one rank of a tensor-parallel group: collectives go through `comm`.
+    pub fn with_comm(mut self, comm: Arc<dyn Communicator>) -> CpuBackend {
+        self.comm = Some(comm);
+        self
     }
 
     /// Whether this is the fast mode.
@@ -79,12 +107,7 @@ impl Backend for CpuBackend {
     }
 
     fn load(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Loaded>, RuntimeError> {
-        Ok(Box::new(CpuProgram {
-            graph: graph.clone(),
-            weights: weights.clone(),
-            carried: HashMap::new(),
-            fast: self.fast,
-        }))
+        Ok(Box::new(self.program(graph, weights)))
     }
 
     fn run(
@@ -93,16 +116,37 @@ impl Backend for CpuBackend {
         weights: &Weights,
         inputs: &TensorMap,
     ) -> Result<TensorMap, RuntimeError> {
-        run_graph(graph, weights, inputs, None, self.fast)
+        run_graph(
+            graph,
+            weights,
+            inputs,
+            None,
+            self.fast,
+            self.comm.as_deref(),
+        )
+    }
+}
+
+impl CpuBackend {
+    /// The loaded program as a concrete type (the tensor-parallel runner moves ranks to threads).
+    pub(crate) fn program(&self, graph: &Graph, weights: &Weights) -> CpuProgram {
+        CpuProgram {
+            graph: graph.clone(),
+            weights: weights.clone(),
+            carried: HashMap::new(),
+            fast: self.fast,
+            comm: self.comm.clone(),
+        }
     }
 }
 
 /// A graph on the CPU backend; carried tensors stay host tensors.
-struct CpuProgram {
+pub(crate) struct CpuProgram {
     graph: Graph,
     weights: Weights,
     carried: TensorMap,
     fast: bool,
+    comm: Option<Arc<dyn Communicator>>,
 }
 
 impl Loaded for CpuProgram {
@@ -115,7 +159,14 @@ impl Loaded for CpuProgram {
         for (k, v) in &self.carried {
             all.entry(k.clone()).or_insert_with(|| v.clone());
         }
-        let mut out = run_graph(&self.graph, &self.weights, &all, None, self.fast)?;
+        let mut out = run_graph(
+            &self.graph,
+            &self.weights,
+            &all,
+            None,
+            self.fast,
+            self.comm.as_deref(),
+        )?;
         for (o, i) in carry {
             if let Some(t) = out.remove(o) {
                 self.carried.insert(i.clone(), t);
@@ -136,6 +187,7 @@ impl Loaded for CpuProgram {
             inputs,
             Some(&mut times),
             self.fast,
+            self.comm.as_deref(),
         )?;
         Ok(times)
     }
@@ -148,6 +200,7 @@ fn run_graph(
     inputs: &TensorMap,
     mut times: Option<&mut Vec<KernelTime>>,
     fast: bool,
+    comm: Option<&dyn Communicator>,
 ) -> Result<TensorMap, RuntimeError> {
     let bindings = bind_inputs(graph, inputs)?;
     let mut remaining = graph.use_counts();
@@ -168,7 +221,10 @@ fn run_graph(
             })
             .collect();
         let t0 = Instant::now();
-        let out = eval_node(id, node, args, &bindings, weights, inputs, fast)?;
+        let out = match &node.op {
+            Op::Dist(d) => dist(id, node, *d, &args[0], &bindings, comm)?,
+            _ => eval_node(id, node, args, &bindings, weights, inputs, fast)?,
+        };
         if let Some(times) = times.as_deref_mut() {
             if !node.inputs.is_empty() {
                 times.push(KernelTime {
@@ -195,6 +251,74 @@ fn run_graph(
         );
     }
     Ok(outs)
+}
+
+/// A collective or rank-local op: through `comm`, or as a world of one without it.
+fn dist(
+    id: NodeId,
+    node: &Node,
+    d: DistOp,
+    x: &Tensor,
+    bindings: &Bindings,
+    comm: Option<&dyn Communicator>,
+) -> Result<Arc<Tensor>, RuntimeError> {
+    let out_shape = eval_shape(&node.shape, bindings)?;
+    let single = SingleRank;
+    let comm = comm.unwrap_or(&single);
+    let world = match d {
+        DistOp::AllReduce => comm.world(),
+        DistOp::AllGather { world, .. } | DistOp::Shard { world, .. } => world,
+    };
+    if world != comm.world() {
+        return Err(op_err(
+            id,
+            node,
+            format!(
+                "the graph was sharded for {world} ranks, the group has {}",
+                comm.world()
+            ),
+        ));
+    }
+    if let DistOp::Shard { axis, .. } = d {
+        let s = strides(&x.shape);
+        let chunk = out_shape[axis];
+        let data = copy_data(&x.data, comm.rank() * chunk * s[axis], &s, &out_shape);
+        return Ok(Arc::new(Tensor {
+            shape: out_shape,
+            data,
+        }));
+    }
+    let data = x
+        .as_f32()
+        .ok_or_else(|| op_err(id, node, "collectives take f32"))?;
+    let out = match d {
+        DistOp::AllReduce => {
+            let mut v = data.to_vec();
+            comm.all_reduce_sum(&mut v)?;
+            v
+        }
+        DistOp::AllGather { axis, .. } => {
+            let parts = comm.all_gather(data)?;
+            if parts.iter().any(|p| p.len() != data.len()) {
+                return Err(op_err(
+                    id,
+                    node,
+                    "ranks gathered operands of different sizes",
+                ));
+            }
+            let outer: usize = x.shape[..axis].iter().product();
+            let inner = data.len() / outer.max(1);
+            let mut v = Vec::with_capacity(data.len() * world);
+            for o in 0..outer {
+                for p in &parts {
+                    v.extend_from_slice(&p[o * inner..(o + 1) * inner]);
+                }
+            }
+            v
+        }
+        DistOp::Shard { .. } => unreachable!("returned above"),
+    };
+    Ok(Arc::new(Tensor::f32(out_shape, out)))
 }
 
 fn op_err(id: NodeId, node: &Node, msg: impl Into<String>) -> RuntimeError {

@@ -1,0 +1,254 @@
+//! Communicators: how the ranks of a tensor-parallel group exchange tensors.
+//!
+//! [`Communicator`] is what a backend needs to run the IR's collectives
+//! ([`transfuse_ir::DistOp`]); [`InProcessGroup`] implements it for ranks that are threads of one
+//! process (the CPU ranks of [`crate::tp`]): each collective is a barrier over shared buffers.
+//! A rank that fails calls [`Communicator::abort`]: the group is poisoned, every rank waiting
+//! in or later entering a collective returns that rank's error. A collective that waits longer
+//! than the group's timeout poisons the group too, so a rank that never arrives ends the
+//! others with an error instead of a hang.
+//!
+//! NCCL is not implemented (see the README's tensor-parallelism section).
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::RuntimeError;
+
+/// The kind of a collective, for the per-rank traffic log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CollectiveKind {
+    /// Sum over ranks.
+    AllReduce,
+    /// Concatenation in rank order.
+    AllGather,
+}
+
+/// One collective a rank took part in: its kind and the f32 elements of its own operand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Collective {
+    /// What it was.
+    pub kind: CollectiveKind,
+    /// Elements this rank contributed.
+    pub elems: usize,
+}
+
+/// The ranks of one tensor-parallel group, seen from one rank.
+pub trait Communicator: Send + Sync {
+    /// This rank, `0..world`.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn world(&self) -> usize;
+    /// Replaces `data` by its elementwise sum over all ranks (every rank passes the same
+    /// length). The sum runs in rank order on every rank, so all ranks get the same bits.
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), RuntimeError>;
+    /// Every rank's `data`, in rank order.
+    fn all_gather(&self, data: &[f32]) -> Result<Vec<Vec<f32>>, RuntimeError>;
+    /// Poisons the group with `why`: every rank's current and later collectives return it.
+    fn abort(&self, why: &str);
+    /// The collectives this rank took part in since the last [`Communicator::take_log`].
+    fn take_log(&self) -> Vec<Collective>;
+}
+
+/// A world of one: collectives are the identity (what a single-device backend runs).
+#[derive(Debug, Default)]
+pub struct SingleRank;
+
+impl Communicator for SingleRank {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _: &mut [f32]) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    fn all_gather(&self, data: &[f32]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        Ok(vec![data.to_vec()])
+    }
+    fn abort(&self, _: &str) {}
+    fn take_log(&self) -> Vec<Collective> {
+        Vec::new()
+    }
+}
+
+struct State {
+    /// Completed collectives; a rank waiting in round `g` is released when `round > g`.
+    round: u64,
+    /// Operands deposited for the current round.
+    slots: Vec<Option<Vec<f32>>>,
+    arrived: usize,
+    /// The operands of the last completed round; replaced only when the next round completes,
+    /// which needs every rank, so no rank misses its round's result.
+    last: Arc<Vec<Vec<f32>>>,
+    poison: Option<String>,
+}
+
+struct Shared {
+    world: usize,
+    timeout: Duration,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A rank that panicked while holding the lock leaves consistent state behind: every
+        // field is written before any wait.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A group of ranks in one process; [`InProcessGroup::ranks`] gives one communicator per rank.
+pub struct InProcessGroup;
+
+impl InProcessGroup {
+    /// `world` communicators over shared buffers; a collective waits at most `timeout` for the
+    /// other ranks.
+    pub fn ranks(world: usize, timeout: Duration) -> Vec<Arc<InProcessComm>> {
+        let shared = Arc::new(Shared {
+            world,
+            timeout,
+            state: Mutex::new(State {
+                round: 0,
+                slots: vec![None; world],
+                arrived: 0,
+                last: Arc::new(Vec::new()),
+                poison: None,
+            }),
+            cv: Condvar::new(),
+        });
+        (0..world)
+            .map(|rank| {
+                Arc::new(InProcessComm {
+                    rank,
+                    shared: shared.clone(),
+                    log: Mutex::new(Vec::new()),
+                })
+            })
+            .collect()
+    }
+}
+
+/// One rank of an [`InProcessGroup`].
+pub struct InProcessComm {
+    rank: usize,
+    shared: Arc<Shared>,
+    log: Mutex<Vec<Collective>>,
+}
+
+impl InProcessComm {
+    /// Clears a poisoned group so it can run again; only call it when no rank is inside a
+    /// collective (the runner does, after every rank has returned).
+    pub fn reset(&self) {
+        let mut st = self.shared.lock();
+        st.poison = None;
+        st.arrived = 0;
+        st.slots.iter_mut().for_each(|s| *s = None);
+    }
+
+    /// The group's error, if it is poisoned.
+    pub fn poisoned(&self) -> Option<String> {
+        self.shared.lock().poison.clone()
+    }
+
+    /// Deposits `mine` and waits for every rank's operand of this round.
+    fn exchange(&self, mine: Vec<f32>) -> Result<Arc<Vec<Vec<f32>>>, RuntimeError> {
+        let sh = &*self.shared;
+        let mut st = sh.lock();
+        if let Some(p) = &st.poison {
+            return Err(RuntimeError::Comm(p.clone()));
+        }
+        let round = st.round;
+        st.slots[self.rank] = Some(mine);
+        st.arrived += 1;
+        if st.arrived == sh.world {
+            let all: Vec<Vec<f32>> = st.slots.iter_mut().map(|s| s.take().unwrap()).collect();
+            st.last = Arc::new(all);
+            st.arrived = 0;
+            st.round += 1;
+            sh.cv.notify_all();
+            return Ok(st.last.clone());
+        }
+        let deadline = Instant::now() + sh.timeout;
+        loop {
+            if let Some(p) = &st.poison {
+                return Err(RuntimeError::Comm(p.clone()));
+            }
+            if st.round > round {
+                return Ok(st.last.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let missing: Vec<usize> =
+                    (0..sh.world).filter(|&r| st.slots[r].is_none()).collect();
+                let why = format!(
+                    "collective #{round} timed out after {:.1}s on rank {}: ranks {missing:?} never arrived",
+                    sh.timeout.as_secs_f64(),
+                    self.rank
+                );
+                st.poison = Some(why.clone());
+                sh.cv.notify_all();
+                return Err(RuntimeError::Comm(why));
+            }
+            st = sh
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn record(&self, kind: CollectiveKind, elems: usize) {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Collective { kind, elems });
+    }
+}
+
+impl Communicator for InProcessComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.shared.world
+    }
+
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), RuntimeError> {
+        self.record(CollectiveKind::AllReduce, data.len());
+        let all = self.exchange(data.to_vec())?;
+        if let Some((r, v)) = all.iter().enumerate().find(|(_, v)| v.len() != data.len()) {
+            let why = format!(
+                "all_reduce: rank {r} contributed {} elements, rank {} {}",
+                v.len(),
+                self.rank,
+                data.len()
+            );
+            self.abort(&why);
+            return Err(RuntimeError::Comm(why));
+        }
+        data.copy_from_slice(&all[0]);
+        for v in &all[1..] {
+            data.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    fn all_gather(&self, data: &[f32]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        self.record(CollectiveKind::AllGather, data.len());
+        Ok(self.exchange(data.to_vec())?.as_ref().clone())
+    }
+
+    fn abort(&self, why: &str) {
+        let mut st = self.shared.lock();
+        st.poison.get_or_insert_with(|| why.to_string());
+        self.shared.cv.notify_all();
+    }
+
+    fn take_log(&self) -> Vec<Collective> {
+        std::mem::take(&mut *self.log.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}

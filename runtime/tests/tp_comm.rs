@@ -1,0 +1,223 @@
+//! The in-process communicator and the multi-rank runner: collectives' results, the world of
+//! one, a failing rank ending every rank with its error, a rank that never arrives timing out.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use transfuse_ir::{shape, DType, DistOp, Graph, Op, Tensor, Weights};
+use transfuse_runtime::comm::{CollectiveKind, Communicator, InProcessComm, InProcessGroup};
+use transfuse_runtime::tp::TpLoaded;
+use transfuse_runtime::{Backend, CpuBackend, KernelTime, Loaded, RuntimeError, TensorMap};
+
+/// `x` → `all_reduce(x)` and `all_gather(x, axis 1)` and `shard(x, axis 1)`.
+fn dist_graph(world: usize) -> Graph {
+    let mut g = Graph::new();
+    let x = g
+        .add(
+            Op::Input {
+                name: "x".into(),
+                shape: shape([2usize, 4]),
+                dtype: DType::F32,
+            },
+            &[],
+        )
+        .unwrap();
+    let r = g.add(Op::Dist(DistOp::AllReduce), &[x]).unwrap();
+    let ga = g
+        .add(Op::Dist(DistOp::AllGather { axis: 1, world }), &[x])
+        .unwrap();
+    g.set_output("sum", r);
+    g.set_output("gathered", ga);
+    if 4 % world == 0 {
+        let s = g
+            .add(Op::Dist(DistOp::Shard { axis: 1, world }), &[x])
+            .unwrap();
+        g.set_output("shard", s);
+    }
+    g
+}
+
+fn ranks(g: &Graph, comms: &[Arc<InProcessComm>]) -> Vec<Box<dyn Loaded>> {
+    comms
+        .iter()
+        .map(|c| {
+            CpuBackend::new()
+                .with_comm(c.clone())
+                .load(g, &Weights::new())
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Every rank gets the same input here, so the results are known in closed form.
+#[test]
+fn collectives_on_two_cpu_ranks() {
+    let g = dist_graph(2);
+    let comms = InProcessGroup::ranks(2, Duration::from_secs(10));
+    let mut tp = TpLoaded::new(ranks(&g, &comms), comms);
+    let x: Vec<f32> = (0..8).map(|i| i as f32).collect();
+    let inputs: TensorMap = HashMap::from([("x".into(), Tensor::f32(vec![2, 4], x.clone()))]);
+    let out = tp.run(&inputs, &[]).unwrap();
+    let sum: Vec<f32> = x.iter().map(|v| 2.0 * v).collect();
+    assert_eq!(out["sum"].as_f32().unwrap(), sum.as_slice());
+    assert_eq!(out["gathered"].shape, vec![2, 8]);
+    let gathered = out["gathered"].as_f32().unwrap();
+    assert_eq!(&gathered[..8], &[0., 1., 2., 3., 0., 1., 2., 3.]);
+    assert_eq!(&gathered[8..], &[4., 5., 6., 7., 4., 5., 6., 7.]);
+    // Rank 0's chunk of the columns.
+    assert_eq!(out["shard"].as_f32().unwrap(), &[0., 1., 4., 5.]);
+    let logs = tp.take_logs();
+    assert_eq!(logs.len(), 2);
+    for log in logs {
+        let kinds: Vec<_> = log.iter().map(|c| (c.kind, c.elems)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (CollectiveKind::AllReduce, 8),
+                (CollectiveKind::AllGather, 8)
+            ]
+        );
+    }
+}
+
+#[test]
+fn all_reduce_sums_distinct_contributions_in_rank_order() {
+    let comms = InProcessGroup::ranks(3, Duration::from_secs(10));
+    let sums: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let mut v = vec![c.rank() as f32 + 1.0, 10.0 * c.rank() as f32];
+                    c.all_reduce_sum(&mut v).unwrap();
+                    // A second round right after, so a fast rank overtakes a slow one.
+                    c.all_reduce_sum(&mut v).unwrap();
+                    v
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for v in sums {
+        assert_eq!(v, vec![18.0, 90.0]);
+    }
+}
+
+#[test]
+fn single_rank_backend_runs_collectives_as_identity() {
+    let g = dist_graph(1);
+    let x = Tensor::f32(vec![2, 4], (0..8).map(|i| i as f32).collect());
+    let out = CpuBackend::new()
+        .run(
+            &g,
+            &Weights::new(),
+            &HashMap::from([("x".into(), x.clone())]),
+        )
+        .unwrap();
+    for name in ["sum", "gathered", "shard"] {
+        assert_eq!(out[name], x, "{name}");
+    }
+    // A graph sharded for 2 ranks on a backend without a group: a typed error, no panic.
+    let g2 = dist_graph(2);
+    let err = CpuBackend::new()
+        .run(&g2, &Weights::new(), &HashMap::from([("x".into(), x)]))
+        .unwrap_err();
+    assert!(err.to_string().contains("sharded for 2 ranks"), "{err}");
+}
+
+/// A rank that fails before its first collective.
+struct Failing;
+
+impl Loaded for Failing {
+    fn run(&mut self, _: &TensorMap, _: &[(String, String)]) -> Result<TensorMap, RuntimeError> {
+        Err(RuntimeError::MissingInput("injected-failure".into()))
+    }
+    fn clear_carry(&mut self) {}
+    fn profile(&mut self, _: &TensorMap) -> Result<Vec<KernelTime>, RuntimeError> {
+        Err(RuntimeError::MissingInput("injected-failure".into()))
+    }
+}
+
+#[test]
+fn a_failing_rank_ends_every_rank_with_its_error() {
+    let g = dist_graph(4);
+    // A long timeout: the others must be released by the abort, not by the clock.
+    let comms = InProcessGroup::ranks(4, Duration::from_secs(600));
+    let mut rs = ranks(&g, &comms);
+    rs[2] = Box::new(Failing);
+    let probe = comms[0].clone();
+    let mut tp = TpLoaded::new(rs, comms);
+    let inputs: TensorMap = HashMap::from([("x".into(), Tensor::f32(vec![2, 4], vec![1.0; 8]))]);
+    let err = tp.run(&inputs, &[]).unwrap_err();
+    assert!(err.to_string().contains("injected-failure"), "{err}");
+    // The group was poisoned with rank 2's error, then reset for the next call.
+    assert!(probe.poisoned().is_none());
+    let err = tp.run(&inputs, &[]).unwrap_err();
+    assert!(err.to_string().contains("injected-failure"), "{err}");
+}
+
+#[test]
+fn a_rank_that_never_arrives_times_out() {
+    let comms = InProcessGroup::ranks(2, Duration::from_millis(200));
+    let mut v = vec![1.0f32];
+    let err = comms[0].all_reduce_sum(&mut v).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("timed out") && msg.contains("[1]"), "{msg}");
+    // Poisoned: rank 1 arriving late gets the same error at once.
+    let err = comms[1].all_reduce_sum(&mut v).unwrap_err();
+    assert!(err.to_string().contains("timed out"), "{err}");
+}
+
+/// Rank 1 fails inside its graph (a weight it lacks) while rank 0 already waits in the
+/// all-reduce that follows: rank 0 is released by the abort and the call returns rank 1's error.
+#[test]
+fn a_rank_failing_mid_graph_releases_the_others() {
+    let mut g = Graph::new();
+    let x = g
+        .add(
+            Op::Input {
+                name: "x".into(),
+                shape: shape([2usize]),
+                dtype: DType::F32,
+            },
+            &[],
+        )
+        .unwrap();
+    let w = g
+        .add(
+            Op::Weight {
+                name: "w".into(),
+                shape: shape([2usize]),
+            },
+            &[],
+        )
+        .unwrap();
+    let y = g
+        .add(Op::Binary(transfuse_ir::BinaryOp::Mul), &[x, w])
+        .unwrap();
+    let r = g.add(Op::Dist(DistOp::AllReduce), &[y]).unwrap();
+    g.set_output("y", r);
+    let comms = InProcessGroup::ranks(2, Duration::from_secs(600));
+    let good: Weights = HashMap::from([(
+        "w".to_string(),
+        Arc::new(Tensor::f32(vec![2], vec![1.0, 2.0])),
+    )]);
+    let ranks: Vec<Box<dyn Loaded>> = vec![
+        CpuBackend::new()
+            .with_comm(comms[0].clone())
+            .load(&g, &good)
+            .unwrap(),
+        CpuBackend::new()
+            .with_comm(comms[1].clone())
+            .load(&g, &Weights::new())
+            .unwrap(),
+    ];
+    let mut tp = TpLoaded::new(ranks, comms);
+    let inputs: TensorMap = HashMap::from([("x".into(), Tensor::f32(vec![2], vec![1.0, 1.0]))]);
+    let err = tp.run(&inputs, &[]).unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::MissingWeight(ref n) if n == "w"),
+        "{err}"
+    );
+}
