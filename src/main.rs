@@ -7,6 +7,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod tune_cli;
 use transfuse::ir::{to_dot, to_text, Tensor};
 use transfuse::models::{build_graph, load_config, BertHeads, Model, Pooling};
 use transfuse::{write_safetensors, Batch, Error, Sampling, Session};
@@ -32,9 +33,13 @@ struct Exec {
     /// Run the primitive graph as built, without the optimizer's fusions.
     #[arg(long)]
     no_optimize: bool,
-    /// Print the device (adapter) chosen and, after running, its memory plan.
+    /// Print the device (adapter) chosen and, after running, its memory plan and how many
+    /// kernels took their tunables from the tuning cache.
     #[arg(long, short)]
     verbose: bool,
+    /// Ignore the tuning cache: every kernel runs its default tunables.
+    #[arg(long)]
+    no_cache: bool,
 }
 
 #[derive(Subcommand)]
@@ -158,6 +163,9 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+    /// Tune a model's kernels on a device and store the winners in the device's tuning cache
+    /// (which run, generate, embed and bench read), or list (`--show`) or empty (`--clear`) it.
+    Tune(tune_cli::TuneArgs),
     /// Print a model's IR (config.json alone is enough).
     Graph {
         /// Hugging Face folder.
@@ -205,6 +213,7 @@ enum BenchCmd {
 
 /// The session for `model` on the backend `exec` names; returns why that backend was chosen.
 fn session_why(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
+    init_tracing(exec.verbose);
     let opts = match exec.no_optimize {
         true => None,
         false => Some(transfuse::passes::Options::from_env()?),
@@ -220,6 +229,9 @@ fn session_why(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
     if exec.verbose {
         eprintln!("device: {}", choice.backend.description());
     }
+    if exec.no_cache {
+        transfuse::runtime::tune::set_cache_enabled(false);
+    }
     let s = Session::with_options(model, choice.backend, opts.as_ref())?;
     Ok((s, choice.reason))
 }
@@ -234,6 +246,12 @@ fn report_backend(s: &Session, reason: &str, exec: &Exec) {
         eprintln!(
             "memory: resident {} B, inputs/outputs {} B, temporaries {} B planned vs {} B one buffer per tensor (live peak {} B)",
             m.persistent, m.io, m.temps_planned, m.temps_naive, m.temps_live_peak
+        );
+    }
+    if let (true, Some(t)) = (exec.verbose, s.tuning()) {
+        eprintln!(
+            "tuning: {} of {} template kernels from the tuning cache ({})",
+            t.from_cache, t.sites, t.cache
         );
     }
 }
@@ -476,6 +494,10 @@ fn run(cli: Cli) -> Result<(), Error> {
         Cmd::Bench {
             what: BenchCmd::Attention(args),
         } => bench::bench_attention(&args)?,
+        Cmd::Tune(args) => {
+            init_tracing(args.verbose);
+            tune_cli::run(&args)?
+        }
         Cmd::Graph { model, dot } => {
             let cfg = load_config(&model)?;
             let heads = BertHeads {
@@ -735,6 +757,17 @@ fn human(x: i64, unit: &str) -> String {
         return format!("{x} {unit}").trim_end().to_string();
     };
     format!("{:.2} {p}{unit}", v / d)
+}
+
+/// `-v`: the runtime's tuning details (tracing, debug level) on stderr; otherwise warnings.
+fn init_tracing(verbose: bool) {
+    let level = if verbose { "transfuse_runtime=debug" } else { "warn" };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .try_init();
 }
 
 fn main() -> ExitCode {

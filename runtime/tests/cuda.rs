@@ -34,6 +34,7 @@ fn required(what: &str) -> bool {
 /// The shared device, or `None` after printing why this test is skipped (a failure when
 /// `TRANSFUSE_REQUIRE` names `cuda`).
 fn device_or_skip(test: &str) -> Option<Arc<CudaDevice>> {
+    isolate_tuning_cache();
     match cuda::shared() {
         Ok(d) => {
             eprintln!("{test}: on {}", d.info().description);
@@ -377,4 +378,11 @@ fn half_storage_matches_the_cpu_backend_loosely() {
     // f16 keeps 11 significant bits, bf16 8: every stored intermediate is rounded.
     check(&dev, &opt, &g, &weights, Elem::F16, 2e-2);
     check(&dev, &opt, &g, &weights, Elem::BF16, 6e-2);
+}
+
+/// Points this process's tuning cache at a temporary folder: tests never touch the user's.
+fn isolate_tuning_cache() {
+    transfuse_runtime::tune::set_cache_dir(Some(
+        std::env::temp_dir().join(format!("transfuse-test-cache-{}", std::process::id())),
+    ));
 }

@@ -176,8 +176,20 @@ pub fn key_of(site: &Site, elem: Elem, dims: &Bindings) -> (String, String) {
     (key, bucket)
 }
 
-/// The cache folder: `TRANSFUSE_CACHE_DIR`, else the platform's cache folder.
+static DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Sets the cache folder for this process, as `TRANSFUSE_CACHE_DIR` would (in-process tests
+/// point it at a temporary folder without touching the environment).
+pub fn set_cache_dir(dir: Option<PathBuf>) {
+    *DIR.lock().unwrap_or_else(|p| p.into_inner()) = dir;
+}
+
+/// The cache folder: [`set_cache_dir`]'s, else `TRANSFUSE_CACHE_DIR`, else the platform's
+/// cache folder.
 pub fn cache_dir() -> Result<PathBuf, RuntimeError> {
+    if let Some(d) = DIR.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        return Ok(d);
+    }
     if let Some(d) = std::env::var_os("TRANSFUSE_CACHE_DIR") {
         if !d.is_empty() {
             return Ok(PathBuf::from(d));

@@ -38,7 +38,7 @@ use transfuse_ir::{Bindings, Graph};
 
 use crate::device::Device;
 use crate::RuntimeError;
-pub use cache::{bucket_dims, key_of, Entry, TuningCache};
+pub use cache::{bucket_dims, cache_dir, key_of, set_cache_dir, Entry, TuningCache};
 
 static CACHE_ON: AtomicBool = AtomicBool::new(true);
 
@@ -154,8 +154,10 @@ pub struct SiteReport {
 pub struct TuneReport {
     /// Per distinct site, in plan order.
     pub sites: Vec<SiteReport>,
-    /// Timed launches batches (0 when everything was a hit).
+    /// Timed batches of launches (0 when everything was a hit).
     pub measurements: usize,
+    /// Sites not launched at their dims (a decode variant at a prefill shape), not tuned.
+    pub not_launched: usize,
 }
 
 impl TuneReport {
@@ -285,7 +287,7 @@ pub fn tune_graph<D: Device>(
     };
     let deadline = Instant::now() + opts.budget;
     let mut report = TuneReport::default();
-    for dims in dims_list {
+    for (di, dims) in dims_list.iter().enumerate() {
         let bucket = bucket_dims(dims);
         let base = Tuning::at(bucket.clone(), None);
         let plan = lower_tuned(graph, &lopts, &base)?;
@@ -294,6 +296,15 @@ pub fn tune_graph<D: Device>(
         let mut seen: HashMap<String, usize> = HashMap::new();
         let mut todo: Vec<(Site, String, String)> = vec![];
         for s in sites {
+            // A variant not launched at these dims (the GEMV at 128 rows) is another shape's.
+            let launched_here = kernel_of(&plan, &s)
+                .map(|k| plan.use_decode(k, dims).map(|d| d == s.decode))
+                .transpose()?
+                .unwrap_or(false);
+            if !launched_here {
+                report.not_launched += 1;
+                continue;
+            }
             let (key, bucket_s) = key_of(&s, elem, &bucket);
             if !opts.families.is_empty() && !opts.families.iter().any(|f| f == s.family) {
                 continue;
@@ -323,15 +334,17 @@ pub fn tune_graph<D: Device>(
                 todo.push((s, key, bucket_s));
             }
         }
-        let n_todo = todo.len().max(1) as u32;
-        for (s, key, bucket_s) in todo {
+        let n_todo = todo.len();
+        for (done, (s, key, bucket_s)) in todo.into_iter().enumerate() {
             let ri = seen[&key];
             let now = Instant::now();
             if now >= deadline {
                 report.sites[ri].skipped_why = Some("the model's budget is spent".into());
                 continue;
             }
-            let cap = opts.per_kernel.min((deadline - now) / n_todo.max(1)).max(
+            // An equal share of what is left (of this dims' part of the budget).
+            let left = (n_todo - done) as u32 * (dims_list.len() - di) as u32;
+            let cap = opts.per_kernel.min((deadline - now) / left.max(1)).max(
                 // At least a few seconds per kernel while the budget lasts.
                 Duration::from_secs(2).min(deadline - now),
             );
@@ -827,4 +840,53 @@ pub fn dims_string(d: &Bindings) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The tuning cache of backend `backend`'s device (`wgpu` or `cuda`): opens the device.
+pub fn open_cache(backend: &str) -> Result<TuningCache, RuntimeError> {
+    match backend {
+        "wgpu" => TuningCache::open(crate::webgpu::shared()?.info()),
+        "cuda" => TuningCache::open(crate::cuda::shared()?.info()),
+        other => Err(err(
+            other,
+            format!("`{other}` has no tuning cache (only wgpu and cuda kernels are tuned)"),
+        )),
+    }
+}
+
+/// [`tune_graph`] on backend `backend`'s shared device (`wgpu` or `cuda`), with its cache.
+pub fn tune_on(
+    backend: &str,
+    graph: &Graph,
+    elem: Elem,
+    dims_list: &[Bindings],
+    opts: &TuneOptions,
+    progress: &dyn Progress,
+) -> Result<(TuneReport, TuningCache), RuntimeError> {
+    fn go<D: Device>(
+        dev: Arc<D>,
+        graph: &Graph,
+        elem: Elem,
+        dims_list: &[Bindings],
+        opts: &TuneOptions,
+        progress: &dyn Progress,
+    ) -> Result<(TuneReport, TuningCache), RuntimeError> {
+        let mut cache = TuningCache::open(dev.info())?;
+        if !dev.info().elems.contains(&elem) {
+            return Err(err(
+                dev.info().backend,
+                format!("{elem:?} storage is not supported by {}", dev.info().description),
+            ));
+        }
+        let r = tune_graph(&dev, graph, elem, dims_list, &mut cache, opts, progress)?;
+        Ok((r, cache))
+    }
+    match backend {
+        "wgpu" => go(crate::webgpu::shared()?, graph, elem, dims_list, opts, progress),
+        "cuda" => go(crate::cuda::shared()?, graph, elem, dims_list, opts, progress),
+        other => Err(err(
+            other,
+            format!("`{other}` cannot be tuned (only wgpu and cuda kernels have tunables)"),
+        )),
+    }
 }
