@@ -199,7 +199,10 @@ fn print_report(r: &TuneReport, cache: &TuningCache) {
                 s.rejected.len()
             );
             for (p, e) in &s.rejected {
-                eprintln!("      rejected {p}: output differs from the default's by {e:.3e}");
+                eprintln!(
+                    "      rejected {p} [{}]: output differs from the default's by {e:.3e}",
+                    s.key
+                );
             }
         }
     }

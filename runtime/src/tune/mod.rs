@@ -345,8 +345,8 @@ pub fn tune_graph<D: Device>(
             // An equal share of what is left (of this dims' part of the budget).
             let left = (n_todo - done) as u32 * (dims_list.len() - di) as u32;
             let cap = opts.per_kernel.min((deadline - now) / left.max(1)).max(
-                // At least a few seconds per kernel while the budget lasts.
-                Duration::from_secs(2).min(deadline - now),
+                // A few seconds per kernel (within its cap) while the budget lasts.
+                Duration::from_secs(2).min(opts.per_kernel).min(deadline - now),
             );
             let r = tune_site(dev, graph, &lopts, &bucket, dims, &plan, &s, opts, cap, progress);
             let r = match r {
