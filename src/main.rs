@@ -761,7 +761,11 @@ fn human(x: i64, unit: &str) -> String {
 
 /// `-v`: the runtime's tuning details (tracing, debug level) on stderr; otherwise warnings.
 fn init_tracing(verbose: bool) {
-    let level = if verbose { "transfuse_runtime=debug" } else { "warn" };
+    let level = if verbose {
+        "transfuse_runtime=debug"
+    } else {
+        "warn"
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(level))
         .with_writer(std::io::stderr)

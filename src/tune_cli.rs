@@ -217,7 +217,11 @@ fn print_report(r: &TuneReport, cache: &TuningCache) {
     eprintln!(
         "measurements: {}, cache hits: {hits}/{n} ({:.0}%)",
         r.measurements,
-        if n == 0 { 100.0 } else { 100.0 * hits as f64 / n as f64 }
+        if n == 0 {
+            100.0
+        } else {
+            100.0 * hits as f64 / n as f64
+        }
     );
     eprintln!(
         "cache: {} ({} entries)",
@@ -258,10 +262,12 @@ pub fn run(a: &TuneArgs) -> Result<(), Error> {
     let elem = elem_of(&a.dtype)?;
     let budget = seconds("budget", &a.budget)?;
     let per_kernel = seconds("kernel-budget", &a.kernel_budget)?;
-    let model_key = a
-        .model
-        .as_ref()
-        .map(|m| std::fs::canonicalize(m).unwrap_or_else(|_| m.clone()).display().to_string());
+    let model_key = a.model.as_ref().map(|m| {
+        std::fs::canonicalize(m)
+            .unwrap_or_else(|_| m.clone())
+            .display()
+            .to_string()
+    });
     if a.clear {
         let mut c = tune::open_cache(&backend)?;
         let n = c.clear()?;

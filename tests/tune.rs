@@ -61,7 +61,12 @@ fn cache_file(dir: &Path) -> PathBuf {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
-    assert_eq!(files.len(), 1, "one cache file in {}: {files:?}", dir.display());
+    assert_eq!(
+        files.len(),
+        1,
+        "one cache file in {}: {files:?}",
+        dir.display()
+    );
     files[0].clone()
 }
 
@@ -112,7 +117,10 @@ fn a_corrupt_or_older_cache_is_moved_aside_and_rebuilt() {
     }
     for (what, text) in [
         ("corrupt", "{ this is not json".to_string()),
-        ("older", r#"{"schema": 0, "device": "x", "entries": {}}"#.to_string()),
+        (
+            "older",
+            r#"{"schema": 0, "device": "x", "entries": {}}"#.to_string(),
+        ),
     ] {
         let tmp = TempDir::new(&format!("tune_{what}"));
         assert_ok(&tune(&tmp.0, BERT, "batch=2,seq=16", &[]));
@@ -225,7 +233,10 @@ fn a_config_whose_output_differs_is_rejected() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
     let mut checked = 0;
-    for line in err.lines().filter(|l| l.trim_start().starts_with("rejected ")) {
+    for line in err
+        .lines()
+        .filter(|l| l.trim_start().starts_with("rejected "))
+    {
         let rest = &line.trim_start()["rejected ".len()..];
         let (point, rest) = rest.split_once(" [").unwrap();
         let key = rest.split_once("]:").unwrap().0;
@@ -314,7 +325,11 @@ fn fixtures_match_with_a_populated_cache() {
         &[("TRANSFUSE_CACHE_DIR", tmp.0.to_str().unwrap())],
     );
     assert_ok(&plain);
-    assert!(stderr_of(&plain).contains("tuning: 0 of"), "{}", stderr_of(&plain));
+    assert!(
+        stderr_of(&plain).contains("tuning: 0 of"),
+        "{}",
+        stderr_of(&plain)
+    );
 }
 
 #[test]
@@ -322,10 +337,27 @@ fn bad_tune_arguments_are_usage_errors() {
     let tmp = TempDir::new("tune_bad");
     let dir = tmp.0.to_str().unwrap().to_string();
     let cases: Vec<(Vec<&str>, &[&str])> = vec![
-        (vec!["tune", "--backend", "cpu", "--model", "x"], &["--backend cpu"]),
+        (
+            vec!["tune", "--backend", "cpu", "--model", "x"],
+            &["--backend cpu"],
+        ),
         (vec!["tune", "--backend", "nope"], &["nope"]),
-        (vec!["tune", "--backend", "wgpu", "--budget", "-3", "--model", "x"], &["--budget"]),
-        (vec!["tune", "--backend", "wgpu", "--dtype", "f8", "--model", "x"], &["--dtype"]),
+        (
+            vec![
+                "tune",
+                "--backend",
+                "wgpu",
+                "--budget",
+                "-3",
+                "--model",
+                "x",
+            ],
+            &["--budget"],
+        ),
+        (
+            vec!["tune", "--backend", "wgpu", "--dtype", "f8", "--model", "x"],
+            &["--dtype"],
+        ),
     ];
     for (args, culprits) in cases {
         let out = transfuse_env(&args, &[("TRANSFUSE_CACHE_DIR", dir.as_str())]);
@@ -334,7 +366,15 @@ fn bad_tune_arguments_are_usage_errors() {
     if have_wgpu() {
         let bert = s(&fixture(BERT));
         let out = transfuse_env(
-            ["tune", "--backend", "wgpu", "--model", &bert, "--dims", "nodim=3"],
+            [
+                "tune",
+                "--backend",
+                "wgpu",
+                "--model",
+                &bert,
+                "--dims",
+                "nodim=3",
+            ],
             &[("TRANSFUSE_CACHE_DIR", dir.as_str())],
         );
         common::cli::assert_error(&out, &["--dims", "nodim"]);

@@ -35,13 +35,13 @@ use transfuse_codegen::lower::{self, rewrite, BufferKind, LowerOptions, Phase, P
 use transfuse_ir::{Bindings, DType, Data, Graph, NodeId, Op, Tensor, Weights};
 
 use crate::device::{Device, DeviceInfo};
-use crate::tune::{self, TuningCache};
-use transfuse_codegen::lower::tuning::Tuning;
 use crate::memory::{self, Interval};
+use crate::tune::{self, TuningCache};
 use crate::{
     bind_shapes, Backend, KernelTime, Loaded, MemoryReport, RuntimeError, TensorMap, Timing,
     TuningUse,
 };
+use transfuse_codegen::lower::tuning::Tuning;
 
 /// A device buffer and its capacity in bytes.
 struct Held<B> {
@@ -378,7 +378,8 @@ impl<D: Device> Program<D> {
                 continue;
             }
             if plan.kernels[i].entry() != self.plan.kernels[i].entry() {
-                let new = self.compiled_for(&plan.kernels[i].gen.kernel, &plan.kernels[i].bindings)?;
+                let new =
+                    self.compiled_for(&plan.kernels[i].gen.kernel, &plan.kernels[i].bindings)?;
                 let old = std::mem::replace(&mut self.compiled[i].0, new);
                 self.spare.insert(old.name.clone(), old);
                 self.plan.kernels[i].gen = plan.kernels[i].gen.clone();

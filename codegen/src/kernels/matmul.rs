@@ -226,9 +226,8 @@ impl MatMulTunables {
         };
         let cap = |x: u64| x.max(16).next_power_of_two().min(128) as u32;
         let (cm, cn) = (cap(m), cap(n));
-        let groups = |p: &MatMulTunables| {
-            m.div_ceil(u64::from(p.tile_m)) * n.div_ceil(u64::from(p.tile_n))
-        };
+        let groups =
+            |p: &MatMulTunables| m.div_ceil(u64::from(p.tile_m)) * n.div_ceil(u64::from(p.tile_n));
         let prefs: Vec<MatMulTunables> = if limits.kind == DeviceKind::Cpu {
             vec![
                 t(64, 64, 16, 8, 8),
@@ -259,7 +258,7 @@ impl MatMulTunables {
             .iter()
             .filter(fits)
             .find(|p| groups(p) >= want)
-            .or_else(|| prefs.iter().filter(fits).last())
+            .or_else(|| prefs.iter().rfind(|p| fits(p)))
             .copied()
             .unwrap_or_else(|| Self::default_for(cfg, limits))
     }

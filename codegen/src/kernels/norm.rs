@@ -244,7 +244,10 @@ impl Tune {
     /// most of a 256-thread workgroup idle through every reduction step.
     pub fn for_problem(cfg: &dyn NormConfig, limits: &Limits, cols: u64) -> Tune {
         let mut t = Self::default_for(cfg, limits);
-        let need = cols.div_ceil(u64::from(t.per_thread)).max(1).next_power_of_two();
+        let need = cols
+            .div_ceil(u64::from(t.per_thread))
+            .max(1)
+            .next_power_of_two();
         t.threads = need.clamp(u64::from(THREADS[0]), u64::from(t.threads)) as u32;
         if t.check(cfg, limits).is_none() {
             t

@@ -297,7 +297,11 @@ impl Lower<'_> {
         let (gen, base, variant) = match sq.as_known() {
             Some(1) => {
                 let t = self.pick_attention(id, false, true, &cfg, sizes(Poly::one()));
-                (attention::decode(&cfg, &t, &limits)?, cfg.kernel_name(true), None)
+                (
+                    attention::decode(&cfg, &t, &limits)?,
+                    cfg.kernel_name(true),
+                    None,
+                )
             }
             known => {
                 let t = self.pick_attention(id, false, false, &cfg, sizes(Poly::dim(&sq)));

@@ -365,7 +365,11 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Plan, CodegenError> {
 
 /// [`lower`] with the template tunables chosen by `tuning` (shape-aware defaults at its dims,
 /// its chooser's points); the sites it saw are recorded in it ([`Tuning::sites`]).
-pub fn lower_tuned(g: &Graph, opts: &LowerOptions, tuning: &Tuning<'_>) -> Result<Plan, CodegenError> {
+pub fn lower_tuned(
+    g: &Graph,
+    opts: &LowerOptions,
+    tuning: &Tuning<'_>,
+) -> Result<Plan, CodegenError> {
     if !matches!(opts.elem, Elem::F32 | Elem::F16 | Elem::BF16) {
         return Err(plan_err(format!(
             "float storage must be f32, f16 or bf16, not {:?}",

@@ -30,6 +30,9 @@ use crate::kernels::{DeviceKind, Tunable};
 /// A point of a tunable space: each tunable's name and value.
 pub type Point = Vec<(String, u32)>;
 
+/// Whether a template accepts a point (why not, if it does not).
+type Validity<'a> = dyn Fn(&[(String, u32)]) -> Result<(), String> + 'a;
+
 /// One template call of the lowering (see the module docs).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Site {
@@ -216,7 +219,7 @@ fn norm_from(p: &[(String, u32)]) -> Option<Tune> {
 
 impl Lower<'_> {
     /// Records site `s` with its default, asks the chooser; the point to generate with.
-    fn site(&mut self, mut s: Site, valid: &dyn Fn(&[(String, u32)]) -> Result<(), String>) -> Point {
+    fn site(&mut self, mut s: Site, valid: &Validity<'_>) -> Point {
         s.chosen = s.default.clone();
         if let Some(c) = self.tuning.chooser {
             if let Some(p) = c.choose(&s) {
@@ -275,12 +278,18 @@ impl Lower<'_> {
         let limits = self.o.limits;
         let dflt = match (
             self.tuning.fixed_defaults,
-            sizes.iter().map(|p| self.tuning.size(p)).collect::<Option<Vec<_>>>(),
+            sizes
+                .iter()
+                .map(|p| self.tuning.size(p))
+                .collect::<Option<Vec<_>>>(),
         ) {
             (false, Some(s)) => MatMulTunables::for_problem(cfg, &limits, s[0], s[1], s[2]),
             _ => MatMulTunables::default_for(cfg, &limits),
         };
-        let space = MatMulTunables::space(cfg, &limits).iter().map(mm_point).collect();
+        let space = MatMulTunables::space(cfg, &limits)
+            .iter()
+            .map(mm_point)
+            .collect();
         let [m, n, k] = sizes;
         let s = Self::new_site(
             id,
@@ -314,7 +323,10 @@ impl Lower<'_> {
             (false, Some(n)) => GemvTunables::for_problem(cfg, &limits, n),
             _ => GemvTunables::default_for(cfg, &limits),
         };
-        let space = GemvTunables::space(cfg, &limits).iter().map(gemv_point).collect();
+        let space = GemvTunables::space(cfg, &limits)
+            .iter()
+            .map(gemv_point)
+            .collect();
         let [m, n, k] = sizes;
         let s = Self::new_site(
             id,
@@ -411,7 +423,9 @@ impl Lower<'_> {
         );
         let p = self.site(s, &|p| {
             let t = norm_from(p).ok_or("not a norm point".to_string())?;
-            cfg.generate(&t, &limits).map(|_| ()).map_err(|e| e.to_string())
+            cfg.generate(&t, &limits)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         });
         norm_from(&p).unwrap_or(dflt)
     }

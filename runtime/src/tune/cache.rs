@@ -144,7 +144,9 @@ pub fn bucket_of(x: usize) -> usize {
 
 /// Every dim rounded up to a power of two.
 pub fn bucket_dims(dims: &Bindings) -> Bindings {
-    dims.iter().map(|(k, &v)| (k.clone(), bucket_of(v))).collect()
+    dims.iter()
+        .map(|(k, &v)| (k.clone(), bucket_of(v)))
+        .collect()
 }
 
 /// The storage type's name in keys.
@@ -217,7 +219,9 @@ static WARNED: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
 
 fn warn_once(path: &Path, msg: &str) {
     let mut w = WARNED.lock().unwrap_or_else(|p| p.into_inner());
-    if w.get_or_insert_with(HashSet::new).insert(path.to_path_buf()) {
+    if w.get_or_insert_with(HashSet::new)
+        .insert(path.to_path_buf())
+    {
         eprintln!("warning: tuning cache {}: {msg}", path.display());
     }
 }
@@ -400,7 +404,10 @@ impl TuningCache {
                 Read::Missing => BTreeMap::new(),
                 Read::Newer(e) => {
                     c.read_only = true;
-                    warn_once(&c.path, "written by a newer transfuse meanwhile; not updated");
+                    warn_once(
+                        &c.path,
+                        "written by a newer transfuse meanwhile; not updated",
+                    );
                     c.entries = e;
                     c.entries.extend(new);
                     return Ok(());
@@ -454,8 +461,8 @@ impl TuningCache {
         let tmp = self
             .path
             .with_extension(format!("json.tmp-{}", std::process::id()));
-        let mut out = fs::File::create(&tmp)
-            .map_err(|e| cache_err(&tmp, format!("cannot create: {e}")))?;
+        let mut out =
+            fs::File::create(&tmp).map_err(|e| cache_err(&tmp, format!("cannot create: {e}")))?;
         out.write_all(text.as_bytes())
             .and_then(|()| out.sync_all())
             .map_err(|e| cache_err(&tmp, format!("cannot write: {e}")))?;
@@ -480,4 +487,70 @@ pub fn today() -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(tag: &str) -> Entry {
+        Entry {
+            family: "matmul".into(),
+            structure: tag.into(),
+            dtype: "f32".into(),
+            bucket: "seq=128".into(),
+            tunables: BTreeMap::from([("tile_m".to_string(), 32)]),
+            default_tunables: BTreeMap::from([("tile_m".to_string(), 64)]),
+            seconds: 1e-3,
+            spread: 0.02,
+            default_seconds: 2e-3,
+            tried: 3,
+            date: today(),
+            version: "0".into(),
+            models: vec![tag.into()],
+        }
+    }
+
+    fn dir(test: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "transfuse-cache-unit-{test}-{}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn buckets_round_up_to_powers_of_two() {
+        assert_eq!(
+            [0, 1, 2, 3, 513, 1000, 1024].map(bucket_of),
+            [0, 1, 2, 4, 1024, 1024, 1024]
+        );
+    }
+
+    #[test]
+    fn the_date_is_a_calendar_date() {
+        let d = today();
+        assert_eq!(d.len(), 10, "{d}");
+        let parts: Vec<u32> = d.split('-').map(|x| x.parse().unwrap()).collect();
+        assert!(parts[0] >= 2024 && (1..=12).contains(&parts[1]) && (1..=31).contains(&parts[2]));
+    }
+
+    #[test]
+    fn two_handles_merge_instead_of_overwriting() {
+        let d = dir("merge");
+        let dev = DeviceKey {
+            id: "wgpu | test".into(),
+        };
+        let mut a = TuningCache::open_at(&d, dev.clone()).unwrap();
+        let mut b = TuningCache::open_at(&d, dev.clone()).unwrap();
+        a.insert(vec![("k1".into(), entry("a"))]).unwrap();
+        // b never saw k1; its write rereads the file under the lock.
+        b.insert(vec![("k2".into(), entry("b"))]).unwrap();
+        let c = TuningCache::open_at(&d, dev).unwrap();
+        assert_eq!(c.entries().keys().collect::<Vec<_>>(), ["k1", "k2"]);
+        assert_eq!(c.get("k1").unwrap().speedup(), 2.0);
+        let _ = fs::remove_dir_all(&d);
+    }
 }

@@ -16,7 +16,8 @@
 //!    default's output (beyond the family's tolerance: rejected and reported), then timed;
 //! 4. timing: device timestamps where the device has them (else the host clock around a
 //!    synchronised batch), each sample a batch of launches of ~2 ms, candidate and default
-//!    interleaved, three rounds of three samples each, the minimum of the rounds' medians;
+//!    interleaved, three rounds of three samples each (one each for kernels over 20 ms), the
+//!    minimum of the rounds' medians;
 //!    the winner is re-measured the same way against the default and kept only when at least
 //!    5 % faster (else the default is stored, so the site is not tuned again); its spread
 //!    ((max − min)/min of its medians) is stored with it.
@@ -346,9 +347,13 @@ pub fn tune_graph<D: Device>(
             let left = (n_todo - done) as u32 * (dims_list.len() - di) as u32;
             let cap = opts.per_kernel.min((deadline - now) / left.max(1)).max(
                 // A few seconds per kernel (within its cap) while the budget lasts.
-                Duration::from_secs(2).min(opts.per_kernel).min(deadline - now),
+                Duration::from_secs(2)
+                    .min(opts.per_kernel)
+                    .min(deadline - now),
             );
-            let r = tune_site(dev, graph, &lopts, &bucket, dims, &plan, &s, opts, cap, progress);
+            let r = tune_site(
+                dev, graph, &lopts, &bucket, dims, &plan, &s, opts, cap, progress,
+            );
             let r = match r {
                 Ok(r) => r,
                 Err(e) => {
@@ -515,8 +520,11 @@ fn tune_site<D: Device>(
     let one = t0.elapsed().as_secs_f64().max(1e-6);
     let reps = ((2e-3 / one).ceil() as usize).clamp(1, 64);
     let mut measurements = 0usize;
+    // Slow kernels (over 20 ms a launch) take one sample per round: the rounds' spread still
+    // shows the noise, and a candidate costs six launches instead of eighteen.
     let timer = Timer {
         reps,
+        per_round: if one > 0.02 { 1 } else { 3 },
         uniforms: bench.uniforms.clone(),
     };
     let dgrid = bench.grid;
@@ -673,7 +681,7 @@ fn tune_site<D: Device>(
                 &bench.bufs,
                 (&default_module, dgrid),
                 (&m, g),
-                5,
+                if timer.per_round == 1 { 3 } else { 5 },
                 &mut measurements,
             )?;
             if ct <= 0.95 * dt {
@@ -710,9 +718,13 @@ fn tune_site<D: Device>(
     })
 }
 
+/// Seconds (min of the rounds' medians) and spread of one kernel.
+type MinSpread = (f64, f64);
+
 /// Timed samples of one kernel's launches (see the module docs).
 struct Timer {
     reps: usize,
+    per_round: usize,
     uniforms: Vec<u32>,
 }
 
@@ -748,11 +760,11 @@ impl Timer {
         b: (&D::Module, [u32; 3]),
         rounds: usize,
         count: &mut usize,
-    ) -> Result<((f64, f64), (f64, f64)), RuntimeError> {
+    ) -> Result<(MinSpread, MinSpread), RuntimeError> {
         let (mut ma, mut mb) = (vec![], vec![]);
         for _ in 0..rounds {
             let (mut sa, mut sb) = (vec![], vec![]);
-            for _ in 0..3 {
+            for _ in 0..self.per_round {
                 sa.push(self.sample(dev, bufs, a.0, a.1)?);
                 sb.push(self.sample(dev, bufs, b.0, b.1)?);
                 *count += 2;
@@ -875,15 +887,32 @@ pub fn tune_on(
         if !dev.info().elems.contains(&elem) {
             return Err(err(
                 dev.info().backend,
-                format!("{elem:?} storage is not supported by {}", dev.info().description),
+                format!(
+                    "{elem:?} storage is not supported by {}",
+                    dev.info().description
+                ),
             ));
         }
         let r = tune_graph(&dev, graph, elem, dims_list, &mut cache, opts, progress)?;
         Ok((r, cache))
     }
     match backend {
-        "wgpu" => go(crate::webgpu::shared()?, graph, elem, dims_list, opts, progress),
-        "cuda" => go(crate::cuda::shared()?, graph, elem, dims_list, opts, progress),
+        "wgpu" => go(
+            crate::webgpu::shared()?,
+            graph,
+            elem,
+            dims_list,
+            opts,
+            progress,
+        ),
+        "cuda" => go(
+            crate::cuda::shared()?,
+            graph,
+            elem,
+            dims_list,
+            opts,
+            progress,
+        ),
         other => Err(err(
             other,
             format!("`{other}` cannot be tuned (only wgpu and cuda kernels have tunables)"),
