@@ -289,6 +289,13 @@ pub struct AttentionArgs {
     /// Also draw the results (an .svg file).
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
+    /// First tune the cases the tuning cache lacks (wgpu, cuda), every variant with the same
+    /// budget, then time them with their tuned kernels.
+    #[arg(long)]
+    pub tune: bool,
+    /// With `--tune`: seconds per (case, variant).
+    #[arg(long, default_value = "60", allow_hyphen_values = true)]
+    pub tune_budget: String,
 }
 
 /// A comma-separated list of counts; an empty list or a bad item is an error naming `flag`.
@@ -438,6 +445,9 @@ pub fn bench_attention(a: &AttentionArgs) -> Result<(), Error> {
         );
         println!("{}", ab::table_header());
     }
+    if a.tune {
+        tune_cases(a, &cfg, &points, &variants, backend.name())?;
+    }
     let mut results: Vec<ab::CaseResult> = vec![];
     let mut clock = None;
     for &p in &points {
@@ -496,6 +506,75 @@ pub fn bench_attention(a: &AttentionArgs) -> Result<(), Error> {
         );
         ab::plot(path, &title, &results)?;
         eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// `bench attention --tune`: tunes each (point, variant) graph at its dims, with the same budget
+/// for every variant; cases already in the cache cost nothing.
+fn tune_cases(
+    a: &AttentionArgs,
+    cfg: &transfuse::attention_bench::AttnConfig,
+    points: &[transfuse::attention_bench::Point],
+    variants: &[transfuse::attention_bench::Variant],
+    backend: &str,
+) -> Result<(), Error> {
+    use transfuse::attention_bench as ab;
+    use transfuse::runtime::tune;
+    if backend == "cpu" {
+        return Err(Error::Usage(
+            "--tune: the cpu backend has no kernel tunables (use --backend wgpu or cuda)".into(),
+        ));
+    }
+    let budget = match a.tune_budget.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 && x < 1e7 => std::time::Duration::from_secs_f64(x),
+        _ => {
+            return Err(Error::Usage(format!(
+                "--tune-budget: `{}` is not a positive number of seconds",
+                a.tune_budget
+            )))
+        }
+    };
+    let g = ab::graph(cfg)?;
+    for &p in points {
+        for &v in variants {
+            let vg = ab::variant_graph(&g, v)?;
+            let dims = transfuse::runtime::bind_inputs(&vg, &ab::inputs(cfg, p))?;
+            let opts = tune::TuneOptions {
+                budget,
+                per_kernel: budget,
+                ..tune::TuneOptions::default()
+            };
+            let (r, _) = tune::tune_on(backend, &vg, cfg.dtype, &[dims], &opts, &tune::Quiet)?;
+            let tuned: Vec<String> = r
+                .sites
+                .iter()
+                .map(|s| {
+                    if s.hit {
+                        format!("{} cached", s.family)
+                    } else if let Some(w) = &s.skipped_why {
+                        format!("{} not tuned ({w})", s.family)
+                    } else {
+                        format!(
+                            "{} {:.2}× ({} → {}; {} tried, {} rejected)",
+                            s.family,
+                            s.default.1 / s.winner.1.max(1e-12),
+                            s.default.0,
+                            s.winner.0,
+                            s.tried,
+                            s.rejected.len()
+                        )
+                    }
+                })
+                .collect();
+            eprintln!(
+                "tune {} {}: {} measurements; {}",
+                cfg.case_name(p),
+                v.name(),
+                r.measurements,
+                tuned.join("; ")
+            );
+        }
     }
     Ok(())
 }

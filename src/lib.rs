@@ -237,6 +237,26 @@ impl Session {
         backend: Box<dyn Backend>,
         opts: Option<&passes::Options>,
     ) -> Result<Session, Error> {
+        let (graph, weights, report) = Session::graph_for(&model, opts)?;
+        let program = Mutex::new(backend.load(&graph, &weights)?);
+        Ok(Session {
+            model,
+            graph,
+            report,
+            weights,
+            backend,
+            program,
+            tp: None,
+        })
+    }
+
+    /// The graph a session runs: optimized with `opts` (and its weight-only subgraphs folded),
+    /// or as built without; its weights and the optimizer's report. `transfuse tune` tunes
+    /// this graph, so its kernels are the ones a session looks up in the tuning cache.
+    pub fn graph_for(
+        model: &Model,
+        opts: Option<&passes::Options>,
+    ) -> Result<(ir::Graph, ir::Weights, Option<passes::Report>), Error> {
         let (graph, report) = match opts {
             Some(o) => {
                 let (g, r) = passes::optimize(&model.graph, o)?;
@@ -248,16 +268,12 @@ impl Session {
             Some(_) => runtime::fold_weights(&graph, &model.weights)?,
             None => (graph, model.weights.clone()),
         };
-        let program = Mutex::new(backend.load(&graph, &weights)?);
-        Ok(Session {
-            model,
-            graph,
-            report,
-            weights,
-            backend,
-            program,
-            tp: None,
-        })
+        Ok((graph, weights, report))
+    }
+
+    /// Where the last run's kernel tunables came from (device backends).
+    pub fn tuning(&self) -> Option<runtime::TuningUse> {
+        self.lock().tuning()
     }
 
     pub(crate) fn from_parts(

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod plan;
+mod tune_cli;
 use transfuse::ir::{to_dot, to_text, Tensor};
 use transfuse::models::{build_graph, load_config, BertHeads, Model, Pooling};
 use transfuse::{write_safetensors, Batch, Error, Sampling, Session};
@@ -40,9 +41,13 @@ struct Exec {
     /// How `--tp` shards the model: megatron (the only layout so far).
     #[arg(long, default_value = "megatron")]
     tp_layout: String,
-    /// Print the device (adapter) chosen and, after running, its memory plan.
+    /// Print the device (adapter) chosen and, after running, its memory plan and how many
+    /// kernels took their tunables from the tuning cache.
     #[arg(long, short)]
     verbose: bool,
+    /// Ignore the tuning cache: every kernel runs its default tunables.
+    #[arg(long)]
+    no_cache: bool,
 }
 
 #[derive(Subcommand)]
@@ -173,6 +178,9 @@ enum Cmd {
     /// Plan tensor × pipeline × data parallelism (PTD-P): memory, communication, bubble, step
     /// time and MFU of every layout (config.json alone is enough).
     Plan(plan::PlanArgs),
+    /// Tune a model's kernels on a device and store the winners in the device's tuning cache
+    /// (which run, generate, embed and bench read), or list (`--show`) or empty (`--clear`) it.
+    Tune(tune_cli::TuneArgs),
     /// Print a model's IR (config.json alone is enough).
     Graph {
         /// Hugging Face folder.
@@ -270,6 +278,7 @@ fn tp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
 
 /// The session for `model` on the backend `exec` names; returns why that backend was chosen.
 fn session_why(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
+    init_tracing(exec.verbose);
     if exec.tp == 0 {
         return Err(Error::Usage("--tp must be ≥ 1".into()));
     }
@@ -291,6 +300,9 @@ fn session_why(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
     if exec.verbose {
         eprintln!("device: {}", choice.backend.description());
     }
+    if exec.no_cache {
+        transfuse::runtime::tune::set_cache_enabled(false);
+    }
     let s = Session::with_options(model, choice.backend, opts.as_ref())?;
     Ok((s, choice.reason))
 }
@@ -305,6 +317,12 @@ fn report_backend(s: &Session, reason: &str, exec: &Exec) {
         eprintln!(
             "memory: resident {} B, inputs/outputs {} B, temporaries {} B planned vs {} B one buffer per tensor (live peak {} B)",
             m.persistent, m.io, m.temps_planned, m.temps_naive, m.temps_live_peak
+        );
+    }
+    if let (true, Some(t)) = (exec.verbose, s.tuning()) {
+        eprintln!(
+            "tuning: {} of {} template kernels from the tuning cache ({})",
+            t.from_cache, t.sites, t.cache
         );
     }
 }
@@ -570,6 +588,10 @@ fn run(cli: Cli) -> Result<(), Error> {
             what: BenchCmd::Attention(args),
         } => bench::bench_attention(&args)?,
         Cmd::Plan(args) => plan::run(&args)?,
+        Cmd::Tune(args) => {
+            init_tracing(args.verbose);
+            tune_cli::run(&args)?
+        }
         Cmd::Graph { model, dot } => {
             let cfg = load_config(&model)?;
             let heads = BertHeads {
@@ -829,6 +851,21 @@ fn human(x: i64, unit: &str) -> String {
         return format!("{x} {unit}").trim_end().to_string();
     };
     format!("{:.2} {p}{unit}", v / d)
+}
+
+/// `-v`: the runtime's tuning details (tracing, debug level) on stderr; otherwise warnings.
+fn init_tracing(verbose: bool) {
+    let level = if verbose {
+        "transfuse_runtime=debug"
+    } else {
+        "warn"
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .try_init();
 }
 
 fn main() -> ExitCode {

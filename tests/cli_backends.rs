@@ -196,6 +196,7 @@ fn no_wgpu_adapter_is_one_clean_error_and_auto_falls_back() {
             .arg(tmp.join("out.safetensors"))
             .args(["--backend", backend])
             .env("WGPU_BACKEND", api)
+            .env("TRANSFUSE_CACHE_DIR", common::cli::test_cache_dir())
             .env_remove("RUST_BACKTRACE")
             .output()
             .unwrap()

@@ -91,10 +91,11 @@ pub mod place;
 mod plan;
 pub mod poly;
 pub mod rewrite;
+pub mod tuning;
 pub mod view;
 
 pub use buffers::BufId;
-pub use partition::lower;
+pub use partition::{lower, lower_tuned};
 pub use plan::{
     Alias, BufferKind, LowerOptions, Phase, Plan, PlanBuffer, PlanIo, PlanKernel, Target,
     UniformExpr, Variant,

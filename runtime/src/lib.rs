@@ -51,6 +51,7 @@ pub mod nvrtc;
 pub mod program;
 pub mod select;
 pub mod tp;
+pub mod tune;
 pub mod webgpu;
 
 pub use cpu::CpuBackend;
@@ -133,6 +134,15 @@ pub enum RuntimeError {
     Device {
         /// `wgpu` or `cuda`.
         backend: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// The tuning cache could not be read or written (a corrupt file is not this: it is moved
+    /// aside with a warning).
+    #[error("tuning cache {path}: {msg}")]
+    Cache {
+        /// The file or folder.
+        path: String,
         /// What went wrong.
         msg: String,
     },
@@ -250,6 +260,22 @@ pub trait Loaded: Send {
     fn memory(&self) -> Option<MemoryReport> {
         None
     }
+
+    /// Where the last run's kernel tunables came from (`None` on the CPU backend).
+    fn tuning(&self) -> Option<TuningUse> {
+        None
+    }
+}
+
+/// Where the tunables of the last run's template kernels came from ([`Loaded::tuning`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TuningUse {
+    /// Template kernels (tuning sites) of the plan.
+    pub sites: usize,
+    /// Of those, how many took their tunables from the tuning cache.
+    pub from_cache: usize,
+    /// The cache file read, or why none was (`--no-cache`).
+    pub cache: String,
 }
 
 /// Forward times from [`Loaded::time_forward`].

@@ -36,9 +36,12 @@ use transfuse_ir::{Bindings, DType, Data, Graph, NodeId, Op, Tensor, Weights};
 
 use crate::device::{Device, DeviceInfo};
 use crate::memory::{self, Interval};
+use crate::tune::{self, TuningCache};
 use crate::{
     bind_shapes, Backend, KernelTime, Loaded, MemoryReport, RuntimeError, TensorMap, Timing,
+    TuningUse,
 };
+use transfuse_codegen::lower::tuning::Tuning;
 
 /// A device buffer and its capacity in bytes.
 struct Held<B> {
@@ -103,6 +106,17 @@ pub struct Program<D: Device> {
     carried: HashMap<String, Carried<D::Buffer>>,
     id_checks: Vec<IdCheck>,
     last_memory: Option<MemoryReport>,
+    /// What the plan was lowered with (re-lowered per shape bucket).
+    lopts: LowerOptions,
+    /// The device's tuning cache (None with `--no-cache` or when it cannot be opened).
+    cache: Option<TuningCache>,
+    /// Why there is no cache, when there is none.
+    cache_note: String,
+    /// The shape bucket the forward kernels' tunables were chosen for.
+    bucket: Option<Bindings>,
+    /// Compiled kernels of other buckets, by entry name (switching back compiles nothing).
+    spare: HashMap<String, Compiled<D::Module>>,
+    tuning_use: Option<TuningUse>,
 }
 
 fn dev_err(backend: &str, msg: impl Into<String>) -> RuntimeError {
@@ -274,6 +288,17 @@ impl<D: Device> Program<D> {
             target: info.target,
         };
         let plan = lower::lower(graph, &opts)?;
+        let (cache, cache_note) = if !tune::cache_enabled() {
+            (None, "not read (--no-cache)".to_string())
+        } else {
+            match TuningCache::open(&info) {
+                Ok(c) => {
+                    let note = c.path().display().to_string();
+                    (Some(c), note)
+                }
+                Err(e) => (None, format!("not read ({e})")),
+            }
+        };
         let splits = Self::splits(&plan, &info)?;
         let mut compiled = Vec::with_capacity(plan.kernels.len());
         for k in &plan.kernels {
@@ -289,6 +314,7 @@ impl<D: Device> Program<D> {
             graph: graph.clone(),
             id_checks: id_checks(graph, weights),
             plan,
+            lopts: opts,
             compiled,
             splits,
             persistent: HashMap::new(),
@@ -299,6 +325,11 @@ impl<D: Device> Program<D> {
             io: HashMap::new(),
             carried: HashMap::new(),
             last_memory: None,
+            cache,
+            cache_note,
+            bucket: None,
+            spare: HashMap::new(),
+            tuning_use: None,
         };
         p.upload_persistent(weights)?;
         Ok(p)
@@ -307,6 +338,97 @@ impl<D: Device> Program<D> {
     /// The plan it runs.
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Chooses the forward kernels' tunables for the shape bucket of `dims` (each dim rounded
+    /// up to a power of two): the plan is lowered again with the shape-aware defaults of the
+    /// bucket and the tuning cache's entries, and the kernels whose code changed are swapped in
+    /// (compiled once per bucket; kernels of an earlier bucket are kept). Nothing happens while
+    /// the bucket stays the same. A plan whose structure changed (it never should: tunables
+    /// only change how a kernel computes) is not used.
+    fn retune(&mut self, dims: &Bindings) -> Result<(), RuntimeError> {
+        let bucket = tune::bucket_dims(dims);
+        if self.bucket.as_ref() == Some(&bucket) {
+            return Ok(());
+        }
+        let chooser = self.cache.as_ref().map(|c| tune::CacheChooser {
+            cache: c,
+            elem: self.lopts.elem,
+            dims: bucket.clone(),
+        });
+        let mut t = Tuning::at(
+            bucket.clone(),
+            chooser.as_ref().map(|c| c as &dyn lower::tuning::Chooser),
+        );
+        t.fixed_defaults = tune::fixed_defaults();
+        let plan = lower::lower_tuned(&self.graph, &self.lopts, &t)?;
+        let sites = t.sites();
+        drop(chooser);
+        self.bucket = Some(bucket.clone());
+        if !same_structure(&self.plan, &plan) {
+            tracing::warn!(
+                "tunables for {} changed the plan's structure: kept the load-time kernels",
+                tune::dims_string(&bucket)
+            );
+            return Ok(());
+        }
+        let mut swapped = 0;
+        for i in 0..plan.kernels.len() {
+            if plan.kernels[i].phase != Phase::Forward {
+                continue;
+            }
+            if plan.kernels[i].entry() != self.plan.kernels[i].entry() {
+                let new =
+                    self.compiled_for(&plan.kernels[i].gen.kernel, &plan.kernels[i].bindings)?;
+                let old = std::mem::replace(&mut self.compiled[i].0, new);
+                self.spare.insert(old.name.clone(), old);
+                self.plan.kernels[i].gen = plan.kernels[i].gen.clone();
+                swapped += 1;
+            }
+            if let (Some(nv), Some(ov)) = (&plan.kernels[i].decode, &self.plan.kernels[i].decode) {
+                if nv.gen.kernel.name != ov.gen.kernel.name {
+                    let new = self.compiled_for(&nv.gen.kernel, &nv.bindings)?;
+                    if let Some(old) = self.compiled[i].1.replace(new) {
+                        self.spare.insert(old.name.clone(), old);
+                    }
+                    let gen = nv.gen.clone();
+                    if let Some(v) = self.plan.kernels[i].decode.as_mut() {
+                        v.gen = gen;
+                    }
+                    swapped += 1;
+                }
+            }
+        }
+        if swapped > 0 {
+            self.chunked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        let from_cache = sites.iter().filter(|s| s.from_chooser).count();
+        tracing::debug!(
+            "bucket {}: {} tuning sites, {from_cache} from the cache, {swapped} kernels swapped",
+            tune::dims_string(&bucket),
+            sites.len()
+        );
+        self.tuning_use = Some(TuningUse {
+            sites: sites.len(),
+            from_cache,
+            cache: self.cache_note.clone(),
+        });
+        Ok(())
+    }
+
+    /// A kernel compiled (or taken from an earlier bucket's).
+    fn compiled_for(
+        &mut self,
+        kernel: &transfuse_codegen::kir::Kernel,
+        bindings: &[String],
+    ) -> Result<Compiled<D::Module>, RuntimeError> {
+        match self.spare.remove(&kernel.name) {
+            Some(c) => Ok(c),
+            None => Self::compile(&self.dev, kernel, bindings, &self.splits),
+        }
     }
 
     /// Resident buffers over the device's largest binding, split into chunks that fit:
@@ -713,6 +835,7 @@ impl<D: Device> Program<D> {
                 .or_else(|| carried.get(name).map(|(_, s, d)| (s.clone(), *d)))
         })?;
         self.check_ids(inputs)?;
+        self.retune(&dims)?;
         // Sizes and live ranges.
         let mut places: HashMap<String, Place> = HashMap::new();
         let mut temps: Vec<(String, Interval)> = vec![];
@@ -960,6 +1083,27 @@ impl<D: Device + 'static> Loaded for Program<D> {
     fn memory(&self) -> Option<MemoryReport> {
         self.last_memory
     }
+
+    fn tuning(&self) -> Option<TuningUse> {
+        self.tuning_use.clone()
+    }
+}
+
+/// Equal buffers, kernels, nodes, bindings and uniforms: plans that differ in tunables only.
+fn same_structure(a: &Plan, b: &Plan) -> bool {
+    a.buffers == b.buffers
+        && a.kernels.len() == b.kernels.len()
+        && a.kernels.iter().zip(&b.kernels).all(|(x, y)| {
+            x.nodes == y.nodes
+                && x.phase == y.phase
+                && x.bindings == y.bindings
+                && x.uniforms == y.uniforms
+                && match (&x.decode, &y.decode) {
+                    (None, None) => true,
+                    (Some(v), Some(w)) => v.bindings == w.bindings && v.uniforms == w.uniforms,
+                    _ => false,
+                }
+        })
 }
 
 /// A backend running graphs as compiled kernels on a [`Device`]: each `load` is a

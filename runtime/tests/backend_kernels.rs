@@ -95,6 +95,7 @@ fn required(what: &str) -> bool {
 /// The shared wgpu device; `None` after a `skipped: ...` message when there is no adapter, a
 /// failure when `TRANSFUSE_REQUIRE` names `wgpu`.
 fn wgpu_dev() -> Option<Arc<WgpuDevice>> {
+    isolate_tuning_cache();
     match webgpu::shared() {
         Ok(d) => Some(d),
         Err(e) if required("wgpu") => panic!("TRANSFUSE_REQUIRE names wgpu but: {e}"),
@@ -108,6 +109,7 @@ fn wgpu_dev() -> Option<Arc<WgpuDevice>> {
 /// The shared CUDA device; `None` after a `skipped: ...` message when there is no driver or
 /// device, a failure when `TRANSFUSE_REQUIRE` names `cuda`.
 fn cuda_dev() -> Option<Arc<CudaDevice>> {
+    isolate_tuning_cache();
     match transfuse_runtime::cuda::shared() {
         Ok(d) => Some(d),
         Err(e) if required("cuda") => panic!("TRANSFUSE_REQUIRE names cuda but: {e}"),
@@ -1500,4 +1502,11 @@ per_backend! {
     matmul_f16 => matmul(F16),
     attention_f16 => attention(F16),
     llama_ops_f16 => llama_ops(F16),
+}
+
+/// Points this process's tuning cache at a temporary folder: tests never touch the user's.
+fn isolate_tuning_cache() {
+    transfuse_runtime::tune::set_cache_dir(Some(
+        std::env::temp_dir().join(format!("transfuse-test-cache-{}", std::process::id())),
+    ));
 }

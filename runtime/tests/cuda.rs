@@ -34,6 +34,7 @@ fn required(what: &str) -> bool {
 /// The shared device, or `None` after printing why this test is skipped (a failure when
 /// `TRANSFUSE_REQUIRE` names `cuda`).
 fn device_or_skip(test: &str) -> Option<Arc<CudaDevice>> {
+    isolate_tuning_cache();
     match cuda::shared() {
         Ok(d) => {
             eprintln!("{test}: on {}", d.info().description);
@@ -452,4 +453,11 @@ fn the_driver_exports_every_entry_point_used() {
         return;
     }
     assert_eq!(cuda::missing_driver_symbols(), Vec::<&str>::new());
+}
+
+/// Points this process's tuning cache at a temporary folder: tests never touch the user's.
+fn isolate_tuning_cache() {
+    transfuse_runtime::tune::set_cache_dir(Some(
+        std::env::temp_dir().join(format!("transfuse-test-cache-{}", std::process::id())),
+    ));
 }

@@ -26,6 +26,7 @@ struct InterpDevice {
 
 impl InterpDevice {
     fn new(max_binding_bytes: u64, max_storage_buffers: u32, max_grid: u32) -> Arc<InterpDevice> {
+        isolate_tuning_cache();
         Arc::new(InterpDevice {
             info: DeviceInfo {
                 backend: "interp",
@@ -374,4 +375,11 @@ fn gathered_ids_out_of_range_are_an_error() {
         RuntimeError::IndexOutOfRange { index, size, .. } => assert_eq!((index, size), (5, 5)),
         e => panic!("{e}"),
     }
+}
+
+/// Points this process's tuning cache at a temporary folder: tests never touch the user's.
+fn isolate_tuning_cache() {
+    transfuse_runtime::tune::set_cache_dir(Some(
+        std::env::temp_dir().join(format!("transfuse-test-cache-{}", std::process::id())),
+    ));
 }

@@ -52,6 +52,12 @@ impl Drop for TempDir {
     }
 }
 
+/// The tuning-cache folder of this test process (a temporary one: no test reads or writes
+/// the user's cache).
+pub fn test_cache_dir() -> PathBuf {
+    super::isolate_tuning_cache()
+}
+
 /// Runs the binary with `args` (backtraces off, so a panic would show its hint).
 pub fn transfuse<I, S>(args: I) -> Output
 where
@@ -60,6 +66,7 @@ where
 {
     Command::new(env!("CARGO_BIN_EXE_transfuse"))
         .args(args)
+        .env("TRANSFUSE_CACHE_DIR", test_cache_dir())
         .env_remove("RUST_BACKTRACE")
         .env_remove("RUST_LIB_BACKTRACE")
         .output()
@@ -74,6 +81,7 @@ where
 {
     Command::new(env!("CARGO_BIN_EXE_transfuse"))
         .args(args)
+        .env("TRANSFUSE_CACHE_DIR", test_cache_dir())
         .envs(envs.iter().copied())
         .env_remove("RUST_BACKTRACE")
         .env_remove("RUST_LIB_BACKTRACE")

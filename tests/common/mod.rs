@@ -93,9 +93,23 @@ pub fn assert_close_masked(
     eprintln!("{what}: max |diff| {worst:.2e} over {compared} values (tol {tol:.0e})");
 }
 
+/// Points this process's tuning cache at a temporary folder (once) and returns it: tests never
+/// read or write the user's cache.
+pub fn isolate_tuning_cache() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("transfuse-test-cache-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&d);
+        transfuse::runtime::tune::set_cache_dir(Some(d.clone()));
+        d
+    })
+    .clone()
+}
+
 /// The wgpu backend, or `None` (with a message) when no adapter is found; a failure when
 /// `TRANSFUSE_REQUIRE` names `wgpu`.
 pub fn wgpu_backend() -> Option<transfuse::runtime::WgpuBackend> {
+    isolate_tuning_cache();
     match transfuse::runtime::WgpuBackend::new() {
         Ok(b) => {
             eprintln!(
@@ -115,6 +129,7 @@ pub fn wgpu_backend() -> Option<transfuse::runtime::WgpuBackend> {
 /// The CUDA backend, or `None` (with a message) when there is no driver or device; a failure
 /// when `TRANSFUSE_REQUIRE` names `cuda`.
 pub fn cuda_backend() -> Option<transfuse::runtime::CudaBackend> {
+    isolate_tuning_cache();
     match transfuse::runtime::CudaBackend::new() {
         Ok(b) => Some(b),
         Err(e) if required("cuda") => panic!("TRANSFUSE_REQUIRE names cuda but: {e}"),

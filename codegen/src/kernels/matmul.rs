@@ -42,7 +42,7 @@
 
 use transfuse_ir::Act;
 
-use super::{check_limits, Factor, Generated, GridDim, Limits, Tunable};
+use super::{check_limits, DeviceKind, Factor, Generated, GridDim, Limits, Tunable};
 use crate::kir::*;
 use crate::CodegenError;
 
@@ -219,6 +219,65 @@ impl MatMulTunables {
             .into_iter()
             .find(|p| p.validate("matmul", limits).is_ok())
             .unwrap_or(t(8, 8, 8, 8, 8))
+    }
+
+    /// The default for an `m × n × k` problem (the bound dims, rounded up to a power of two):
+    /// tiles no larger than the problem, so a small matmul does not pad to 128 × 128. On a
+    /// GPU the largest such tile that still gives 8 workgroups; on a CPU adapter (whose
+    /// workgroups each run on one core, where every shared-memory load is a loop over the
+    /// lanes) 64-thread workgroups with the biggest micro-tile the tile allows, so each
+    /// invocation does the most multiply-adds per load. Falls back to [`Self::default_for`].
+    pub fn for_problem(
+        cfg: &MatMulConfig,
+        limits: &Limits,
+        m: u64,
+        n: u64,
+        _k: u64,
+    ) -> MatMulTunables {
+        let t = |tile_m, tile_n, tile_k, rm, rn| MatMulTunables {
+            tile_m,
+            tile_n,
+            tile_k,
+            rm,
+            rn,
+        };
+        let cap = |x: u64| x.max(16).next_power_of_two().min(128) as u32;
+        let (cm, cn) = (cap(m), cap(n));
+        let groups =
+            |p: &MatMulTunables| m.div_ceil(u64::from(p.tile_m)) * n.div_ceil(u64::from(p.tile_n));
+        let prefs: Vec<MatMulTunables> = if limits.kind == DeviceKind::Cpu {
+            vec![
+                t(64, 64, 16, 8, 8),
+                t(64, 32, 16, 8, 4),
+                t(32, 64, 16, 4, 8),
+                t(32, 32, 16, 4, 4),
+                t(32, 16, 16, 4, 2),
+                t(16, 32, 16, 2, 4),
+                t(16, 16, 16, 2, 2),
+            ]
+        } else {
+            vec![
+                t(128, 128, 16, 8, 8),
+                t(64, 64, 16, 4, 4),
+                t(64, 32, 16, 4, 2),
+                t(32, 64, 16, 2, 4),
+                t(32, 32, 16, 2, 2),
+                t(32, 16, 16, 2, 1),
+                t(16, 32, 16, 1, 2),
+                t(16, 16, 16, 1, 1),
+            ]
+        };
+        let fits = |p: &&MatMulTunables| {
+            p.tile_m <= cm && p.tile_n <= cn && p.validate("matmul", limits).is_ok()
+        };
+        let want = if limits.kind == DeviceKind::Cpu { 4 } else { 8 };
+        prefs
+            .iter()
+            .filter(fits)
+            .find(|p| groups(p) >= want)
+            .or_else(|| prefs.iter().rfind(|p| fits(p)))
+            .copied()
+            .unwrap_or_else(|| Self::default_for(cfg, limits))
     }
 
     /// Every valid combination of tiles in {16, 32, 64, 128}, `tile_k` in {8, 16, 32} and
@@ -654,6 +713,23 @@ impl GemvTunables {
         let threads = prev_pow2(limits.max_threads.min(256));
         let cols = if cfg.b_transposed { 8 } else { 64 }.min(threads);
         GemvTunables { threads, cols }
+    }
+
+    /// The default for `n` output columns: [`Self::default_for`] with no more columns per
+    /// workgroup than the problem has, and 64 threads on a CPU adapter (one workgroup runs on
+    /// one core: more, smaller workgroups spread a thin product over the cores).
+    pub fn for_problem(cfg: &MatMulConfig, limits: &Limits, n: u64) -> GemvTunables {
+        let mut t = Self::default_for(cfg, limits);
+        if limits.kind == DeviceKind::Cpu {
+            t.threads = t.threads.min(64);
+        }
+        let n = n.max(1).next_power_of_two().min(u64::from(u32::MAX)) as u32;
+        t.cols = t.cols.min(t.threads).min(n.max(1));
+        if t.validate("gemv", limits).is_ok() {
+            t
+        } else {
+            Self::default_for(cfg, limits)
+        }
     }
 
     /// Threads in {64, 128, 256, 512, 1024} × columns in {1, 2, …, threads}, within `limits`.

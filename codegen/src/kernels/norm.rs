@@ -239,6 +239,23 @@ impl Tune {
         }
     }
 
+    /// The default for rows of `cols` columns: 4 values per thread and just enough threads to
+    /// read a row once (32 at least, the fixed default's at most), so short rows do not leave
+    /// most of a 256-thread workgroup idle through every reduction step.
+    pub fn for_problem(cfg: &dyn NormConfig, limits: &Limits, cols: u64) -> Tune {
+        let mut t = Self::default_for(cfg, limits);
+        let need = cols
+            .div_ceil(u64::from(t.per_thread))
+            .max(1)
+            .next_power_of_two();
+        t.threads = need.clamp(u64::from(THREADS[0]), u64::from(t.threads)) as u32;
+        if t.check(cfg, limits).is_none() {
+            t
+        } else {
+            Self::default_for(cfg, limits)
+        }
+    }
+
     /// Every valid combination of the values worth trying under `limits`.
     pub fn space(cfg: &dyn NormConfig, limits: &Limits) -> Vec<Tune> {
         let subgroups: &[u32] = if cfg.reduces() { &[0, WARP] } else { &[0] };

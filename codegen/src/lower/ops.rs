@@ -13,9 +13,9 @@ use super::kernel::Kb;
 use super::partition::{Lower, Val};
 use super::plan::{UniformExpr, Variant};
 use super::{copy, place, rewrite, view, Poly, View};
-use crate::kernels::attention::{self, AttentionCfg, AttentionTunables};
+use crate::kernels::attention::{self, AttentionCfg};
 use crate::kernels::elementwise::EwTunables;
-use crate::kernels::matmul::{self, GemvTunables, MatMulConfig, MatMulTunables};
+use crate::kernels::matmul::{self, MatMulConfig};
 use crate::kernels::norm::{self, Affine, NormKind, Tune};
 use crate::kernels::rope;
 use crate::kernels::Generated;
@@ -209,16 +209,26 @@ impl Lower<'_> {
             .transposed_b(transposed)
             .epilogue(act, bias, residual)
             .gated(gate);
-        let limits = &self.o.limits;
-        let gemv = || matmul::gemv(&cfg, &GemvTunables::default_for(&cfg, limits), limits);
+        let limits = self.o.limits;
         // One row (decoding) takes the GEMV; a symbolic row count gets it as a variant.
         let rows = u.iter().find(|(x, _)| *x == "m").expect("m").1.clone();
+        let sizes = [rows.clone(), Poly::dim(&ndim), Poly::dim(&kdim)];
+        let one_row = [Poly::one(), Poly::dim(&ndim), Poly::dim(&kdim)];
         let (gen, base, variant) = match rows.as_const() {
-            Some(1) => (gemv()?, cfg.name("gemv"), None),
+            Some(1) => {
+                let t = self.pick_gemv(id, false, &cfg, sizes);
+                (matmul::gemv(&cfg, &t, &limits)?, cfg.name("gemv"), None)
+            }
             known => {
-                let tiled =
-                    matmul::matmul(&cfg, &MatMulTunables::default_for(&cfg, limits), limits)?;
-                let variant = if known.is_none() { Some(gemv()?) } else { None };
+                let t = self.pick_matmul(id, &cfg, sizes);
+                let tiled = matmul::matmul(&cfg, &t, &limits)?;
+                let variant = match known {
+                    None => {
+                        let t = self.pick_gemv(id, true, &cfg, one_row);
+                        Some(matmul::gemv(&cfg, &t, &limits)?)
+                    }
+                    Some(_) => None,
+                };
                 (tiled, cfg.name("matmul"), variant)
             }
         };
@@ -370,25 +380,34 @@ impl Lower<'_> {
             mask: ins.len() == 4,
             group,
         };
-        let limits = &self.o.limits;
-        let decode = || {
-            attention::decode(
-                &cfg,
-                &AttentionTunables::decode_default_for(&cfg, limits),
-                limits,
-            )
-        };
+        let limits = self.o.limits;
         // A query length of 1 takes the decode kernel; a symbolic one gets it as a variant.
         let sq = qs[r - 2].clone();
+        let sizes = |sq: Poly| {
+            vec![
+                ("rows", Poly::product(&qs[..r - 2])),
+                ("sq", sq),
+                ("sk", Poly::dim(&g.node(ins[1]).shape[r - 2])),
+            ]
+        };
         let (gen, base, variant) = match sq.as_known() {
-            Some(1) => (decode()?, cfg.kernel_name(true), None),
+            Some(1) => {
+                let t = self.pick_attention(id, false, true, &cfg, sizes(Poly::one()));
+                (
+                    attention::decode(&cfg, &t, &limits)?,
+                    cfg.kernel_name(true),
+                    None,
+                )
+            }
             known => {
-                let flash =
-                    attention::flash(&cfg, &AttentionTunables::default_for(&cfg, limits), limits)?;
-                let variant = if known.is_none() {
-                    Some(decode()?)
-                } else {
-                    None
+                let t = self.pick_attention(id, false, false, &cfg, sizes(Poly::dim(&sq)));
+                let flash = attention::flash(&cfg, &t, &limits)?;
+                let variant = match known {
+                    None => {
+                        let t = self.pick_attention(id, true, true, &cfg, sizes(Poly::one()));
+                        Some(attention::decode(&cfg, &t, &limits)?)
+                    }
+                    Some(_) => None,
                 };
                 (flash, cfg.kernel_name(false), variant)
             }
@@ -572,11 +591,9 @@ impl Lower<'_> {
             affine,
             residual: false,
         };
-        let gen = norm::norm(
-            &cfg,
-            &Tune::default_for(&cfg, &self.o.limits),
-            &self.o.limits,
-        )?;
+        let sizes = [Poly::product(&shape[..last]), Poly::dim(&shape[last])];
+        let t = self.pick_norm(id, "norm", &cfg, format!("{cfg:?}"), sizes);
+        let gen = norm::norm(&cfg, &t, &self.o.limits)?;
         let mut kb = Kb::new(gen, vec![id]);
         kb.set("rows", Poly::product(&shape[..last]));
         kb.set("cols", Poly::dim(&shape[last]));
@@ -613,13 +630,11 @@ impl Lower<'_> {
             scale: scale as f32,
             mask: ins.len() == 2,
         };
-        let gen = norm::softmax(
-            &cfg,
-            &Tune::default_for(&cfg, &self.o.limits),
-            &self.o.limits,
-        )?;
-        let mut kb = Kb::new(gen, vec![id]);
         let last = shape.len() - 1;
+        let sizes = [Poly::product(&shape[..last]), Poly::dim(&shape[last])];
+        let t = self.pick_norm(id, "softmax", &cfg, format!("{cfg:?}"), sizes);
+        let gen = norm::softmax(&cfg, &t, &self.o.limits)?;
+        let mut kb = Kb::new(gen, vec![id]);
         kb.set("rows", Poly::product(&shape[..last]));
         kb.set("cols", Poly::dim(&shape[last]));
         let eb = i64::from(elem_bytes(self.o.elem));

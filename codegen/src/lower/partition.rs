@@ -14,6 +14,7 @@ use super::buffers::{BufId, BufferTable};
 use super::cluster::{GatherSrc, Ids, Leaf, Tree};
 use super::kernel::Kb;
 use super::plan::{index_overflow, *};
+use super::tuning::Tuning;
 use super::{place, View};
 use crate::kir::*;
 use crate::CodegenError;
@@ -58,6 +59,8 @@ pub(super) struct Lower<'a> {
     pub(super) producer: HashMap<BufId, usize>,
     /// Matmul kernels (by index) and what [`place`] needs to know of them.
     pub(super) matmuls: HashMap<usize, place::MatMulInfo>,
+    /// How template tunables are chosen ([`super::tuning`]).
+    pub(super) tuning: &'a Tuning<'a>,
 }
 
 impl<'a> Lower<'a> {
@@ -341,6 +344,16 @@ impl<'a> Lower<'a> {
 
 /// Lowers an optimized graph to a launch plan (see the module docs).
 pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Plan, CodegenError> {
+    lower_tuned(g, opts, &Tuning::default())
+}
+
+/// [`lower`] with the template tunables chosen by `tuning` (shape-aware defaults at its dims,
+/// its chooser's points); the sites it saw are recorded in it ([`Tuning::sites`]).
+pub fn lower_tuned(
+    g: &Graph,
+    opts: &LowerOptions,
+    tuning: &Tuning<'_>,
+) -> Result<Plan, CodegenError> {
     if !matches!(opts.elem, Elem::F32 | Elem::F16 | Elem::BF16) {
         return Err(plan_err(format!(
             "float storage must be f32, f16 or bf16, not {:?}",
@@ -391,6 +404,7 @@ pub fn lower(g: &Graph, opts: &LowerOptions) -> Result<Plan, CodegenError> {
         aliases: vec![],
         producer: HashMap::new(),
         matmuls: HashMap::new(),
+        tuning,
     };
     // Inputs and weights first, so a concat can take over a later one's operands.
     for (id, n) in g.nodes() {
