@@ -224,7 +224,10 @@ impl Session {
         Session::with_options(model, backend, Some(&passes::Options::default()))
     }
 
-    /// A session that optimizes with `opts`, or runs the primitive graph when `None`.
+    /// A session that optimizes with `opts`, or runs the primitive graph when `None`. Options
+    /// with the default `gpu` cost profile get the backend's own instead
+    /// ([`Backend::cost_profile`]: `cpu` for the CPU backend, `cpu-adapter` for wgpu on a CPU
+    /// adapter); any other profile is kept.
     pub fn with_options(
         model: Model,
         backend: Box<dyn Backend>,
@@ -232,7 +235,13 @@ impl Session {
     ) -> Result<Session, Error> {
         let (graph, report) = match opts {
             Some(o) => {
-                let (g, r) = passes::optimize(&model.graph, o)?;
+                let mut o = o.clone();
+                if o.profile == passes::Profile::gpu() {
+                    if let Some(p) = passes::Profile::by_name(backend.cost_profile()) {
+                        o.profile = p;
+                    }
+                }
+                let (g, r) = passes::optimize(&model.graph, &o)?;
                 (g, Some(r))
             }
             None => (model.graph.clone(), None),

@@ -352,3 +352,81 @@ impl CostFunction<TNode> for CostFn<'_> {
         own + kids
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{convert, extract};
+    use transfuse_ir::{Builder, DType, Graph, UnaryOp};
+
+    /// `tanh(x·s + b) @ w`, x `[4, 8]`, and the graph's DAG cost under `p` before any rule.
+    fn chain_into_matmul(p: &Profile, shared: bool) -> f64 {
+        let mut b = Builder::new();
+        let x = b.input("x", vec![4.into(), 8.into()], DType::F32).unwrap();
+        let s = b.weight("s", vec![8.into()]).unwrap();
+        let bias = b.weight("b", vec![8.into()]).unwrap();
+        let w = b.weight("w", vec![8.into(), 16.into()]).unwrap();
+        let xs = b.mul(x, s).unwrap();
+        let h = b.add(xs, bias).unwrap();
+        let y = b.unary(UnaryOp::Tanh, h).unwrap();
+        let out = b.matmul(y, w).unwrap();
+        b.output("out", out);
+        if shared {
+            // x·s read twice: a tensor of its own, as the lowering materialises it.
+            b.output("xs", xs);
+        }
+        cost_of(&b.finish(), p)
+    }
+
+    fn cost_of(g: &Graph, p: &Profile) -> f64 {
+        let mut eg = EG::default();
+        let root = convert::to_egraph(g, &mut eg);
+        eg.rebuild();
+        extract::extract(&eg, root, p).0
+    }
+
+    #[test]
+    fn an_elementwise_chain_feeding_a_matmul_is_one_kernel() {
+        let p = Profile::gpu();
+        let got = chain_into_matmul(&p, false);
+        // The cluster (mul, add, tanh inlined into one kernel: reads x, s, b, writes y) and the
+        // matmul (reads y and w, writes out): two launches, as the lowering makes them.
+        let bytes = 4.0 * ((32 + 8 + 8 + 32) + (32 + 128 + 64)) as f64;
+        let flops = 3.0 * 8.0 * 32.0 + 2.0 * 4.0 * 16.0 * 8.0;
+        let want = 2.0 * p.launch_s + bytes / p.bytes_per_s + flops / p.flops_per_s;
+        assert!((got - want).abs() <= 1e-9 * want, "{got} vs {want}");
+        // A shared x·s is materialised: its own kernel, which writes it, and the cluster reads
+        // it back.
+        let shared = chain_into_matmul(&p, true);
+        let extra = p.launch_s + 2.0 * 4.0 * 32.0 / p.bytes_per_s;
+        assert!(
+            (shared - got - extra).abs() <= 1e-9 * want,
+            "{shared} vs {got} + {extra}"
+        );
+    }
+
+    #[test]
+    fn the_lowering_and_the_cost_model_share_one_classification() {
+        use transfuse_ir::{inlines_into, BinaryOp, Op};
+        let ew = Op::Binary(BinaryOp::Add);
+        assert_eq!(ew.kernel_role(), KernelRole::Elementwise);
+        assert!(inlines_into(&ew, &Op::Unary(UnaryOp::Exp)));
+        let sum = Op::Reduce {
+            op: transfuse_ir::ReduceOp::Sum,
+            axes: vec![1],
+            keepdim: true,
+        };
+        assert!(inlines_into(&ew, &sum));
+        assert!(!inlines_into(&ew, &Op::MatMul));
+        assert!(!inlines_into(&sum, &ew));
+        assert_eq!(
+            role(&TNode::new(EOp::Row(transfuse_ir::ReduceOp::Max), vec![])),
+            KernelRole::Kernel
+        );
+        assert_eq!(role(&TNode::new(EOp::Transpose, vec![])), KernelRole::View);
+        for name in Profile::NAMES {
+            assert_eq!(Profile::by_name(name).unwrap().name, name);
+        }
+        assert_eq!(Profile::by_name("lavapipe"), None);
+    }
+}
