@@ -1,0 +1,82 @@
+//! The cost model ranks the optimizer's choices the way the backends' measured times do: for
+//! attention (MiniLM-shaped b1 h12 d64 at seq 128 and 1024, and tiny GPT-2's own), the
+//! estimated time of the fused choice (the optimizer with the `attention` family, as
+//! `transfuse bench attention` builds its `fused` variant) is below that of the unfused one
+//! (without it) under every device profile, as `bench attention --backend cpu` and
+//! `--backend wgpu` (lavapipe: the `cpu-adapter` profile) measure it (README benchmarks). Only
+//! the estimated ranking is asserted, never a time.
+
+mod common;
+
+use transfuse::attention_bench::{graph, AttnConfig, MaskKind};
+use transfuse::codegen::kir::Elem;
+use transfuse::ir::Graph;
+use transfuse::models::Model;
+use transfuse::passes::{optimize, Options, Profile};
+
+/// The estimated seconds of `g` optimized with or without the attention family, and how many
+/// attention ops the result has.
+fn estimate(g: &Graph, profile: &Profile, dims: &[(&str, usize)], fused: bool) -> (f64, usize) {
+    let mut o = Options::default();
+    o.profile = profile.clone();
+    for (k, v) in dims {
+        o.profile.dims.insert(k.to_string(), *v);
+    }
+    if !fused {
+        o.families.retain(|f| f != "attention");
+    }
+    let (opt, r) = optimize(g, &o).expect("optimizer");
+    let n = opt.op_counts().get("attention").copied().unwrap_or(0);
+    (r.cost_after, n)
+}
+
+fn attention(heads: usize, head_dim: usize) -> Graph {
+    graph(&AttnConfig {
+        batch: 1,
+        heads,
+        kv_heads: heads,
+        head_dim,
+        mask: MaskKind::Causal,
+        window: 0,
+        lengths: vec![],
+        dtype: Elem::F32,
+    })
+    .expect("attention graph")
+}
+
+fn ranks_fused_first(what: &str, g: &Graph, dims: &[(&str, usize)], layers: usize) {
+    for name in Profile::NAMES {
+        let p = Profile::by_name(name).expect("known profile");
+        let (fused, nf) = estimate(g, &p, dims, true);
+        let (unfused, nu) = estimate(g, &p, dims, false);
+        eprintln!(
+            "{what} {dims:?} {name}: fused {:.4} ms, unfused {:.4} ms, unfused/fused {:.2}",
+            fused * 1e3,
+            unfused * 1e3,
+            unfused / fused
+        );
+        assert_eq!((nf, nu), (layers, 0), "{what} {name}: attention ops");
+        assert!(
+            fused < unfused,
+            "{what} {dims:?} under {name}: fused {fused} s estimated at least unfused {unfused} s"
+        );
+    }
+}
+
+#[test]
+fn minilm_shaped_attention_ranks_fused_first_on_every_profile() {
+    let g = attention(12, 64);
+    for seq in [128, 1024] {
+        ranks_fused_first("b1 h12 d64", &g, &[("seq", seq), ("kv", seq)], 1);
+    }
+}
+
+#[test]
+fn tiny_gpt2_attention_ranks_fused_first_on_every_profile() {
+    // Its own head shape (4 heads of 16) in the benchmark's graph, and the whole model.
+    let g = attention(4, 16);
+    ranks_fused_first("b1 h4 d16", &g, &[("seq", 128), ("kv", 128)], 1);
+    let m = Model::load(&common::fixture("tiny_gpt2/model")).expect("fixture loads");
+    // Two layers (config.json's n_layer).
+    ranks_fused_first("tiny GPT-2", &m.graph, &[("seq", 128)], 2);
+}
