@@ -17,8 +17,10 @@ use transfuse::passes::{optimize, Options, Profile};
 /// The estimated seconds of `g` optimized with or without the attention family, and how many
 /// attention ops the result has.
 fn estimate(g: &Graph, profile: &Profile, dims: &[(&str, usize)], fused: bool) -> (f64, usize) {
-    let mut o = Options::default();
-    o.profile = profile.clone();
+    let mut o = Options {
+        profile: profile.clone(),
+        ..Options::default()
+    };
     for (k, v) in dims {
         o.profile.dims.insert(k.to_string(), *v);
     }
