@@ -1,9 +1,14 @@
 //! The cost model: estimated seconds = global-memory bytes / bandwidth + launches × launch cost
 //! + flops / throughput, per target profile.
 //!
-//! Every non-view op is one kernel that reads its operands and writes its output once; a fused
-//! op therefore saves the intermediate tensors it no longer materialises and their launches.
-//! Views cost nothing: `reshape`, and `slice`, which codegen folds into its consumers'
+//! The model prices the kernels `codegen::lower` makes, by the classification both read
+//! ([`transfuse_ir::KernelRole`], [`transfuse_ir::inlines_into`]): a kernel (matmul, reduction,
+//! concat, fused op, or the root of an elementwise cluster) reads its materialised operands and
+//! writes its output once; an elementwise op the lowering inlines into its consumer (see
+//! [`inlined_classes`] for how that is judged on the e-graph) adds its flops to the consumer's
+//! kernel and nothing else. A fused op therefore saves the intermediate tensors it no longer
+//! materialises and their launches, and nothing for an elementwise chain that already was one
+//! kernel. Views cost nothing (`transpose` included: matmul reads a transposed view in place): `reshape`, and `slice`, which codegen folds into its consumers'
 //! indexing (a strided view). Pricing `slice` as a copy kernel would make a merged projection
 //! (`gemm`'s `merge-projections`: one matmul on concatenated weights, then one slice per
 //! projection) lose to the separate matmuls — BERT-base's q/k/v cost ~26 µs as three kernels,
