@@ -75,9 +75,12 @@ fn minilm_shaped_attention_ranks_fused_first_on_every_profile() {
 
 #[test]
 fn tiny_gpt2_attention_ranks_fused_first_on_every_profile() {
-    // Its own head shape (4 heads of 16) in the benchmark's graph, and the whole model.
-    let g = attention(4, 16);
-    ranks_fused_first("b1 h4 d16", &g, &[("seq", 128), ("kv", 128)], 1);
+    // Its own head shape (4 heads of 16) in the benchmark's graph, 4 heads of 32 (the nearest
+    // that `bench attention --head-dim` runs), and the whole model.
+    for d in [16, 32] {
+        let g = attention(4, d);
+        ranks_fused_first(&format!("b1 h4 d{d}"), &g, &[("seq", 128), ("kv", 128)], 1);
+    }
     let m = Model::load(&common::fixture("tiny_gpt2/model")).expect("fixture loads");
     // Two layers (config.json's n_layer).
     ranks_fused_first("tiny GPT-2", &m.graph, &[("seq", 128)], 2);
