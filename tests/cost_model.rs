@@ -85,3 +85,46 @@ fn tiny_gpt2_attention_ranks_fused_first_on_every_profile() {
     // Two layers (config.json's n_layer).
     ranks_fused_first("tiny GPT-2", &m.graph, &[("seq", 128)], 2);
 }
+
+/// A session with the default options optimizes for its backend's profile: `cpu` on the CPU
+/// backend, `cpu-adapter` on wgpu over a CPU adapter (lavapipe), `gpu` on a GPU.
+#[test]
+fn a_session_optimizes_for_its_backends_profile() {
+    use transfuse::runtime::{Backend, CpuBackend};
+    let cost_under = |name: &str| {
+        let m = Model::load(&common::fixture("tiny_gpt2/model")).expect("fixture loads");
+        let o = Options {
+            profile: Profile::by_name(name).expect("known profile"),
+            ..Options::default()
+        };
+        optimize(&m.graph, &o).expect("optimizer").1.cost_after
+    };
+    let session_cost = |b: Box<dyn Backend>| {
+        let m = Model::load(&common::fixture("tiny_gpt2/model")).expect("fixture loads");
+        let s = transfuse::Session::new(m, b).expect("session");
+        s.report.expect("optimized").cost_after
+    };
+    // Costs of different profiles differ by far more than summation order could.
+    let same = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b;
+    let cpu = CpuBackend::new();
+    assert_eq!(cpu.cost_profile(), "cpu");
+    let (got, want) = (session_cost(Box::new(cpu)), cost_under("cpu"));
+    assert!(
+        same(got, want),
+        "cpu session: {got} s, cpu profile: {want} s"
+    );
+    assert!(!same(got, cost_under("gpu")));
+    if let Some(b) = common::wgpu_backend() {
+        let want = if b.description().contains("Cpu") {
+            "cpu-adapter"
+        } else {
+            "gpu"
+        };
+        assert_eq!(b.cost_profile(), want);
+        let (got, cost) = (session_cost(Box::new(b)), cost_under(want));
+        assert!(
+            same(got, cost),
+            "wgpu session: {got} s, {want} profile: {cost} s"
+        );
+    }
+}
