@@ -231,13 +231,16 @@ impl Session {
         Session::with_options(model, backend, Some(&passes::Options::default()))
     }
 
-    /// A session that optimizes with `opts`, or runs the primitive graph when `None`.
+    /// A session that optimizes with `opts`, or runs the primitive graph when `None`. Options
+    /// with the default `gpu` cost profile get the backend's own instead
+    /// ([`Backend::cost_profile`]: `cpu` for the CPU backend, `cpu-adapter` for wgpu on a CPU
+    /// adapter); any other profile is kept.
     pub fn with_options(
         model: Model,
         backend: Box<dyn Backend>,
         opts: Option<&passes::Options>,
     ) -> Result<Session, Error> {
-        let (graph, weights, report) = Session::graph_for(&model, opts)?;
+        let (graph, weights, report) = Session::graph_for(&model, opts, backend.cost_profile())?;
         let program = Mutex::new(backend.load(&graph, &weights)?);
         Ok(Session {
             model,
@@ -253,13 +256,22 @@ impl Session {
     /// The graph a session runs: optimized with `opts` (and its weight-only subgraphs folded),
     /// or as built without; its weights and the optimizer's report. `transfuse tune` tunes
     /// this graph, so its kernels are the ones a session looks up in the tuning cache.
+    /// `profile` is the backend's cost profile ([`Backend::cost_profile`]), used when `opts`
+    /// carry the default `gpu` one.
     pub fn graph_for(
         model: &Model,
         opts: Option<&passes::Options>,
+        profile: &str,
     ) -> Result<(ir::Graph, ir::Weights, Option<passes::Report>), Error> {
         let (graph, report) = match opts {
             Some(o) => {
-                let (g, r) = passes::optimize(&model.graph, o)?;
+                let mut o = o.clone();
+                if o.profile == passes::Profile::gpu() {
+                    if let Some(p) = passes::Profile::by_name(profile) {
+                        o.profile = p;
+                    }
+                }
+                let (g, r) = passes::optimize(&model.graph, &o)?;
                 (g, Some(r))
             }
             None => (model.graph.clone(), None),

@@ -139,7 +139,8 @@ enum Cmd {
         /// Write the optimized graph as Graphviz DOT.
         #[arg(long)]
         dot_after: Option<PathBuf>,
-        /// Cost-model target: gpu (default) or cpu.
+        /// Cost-model target: gpu (default), cpu or cpu-adapter (a Vulkan CPU adapter such as
+        /// lavapipe).
         #[arg(long, default_value = "gpu")]
         profile: String,
         /// E-graph node limit (a whole number ≥ 1).
@@ -506,7 +507,9 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             let mut opts = transfuse::passes::Options::from_env()?;
             opts.profile = transfuse::passes::Profile::by_name(&profile).ok_or_else(|| {
-                Error::Usage(format!("unknown profile `{profile}` (expected gpu or cpu)"))
+                Error::Usage(format!(
+                    "unknown profile `{profile}` (expected gpu, cpu or cpu-adapter)"
+                ))
             })?;
             if let Some(n) = node_limit {
                 opts.node_limit = transfuse::passes::parse_count("--node-limit", &n)?;

@@ -286,7 +286,11 @@ pub fn run(a: &TuneArgs) -> Result<(), Error> {
     };
     let model = Model::load(dir)?;
     let opts = transfuse::passes::Options::from_env()?;
-    let (graph, _, _) = Session::graph_for(&model, Some(&opts))?;
+    // The graph a session on this backend runs: optimized under the backend's cost profile.
+    let profile = transfuse::runtime::select::backend_by_name(&backend)?
+        .backend
+        .cost_profile();
+    let (graph, _, _) = Session::graph_for(&model, Some(&opts), profile)?;
     let syms = symbols(&graph);
     let mut dims = vec![];
     for d in &a.dims {

@@ -33,7 +33,9 @@ pub use decompose::decompose;
 pub use dim::{eval_shape, shape, shape_string, Bindings, Dim, Shape};
 pub use fused::kv_group;
 pub use graph::{broadcast_shapes, infer, Graph, Node, NodeId};
-pub use op::{Act, BinaryOp, CmpOp, DType, DistOp, Op, ReduceOp, Scalar, UnaryOp};
+pub use op::{
+    inlines_into, Act, BinaryOp, CmpOp, DType, DistOp, KernelRole, Op, ReduceOp, Scalar, UnaryOp,
+};
 pub use print::{to_dot, to_text};
 pub use tensor::{Data, Tensor, Weights};
 

@@ -314,6 +314,38 @@ pub enum Op {
     },
 }
 
+/// What an op becomes in the lowered launch plan (`codegen::lower`). The one classification
+/// both the lowering's partition and the optimizer's cost model (`passes::cost`) read, so the
+/// cost model prices the kernels that exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelRole {
+    /// A buffer the caller provides (input, weight) or a scalar folded into its readers
+    /// (constant): no kernel.
+    Leaf,
+    /// A strided view of its operand folded into its readers' indexing (reshape, permute,
+    /// expand, slice): no kernel. (A reshape no strides express is read through a load remap,
+    /// or copied for a reader that needs strides.)
+    View,
+    /// Read in place by an elementwise consumer or a reduction (gather: the table row by the
+    /// id; iota), materialised by one kernel for any other consumer.
+    Source,
+    /// Unary, binary, compare, where, cast: inlined into its consumer when
+    /// [`inlines_into`] holds and it has one use and is no graph output, else the root of one
+    /// elementwise cluster kernel that computes the whole inlined chain.
+    Elementwise,
+    /// A kernel of its own that reads its operands and writes its output once: reductions,
+    /// matmul, concat and every fused op.
+    Kernel,
+}
+
+/// Whether an elementwise `producer` used once, by `consumer` only and not as a graph output,
+/// is inlined into it (no kernel, no materialised tensor): consumers that take an elementwise
+/// prologue are elementwise ops (the cluster grows) and reductions (the reduce kernel reads the
+/// expression). A matmul, a fused op or a concat reads materialised operands.
+pub fn inlines_into(producer: &Op, consumer: &Op) -> bool {
+    producer.kernel_role() == KernelRole::Elementwise && consumer.takes_prologue()
+}
+
 impl Op {
     /// The op's printable name (`matmul`, `exp`, `reduce_sum`, …).
     pub fn name(&self) -> String {
@@ -370,6 +402,27 @@ impl Op {
             }
             op => crate::fused::def(op).map_or_else(String::new, |d| (d.attrs)(op)),
         }
+    }
+
+    /// What the op becomes in the lowered plan (see [`KernelRole`]).
+    pub fn kernel_role(&self) -> KernelRole {
+        match self {
+            Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => KernelRole::Leaf,
+            Op::Reshape { .. } | Op::Permute { .. } | Op::Expand { .. } | Op::Slice { .. } => {
+                KernelRole::View
+            }
+            Op::Gather | Op::Iota { .. } => KernelRole::Source,
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Cast { .. } => {
+                KernelRole::Elementwise
+            }
+            _ => KernelRole::Kernel,
+        }
+    }
+
+    /// Whether the op's kernel computes an inlined elementwise expression of its operands
+    /// (elementwise ops and reductions; see [`inlines_into`]).
+    pub fn takes_prologue(&self) -> bool {
+        self.kernel_role() == KernelRole::Elementwise || matches!(self, Op::Reduce { .. })
     }
 
     /// True for ops only the optimizer produces.

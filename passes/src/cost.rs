@@ -1,9 +1,14 @@
 //! The cost model: estimated seconds = global-memory bytes / bandwidth + launches × launch cost
 //! + flops / throughput, per target profile.
 //!
-//! Every non-view op is one kernel that reads its operands and writes its output once; a fused
-//! op therefore saves the intermediate tensors it no longer materialises and their launches.
-//! Views cost nothing: `reshape`, and `slice`, which codegen folds into its consumers'
+//! The model prices the kernels `codegen::lower` makes, by the classification both read
+//! ([`transfuse_ir::KernelRole`], [`transfuse_ir::inlines_into`]): a kernel (matmul, reduction,
+//! concat, fused op, or the root of an elementwise cluster) reads its materialised operands and
+//! writes its output once; an elementwise op the lowering inlines into its consumer (see
+//! [`inlined_classes`] for how that is judged on the e-graph) adds its flops to the consumer's
+//! kernel and nothing else. A fused op therefore saves the intermediate tensors it no longer
+//! materialises and their launches, and nothing for an elementwise chain that already was one
+//! kernel. Views cost nothing (`transpose` included: matmul reads a transposed view in place): `reshape`, and `slice`, which codegen folds into its consumers'
 //! indexing (a strided view). Pricing `slice` as a copy kernel would make a merged projection
 //! (`gemm`'s `merge-projections`: one matmul on concatenated weights, then one slice per
 //! projection) lose to the separate matmuls — BERT-base's q/k/v cost ~26 µs as three kernels,
@@ -14,10 +19,10 @@
 //! counted once per path, which would grow exponentially with depth and drown the local
 //! differences that decide fusion.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use egg::{CostFunction, Id, Language};
-use transfuse_ir::{Bindings, DType, Op, Shape};
+use transfuse_ir::{Bindings, DType, KernelRole, Op, Shape};
 
 use crate::analysis::{node_type, EG};
 use crate::lang::{EOp, TNode};
@@ -26,7 +31,7 @@ use crate::rules::FAMILIES;
 /// A target's rough throughput numbers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Profile {
-    /// `gpu` or `cpu`.
+    /// `gpu`, `cpu` or `cpu-adapter`.
     pub name: String,
     /// Global-memory bandwidth, bytes/s.
     pub bytes_per_s: f64,
@@ -61,14 +66,37 @@ impl Profile {
         }
     }
 
-    /// The profile called `name`.
+    /// A Vulkan CPU adapter (Mesa's lavapipe/llvmpipe, SwiftShader): a GPU API emulated on
+    /// the CPU's cores. Every dispatch goes through the driver's queue and thread pool, so a
+    /// launch costs tens of µs, and kernels shaped for a GPU reach a fraction of the cores'
+    /// bandwidth and flops. The numbers are this 2-core machine's lavapipe (README
+    /// benchmarks, release build): a one-kernel decode step against 37 keys takes 0.39 ms a
+    /// call and its four-kernel unfused form 1.88 ms, i.e. ~0.1 ms or more per extra dispatch
+    /// with hardly any work (taken as 50 µs: part of it is the host round trip); the best
+    /// kernel (the CPU-adapter attention) reaches 26 GFLOP/s, the GPU-shaped matmul and
+    /// softmax of the unfused path about 2 GFLOP/s (1036 ms at seq 1024).
+    pub fn cpu_adapter() -> Profile {
+        Profile {
+            name: "cpu-adapter".into(),
+            bytes_per_s: 5.0e9,
+            flops_per_s: 1.0e10,
+            launch_s: 5.0e-5,
+            dims: default_dims(),
+        }
+    }
+
+    /// The profile called `name`: `gpu`, `cpu` or `cpu-adapter`.
     pub fn by_name(name: &str) -> Option<Profile> {
         match name {
             "gpu" => Some(Profile::gpu()),
             "cpu" => Some(Profile::cpu()),
+            "cpu-adapter" => Some(Profile::cpu_adapter()),
             _ => None,
         }
     }
+
+    /// The names [`Profile::by_name`] knows.
+    pub const NAMES: [&'static str; 3] = ["gpu", "cpu", "cpu-adapter"];
 
     fn numel(&self, s: &Shape) -> f64 {
         s.iter()
@@ -133,8 +161,77 @@ impl Sizes<'_> {
     }
 }
 
+/// What an e-node becomes in the lowered plan: its IR op's [`KernelRole`]; `row_*` is a
+/// reduction (a kernel), `transpose` a permute (a view), the root nothing.
+pub fn role(n: &TNode) -> KernelRole {
+    match &n.op {
+        EOp::Ir(op) => op.kernel_role(),
+        EOp::Row(_) => KernelRole::Kernel,
+        EOp::Transpose => KernelRole::View,
+        EOp::Outputs => KernelRole::Leaf,
+    }
+}
+
+/// Whether an e-node's kernel takes an inlined elementwise prologue ([`Op::takes_prologue`]).
+fn takes_prologue(n: &TNode) -> bool {
+    match &n.op {
+        EOp::Ir(op) => op.takes_prologue(),
+        EOp::Row(_) => true,
+        EOp::Transpose | EOp::Outputs => false,
+    }
+}
+
+/// The e-classes whose elementwise e-nodes the lowering would inline into their consumer:
+/// the class holds an elementwise e-node, and every e-node anywhere in the e-graph that reads
+/// it takes a prologue ([`transfuse_ir::inlines_into`]), reads it once, and lies in one and the
+/// same parent class (so whichever of them extraction picks, the class has one use, by an
+/// elementwise op or a reduction, and is no graph output: the root's reader is `outputs`).
+///
+/// The approximation: a greedy extractor does not know the final use counts, so this reads the
+/// e-graph's structure instead of the extracted graph. It errs towards materialising: a class
+/// that some unpicked alternative also reads (another parent class, a matmul, a fused op) is
+/// priced as a cluster root (a kernel), which is what the model charged every elementwise op
+/// before. When a class counted as inlined is extracted as a kernel instead (a fused op picked
+/// over its elementwise form), that kernel pays its output twice: the write, and the read its
+/// consumer did not charge.
+pub fn inlined_classes(eg: &EG) -> HashSet<Id> {
+    // child class → (parent class, whether the parent takes a prologue, times it reads it)
+    let mut readers: HashMap<Id, Vec<(Id, bool, usize)>> = HashMap::new();
+    for class in eg.classes() {
+        for n in &class.nodes {
+            let mut kids: Vec<Id> = n.children.iter().map(|c| eg.find(*c)).collect();
+            kids.sort();
+            let mut i = 0;
+            while i < kids.len() {
+                let j = kids[i..].iter().take_while(|k| **k == kids[i]).count();
+                readers
+                    .entry(kids[i])
+                    .or_default()
+                    .push((class.id, takes_prologue(n), j));
+                i += j;
+            }
+        }
+    }
+    eg.classes()
+        .filter(|c| {
+            c.nodes.iter().any(|n| role(n) == KernelRole::Elementwise)
+                && readers.get(&c.id).is_some_and(|r| {
+                    r.iter()
+                        .all(|&(p, takes, times)| takes && times == 1 && p == r[0].0)
+                })
+        })
+        .map(|c| c.id)
+        .collect()
+}
+
 /// The own cost of an e-node in seconds (children excluded); infinite when ill-typed.
-pub fn node_cost(eg: &EG, p: &Profile, n: &TNode) -> f64 {
+/// `inlined` is [`inlined_classes`] of `eg`.
+///
+/// A kernel pays a launch, reading its materialised operands, writing its output, and its
+/// flops. An elementwise e-node in an inlined class pays its flops and the reads of its own
+/// materialised operands (the cluster kernel of its consumer reads them), but no launch and
+/// no output; its consumer reads nothing for it. Views and leaves cost nothing.
+pub fn node_cost(eg: &EG, p: &Profile, inlined: &HashSet<Id>, n: &TNode) -> f64 {
     let Some((out, dt)) = node_type(eg, n) else {
         return f64::INFINITY;
     };
@@ -144,20 +241,40 @@ pub fn node_cost(eg: &EG, p: &Profile, n: &TNode) -> f64 {
         .filter_map(|c| eg[*c].data.ty.clone())
         .collect();
     let out_b = p.numel(&out) * elem_bytes(dt);
-    let in_b: f64 = kids.iter().map(|(s, d)| p.numel(s) * elem_bytes(*d)).sum();
-    let kernel = |flops: f64| p.launch_s + (in_b + out_b) / p.bytes_per_s + flops / p.flops_per_s;
+    let in_b: f64 = n
+        .children
+        .iter()
+        .filter(|c| !inlined.contains(&eg.find(**c)))
+        .filter_map(|c| eg[*c].data.ty.as_ref())
+        .map(|(s, d)| p.numel(s) * elem_bytes(*d))
+        .sum();
+    let role = role(n);
+    let in_inlined_class = matches!(
+        role,
+        KernelRole::Elementwise | KernelRole::Kernel | KernelRole::Source
+    ) && eg
+        .lookup(n.clone())
+        .is_some_and(|c| inlined.contains(&eg.find(c)));
+    let kernel = |flops: f64| {
+        if role == KernelRole::Elementwise && in_inlined_class {
+            in_b / p.bytes_per_s + flops / p.flops_per_s
+        } else {
+            // A kernel in a class counted as inlined also pays the read its consumer skipped.
+            let out_reads = if in_inlined_class { 2.0 } else { 1.0 };
+            p.launch_s + (in_b + out_reads * out_b) / p.bytes_per_s + flops / p.flops_per_s
+        }
+    };
     let sizes = Sizes {
         out: &out,
         kids: &kids,
         profile: p,
     };
     let cost = match &n.op {
-        EOp::Outputs => 0.0,
+        EOp::Outputs | EOp::Transpose => 0.0,
         EOp::Row(_) => kernel(p.numel(&kids[0].0)),
-        EOp::Transpose => kernel(0.0),
         EOp::Ir(op) => match op {
             Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => 0.0,
-            Op::Reshape { .. } | Op::Slice { .. } => 0.0,
+            op if op.kernel_role() == KernelRole::View => 0.0,
             Op::Iota { .. } => p.launch_s,
             Op::MatMul => kernel(sizes.matmul_flops()),
             // A fused op's flops come from the family that produces it.
@@ -170,10 +287,14 @@ pub fn node_cost(eg: &EG, p: &Profile, n: &TNode) -> f64 {
             _ => kernel(sizes.elementwise_flops()),
         },
     };
-    // Weight-only expressions run once per set of weights, not per call.
+    // Weight-only expressions are folded into new weights at load (`runtime::fold_weights`;
+    // the lowering's prepare phase) and cost nothing per call; a millionth of their cost keeps
+    // the cheaper of two foldings. (At a hundredth, the six small prepare kernels that fold a
+    // batch norm's statistics and affine into two vectors outweighed the flops the fused op
+    // saves over the one elementwise cluster the unfused chain lowers to.)
     let weight_only = !n.is_leaf() && n.children.iter().all(|c| eg[*c].data.weight_only);
     if weight_only {
-        cost * 0.01
+        cost * 1e-6
     } else {
         cost
     }
@@ -184,6 +305,7 @@ pub struct CostFn<'a> {
     eg: &'a EG,
     profile: &'a Profile,
     parents: HashMap<Id, f64>,
+    inlined: HashSet<Id>,
 }
 
 impl<'a> CostFn<'a> {
@@ -206,6 +328,7 @@ impl<'a> CostFn<'a> {
             eg,
             profile,
             parents,
+            inlined: inlined_classes(eg),
         }
     }
 }
@@ -217,7 +340,7 @@ impl CostFunction<TNode> for CostFn<'_> {
     where
         C: FnMut(Id) -> f64,
     {
-        let own = node_cost(self.eg, self.profile, enode);
+        let own = node_cost(self.eg, self.profile, &self.inlined, enode);
         let kids: f64 = enode
             .children
             .iter()
@@ -232,5 +355,83 @@ impl CostFunction<TNode> for CostFn<'_> {
             })
             .sum();
         own + kids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{convert, extract};
+    use transfuse_ir::{Builder, DType, Graph, UnaryOp};
+
+    /// `tanh(x·s + b) @ w`, x `[4, 8]`, and the graph's DAG cost under `p` before any rule.
+    fn chain_into_matmul(p: &Profile, shared: bool) -> f64 {
+        let mut b = Builder::new();
+        let x = b.input("x", vec![4.into(), 8.into()], DType::F32).unwrap();
+        let s = b.weight("s", vec![8.into()]).unwrap();
+        let bias = b.weight("b", vec![8.into()]).unwrap();
+        let w = b.weight("w", vec![8.into(), 16.into()]).unwrap();
+        let xs = b.mul(x, s).unwrap();
+        let h = b.add(xs, bias).unwrap();
+        let y = b.unary(UnaryOp::Tanh, h).unwrap();
+        let out = b.matmul(y, w).unwrap();
+        b.output("out", out);
+        if shared {
+            // x·s read twice: a tensor of its own, as the lowering materialises it.
+            b.output("xs", xs);
+        }
+        cost_of(&b.finish(), p)
+    }
+
+    fn cost_of(g: &Graph, p: &Profile) -> f64 {
+        let mut eg = EG::default();
+        let root = convert::to_egraph(g, &mut eg);
+        eg.rebuild();
+        extract::extract(&eg, root, p).0
+    }
+
+    #[test]
+    fn an_elementwise_chain_feeding_a_matmul_is_one_kernel() {
+        let p = Profile::gpu();
+        let got = chain_into_matmul(&p, false);
+        // The cluster (mul, add, tanh inlined into one kernel: reads x, s, b, writes y) and the
+        // matmul (reads y and w, writes out): two launches, as the lowering makes them.
+        let bytes = 4.0 * ((32 + 8 + 8 + 32) + (32 + 128 + 64)) as f64;
+        let flops = 3.0 * 8.0 * 32.0 + 2.0 * 4.0 * 16.0 * 8.0;
+        let want = 2.0 * p.launch_s + bytes / p.bytes_per_s + flops / p.flops_per_s;
+        assert!((got - want).abs() <= 1e-9 * want, "{got} vs {want}");
+        // A shared x·s is materialised: its own kernel, which writes it, and the cluster reads
+        // it back.
+        let shared = chain_into_matmul(&p, true);
+        let extra = p.launch_s + 2.0 * 4.0 * 32.0 / p.bytes_per_s;
+        assert!(
+            (shared - got - extra).abs() <= 1e-9 * want,
+            "{shared} vs {got} + {extra}"
+        );
+    }
+
+    #[test]
+    fn the_lowering_and_the_cost_model_share_one_classification() {
+        use transfuse_ir::{inlines_into, BinaryOp, Op};
+        let ew = Op::Binary(BinaryOp::Add);
+        assert_eq!(ew.kernel_role(), KernelRole::Elementwise);
+        assert!(inlines_into(&ew, &Op::Unary(UnaryOp::Exp)));
+        let sum = Op::Reduce {
+            op: transfuse_ir::ReduceOp::Sum,
+            axes: vec![1],
+            keepdim: true,
+        };
+        assert!(inlines_into(&ew, &sum));
+        assert!(!inlines_into(&ew, &Op::MatMul));
+        assert!(!inlines_into(&sum, &ew));
+        assert_eq!(
+            role(&TNode::new(EOp::Row(transfuse_ir::ReduceOp::Max), vec![])),
+            KernelRole::Kernel
+        );
+        assert_eq!(role(&TNode::new(EOp::Transpose, vec![])), KernelRole::View);
+        for name in Profile::NAMES {
+            assert_eq!(Profile::by_name(name).unwrap().name, name);
+        }
+        assert_eq!(Profile::by_name("lavapipe"), None);
     }
 }

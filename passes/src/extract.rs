@@ -14,12 +14,12 @@
 //! total drops: a merged projection (one matmul for q, k and v) costs more than any one of the
 //! three it replaces and only wins when all three slice it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use egg::{Id, Language, RecExpr};
 
 use crate::analysis::EG;
-use crate::cost::{node_cost, Profile};
+use crate::cost::{inlined_classes, node_cost, Profile};
 use crate::lang::TNode;
 
 /// Greedy costs: own cost plus the costliest child, plus a tiny constant so every parent
@@ -73,6 +73,7 @@ fn greedy(eg: &EG, dag: &mut Dag<'_>) -> HashMap<Id, (f64, TNode)> {
 struct Dag<'a> {
     eg: &'a EG,
     profile: &'a Profile,
+    inlined: HashSet<Id>,
     own: HashMap<TNode, f64>,
     choice: HashMap<Id, TNode>,
     rc: HashMap<Id, usize>,
@@ -84,7 +85,7 @@ impl Dag<'_> {
         if let Some(c) = self.own.get(n) {
             return *c;
         }
-        let c = node_cost(self.eg, self.profile, n);
+        let c = node_cost(self.eg, self.profile, &self.inlined, n);
         self.own.insert(n.clone(), c);
         c
     }
@@ -213,6 +214,7 @@ pub fn extract(eg: &EG, root: Id, profile: &Profile) -> (f64, RecExpr<TNode>) {
     let mut dag = Dag {
         eg,
         profile,
+        inlined: inlined_classes(eg),
         own: HashMap::new(),
         choice: HashMap::new(),
         rc: HashMap::new(),

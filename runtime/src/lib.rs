@@ -174,6 +174,12 @@ pub trait Backend {
     /// Prepares `graph` to run: compiles its kernels and uploads `weights` once.
     fn load(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Loaded>, RuntimeError>;
 
+    /// The optimizer's cost profile for this backend (a `passes::Profile` name): `gpu`, `cpu`
+    /// (the CPU backend) or `cpu-adapter` (a GPU API on a CPU adapter such as lavapipe).
+    fn cost_profile(&self) -> &'static str {
+        "gpu"
+    }
+
     /// The float storage types this backend can run (`F32` at least).
     fn storage_types(&self) -> Vec<Elem> {
         vec![Elem::F32]

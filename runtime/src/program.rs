@@ -1134,6 +1134,13 @@ impl<D: Device + 'static> Backend for DeviceBackend<D> {
         self.dev.info().description.clone()
     }
 
+    fn cost_profile(&self) -> &'static str {
+        match self.dev.info().limits.kind {
+            transfuse_codegen::kernels::DeviceKind::Cpu => "cpu-adapter",
+            transfuse_codegen::kernels::DeviceKind::Gpu => "gpu",
+        }
+    }
+
     fn load(&self, graph: &Graph, weights: &Weights) -> Result<Box<dyn Loaded>, RuntimeError> {
         self.load_as(graph, weights, Elem::F32)
     }

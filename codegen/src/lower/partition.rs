@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use transfuse_ir::{Act, DType, Dim, Graph, NodeId, Op, Shape};
+use transfuse_ir::{inlines_into, Act, DType, Dim, Graph, KernelRole, NodeId, Op, Shape};
 
 use super::buffers::{BufId, BufferTable};
 use super::cluster::{GatherSrc, Ids, Leaf, Tree};
@@ -37,11 +37,9 @@ pub(super) enum Val {
     },
 }
 
+/// An elementwise op (its [`transfuse_ir::KernelRole`]): inlined or a cluster's root.
 pub(super) fn is_ew(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Cast { .. }
-    )
+    op.kernel_role() == KernelRole::Elementwise
 }
 
 pub(super) struct Lower<'a> {
@@ -386,10 +384,10 @@ pub fn lower_tuned(
     let inline = (0..len)
         .map(|i| {
             let n = g.node(NodeId(i as u32));
-            is_ew(&n.op) && uses[i] == 1 && !is_output[i] && users[i].len() == 1 && {
-                let u = &g.node(users[i][0]).op;
-                is_ew(u) || matches!(u, Op::Reduce { .. })
-            }
+            uses[i] == 1
+                && !is_output[i]
+                && users[i].len() == 1
+                && inlines_into(&n.op, &g.node(users[i][0]).op)
         })
         .collect();
     let mut l = Lower {

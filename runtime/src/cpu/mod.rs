@@ -94,6 +94,10 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn cost_profile(&self) -> &'static str {
+        "cpu"
+    }
+
     fn description(&self) -> String {
         format!(
             "cpu ({}, {} rayon threads)",
