@@ -613,3 +613,42 @@ fn bad_limit_environment_is_a_usage_error() {
     );
     assert_ok(&out);
 }
+
+/// `TRANSFUSE_EGRAPH_WITHOUT` drops rule families (how a model is compared with and without a
+/// fusion): without `attention` GPT-2 keeps its softmax and no attention op; an unknown family
+/// is a usage error naming it.
+#[test]
+fn egraph_without_drops_families_and_refuses_unknown_ones() {
+    let json = |envs: &[(&str, &str)]| -> serde_json::Value {
+        let out = transfuse_env(
+            [
+                "compile".as_ref(),
+                "--model".as_ref(),
+                fixture(GPT2).as_os_str(),
+                "--json".as_ref(),
+            ],
+            envs,
+        );
+        serde_json::from_str(&assert_ok(&out)).unwrap()
+    };
+    let with = json(&[]);
+    let without = json(&[("TRANSFUSE_EGRAPH_WITHOUT", "attention")]);
+    assert!(
+        with["ops_after"]["attention"].as_u64().unwrap() > 0,
+        "{with}"
+    );
+    assert!(without["ops_after"].get("attention").is_none(), "{without}");
+    assert!(
+        without["ops_after"]["softmax"].as_u64().unwrap() > 0,
+        "{without}"
+    );
+    let out = transfuse_env(
+        [
+            "compile".as_ref(),
+            "--model".as_ref(),
+            fixture(GPT2).as_os_str(),
+        ],
+        &[("TRANSFUSE_EGRAPH_WITHOUT", "attention,flash")],
+    );
+    assert_error(&out, &["TRANSFUSE_EGRAPH_WITHOUT", "flash"]);
+}

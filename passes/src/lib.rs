@@ -101,8 +101,37 @@ impl Options {
         if let Some(v) = var("TRANSFUSE_EGRAPH_SECONDS")? {
             o.time_limit = parse_seconds("TRANSFUSE_EGRAPH_SECONDS", &v)?;
         }
+        if let Some(v) = var("TRANSFUSE_EGRAPH_WITHOUT")? {
+            o.families = without_families("TRANSFUSE_EGRAPH_WITHOUT", &v)?;
+        }
         Ok(o)
     }
+}
+
+/// Every rule family except those in the comma-separated `value` (named `name` for the
+/// error): how `TRANSFUSE_EGRAPH_WITHOUT=attention` compares a model with and without a fusion.
+/// An unknown family is [`PassError::Limit`] naming it.
+pub fn without_families(name: &str, value: &str) -> Result<Vec<String>, PassError> {
+    let drop: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .collect();
+    if let Some(bad) = drop
+        .iter()
+        .find(|f| !rules::FAMILIES.iter().any(|fam| fam.name == **f))
+    {
+        return Err(PassError::Limit {
+            name: name.to_string(),
+            value: bad.to_string(),
+            expected: "rule family names: algebra, softmax, attention, norm, gemm, lora, rope",
+        });
+    }
+    Ok(rules::FAMILIES
+        .iter()
+        .map(|f| f.name.to_string())
+        .filter(|f| !drop.contains(&f.as_str()))
+        .collect())
 }
 
 /// A node or iteration limit named `name` (a flag or a variable, for the error): a whole
@@ -257,4 +286,27 @@ pub fn optimize_with(
         seconds: t0.elapsed().as_secs_f64(),
     };
     Ok((out, report))
+}
+
+#[cfg(test)]
+mod without_tests {
+    use super::*;
+
+    #[test]
+    fn without_drops_only_the_named_families_and_names_every_family_when_refusing() {
+        let all: Vec<&str> = rules::FAMILIES.iter().map(|f| f.name).collect();
+        let kept = without_families("X", " attention , lora").unwrap();
+        assert_eq!(kept.len(), all.len() - 2);
+        assert!(!kept.iter().any(|f| f == "attention" || f == "lora"));
+        let Err(PassError::Limit {
+            value, expected, ..
+        }) = without_families("X", "nope")
+        else {
+            panic!("an unknown family is refused");
+        };
+        assert_eq!(value, "nope");
+        for f in all {
+            assert!(expected.contains(f), "the error lists `{f}`: {expected}");
+        }
+    }
 }
