@@ -17,9 +17,8 @@ use transfuse_ir::Tensor;
 
 use faer::Par;
 
-use super::fused::{kv_group, Mask};
+use super::fused::{Head, Heads, Mask, MaskView};
 use super::gemm::gemm_strided;
-use super::kernels::broadcast_strides;
 use super::simd;
 
 /// Queries per work item.
@@ -28,10 +27,6 @@ pub const BQ: usize = 64;
 pub const BK: usize = 64;
 /// A row whose best score is below this is fully masked: it takes the reference's path.
 const DEAD: f32 = f32::MIN / 2.0;
-
-fn f32s(t: &Tensor) -> &[f32] {
-    t.as_f32().expect("checked f32 in eval")
-}
 
 /// `softmax(q kᵀ·scale + mask) v` over `q [.., sq, d]`, `k [.., sk, d]`, `v [.., sk, dv]`
 /// (k/v with fewer heads than q: grouped-query attention).
@@ -43,43 +38,21 @@ pub(crate) fn attention(
     how: Mask,
     out: &[usize],
 ) -> Vec<f32> {
-    let r = q.shape.len();
-    let (sq, d) = (q.shape[r - 2], q.shape[r - 1]);
-    let sk = k.shape[r - 2];
-    let dv = v.shape[r - 1];
-    let batch = &q.shape[..r - 2];
+    let heads = Heads::new(q, k, v, mask);
+    let (sq, sk, d, dv, offset) = (heads.sq, heads.sk, heads.d, heads.dv, heads.offset);
     let mut dst = vec![0f32; out.iter().product()];
     if dst.is_empty() || sk == 0 {
         return dst;
     }
-    let (qd, kd, vd) = (f32s(q), f32s(k), f32s(v));
-    let group = kv_group(q, k);
-    let mut scores_shape = batch.to_vec();
-    scores_shape.extend([sq, sk]);
-    let mask = mask.map(|m| (f32s(m), broadcast_strides(&m.shape, &scores_shape)));
-    // Query `i` sits at absolute position `i + sk - sq`.
-    let offset = sk as i64 - sq as i64;
     dst.par_chunks_mut(sq * dv)
         .enumerate()
         .for_each(|(bi, ob)| {
-            let qb = &qd[bi * sq * d..(bi + 1) * sq * d];
-            // Grouped-query attention: batch-head `bi` reads key/value head `bi / group`.
-            let kvi = bi / group;
-            let kb = &kd[kvi * sk * d..(kvi + 1) * sk * d];
-            let vb = &vd[kvi * sk * dv..(kvi + 1) * sk * dv];
-            let m = mask.as_ref().map(|(m, st)| {
-                let (mut rem, mut off) = (bi, 0);
-                for ax in (0..batch.len()).rev() {
-                    off += (rem % batch[ax]) * st[ax];
-                    rem /= batch[ax];
-                }
-                MaskView {
-                    data: m,
-                    base: off,
-                    row: st[r - 2],
-                    col: st[r - 1],
-                }
-            });
+            let Head {
+                q: qb,
+                k: kb,
+                v: vb,
+                mask: m,
+            } = heads.head(bi);
             let blk = Block {
                 q: qb,
                 k: kb,
@@ -96,15 +69,6 @@ pub(crate) fn attention(
                 .for_each(|(ci, oc)| blk.run(ci * BQ, oc));
         });
     dst
-}
-
-/// The additive mask of one batch·head, read through its broadcast strides.
-#[derive(Clone, Copy)]
-struct MaskView<'a> {
-    data: &'a [f32],
-    base: usize,
-    row: usize,
-    col: usize,
 }
 
 /// One batch·head's operands.
@@ -245,10 +209,7 @@ impl Block<'_> {
                 } else {
                     s
                 };
-                let m = self
-                    .mask
-                    .map(|m| m.data[m.base + i * m.row + j * m.col])
-                    .unwrap_or(0.0);
+                let m = self.mask.map(|m| m.at(i, j)).unwrap_or(0.0);
                 if positional && !(vlo..vhi).contains(&j) {
                     x += f32::MIN;
                 } else {

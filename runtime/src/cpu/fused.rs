@@ -226,6 +226,105 @@ pub(crate) struct Mask {
     pub(crate) window: Option<usize>,
 }
 
+/// One attention call's operands split per batch·head: what the reference below and the
+/// flash kernel (`flash.rs`) share — the shapes, the grouped-query head mapping and the mask's
+/// broadcast strides.
+pub(crate) struct Heads<'a> {
+    pub(crate) sq: usize,
+    pub(crate) sk: usize,
+    pub(crate) d: usize,
+    pub(crate) dv: usize,
+    /// Query `i` sits at absolute position `i + offset` (`sk - sq`).
+    pub(crate) offset: i64,
+    batch: &'a [usize],
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    group: usize,
+    mask: Option<(&'a [f32], Vec<usize>)>,
+}
+
+/// One batch·head's operands.
+pub(crate) struct Head<'a> {
+    pub(crate) q: &'a [f32],
+    pub(crate) k: &'a [f32],
+    pub(crate) v: &'a [f32],
+    pub(crate) mask: Option<MaskView<'a>>,
+}
+
+/// The additive mask of one batch·head, read through its broadcast strides.
+#[derive(Clone, Copy)]
+pub(crate) struct MaskView<'a> {
+    pub(crate) data: &'a [f32],
+    pub(crate) base: usize,
+    pub(crate) row: usize,
+    pub(crate) col: usize,
+}
+
+impl MaskView<'_> {
+    /// The mask at query `i`, key `j`.
+    pub(crate) fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[self.base + i * self.row + j * self.col]
+    }
+}
+
+impl<'a> Heads<'a> {
+    /// `q [.., sq, d]`, `k [.., sk, d]`, `v [.., sk, dv]` (k/v with fewer heads than q:
+    /// grouped-query attention) and an additive mask broadcasting to `[.., sq, sk]`.
+    pub(crate) fn new(
+        q: &'a Tensor,
+        k: &'a Tensor,
+        v: &'a Tensor,
+        mask: Option<&'a Tensor>,
+    ) -> Heads<'a> {
+        let r = q.shape.len();
+        let (sq, d) = (q.shape[r - 2], q.shape[r - 1]);
+        let sk = k.shape[r - 2];
+        let batch = &q.shape[..r - 2];
+        let mut scores_shape = batch.to_vec();
+        scores_shape.extend([sq, sk]);
+        Heads {
+            sq,
+            sk,
+            d,
+            dv: v.shape[r - 1],
+            offset: sk as i64 - sq as i64,
+            batch,
+            q: f32s(q),
+            k: f32s(k),
+            v: f32s(v),
+            group: kv_group(q, k),
+            mask: mask.map(|m| (f32s(m), broadcast_strides(&m.shape, &scores_shape))),
+        }
+    }
+
+    /// The operands of batch·head `bi`.
+    pub(crate) fn head(&self, bi: usize) -> Head<'a> {
+        let (sq, sk, d, dv) = (self.sq, self.sk, self.d, self.dv);
+        // Grouped-query attention: batch-head `bi` reads key/value head `bi / group`.
+        let kvi = bi / self.group;
+        let r = self.batch.len() + 2;
+        Head {
+            q: &self.q[bi * sq * d..(bi + 1) * sq * d],
+            k: &self.k[kvi * sk * d..(kvi + 1) * sk * d],
+            v: &self.v[kvi * sk * dv..(kvi + 1) * sk * dv],
+            mask: self.mask.as_ref().map(|(m, st)| {
+                let (mut rem, mut off) = (bi, 0);
+                for ax in (0..self.batch.len()).rev() {
+                    off += (rem % self.batch[ax]) * st[ax];
+                    rem /= self.batch[ax];
+                }
+                MaskView {
+                    data: m,
+                    base: off,
+                    row: st[r - 2],
+                    col: st[r - 1],
+                }
+            }),
+        }
+    }
+}
+
 fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -234,39 +333,22 @@ fn attention(
     how: Mask,
     out: &[usize],
 ) -> Vec<f32> {
-    let r = q.shape.len();
-    let (sq, d) = (q.shape[r - 2], q.shape[r - 1]);
-    let sk = k.shape[r - 2];
-    let dv = v.shape[r - 1];
-    let batch = &q.shape[..r - 2];
+    let heads = Heads::new(q, k, v, mask);
+    let (sq, sk, d, dv, offset) = (heads.sq, heads.sk, heads.d, heads.dv, heads.offset);
     let mut dst = vec![0f32; out.iter().product()];
     if dst.is_empty() || sk == 0 {
         return dst;
     }
-    let (qd, kd, vd) = (f32s(q), f32s(k), f32s(v));
-    let group = kv_group(q, k);
-    let mut scores_shape = batch.to_vec();
-    scores_shape.extend([sq, sk]);
-    let mask = mask.map(|m| (f32s(m), broadcast_strides(&m.shape, &scores_shape)));
-    // Query `i` sits at absolute position `i + sk - sq`.
-    let offset = sk as i64 - sq as i64;
     let positional = how.causal || how.window.is_some();
     dst.par_chunks_mut(sq * dv)
         .enumerate()
         .for_each(|(bi, ob)| {
-            let qb = &qd[bi * sq * d..(bi + 1) * sq * d];
-            // Grouped-query attention: batch-head `bi` reads key/value head `bi / group`.
-            let kvi = bi / group;
-            let kb = &kd[kvi * sk * d..(kvi + 1) * sk * d];
-            let vb = &vd[kvi * sk * dv..(kvi + 1) * sk * dv];
-            let mbase = mask.as_ref().map_or(0, |(_, st)| {
-                let (mut rem, mut off) = (bi, 0);
-                for ax in (0..batch.len()).rev() {
-                    off += (rem % batch[ax]) * st[ax];
-                    rem /= batch[ax];
-                }
-                off
-            });
+            let Head {
+                q: qb,
+                k: kb,
+                v: vb,
+                mask: hm,
+            } = heads.head(bi);
             ob.par_chunks_mut(ATTN_ROWS * dv)
                 .enumerate()
                 .for_each(|(ci, oc)| {
@@ -280,9 +362,7 @@ fn attention(
                         let pos = i as i64 + offset;
                         for (j, s) in row.iter_mut().enumerate() {
                             let mut x = if how.scale != 1.0 { *s * how.scale } else { *s };
-                            let m = mask
-                                .as_ref()
-                                .map(|(m, st)| m[mbase + i * st[r - 2] + j * st[r - 1]]);
+                            let m = hm.map(|m| m.at(i, j));
                             if positional {
                                 let j = j as i64;
                                 let seen = (!how.causal || j <= pos)
