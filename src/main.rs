@@ -798,6 +798,11 @@ fn parse_dims(
     g: &transfuse::ir::Graph,
     given: &[String],
 ) -> Result<transfuse::ir::Bindings, Error> {
+    dims_over_defaults(&graph_symbols(g), given.iter().map(String::as_str))
+}
+
+/// The symbolic dims of `g`'s inputs, sorted and unique.
+fn graph_symbols(g: &transfuse::ir::Graph) -> Vec<String> {
     let mut syms: Vec<String> = g
         .inputs()
         .iter()
@@ -810,8 +815,17 @@ fn parse_dims(
         .collect();
     syms.sort();
     syms.dedup();
+    syms
+}
+
+/// `name=value` items over the defaults (seq 128, past 0, others 1) for the dims `syms`; a
+/// malformed item or a dim the model lacks is a usage error naming `--dims`.
+fn dims_over_defaults<'a>(
+    syms: &[String],
+    items: impl Iterator<Item = &'a str>,
+) -> Result<transfuse::ir::Bindings, Error> {
     let mut b = transfuse::ir::Bindings::new();
-    for s in &syms {
+    for s in syms {
         let v = match s.as_str() {
             "seq" => 128,
             "past" => 0,
@@ -819,7 +833,7 @@ fn parse_dims(
         };
         b.insert(s.clone(), v);
     }
-    for d in given {
+    for d in items {
         let (k, v) = d
             .split_once('=')
             .ok_or_else(|| Error::Usage(format!("--dims: `{d}` is not name=value")))?;

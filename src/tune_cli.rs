@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use transfuse::ir::{Bindings, Graph};
+use transfuse::ir::Bindings;
 use transfuse::models::Model;
 use transfuse::runtime::tune::{self, Progress, TuneOptions, TuneReport, TuningCache};
 use transfuse::{Error, Session};
@@ -86,52 +86,9 @@ fn elem_of(dtype: &str) -> Result<transfuse::codegen::kir::Elem, Error> {
     }
 }
 
-/// Every symbol of `g`'s inputs.
-fn symbols(g: &Graph) -> Vec<String> {
-    let mut syms: Vec<String> = g
-        .inputs()
-        .iter()
-        .flat_map(|(_, shape, _)| {
-            shape
-                .iter()
-                .flat_map(|d| d.symbols().map(String::from))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    syms.sort();
-    syms.dedup();
-    syms
-}
-
-/// One `--dims` value over the defaults (seq 128, past 0, others 1).
+/// One `--dims` value (`batch=1,seq=128`) over the defaults (seq 128, past 0, others 1).
 fn parse_one(syms: &[String], text: &str) -> Result<Bindings, Error> {
-    let mut b = Bindings::new();
-    for s in syms {
-        let v = match s.as_str() {
-            "seq" => 128,
-            "past" => 0,
-            _ => 1,
-        };
-        b.insert(s.clone(), v);
-    }
-    for d in text.split(',').filter(|d| !d.trim().is_empty()) {
-        let (k, v) = d
-            .split_once('=')
-            .ok_or_else(|| Error::Usage(format!("--dims: `{d}` is not name=value")))?;
-        let v: usize = v
-            .trim()
-            .parse()
-            .map_err(|_| Error::Usage(format!("--dims: `{d}`: the value must be a size")))?;
-        if !syms.iter().any(|s| s == k.trim()) {
-            return Err(Error::Usage(format!(
-                "--dims: the model has no dim `{}` (its dims: {})",
-                k.trim(),
-                syms.join(", ")
-            )));
-        }
-        b.insert(k.trim().to_string(), v);
-    }
-    Ok(b)
+    crate::dims_over_defaults(syms, text.split(',').filter(|d| !d.trim().is_empty()))
 }
 
 /// Progress bars: one per kernel, tried/total and the best time so far.
@@ -291,7 +248,7 @@ pub fn run(a: &TuneArgs) -> Result<(), Error> {
         .backend
         .cost_profile();
     let (graph, _, _) = Session::graph_for(&model, Some(&opts), profile)?;
-    let syms = symbols(&graph);
+    let syms = crate::graph_symbols(&graph);
     let mut dims = vec![];
     for d in &a.dims {
         dims.push(parse_one(&syms, d)?);
