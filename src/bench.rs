@@ -22,6 +22,8 @@ pub struct BenchArgs {
     pub warmup: usize,
     pub decode_tokens: usize,
     pub json: bool,
+    /// The float storage type (`--dtype`), for the report.
+    pub dtype: String,
 }
 
 fn ids(batch: usize, seq: usize, vocab: usize) -> Vec<Vec<i64>> {
@@ -132,6 +134,7 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
             "device": s.backend_description(),
             "batch": a.batch,
             "seq": a.seq,
+            "dtype": a.dtype,
             "forward_ms_median": fwd * 1e3,
             "forward_ms_all": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
             "tokens_per_s": tokens / fwd,
@@ -159,9 +162,10 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
         return Ok(());
     }
     println!(
-        "model {} ({}) on {}: {}",
+        "model {} ({}, {} storage) on {}: {}",
         s.model.dir.display(),
         s.model.config.model_type(),
+        a.dtype,
         s.backend_name(),
         s.backend_description()
     );
@@ -205,7 +209,7 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
     );
     if let Some(m) = memory {
         println!(
-            "memory: resident {:.2} MB, inputs/outputs {:.2} MB, temporaries {:.2} MB planned \
+            "memory: resident {:.2} MB (weights, derived weights, constants), inputs/outputs {:.2} MB, temporaries {:.2} MB planned \
              by liveness vs {:.2} MB one buffer per tensor ({:.1}× less; live peak {:.2} MB)",
             mb(m.persistent),
             mb(m.io),

@@ -206,6 +206,50 @@ pub enum Sampling {
     },
 }
 
+/// The `--dtype` name of a float storage type (`f32`, `f16`, `bf16`).
+pub fn storage_name(e: codegen::kir::Elem) -> &'static str {
+    match e {
+        codegen::kir::Elem::F16 => "f16",
+        codegen::kir::Elem::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+/// The float storage type `--dtype` names: `f32`, `f16` or `bf16`; anything else is a usage
+/// error naming the flag.
+pub fn parse_storage(name: &str) -> Result<codegen::kir::Elem, Error> {
+    match name {
+        "f32" => Ok(codegen::kir::Elem::F32),
+        "f16" => Ok(codegen::kir::Elem::F16),
+        "bf16" => Ok(codegen::kir::Elem::BF16),
+        other => Err(Error::Usage(format!(
+            "--dtype `{other}` is unknown (expected f32, f16 or bf16)"
+        ))),
+    }
+}
+
+/// A usage error unless `backend` can store float tensors as `storage`.
+pub fn check_storage(backend: &dyn Backend, storage: codegen::kir::Elem) -> Result<(), Error> {
+    let can = backend.storage_types();
+    if can.contains(&storage) {
+        return Ok(());
+    }
+    let why = match (backend.name(), storage) {
+        ("cpu", _) => " (the CPU backend is the f32 reference)",
+        ("wgpu", codegen::kir::Elem::BF16) => " (WGSL has no bf16 type)",
+        ("wgpu", _) => " (the adapter lacks the shader-f16 feature)",
+        _ => "",
+    };
+    let can: Vec<&str> = can.into_iter().map(storage_name).collect();
+    Err(Error::Usage(format!(
+        "--dtype {}: the {} backend ({}) runs {} only{why}",
+        storage_name(storage),
+        backend.name(),
+        backend.description(),
+        can.join(", ")
+    )))
+}
+
 /// A model bound to a backend.
 pub struct Session {
     /// The model (its `graph` is the primitive graph as built).
@@ -240,8 +284,23 @@ impl Session {
         backend: Box<dyn Backend>,
         opts: Option<&passes::Options>,
     ) -> Result<Session, Error> {
+        Session::with_storage(model, backend, opts, codegen::kir::Elem::F32)
+    }
+
+    /// [`Session::with_options`] with the float tensors stored on the device as `storage`
+    /// (`F16`/`BF16`: weights converted once at load, activations in that type, kernels
+    /// accumulating in f32; inputs and outputs stay f32 on the host). A backend that does not
+    /// list `storage` in [`Backend::storage_types`] (the CPU backend, the f32 reference; bf16
+    /// on WebGPU, which has no bf16 type) is a usage error naming the backend and the type.
+    pub fn with_storage(
+        model: Model,
+        backend: Box<dyn Backend>,
+        opts: Option<&passes::Options>,
+        storage: codegen::kir::Elem,
+    ) -> Result<Session, Error> {
+        check_storage(backend.as_ref(), storage)?;
         let (graph, weights, report) = Session::graph_for(&model, opts, backend.cost_profile())?;
-        let program = Mutex::new(backend.load(&graph, &weights)?);
+        let program = Mutex::new(backend.load_as(&graph, &weights, storage)?);
         Ok(Session {
             model,
             graph,

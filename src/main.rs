@@ -48,6 +48,10 @@ struct Exec {
     /// Ignore the tuning cache: every kernel runs its default tunables.
     #[arg(long)]
     no_cache: bool,
+    /// Storage type of float tensors on the device: f32, f16 or bf16 (weights converted once
+    /// at load, kernels accumulate in f32). The CPU backend runs f32 only; WebGPU has no bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(Subcommand)]
@@ -283,7 +287,14 @@ fn session_why(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
     if exec.tp == 0 {
         return Err(Error::Usage("--tp must be ≥ 1".into()));
     }
+    let storage = transfuse::parse_storage(&exec.dtype)?;
     if exec.tp > 1 {
+        if storage != transfuse::codegen::kir::Elem::F32 {
+            return Err(Error::Usage(format!(
+                "--dtype {}: --tp runs CPU ranks, which run f32 only",
+                exec.dtype
+            )));
+        }
         return tp_session(model, exec);
     }
     let opts = match exec.no_optimize {
@@ -304,7 +315,7 @@ fn session_why(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
     if exec.no_cache {
         transfuse::runtime::tune::set_cache_enabled(false);
     }
-    let s = Session::with_options(model, choice.backend, opts.as_ref())?;
+    let s = Session::with_storage(model, choice.backend, opts.as_ref(), storage)?;
     Ok((s, choice.reason))
 }
 
@@ -316,8 +327,8 @@ fn report_backend(s: &Session, reason: &str, exec: &Exec) {
     }
     if let (true, Some(m)) = (exec.verbose, s.memory()) {
         eprintln!(
-            "memory: resident {} B, inputs/outputs {} B, temporaries {} B planned vs {} B one buffer per tensor (live peak {} B)",
-            m.persistent, m.io, m.temps_planned, m.temps_naive, m.temps_live_peak
+            "memory: resident {} B ({} storage), inputs/outputs {} B, temporaries {} B planned vs {} B one buffer per tensor (live peak {} B)",
+            m.persistent, exec.dtype, m.io, m.temps_planned, m.temps_naive, m.temps_live_peak
         );
     }
     if let (true, Some(t)) = (exec.verbose, s.tuning()) {
@@ -584,6 +595,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 warmup,
                 decode_tokens,
                 json,
+                dtype: exec.dtype.clone(),
             };
             bench::bench_model(&s, &reason, &args)?;
         }
