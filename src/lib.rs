@@ -228,6 +228,16 @@ pub fn parse_storage(name: &str) -> Result<codegen::kir::Elem, Error> {
     }
 }
 
+/// The host float type weights are loaded as for device storage `storage`
+/// ([`models::Model::load_as`]): f16/bf16 storage keeps them in that type, anything else f32.
+pub fn host_float(storage: codegen::kir::Elem) -> ir::DType {
+    match storage {
+        codegen::kir::Elem::F16 => ir::DType::F16,
+        codegen::kir::Elem::BF16 => ir::DType::BF16,
+        _ => ir::DType::F32,
+    }
+}
+
 /// A usage error unless `backend` can store float tensors as `storage`.
 pub fn check_storage(backend: &dyn Backend, storage: codegen::kir::Elem) -> Result<(), Error> {
     let can = backend.storage_types();
@@ -671,7 +681,7 @@ fn pick(logits: &[f32], sampling: Sampling, rng: &mut SplitMix) -> i64 {
     }
 }
 
-/// Writes named f32/i64 tensors as a safetensors file.
+/// Writes named tensors (f32, f16, bf16, i64, bool) as a safetensors file.
 pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<(), Error> {
     use safetensors::tensor::{Dtype, TensorView};
     let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
@@ -681,6 +691,11 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<(),
                 ir::Data::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
                 ir::Data::I64(v) => (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
                 ir::Data::Bool(v) => (Dtype::BOOL, v.iter().map(|&x| x as u8).collect()),
+                ir::Data::F16(v) => (Dtype::F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                ir::Data::BF16(v) => (
+                    Dtype::BF16,
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
             };
             (name.to_string(), dtype, t.shape.clone(), raw)
         })

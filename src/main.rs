@@ -238,9 +238,12 @@ fn load_model(
     normalize: bool,
     exec: &Exec,
 ) -> Result<Model, Error> {
+    // Device storage f16/bf16: the weights are read in that type (an f16 checkpoint is never
+    // widened); a backend that cannot store it is refused in `session_why`.
+    let float = transfuse::host_float(transfuse::parse_storage(&exec.dtype)?);
     Ok(match exec.tp > 1 {
         true => Model::load_without_weights(dir, pooling, normalize)?,
-        false => Model::load_with(dir, pooling, normalize)?,
+        false => Model::load_as(dir, pooling, normalize, float)?,
     })
 }
 

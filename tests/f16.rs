@@ -36,6 +36,7 @@ use common::cli::{assert_error, assert_ok, s, transfuse_env, GPT2};
 use common::{fixture, minilm_dir, minilm_sentences, outputs_of, rows};
 use transfuse::codegen::kir::Elem;
 use transfuse::codegen::lower::{lower, LowerOptions, Target};
+use transfuse::ir::{DType, Data, Tensor};
 use transfuse::models::{Model, Pooling};
 use transfuse::runtime::{nvrtc, Backend};
 use transfuse::{Batch, Sampling, Session};
@@ -67,6 +68,13 @@ fn device_session(model: Model, backend: Box<dyn Backend>, e: Elem) -> Session {
 
 fn load(fixture_dir: &str) -> Model {
     Model::load(&fixture(fixture_dir)).unwrap()
+}
+
+/// The model with its weights held on the host in `e`'s type, as the CLI loads it for a
+/// device storing `e` (an f32 checkpoint rounded once at load).
+fn load_for(fixture_dir: &str, e: Elem) -> Model {
+    let dir = fixture(fixture_dir);
+    Model::load_as(&dir, None, false, transfuse::host_float(e)).unwrap()
 }
 
 /// The logit tolerance of `e` for a decoder of `layers` layers whose f32 logits are `want`.
@@ -133,7 +141,7 @@ fn check_greedy(name: &str, dev: &Session, cpu: &Session, prompt: &[i64], new: u
 
 fn gpt2_matches_f32(backend: Box<dyn Backend>, e: Elem) {
     let refs = outputs_of("tiny_gpt2");
-    let dev = device_session(load("tiny_gpt2/model"), backend, e);
+    let dev = device_session(load_for("tiny_gpt2/model", e), backend, e);
     let cpu = Session::cpu(load("tiny_gpt2/model")).unwrap();
     let tol = check_logits("tiny_gpt2", &dev, &cpu, e, &rows(&refs["input_ids"]));
     let greedy = rows(&refs["greedy_ids"]).remove(0);
@@ -162,7 +170,7 @@ fn prompt_of(name: &str) -> Vec<i64> {
 
 fn llama_matches_f32(backend: Box<dyn Backend>, e: Elem) {
     let refs = outputs_of("tiny_llama");
-    let dev = device_session(load("tiny_llama/model"), backend, e);
+    let dev = device_session(load_for("tiny_llama/model", e), backend, e);
     let cpu = Session::cpu(load("tiny_llama/model")).unwrap();
     let tol = check_logits("tiny_llama", &dev, &cpu, e, &rows(&refs["input_ids"]));
     let greedy = rows(&refs["greedy_ids"]).remove(0);
@@ -181,9 +189,9 @@ fn minilm_embeddings_match_f32(backend: Box<dyn Backend>, e: Elem) {
     let Some(dir) = minilm_dir() else { return };
     let sentences = minilm_sentences();
     let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
-    let model = || Model::load_with(&dir, Some(Pooling::Mean), true).unwrap();
-    let dev = device_session(model(), backend, e);
-    let cpu = Session::cpu(model()).unwrap();
+    let model = |f| Model::load_as(&dir, Some(Pooling::Mean), true, f).unwrap();
+    let dev = device_session(model(transfuse::host_float(e)), backend, e);
+    let cpu = Session::cpu(model(DType::F32)).unwrap();
     let (got, want) = (dev.embed(&texts).unwrap(), cpu.embed(&texts).unwrap());
     assert_eq!(got.shape, want.shape);
     let hidden = want.shape[1];
@@ -217,7 +225,7 @@ fn minilm_embeddings_match_f32(backend: Box<dyn Backend>, e: Elem) {
 
 /// Resident bytes (weights, derived weights, constants) of `dir` stored as `e` after one run.
 fn resident(dir: &str, backend: Box<dyn Backend>, e: Elem) -> u64 {
-    let s = device_session(load(dir), backend, e);
+    let s = device_session(load_for(dir, e), backend, e);
     s.forward(&Batch::new(vec![vec![1, 2, 3]])).unwrap();
     s.memory()
         .expect("device backends report memory")
@@ -516,4 +524,73 @@ fn cli_dtype_errors_exit_2_with_one_line() {
         &[],
     );
     assert_error(&out, &["--dtype f16", "cpu"]);
+}
+
+/// The host copy: `Model::load_as` keeps an f16 checkpoint's bits (never widened) and rounds an
+/// f32 checkpoint once to the same values; its float weights take half the bytes of f32's.
+/// The CPU backend, given such weights, widens them: the same logits as the f32 load of the
+/// f16 checkpoint, bit for bit.
+#[test]
+fn f16_checkpoints_stay_f16_on_the_host_and_the_cpu_widens_them() {
+    let src = fixture("tiny_gpt2/model");
+    let tmp = common::cli::TempDir::new("f16_checkpoint");
+    let dir = tmp.copy_model(GPT2, "model");
+    // An f16 checkpoint: every tensor of the fixture rounded to f16.
+    let all = transfuse::models::load_all_safetensors(&src.join("model.safetensors")).unwrap();
+    let halves: Vec<(String, Tensor)> = all
+        .iter()
+        .map(|(n, t)| {
+            let v = t.as_f32().expect("float checkpoint");
+            let h = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            (n.clone(), Tensor::f16(t.shape.clone(), h))
+        })
+        .collect();
+    let named: Vec<(&str, &Tensor)> = halves.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    transfuse::write_safetensors(&dir.join("model.safetensors"), &named).unwrap();
+
+    let f16_ckpt = Model::load_as(&dir, None, false, DType::F16).unwrap();
+    let f32_ckpt = Model::load_as(&src, None, false, DType::F16).unwrap();
+    let bytes = |m: &Model| -> (usize, usize) {
+        m.weights.values().fold((0, 0), |(h, f), t| match &t.data {
+            Data::F16(_) => (h + 2 * t.len(), f + 4 * t.len()),
+            _ => (h + t.len() * t.elem_bytes(), f + t.len() * t.elem_bytes()),
+        })
+    };
+    for (name, t) in &f16_ckpt.weights {
+        let Data::F16(got) = &t.data else {
+            // Only the synthesized weights are f32 (none for GPT-2).
+            panic!("`{name}` is {} on the host, not f16", t.dtype())
+        };
+        let want = halves
+            .iter()
+            .find(|(n, _)| n == name || n.ends_with(&format!(".{name}")));
+        if let Some((
+            _,
+            Tensor {
+                data: Data::F16(w), ..
+            },
+        )) = want
+        {
+            assert_eq!(got, w, "`{name}`: the checkpoint's f16 bits");
+        }
+        assert_eq!(
+            t.data, f32_ckpt.weights[name].data,
+            "`{name}`: rounded once at load"
+        );
+    }
+    let (held, as_f32) = bytes(&f16_ckpt);
+    eprintln!("tiny GPT-2 on the host: {held} B as f16, {as_f32} B as f32");
+    assert_eq!(2 * held, as_f32);
+
+    let batch = Batch::new(vec![vec![5, 7, 11, 13]]);
+    let widened = Session::cpu(Model::load(&dir).unwrap()).unwrap();
+    let kept = Session::cpu(f16_ckpt).unwrap();
+    let (a, b) = (
+        widened.forward(&batch).unwrap().remove("logits").unwrap(),
+        kept.forward(&batch).unwrap().remove("logits").unwrap(),
+    );
+    assert_eq!(
+        a, b,
+        "the CPU widens f16 weights exactly as the loader does"
+    );
 }

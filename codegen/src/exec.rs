@@ -21,6 +21,7 @@ pub const SUBGROUP: u32 = 32;
 pub fn host_buf(t: &Tensor) -> Result<HostBuf, CodegenError> {
     Ok(match &t.data {
         Data::F32(v) => HostBuf::F32(v.clone()),
+        Data::F16(_) | Data::BF16(_) => HostBuf::F32(t.floats_f32().expect("float").into_owned()),
         Data::I64(v) => HostBuf::I32(
             v.iter()
                 .map(|&x| {

@@ -252,6 +252,14 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
     }
     let same_dtype = |what: &str| same_dtype(what, xs);
     match op {
+        Op::Input { dtype, .. } | Op::Constant { dtype, .. } | Op::Cast { dtype }
+            if matches!(dtype, DType::F16 | DType::BF16) =>
+        {
+            Err(format!(
+                "graph tensors are f32, i64 or bool, not {dtype}: f16/bf16 are host tensor and \
+                 device storage types (lower with that storage instead)"
+            ))
+        }
         Op::Input { shape, dtype, .. } => Ok((shape.clone(), *dtype)),
         Op::Weight { shape, .. } => Ok((shape.clone(), DType::F32)),
         Op::Constant { dtype, .. } => Ok((vec![], *dtype)),

@@ -17,6 +17,13 @@ pub enum DType {
     I64,
     /// Boolean: results of comparisons.
     Bool,
+    /// 16-bit IEEE float, a *host tensor* type: checkpoint weights kept in their precision
+    /// for a device that stores them so. Graph tensors are never f16 (inference refuses it):
+    /// the device's storage precision is a lowering option (`LowerOptions::elem`), not a
+    /// graph dtype, so no rewrite ever sees a dtype change.
+    F16,
+    /// bfloat16, a host tensor type as [`DType::F16`].
+    BF16,
 }
 
 impl DType {
@@ -26,7 +33,14 @@ impl DType {
             DType::F32 => "f32",
             DType::I64 => "i64",
             DType::Bool => "bool",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
         }
+    }
+
+    /// True for the float types (f32, f16, bf16).
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
 }
 

@@ -48,6 +48,6 @@ pub use model::checkpoint_prefixes;
 pub use model::{build_graph, checkpoint_weights, expected_weights, synthesized_weights, Model};
 pub use tokenizer::Tokenizer;
 pub use weights::{
-    load_all_safetensors, load_safetensors, load_safetensors_sliced, safetensors_names, AxisSlice,
-    LoadStats, SliceRequest,
+    load_all_safetensors, load_safetensors, load_safetensors_as, load_safetensors_sliced,
+    safetensors_names, AxisSlice, LoadStats, SliceRequest,
 };

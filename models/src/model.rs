@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use transfuse_ir::{eval_shape, Bindings, Graph, Weights};
+use transfuse_ir::{eval_shape, Bindings, DType, Graph, Weights};
 
 use crate::bert::{self, BertHeads, Pooling};
 use crate::config::{load_config, ModelConfig};
@@ -10,7 +10,7 @@ use crate::error::ModelError;
 use crate::gpt2;
 use crate::llama;
 use crate::tokenizer::Tokenizer;
-use crate::weights::load_safetensors;
+use crate::weights::load_safetensors_as;
 
 /// Prefixes a checkpoint may put before the canonical weight names.
 pub fn checkpoint_prefixes(cfg: &ModelConfig) -> &'static [&'static str] {
@@ -91,6 +91,20 @@ impl Model {
         pooling: Option<Pooling>,
         normalize: bool,
     ) -> Result<Model, ModelError> {
+        Model::load_as(dir, pooling, normalize, DType::F32)
+    }
+
+    /// [`Model::load_with`] with the checkpoint's float weights held on the host as `float`
+    /// (`F32`, `F16` or `BF16`; [`crate::weights::load_safetensors_as`]): for a device that
+    /// stores floats so, an f16 checkpoint stays f16 (never widened) and an f32 one is
+    /// rounded once here, halving the host copy. The synthesized weights stay f32. The CPU
+    /// backend widens f16/bf16 weights back to f32.
+    pub fn load_as(
+        dir: &Path,
+        pooling: Option<Pooling>,
+        normalize: bool,
+        float: DType,
+    ) -> Result<Model, ModelError> {
         let config = load_config(dir)?;
         let weights_path = dir.join("model.safetensors");
         let mut heads = BertHeads {
@@ -101,7 +115,7 @@ impl Model {
         let (graph, weights) = loop {
             let graph = build_graph(&config, heads)?;
             let expected = checkpoint_weights(&config, &graph)?;
-            match load_safetensors(&weights_path, &expected, prefixes(&config)) {
+            match load_safetensors_as(&weights_path, &expected, prefixes(&config), float) {
                 Ok(mut w) => {
                     w.extend(synthesized_weights(&config));
                     break (graph, w);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
-use transfuse_ir::{Tensor, Weights};
+use transfuse_ir::{DType, Tensor, Weights};
 
 use crate::error::ModelError;
 
@@ -30,6 +30,20 @@ pub fn load_safetensors(
     path: &Path,
     expected: &[(String, Vec<usize>)],
     prefixes: &[&str],
+) -> Result<Weights, ModelError> {
+    load_safetensors_as(path, expected, prefixes, DType::F32)
+}
+
+/// [`load_safetensors`] with the float weights held as `float` (`F32`, `F16` or `BF16`): a
+/// tensor already in that type is copied as is (an f16 checkpoint for f16 storage is never
+/// widened), any other float tensor is converted once (an f32 checkpoint for f16 storage is
+/// rounded to nearest here, at load). For a device that stores floats as `float`; the CPU
+/// backend widens f16/bf16 weights to f32 itself.
+pub fn load_safetensors_as(
+    path: &Path,
+    expected: &[(String, Vec<usize>)],
+    prefixes: &[&str],
+    float: DType,
 ) -> Result<Weights, ModelError> {
     let mmap = map_file(path)?;
     let st = deserialize(path, &mmap)?;
@@ -50,12 +64,14 @@ pub fn load_safetensors(
                 expected: shape.clone(),
             });
         }
-        let data = to_f32(view.dtype(), view.data()).ok_or_else(|| ModelError::WeightDtype {
-            path: path.to_owned(),
-            name: name.clone(),
-            dtype: view.dtype().to_string(),
+        let t = to_float(view.dtype(), view.data(), shape.clone(), float).ok_or_else(|| {
+            ModelError::WeightDtype {
+                path: path.to_owned(),
+                name: name.clone(),
+                dtype: view.dtype().to_string(),
+            }
         })?;
-        weights.insert(name.clone(), Arc::new(Tensor::f32(shape.clone(), data)));
+        weights.insert(name.clone(), Arc::new(t));
     }
     Ok(weights)
 }
@@ -256,6 +272,36 @@ fn deserialize<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>, Mode
             path: path.to_owned(),
             msg,
         }
+    })
+}
+
+/// Little-endian F32/F16/BF16 bytes as a tensor of `float` (F32, F16 or BF16): copied when
+/// the types agree, else converted (through f32, exact for the widening); `None` for other
+/// dtypes.
+fn to_float(dtype: Dtype, bytes: &[u8], shape: Vec<usize>, float: DType) -> Option<Tensor> {
+    let pairs = || bytes.chunks_exact(2).map(|c| [c[0], c[1]]);
+    Some(match (dtype, float) {
+        (Dtype::F16, DType::F16) => {
+            Tensor::f16(shape, pairs().map(half::f16::from_le_bytes).collect())
+        }
+        (Dtype::BF16, DType::BF16) => {
+            Tensor::bf16(shape, pairs().map(half::bf16::from_le_bytes).collect())
+        }
+        (_, DType::F16) => Tensor::f16(
+            shape,
+            to_f32(dtype, bytes)?
+                .into_iter()
+                .map(half::f16::from_f32)
+                .collect(),
+        ),
+        (_, DType::BF16) => Tensor::bf16(
+            shape,
+            to_f32(dtype, bytes)?
+                .into_iter()
+                .map(half::bf16::from_f32)
+                .collect(),
+        ),
+        _ => Tensor::f32(shape, to_f32(dtype, bytes)?),
     })
 }
 

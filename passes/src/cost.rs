@@ -123,6 +123,7 @@ fn default_dims() -> Bindings {
 fn elem_bytes(d: DType) -> f64 {
     match d {
         DType::F32 | DType::I64 => 4.0,
+        DType::F16 | DType::BF16 => 2.0,
         DType::Bool => 1.0,
     }
 }

@@ -138,6 +138,13 @@ fn to_bytes(t: &Tensor, elem: Elem, name: &str) -> Result<Vec<u8>, RuntimeError>
             .iter()
             .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
             .collect(),
+        // Kept in the checkpoint's precision: copied as is when it is the storage type.
+        (Data::F16(v), Elem::F16) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (Data::BF16(v), Elem::BF16) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (Data::F16(_) | Data::BF16(_), Elem::F32 | Elem::F16 | Elem::BF16) => {
+            let wide = t.floats_f32().expect("float");
+            return to_bytes(&Tensor::f32(t.shape.clone(), wide.into_owned()), elem, name);
+        }
         (Data::I64(v), Elem::I32) => {
             let mut out = Vec::with_capacity(v.len() * 4);
             for &x in v {

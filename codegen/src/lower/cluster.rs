@@ -123,7 +123,8 @@ impl Tree {
                 }
             }
             Tree::Const(v, d) => match d {
-                DType::F32 => EwExpr::c(*v as f32),
+                // Graph tensors are never f16/bf16 (inference refuses them).
+                DType::F32 | DType::F16 | DType::BF16 => EwExpr::c(*v as f32),
                 DType::I64 => i32c(*v),
                 DType::Bool => EwExpr::c(if *v != 0.0 { 1.0 } else { 0.0 }).cast(Elem::Bool),
             },
@@ -204,7 +205,7 @@ impl Tree {
                     x
                 } else {
                     x.cast(match to {
-                        DType::F32 => Elem::F32,
+                        DType::F32 | DType::F16 | DType::BF16 => Elem::F32,
                         DType::I64 => Elem::I32,
                         DType::Bool => Elem::Bool,
                     })

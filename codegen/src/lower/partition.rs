@@ -72,7 +72,9 @@ impl<'a> Lower<'a> {
 
     pub(super) fn elem_of(&self, d: DType) -> Elem {
         match d {
-            DType::F32 => self.o.elem,
+            // Graph tensors are never f16/bf16 (inference refuses them): all floats are stored
+            // as the plan's storage type.
+            DType::F32 | DType::F16 | DType::BF16 => self.o.elem,
             DType::I64 => Elem::I32,
             DType::Bool => Elem::U32,
         }

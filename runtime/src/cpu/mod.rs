@@ -362,7 +362,12 @@ fn eval_node(
                     found: w.shape.clone(),
                 });
             }
-            Ok(w.clone())
+            // f16/bf16 weights (a device-bound checkpoint) run widened: this is the f32
+            // reference.
+            Ok(match w.widened() {
+                std::borrow::Cow::Borrowed(_) => w.clone(),
+                std::borrow::Cow::Owned(f) => Arc::new(f),
+            })
         }
         Op::Constant { value, .. } => t(scalar_data(value.0, node)),
         Op::Iota { start, .. } => {
@@ -437,6 +442,9 @@ fn eval_node(
                         .collect(),
                 }),
                 Data::Bool(_) => return Err(op_err(id, node, "cannot reduce bool")),
+                Data::F16(_) | Data::BF16(_) => {
+                    return Err(op_err(id, node, "f16/bf16 tensors run widened to f32"))
+                }
             };
             t(data)
         }
@@ -514,6 +522,8 @@ fn eval_node(
                 Data::F32(v) => Data::F32(gather(v, ids, width)),
                 Data::I64(v) => Data::I64(gather(v, ids, width)),
                 Data::Bool(v) => Data::Bool(gather(v, ids, width)),
+                Data::F16(v) => Data::F16(gather(v, ids, width)),
+                Data::BF16(v) => Data::BF16(gather(v, ids, width)),
             };
             t(data)
         }
@@ -529,7 +539,10 @@ fn eval_node(
 
 fn scalar_data(value: f64, node: &Node) -> Data {
     match node.dtype {
-        transfuse_ir::DType::F32 => Data::F32(vec![value as f32]),
+        // Graph tensors are never f16/bf16 (inference refuses them).
+        transfuse_ir::DType::F32 | transfuse_ir::DType::F16 | transfuse_ir::DType::BF16 => {
+            Data::F32(vec![value as f32])
+        }
         transfuse_ir::DType::I64 => Data::I64(vec![value as i64]),
         transfuse_ir::DType::Bool => Data::Bool(vec![value != 0.0]),
     }
@@ -609,6 +622,8 @@ fn copy_data(d: &Data, offset: usize, strides: &[usize], out: &[usize]) -> Data 
         Data::F32(v) => Data::F32(strided_copy(v, offset, strides, out)),
         Data::I64(v) => Data::I64(strided_copy(v, offset, strides, out)),
         Data::Bool(v) => Data::Bool(strided_copy(v, offset, strides, out)),
+        Data::F16(v) => Data::F16(strided_copy(v, offset, strides, out)),
+        Data::BF16(v) => Data::BF16(strided_copy(v, offset, strides, out)),
     }
 }
 
@@ -651,6 +666,7 @@ fn concat(args: &[Arc<Tensor>], axis: usize, out: &[usize]) -> Option<Data> {
         Data::F32(_) => cat!(F32, as_f32),
         Data::I64(_) => cat!(I64, as_i64),
         Data::Bool(_) => cat!(Bool, as_bool),
+        Data::F16(_) | Data::BF16(_) => return None,
     })
 }
 
@@ -666,6 +682,11 @@ fn gather<T: Copy>(table: &[T], ids: &[i64], width: usize) -> Vec<T> {
 fn cast(d: &Data, to: transfuse_ir::DType) -> Data {
     use transfuse_ir::DType;
     match (d, to) {
+        // Graph tensors are never f16/bf16 (inference refuses them); weights that are run
+        // widened.
+        (_, DType::F16 | DType::BF16) => cast(d, DType::F32),
+        (Data::F16(v), _) => cast(&Data::F32(v.iter().map(|x| x.to_f32()).collect()), to),
+        (Data::BF16(v), _) => cast(&Data::F32(v.iter().map(|x| x.to_f32()).collect()), to),
         (Data::F32(v), DType::F32) => Data::F32(v.clone()),
         (Data::F32(v), DType::I64) => Data::I64(v.iter().map(|&x| x as i64).collect()),
         (Data::F32(v), DType::Bool) => Data::Bool(v.iter().map(|&x| x != 0.0).collect()),
