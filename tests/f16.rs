@@ -594,3 +594,18 @@ fn f16_checkpoints_stay_f16_on_the_host_and_the_cpu_widens_them() {
         "the CPU widens f16 weights exactly as the loader does"
     );
 }
+
+/// f16/bf16 are host tensor types: a graph that declares or casts to one is refused at
+/// insertion with an error naming the type (the storage type is a lowering option instead).
+#[test]
+fn graphs_refuse_f16_and_bf16_tensors() {
+    use transfuse::ir::{Builder, Dim};
+    for d in [DType::F16, DType::BF16] {
+        let mut b = Builder::new();
+        let e = b.input("x", vec![Dim::from(2)], d).unwrap_err();
+        assert!(e.to_string().contains(d.name()), "{e}");
+        let x = b.input("y", vec![Dim::from(2)], DType::F32).unwrap();
+        let e = b.cast(x, d).unwrap_err();
+        assert!(e.to_string().contains("lower with that storage"), "{e}");
+    }
+}
