@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod attention_bench;
+pub mod pp;
 pub mod tp;
 
 use std::collections::HashMap;
@@ -223,6 +224,8 @@ pub struct Session {
     /// Tensor parallelism: the ranks' load statistics and communicators (`None`: one device).
     /// With it, `graph` and `weights` are rank 0's.
     pub tp: Option<tp::TpState>,
+    /// Pipeline parallelism: the stage cut and the stages' communicators (`None`: one stage).
+    pub pp: Option<pp::PpState>,
 }
 
 impl Session {
@@ -250,6 +253,7 @@ impl Session {
             backend,
             program,
             tp: None,
+            pp: None,
         })
     }
 
@@ -305,6 +309,7 @@ impl Session {
             backend,
             program: Mutex::new(program),
             tp,
+            pp: None,
         }
     }
 
@@ -348,9 +353,14 @@ impl Session {
     fn empty_cache_inputs(&self, batch: usize, inputs: &mut TensorMap) {
         if let Some(c) = self.model.config.cache_shape() {
             // Under tensor parallelism each rank's cache holds its key/value heads.
-            let kv_heads = match &self.tp {
-                Some(t) => tp::local_kv_heads(&self.model.config, t.degree).unwrap_or(c.kv_heads),
-                None => c.kv_heads,
+            let degree = match (&self.tp, &self.pp) {
+                (Some(t), _) => t.degree,
+                (None, Some(p)) => p.tp,
+                (None, None) => 1,
+            };
+            let kv_heads = match degree > 1 {
+                true => tp::local_kv_heads(&self.model.config, degree).unwrap_or(c.kv_heads),
+                false => c.kv_heads,
             };
             for i in 0..c.layers {
                 for name in [gpt2::past_key(i), gpt2::past_value(i)] {

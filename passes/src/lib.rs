@@ -37,6 +37,7 @@ pub mod cost;
 pub mod extract;
 pub mod lang;
 pub mod rules;
+pub mod pipeline;
 pub mod shard;
 
 pub use cost::Profile;

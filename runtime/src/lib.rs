@@ -41,6 +41,7 @@ use transfuse_codegen::kir::Elem;
 use transfuse_ir::{Bindings, DType, Graph, IrError, Tensor, Weights};
 
 pub mod comm;
+pub mod pp;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
@@ -151,7 +152,7 @@ pub enum RuntimeError {
     Codegen(String),
     /// A collective of tensor parallelism failed: a rank failed and aborted the group (the
     /// message is that rank's error), a collective timed out, or the ranks disagreed.
-    #[error("tensor parallelism: {0}")]
+    #[error("parallel ranks: {0}")]
     Comm(String),
 }
 
