@@ -162,10 +162,7 @@ impl Session {
 
 /// `compile --pp P --report`: each stage's layers, estimated cost and share, its op table and
 /// the bytes it sends to the next stage per forward at `bindings`; as text and as JSON.
-pub fn pp_report(
-    p: &Pipeline,
-    bindings: &Bindings,
-) -> Result<(String, serde_json::Value), Error> {
+pub fn pp_report(p: &Pipeline, bindings: &Bindings) -> Result<(String, serde_json::Value), Error> {
     use std::fmt::Write;
     let total: f64 = p.stages.iter().map(|s| s.cost).sum();
     let mut t = String::new();

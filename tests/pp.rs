@@ -53,7 +53,10 @@ fn close(what: &str, a: &Tensor, b: &Tensor, mask: Option<&[Vec<i64>]>, tol: f32
         .filter(|(i, _)| keep(*i))
         .map(|(_, (p, q))| (p - q).abs() / (1.0 + q.abs()))
         .fold(0.0f32, f32::max);
-    assert!(worst <= tol, "{what}: worst relative difference {worst:e} > {tol:e}");
+    assert!(
+        worst <= tol,
+        "{what}: worst relative difference {worst:e} > {tol:e}"
+    );
 }
 
 /// Four rows (so 1, 2 and 4 micro-batches divide it), one padded.
@@ -163,7 +166,10 @@ fn minilm_pp2_pp3_equal_pp1() {
     let Some(d) = common::minilm_dir() else {
         return;
     };
-    let texts = ["pipeline stages", "a second sentence, longer than the first one"];
+    let texts = [
+        "pipeline stages",
+        "a second sentence, longer than the first one",
+    ];
     let one = Session::cpu(Model::load(&d).unwrap()).unwrap();
     let (input_ids, mask) = one
         .model
@@ -245,10 +251,20 @@ fn gpt2_8_layers_pp4_equals_pp1() {
 #[test]
 fn bad_degrees_name_the_flag() {
     let d = dir("tiny_gpt2");
-    let err = Session::pp_with(Model::load(&d).unwrap(), 3, 1, 1, &|| stage_backend("cpu"), &opts())
-        .err()
-        .expect("3 stages over 2 layers");
-    assert!(err.to_string().contains("--pp 3") && err.to_string().contains("2 layers"), "{err}");
+    let err = Session::pp_with(
+        Model::load(&d).unwrap(),
+        3,
+        1,
+        1,
+        &|| stage_backend("cpu"),
+        &opts(),
+    )
+    .err()
+    .expect("3 stages over 2 layers");
+    assert!(
+        err.to_string().contains("--pp 3") && err.to_string().contains("2 layers"),
+        "{err}"
+    );
     let s = pp_session(&d, 2, 3, 1, "cpu");
     let err = s.forward(&batch4()).unwrap_err().to_string();
     assert!(err.contains("--micro-batches 3"), "{err}");
@@ -268,14 +284,18 @@ impl transfuse::runtime::Loaded for Failing {
         _: &transfuse::runtime::TensorMap,
         _: &[(String, String)],
     ) -> Result<transfuse::runtime::TensorMap, transfuse::runtime::RuntimeError> {
-        Err(transfuse::runtime::RuntimeError::MissingInput("injected-failure".into()))
+        Err(transfuse::runtime::RuntimeError::MissingInput(
+            "injected-failure".into(),
+        ))
     }
     fn clear_carry(&mut self) {}
     fn profile(
         &mut self,
         _: &transfuse::runtime::TensorMap,
     ) -> Result<Vec<transfuse::runtime::KernelTime>, transfuse::runtime::RuntimeError> {
-        Err(transfuse::runtime::RuntimeError::MissingInput("injected-failure".into()))
+        Err(transfuse::runtime::RuntimeError::MissingInput(
+            "injected-failure".into(),
+        ))
     }
 }
 
@@ -299,7 +319,10 @@ fn a_failing_stage_ends_every_stage_with_its_error() {
     inputs.insert("attention_mask".into(), Tensor::i64(vec![1, 3], vec![1; 3]));
     let c = model.config.cache_shape().unwrap();
     for i in 0..c.layers {
-        for n in [transfuse::models::gpt2::past_key(i), transfuse::models::gpt2::past_value(i)] {
+        for n in [
+            transfuse::models::gpt2::past_key(i),
+            transfuse::models::gpt2::past_value(i),
+        ] {
             inputs.insert(n, Tensor::f32(vec![1, c.kv_heads, 0, c.head_dim], vec![]));
         }
     }
@@ -328,10 +351,16 @@ fn a_failing_stage_ends_every_stage_with_its_error() {
             .collect();
         let mut pl = PpLoaded::new(stages, comms.clone(), 1, HashMap::new());
         let err = pl.run(&inputs, &[]).unwrap_err();
-        assert!(err.to_string().contains("injected-failure"), "stage {failing}: {err}");
+        assert!(
+            err.to_string().contains("injected-failure"),
+            "stage {failing}: {err}"
+        );
         assert!(comms[0].poisoned().is_none(), "reset after the call");
         let err = pl.run(&inputs, &[]).unwrap_err();
-        assert!(err.to_string().contains("injected-failure"), "stage {failing}: {err}");
+        assert!(
+            err.to_string().contains("injected-failure"),
+            "stage {failing}: {err}"
+        );
     }
     // The same cut with working stages gives the whole graph's logits.
     let comms = InProcessGroup::ranks(2, Duration::from_secs(600));
@@ -349,7 +378,13 @@ fn a_failing_stage_ends_every_stage_with_its_error() {
         .collect();
     let mut pl = PpLoaded::new(stages, comms, 1, HashMap::new());
     let got = pl.run(&inputs, &[]).unwrap();
-    close("direct pp 2 logits", &got["logits"], &want["logits"], None, 1e-5);
+    close(
+        "direct pp 2 logits",
+        &got["logits"],
+        &want["logits"],
+        None,
+        1e-5,
+    );
 }
 
 /// wgpu stages, each its own device: PP 2 with 2 micro-batches and PP 2 greedy on tiny GPT-2,
@@ -374,4 +409,74 @@ fn wgpu_stages_equal_pp1() {
         .generate(&[1, 2, 3, 4], 6, Sampling::Greedy)
         .unwrap();
     assert_eq!(got, want, "wgpu pp 2 greedy tokens");
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_transfuse"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `run --pp 2 --micro-batches 2` writes the outputs PP 1 writes (within 1e-5), `compile --pp 2
+/// --report` prints the cut, and bad degrees exit 2 naming the flag.
+#[test]
+fn cli_pp_run_compile_report_and_bad_degrees() {
+    let tmp = std::env::temp_dir().join(format!("transfuse-pp-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let inputs = tmp.join("inputs.json");
+    std::fs::write(
+        &inputs,
+        r#"{"input_ids": [[5, 17, 42], [11, 2, 250]], "attention_mask": [[1, 1, 1], [1, 1, 0]]}"#,
+    )
+    .unwrap();
+    let m = dir("tiny_gpt2");
+    let m = m.to_str().unwrap();
+    let i = inputs.to_str().unwrap();
+    let mut outs = Vec::new();
+    for (name, extra) in [
+        ("pp1", &[][..]),
+        ("pp2", &["--pp", "2", "--micro-batches", "2"][..]),
+    ] {
+        let out = tmp.join(format!("{name}.safetensors"));
+        let mut args = vec!["run", "--model", m, "--inputs", i, "--backend", "cpu"];
+        args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let o = cli(&args);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let w = transfuse::models::load_all_safetensors(&out).unwrap();
+        outs.push(w["logits"].clone());
+    }
+    let mask = vec![vec![1, 1, 1], vec![1, 1, 0]];
+    close("cli pp 2 logits", &outs[1], &outs[0], Some(&mask), 1e-5);
+    let o = cli(&["compile", "--model", m, "--pp", "2", "--report"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        text.contains("pipeline parallel: 2 stages over 2 layers")
+            && text.contains("stage 0: layers 0..1")
+            && text.contains("stage 1: layers 1..2"),
+        "{text}"
+    );
+    for (args, flag) in [
+        (vec!["--pp", "3"], "--pp 3"),
+        (
+            vec!["--pp", "2", "--micro-batches", "3"],
+            "--micro-batches 3",
+        ),
+    ] {
+        let mut a = vec!["run", "--model", m, "--inputs", i, "--backend", "cpu"];
+        let out = tmp.join("bad.safetensors");
+        a.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        a.extend_from_slice(&args);
+        let o = cli(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(flag) && err.lines().count() == 1, "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -36,8 +36,8 @@ pub mod convert;
 pub mod cost;
 pub mod extract;
 pub mod lang;
-pub mod rules;
 pub mod pipeline;
+pub mod rules;
 pub mod shard;
 
 pub use cost::Profile;

@@ -266,7 +266,10 @@ pub fn cut(g: &Graph, stages: usize, profile: &Profile) -> Result<Pipeline, Pipe
             cost,
         });
     }
-    Ok(Pipeline { stages: out, layers })
+    Ok(Pipeline {
+        stages: out,
+        layers,
+    })
 }
 
 /// Per stage, the count of each op (for `compile --pp N --report`).

@@ -41,7 +41,6 @@ use transfuse_codegen::kir::Elem;
 use transfuse_ir::{Bindings, DType, Graph, IrError, Tensor, Weights};
 
 pub mod comm;
-pub mod pp;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
@@ -49,6 +48,7 @@ pub mod fold;
 pub mod kernel_cache;
 pub mod memory;
 pub mod nvrtc;
+pub mod pp;
 pub mod program;
 pub mod select;
 pub mod tp;

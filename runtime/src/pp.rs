@@ -8,7 +8,7 @@
 //! ranks. The outputs are the stages' graph outputs, the micro-batches concatenated back
 //! along `batch`. A carried output (a KV cache: `present_*` → `past_*`) stays with the stage
 //! that computes it (each stage its layers' cache; a tensor-parallel stage each rank its heads');
-//! decoding with a cache therefore takes one micro-batch.
+//! a call that carries a cache (a decoding step) therefore runs as one micro-batch.
 //!
 //! A stage that fails (an error or a panic) aborts the group: the stages waiting in a `recv`
 //! return that error instead of waiting; the call returns the failing stage's own error and the
@@ -48,7 +48,14 @@ pub fn slice_axis(t: &Tensor, axis: usize, from: usize, to: usize) -> Tensor {
     let outer: usize = t.shape[..axis].iter().product();
     let len = t.shape[axis];
     let inner: usize = t.shape[axis + 1..].iter().product();
-    fn pick<T: Clone>(v: &[T], outer: usize, len: usize, inner: usize, a: usize, b: usize) -> Vec<T> {
+    fn pick<T: Clone>(
+        v: &[T],
+        outer: usize,
+        len: usize,
+        inner: usize,
+        a: usize,
+        b: usize,
+    ) -> Vec<T> {
         let mut out = Vec::with_capacity(outer * (b - a) * inner);
         for o in 0..outer {
             out.extend_from_slice(&v[(o * len + a) * inner..(o * len + b) * inner]);
@@ -167,12 +174,14 @@ impl PpLoaded {
     }
 
     /// `inputs` split into the micro-batches.
-    fn split(&self, inputs: &TensorMap) -> Result<Vec<TensorMap>, RuntimeError> {
-        let m = self.micro_batches;
+    fn split(&self, inputs: &TensorMap, m: usize) -> Result<Vec<TensorMap>, RuntimeError> {
         let mut batch = None;
         for (name, t) in inputs {
             if let Some(&a) = self.batch_axes.get(name) {
-                let b = *t.shape.get(a).ok_or_else(|| RuntimeError::MissingInput(name.clone()))?;
+                let b = *t
+                    .shape
+                    .get(a)
+                    .ok_or_else(|| RuntimeError::MissingInput(name.clone()))?;
                 match batch {
                     None => batch = Some((b, name.clone())),
                     Some((b0, ref n0)) if b0 != b => {
@@ -211,14 +220,13 @@ impl Loaded for PpLoaded {
         inputs: &TensorMap,
         carry: &[(String, String)],
     ) -> Result<TensorMap, RuntimeError> {
-        let parts = self.split(inputs)?;
-        let m = parts.len();
-        if m > 1 && !carry.is_empty() {
-            return Err(RuntimeError::Comm(format!(
-                "--micro-batches {m}: decoding with a KV cache runs one micro-batch (each stage \
-                 carries its layers' cache)"
-            )));
-        }
+        // Decoding with a KV cache runs one micro-batch: each stage carries its layers' cache
+        // for the whole batch.
+        let m = match carry.is_empty() {
+            true => self.micro_batches,
+            false => 1,
+        };
+        let parts = self.split(inputs, m)?;
         let p = self.stages.len();
         let comms = &self.comms;
         let parts = &parts;

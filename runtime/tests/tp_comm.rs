@@ -262,10 +262,7 @@ fn p2p_graph(rank: usize, world: usize) -> Graph {
 }
 
 fn rank_weight(rank: usize) -> Tensor {
-    Tensor::f32(
-        vec![2, 4],
-        (0..8).map(|i| (10 * rank + i) as f32).collect(),
-    )
+    Tensor::f32(vec![2, 4], (0..8).map(|i| (10 * rank + i) as f32).collect())
 }
 
 #[test]
@@ -331,7 +328,9 @@ fn recv_times_out_and_abort_releases_it() {
     let err = comms[1].recv(0).unwrap_err().to_string();
     assert!(err.contains("timed out") && err.contains("rank 0"), "{err}");
     // Poisoned by the timeout: a later send fails at once.
-    let err = comms[0].send(1, Tensor::f32(vec![1], vec![1.0])).unwrap_err();
+    let err = comms[0]
+        .send(1, Tensor::f32(vec![1], vec![1.0]))
+        .unwrap_err();
     assert!(err.to_string().contains("timed out"), "{err}");
     // An abort releases a waiting receiver before its (long) timeout.
     let comms = InProcessGroup::ranks(2, Duration::from_secs(600));
@@ -346,7 +345,9 @@ fn recv_times_out_and_abort_releases_it() {
     // Messages arrive in order; a rank cannot address itself or a rank outside the group.
     let comms = InProcessGroup::ranks(2, Duration::from_secs(10));
     for i in 0..3 {
-        comms[0].send(1, Tensor::f32(vec![1], vec![i as f32])).unwrap();
+        comms[0]
+            .send(1, Tensor::f32(vec![1], vec![i as f32]))
+            .unwrap();
     }
     for i in 0..3 {
         assert_eq!(comms[1].recv(0).unwrap().as_f32().unwrap(), &[i as f32]);
