@@ -221,8 +221,8 @@ pub fn cut(g: &Graph, stages: usize, profile: &Profile) -> Result<Pipeline, Pipe
         let mut cost = 0.0;
         // The stage's own nodes and the leaves they read, in order.
         let mut needed: BTreeSet<usize> = BTreeSet::new();
-        for i in 0..n {
-            if !is_leaf(&node(i).op) && stage[i] == s {
+        for (i, &st) in stage.iter().enumerate() {
+            if !is_leaf(&node(i).op) && st == s {
                 needed.insert(i);
                 for x in &node(i).inputs {
                     if is_leaf(&node(x.index()).op) {
