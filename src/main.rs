@@ -34,8 +34,8 @@ struct Exec {
     /// Run the primitive graph as built, without the optimizer's fusions.
     #[arg(long)]
     no_optimize: bool,
-    /// Tensor parallelism: run N ranks (threads of this process, CPU backends), each on its
-    /// own slices of the weights.
+    /// Tensor parallelism: run N ranks (threads of this process; CPU backends, or with
+    /// `--backend wgpu` each its own wgpu device), each on its own slices of the weights.
     #[arg(long, default_value_t = 1)]
     tp: usize,
     /// How `--tp` shards the model: megatron (the only layout so far).
@@ -43,7 +43,7 @@ struct Exec {
     tp_layout: String,
     /// Pipeline parallelism: cut the layers into P stages balanced by the cost model, one
     /// thread per stage (each its own backend: a wgpu stage its own device), activations passed
-    /// through the in-process communicator; combines with `--tp` (P×T CPU ranks).
+    /// through the in-process communicator; combines with `--tp` (P×T ranks).
     #[arg(long, default_value_t = 1)]
     pp: usize,
     /// Under `--pp`: split the batch into M micro-batches that flow through the stages (M must
@@ -261,9 +261,9 @@ fn tp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
             exec.tp_layout
         )));
     }
-    if !matches!(exec.backend.as_str(), "cpu" | "auto") {
+    if !matches!(exec.backend.as_str(), "cpu" | "auto" | "wgpu") {
         return Err(Error::Usage(format!(
-            "--tp runs CPU ranks only; --backend {} ranks are not implemented",
+            "--tp runs CPU or wgpu ranks; --backend {} ranks are not implemented",
             exec.backend
         )));
     }
@@ -273,7 +273,11 @@ fn tp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
         ));
     }
     let opts = transfuse::passes::Options::from_env()?;
-    let s = Session::tp_with(model, exec.tp, transfuse::runtime::CpuBackend::new(), &opts)?;
+    let wgpu = exec.backend == "wgpu";
+    let s = match wgpu {
+        true => Session::wgpu_tp(model, exec.tp, &opts)?,
+        false => Session::tp_with(model, exec.tp, transfuse::runtime::CpuBackend::new(), &opts)?,
+    };
     if exec.verbose {
         if let Some(t) = &s.tp {
             for (r, st) in t.stats.iter().enumerate() {
@@ -287,7 +291,11 @@ fn tp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
             }
         }
     }
-    Ok((s, format!("{} CPU ranks (--tp {})", exec.tp, exec.tp)))
+    let kind = match wgpu {
+        true => "wgpu ranks, each its own device,",
+        false => "CPU ranks",
+    };
+    Ok((s, format!("{} {kind} (--tp {})", exec.tp, exec.tp)))
 }
 
 /// The pipeline-parallel session of `--pp P` (P > 1, or `--micro-batches` > 1).
@@ -305,11 +313,6 @@ fn pp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
     }
     let backend = match exec.backend.as_str() {
         "auto" => "cpu",
-        b if exec.tp > 1 && b != "cpu" => {
-            return Err(Error::Usage(format!(
-                "--pp with --tp runs CPU ranks only; --backend {b} ranks are not implemented"
-            )))
-        }
         b => b,
     };
     transfuse::pp::stage_backend(backend)?;
@@ -339,7 +342,7 @@ fn pp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
     }
     let ranks = match exec.tp {
         1 => format!("{backend} stages"),
-        t => format!("stages of {t} CPU ranks"),
+        t => format!("stages of {t} {backend} ranks"),
     };
     Ok((
         s,

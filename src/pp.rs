@@ -76,8 +76,8 @@ pub fn check_degrees(model: &Model, pp: usize, micro_batches: usize) -> Result<(
 
 impl Session {
     /// `pp` stages of `model`'s optimized graph, each on a backend from `backend` (`tp == 1`,
-    /// `model` loaded with its weights) or a group of `tp` CPU ranks sharded with the Megatron
-    /// layout (`tp > 1`, `model` loaded with [`Model::load_without_weights`]: each rank reads
+    /// `model` loaded with its weights) or a group of `tp` ranks (each a backend from
+    /// `backend`) sharded with the Megatron layout (`tp > 1`, `model` loaded with [`Model::load_without_weights`]: each rank reads
     /// its slices); calls split into `micro_batches` micro-batches.
     pub fn pp_with(
         model: Model,
@@ -119,7 +119,20 @@ impl Session {
                 for (r, comm) in group.iter().enumerate() {
                     let (w, _) = load_rank(&model, &sharded, r)?;
                     let (graph, w) = crate::runtime::fold_weights(&sharded.graph, &w)?;
-                    ranks.push(CpuBackend::new().with_comm(comm.clone()).load(&graph, &w)?);
+                    let b = match first.take() {
+                        Some(b) => b,
+                        None => backend()?,
+                    };
+                    ranks.push(match b.name() {
+                        "cpu" => CpuBackend::new().with_comm(comm.clone()).load(&graph, &w)?,
+                        // A device rank: collectives on the host between its segments.
+                        _ => Box::new(crate::runtime::tp::HostCollectives::load(
+                            b.as_ref(),
+                            &graph,
+                            &w,
+                            comm.clone(),
+                        )?),
+                    });
                 }
                 Box::new(TpLoaded::new(ranks, group))
             };
