@@ -302,7 +302,7 @@ impl HostCollectives {
         use transfuse_ir::{shape, Graph, Op};
         match &mut self.steps[k] {
             Step::Run(p) => {
-                for (k, v) in p.run(&env, &[])? {
+                for (k, v) in p.run(env, &[])? {
                     if k.starts_with("h.") {
                         env.insert(k, v);
                     } else {
