@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod attention_bench;
+pub mod pp;
 pub mod tp;
 
 use std::collections::HashMap;
@@ -277,6 +278,8 @@ pub struct Session {
     /// Tensor parallelism: the ranks' load statistics and communicators (`None`: one device).
     /// With it, `graph` and `weights` are rank 0's.
     pub tp: Option<tp::TpState>,
+    /// Pipeline parallelism: the stage cut and the stages' communicators (`None`: one stage).
+    pub pp: Option<pp::PpState>,
 }
 
 impl Session {
@@ -319,6 +322,7 @@ impl Session {
             backend,
             program,
             tp: None,
+            pp: None,
         })
     }
 
@@ -374,7 +378,13 @@ impl Session {
             backend,
             program: Mutex::new(program),
             tp,
+            pp: None,
         }
+    }
+
+    /// Replaces the backend the session reports (name, description) with `b`.
+    pub(crate) fn set_backend(&mut self, b: Box<dyn Backend>) {
+        self.backend = b;
     }
 
     /// A session on the CPU reference backend running the optimized graph.
@@ -417,9 +427,14 @@ impl Session {
     fn empty_cache_inputs(&self, batch: usize, inputs: &mut TensorMap) {
         if let Some(c) = self.model.config.cache_shape() {
             // Under tensor parallelism each rank's cache holds its key/value heads.
-            let kv_heads = match &self.tp {
-                Some(t) => tp::local_kv_heads(&self.model.config, t.degree).unwrap_or(c.kv_heads),
-                None => c.kv_heads,
+            let degree = match (&self.tp, &self.pp) {
+                (Some(t), _) => t.degree,
+                (None, Some(p)) => p.tp,
+                (None, None) => 1,
+            };
+            let kv_heads = match degree > 1 {
+                true => tp::local_kv_heads(&self.model.config, degree).unwrap_or(c.kv_heads),
+                false => c.kv_heads,
             };
             for i in 0..c.layers {
                 for name in [gpt2::past_key(i), gpt2::past_value(i)] {

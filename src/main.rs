@@ -34,13 +34,22 @@ struct Exec {
     /// Run the primitive graph as built, without the optimizer's fusions.
     #[arg(long)]
     no_optimize: bool,
-    /// Tensor parallelism: run N ranks (threads of this process, CPU backends), each on its
-    /// own slices of the weights.
+    /// Tensor parallelism: run N ranks (threads of this process; CPU backends, or with
+    /// `--backend wgpu` each its own wgpu device), each on its own slices of the weights.
     #[arg(long, default_value_t = 1)]
     tp: usize,
     /// How `--tp` shards the model: megatron (the only layout so far).
     #[arg(long, default_value = "megatron")]
     tp_layout: String,
+    /// Pipeline parallelism: cut the layers into P stages balanced by the cost model, one
+    /// thread per stage (each its own backend: a wgpu stage its own device), activations passed
+    /// through the in-process communicator; combines with `--tp` (P×T ranks).
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
+    /// Under `--pp`: split the batch into M micro-batches that flow through the stages (M must
+    /// divide the batch; decoding runs one).
+    #[arg(long, default_value_t = 1)]
+    micro_batches: usize,
     /// Print the device (adapter) chosen and, after running, its memory plan and how many
     /// kernels took their tunables from the tuning cache.
     #[arg(long, short)]
@@ -174,6 +183,10 @@ enum Cmd {
         /// report the per-rank ops, the collectives and the bytes they move per token.
         #[arg(long, default_value_t = 1)]
         tp: usize,
+        /// Also cut the optimized graph into P pipeline stages balanced by the cost model and
+        /// report each stage's layers, estimated cost and the bytes it sends to the next.
+        #[arg(long, default_value_t = 1)]
+        pp: usize,
     },
     /// Benchmark a model on a backend: forward time, per-kernel times, memory plan, decoding.
     Bench {
@@ -255,9 +268,9 @@ fn tp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
             exec.tp_layout
         )));
     }
-    if !matches!(exec.backend.as_str(), "cpu" | "auto") {
+    if !matches!(exec.backend.as_str(), "cpu" | "auto" | "wgpu") {
         return Err(Error::Usage(format!(
-            "--tp runs CPU ranks only; --backend {} ranks are not implemented",
+            "--tp runs CPU or wgpu ranks; --backend {} ranks are not implemented",
             exec.backend
         )));
     }
@@ -267,7 +280,11 @@ fn tp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
         ));
     }
     let opts = transfuse::passes::Options::from_env()?;
-    let s = Session::tp_with(model, exec.tp, transfuse::runtime::CpuBackend::new(), &opts)?;
+    let wgpu = exec.backend == "wgpu";
+    let s = match wgpu {
+        true => Session::wgpu_tp(model, exec.tp, &opts)?,
+        false => Session::tp_with(model, exec.tp, transfuse::runtime::CpuBackend::new(), &opts)?,
+    };
     if exec.verbose {
         if let Some(t) = &s.tp {
             for (r, st) in t.stats.iter().enumerate() {
@@ -281,7 +298,66 @@ fn tp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
             }
         }
     }
-    Ok((s, format!("{} CPU ranks (--tp {})", exec.tp, exec.tp)))
+    let kind = match wgpu {
+        true => "wgpu ranks, each its own device,",
+        false => "CPU ranks",
+    };
+    Ok((s, format!("{} {kind} (--tp {})", exec.tp, exec.tp)))
+}
+
+/// The pipeline-parallel session of `--pp P` (P > 1, or `--micro-batches` > 1).
+fn pp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
+    if exec.no_optimize {
+        return Err(Error::Usage(
+            "--pp cuts the optimized graph; drop --no-optimize".into(),
+        ));
+    }
+    if exec.tp > 1 && exec.tp_layout != "megatron" {
+        return Err(Error::Usage(format!(
+            "unknown --tp-layout `{}` (expected megatron)",
+            exec.tp_layout
+        )));
+    }
+    let backend = match exec.backend.as_str() {
+        "auto" => "cpu",
+        b => b,
+    };
+    transfuse::pp::stage_backend(backend)?;
+    if exec.no_cache {
+        transfuse::runtime::tune::set_cache_enabled(false);
+    }
+    let opts = transfuse::passes::Options::from_env()?;
+    let s = Session::pp_with(
+        model,
+        exec.pp,
+        exec.micro_batches,
+        exec.tp,
+        &|| transfuse::pp::stage_backend(backend),
+        &opts,
+    )?;
+    if exec.verbose {
+        if let Some(p) = &s.pp {
+            for (i, st) in p.pipeline.stages.iter().enumerate() {
+                eprintln!(
+                    "stage {i}: layers {}..{}, est {:.3} ms",
+                    st.layers.start,
+                    st.layers.end,
+                    st.cost * 1e3
+                );
+            }
+        }
+    }
+    let ranks = match exec.tp {
+        1 => format!("{backend} stages"),
+        t => format!("stages of {t} {backend} ranks"),
+    };
+    Ok((
+        s,
+        format!(
+            "{} {ranks} (--pp {}, --micro-batches {})",
+            exec.pp, exec.pp, exec.micro_batches
+        ),
+    ))
 }
 
 /// The session for `model` on the backend `exec` names; returns why that backend was chosen.
@@ -291,13 +367,24 @@ fn session_why(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
         return Err(Error::Usage("--tp must be ≥ 1".into()));
     }
     let storage = transfuse::parse_storage(&exec.dtype)?;
+    if exec.pp == 0 {
+        return Err(Error::Usage("--pp must be ≥ 1".into()));
+    }
+    if exec.micro_batches == 0 {
+        return Err(Error::Usage("--micro-batches must be ≥ 1".into()));
+    }
+    if (exec.tp > 1 || exec.pp > 1 || exec.micro_batches > 1)
+        && storage != transfuse::codegen::kir::Elem::F32
+    {
+        return Err(Error::Usage(format!(
+            "--dtype {}: --tp and --pp ranks run f32 only",
+            exec.dtype
+        )));
+    }
+    if exec.pp > 1 || exec.micro_batches > 1 {
+        return pp_session(model, exec);
+    }
     if exec.tp > 1 {
-        if storage != transfuse::codegen::kir::Elem::F32 {
-            return Err(Error::Usage(format!(
-                "--dtype {}: --tp runs CPU ranks, which run f32 only",
-                exec.dtype
-            )));
-        }
         return tp_session(model, exec);
     }
     let opts = match exec.no_optimize {
@@ -500,6 +587,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             dtype,
             dims,
             tp,
+            pp,
         } => {
             let cfg = load_config(&model)?;
             let heads = BertHeads {
@@ -508,7 +596,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             };
             let g = build_graph(&cfg, heads)?;
             // Under --tp alone, --dims sets where the collectives' bytes are evaluated.
-            let tp_only = tp > 1 && target.is_none();
+            let tp_only = (tp > 1 || pp > 1) && target.is_none();
             let cg = codegen_args(
                 &g,
                 target.as_deref(),
@@ -550,16 +638,34 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }
                 false => None,
             };
+            if pp == 0 {
+                return Err(Error::Usage("--pp must be ≥ 1".into()));
+            }
+            let pp_report = match pp > 1 {
+                true => {
+                    let p = transfuse::passes::pipeline::cut(&opt, pp, &opts.profile)
+                        .map_err(|e| Error::Usage(e.to_string()))?;
+                    let b = parse_dims(&g, &dims)?;
+                    Some(transfuse::pp::pp_report(&p, &b)?)
+                }
+                false => None,
+            };
             if json {
                 let mut v = transfuse::report_json(&r);
                 if let Some((_, tv)) = &tp_report {
                     v["tp"] = tv.clone();
+                }
+                if let Some((_, pv)) = &pp_report {
+                    v["pp"] = pv.clone();
                 }
                 println!("{v}");
             } else {
                 if report {
                     print!("{}", transfuse::report_table(&r));
                     if let Some((text, _)) = &tp_report {
+                        print!("{text}");
+                    }
+                    if let Some((text, _)) = &pp_report {
                         print!("{text}");
                     }
                 }

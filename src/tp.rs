@@ -301,6 +301,70 @@ impl Session {
         backend: CpuBackend,
         opts: &crate::passes::Options,
     ) -> Result<Session, Error> {
+        let b = backend.clone();
+        Session::tp_ranks(model, degree, Box::new(backend), opts, &|comm, graph, w| {
+            Ok(b.clone().with_comm(comm).load(graph, w)?)
+        })
+    }
+
+    /// `degree` wgpu ranks, each on its own wgpu device (lavapipe gives several logical
+    /// devices from one adapter); the collectives run on the host between the devices'
+    /// segments ([`crate::runtime::tp::HostCollectives`]: a host round trip per collective).
+    pub fn wgpu_tp(
+        model: Model,
+        degree: usize,
+        opts: &crate::passes::Options,
+    ) -> Result<Session, Error> {
+        let first = crate::pp::stage_backend("wgpu")?;
+        let mut o = opts.clone();
+        if o.profile == crate::passes::Profile::gpu() {
+            if let Some(p) = crate::passes::Profile::by_name(first.cost_profile()) {
+                o.profile = p;
+            }
+        }
+        let first = std::sync::Mutex::new(Some(first));
+        let keep = std::sync::Mutex::new(None);
+        let s = Session::tp_ranks(
+            model,
+            degree,
+            Box::new(CpuBackend::new()),
+            &o,
+            &|comm, graph, w| {
+                let taken = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let is_first = taken.is_some();
+                let b = match taken {
+                    Some(b) => b,
+                    None => crate::pp::stage_backend("wgpu")?,
+                };
+                let l = crate::runtime::tp::HostCollectives::load(b.as_ref(), graph, w, comm)?;
+                if is_first {
+                    // Rank 0's backend is the session's (name, description).
+                    *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(b);
+                }
+                Ok(Box::new(l) as Box<dyn Loaded>)
+            },
+        );
+        let mut s = s?;
+        if let Some(b) = keep.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            s.set_backend(b);
+        }
+        Ok(s)
+    }
+
+    /// `degree` ranks of `model` sharded with the Megatron layout, rank `r` loaded by `load`
+    /// with its communicator, its folded graph and weights; `backend` is the session's.
+    #[allow(clippy::type_complexity)]
+    pub fn tp_ranks(
+        model: Model,
+        degree: usize,
+        backend: Box<dyn Backend>,
+        opts: &crate::passes::Options,
+        load: &dyn Fn(
+            Arc<InProcessComm>,
+            &crate::ir::Graph,
+            &Weights,
+        ) -> Result<Box<dyn Loaded>, Error>,
+    ) -> Result<Session, Error> {
         let spec = megatron_spec(&model.config, degree)?;
         let (g, report) = crate::passes::optimize(&model.graph, opts)?;
         let sharded = shard(&g, &spec)?;
@@ -311,7 +375,7 @@ impl Session {
         for (r, comm) in comms.iter().enumerate() {
             let (w, st) = load_rank(&model, &sharded, r)?;
             let (graph, w) = crate::runtime::fold_weights(&sharded.graph, &w)?;
-            ranks.push(backend.clone().with_comm(comm.clone()).load(&graph, &w)?);
+            ranks.push(load(comm.clone(), &graph, &w)?);
             stats.push(st);
             if r == 0 {
                 rank0 = Some((graph, w));
@@ -324,7 +388,7 @@ impl Session {
             graph,
             Some(report),
             weights,
-            Box::new(backend),
+            backend,
             Box::new(program),
             Some(TpState {
                 degree,

@@ -445,7 +445,13 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
                     }
                     Ok((s.clone(), dt))
                 }
-                DistOp::AllGather { axis, world } | DistOp::Shard { axis, world } => {
+                DistOp::Send { .. } | DistOp::Recv { .. } => Ok((s.clone(), dt)),
+                DistOp::AllGather { axis, world }
+                | DistOp::Shard { axis, world }
+                | DistOp::ReduceScatter { axis, world } => {
+                    if matches!(d, DistOp::ReduceScatter { .. }) && dt == DType::Bool {
+                        return Err("cannot sum bool".into());
+                    }
                     check_axis(axis, s.len())?;
                     if world == 0 {
                         return Err("world must be ≥ 1".into());
@@ -453,7 +459,9 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
                     let mut out = s.clone();
                     out[axis] = match (d, s[axis].as_known()) {
                         (DistOp::AllGather { .. }, Some(n)) => Dim::known(n * world),
-                        (DistOp::Shard { .. }, Some(n)) if n.is_multiple_of(world) => {
+                        (DistOp::Shard { .. } | DistOp::ReduceScatter { .. }, Some(n))
+                            if n.is_multiple_of(world) =>
+                        {
                             Dim::known(n / world)
                         }
                         _ => {

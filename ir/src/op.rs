@@ -219,15 +219,28 @@ pub enum DistOp {
     /// This rank's `1/world` contiguous chunk of a replicated operand along `axis` (no
     /// communication; the axis length must divide).
     Shard { axis: usize, world: usize },
+    /// The elementwise sum over ranks, of which this rank keeps its `1/world` contiguous chunk
+    /// along `axis` (the axis length must divide): an all-reduce's first half.
+    ReduceScatter { axis: usize, world: usize },
+    /// Sends the operand to rank `peer` (point to point: a pipeline stage's activations to
+    /// the next stage); its value is the operand, unchanged.
+    Send { peer: usize },
+    /// Receives a tensor from rank `peer`; the operand only gives the shape and type of what
+    /// arrives (its values are not read).
+    Recv { peer: usize },
 }
 
 impl DistOp {
-    /// The printable name (`all_reduce`, `all_gather`, `shard`).
+    /// The printable name (`all_reduce`, `all_gather`, `shard`, `reduce_scatter`, `send`,
+    /// `recv`).
     pub fn name(self) -> &'static str {
         match self {
             DistOp::AllReduce => "all_reduce",
             DistOp::AllGather { .. } => "all_gather",
             DistOp::Shard { .. } => "shard",
+            DistOp::ReduceScatter { .. } => "reduce_scatter",
+            DistOp::Send { .. } => "send",
+            DistOp::Recv { .. } => "recv",
         }
     }
 }
@@ -411,9 +424,14 @@ impl Op {
             Op::Slice { axis, start, end } => format!("axis={axis} {start}..{end}"),
             Op::Concat { axis } => format!("axis={axis}"),
             Op::Cast { dtype } => dtype.to_string(),
-            Op::Dist(DistOp::AllGather { axis, world } | DistOp::Shard { axis, world }) => {
+            Op::Dist(
+                DistOp::AllGather { axis, world }
+                | DistOp::Shard { axis, world }
+                | DistOp::ReduceScatter { axis, world },
+            ) => {
                 format!("axis={axis} world={world}")
             }
+            Op::Dist(DistOp::Send { peer } | DistOp::Recv { peer }) => format!("peer={peer}"),
             op => crate::fused::def(op).map_or_else(String::new, |d| (d.attrs)(op)),
         }
     }

@@ -16,7 +16,14 @@ use crate::lang::{EOp, TNode};
 
 /// Adds `g` to `eg`; returns the root class.
 pub fn to_egraph(g: &Graph, eg: &mut EG) -> Id {
-    let mut ids: Vec<Id> = Vec::with_capacity(g.len());
+    let ids: Vec<Id> = add_nodes(g, eg).into_iter().map(|(id, _)| id).collect();
+    let outs = g.outputs().iter().map(|(_, id)| ids[id.index()]).collect();
+    eg.add(TNode::new(EOp::Outputs, outs))
+}
+
+/// Adds `g`'s nodes to `eg`: per graph node, in order, its class and its e-node.
+pub fn add_nodes(g: &Graph, eg: &mut EG) -> Vec<(Id, TNode)> {
+    let mut ids: Vec<(Id, TNode)> = Vec::with_capacity(g.len());
     for (_, n) in g.nodes() {
         let rank = n.shape.len();
         let op = match &n.op {
@@ -37,11 +44,11 @@ pub fn to_egraph(g: &Graph, eg: &mut EG) -> Id {
             }
             op => EOp::Ir(op.clone()),
         };
-        let kids = n.inputs.iter().map(|i| ids[i.index()]).collect();
-        ids.push(eg.add(TNode::new(op, kids)));
+        let kids = n.inputs.iter().map(|i| ids[i.index()].0).collect();
+        let t = TNode::new(op, kids);
+        ids.push((eg.add(t.clone()), t));
     }
-    let outs = g.outputs().iter().map(|(_, id)| ids[id.index()]).collect();
-    eg.add(TNode::new(EOp::Outputs, outs))
+    ids
 }
 
 /// Rebuilds an IR graph from an extracted term; output names come from `names`, in order.

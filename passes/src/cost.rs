@@ -301,6 +301,29 @@ pub fn node_cost(eg: &EG, p: &Profile, inlined: &HashSet<Id>, n: &TNode) -> f64 
     }
 }
 
+/// The cost of each node of an IR graph under `p` (the extraction's [`node_cost`], in
+/// seconds; leaves and views 0), indexed by [`transfuse_ir::NodeId::index`]. What the
+/// pipeline cut balances across its stages.
+pub fn graph_node_costs(g: &transfuse_ir::Graph, p: &Profile) -> Vec<f64> {
+    let mut eg = EG::default();
+    let nodes = crate::convert::add_nodes(g, &mut eg);
+    eg.rebuild();
+    let inlined = inlined_classes(&eg);
+    nodes
+        .iter()
+        .map(|(_, n)| {
+            let mut n = n.clone();
+            n.children.iter_mut().for_each(|c| *c = eg.find(*c));
+            let c = node_cost(&eg, p, &inlined, &n);
+            if c.is_finite() {
+                c
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
 /// The extraction cost function (see the module docs).
 pub struct CostFn<'a> {
     eg: &'a EG,

@@ -36,6 +36,7 @@ pub mod convert;
 pub mod cost;
 pub mod extract;
 pub mod lang;
+pub mod pipeline;
 pub mod rules;
 pub mod shard;
 

@@ -964,8 +964,9 @@ fn out_as(out: &St, r: usize, ro: usize) -> St {
 /// Bytes the collectives of a sharded graph move per forward, at concrete `bindings`.
 ///
 /// `payload` counts each collective's result once (b·s·h·4 for an all-reduce of the hidden
-/// state, the gathered logits for the LM head); `per_rank_ring` what each rank sends over a
-/// ring: 2(N−1)/N of the payload for an all-reduce, (N−1)/N for an all-gather, computed by
+/// state, the gathered logits for the LM head, a reduce-scatter's full input); `per_rank_ring`
+/// what each rank sends over a ring: 2(N−1)/N of the payload for an all-reduce, (N−1)/N for an
+/// all-gather or a reduce-scatter; a `send` moves its whole operand over the link. Computed by
 /// `transfuse_planner::comm`, the one collective cost model (the planner prices the same
 /// collectives with it).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -978,8 +979,18 @@ pub struct CommCost {
     pub all_reduces: usize,
     /// Number of all-gathers.
     pub all_gathers: usize,
-    /// Bytes each rank sends on a ring.
+    /// Reduce-scatter input bytes (the full operand, `world` × each rank's result).
+    pub reduce_scatter_bytes: u64,
+    /// Number of reduce-scatters.
+    pub reduce_scatters: usize,
+    /// Point-to-point bytes sent (`send`; the matching `recv` moves nothing more).
+    pub send_bytes: u64,
+    /// Number of sends.
+    pub sends: usize,
+    /// Bytes each rank sends on a ring (all-reduce, all-gather, reduce-scatter).
     pub per_rank_ring: f64,
+    /// Bytes this rank sends point to point (the whole message, over one link).
+    pub per_rank_p2p: f64,
 }
 
 /// The [`CommCost`] of `g` at `bindings` for `degree` ranks.
@@ -1007,7 +1018,18 @@ pub fn comm_cost(
                 c.all_gather_bytes += bytes;
                 c.per_rank_ring += transfuse_planner::comm::all_gather_bytes(n, bytes as f64);
             }
-            DistOp::Shard { .. } => {}
+            DistOp::ReduceScatter { .. } => {
+                c.reduce_scatters += 1;
+                c.reduce_scatter_bytes += bytes * n;
+                c.per_rank_ring +=
+                    transfuse_planner::comm::reduce_scatter_bytes(n, (bytes * n) as f64);
+            }
+            DistOp::Send { .. } => {
+                c.sends += 1;
+                c.send_bytes += bytes;
+                c.per_rank_p2p += bytes as f64;
+            }
+            DistOp::Shard { .. } | DistOp::Recv { .. } => {}
         }
     }
     Ok(c)

@@ -1,17 +1,24 @@
 //! Communicators: how the ranks of a tensor-parallel group exchange tensors.
 //!
 //! [`Communicator`] is what a backend needs to run the IR's collectives
-//! ([`transfuse_ir::DistOp`]); [`InProcessGroup`] implements it for ranks that are threads of one
-//! process (the CPU ranks of [`crate::tp`]): each collective is a barrier over shared buffers.
+//! ([`transfuse_ir::DistOp`]) and what a pipeline passes between its stages (point-to-point
+//! [`Communicator::send`]/[`Communicator::recv`]); [`InProcessGroup`] implements it for ranks
+//! that are threads of one process (the ranks of [`crate::tp`], the stages of [`crate::pp`]):
+//! each collective is a barrier over shared buffers, each send a message in the receiver's
+//! mailbox (buffered: a send never waits).
 //! A rank that fails calls [`Communicator::abort`]: the group is poisoned, every rank waiting
 //! in or later entering a collective returns that rank's error. A collective that waits longer
 //! than the group's timeout poisons the group too, so a rank that never arrives ends the
-//! others with an error instead of a hang.
+//! others with an error instead of a hang; a `recv` waits at most as long.
 //!
 //! NCCL is not implemented (see the README's tensor-parallelism section).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use std::collections::{HashMap, VecDeque};
+
+use transfuse_ir::Tensor;
 
 use crate::RuntimeError;
 
@@ -22,6 +29,12 @@ pub enum CollectiveKind {
     AllReduce,
     /// Concatenation in rank order.
     AllGather,
+    /// Sum over ranks, each keeping its chunk.
+    ReduceScatter,
+    /// A point-to-point send.
+    Send,
+    /// A point-to-point receive.
+    Recv,
 }
 
 /// One collective a rank took part in: its kind and the f32 elements of its own operand.
@@ -44,6 +57,16 @@ pub trait Communicator: Send + Sync {
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), RuntimeError>;
     /// Every rank's `data`, in rank order.
     fn all_gather(&self, data: &[f32]) -> Result<Vec<Vec<f32>>, RuntimeError>;
+    /// The elementwise sum over all ranks of `data` (every rank passes the same length, a
+    /// multiple of the world), of which this rank gets the `rank`-th of `world` contiguous
+    /// chunks. Summed in rank order, like [`Communicator::all_reduce_sum`].
+    fn reduce_scatter_sum(&self, data: &[f32]) -> Result<Vec<f32>, RuntimeError>;
+    /// Sends `t` to rank `to`; it is queued there (messages from one rank to another arrive
+    /// in order), so a send does not wait for the receiver.
+    fn send(&self, to: usize, t: Tensor) -> Result<(), RuntimeError>;
+    /// The next tensor rank `from` sent to this rank, waiting for it (at most the group's
+    /// timeout, and never past an abort).
+    fn recv(&self, from: usize) -> Result<Tensor, RuntimeError>;
     /// Poisons the group with `why`: every rank's current and later collectives return it.
     fn abort(&self, why: &str);
     /// The collectives this rank took part in since the last [`Communicator::take_log`].
@@ -67,6 +90,19 @@ impl Communicator for SingleRank {
     fn all_gather(&self, data: &[f32]) -> Result<Vec<Vec<f32>>, RuntimeError> {
         Ok(vec![data.to_vec()])
     }
+    fn reduce_scatter_sum(&self, data: &[f32]) -> Result<Vec<f32>, RuntimeError> {
+        Ok(data.to_vec())
+    }
+    fn send(&self, to: usize, _: Tensor) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Comm(format!(
+            "send to rank {to}: a world of one has no other rank"
+        )))
+    }
+    fn recv(&self, from: usize) -> Result<Tensor, RuntimeError> {
+        Err(RuntimeError::Comm(format!(
+            "recv from rank {from}: a world of one has no other rank"
+        )))
+    }
     fn abort(&self, _: &str) {}
     fn take_log(&self) -> Vec<Collective> {
         Vec::new()
@@ -82,6 +118,8 @@ struct State {
     /// The operands of the last completed round; replaced only when the next round completes,
     /// which needs every rank, so no rank misses its round's result.
     last: Arc<Vec<Vec<f32>>>,
+    /// Point-to-point messages not yet received, by (from, to).
+    mail: HashMap<(usize, usize), VecDeque<Tensor>>,
     poison: Option<String>,
 }
 
@@ -115,6 +153,7 @@ impl InProcessGroup {
                 slots: vec![None; world],
                 arrived: 0,
                 last: Arc::new(Vec::new()),
+                mail: HashMap::new(),
                 poison: None,
             }),
             cv: Condvar::new(),
@@ -146,6 +185,7 @@ impl InProcessComm {
         st.poison = None;
         st.arrived = 0;
         st.slots.iter_mut().for_each(|s| *s = None);
+        st.mail.clear();
     }
 
     /// The group's error, if it is poisoned.
@@ -200,6 +240,16 @@ impl InProcessComm {
         }
     }
 
+    fn check_peer(&self, what: &str, peer: usize) -> Result<(), RuntimeError> {
+        if peer >= self.shared.world || peer == self.rank {
+            return Err(RuntimeError::Comm(format!(
+                "{what}: rank {} cannot address rank {peer} in a group of {}",
+                self.rank, self.shared.world
+            )));
+        }
+        Ok(())
+    }
+
     fn record(&self, kind: CollectiveKind, elems: usize) {
         self.log
             .lock()
@@ -240,6 +290,89 @@ impl Communicator for InProcessComm {
     fn all_gather(&self, data: &[f32]) -> Result<Vec<Vec<f32>>, RuntimeError> {
         self.record(CollectiveKind::AllGather, data.len());
         Ok(self.exchange(data.to_vec())?.as_ref().clone())
+    }
+
+    fn reduce_scatter_sum(&self, data: &[f32]) -> Result<Vec<f32>, RuntimeError> {
+        let world = self.shared.world;
+        if !data.len().is_multiple_of(world) {
+            let why = format!(
+                "reduce_scatter: rank {} has {} elements, not a multiple of the world {world}",
+                self.rank,
+                data.len()
+            );
+            self.abort(&why);
+            return Err(RuntimeError::Comm(why));
+        }
+        self.record(CollectiveKind::ReduceScatter, data.len());
+        let all = self.exchange(data.to_vec())?;
+        if let Some((r, v)) = all.iter().enumerate().find(|(_, v)| v.len() != data.len()) {
+            let why = format!(
+                "reduce_scatter: rank {r} contributed {} elements, rank {} {}",
+                v.len(),
+                self.rank,
+                data.len()
+            );
+            self.abort(&why);
+            return Err(RuntimeError::Comm(why));
+        }
+        let chunk = data.len() / world;
+        let range = self.rank * chunk..(self.rank + 1) * chunk;
+        let mut out = all[0][range.clone()].to_vec();
+        for v in &all[1..] {
+            out.iter_mut()
+                .zip(&v[range.clone()])
+                .for_each(|(a, b)| *a += b);
+        }
+        Ok(out)
+    }
+
+    fn send(&self, to: usize, t: Tensor) -> Result<(), RuntimeError> {
+        self.check_peer("send", to)?;
+        self.record(CollectiveKind::Send, t.len());
+        let mut st = self.shared.lock();
+        if let Some(p) = &st.poison {
+            return Err(RuntimeError::Comm(p.clone()));
+        }
+        st.mail.entry((self.rank, to)).or_default().push_back(t);
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
+    fn recv(&self, from: usize) -> Result<Tensor, RuntimeError> {
+        self.check_peer("recv", from)?;
+        let sh = &*self.shared;
+        let mut st = sh.lock();
+        let deadline = Instant::now() + sh.timeout;
+        loop {
+            if let Some(p) = &st.poison {
+                return Err(RuntimeError::Comm(p.clone()));
+            }
+            if let Some(t) = st
+                .mail
+                .get_mut(&(from, self.rank))
+                .and_then(VecDeque::pop_front)
+            {
+                drop(st);
+                self.record(CollectiveKind::Recv, t.len());
+                return Ok(t);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let why = format!(
+                    "recv on rank {} timed out after {:.1}s: rank {from} sent nothing",
+                    self.rank,
+                    sh.timeout.as_secs_f64()
+                );
+                st.poison = Some(why.clone());
+                sh.cv.notify_all();
+                return Err(RuntimeError::Comm(why));
+            }
+            st = sh
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     fn abort(&self, why: &str) {

@@ -48,6 +48,7 @@ pub mod fold;
 pub mod kernel_cache;
 pub mod memory;
 pub mod nvrtc;
+pub mod pp;
 pub mod program;
 pub mod select;
 pub mod tp;
@@ -151,7 +152,7 @@ pub enum RuntimeError {
     Codegen(String),
     /// A collective of tensor parallelism failed: a rank failed and aborted the group (the
     /// message is that rank's error), a collective timed out, or the ranks disagreed.
-    #[error("tensor parallelism: {0}")]
+    #[error("parallel ranks: {0}")]
     Comm(String),
 }
 

@@ -130,3 +130,294 @@ impl Loaded for TpLoaded {
         self.all(|rank| rank.profile(inputs))
     }
 }
+
+/// A sharded graph on a backend that cannot run collectives itself (a wgpu device): the graph
+/// split at its [`transfuse_ir::DistOp`] nodes into segments, each loaded on the backend, the
+/// collectives run on the host through the rank's communicator between them (on a CPU backend
+/// with that communicator). Every value that crosses a collective makes a host round trip
+/// (read back, then uploaded by the next segment); a carried output (the rank's KV cache) is
+/// kept on the host between calls.
+pub struct HostCollectives {
+    steps: Vec<Step>,
+    comm: Arc<dyn Communicator>,
+    weights: transfuse_ir::Weights,
+    carried: TensorMap,
+}
+
+enum Step {
+    /// A segment's program; it outputs `h.<node>` for the values read after it, and the graph
+    /// outputs it computes.
+    Run(Box<dyn Loaded>),
+    /// A collective: its op, the node it computes, its operand.
+    Dist {
+        op: transfuse_ir::DistOp,
+        node: usize,
+        operand: Operand,
+        /// The graph outputs it is.
+        outputs: Vec<String>,
+    },
+}
+
+enum Operand {
+    Value(String),
+    Input(String),
+    Weight(String),
+    /// A constant or iota, evaluated on the host.
+    Leaf(transfuse_ir::Op),
+}
+
+fn host_name(i: usize) -> String {
+    format!("h.{i}")
+}
+
+impl HostCollectives {
+    /// Splits `graph` at its collectives and loads each segment on `backend` with `weights`.
+    pub fn load(
+        backend: &dyn crate::Backend,
+        graph: &transfuse_ir::Graph,
+        weights: &transfuse_ir::Weights,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<HostCollectives, RuntimeError> {
+        use std::collections::HashMap;
+        use transfuse_ir::{Graph, NodeId, Op};
+        let n = graph.len();
+        let node = |i: usize| graph.node(NodeId(i as u32));
+        let leaf = |op: &Op| {
+            matches!(
+                op,
+                Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. }
+            )
+        };
+        let is_dist = |i: usize| matches!(node(i).op, Op::Dist(_));
+        // Segment of each node: the number of collectives before it (a collective runs after
+        // the segment of its index).
+        let mut seg = vec![0usize; n];
+        let mut count = 0;
+        for (i, s) in seg.iter_mut().enumerate() {
+            *s = count;
+            if is_dist(i) {
+                count += 1;
+            }
+        }
+        // Values read outside the segment that computes them (by a later segment or a
+        // collective) are handed on through the host.
+        let mut crosses = vec![false; n];
+        for (id, nd) in graph.nodes() {
+            let c = id.index();
+            for x in &nd.inputs {
+                let x = x.index();
+                if !leaf(&node(x).op) && (is_dist(c) || is_dist(x) || seg[x] != seg[c]) {
+                    crosses[x] = true;
+                }
+            }
+        }
+        let mut out_of: HashMap<usize, Vec<String>> = HashMap::new();
+        for (name, id) in graph.outputs() {
+            out_of.entry(id.index()).or_default().push(name.clone());
+        }
+        let mut steps = Vec::new();
+        for k in 0..=count {
+            let members: Vec<usize> = (0..n)
+                .filter(|&i| seg[i] == k && !leaf(&node(i).op) && !is_dist(i))
+                .collect();
+            if !members.is_empty() {
+                let mut g = Graph::new();
+                let mut map: HashMap<usize, NodeId> = HashMap::new();
+                // Every graph input, so every segment binds the same symbols (`past` comes
+                // from the cache inputs' shapes); the host holds them all.
+                for (id, nd) in graph.nodes() {
+                    if let Op::Input { .. } = &nd.op {
+                        map.insert(id.index(), g.add(nd.op.clone(), &[])?);
+                    }
+                }
+                for &i in &members {
+                    for x in &node(i).inputs {
+                        let x = x.index();
+                        if map.contains_key(&x) {
+                            continue;
+                        }
+                        let xn = node(x);
+                        let op = match leaf(&xn.op) {
+                            true => xn.op.clone(),
+                            false => Op::Input {
+                                name: host_name(x),
+                                shape: xn.shape.clone(),
+                                dtype: xn.dtype,
+                            },
+                        };
+                        map.insert(x, g.add(op, &[])?);
+                    }
+                    let ins: Vec<NodeId> = node(i).inputs.iter().map(|x| map[&x.index()]).collect();
+                    map.insert(i, g.add(node(i).op.clone(), &ins)?);
+                }
+                for &i in &members {
+                    if crosses[i] {
+                        g.set_output(&host_name(i), map[&i]);
+                    }
+                    for name in out_of.get(&i).into_iter().flatten() {
+                        g.set_output(name, map[&i]);
+                    }
+                }
+                steps.push(Step::Run(backend.load(&g, weights)?));
+            }
+            if let Some(d) = (0..n).find(|&i| is_dist(i) && seg[i] == k) {
+                let Op::Dist(op) = node(d).op else {
+                    unreachable!("is_dist")
+                };
+                let x = node(d).inputs[0].index();
+                let operand = match &node(x).op {
+                    Op::Input { name, .. } => Operand::Input(name.clone()),
+                    Op::Weight { name, .. } => Operand::Weight(name.clone()),
+                    op if leaf(op) => Operand::Leaf(op.clone()),
+                    _ => Operand::Value(host_name(x)),
+                };
+                steps.push(Step::Dist {
+                    op,
+                    node: d,
+                    operand,
+                    outputs: out_of.remove(&d).unwrap_or_default(),
+                });
+            }
+        }
+        let mut w = weights.clone();
+        w.retain(|k, _| graph.weights().iter().any(|(n, _)| n == k));
+        Ok(HostCollectives {
+            steps,
+            comm,
+            weights: w,
+            carried: TensorMap::new(),
+        })
+    }
+}
+
+impl HostCollectives {
+    /// Runs step `k`: a segment's values go to `env` (or `out` for graph outputs), a
+    /// collective's result to both where it is an output.
+    fn step(
+        &mut self,
+        k: usize,
+        env: &mut TensorMap,
+        out: &mut TensorMap,
+    ) -> Result<(), RuntimeError> {
+        use transfuse_ir::{shape, Graph, Op};
+        match &mut self.steps[k] {
+            Step::Run(p) => {
+                for (k, v) in p.run(env, &[])? {
+                    if k.starts_with("h.") {
+                        env.insert(k, v);
+                    } else {
+                        out.insert(k, v);
+                    }
+                }
+            }
+            Step::Dist {
+                op,
+                node,
+                operand,
+                outputs,
+            } => {
+                if let Operand::Leaf(leaf) = operand {
+                    let mut g = Graph::new();
+                    let l = g.add(leaf.clone(), &[])?;
+                    let y = g.add(Op::Dist(*op), &[l])?;
+                    g.set_output("y", y);
+                    let cpu = crate::CpuBackend::new().with_comm(self.comm.clone());
+                    let mut r = crate::Backend::run(
+                        &cpu,
+                        &g,
+                        &transfuse_ir::Weights::new(),
+                        &TensorMap::new(),
+                    )?;
+                    let t = r.remove("y").expect("the collective's output");
+                    for name in outputs.iter() {
+                        out.insert(name.clone(), t.clone());
+                    }
+                    env.insert(host_name(*node), t);
+                    return Ok(());
+                }
+                let x = match operand {
+                    Operand::Value(n) | Operand::Input(n) => env
+                        .get(n)
+                        .cloned()
+                        .ok_or_else(|| RuntimeError::MissingInput(n.clone()))?,
+                    Operand::Weight(n) => self
+                        .weights
+                        .get(n)
+                        .map(|t| t.as_ref().clone())
+                        .ok_or_else(|| RuntimeError::MissingWeight(n.clone()))?,
+                    Operand::Leaf(_) => unreachable!("handled above"),
+                };
+                // The collective alone, at the operand's concrete shape, on the CPU
+                // backend with this rank's communicator.
+                let mut g = Graph::new();
+                let xi = g.add(
+                    Op::Input {
+                        name: "x".into(),
+                        shape: shape(x.shape.clone()),
+                        dtype: x.dtype(),
+                    },
+                    &[],
+                )?;
+                let y = g.add(Op::Dist(*op), &[xi])?;
+                g.set_output("y", y);
+                let cpu = crate::CpuBackend::new().with_comm(self.comm.clone());
+                let mut r = crate::Backend::run(
+                    &cpu,
+                    &g,
+                    &transfuse_ir::Weights::new(),
+                    &TensorMap::from([("x".to_string(), x)]),
+                )?;
+                let t = r.remove("y").expect("the collective's output");
+                for name in outputs.iter() {
+                    out.insert(name.clone(), t.clone());
+                }
+                env.insert(host_name(*node), t);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Loaded for HostCollectives {
+    fn run(
+        &mut self,
+        inputs: &TensorMap,
+        carry: &[(String, String)],
+    ) -> Result<TensorMap, RuntimeError> {
+        let mut env = inputs.clone();
+        for (k, v) in &self.carried {
+            env.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let mut out = TensorMap::new();
+        for k in 0..self.steps.len() {
+            self.step(k, &mut env, &mut out)?;
+        }
+        for (o, i) in carry {
+            if let Some(t) = out.remove(o) {
+                self.carried.insert(i.clone(), t);
+            }
+        }
+        Ok(out)
+    }
+
+    fn clear_carry(&mut self) {
+        self.carried.clear();
+    }
+
+    /// The segments' kernel times (the collectives are not kernels).
+    fn profile(&mut self, inputs: &TensorMap) -> Result<Vec<KernelTime>, RuntimeError> {
+        let mut times = Vec::new();
+        let mut env = inputs.clone();
+        for (k, v) in &self.carried {
+            env.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let mut out = TensorMap::new();
+        for k in 0..self.steps.len() {
+            if let Step::Run(p) = &mut self.steps[k] {
+                times.extend(p.profile(&env)?);
+            }
+            self.step(k, &mut env, &mut out)?;
+        }
+        Ok(times)
+    }
+}

@@ -221,3 +221,137 @@ fn a_rank_failing_mid_graph_releases_the_others() {
         "{err}"
     );
 }
+
+/// `w` (a per-rank weight of shape `[2, 4]`) → `reduce_scatter(w, axis 1)`, and a ring of
+/// point-to-point messages: each rank sends `w` to the next rank and receives the previous
+/// rank's.
+fn p2p_graph(rank: usize, world: usize) -> Graph {
+    let mut g = Graph::new();
+    let w = g
+        .add(
+            Op::Weight {
+                name: "w".into(),
+                shape: shape([2usize, 4]),
+            },
+            &[],
+        )
+        .unwrap();
+    let rs = g
+        .add(Op::Dist(DistOp::ReduceScatter { axis: 1, world }), &[w])
+        .unwrap();
+    let sent = g
+        .add(
+            Op::Dist(DistOp::Send {
+                peer: (rank + 1) % world,
+            }),
+            &[w],
+        )
+        .unwrap();
+    let got = g
+        .add(
+            Op::Dist(DistOp::Recv {
+                peer: (rank + world - 1) % world,
+            }),
+            &[w],
+        )
+        .unwrap();
+    g.set_output("scattered", rs);
+    g.set_output("sent", sent);
+    g.set_output("received", got);
+    g
+}
+
+fn rank_weight(rank: usize) -> Tensor {
+    Tensor::f32(vec![2, 4], (0..8).map(|i| (10 * rank + i) as f32).collect())
+}
+
+#[test]
+fn reduce_scatter_and_send_recv_on_cpu_ranks() {
+    let world = 2;
+    let comms = InProcessGroup::ranks(world, Duration::from_secs(10));
+    let ranks: Vec<Box<dyn Loaded>> = comms
+        .iter()
+        .enumerate()
+        .map(|(r, c)| {
+            let w: Weights = HashMap::from([("w".to_string(), Arc::new(rank_weight(r)))]);
+            CpuBackend::new()
+                .with_comm(c.clone())
+                .load(&p2p_graph(r, world), &w)
+                .unwrap()
+        })
+        .collect();
+    let mut tp = TpLoaded::new(ranks, comms);
+    let out = tp.run(&TensorMap::new(), &[]).unwrap();
+    // Rank 0 keeps columns 0..2 of the sum w₀ + w₁ (w₁ = w₀ + 10).
+    assert_eq!(out["scattered"].shape, vec![2, 2]);
+    assert_eq!(out["scattered"].as_f32().unwrap(), &[10., 12., 18., 20.]);
+    assert_eq!(out["sent"], rank_weight(0));
+    assert_eq!(out["received"], rank_weight(1));
+    let logs = tp.take_logs();
+    let kinds: Vec<_> = logs[0].iter().map(|c| (c.kind, c.elems)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (CollectiveKind::ReduceScatter, 8),
+            (CollectiveKind::Send, 8),
+            (CollectiveKind::Recv, 8)
+        ]
+    );
+}
+
+#[test]
+fn reduce_scatter_keeps_each_ranks_chunk() {
+    let comms = InProcessGroup::ranks(3, Duration::from_secs(10));
+    let parts: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let v: Vec<f32> = (0..6).map(|i| (i + c.rank()) as f32).collect();
+                    c.reduce_scatter_sum(&v).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Σ_r (i + r) = 3i + 3.
+    assert_eq!(parts, vec![vec![3., 6.], vec![9., 12.], vec![15., 18.]]);
+    // A length the world does not divide: an error naming the collective, no panic.
+    let comms = InProcessGroup::ranks(2, Duration::from_secs(10));
+    let err = comms[0].reduce_scatter_sum(&[1.0; 3]).unwrap_err();
+    assert!(err.to_string().contains("reduce_scatter"), "{err}");
+}
+
+#[test]
+fn recv_times_out_and_abort_releases_it() {
+    let comms = InProcessGroup::ranks(2, Duration::from_millis(200));
+    let err = comms[1].recv(0).unwrap_err().to_string();
+    assert!(err.contains("timed out") && err.contains("rank 0"), "{err}");
+    // Poisoned by the timeout: a later send fails at once.
+    let err = comms[0]
+        .send(1, Tensor::f32(vec![1], vec![1.0]))
+        .unwrap_err();
+    assert!(err.to_string().contains("timed out"), "{err}");
+    // An abort releases a waiting receiver before its (long) timeout.
+    let comms = InProcessGroup::ranks(2, Duration::from_secs(600));
+    std::thread::scope(|s| {
+        let c1 = comms[1].clone();
+        let h = s.spawn(move || c1.recv(0));
+        std::thread::sleep(Duration::from_millis(50));
+        comms[0].abort("stage 0 failed: injected");
+        let err = h.join().unwrap().unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+    });
+    // Messages arrive in order; a rank cannot address itself or a rank outside the group.
+    let comms = InProcessGroup::ranks(2, Duration::from_secs(10));
+    for i in 0..3 {
+        comms[0]
+            .send(1, Tensor::f32(vec![1], vec![i as f32]))
+            .unwrap();
+    }
+    for i in 0..3 {
+        assert_eq!(comms[1].recv(0).unwrap().as_f32().unwrap(), &[i as f32]);
+    }
+    assert!(comms[0].send(0, Tensor::f32(vec![], vec![0.0])).is_err());
+    assert!(comms[0].recv(5).is_err());
+}

@@ -269,9 +269,42 @@ fn dist(
     let out_shape = eval_shape(&node.shape, bindings)?;
     let single = SingleRank;
     let comm = comm.unwrap_or(&single);
+    if let DistOp::Send { peer } | DistOp::Recv { peer } = d {
+        if peer >= comm.world() || peer == comm.rank() {
+            return Err(op_err(
+                id,
+                node,
+                format!(
+                    "rank {} cannot exchange with rank {peer} in a group of {}",
+                    comm.rank(),
+                    comm.world()
+                ),
+            ));
+        }
+        if let DistOp::Send { .. } = d {
+            comm.send(peer, x.clone())?;
+            return Ok(Arc::new(x.clone()));
+        }
+        let t = comm.recv(peer)?;
+        if t.shape != out_shape || t.dtype() != x.dtype() {
+            return Err(op_err(
+                id,
+                node,
+                format!(
+                    "received {:?} {} from rank {peer}, expected {out_shape:?} {}",
+                    t.shape,
+                    t.dtype(),
+                    x.dtype()
+                ),
+            ));
+        }
+        return Ok(Arc::new(t));
+    }
     let world = match d {
-        DistOp::AllReduce => comm.world(),
-        DistOp::AllGather { world, .. } | DistOp::Shard { world, .. } => world,
+        DistOp::AllReduce | DistOp::Send { .. } | DistOp::Recv { .. } => comm.world(),
+        DistOp::AllGather { world, .. }
+        | DistOp::Shard { world, .. }
+        | DistOp::ReduceScatter { world, .. } => world,
     };
     if world != comm.world() {
         return Err(op_err(
@@ -320,7 +353,25 @@ fn dist(
             }
             v
         }
-        DistOp::Shard { .. } => unreachable!("returned above"),
+        DistOp::ReduceScatter { axis, .. } => {
+            // Rank r's chunk along `axis` made contiguous, in rank order, so the
+            // communicator's flat chunks are the ranks' slices.
+            let outer: usize = x.shape[..axis].iter().product();
+            let len = x.shape[axis];
+            let inner: usize = x.shape[axis + 1..].iter().product();
+            let chunk = len / world * inner;
+            let mut v = Vec::with_capacity(data.len());
+            for r in 0..world {
+                for o in 0..outer {
+                    let at = o * len * inner + r * chunk;
+                    v.extend_from_slice(&data[at..at + chunk]);
+                }
+            }
+            comm.reduce_scatter_sum(&v)?
+        }
+        DistOp::Shard { .. } | DistOp::Send { .. } | DistOp::Recv { .. } => {
+            unreachable!("returned above")
+        }
     };
     Ok(Arc::new(Tensor::f32(out_shape, out)))
 }
