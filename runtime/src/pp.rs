@@ -66,6 +66,8 @@ pub fn slice_axis(t: &Tensor, axis: usize, from: usize, to: usize) -> Tensor {
         Data::F32(v) => Data::F32(pick(v, outer, len, inner, from, to)),
         Data::I64(v) => Data::I64(pick(v, outer, len, inner, from, to)),
         Data::Bool(v) => Data::Bool(pick(v, outer, len, inner, from, to)),
+        Data::F16(v) => Data::F16(pick(v, outer, len, inner, from, to)),
+        Data::BF16(v) => Data::BF16(pick(v, outer, len, inner, from, to)),
     };
     let mut shape = t.shape.clone();
     shape[axis] = to - from;
@@ -100,37 +102,25 @@ pub fn concat_axis(parts: &[Tensor], axis: usize) -> Result<Tensor, RuntimeError
         out
     }
     let lens: Vec<usize> = parts.iter().map(|p| p.shape[axis]).collect();
+    // One arm per element type: every part must hold the first part's type.
+    macro_rules! joined {
+        ($variant:ident) => {{
+            let vs = parts
+                .iter()
+                .map(|p| match &p.data {
+                    Data::$variant(v) => Ok(v),
+                    _ => Err(bad()),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Data::$variant(join(&vs, &lens, outer, inner))
+        }};
+    }
     let data = match &first.data {
-        Data::F32(_) => {
-            let vs: Vec<&Vec<f32>> = parts
-                .iter()
-                .map(|p| match &p.data {
-                    Data::F32(v) => Ok(v),
-                    _ => Err(bad()),
-                })
-                .collect::<Result<_, _>>()?;
-            Data::F32(join(&vs, &lens, outer, inner))
-        }
-        Data::I64(_) => {
-            let vs: Vec<&Vec<i64>> = parts
-                .iter()
-                .map(|p| match &p.data {
-                    Data::I64(v) => Ok(v),
-                    _ => Err(bad()),
-                })
-                .collect::<Result<_, _>>()?;
-            Data::I64(join(&vs, &lens, outer, inner))
-        }
-        Data::Bool(_) => {
-            let vs: Vec<&Vec<bool>> = parts
-                .iter()
-                .map(|p| match &p.data {
-                    Data::Bool(v) => Ok(v),
-                    _ => Err(bad()),
-                })
-                .collect::<Result<_, _>>()?;
-            Data::Bool(join(&vs, &lens, outer, inner))
-        }
+        Data::F32(_) => joined!(F32),
+        Data::I64(_) => joined!(I64),
+        Data::Bool(_) => joined!(Bool),
+        Data::F16(_) => joined!(F16),
+        Data::BF16(_) => joined!(BF16),
     };
     Ok(Tensor { shape, data })
 }
