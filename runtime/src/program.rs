@@ -51,15 +51,18 @@ struct Held<B> {
 
 /// A kernel as compiled for the device: the module, and per parameter the plan buffer and
 /// chunk bound to it (chunk 0 unless the buffer is split).
-struct Compiled<M> {
+struct Compiled<M, B> {
     module: M,
     name: String,
     binds: Vec<(String, usize)>,
     grid_strided: [bool; 3],
+    /// Its buffers as bound for the last launch ([`Device::bind`]), reused while the buffers
+    /// stay the same.
+    bound: std::sync::Mutex<Option<B>>,
 }
 
 /// A plan kernel compiled: the main kernel and its decode variant.
-type MainAndDecode<M> = (Compiled<M>, Option<Compiled<M>>);
+type MainAndDecode<M, B> = (Compiled<M, B>, Option<Compiled<M, B>>);
 
 /// A carried tensor: its buffer, shape and dtype.
 type Carried<B> = (Held<B>, Vec<usize>, DType);
@@ -89,7 +92,7 @@ pub struct Program<D: Device> {
     graph: Graph,
     plan: Plan,
     /// Per plan kernel: the compiled main kernel and its decode variant.
-    compiled: Vec<MainAndDecode<D::Module>>,
+    compiled: Vec<MainAndDecode<D::Module, D::Bound>>,
     /// Resident buffers split into chunks: buffer → (elements, elements per chunk).
     splits: HashMap<String, (u32, u32)>,
     /// Weights, derived weights, constants: one buffer, or several chunks when split.
@@ -99,7 +102,7 @@ pub struct Program<D: Device> {
     /// Activations over the largest binding this call, as chunk buffers by plan buffer name.
     big: HashMap<String, Vec<Held<D::Buffer>>>,
     /// Kernels compiled for the chunk counts of such activations.
-    chunked: std::sync::Mutex<HashMap<ChunkKey, Compiled<D::Module>>>,
+    chunked: std::sync::Mutex<HashMap<ChunkKey, Compiled<D::Module, D::Bound>>>,
     /// Input and output buffers by plan buffer name.
     io: HashMap<String, Held<D::Buffer>>,
     /// Carried tensors by graph input name: buffer and shape.
@@ -115,7 +118,7 @@ pub struct Program<D: Device> {
     /// The shape bucket the forward kernels' tunables were chosen for.
     bucket: Option<Bindings>,
     /// Compiled kernels of other buckets, by entry name (switching back compiles nothing).
-    spare: HashMap<String, Compiled<D::Module>>,
+    spare: HashMap<String, Compiled<D::Module, D::Bound>>,
     tuning_use: Option<TuningUse>,
 }
 
@@ -424,7 +427,7 @@ impl<D: Device> Program<D> {
         &mut self,
         kernel: &transfuse_codegen::kir::Kernel,
         bindings: &[String],
-    ) -> Result<Compiled<D::Module>, RuntimeError> {
+    ) -> Result<Compiled<D::Module, D::Bound>, RuntimeError> {
         match self.spare.remove(&kernel.name) {
             Some(c) => Ok(c),
             None => Self::compile(&self.dev, kernel, bindings, &self.splits),
@@ -475,7 +478,7 @@ impl<D: Device> Program<D> {
         kernel: &transfuse_codegen::kir::Kernel,
         bindings: &[String],
         splits: &HashMap<String, (u32, u32)>,
-    ) -> Result<Compiled<D::Module>, RuntimeError> {
+    ) -> Result<Compiled<D::Module, D::Bound>, RuntimeError> {
         let info = dev.info();
         let mut k = kernel.clone();
         let mut binds = vec![];
@@ -510,6 +513,7 @@ impl<D: Device> Program<D> {
             name: k.name.clone(),
             binds,
             grid_strided: [0u8, 1, 2].map(|a| grid_strided(&k, a)),
+            bound: std::sync::Mutex::new(None),
         })
     }
 
@@ -738,7 +742,7 @@ impl<D: Device> Program<D> {
     /// Launches a compiled kernel, resolving its bindings through `places`.
     fn launch_with(
         &self,
-        c: &Compiled<D::Module>,
+        c: &Compiled<D::Module, D::Bound>,
         places: &HashMap<&str, Place>,
         uniforms: &[u32],
         grid: [u32; 3],
@@ -757,7 +761,13 @@ impl<D: Device> Program<D> {
             };
             bufs.push(b);
         }
-        self.dev.launch(&c.module, &bufs, uniforms, grid)
+        let mut bound = c.bound.lock().unwrap_or_else(|p| p.into_inner());
+        let reuse = matches!(&*bound, Some(b) if self.dev.bound_to(b, &c.module, &bufs));
+        if !reuse {
+            *bound = Some(self.dev.bind(&c.module, &bufs)?);
+        }
+        let b = bound.as_ref().expect("bound above");
+        self.dev.launch_bound(&c.module, b, uniforms, grid)
     }
 
     fn io_buffer(&self, buffer: &str) -> Result<&D::Buffer, RuntimeError> {
