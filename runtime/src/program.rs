@@ -8,12 +8,14 @@
 //!
 //! 1. binds the symbolic dims from the inputs' shapes (carried tensors included);
 //! 2. checks gathered ids against their tables (the kernels clamp; the error is here);
-//! 3. plans the temporaries ([`crate::memory`]) for those dims, growing slot buffers when a
-//!    plan needs more than they hold (with 25 % headroom, so a growing KV cache does not
-//!    reallocate every step);
+//! 3. plans the temporaries ([`crate::memory`]) for those dims (the last call's plan when the
+//!    dims repeat), growing slot buffers when a plan needs more than they hold (with 25 %
+//!    headroom, so a growing KV cache does not reallocate every step);
 //! 4. uploads the inputs (f32 → the plan's storage type, i64 → i32, bool → u32) and launches the
 //!    forward kernels in order with the uniforms and grid [`Plan::launch_args`] gives; an
-//!    attention kernel with a decode variant launches it when the query length is 1;
+//!    attention kernel with a decode variant launches it when the query length is 1. Each
+//!    compiled kernel keeps its buffers bound ([`Device::bind`]: a bind group on wgpu) and binds
+//!    again only when one of its buffers changed (a slot grew, an output was carried);
 //! 5. reads the outputs back, except carried ones: those stay on the device and become inputs
 //!    of the next call (the buffer they replace is reused for the next output).
 //!
@@ -79,6 +81,15 @@ enum Place {
 /// A kernel compiled with some activations split: (plan kernel, decode, (buffer, chunks)…).
 type ChunkKey = (usize, bool, Vec<(String, u32)>);
 
+/// The temporaries' placement at some dims (see `Program::temp_plan`).
+struct TempPlan {
+    /// Slot or `Big` of each temporary.
+    places: HashMap<String, Place>,
+    plan: memory::MemoryPlan,
+    /// Temporaries over the largest binding: name, elements, storage type.
+    big: Vec<(String, u64, Elem)>,
+}
+
 /// A gather whose ids come straight from a graph input: checked on the host before a call.
 struct IdCheck {
     node: NodeId,
@@ -109,6 +120,8 @@ pub struct Program<D: Device> {
     carried: HashMap<String, Carried<D::Buffer>>,
     id_checks: Vec<IdCheck>,
     last_memory: Option<MemoryReport>,
+    /// The memory plan of the last call's dims, reused while they repeat.
+    temp_plan: Option<(Bindings, Arc<TempPlan>)>,
     /// What the plan was lowered with (re-lowered per shape bucket).
     lopts: LowerOptions,
     /// The device's tuning cache (None with `--no-cache` or when it cannot be opened).
@@ -117,6 +130,9 @@ pub struct Program<D: Device> {
     cache_note: String,
     /// The shape bucket the forward kernels' tunables were chosen for.
     bucket: Option<Bindings>,
+    /// The plan lowered for each shape bucket seen (by its dims string), with its tuning
+    /// sites and how many came from the cache.
+    lowered: HashMap<String, Arc<(Plan, usize, usize)>>,
     /// Compiled kernels of other buckets, by entry name (switching back compiles nothing).
     spare: HashMap<String, Compiled<D::Module, D::Bound>>,
     tuning_use: Option<TuningUse>,
@@ -328,10 +344,12 @@ impl<D: Device> Program<D> {
             io: HashMap::new(),
             carried: HashMap::new(),
             last_memory: None,
+            temp_plan: None,
             cache,
             cache_note,
             bucket: None,
             spare: HashMap::new(),
+            lowered: HashMap::new(),
             tuning_use: None,
         };
         p.upload_persistent(weights)?;
@@ -344,8 +362,8 @@ impl<D: Device> Program<D> {
     }
 
     /// Chooses the forward kernels' tunables for the shape bucket of `dims` (each dim rounded
-    /// up to a power of two): the plan is lowered again with the shape-aware defaults of the
-    /// bucket and the tuning cache's entries, and the kernels whose code changed are swapped in
+    /// up to a power of two): the plan is lowered again (once per bucket, then remembered) with
+    /// the shape-aware defaults of the bucket and the tuning cache's entries, and the kernels whose code changed are swapped in
     /// (compiled once per bucket; kernels of an earlier bucket are kept). Nothing happens while
     /// the bucket stays the same. A plan whose structure changed (it never should: tunables
     /// only change how a kernel computes) is not used.
@@ -354,21 +372,34 @@ impl<D: Device> Program<D> {
         if self.bucket.as_ref() == Some(&bucket) {
             return Ok(());
         }
-        let chooser = self.cache.as_ref().map(|c| tune::CacheChooser {
-            cache: c,
-            elem: self.lopts.elem,
-            dims: bucket.clone(),
-        });
-        let mut t = Tuning::at(
-            bucket.clone(),
-            chooser.as_ref().map(|c| c as &dyn lower::tuning::Chooser),
-        );
-        t.fixed_defaults = tune::fixed_defaults();
-        let plan = lower::lower_tuned(&self.graph, &self.lopts, &t)?;
-        let sites = t.sites();
-        drop(chooser);
+        // Each bucket is lowered once per program: decoding crosses a bucket at every power of
+        // two of `past`, and generating alternates the prompt's bucket with the steps'.
+        let key = tune::dims_string(&bucket);
+        let lowered = match self.lowered.get(&key) {
+            Some(l) => l.clone(),
+            None => {
+                let chooser = self.cache.as_ref().map(|c| tune::CacheChooser {
+                    cache: c,
+                    elem: self.lopts.elem,
+                    dims: bucket.clone(),
+                });
+                let mut t = Tuning::at(
+                    bucket.clone(),
+                    chooser.as_ref().map(|c| c as &dyn lower::tuning::Chooser),
+                );
+                t.fixed_defaults = tune::fixed_defaults();
+                let plan = lower::lower_tuned(&self.graph, &self.lopts, &t)?;
+                let sites = t.sites();
+                drop(chooser);
+                let from_cache = sites.iter().filter(|s| s.from_chooser).count();
+                let l = Arc::new((plan, sites.len(), from_cache));
+                self.lowered.insert(key, l.clone());
+                l
+            }
+        };
+        let (plan, sites, from_cache) = (&lowered.0, lowered.1, lowered.2);
         self.bucket = Some(bucket.clone());
-        if !same_structure(&self.plan, &plan) {
+        if !same_structure(&self.plan, plan) {
             tracing::warn!(
                 "tunables for {} changed the plan's structure: kept the load-time kernels",
                 tune::dims_string(&bucket)
@@ -408,14 +439,12 @@ impl<D: Device> Program<D> {
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
         }
-        let from_cache = sites.iter().filter(|s| s.from_chooser).count();
         tracing::debug!(
-            "bucket {}: {} tuning sites, {from_cache} from the cache, {swapped} kernels swapped",
+            "bucket {}: {sites} tuning sites, {from_cache} from the cache, {swapped} kernels swapped",
             tune::dims_string(&bucket),
-            sites.len()
         );
         self.tuning_use = Some(TuningUse {
-            sites: sites.len(),
+            sites,
             from_cache,
             cache: self.cache_note.clone(),
         });
@@ -826,27 +855,9 @@ impl<D: Device> Program<D> {
         Ok(())
     }
 
-    /// Everything up to the launches: dims, memory plan, uploads. Returns the dims and places.
-    fn prepare_call(
-        &mut self,
-        inputs: &TensorMap,
-    ) -> Result<(Bindings, HashMap<String, Place>), RuntimeError> {
-        let declared: Vec<(&str, &[transfuse_ir::Dim], DType)> = self
-            .graph
-            .inputs()
-            .into_iter()
-            .map(|(n, s, d)| (n, s.as_slice(), d))
-            .collect();
-        let carried = &self.carried;
-        let dims = bind_shapes(&declared, &|name| {
-            inputs
-                .get(name)
-                .map(|t| (t.shape.clone(), t.dtype()))
-                .or_else(|| carried.get(name).map(|(_, s, d)| (s.clone(), *d)))
-        })?;
-        self.check_ids(inputs)?;
-        self.retune(&dims)?;
-        // Sizes and live ranges.
+    /// Where the temporaries of the forward kernels live at `dims`: their sizes and live
+    /// ranges, the slot plan, and those over the largest binding.
+    fn temp_plan(&self, dims: &Bindings) -> Result<TempPlan, RuntimeError> {
         let mut places: HashMap<String, Place> = HashMap::new();
         let mut temps: Vec<(String, Interval)> = vec![];
         let mut index: HashMap<&str, usize> = HashMap::new();
@@ -872,7 +883,7 @@ impl<D: Device> Program<D> {
                     Some(&t) => temps[t].1.last = ki,
                     None if places.contains_key(name) => {}
                     None => {
-                        let n = b.len().eval_usize(&dims)? as u64;
+                        let n = b.len().eval_usize(dims)? as u64;
                         let bytes = n * u64::from(elem_bytes(b.elem));
                         if bytes > self.dev.info().max_binding_bytes {
                             big.push((name.clone(), n, b.elem));
@@ -894,6 +905,47 @@ impl<D: Device> Program<D> {
         }
         let intervals: Vec<Interval> = temps.iter().map(|t| t.1.clone()).collect();
         let mp = memory::plan(&intervals);
+        for ((name, _), &s) in temps.iter().zip(&mp.slot_of) {
+            places.insert(name.clone(), Place::Slot(s));
+        }
+        Ok(TempPlan {
+            places,
+            plan: mp,
+            big,
+        })
+    }
+
+    /// Everything up to the launches: dims, memory plan, uploads. Returns the dims and places.
+    fn prepare_call(
+        &mut self,
+        inputs: &TensorMap,
+    ) -> Result<(Bindings, HashMap<String, Place>), RuntimeError> {
+        let declared: Vec<(&str, &[transfuse_ir::Dim], DType)> = self
+            .graph
+            .inputs()
+            .into_iter()
+            .map(|(n, s, d)| (n, s.as_slice(), d))
+            .collect();
+        let carried = &self.carried;
+        let dims = bind_shapes(&declared, &|name| {
+            inputs
+                .get(name)
+                .map(|t| (t.shape.clone(), t.dtype()))
+                .or_else(|| carried.get(name).map(|(_, s, d)| (s.clone(), *d)))
+        })?;
+        self.check_ids(inputs)?;
+        self.retune(&dims)?;
+        // The memory plan of these dims (the last call's when they repeat).
+        let tp = match &self.temp_plan {
+            Some((d, tp)) if *d == dims => tp.clone(),
+            _ => {
+                let tp = Arc::new(self.temp_plan(&dims)?);
+                self.temp_plan = Some((dims.clone(), tp.clone()));
+                tp
+            }
+        };
+        let (mut places, mp) = (tp.places.clone(), &tp.plan);
+        let big = &tp.big;
         for (s, &bytes) in mp.slots.iter().enumerate() {
             if s == self.slots.len() {
                 self.slots
@@ -902,11 +954,8 @@ impl<D: Device> Program<D> {
                 self.slots[s] = Self::ensure(&self.dev, None, bytes, &format!("slot{s}"))?;
             }
         }
-        for ((name, _), &s) in temps.iter().zip(&mp.slot_of) {
-            places.insert(name.clone(), Place::Slot(s));
-        }
         let mut big_bytes = 0;
-        for (name, n, elem) in &big {
+        for (name, n, elem) in big {
             self.ensure_chunks(name, *n, *elem)?;
             big_bytes += n * u64::from(elem_bytes(*elem));
         }
