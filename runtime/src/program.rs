@@ -103,7 +103,8 @@ pub struct Program<D: Device> {
     graph: Graph,
     plan: Plan,
     /// Per plan kernel: the compiled main kernel and its decode variant.
-    compiled: Vec<MainAndDecode<D::Module, D::Bound>>,
+    /// None until the first call compiles it (see [`Program::new`]).
+    compiled: Vec<Option<MainAndDecode<D::Module, D::Bound>>>,
     /// Resident buffers split into chunks: buffer → (elements, elements per chunk).
     splits: HashMap<String, (u32, u32)>,
     /// Weights, derived weights, constants: one buffer, or several chunks when split.
@@ -319,14 +320,27 @@ impl<D: Device> Program<D> {
             }
         };
         let splits = Self::splits(&plan, &info)?;
+        // Prepare kernels are compiled now (they run at load); forward kernels at the first
+        // call, with the tunables of its shape bucket (compiling the load-time defaults too
+        // would compile most kernels twice before the first result). Their binding counts are
+        // checked now, so a plan the device cannot run fails to load.
         let mut compiled = Vec::with_capacity(plan.kernels.len());
         for k in &plan.kernels {
+            let variants = std::iter::once((&k.gen.kernel, &k.bindings))
+                .chain(k.decode.as_deref().map(|v| (&v.gen.kernel, &v.bindings)));
+            if k.phase == Phase::Forward {
+                for (kernel, bindings) in variants {
+                    Self::split_for(&info, kernel, bindings, &splits)?;
+                }
+                compiled.push(None);
+                continue;
+            }
             let main = Self::compile(&dev, &k.gen.kernel, &k.bindings, &splits)?;
             let decode = match &k.decode {
                 Some(v) => Some(Self::compile(&dev, &v.gen.kernel, &v.bindings, &splits)?),
                 None => None,
             };
-            compiled.push((main, decode));
+            compiled.push(Some((main, decode)));
         }
         let mut p = Program {
             dev,
@@ -398,12 +412,13 @@ impl<D: Device> Program<D> {
             }
         };
         let (plan, sites, from_cache) = (&lowered.0, lowered.1, lowered.2);
-        self.bucket = Some(bucket.clone());
         if !same_structure(&self.plan, plan) {
             tracing::warn!(
                 "tunables for {} changed the plan's structure: kept the load-time kernels",
                 tune::dims_string(&bucket)
             );
+            self.compile_missing()?;
+            self.bucket = Some(bucket);
             return Ok(());
         }
         let mut swapped = 0;
@@ -411,10 +426,26 @@ impl<D: Device> Program<D> {
             if plan.kernels[i].phase != Phase::Forward {
                 continue;
             }
+            if self.compiled[i].is_none() {
+                // First call: the bucket's kernels directly.
+                let k = &plan.kernels[i];
+                let main = self.compiled_for(&k.gen.kernel, &k.bindings)?;
+                let decode = match &k.decode {
+                    Some(v) => Some(self.compiled_for(&v.gen.kernel, &v.bindings)?),
+                    None => None,
+                };
+                self.compiled[i] = Some((main, decode));
+                self.plan.kernels[i].gen = k.gen.clone();
+                if let (Some(nv), Some(ov)) = (&k.decode, self.plan.kernels[i].decode.as_mut()) {
+                    ov.gen = nv.gen.clone();
+                }
+                continue;
+            }
             if plan.kernels[i].entry() != self.plan.kernels[i].entry() {
                 let new =
                     self.compiled_for(&plan.kernels[i].gen.kernel, &plan.kernels[i].bindings)?;
-                let old = std::mem::replace(&mut self.compiled[i].0, new);
+                let compiled = self.compiled[i].as_mut().expect("compiled above");
+                let old = std::mem::replace(&mut compiled.0, new);
                 self.spare.insert(old.name.clone(), old);
                 self.plan.kernels[i].gen = plan.kernels[i].gen.clone();
                 swapped += 1;
@@ -422,7 +453,8 @@ impl<D: Device> Program<D> {
             if let (Some(nv), Some(ov)) = (&plan.kernels[i].decode, &self.plan.kernels[i].decode) {
                 if nv.gen.kernel.name != ov.gen.kernel.name {
                     let new = self.compiled_for(&nv.gen.kernel, &nv.bindings)?;
-                    if let Some(old) = self.compiled[i].1.replace(new) {
+                    let compiled = self.compiled[i].as_mut().expect("compiled above");
+                    if let Some(old) = compiled.1.replace(new) {
                         self.spare.insert(old.name.clone(), old);
                     }
                     let gen = nv.gen.clone();
@@ -433,6 +465,8 @@ impl<D: Device> Program<D> {
                 }
             }
         }
+        // Set last: a call that failed above tries this bucket again.
+        self.bucket = Some(bucket.clone());
         if swapped > 0 {
             self.chunked
                 .lock()
@@ -448,6 +482,28 @@ impl<D: Device> Program<D> {
             from_cache,
             cache: self.cache_note.clone(),
         });
+        Ok(())
+    }
+
+    /// Compiles the forward kernels not compiled yet, as the load-time plan has them.
+    fn compile_missing(&mut self) -> Result<(), RuntimeError> {
+        for i in 0..self.plan.kernels.len() {
+            if self.compiled[i].is_some() {
+                continue;
+            }
+            let k = &self.plan.kernels[i];
+            let main = Self::compile(&self.dev, &k.gen.kernel, &k.bindings, &self.splits)?;
+            let decode = match &k.decode {
+                Some(v) => Some(Self::compile(
+                    &self.dev,
+                    &v.gen.kernel,
+                    &v.bindings,
+                    &self.splits,
+                )?),
+                None => None,
+            };
+            self.compiled[i] = Some((main, decode));
+        }
         Ok(())
     }
 
@@ -508,7 +564,26 @@ impl<D: Device> Program<D> {
         bindings: &[String],
         splits: &HashMap<String, (u32, u32)>,
     ) -> Result<Compiled<D::Module, D::Bound>, RuntimeError> {
-        let info = dev.info();
+        let (k, binds) = Self::split_for(dev.info(), kernel, bindings, splits)?;
+        Ok(Compiled {
+            module: dev.compile(&k)?,
+            name: k.name.clone(),
+            binds,
+            grid_strided: [0u8, 1, 2].map(|a| grid_strided(&k, a)),
+            bound: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// `kernel` with its split parameters rewritten into chunks, and the (plan buffer, chunk)
+    /// bound to each of its parameters; an error when it binds more storage buffers than the
+    /// device allows.
+    #[allow(clippy::type_complexity)]
+    fn split_for(
+        info: &DeviceInfo,
+        kernel: &transfuse_codegen::kir::Kernel,
+        bindings: &[String],
+        splits: &HashMap<String, (u32, u32)>,
+    ) -> Result<(transfuse_codegen::kir::Kernel, Vec<(String, usize)>), RuntimeError> {
         let mut k = kernel.clone();
         let mut binds = vec![];
         for (param, buf) in kernel.buffers.iter().zip(bindings) {
@@ -537,13 +612,7 @@ impl<D: Device> Program<D> {
                 ),
             ));
         }
-        Ok(Compiled {
-            module: dev.compile(&k)?,
-            name: k.name.clone(),
-            binds,
-            grid_strided: [0u8, 1, 2].map(|a| grid_strided(&k, a)),
-            bound: std::sync::Mutex::new(None),
-        })
+        Ok((k, binds))
     }
 
     /// Elements per chunk of a split tensor of `elem` (a multiple of 64 that fits a binding).
@@ -716,8 +785,14 @@ impl<D: Device> Program<D> {
     ) -> Result<(), RuntimeError> {
         let decode = self.plan.use_decode(i, dims)?;
         let c = match &self.compiled[i] {
-            (_, Some(d)) if decode => d,
-            (m, _) => m,
+            Some((_, Some(d))) if decode => d,
+            Some((m, _)) => m,
+            None => {
+                return Err(dev_err(
+                    self.backend(),
+                    format!("kernel {i} was launched before it was compiled"),
+                ))
+            }
         };
         let (uniforms, mut grid) = self.plan.launch_args_for(i, decode, dims)?;
         let max = self.dev.info().max_grid;
