@@ -63,6 +63,12 @@ struct Compiled<M, B> {
     bound: std::sync::Mutex<Option<B>>,
 }
 
+/// Per kernel parameter: the plan buffer and chunk bound to it.
+type Binds = Vec<(String, usize)>;
+
+/// A kernel compiled for device `D`.
+type DevCompiled<D> = Compiled<<D as Device>::Module, <D as Device>::Bound>;
+
 /// A plan kernel compiled: the main kernel and its decode variant.
 type MainAndDecode<M, B> = (Compiled<M, B>, Option<Compiled<M, B>>);
 
@@ -114,7 +120,7 @@ pub struct Program<D: Device> {
     /// Activations over the largest binding this call, as chunk buffers by plan buffer name.
     big: HashMap<String, Vec<Held<D::Buffer>>>,
     /// Kernels compiled for the chunk counts of such activations.
-    chunked: std::sync::Mutex<HashMap<ChunkKey, Compiled<D::Module, D::Bound>>>,
+    chunked: std::sync::Mutex<HashMap<ChunkKey, DevCompiled<D>>>,
     /// Input and output buffers by plan buffer name.
     io: HashMap<String, Held<D::Buffer>>,
     /// Carried tensors by graph input name: buffer and shape.
@@ -577,13 +583,12 @@ impl<D: Device> Program<D> {
     /// `kernel` with its split parameters rewritten into chunks, and the (plan buffer, chunk)
     /// bound to each of its parameters; an error when it binds more storage buffers than the
     /// device allows.
-    #[allow(clippy::type_complexity)]
     fn split_for(
         info: &DeviceInfo,
         kernel: &transfuse_codegen::kir::Kernel,
         bindings: &[String],
         splits: &HashMap<String, (u32, u32)>,
-    ) -> Result<(transfuse_codegen::kir::Kernel, Vec<(String, usize)>), RuntimeError> {
+    ) -> Result<(transfuse_codegen::kir::Kernel, Binds), RuntimeError> {
         let mut k = kernel.clone();
         let mut binds = vec![];
         for (param, buf) in kernel.buffers.iter().zip(bindings) {
