@@ -1569,8 +1569,10 @@ fn wgpu_many_launches_keep_their_own_uniforms() {
         let (uniforms, grid) = plan.launch_args_for(ki, false, &dims).unwrap();
         assert!(!uniforms.is_empty(), "`n` is a uniform");
         dev.launch_bound(&m, &bound[src], &uniforms, grid).unwrap();
-        for i in 0..n {
-            host[1 - src][i] = host[src][i] + 1.0;
+        let [a, b] = &mut host;
+        let (from, to) = if src == 0 { (a, b) } else { (b, a) };
+        for (t, f) in to.iter_mut().zip(from.iter()).take(n) {
+            *t = f + 1.0;
         }
     }
     for (buf, want) in bufs.iter().zip(&host) {
