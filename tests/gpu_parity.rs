@@ -142,6 +142,7 @@ struct Limited<D: Device> {
 impl<D: Device> Device for Limited<D> {
     type Buffer = D::Buffer;
     type Module = D::Module;
+    type Bound = D::Bound;
     fn info(&self) -> &DeviceInfo {
         &self.info
     }
@@ -157,14 +158,20 @@ impl<D: Device> Device for Limited<D> {
     fn compile(&self, k: &Kernel) -> Result<D::Module, RuntimeError> {
         self.inner.compile(k)
     }
-    fn launch(
+    fn bind(&self, m: &D::Module, bufs: &[&D::Buffer]) -> Result<D::Bound, RuntimeError> {
+        self.inner.bind(m, bufs)
+    }
+    fn bound_to(&self, b: &D::Bound, m: &D::Module, bufs: &[&D::Buffer]) -> bool {
+        self.inner.bound_to(b, m, bufs)
+    }
+    fn launch_bound(
         &self,
         m: &D::Module,
-        bufs: &[&D::Buffer],
+        b: &D::Bound,
         uniforms: &[u32],
         grid: [u32; 3],
     ) -> Result<(), RuntimeError> {
-        self.inner.launch(m, bufs, uniforms, grid)
+        self.inner.launch_bound(m, b, uniforms, grid)
     }
     fn sync(&self) -> Result<(), RuntimeError> {
         self.inner.sync()

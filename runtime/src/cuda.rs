@@ -50,7 +50,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::result as cu;
 use cudarc::driver::{
     sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError,
-    LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use transfuse_codegen::kernels::Limits;
@@ -474,6 +473,7 @@ fn pad4(bytes: u64) -> u64 {
 impl Device for CudaDevice {
     type Buffer = CudaBuffer;
     type Module = CudaKernel;
+    type Bound = CudaBound;
 
     fn info(&self) -> &DeviceInfo {
         &self.info
@@ -592,10 +592,32 @@ impl Device for CudaDevice {
         })
     }
 
-    fn launch(
+    fn bind(&self, m: &CudaKernel, bufs: &[&CudaBuffer]) -> Result<CudaBound, RuntimeError> {
+        if bufs.len() != m.buffers {
+            crate::device::check_launch_args(
+                BACKEND,
+                &m.name,
+                (m.buffers, m.uniforms),
+                bufs.len(),
+                m.uniforms,
+            )?;
+        }
+        Ok(CudaBound {
+            func: m.func.cu_function(),
+            ptrs: bufs.iter().map(|b| self.ptr(b)).collect(),
+        })
+    }
+
+    fn bound_to(&self, b: &CudaBound, m: &CudaKernel, bufs: &[&CudaBuffer]) -> bool {
+        b.func == m.func.cu_function()
+            && b.ptrs.len() == bufs.len()
+            && b.ptrs.iter().zip(bufs).all(|(&p, q)| p == self.ptr(q))
+    }
+
+    fn launch_bound(
         &self,
         m: &CudaKernel,
-        bufs: &[&CudaBuffer],
+        b: &CudaBound,
         uniforms: &[u32],
         grid: [u32; 3],
     ) -> Result<(), RuntimeError> {
@@ -603,35 +625,52 @@ impl Device for CudaDevice {
             BACKEND,
             &m.name,
             (m.buffers, m.uniforms),
-            bufs.len(),
+            b.ptrs.len(),
             uniforms.len(),
         )?;
+        if b.func != m.func.cu_function() {
+            return Err(err(format!(
+                "kernel `{}` launched with arguments bound for another kernel",
+                m.name
+            )));
+        }
         if grid.contains(&0) {
             return Ok(());
         }
-        let cfg = LaunchConfig {
-            grid_dim: (grid[0], grid[1], grid[2]),
-            block_dim: (m.block[0], m.block[1], m.block[2]),
-            shared_mem_bytes: 0,
-        };
         {
             let mut timer = self.timer.lock().expect("timer");
             if matches!(*timer, Timer::Armed) {
                 *timer = Timer::Running(self.event("starting the timer")?);
             }
         }
-        let mut args = self.stream.launch_builder(&m.func);
-        for b in bufs {
-            args.arg(&b.slice);
-        }
-        for u in uniforms {
-            args.arg(u);
-        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| err(format!("launching kernel `{}`: {}", m.name, drv(&e))))?;
+        // The argument values, then a pointer to each (cuLaunchKernel's `kernelParams`).
+        let mut ptrs = b.ptrs.clone();
+        let mut words = uniforms.to_vec();
+        let mut params: Vec<*mut std::ffi::c_void> = ptrs
+            .iter_mut()
+            .map(|p| (p as *mut sys::CUdeviceptr).cast())
+            .chain(words.iter_mut().map(|w| (w as *mut u32).cast()))
+            .collect();
         // SAFETY: the function was printed from a kernel whose parameters are exactly its
         // buffers as pointers, in order, then its uniforms as `unsigned int`; the counts were
-        // checked above, and every pointer is a live allocation of this context. The executor
-        // sizes each buffer for the kernel's indexing under these uniforms.
-        unsafe { args.launch(cfg) }.map_err(|e| {
+        // checked above. The pointers were taken by `bind` from buffers the executor confirmed
+        // with `bound_to` just before and keeps alive; every launch is on this one stream, so
+        // cudarc's cross-stream event tracking has nothing to order. `params` and the values
+        // it points to outlive the call (the driver copies them at launch).
+        unsafe {
+            cu::launch_kernel(
+                m.func.cu_function(),
+                (grid[0], grid[1], grid[2]),
+                (m.block[0], m.block[1], m.block[2]),
+                0,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| {
             err(format!(
                 "launching kernel `{}` (grid {grid:?}, block {:?}): {}",
                 m.name,
@@ -677,7 +716,24 @@ impl Device for CudaDevice {
     }
 }
 
+/// A kernel's arguments bound once ([`Device::bind`]): its function and the device pointers of
+/// its buffers, in order.
+pub struct CudaBound {
+    func: sys::CUfunction,
+    ptrs: Vec<sys::CUdeviceptr>,
+}
+
+// SAFETY: a `CUfunction` is a driver handle, usable from any thread once its context is
+// current (every use binds it first); the pointers are plain device addresses.
+unsafe impl Send for CudaBound {}
+
 impl CudaDevice {
+    /// The device address of `buf`.
+    fn ptr(&self, buf: &CudaBuffer) -> sys::CUdeviceptr {
+        let (ptr, _record) = buf.slice.device_ptr(&self.stream);
+        ptr
+    }
+
     /// A timing event recorded now on the device's stream.
     fn event(&self, what: &str) -> Result<CudaEvent, RuntimeError> {
         let ev = self

@@ -42,6 +42,8 @@ pub trait Device: Send + Sync {
     type Buffer: Send;
     /// A compiled kernel, ready to launch.
     type Module: Send;
+    /// A kernel's buffers bound once ([`Device::bind`]).
+    type Bound: Send;
 
     /// Limits and identity.
     fn info(&self) -> &DeviceInfo;
@@ -60,11 +62,36 @@ pub trait Device: Send + Sync {
     fn compile(&self, kernel: &Kernel) -> Result<Self::Module, RuntimeError>;
 
     /// Enqueues one launch: `bufs` in the kernel's parameter order, its `uniforms`, `grid`
-    /// workgroups.
+    /// workgroups. Binds the buffers anew each time: a caller launching the same kernel on the
+    /// same buffers again keeps a [`Device::bind`] and calls [`Device::launch_bound`].
     fn launch(
         &self,
         module: &Self::Module,
         bufs: &[&Self::Buffer],
+        uniforms: &[u32],
+        grid: [u32; 3],
+    ) -> Result<(), RuntimeError> {
+        let bound = self.bind(module, bufs)?;
+        self.launch_bound(module, &bound, uniforms, grid)
+    }
+
+    /// The buffers of a kernel bound once (a bind group on wgpu, the argument pointers on
+    /// CUDA), for any number of launches of `module` on them. Launch it only on buffers
+    /// [`Device::bound_to`] confirms, which the caller keeps alive. Checks the buffer count.
+    fn bind(
+        &self,
+        module: &Self::Module,
+        bufs: &[&Self::Buffer],
+    ) -> Result<Self::Bound, RuntimeError>;
+
+    /// Whether `bound` was made by [`Device::bind`] for `module` and exactly `bufs`.
+    fn bound_to(&self, bound: &Self::Bound, module: &Self::Module, bufs: &[&Self::Buffer]) -> bool;
+
+    /// [`Device::launch`] with buffers bound before; only the uniforms and the grid are new.
+    fn launch_bound(
+        &self,
+        module: &Self::Module,
+        bound: &Self::Bound,
         uniforms: &[u32],
         grid: [u32; 3],
     ) -> Result<(), RuntimeError>;

@@ -8,12 +8,14 @@
 //!
 //! 1. binds the symbolic dims from the inputs' shapes (carried tensors included);
 //! 2. checks gathered ids against their tables (the kernels clamp; the error is here);
-//! 3. plans the temporaries ([`crate::memory`]) for those dims, growing slot buffers when a
-//!    plan needs more than they hold (with 25 % headroom, so a growing KV cache does not
-//!    reallocate every step);
+//! 3. plans the temporaries ([`crate::memory`]) for those dims (the last call's plan when the
+//!    dims repeat), growing slot buffers when a plan needs more than they hold (with 25 %
+//!    headroom, so a growing KV cache does not reallocate every step);
 //! 4. uploads the inputs (f32 → the plan's storage type, i64 → i32, bool → u32) and launches the
 //!    forward kernels in order with the uniforms and grid [`Plan::launch_args`] gives; an
-//!    attention kernel with a decode variant launches it when the query length is 1;
+//!    attention kernel with a decode variant launches it when the query length is 1. Each
+//!    compiled kernel keeps its buffers bound ([`Device::bind`]: a bind group on wgpu) and binds
+//!    again only when one of its buffers changed (a slot grew, an output was carried);
 //! 5. reads the outputs back, except carried ones: those stay on the device and become inputs
 //!    of the next call (the buffer they replace is reused for the next output).
 //!
@@ -51,15 +53,24 @@ struct Held<B> {
 
 /// A kernel as compiled for the device: the module, and per parameter the plan buffer and
 /// chunk bound to it (chunk 0 unless the buffer is split).
-struct Compiled<M> {
+struct Compiled<M, B> {
     module: M,
     name: String,
     binds: Vec<(String, usize)>,
     grid_strided: [bool; 3],
+    /// Its buffers as bound for the last launch ([`Device::bind`]), reused while the buffers
+    /// stay the same.
+    bound: std::sync::Mutex<Option<B>>,
 }
 
+/// Per kernel parameter: the plan buffer and chunk bound to it.
+type Binds = Vec<(String, usize)>;
+
+/// A kernel compiled for device `D`.
+type DevCompiled<D> = Compiled<<D as Device>::Module, <D as Device>::Bound>;
+
 /// A plan kernel compiled: the main kernel and its decode variant.
-type MainAndDecode<M> = (Compiled<M>, Option<Compiled<M>>);
+type MainAndDecode<M, B> = (Compiled<M, B>, Option<Compiled<M, B>>);
 
 /// A carried tensor: its buffer, shape and dtype.
 type Carried<B> = (Held<B>, Vec<usize>, DType);
@@ -76,6 +87,15 @@ enum Place {
 /// A kernel compiled with some activations split: (plan kernel, decode, (buffer, chunks)…).
 type ChunkKey = (usize, bool, Vec<(String, u32)>);
 
+/// The temporaries' placement at some dims (see `Program::temp_plan`).
+struct TempPlan {
+    /// Slot or `Big` of each temporary.
+    places: HashMap<String, Place>,
+    plan: memory::MemoryPlan,
+    /// Temporaries over the largest binding: name, elements, storage type.
+    big: Vec<(String, u64, Elem)>,
+}
+
 /// A gather whose ids come straight from a graph input: checked on the host before a call.
 struct IdCheck {
     node: NodeId,
@@ -89,7 +109,8 @@ pub struct Program<D: Device> {
     graph: Graph,
     plan: Plan,
     /// Per plan kernel: the compiled main kernel and its decode variant.
-    compiled: Vec<MainAndDecode<D::Module>>,
+    /// None until the first call compiles it (see [`Program::new`]).
+    compiled: Vec<Option<MainAndDecode<D::Module, D::Bound>>>,
     /// Resident buffers split into chunks: buffer → (elements, elements per chunk).
     splits: HashMap<String, (u32, u32)>,
     /// Weights, derived weights, constants: one buffer, or several chunks when split.
@@ -99,13 +120,15 @@ pub struct Program<D: Device> {
     /// Activations over the largest binding this call, as chunk buffers by plan buffer name.
     big: HashMap<String, Vec<Held<D::Buffer>>>,
     /// Kernels compiled for the chunk counts of such activations.
-    chunked: std::sync::Mutex<HashMap<ChunkKey, Compiled<D::Module>>>,
+    chunked: std::sync::Mutex<HashMap<ChunkKey, DevCompiled<D>>>,
     /// Input and output buffers by plan buffer name.
     io: HashMap<String, Held<D::Buffer>>,
     /// Carried tensors by graph input name: buffer and shape.
     carried: HashMap<String, Carried<D::Buffer>>,
     id_checks: Vec<IdCheck>,
     last_memory: Option<MemoryReport>,
+    /// The memory plan of the last call's dims, reused while they repeat.
+    temp_plan: Option<(Bindings, Arc<TempPlan>)>,
     /// What the plan was lowered with (re-lowered per shape bucket).
     lopts: LowerOptions,
     /// The device's tuning cache (None with `--no-cache` or when it cannot be opened).
@@ -114,8 +137,11 @@ pub struct Program<D: Device> {
     cache_note: String,
     /// The shape bucket the forward kernels' tunables were chosen for.
     bucket: Option<Bindings>,
+    /// The plan lowered for each shape bucket seen (by its dims string), with its tuning
+    /// sites and how many came from the cache.
+    lowered: HashMap<String, Arc<(Plan, usize, usize)>>,
     /// Compiled kernels of other buckets, by entry name (switching back compiles nothing).
-    spare: HashMap<String, Compiled<D::Module>>,
+    spare: HashMap<String, Compiled<D::Module, D::Bound>>,
     tuning_use: Option<TuningUse>,
 }
 
@@ -307,14 +333,27 @@ impl<D: Device> Program<D> {
             }
         };
         let splits = Self::splits(&plan, &info)?;
+        // Prepare kernels are compiled now (they run at load); forward kernels at the first
+        // call, with the tunables of its shape bucket (compiling the load-time defaults too
+        // would compile most kernels twice before the first result). Their binding counts are
+        // checked now, so a plan the device cannot run fails to load.
         let mut compiled = Vec::with_capacity(plan.kernels.len());
         for k in &plan.kernels {
+            let variants = std::iter::once((&k.gen.kernel, &k.bindings))
+                .chain(k.decode.as_deref().map(|v| (&v.gen.kernel, &v.bindings)));
+            if k.phase == Phase::Forward {
+                for (kernel, bindings) in variants {
+                    Self::split_for(&info, kernel, bindings, &splits)?;
+                }
+                compiled.push(None);
+                continue;
+            }
             let main = Self::compile(&dev, &k.gen.kernel, &k.bindings, &splits)?;
             let decode = match &k.decode {
                 Some(v) => Some(Self::compile(&dev, &v.gen.kernel, &v.bindings, &splits)?),
                 None => None,
             };
-            compiled.push((main, decode));
+            compiled.push(Some((main, decode)));
         }
         let mut p = Program {
             dev,
@@ -332,10 +371,12 @@ impl<D: Device> Program<D> {
             io: HashMap::new(),
             carried: HashMap::new(),
             last_memory: None,
+            temp_plan: None,
             cache,
             cache_note,
             bucket: None,
             spare: HashMap::new(),
+            lowered: HashMap::new(),
             tuning_use: None,
         };
         p.upload_persistent(weights)?;
@@ -348,8 +389,8 @@ impl<D: Device> Program<D> {
     }
 
     /// Chooses the forward kernels' tunables for the shape bucket of `dims` (each dim rounded
-    /// up to a power of two): the plan is lowered again with the shape-aware defaults of the
-    /// bucket and the tuning cache's entries, and the kernels whose code changed are swapped in
+    /// up to a power of two): the plan is lowered again (once per bucket, then remembered) with
+    /// the shape-aware defaults of the bucket and the tuning cache's entries, and the kernels whose code changed are swapped in
     /// (compiled once per bucket; kernels of an earlier bucket are kept). Nothing happens while
     /// the bucket stays the same. A plan whose structure changed (it never should: tunables
     /// only change how a kernel computes) is not used.
@@ -358,25 +399,39 @@ impl<D: Device> Program<D> {
         if self.bucket.as_ref() == Some(&bucket) {
             return Ok(());
         }
-        let chooser = self.cache.as_ref().map(|c| tune::CacheChooser {
-            cache: c,
-            elem: self.lopts.elem,
-            dims: bucket.clone(),
-        });
-        let mut t = Tuning::at(
-            bucket.clone(),
-            chooser.as_ref().map(|c| c as &dyn lower::tuning::Chooser),
-        );
-        t.fixed_defaults = tune::fixed_defaults();
-        let plan = lower::lower_tuned(&self.graph, &self.lopts, &t)?;
-        let sites = t.sites();
-        drop(chooser);
-        self.bucket = Some(bucket.clone());
-        if !same_structure(&self.plan, &plan) {
+        // Each bucket is lowered once per program: decoding crosses a bucket at every power of
+        // two of `past`, and generating alternates the prompt's bucket with the steps'.
+        let key = tune::dims_string(&bucket);
+        let lowered = match self.lowered.get(&key) {
+            Some(l) => l.clone(),
+            None => {
+                let chooser = self.cache.as_ref().map(|c| tune::CacheChooser {
+                    cache: c,
+                    elem: self.lopts.elem,
+                    dims: bucket.clone(),
+                });
+                let mut t = Tuning::at(
+                    bucket.clone(),
+                    chooser.as_ref().map(|c| c as &dyn lower::tuning::Chooser),
+                );
+                t.fixed_defaults = tune::fixed_defaults();
+                let plan = lower::lower_tuned(&self.graph, &self.lopts, &t)?;
+                let sites = t.sites();
+                drop(chooser);
+                let from_cache = sites.iter().filter(|s| s.from_chooser).count();
+                let l = Arc::new((plan, sites.len(), from_cache));
+                self.lowered.insert(key, l.clone());
+                l
+            }
+        };
+        let (plan, sites, from_cache) = (&lowered.0, lowered.1, lowered.2);
+        if !same_structure(&self.plan, plan) {
             tracing::warn!(
                 "tunables for {} changed the plan's structure: kept the load-time kernels",
                 tune::dims_string(&bucket)
             );
+            self.compile_missing()?;
+            self.bucket = Some(bucket);
             return Ok(());
         }
         let mut swapped = 0;
@@ -384,10 +439,26 @@ impl<D: Device> Program<D> {
             if plan.kernels[i].phase != Phase::Forward {
                 continue;
             }
+            if self.compiled[i].is_none() {
+                // First call: the bucket's kernels directly.
+                let k = &plan.kernels[i];
+                let main = self.compiled_for(&k.gen.kernel, &k.bindings)?;
+                let decode = match &k.decode {
+                    Some(v) => Some(self.compiled_for(&v.gen.kernel, &v.bindings)?),
+                    None => None,
+                };
+                self.compiled[i] = Some((main, decode));
+                self.plan.kernels[i].gen = k.gen.clone();
+                if let (Some(nv), Some(ov)) = (&k.decode, self.plan.kernels[i].decode.as_mut()) {
+                    ov.gen = nv.gen.clone();
+                }
+                continue;
+            }
             if plan.kernels[i].entry() != self.plan.kernels[i].entry() {
                 let new =
                     self.compiled_for(&plan.kernels[i].gen.kernel, &plan.kernels[i].bindings)?;
-                let old = std::mem::replace(&mut self.compiled[i].0, new);
+                let compiled = self.compiled[i].as_mut().expect("compiled above");
+                let old = std::mem::replace(&mut compiled.0, new);
                 self.spare.insert(old.name.clone(), old);
                 self.plan.kernels[i].gen = plan.kernels[i].gen.clone();
                 swapped += 1;
@@ -395,7 +466,8 @@ impl<D: Device> Program<D> {
             if let (Some(nv), Some(ov)) = (&plan.kernels[i].decode, &self.plan.kernels[i].decode) {
                 if nv.gen.kernel.name != ov.gen.kernel.name {
                     let new = self.compiled_for(&nv.gen.kernel, &nv.bindings)?;
-                    if let Some(old) = self.compiled[i].1.replace(new) {
+                    let compiled = self.compiled[i].as_mut().expect("compiled above");
+                    if let Some(old) = compiled.1.replace(new) {
                         self.spare.insert(old.name.clone(), old);
                     }
                     let gen = nv.gen.clone();
@@ -406,23 +478,45 @@ impl<D: Device> Program<D> {
                 }
             }
         }
+        // Set last: a call that failed above tries this bucket again.
+        self.bucket = Some(bucket.clone());
         if swapped > 0 {
             self.chunked
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
         }
-        let from_cache = sites.iter().filter(|s| s.from_chooser).count();
         tracing::debug!(
-            "bucket {}: {} tuning sites, {from_cache} from the cache, {swapped} kernels swapped",
+            "bucket {}: {sites} tuning sites, {from_cache} from the cache, {swapped} kernels swapped",
             tune::dims_string(&bucket),
-            sites.len()
         );
         self.tuning_use = Some(TuningUse {
-            sites: sites.len(),
+            sites,
             from_cache,
             cache: self.cache_note.clone(),
         });
+        Ok(())
+    }
+
+    /// Compiles the forward kernels not compiled yet, as the load-time plan has them.
+    fn compile_missing(&mut self) -> Result<(), RuntimeError> {
+        for i in 0..self.plan.kernels.len() {
+            if self.compiled[i].is_some() {
+                continue;
+            }
+            let k = &self.plan.kernels[i];
+            let main = Self::compile(&self.dev, &k.gen.kernel, &k.bindings, &self.splits)?;
+            let decode = match &k.decode {
+                Some(v) => Some(Self::compile(
+                    &self.dev,
+                    &v.gen.kernel,
+                    &v.bindings,
+                    &self.splits,
+                )?),
+                None => None,
+            };
+            self.compiled[i] = Some((main, decode));
+        }
         Ok(())
     }
 
@@ -431,7 +525,7 @@ impl<D: Device> Program<D> {
         &mut self,
         kernel: &transfuse_codegen::kir::Kernel,
         bindings: &[String],
-    ) -> Result<Compiled<D::Module>, RuntimeError> {
+    ) -> Result<Compiled<D::Module, D::Bound>, RuntimeError> {
         match self.spare.remove(&kernel.name) {
             Some(c) => Ok(c),
             None => Self::compile(&self.dev, kernel, bindings, &self.splits),
@@ -482,8 +576,26 @@ impl<D: Device> Program<D> {
         kernel: &transfuse_codegen::kir::Kernel,
         bindings: &[String],
         splits: &HashMap<String, (u32, u32)>,
-    ) -> Result<Compiled<D::Module>, RuntimeError> {
-        let info = dev.info();
+    ) -> Result<Compiled<D::Module, D::Bound>, RuntimeError> {
+        let (k, binds) = Self::split_for(dev.info(), kernel, bindings, splits)?;
+        Ok(Compiled {
+            module: dev.compile(&k)?,
+            name: k.name.clone(),
+            binds,
+            grid_strided: [0u8, 1, 2].map(|a| grid_strided(&k, a)),
+            bound: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// `kernel` with its split parameters rewritten into chunks, and the (plan buffer, chunk)
+    /// bound to each of its parameters; an error when it binds more storage buffers than the
+    /// device allows.
+    fn split_for(
+        info: &DeviceInfo,
+        kernel: &transfuse_codegen::kir::Kernel,
+        bindings: &[String],
+        splits: &HashMap<String, (u32, u32)>,
+    ) -> Result<(transfuse_codegen::kir::Kernel, Binds), RuntimeError> {
         let mut k = kernel.clone();
         let mut binds = vec![];
         for (param, buf) in kernel.buffers.iter().zip(bindings) {
@@ -512,12 +624,7 @@ impl<D: Device> Program<D> {
                 ),
             ));
         }
-        Ok(Compiled {
-            module: dev.compile(&k)?,
-            name: k.name.clone(),
-            binds,
-            grid_strided: [0u8, 1, 2].map(|a| grid_strided(&k, a)),
-        })
+        Ok((k, binds))
     }
 
     /// Elements per chunk of a split tensor of `elem` (a multiple of 64 that fits a binding).
@@ -690,8 +797,14 @@ impl<D: Device> Program<D> {
     ) -> Result<(), RuntimeError> {
         let decode = self.plan.use_decode(i, dims)?;
         let c = match &self.compiled[i] {
-            (_, Some(d)) if decode => d,
-            (m, _) => m,
+            Some((_, Some(d))) if decode => d,
+            Some((m, _)) => m,
+            None => {
+                return Err(dev_err(
+                    self.backend(),
+                    format!("kernel {i} was launched before it was compiled"),
+                ))
+            }
         };
         let (uniforms, mut grid) = self.plan.launch_args_for(i, decode, dims)?;
         let max = self.dev.info().max_grid;
@@ -745,7 +858,7 @@ impl<D: Device> Program<D> {
     /// Launches a compiled kernel, resolving its bindings through `places`.
     fn launch_with(
         &self,
-        c: &Compiled<D::Module>,
+        c: &Compiled<D::Module, D::Bound>,
         places: &HashMap<&str, Place>,
         uniforms: &[u32],
         grid: [u32; 3],
@@ -764,7 +877,13 @@ impl<D: Device> Program<D> {
             };
             bufs.push(b);
         }
-        self.dev.launch(&c.module, &bufs, uniforms, grid)
+        let mut bound = c.bound.lock().unwrap_or_else(|p| p.into_inner());
+        let reuse = matches!(&*bound, Some(b) if self.dev.bound_to(b, &c.module, &bufs));
+        if !reuse {
+            *bound = Some(self.dev.bind(&c.module, &bufs)?);
+        }
+        let b = bound.as_ref().expect("bound above");
+        self.dev.launch_bound(&c.module, b, uniforms, grid)
     }
 
     fn io_buffer(&self, buffer: &str) -> Result<&D::Buffer, RuntimeError> {
@@ -823,27 +942,9 @@ impl<D: Device> Program<D> {
         Ok(())
     }
 
-    /// Everything up to the launches: dims, memory plan, uploads. Returns the dims and places.
-    fn prepare_call(
-        &mut self,
-        inputs: &TensorMap,
-    ) -> Result<(Bindings, HashMap<String, Place>), RuntimeError> {
-        let declared: Vec<(&str, &[transfuse_ir::Dim], DType)> = self
-            .graph
-            .inputs()
-            .into_iter()
-            .map(|(n, s, d)| (n, s.as_slice(), d))
-            .collect();
-        let carried = &self.carried;
-        let dims = bind_shapes(&declared, &|name| {
-            inputs
-                .get(name)
-                .map(|t| (t.shape.clone(), t.dtype()))
-                .or_else(|| carried.get(name).map(|(_, s, d)| (s.clone(), *d)))
-        })?;
-        self.check_ids(inputs)?;
-        self.retune(&dims)?;
-        // Sizes and live ranges.
+    /// Where the temporaries of the forward kernels live at `dims`: their sizes and live
+    /// ranges, the slot plan, and those over the largest binding.
+    fn temp_plan(&self, dims: &Bindings) -> Result<TempPlan, RuntimeError> {
         let mut places: HashMap<String, Place> = HashMap::new();
         let mut temps: Vec<(String, Interval)> = vec![];
         let mut index: HashMap<&str, usize> = HashMap::new();
@@ -869,7 +970,7 @@ impl<D: Device> Program<D> {
                     Some(&t) => temps[t].1.last = ki,
                     None if places.contains_key(name) => {}
                     None => {
-                        let n = b.len().eval_usize(&dims)? as u64;
+                        let n = b.len().eval_usize(dims)? as u64;
                         let bytes = n * u64::from(elem_bytes(b.elem));
                         if bytes > self.dev.info().max_binding_bytes {
                             big.push((name.clone(), n, b.elem));
@@ -891,6 +992,47 @@ impl<D: Device> Program<D> {
         }
         let intervals: Vec<Interval> = temps.iter().map(|t| t.1.clone()).collect();
         let mp = memory::plan(&intervals);
+        for ((name, _), &s) in temps.iter().zip(&mp.slot_of) {
+            places.insert(name.clone(), Place::Slot(s));
+        }
+        Ok(TempPlan {
+            places,
+            plan: mp,
+            big,
+        })
+    }
+
+    /// Everything up to the launches: dims, memory plan, uploads. Returns the dims and places.
+    fn prepare_call(
+        &mut self,
+        inputs: &TensorMap,
+    ) -> Result<(Bindings, HashMap<String, Place>), RuntimeError> {
+        let declared: Vec<(&str, &[transfuse_ir::Dim], DType)> = self
+            .graph
+            .inputs()
+            .into_iter()
+            .map(|(n, s, d)| (n, s.as_slice(), d))
+            .collect();
+        let carried = &self.carried;
+        let dims = bind_shapes(&declared, &|name| {
+            inputs
+                .get(name)
+                .map(|t| (t.shape.clone(), t.dtype()))
+                .or_else(|| carried.get(name).map(|(_, s, d)| (s.clone(), *d)))
+        })?;
+        self.check_ids(inputs)?;
+        self.retune(&dims)?;
+        // The memory plan of these dims (the last call's when they repeat).
+        let tp = match &self.temp_plan {
+            Some((d, tp)) if *d == dims => tp.clone(),
+            _ => {
+                let tp = Arc::new(self.temp_plan(&dims)?);
+                self.temp_plan = Some((dims.clone(), tp.clone()));
+                tp
+            }
+        };
+        let (mut places, mp) = (tp.places.clone(), &tp.plan);
+        let big = &tp.big;
         for (s, &bytes) in mp.slots.iter().enumerate() {
             if s == self.slots.len() {
                 self.slots
@@ -899,11 +1041,8 @@ impl<D: Device> Program<D> {
                 self.slots[s] = Self::ensure(&self.dev, None, bytes, &format!("slot{s}"))?;
             }
         }
-        for ((name, _), &s) in temps.iter().zip(&mp.slot_of) {
-            places.insert(name.clone(), Place::Slot(s));
-        }
         let mut big_bytes = 0;
-        for (name, n, elem) in &big {
+        for (name, n, elem) in big {
             self.ensure_chunks(name, *n, *elem)?;
             big_bytes += n * u64::from(elem_bytes(*elem));
         }

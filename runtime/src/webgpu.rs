@@ -12,7 +12,14 @@
 //!   (and tests) sharing kernels compile each once.
 //! - **Launches are recorded** into one command encoder and submitted when the host needs a
 //!   result ([`Device::read`], [`Device::sync`]) or before a host write, so a whole forward
-//!   pass is one submission. Each launch gets its own small uniform buffer.
+//!   pass is one submission; host writes in between are staged by the queue and go with it.
+//! - **Uniforms** of every launch of a submission are packed into one host array, each at an
+//!   offset aligned for dynamic uniform offsets, written into one device-lifetime uniform
+//!   buffer (the *arena*) just before the submit; a launch binds it at its dynamic offset, so
+//!   bind groups ([`Device::bind`]) do not depend on uniform values and the executor builds
+//!   each once per kernel and buffer set. A full arena submits what is recorded and starts
+//!   over (queue order keeps the earlier submission's values).
+//! - **Readback staging** buffers are kept and reused (the largest one so far).
 //! - **Errors** (validation, out of memory) never panic: shader and pipeline creation run in
 //!   an error scope, everything else is caught by the device's uncaptured-error handler and
 //!   returned by the next submit as [`RuntimeError::Device`].
@@ -22,7 +29,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use transfuse_codegen::kernels::{DeviceKind, Limits};
 use transfuse_codegen::kir::{Access, Elem, Kernel};
 use transfuse_codegen::lower::Target;
-use wgpu::util::DeviceExt;
 
 use crate::device::{Device, DeviceInfo};
 use crate::program::DeviceBackend;
@@ -41,8 +47,13 @@ pub struct WgpuDevice {
     queue: wgpu::Queue,
     info: DeviceInfo,
     adapter: wgpu::AdapterInfo,
-    /// Launches recorded since the last submit.
-    pending: Mutex<Option<wgpu::CommandEncoder>>,
+    /// Launches recorded since the last submit, and their uniforms.
+    pending: Mutex<Pending>,
+    /// The uniform arena (see the module docs) and its dynamic-offset alignment.
+    arena: wgpu::Buffer,
+    align: u64,
+    /// A readback staging buffer kept for the next read.
+    staging: Mutex<Option<wgpu::Buffer>>,
     /// Errors the device reported outside an error scope.
     errors: Arc<Mutex<Vec<String>>>,
     /// Compiled kernels by WGSL source: sessions sharing kernels compile them once.
@@ -59,6 +70,24 @@ struct Timer {
     resolve: wgpu::Buffer,
     /// Nanoseconds per timestamp tick.
     period_ns: f32,
+}
+
+/// Bytes of the uniform arena: 1024 launches of up to 64 uniforms at a 256-byte alignment.
+const ARENA_BYTES: u64 = 256 * 1024;
+
+/// What the next submit carries.
+#[derive(Default)]
+struct Pending {
+    enc: Option<wgpu::CommandEncoder>,
+    /// The arena's contents for the recorded launches.
+    uniforms: Vec<u8>,
+}
+
+/// A kernel's bind group and the buffers it binds (see [`Device::bind`]).
+pub struct WgpuBound {
+    group: wgpu::BindGroup,
+    pipeline: Arc<Pipeline>,
+    bufs: Vec<wgpu::Buffer>,
 }
 
 /// A compiled pipeline and its bind-group layout.
@@ -175,12 +204,21 @@ impl WgpuDevice {
                 period_ns: queue.get_timestamp_period(),
             })
             .filter(|t| t.period_ns > 0.0);
+        let arena = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("uniform arena"),
+            size: ARENA_BYTES,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         Ok(WgpuDevice {
             device,
             queue,
             info,
             adapter: ainfo,
-            pending: Mutex::new(None),
+            arena,
+            align: u64::from(limits.min_uniform_buffer_offset_alignment).max(16),
+            staging: Mutex::new(None),
+            pending: Mutex::new(Pending::default()),
             errors,
             cache: Mutex::default(),
             timer,
@@ -195,10 +233,23 @@ impl WgpuDevice {
 
     /// Submits the recorded launches (if any) and reports errors seen so far.
     fn flush(&self) -> Result<(), RuntimeError> {
-        if let Some(enc) = self.pending.lock().expect("encoder").take() {
-            self.queue.submit([enc.finish()]);
+        let mut p = self.pending.lock().expect("encoder");
+        if let Some(enc) = p.enc.take() {
+            self.submit(&mut p, enc);
         }
+        drop(p);
         self.check()
+    }
+
+    /// Writes the recorded launches' uniforms into the arena and submits `enc` (their
+    /// encoder, taken out of `p`). The queue runs the write before the command buffer and
+    /// after every earlier submission.
+    fn submit(&self, p: &mut Pending, enc: wgpu::CommandEncoder) {
+        if !p.uniforms.is_empty() {
+            self.queue.write_buffer(&self.arena, 0, &p.uniforms);
+            p.uniforms.clear();
+        }
+        self.queue.submit([enc.finish()]);
     }
 
     fn check(&self) -> Result<(), RuntimeError> {
@@ -220,21 +271,26 @@ impl WgpuDevice {
         bytes: u64,
         fill: impl FnOnce(&mut wgpu::CommandEncoder, &wgpu::Buffer),
     ) -> Result<Vec<u8>, RuntimeError> {
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let kept = self.staging.lock().expect("staging").take();
+        let staging = match kept {
+            Some(b) if b.size() >= size => b,
+            _ => self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size: size.max(256),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+        };
         let mut pending = self.pending.lock().expect("encoder");
         let mut enc = pending
+            .enc
             .take()
             .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()));
         fill(&mut enc, &staging);
-        self.queue.submit([enc.finish()]);
+        self.submit(&mut pending, enc);
         drop(pending);
         let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        staging.map_async(wgpu::MapMode::Read, ..size, move |r| {
             let _ = tx.send(r);
         });
         self.wait()?;
@@ -242,11 +298,16 @@ impl WgpuDevice {
             .map_err(|_| err("readback was never mapped"))?
             .map_err(|e| err(format!("mapping a readback buffer: {e}")))?;
         let view = staging
-            .get_mapped_range(..)
+            .get_mapped_range(..size)
             .map_err(|e| err(format!("reading back: {e}")))?;
         let out = view[..bytes as usize].to_vec();
         drop(view);
         staging.unmap();
+        // Kept for the next read unless a larger one was kept meanwhile.
+        let mut kept = self.staging.lock().expect("staging");
+        if kept.as_ref().is_none_or(|k| k.size() < staging.size()) {
+            *kept = Some(staging);
+        }
         Ok(out)
     }
 
@@ -262,9 +323,15 @@ fn pad4(bytes: u64) -> u64 {
     bytes.max(4).div_ceil(4) * 4
 }
 
+/// Bytes of a kernel's uniform struct of `n` u32 fields (WGSL rounds it up to 16).
+fn uniform_bytes(n: usize) -> u64 {
+    (n.div_ceil(4) * 16) as u64
+}
+
 impl Device for WgpuDevice {
     type Buffer = wgpu::Buffer;
     type Module = WgpuModule;
+    type Bound = WgpuBound;
 
     fn info(&self) -> &DeviceInfo {
         &self.info
@@ -357,7 +424,7 @@ impl Device for WgpuDevice {
                 visibility: stage,
                 ty: wgpu::BindingType::Buffer {
                     ty: wgpu::BufferBindingType::Uniform,
-                    has_dynamic_offset: false,
+                    has_dynamic_offset: true,
                     min_binding_size: None,
                 },
                 count: None,
@@ -397,34 +464,16 @@ impl Device for WgpuDevice {
         Ok(wrap(compiled))
     }
 
-    fn launch(
-        &self,
-        m: &WgpuModule,
-        bufs: &[&wgpu::Buffer],
-        uniforms: &[u32],
-        grid: [u32; 3],
-    ) -> Result<(), RuntimeError> {
-        crate::device::check_launch_args(
-            "wgpu",
-            &m.name,
-            (m.buffers, m.uniforms),
-            bufs.len(),
-            uniforms.len(),
-        )?;
-        if grid.contains(&0) {
-            return Ok(());
+    fn bind(&self, m: &WgpuModule, bufs: &[&wgpu::Buffer]) -> Result<WgpuBound, RuntimeError> {
+        if bufs.len() != m.buffers {
+            crate::device::check_launch_args(
+                "wgpu",
+                &m.name,
+                (m.buffers, m.uniforms),
+                bufs.len(),
+                m.uniforms,
+            )?;
         }
-        let ubuf = (!uniforms.is_empty()).then(|| {
-            // Uniform structs round up to 16 bytes.
-            let mut words = uniforms.to_vec();
-            words.resize(uniforms.len().div_ceil(4) * 4, 0);
-            self.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("uniforms"),
-                    contents: bytemuck::cast_slice(&words),
-                    usage: wgpu::BufferUsages::UNIFORM,
-                })
-        });
         let mut entries: Vec<wgpu::BindGroupEntry> = bufs
             .iter()
             .enumerate()
@@ -433,10 +482,14 @@ impl Device for WgpuDevice {
                 resource: b.as_entire_binding(),
             })
             .collect();
-        if let Some(u) = &ubuf {
+        if m.uniforms > 0 {
             entries.push(wgpu::BindGroupEntry {
                 binding: bufs.len() as u32,
-                resource: u.as_entire_binding(),
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &self.arena,
+                    offset: 0,
+                    size: std::num::NonZeroU64::new(uniform_bytes(m.uniforms)),
+                }),
             });
         }
         let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -444,8 +497,62 @@ impl Device for WgpuDevice {
             layout: &m.compiled.layout,
             entries: &entries,
         });
+        Ok(WgpuBound {
+            group,
+            pipeline: m.compiled.clone(),
+            bufs: bufs.iter().map(|&b| b.clone()).collect(),
+        })
+    }
+
+    fn bound_to(&self, b: &WgpuBound, m: &WgpuModule, bufs: &[&wgpu::Buffer]) -> bool {
+        Arc::ptr_eq(&b.pipeline, &m.compiled)
+            && b.bufs.len() == bufs.len()
+            && b.bufs.iter().zip(bufs).all(|(x, &y)| x == y)
+    }
+
+    fn launch_bound(
+        &self,
+        m: &WgpuModule,
+        b: &WgpuBound,
+        uniforms: &[u32],
+        grid: [u32; 3],
+    ) -> Result<(), RuntimeError> {
+        crate::device::check_launch_args(
+            "wgpu",
+            &m.name,
+            (m.buffers, m.uniforms),
+            b.bufs.len(),
+            uniforms.len(),
+        )?;
+        if !Arc::ptr_eq(&b.pipeline, &m.compiled) {
+            return Err(err(format!(
+                "kernel `{}` launched with buffers bound for another kernel",
+                m.name
+            )));
+        }
+        if grid.contains(&0) {
+            return Ok(());
+        }
         let mut pending = self.pending.lock().expect("encoder");
-        let enc = pending.get_or_insert_with(|| {
+        // This launch's uniforms at the next aligned offset of the arena; a full arena submits
+        // the launches recorded so far first.
+        let size = uniform_bytes(uniforms.len());
+        let mut offset = (pending.uniforms.len() as u64).div_ceil(self.align) * self.align;
+        if !uniforms.is_empty() && offset + size > ARENA_BYTES {
+            if let Some(enc) = pending.enc.take() {
+                self.submit(&mut pending, enc);
+            }
+            pending.uniforms.clear();
+            offset = 0;
+        }
+        if !uniforms.is_empty() {
+            let u = &mut pending.uniforms;
+            u.resize(offset as usize, 0);
+            u.extend(uniforms.iter().flat_map(|w| w.to_le_bytes()));
+            u.resize((offset + size) as usize, 0);
+        }
+        let Pending { enc, .. } = &mut *pending;
+        let enc = enc.get_or_insert_with(|| {
             self.device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
         });
@@ -470,7 +577,11 @@ impl Device for WgpuDevice {
                 timestamp_writes: writes,
             });
             pass.set_pipeline(&m.compiled.pipeline);
-            pass.set_bind_group(0, &group, &[]);
+            if uniforms.is_empty() {
+                pass.set_bind_group(0, &b.group, &[]);
+            } else {
+                pass.set_bind_group(0, &b.group, &[offset as u32]);
+            }
             pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
         }
         Ok(())

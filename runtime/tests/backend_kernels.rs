@@ -1510,3 +1510,78 @@ fn isolate_tuning_cache() {
         std::env::temp_dir().join(format!("transfuse-test-cache-{}", std::process::id())),
     ));
 }
+
+/// More launches in one submission than the wgpu uniform arena holds (1024), each with its own
+/// uniform (the length `n`), on two buffer sets bound once and launched alternately
+/// (`a → b`, `b → a`: `dst[i] = src[i] + 1` for `i < n`): the buffers end as the host's
+/// replay of the same launches.
+#[test]
+fn wgpu_many_launches_keep_their_own_uniforms() {
+    let Some(dev) = wgpu_dev() else {
+        return;
+    };
+    let mut b = Builder::new();
+    let x = b.input("x", vec![sym("n")], DType::F32).unwrap();
+    let one = b.scalar(1.0).unwrap();
+    let y = b.add(x, one).unwrap();
+    b.output("y", y);
+    let g = b.finish();
+    let info = dev.info();
+    let opts = transfuse_codegen::lower::LowerOptions {
+        elem: Elem::F32,
+        limits: info.limits,
+        target: info.target,
+    };
+    let plan = transfuse_codegen::lower::lower(&g, &opts).unwrap();
+    let (ki, k) = plan
+        .kernels
+        .iter()
+        .enumerate()
+        .find(|(_, k)| k.phase == transfuse_codegen::lower::Phase::Forward)
+        .expect("one forward kernel");
+    let m = dev.compile(&k.gen.kernel).unwrap();
+    const LEN: usize = 64;
+    let bufs = [
+        dev.alloc(LEN as u64 * 4, "a").unwrap(),
+        dev.alloc(LEN as u64 * 4, "b").unwrap(),
+    ];
+    let (xb, yb) = (&plan.inputs[0].buffer, &plan.outputs[0].buffer);
+    let order = |src: usize| -> Vec<&_> {
+        k.bindings
+            .iter()
+            .map(|n| {
+                assert!(n == xb || n == yb, "binding {n}");
+                &bufs[if n == xb { src } else { 1 - src }]
+            })
+            .collect()
+    };
+    let bound = [
+        dev.bind(&m, &order(0)).unwrap(),
+        dev.bind(&m, &order(1)).unwrap(),
+    ];
+    assert!(dev.bound_to(&bound[0], &m, &order(0)));
+    assert!(!dev.bound_to(&bound[0], &m, &order(1)));
+    let mut host = [vec![0f32; LEN], vec![0f32; LEN]];
+    for l in 0..1500 {
+        let n = l % LEN + 1;
+        let src = l % 2;
+        let dims = transfuse_ir::Bindings::from([("n".to_string(), n)]);
+        let (uniforms, grid) = plan.launch_args_for(ki, false, &dims).unwrap();
+        assert!(!uniforms.is_empty(), "`n` is a uniform");
+        dev.launch_bound(&m, &bound[src], &uniforms, grid).unwrap();
+        let [a, b] = &mut host;
+        let (from, to) = if src == 0 { (a, b) } else { (b, a) };
+        for (t, f) in to.iter_mut().zip(from.iter()).take(n) {
+            *t = f + 1.0;
+        }
+    }
+    for (buf, want) in bufs.iter().zip(&host) {
+        let got: Vec<f32> = dev
+            .read(buf, LEN as u64 * 4)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(&got, want);
+    }
+}

@@ -22,6 +22,8 @@ use transfuse_runtime::{
 struct InterpDevice {
     info: DeviceInfo,
     launches: Mutex<usize>,
+    /// Buffer sets bound ([`Device::bind`]).
+    binds: Mutex<usize>,
 }
 
 impl InterpDevice {
@@ -40,6 +42,7 @@ impl InterpDevice {
                 is_gpu: false,
             },
             launches: Mutex::new(0),
+            binds: Mutex::new(0),
         })
     }
 
@@ -71,6 +74,7 @@ fn to_bytes(h: &HostBuf) -> Vec<u8> {
 impl Device for InterpDevice {
     type Buffer = Arc<Mutex<Vec<u8>>>;
     type Module = Kernel;
+    type Bound = Vec<Arc<Mutex<Vec<u8>>>>;
 
     fn info(&self) -> &DeviceInfo {
         &self.info
@@ -97,13 +101,23 @@ impl Device for InterpDevice {
         Ok(kernel.clone())
     }
 
-    fn launch(
+    fn bind(&self, _k: &Kernel, bufs: &[&Self::Buffer]) -> Result<Self::Bound, RuntimeError> {
+        *self.binds.lock().unwrap() += 1;
+        Ok(bufs.iter().map(|&b| b.clone()).collect())
+    }
+
+    fn bound_to(&self, bound: &Self::Bound, _k: &Kernel, bufs: &[&Self::Buffer]) -> bool {
+        bound.len() == bufs.len() && bound.iter().zip(bufs).all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+
+    fn launch_bound(
         &self,
         k: &Kernel,
-        bufs: &[&Self::Buffer],
+        bound: &Self::Bound,
         uniforms: &[u32],
         grid: [u32; 3],
     ) -> Result<(), RuntimeError> {
+        let bufs: Vec<&Self::Buffer> = bound.iter().collect();
         *self.launches.lock().unwrap() += 1;
         let mut host: Vec<HostBuf> = bufs
             .iter()
@@ -221,6 +235,33 @@ fn planned_memory_gives_the_cpu_results_and_reuses_buffers() {
         assert!(m.persistent > 0 && m.io > 0);
     }
     assert!(*dev.launches.lock().unwrap() > 4);
+}
+
+#[test]
+fn repeated_calls_reuse_each_kernels_bound_buffers() {
+    // The same dims again: the same slots, so no kernel binds its buffers anew; smaller dims of
+    // the same shape bucket (the same kernels) that fit the slots bind nothing new either.
+    let (g, w) = mlp(24);
+    let dev = InterpDevice::roomy();
+    let mut p = Program::new(dev.clone(), &g, &w, Elem::F32).unwrap();
+    let ins = inputs(50, 24);
+    let want = CpuBackend::reference().run(&g, &w, &ins).unwrap();
+    assert_close(&p.run(&ins, &[]).unwrap(), &want);
+    let (binds, launches) = (*dev.binds.lock().unwrap(), *dev.launches.lock().unwrap());
+    assert!(binds > 0 && launches > 0);
+    for _ in 0..3 {
+        assert_close(&p.run(&ins, &[]).unwrap(), &want);
+    }
+    assert!(*dev.launches.lock().unwrap() >= launches * 4);
+    assert_eq!(
+        *dev.binds.lock().unwrap(),
+        binds,
+        "the same buffers were bound again"
+    );
+    let small = inputs(40, 24);
+    let want = CpuBackend::reference().run(&g, &w, &small).unwrap();
+    assert_close(&p.run(&small, &[]).unwrap(), &want);
+    assert_eq!(*dev.binds.lock().unwrap(), binds);
 }
 
 #[test]
