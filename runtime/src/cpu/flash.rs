@@ -271,6 +271,8 @@ mod wide {
     const KB: usize = 64;
     /// Query rows per microkernel call.
     const R: usize = 4;
+    // The running max/sum/rescale arrays are processed 16 rows at a time.
+    const _: () = assert!(BQ.is_multiple_of(16));
 
     pub(super) fn attention(heads: &Heads, how: Mask, dst: &mut [f32]) {
         let (sq, sk, d, dv) = (heads.sq, heads.sk, heads.d, heads.dv);
@@ -323,13 +325,27 @@ mod wide {
         let mut mx = [f32::NEG_INFINITY; BQ];
         let mut l = [0f32; BQ];
         let mut corr = [1f32; BQ];
+        let mut mnew = [f32::NEG_INFINITY; BQ];
+        let mut sums = [0f32; BQ];
         let mut gathered = [0f32; KB];
-        let blocks = if lo < hi { lo / KB..hi.div_ceil(KB) } else { 0..0 };
+        let blocks = if lo < hi {
+            lo / KB..hi.div_ceil(KB)
+        } else {
+            0..0
+        };
         for b in blocks {
             let j0 = b * KB;
             let bk = KB.min(sk - j0);
+            // Keys of this block that each group of R rows sees at most (the last row's upper
+            // bound: it grows with the row): on the causal diagonal the columns past it are
+            // neither scored nor multiplied.
+            let mut lim = [0usize; BQ / R];
+            for (g, lg) in lim.iter_mut().enumerate().take(rows.div_ceil(R)) {
+                let last = i0 + (g * R + R).min(rows) - 1;
+                *lg = blk.visible(last).1.clamp(j0, j0 + bk) - j0;
+            }
             // SAFETY: q holds rows `i0 .. i0 + rows` of d floats, kp block b holds d × KB.
-            unsafe { scores(&blk.q[i0 * d..], d, rows, &kp[b * d * KB..], &mut s) };
+            unsafe { scores(&blk.q[i0 * d..], d, rows, &kp[b * d * KB..], &mut s, &lim) };
             for ii in 0..rows {
                 let i = i0 + ii;
                 let (vlo, vhi) = blk.visible(i);
@@ -349,23 +365,26 @@ mod wide {
                 let row = &mut s[ii * KB..(ii + 1) * KB];
                 // SAFETY: the row has KB floats; the mask row bk, loaded under lanes `< e <= bk`.
                 let (m_new, sum) = unsafe { softmax_row(row, a, e, blk.how.scale, mrow, mx[ii]) };
-                corr[ii] = 1.0;
-                if m_new == f32::NEG_INFINITY {
-                    continue;
+                mnew[ii] = m_new;
+                sums[ii] = sum;
+            }
+            // The running sums and output rescaled by e^(m_old - m_new), 16 rows at a time:
+            // 1 where the max is unchanged, 0 where it was -inf (nothing seen yet), and 0
+            // (-inf - -inf is NaN, which the exp maps to 0) where nothing is visible so far,
+            // where l and o are still 0.
+            for c in (0..rows).step_by(16) {
+                // SAFETY: the arrays hold BQ = 64 floats, a multiple of 16.
+                unsafe {
+                    let (m0, m1) = (_mm512_loadu_ps(&mx[c]), _mm512_loadu_ps(&mnew[c]));
+                    let cr = exp(_mm512_sub_ps(m0, m1));
+                    _mm512_storeu_ps(&mut corr[c], cr);
+                    let lv = _mm512_fmadd_ps(_mm512_loadu_ps(&l[c]), cr, _mm512_loadu_ps(&sums[c]));
+                    _mm512_storeu_ps(&mut l[c], lv);
+                    _mm512_storeu_ps(&mut mx[c], m1);
                 }
-                if mx[ii] != m_new {
-                    corr[ii] = if mx[ii] == f32::NEG_INFINITY {
-                        0.0
-                    } else {
-                        (mx[ii] - m_new).exp()
-                    };
-                    l[ii] *= corr[ii];
-                    mx[ii] = m_new;
-                }
-                l[ii] += sum;
             }
             // SAFETY: vp holds sk rows of dvp floats (stride dvp), o rows × dvp.
-            unsafe { pv(&s, rows, &vp[j0 * dvp..], dvp, bk, &mut o, &corr) };
+            unsafe { pv(&s, rows, &vp[j0 * dvp..], dvp, bk, &mut o, &corr, &lim) };
         }
         for (ii, out) in oc.chunks_exact_mut(dv).enumerate() {
             if mx[ii] < DEAD {
@@ -379,41 +398,61 @@ mod wide {
     }
 
     /// `s[r][c] = Σ_t q[r][t] · k[t][c]` for the `rows` query rows (stride d) and one packed
-    /// key block (`[d][KB]`).
+    /// key block (`[d][KB]`), for the columns below `lim[g]` (rounded up to 16) in group `g`
+    /// of R rows; the rest of a row is left as it was (the softmax masks it).
     #[target_feature(enable = "avx512f")]
-    unsafe fn scores(q: &[f32], d: usize, rows: usize, k: &[f32], s: &mut [f32]) {
+    unsafe fn scores(
+        q: &[f32],
+        d: usize,
+        rows: usize,
+        k: &[f32],
+        s: &mut [f32],
+        lim: &[usize; BQ / R],
+    ) {
         assert!(q.len() >= rows * d && k.len() >= d * KB && s.len() >= rows * KB);
         let (q, k, s) = (q.as_ptr(), k.as_ptr(), s.as_mut_ptr());
-        let mut r = 0;
+        macro_rules! cols {
+            ($n:literal, $nc:expr, $r:expr) => {
+                match $nc {
+                    1 => score_rows::<$n, 1>(q.add($r * d), d, k, s.add($r * KB)),
+                    2 => score_rows::<$n, 2>(q.add($r * d), d, k, s.add($r * KB)),
+                    3 => score_rows::<$n, 3>(q.add($r * d), d, k, s.add($r * KB)),
+                    4 => score_rows::<$n, 4>(q.add($r * d), d, k, s.add($r * KB)),
+                    _ => {}
+                }
+            };
+        }
         // SAFETY: the assert bounds every row and column these read and write.
         unsafe {
-            while r + R <= rows {
-                score_rows::<R>(q.add(r * d), d, k, s.add(r * KB));
-                r += R;
-            }
-            match rows - r {
-                1 => score_rows::<1>(q.add(r * d), d, k, s.add(r * KB)),
-                2 => score_rows::<2>(q.add(r * d), d, k, s.add(r * KB)),
-                3 => score_rows::<3>(q.add(r * d), d, k, s.add(r * KB)),
-                _ => {}
+            for (g, &lg) in lim.iter().enumerate().take(rows.div_ceil(R)) {
+                let (r, nc) = (g * R, lg.div_ceil(16));
+                match (rows - r).min(R) {
+                    4 => cols!(4, nc, r),
+                    3 => cols!(3, nc, r),
+                    2 => cols!(2, nc, r),
+                    _ => cols!(1, nc, r),
+                }
             }
         }
     }
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn score_rows<const N: usize>(q: *const f32, d: usize, k: *const f32, s: *mut f32) {
-        let mut acc = [[_mm512_setzero_ps(); 4]; N];
+    unsafe fn score_rows<const N: usize, const NC: usize>(
+        q: *const f32,
+        d: usize,
+        k: *const f32,
+        s: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NC]; N];
         // SAFETY: `scores` bounds q (N rows of d), k (d × KB) and s (N × KB).
         unsafe {
             for t in 0..d {
                 let kt = k.add(t * KB);
-                let kv = [
-                    _mm512_loadu_ps(kt),
-                    _mm512_loadu_ps(kt.add(16)),
-                    _mm512_loadu_ps(kt.add(32)),
-                    _mm512_loadu_ps(kt.add(48)),
-                ];
+                let mut kv = [_mm512_setzero_ps(); NC];
+                for (c, x) in kv.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(kt.add(c * 16));
+                }
                 for (r, ar) in acc.iter_mut().enumerate() {
                     let qv = _mm512_set1_ps(*q.add(r * d + t));
                     for (a, &kc) in ar.iter_mut().zip(&kv) {
@@ -477,8 +516,9 @@ mod wide {
         }
     }
 
-    /// `o[r] = o[r]·corr[r] + Σ_{j < bk} p[r][j] · v[j]` for the `rows` rows (p: stride KB;
-    /// v, o: stride dvp, a multiple of 16).
+    /// `o[r] = o[r]·corr[r] + Σ_{j < lim[g]} p[r][j] · v[j]` for the `rows` rows (`g` = the
+    /// row's group of R; p: stride KB; v, o: stride dvp, a multiple of 16; `lim <= bk`).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     unsafe fn pv(
         p: &[f32],
@@ -488,14 +528,15 @@ mod wide {
         bk: usize,
         o: &mut [f32],
         corr: &[f32; BQ],
+        lim: &[usize; BQ / R],
     ) {
         assert!(p.len() >= rows * KB && bk <= KB && o.len() >= rows * dvp);
-        assert!(dvp % 16 == 0 && v.len() >= (bk - 1) * dvp + dvp);
+        assert!(dvp.is_multiple_of(16) && v.len() >= bk * dvp && lim.iter().all(|&x| x <= bk));
         let (pp, vv, op) = (p.as_ptr(), v.as_ptr(), o.as_mut_ptr());
-        let mut r = 0;
         // SAFETY: the asserts bound every element the tiles reach.
         unsafe {
-            while r < rows {
+            for (g, &nj) in lim.iter().enumerate().take(rows.div_ceil(R)) {
+                let r = g * R;
                 let n = (rows - r).min(R);
                 let (pr, or, cr) = (pp.add(r * KB), op.add(r * dvp), corr.as_ptr().add(r));
                 let mut c0 = 0;
@@ -503,17 +544,16 @@ mod wide {
                     let nv = ((dvp - c0) / 16).min(4);
                     let (vc, oc) = (vv.add(c0), or.add(c0));
                     match (n, nv) {
-                        (4, 4) => pv_tile::<4, 4>(pr, vc, dvp, bk, oc, cr),
-                        (4, 3) => pv_tile::<4, 3>(pr, vc, dvp, bk, oc, cr),
-                        (4, 2) => pv_tile::<4, 2>(pr, vc, dvp, bk, oc, cr),
-                        (4, _) => pv_tile::<4, 1>(pr, vc, dvp, bk, oc, cr),
-                        (3, _) => pv_tile::<3, 1>(pr, vc, dvp, bk, oc, cr),
-                        (2, _) => pv_tile::<2, 1>(pr, vc, dvp, bk, oc, cr),
-                        _ => pv_tile::<1, 1>(pr, vc, dvp, bk, oc, cr),
+                        (4, 4) => pv_tile::<4, 4>(pr, vc, dvp, nj, oc, cr),
+                        (4, 3) => pv_tile::<4, 3>(pr, vc, dvp, nj, oc, cr),
+                        (4, 2) => pv_tile::<4, 2>(pr, vc, dvp, nj, oc, cr),
+                        (4, _) => pv_tile::<4, 1>(pr, vc, dvp, nj, oc, cr),
+                        (3, _) => pv_tile::<3, 1>(pr, vc, dvp, nj, oc, cr),
+                        (2, _) => pv_tile::<2, 1>(pr, vc, dvp, nj, oc, cr),
+                        _ => pv_tile::<1, 1>(pr, vc, dvp, nj, oc, cr),
                     }
                     c0 += if n == 4 { nv * 16 } else { 16 };
                 }
-                r += n;
             }
         }
     }
@@ -586,8 +626,21 @@ mod tests {
     fn both_kernels_match_the_reference() {
         // (h, kvh, sq, sk, d, dv, causal, window, mask, magnitude)
         let mut cases = vec![];
-        for &(sq, sk) in &[(1, 1), (3, 50), (50, 3), (129, 129), (1, 783), (65, 783), (129, 50)] {
-            for &(causal, window) in &[(false, None), (true, None), (true, Some(5)), (false, Some(3))] {
+        for &(sq, sk) in &[
+            (1, 1),
+            (3, 50),
+            (50, 3),
+            (129, 129),
+            (1, 783),
+            (65, 783),
+            (129, 50),
+        ] {
+            for &(causal, window) in &[
+                (false, None),
+                (true, None),
+                (true, Some(5)),
+                (false, Some(3)),
+            ] {
                 for mask in ["none", "pad", "keys", "rows"] {
                     cases.push((2, 2, sq, sk, 64, 64, causal, window, mask, 1f32));
                 }
@@ -605,7 +658,10 @@ mod tests {
         let mut worst = [0f32; 2];
         for (ci, &(h, kvh, sq, sk, d, dv, causal, window, mask, mag)) in cases.iter().enumerate() {
             let seed = 77 + 4 * ci as u64;
-            let q = Tensor::f32(vec![1, h, sq, d], rand(h * sq * d, seed, mag.sqrt().min(10.0)));
+            let q = Tensor::f32(
+                vec![1, h, sq, d],
+                rand(h * sq * d, seed, mag.sqrt().min(10.0)),
+            );
             let k = Tensor::f32(vec![1, kvh, sk, d], rand(kvh * sk * d, seed + 1, 1.0));
             let vdata = rand(kvh * sk * dv, seed + 2, mag);
             let vmax = vdata.iter().fold(0f32, |a, &x| a.max(x.abs()));
@@ -615,7 +671,9 @@ mod tests {
                 // Every fourth key hidden by f32::MIN (padding), shared by heads and rows.
                 "pad" => Some(Tensor::f32(
                     vec![1, 1, 1, sk],
-                    (0..sk).map(|j| if j % 4 == 3 { f32::MIN } else { 0.0 }).collect(),
+                    (0..sk)
+                        .map(|j| if j % 4 == 3 { f32::MIN } else { 0.0 })
+                        .collect(),
                 )),
                 // One value per (head, query) broadcast over keys; every third row dead.
                 "keys" => Some(Tensor::f32(

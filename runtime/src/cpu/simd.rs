@@ -347,12 +347,7 @@ mod tests {
         let exp16 = |x: &[f32; 16]| -> [f32; 16] {
             let mut out = [0f32; 16];
             // SAFETY: AVX-512F was detected above.
-            unsafe {
-                _mm512_storeu_ps(
-                    out.as_mut_ptr(),
-                    avx512::exp(_mm512_loadu_ps(x.as_ptr())),
-                )
-            };
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), avx512::exp(_mm512_loadu_ps(x.as_ptr()))) };
             out
         };
         let mut worst = 0f64;
@@ -392,7 +387,10 @@ mod tests {
                 assert_eq!(g, 0.0, "exp({xi})");
                 assert!(want < 1.2e-38, "exp({xi})");
             } else {
-                assert!((g as f64 - want).abs() <= 2.5e-7 * want, "exp({xi}) = {g}, want {want}");
+                assert!(
+                    (g as f64 - want).abs() <= 2.5e-7 * want,
+                    "exp({xi}) = {g}, want {want}"
+                );
             }
         }
         assert_eq!(got[7], 1.0);
