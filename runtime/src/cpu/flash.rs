@@ -7,6 +7,13 @@
 //! Key blocks that the causal or window mask hides from every query of the block are never
 //! touched, and no score tile larger than `BQ × BK` exists.
 //!
+//! On a CPU with AVX-512F (detected at run time, [`simd::has_avx512`]) the same walk runs in
+//! `wide`: K packed once per call and key/value head into `[d][64]` blocks, the score tile and
+//! `O = O·corr + P V` by 4-row register-blocked microkernels (no GEMM call per tile), a score
+//! row's scale, mask, max, `exp` and sum in registers, the corrections 16 rows at a time, and on
+//! the causal diagonal the key columns a 4-row group cannot see neither scored nor multiplied.
+//! Elsewhere the portable loop above (faer per tile, AVX2 or baseline row loops) runs.
+//!
 //! Semantics are the reference's (`fused::attention`): a hidden key contributes nothing unless
 //! every key of a row is hidden or masked to about `f32::MIN`, in which case the reference
 //! averages `v` uniformly; such rows (max score below [`DEAD`]) are recomputed exactly as
