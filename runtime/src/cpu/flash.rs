@@ -45,8 +45,21 @@ pub(crate) fn attention(
     how: Mask,
     out: &[usize],
 ) -> Vec<f32> {
-    attention_at(q, k, v, mask, how, out, simd::has_avx512())
+    let sq = q.shape[q.shape.len() - 2];
+    attention_at(
+        q,
+        k,
+        v,
+        mask,
+        how,
+        out,
+        sq >= WIDE_MIN_ROWS && simd::has_avx512(),
+    )
 }
+
+/// Query rows from which the AVX-512 kernel runs: it packs all of K first (one pass over it),
+/// which a decode step (one query row) would pay as much for as for the attention itself.
+const WIDE_MIN_ROWS: usize = 16;
 
 /// [`attention`] with the kernel chosen by the caller: the AVX-512 microkernels when `wide`
 /// (and the CPU has them), the portable faer-tiled loop otherwise (tests run both).
