@@ -7,6 +7,13 @@
 //! Key blocks that the causal or window mask hides from every query of the block are never
 //! touched, and no score tile larger than `BQ × BK` exists.
 //!
+//! On a CPU with AVX-512F (detected at run time, [`simd::has_avx512`]) the same walk runs in
+//! `wide`: K packed once per call and key/value head into `[d][64]` blocks, the score tile and
+//! `O = O·corr + P V` by 4-row register-blocked microkernels (no GEMM call per tile), a score
+//! row's scale, mask, max, `exp` and sum in registers, the corrections 16 rows at a time, and on
+//! the causal diagonal the key columns a 4-row group cannot see neither scored nor multiplied.
+//! Elsewhere the portable loop above (faer per tile, AVX2 or baseline row loops) runs.
+//!
 //! Semantics are the reference's (`fused::attention`): a hidden key contributes nothing unless
 //! every key of a row is hidden or masked to about `f32::MIN`, in which case the reference
 //! averages `v` uniformly; such rows (max score below [`DEAD`]) are recomputed exactly as
@@ -38,32 +45,49 @@ pub(crate) fn attention(
     how: Mask,
     out: &[usize],
 ) -> Vec<f32> {
+    let sq = q.shape[q.shape.len() - 2];
+    attention_at(
+        q,
+        k,
+        v,
+        mask,
+        how,
+        out,
+        sq >= WIDE_MIN_ROWS && simd::has_avx512(),
+    )
+}
+
+/// Query rows from which the AVX-512 kernel runs: it packs all of K first (one pass over it),
+/// which a decode step (one query row) would pay as much for as for the attention itself.
+const WIDE_MIN_ROWS: usize = 16;
+
+/// [`attention`] with the kernel chosen by the caller: the AVX-512 microkernels when `wide`
+/// (and the CPU has them), the portable faer-tiled loop otherwise (tests run both).
+pub(crate) fn attention_at(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    how: Mask,
+    out: &[usize],
+    wide: bool,
+) -> Vec<f32> {
     let heads = Heads::new(q, k, v, mask);
-    let (sq, sk, d, dv, offset) = (heads.sq, heads.sk, heads.d, heads.dv, heads.offset);
+    let (sq, sk, dv) = (heads.sq, heads.sk, heads.dv);
     let mut dst = vec![0f32; out.iter().product()];
     if dst.is_empty() || sk == 0 {
         return dst;
     }
+    #[cfg(target_arch = "x86_64")]
+    if wide && simd::has_avx512() {
+        wide::attention(&heads, how, &mut dst);
+        return dst;
+    }
+    let _ = wide;
     dst.par_chunks_mut(sq * dv)
         .enumerate()
         .for_each(|(bi, ob)| {
-            let Head {
-                q: qb,
-                k: kb,
-                v: vb,
-                mask: m,
-            } = heads.head(bi);
-            let blk = Block {
-                q: qb,
-                k: kb,
-                v: vb,
-                mask: m,
-                how,
-                sk,
-                d,
-                dv,
-                offset,
-            };
+            let blk = Block::new(&heads, bi, how);
             ob.par_chunks_mut(BQ * dv)
                 .enumerate()
                 .for_each(|(ci, oc)| blk.run(ci * BQ, oc));
@@ -84,7 +108,22 @@ struct Block<'a> {
     offset: i64,
 }
 
-impl Block<'_> {
+impl<'a> Block<'a> {
+    fn new(heads: &Heads<'a>, bi: usize, how: Mask) -> Block<'a> {
+        let Head { q, k, v, mask } = heads.head(bi);
+        Block {
+            q,
+            k,
+            v,
+            mask,
+            how,
+            sk: heads.sk,
+            d: heads.d,
+            dv: heads.dv,
+            offset: heads.offset,
+        }
+    }
+
     /// Keys `[lo, hi)` that query `i` can see by position (all when neither causal nor windowed).
     fn visible(&self, i: usize) -> (usize, usize) {
         let pos = i as i64 + self.offset;
@@ -230,5 +269,475 @@ impl Block<'_> {
                 *x += w * y;
             }
         }
+    }
+}
+
+/// The AVX-512 form of [`Block::run`]: the score tile `S = Q Kᵀ` and `O = O·corr + P V` by
+/// register-blocked microkernels (4 query rows × 64 keys, 4 rows × 64 value columns: 16
+/// accumulators each) instead of a GEMM call per 64 × 64 tile, and the scale, mask, row max,
+/// `exp` and row sum of a score row in registers in one pass. K is packed once per call and
+/// key/value head as `[d][64]` blocks (one key-lane vector per `d` step; GQA heads share the
+/// packed copy), V is read in place (copied only to pad an odd value width to 16 lanes).
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use std::arch::x86_64::*;
+
+    use rayon::prelude::*;
+
+    use super::{Block, Heads, Mask, BQ, DEAD};
+    use crate::cpu::simd::avx512::exp;
+
+    /// Keys per packed block: a score row is four 16-lane registers.
+    const KB: usize = 64;
+    /// Query rows per microkernel call.
+    const R: usize = 4;
+    // The running max/sum/rescale arrays are processed 16 rows at a time.
+    const _: () = assert!(BQ.is_multiple_of(16));
+
+    pub(super) fn attention(heads: &Heads, how: Mask, dst: &mut [f32]) {
+        let (sq, sk, d, dv) = (heads.sq, heads.sk, heads.d, heads.dv);
+        let bh = dst.len() / (sq * dv);
+        let nkb = sk.div_ceil(KB);
+        let dvp = dv.next_multiple_of(16);
+        let packed: Vec<(Vec<f32>, Option<Vec<f32>>)> = (0..bh / heads.group)
+            .into_par_iter()
+            .map(|h| {
+                let hd = heads.head(h * heads.group);
+                let mut kp = vec![0f32; nkb * d * KB];
+                for (j, kj) in hd.k.chunks_exact(d).enumerate() {
+                    let blk = &mut kp[j / KB * d * KB + j % KB..];
+                    for (t, &x) in kj.iter().enumerate() {
+                        blk[t * KB] = x;
+                    }
+                }
+                let vp = (dvp != dv).then(|| {
+                    let mut vp = vec![0f32; sk * dvp];
+                    for (dst, src) in vp.chunks_exact_mut(dvp).zip(hd.v.chunks_exact(dv)) {
+                        dst[..dv].copy_from_slice(src);
+                    }
+                    vp
+                });
+                (kp, vp)
+            })
+            .collect();
+        dst.par_chunks_mut(sq * dv)
+            .enumerate()
+            .for_each(|(bi, ob)| {
+                let blk = Block::new(heads, bi, how);
+                let (kp, vp) = &packed[bi / heads.group];
+                let vp = vp.as_deref().unwrap_or(blk.v);
+                ob.par_chunks_mut(BQ * dv)
+                    .enumerate()
+                    // SAFETY: the caller checked AVX-512F.
+                    .for_each(|(ci, oc)| unsafe { run(&blk, kp, vp, dvp, ci * BQ, oc) });
+            });
+    }
+
+    /// Output rows `i0 ..` of one batch·head into `oc` (`rows × dv`, `rows <= BQ`).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run(blk: &Block, kp: &[f32], vp: &[f32], dvp: usize, i0: usize, oc: &mut [f32]) {
+        let (d, dv, sk) = (blk.d, blk.dv, blk.sk);
+        let rows = oc.len() / dv;
+        let (lo, _) = blk.visible(i0);
+        let (_, hi) = blk.visible(i0 + rows - 1);
+        let mut s = vec![0f32; BQ * KB];
+        let mut o = vec![0f32; rows * dvp];
+        let mut mx = [f32::NEG_INFINITY; BQ];
+        let mut l = [0f32; BQ];
+        let mut corr = [1f32; BQ];
+        let mut mnew = [f32::NEG_INFINITY; BQ];
+        let mut sums = [0f32; BQ];
+        let mut gathered = [0f32; KB];
+        let blocks = if lo < hi {
+            lo / KB..hi.div_ceil(KB)
+        } else {
+            0..0
+        };
+        for b in blocks {
+            let j0 = b * KB;
+            let bk = KB.min(sk - j0);
+            // Keys of this block that each group of R rows sees at most (the last row's upper
+            // bound: it grows with the row): on the causal diagonal the columns past it are
+            // neither scored nor multiplied.
+            let mut lim = [0usize; BQ / R];
+            for (g, lg) in lim.iter_mut().enumerate().take(rows.div_ceil(R)) {
+                let last = i0 + (g * R + R).min(rows) - 1;
+                *lg = blk.visible(last).1.clamp(j0, j0 + bk) - j0;
+            }
+            // SAFETY: q holds rows `i0 .. i0 + rows` of d floats, kp block b holds d × KB.
+            unsafe { scores(&blk.q[i0 * d..], d, rows, &kp[b * d * KB..], &mut s, &lim) };
+            for ii in 0..rows {
+                let i = i0 + ii;
+                let (vlo, vhi) = blk.visible(i);
+                let a = vlo.clamp(j0, j0 + bk) - j0;
+                let e = (vhi.clamp(j0, j0 + bk) - j0).max(a);
+                let mrow = blk.mask.map(|m| {
+                    let base = m.base + i * m.row + j0 * m.col;
+                    if m.col == 1 {
+                        m.data[base..base + bk].as_ptr()
+                    } else {
+                        for (j, g) in gathered[..bk].iter_mut().enumerate() {
+                            *g = m.data[base + j * m.col];
+                        }
+                        gathered.as_ptr()
+                    }
+                });
+                let row = &mut s[ii * KB..(ii + 1) * KB];
+                // SAFETY: the row has KB floats; the mask row bk, loaded under lanes `< e <= bk`.
+                let (m_new, sum) = unsafe { softmax_row(row, a, e, blk.how.scale, mrow, mx[ii]) };
+                mnew[ii] = m_new;
+                sums[ii] = sum;
+            }
+            // The running sums and output rescaled by e^(m_old - m_new), 16 rows at a time:
+            // 1 where the max is unchanged, 0 where it was -inf (nothing seen yet), and 0
+            // (-inf - -inf is NaN, which the exp maps to 0) where nothing is visible so far,
+            // where l and o are still 0.
+            for c in (0..rows).step_by(16) {
+                // SAFETY: the arrays hold BQ = 64 floats, a multiple of 16.
+                unsafe {
+                    let (m0, m1) = (_mm512_loadu_ps(&mx[c]), _mm512_loadu_ps(&mnew[c]));
+                    let cr = exp(_mm512_sub_ps(m0, m1));
+                    _mm512_storeu_ps(&mut corr[c], cr);
+                    let lv = _mm512_fmadd_ps(_mm512_loadu_ps(&l[c]), cr, _mm512_loadu_ps(&sums[c]));
+                    _mm512_storeu_ps(&mut l[c], lv);
+                    _mm512_storeu_ps(&mut mx[c], m1);
+                }
+            }
+            // SAFETY: vp holds sk rows of dvp floats (stride dvp), o rows × dvp.
+            unsafe { pv(&s, rows, &vp[j0 * dvp..], dvp, bk, &mut o, &corr, &lim) };
+        }
+        for (ii, out) in oc.chunks_exact_mut(dv).enumerate() {
+            if mx[ii] < DEAD {
+                blk.reference_row(i0 + ii, out);
+            } else {
+                for (y, &x) in out.iter_mut().zip(&o[ii * dvp..]) {
+                    *y = x / l[ii];
+                }
+            }
+        }
+    }
+
+    /// `s[r][c] = Σ_t q[r][t] · k[t][c]` for the `rows` query rows (stride d) and one packed
+    /// key block (`[d][KB]`), for the columns below `lim[g]` (rounded up to 16) in group `g`
+    /// of R rows; the rest of a row is left as it was (the softmax masks it).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores(
+        q: &[f32],
+        d: usize,
+        rows: usize,
+        k: &[f32],
+        s: &mut [f32],
+        lim: &[usize; BQ / R],
+    ) {
+        assert!(q.len() >= rows * d && k.len() >= d * KB && s.len() >= rows * KB);
+        let (q, k, s) = (q.as_ptr(), k.as_ptr(), s.as_mut_ptr());
+        macro_rules! cols {
+            ($n:literal, $nc:expr, $r:expr) => {
+                match $nc {
+                    1 => score_rows::<$n, 1>(q.add($r * d), d, k, s.add($r * KB)),
+                    2 => score_rows::<$n, 2>(q.add($r * d), d, k, s.add($r * KB)),
+                    3 => score_rows::<$n, 3>(q.add($r * d), d, k, s.add($r * KB)),
+                    4 => score_rows::<$n, 4>(q.add($r * d), d, k, s.add($r * KB)),
+                    _ => {}
+                }
+            };
+        }
+        // SAFETY: the assert bounds every row and column these read and write.
+        unsafe {
+            for (g, &lg) in lim.iter().enumerate().take(rows.div_ceil(R)) {
+                let (r, nc) = (g * R, lg.div_ceil(16));
+                match (rows - r).min(R) {
+                    4 => cols!(4, nc, r),
+                    3 => cols!(3, nc, r),
+                    2 => cols!(2, nc, r),
+                    _ => cols!(1, nc, r),
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn score_rows<const N: usize, const NC: usize>(
+        q: *const f32,
+        d: usize,
+        k: *const f32,
+        s: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NC]; N];
+        // SAFETY: `scores` bounds q (N rows of d), k (d × KB) and s (N × KB).
+        unsafe {
+            for t in 0..d {
+                let kt = k.add(t * KB);
+                let mut kv = [_mm512_setzero_ps(); NC];
+                for (c, x) in kv.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(kt.add(c * 16));
+                }
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let qv = _mm512_set1_ps(*q.add(r * d + t));
+                    for (a, &kc) in ar.iter_mut().zip(&kv) {
+                        *a = _mm512_fmadd_ps(qv, kc, *a);
+                    }
+                }
+            }
+            for (r, ar) in acc.iter().enumerate() {
+                for (c, &a) in ar.iter().enumerate() {
+                    _mm512_storeu_ps(s.add(r * KB + c * 16), a);
+                }
+            }
+        }
+    }
+
+    /// One score row in place: `x·scale + mask` on keys `[a, e)` (the rest `-inf`), the new
+    /// running max `max(m_old, max x)`, then `p = e^(x - max)`; returns (max, `Σ p`). A row
+    /// with nothing visible is left all 0 with max `-inf`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn softmax_row(
+        row: &mut [f32],
+        a: usize,
+        e: usize,
+        scale: f32,
+        mask: Option<*const f32>,
+        m_old: f32,
+    ) -> (f32, f32) {
+        assert!(row.len() == KB && a <= e && e <= KB);
+        let below = |n: usize| if n >= 64 { !0u64 } else { (1u64 << n) - 1 };
+        let live = below(e) & !below(a);
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let sc = _mm512_set1_ps(scale);
+        let p = row.as_mut_ptr();
+        let mut x = [ninf; 4];
+        let mut best = ninf;
+        // SAFETY: row has KB floats; the mask is read only under lanes `< e` (its length).
+        unsafe {
+            for (c, xc) in x.iter_mut().enumerate() {
+                let k = (live >> (16 * c)) as __mmask16;
+                let mut v = _mm512_mul_ps(_mm512_loadu_ps(p.add(16 * c)), sc);
+                if let Some(m) = mask {
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, m.add(16 * c)));
+                }
+                *xc = _mm512_mask_mov_ps(ninf, k, v);
+                best = _mm512_max_ps(best, *xc);
+            }
+            let m_new = _mm512_reduce_max_ps(best).max(m_old);
+            if m_new == f32::NEG_INFINITY {
+                row.fill(0.0);
+                return (m_new, 0.0);
+            }
+            let mb = _mm512_set1_ps(m_new);
+            let mut sum = _mm512_setzero_ps();
+            for (c, &xc) in x.iter().enumerate() {
+                let e = exp(_mm512_sub_ps(xc, mb));
+                _mm512_storeu_ps(p.add(16 * c), e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            (m_new, _mm512_reduce_add_ps(sum))
+        }
+    }
+
+    /// `o[r] = o[r]·corr[r] + Σ_{j < lim[g]} p[r][j] · v[j]` for the `rows` rows (`g` = the
+    /// row's group of R; p: stride KB; v, o: stride dvp, a multiple of 16; `lim <= bk`).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pv(
+        p: &[f32],
+        rows: usize,
+        v: &[f32],
+        dvp: usize,
+        bk: usize,
+        o: &mut [f32],
+        corr: &[f32; BQ],
+        lim: &[usize; BQ / R],
+    ) {
+        assert!(p.len() >= rows * KB && bk <= KB && o.len() >= rows * dvp);
+        assert!(dvp.is_multiple_of(16) && v.len() >= bk * dvp && lim.iter().all(|&x| x <= bk));
+        let (pp, vv, op) = (p.as_ptr(), v.as_ptr(), o.as_mut_ptr());
+        // SAFETY: the asserts bound every element the tiles reach.
+        unsafe {
+            for (g, &nj) in lim.iter().enumerate().take(rows.div_ceil(R)) {
+                let r = g * R;
+                let n = (rows - r).min(R);
+                let (pr, or, cr) = (pp.add(r * KB), op.add(r * dvp), corr.as_ptr().add(r));
+                let mut c0 = 0;
+                while c0 < dvp {
+                    let nv = ((dvp - c0) / 16).min(4);
+                    let (vc, oc) = (vv.add(c0), or.add(c0));
+                    match (n, nv) {
+                        (4, 4) => pv_tile::<4, 4>(pr, vc, dvp, nj, oc, cr),
+                        (4, 3) => pv_tile::<4, 3>(pr, vc, dvp, nj, oc, cr),
+                        (4, 2) => pv_tile::<4, 2>(pr, vc, dvp, nj, oc, cr),
+                        (4, _) => pv_tile::<4, 1>(pr, vc, dvp, nj, oc, cr),
+                        (3, _) => pv_tile::<3, 1>(pr, vc, dvp, nj, oc, cr),
+                        (2, _) => pv_tile::<2, 1>(pr, vc, dvp, nj, oc, cr),
+                        _ => pv_tile::<1, 1>(pr, vc, dvp, nj, oc, cr),
+                    }
+                    c0 += if n == 4 { nv * 16 } else { 16 };
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pv_tile<const N: usize, const NV: usize>(
+        p: *const f32,
+        v: *const f32,
+        dvp: usize,
+        bk: usize,
+        o: *mut f32,
+        corr: *const f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; N];
+        // SAFETY: `pv` bounds p (N rows of KB), v (bk rows of dvp), o (N rows of dvp).
+        unsafe {
+            for (r, ar) in acc.iter_mut().enumerate() {
+                let cr = _mm512_set1_ps(*corr.add(r));
+                for (c, a) in ar.iter_mut().enumerate() {
+                    *a = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * dvp + c * 16)), cr);
+                }
+            }
+            for j in 0..bk {
+                let vj = v.add(j * dvp);
+                let mut vr = [_mm512_setzero_ps(); NV];
+                for (c, x) in vr.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(vj.add(c * 16));
+                }
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let pr = _mm512_set1_ps(*p.add(r * KB + j));
+                    for (a, &x) in ar.iter_mut().zip(&vr) {
+                        *a = _mm512_fmadd_ps(pr, x, *a);
+                    }
+                }
+            }
+            for (r, ar) in acc.iter().enumerate() {
+                for (c, &a) in ar.iter().enumerate() {
+                    _mm512_storeu_ps(o.add(r * dvp + c * 16), a);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = s;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    /// Both kernels (the AVX-512 one where the CPU has it, and the portable one) against the
+    /// reference `fused::attention`, within the fast-vs-reference test's tolerance
+    /// `1e-5·(max|v| + |ref|)`. Covers what `tests/cpu_fast_vs_reference.rs` cannot reach
+    /// through the graph: the portable kernel on an AVX-512 machine and a mask broadcast over
+    /// keys (column stride 0, the gathered-mask path).
+    #[test]
+    fn both_kernels_match_the_reference() {
+        // (h, kvh, sq, sk, d, dv, causal, window, mask, magnitude)
+        let mut cases = vec![];
+        for &(sq, sk) in &[
+            (1, 1),
+            (3, 50),
+            (50, 3),
+            (129, 129),
+            (1, 783),
+            (65, 783),
+            (129, 50),
+        ] {
+            for &(causal, window) in &[
+                (false, None),
+                (true, None),
+                (true, Some(5)),
+                (false, Some(3)),
+            ] {
+                for mask in ["none", "pad", "keys", "rows"] {
+                    cases.push((2, 2, sq, sk, 64, 64, causal, window, mask, 1f32));
+                }
+            }
+        }
+        for &(d, dv) in &[(7, 7), (33, 17), (128, 128), (64, 80)] {
+            cases.push((6, 2, 129, 129, d, dv, true, None, "pad", 1.0));
+            cases.push((6, 3, 50, 783, d, dv, false, None, "rows", 1.0));
+            cases.push((6, 1, 1, 129, d, dv, true, Some(4), "keys", 1.0));
+        }
+        for causal in [false, true] {
+            cases.push((2, 2, 129, 129, 64, 64, causal, None, "none", 100.0));
+            cases.push((2, 1, 50, 783, 64, 64, causal, None, "pad", 100.0));
+        }
+        let mut worst = [0f32; 2];
+        for (ci, &(h, kvh, sq, sk, d, dv, causal, window, mask, mag)) in cases.iter().enumerate() {
+            let seed = 77 + 4 * ci as u64;
+            let q = Tensor::f32(
+                vec![1, h, sq, d],
+                rand(h * sq * d, seed, mag.sqrt().min(10.0)),
+            );
+            let k = Tensor::f32(vec![1, kvh, sk, d], rand(kvh * sk * d, seed + 1, 1.0));
+            let vdata = rand(kvh * sk * dv, seed + 2, mag);
+            let vmax = vdata.iter().fold(0f32, |a, &x| a.max(x.abs()));
+            let v = Tensor::f32(vec![1, kvh, sk, dv], vdata);
+            let m = match mask {
+                "none" => None,
+                // Every fourth key hidden by f32::MIN (padding), shared by heads and rows.
+                "pad" => Some(Tensor::f32(
+                    vec![1, 1, 1, sk],
+                    (0..sk)
+                        .map(|j| if j % 4 == 3 { f32::MIN } else { 0.0 })
+                        .collect(),
+                )),
+                // One value per (head, query) broadcast over keys; every third row dead.
+                "keys" => Some(Tensor::f32(
+                    vec![1, h, sq, 1],
+                    (0..h * sq)
+                        .map(|i| if i % 3 == 1 { f32::MIN } else { i as f32 * 0.1 })
+                        .collect(),
+                )),
+                // A full random mask shared by heads, with dead rows every fifth query.
+                _ => Some(Tensor::f32(
+                    vec![1, 1, sq, sk],
+                    rand(sq * sk, seed + 3, 2.0)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, x)| if i / sk % 5 == 0 { f32::MIN } else { x })
+                        .collect(),
+                )),
+            };
+            let how = Mask {
+                scale: 1.0 / (d as f32).sqrt(),
+                causal,
+                window,
+            };
+            let out = [1, h, sq, dv];
+            let reference = super::super::fused::attention(&q, &k, &v, m.as_ref(), how, &out);
+            for (w, wide) in [false, true].into_iter().enumerate() {
+                let got = attention_at(&q, &k, &v, m.as_ref(), how, &out, wide);
+                for (i, (&f, &r)) in got.iter().zip(&reference).enumerate() {
+                    let diff = (f - r).abs();
+                    let tol = 1e-5 * (vmax + r.abs());
+                    assert!(
+                        f.is_finite() && diff <= tol,
+                        "case {:?} wide={wide}: element {i}: got {f}, reference {r}",
+                        cases[ci]
+                    );
+                    worst[w] = worst[w].max(diff / tol);
+                }
+            }
+        }
+        eprintln!(
+            "worst |got - ref| / tol: portable {:.3e}, avx-512 {:.3e} (avx-512 present: {})",
+            worst[0],
+            worst[1],
+            simd::has_avx512()
+        );
     }
 }

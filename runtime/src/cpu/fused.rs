@@ -240,7 +240,8 @@ pub(crate) struct Heads<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
-    group: usize,
+    /// Query heads per key/value head (grouped-query attention; 1 otherwise).
+    pub(crate) group: usize,
     mask: Option<(&'a [f32], Vec<usize>)>,
 }
 
@@ -325,7 +326,7 @@ impl<'a> Heads<'a> {
     }
 }
 
-fn attention(
+pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
