@@ -239,7 +239,8 @@ fn bad_codegen_options_are_one_line_errors() {
 }
 
 /// `--limits device` lowers for the wgpu adapter as `run` does: on a CPU adapter (lavapipe) the
-/// matmuls are the register design (vec4 loads, no shared memory) and every kernel validates;
+/// matmuls whose operands allow vec4 loads are the register design (no shared memory) and
+/// every kernel validates;
 /// `--limits webgpu` keeps WebGPU's limits and the tiled design.
 #[test]
 fn wgsl_limits_device_emits_what_runs() {
@@ -261,14 +262,14 @@ fn wgsl_limits_device_emits_what_runs() {
             "--dims",
             "batch=1,seq=16",
             "--emit",
-            &s(&tmp),
+            &s(&tmp.0),
         ]);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let (_, files) = read_emitted(&tmp, "wgsl");
+        let (_, files) = read_emitted(&tmp.0, "wgsl");
         let mm: Vec<&(String, String)> = files
             .iter()
             .filter(|(f, _)| f.contains("_matmul_"))
@@ -292,6 +293,11 @@ fn wgsl_limits_device_emits_what_runs() {
     // WebGPU's limits: every matmul tiled through shared memory.
     assert_eq!(seen[0].1, seen[0].2, "{seen:?}");
     if cpu {
-        assert_eq!(seen[1].2, 0, "register matmuls on a CPU adapter: {seen:?}");
+        // Register matmuls where the operands allow vec4 loads (not every one: a permuted
+        // activation or a k not a multiple of 4 keeps the tiled design).
+        assert!(
+            seen[1].2 < seen[1].1,
+            "register matmuls on a CPU adapter: {seen:?}"
+        );
     }
 }
