@@ -970,11 +970,15 @@ pub fn matmul_reg(
         let row = format!("r{i}");
         body.push(let_(&row, Elem::U32, plus(var("row0"), i)));
         for c in 0..rn {
-            let (j, get): (u32, Box<dyn Fn(&str) -> Expr>) = if cfg.b_transposed {
-                (c, Box::new(|a: &str| var(a)))
+            // Accumulator `j` holds column `c` (as lane `c % 4` when b is read by columns).
+            let (j, lane) = if cfg.b_transposed {
+                (c, None)
             } else {
-                let lane = (c % 4) as u8;
-                (c / 4, Box::new(move |a: &str| var(a).lane(lane)))
+                (c / 4, Some((c % 4) as u8))
+            };
+            let get = |a: &str| match lane {
+                Some(l) => var(a).lane(l),
+                None => var(a),
             };
             let col = format!("c{i}_{c}");
             let st = epilogue(
