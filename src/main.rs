@@ -175,6 +175,12 @@ enum Cmd {
         /// Storage type of float tensors in the kernels: f32 (default), f16 or bf16 (cuda only).
         #[arg(long)]
         dtype: Option<String>,
+        /// Limits the wgsl kernels are lowered for: webgpu (default: WebGPU's guaranteed
+        /// minimums, fixed default tunables) or device (the wgpu adapter this process would
+        /// run on: its limits and kind, shape-aware defaults at the bucket of --dims, as `run`
+        /// lowers them; the tuning cache is not read).
+        #[arg(long)]
+        limits: Option<String>,
         /// Dims at which the report and plan.json evaluate bytes and flops, e.g.
         /// `batch=1,seq=128,past=0` (the defaults; other symbols default to 1).
         #[arg(long, value_delimiter = ',')]
@@ -585,6 +591,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             target,
             emit,
             dtype,
+            limits,
             dims,
             tp,
             pp,
@@ -601,6 +608,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 &g,
                 target.as_deref(),
                 dtype.as_deref(),
+                limits.as_deref(),
                 if tp_only { &[] } else { &dims },
                 emit.as_deref(),
             )?;
@@ -745,21 +753,24 @@ struct CodegenArgs {
     elem: transfuse::codegen::kir::Elem,
     dtype: String,
     bindings: transfuse::ir::Bindings,
+    /// `--limits device`: the adapter's limits (lowered with shape-aware defaults).
+    device_limits: Option<transfuse::codegen::kernels::Limits>,
 }
 
 fn codegen_args(
     g: &transfuse::ir::Graph,
     target: Option<&str>,
     dtype: Option<&str>,
+    limits: Option<&str>,
     dims: &[String],
     emit: Option<&Path>,
 ) -> Result<Option<CodegenArgs>, Error> {
     use transfuse::codegen::kir::Elem;
     use transfuse::codegen::lower::Target;
     let Some(target) = target else {
-        if emit.is_some() || dtype.is_some() || !dims.is_empty() {
+        if emit.is_some() || dtype.is_some() || limits.is_some() || !dims.is_empty() {
             return Err(Error::Usage(
-                "--emit, --dtype and --dims need --target cuda or --target wgsl".into(),
+                "--emit, --dtype, --limits and --dims need --target cuda or --target wgsl".into(),
             ));
         }
         return Ok(None);
@@ -767,6 +778,24 @@ fn codegen_args(
     let target = Target::from_name(target).ok_or_else(|| {
         Error::Usage(format!("unknown target `{target}` (expected cuda or wgsl)"))
     })?;
+    let device_limits = match (limits, target) {
+        (None | Some("webgpu"), _) => None,
+        (Some("device"), Target::Wgsl) => {
+            use transfuse::runtime::device::Device;
+            let dev = transfuse::runtime::webgpu::shared()?;
+            Some(dev.info().limits)
+        }
+        (Some("device"), _) => {
+            return Err(Error::Usage(
+                "--limits device needs --target wgsl (it reads the wgpu adapter's limits)".into(),
+            ))
+        }
+        (Some(other), _) => {
+            return Err(Error::Usage(format!(
+                "unknown --limits `{other}` (expected webgpu or device)"
+            )))
+        }
+    };
     let elem = match dtype.unwrap_or("f32") {
         "f32" => Elem::F32,
         "f16" => Elem::F16,
@@ -794,6 +823,7 @@ fn codegen_args(
         elem,
         dtype: dtype.unwrap_or("f32").to_string(),
         bindings,
+        device_limits,
     }))
 }
 
@@ -804,9 +834,20 @@ fn codegen(
     emit: Option<&Path>,
     report: bool,
 ) -> Result<(), Error> {
-    use transfuse::codegen::lower::{lower, LowerOptions, Phase, Target};
+    use transfuse::codegen::lower::{lower, lower_tuned, tuning::Tuning, LowerOptions};
+    use transfuse::codegen::lower::{Phase, Target};
     let (target, bindings, dtype_name) = (args.target, &args.bindings, args.dtype.as_str());
-    let plan = lower(g, &LowerOptions::new(target, args.elem))?;
+    let plan = match args.device_limits {
+        // What the runtime lowers: the adapter's limits, shape-aware defaults at the bucket.
+        Some(limits) => {
+            let mut opts = LowerOptions::new(target, args.elem);
+            opts.limits = limits;
+            let mut t = Tuning::at(transfuse::runtime::tune::bucket_dims(bindings), None);
+            t.fixed_defaults = transfuse::runtime::tune::fixed_defaults();
+            lower_tuned(g, &opts, &t)?
+        }
+        None => lower(g, &LowerOptions::new(target, args.elem))?,
+    };
     if let Some(dir) = emit {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {
             path: dir.into(),

@@ -219,6 +219,15 @@ fn bad_codegen_options_are_one_line_errors() {
         &["heads", "batch, past, seq"],
     );
     assert_error(&run(&["--target", "cuda", "--dims", "seq=x"]), &["seq=x"]);
+    assert_error(
+        &run(&["--target", "wgsl", "--limits", "gpu"]),
+        &["--limits", "gpu", "webgpu or device"],
+    );
+    assert_error(
+        &run(&["--target", "cuda", "--limits", "device"]),
+        &["--limits device", "wgsl"],
+    );
+    assert_error(&run(&["--limits", "device"]), &["--target"]);
     // An unwritable --emit folder names the path.
     let tmp = TempDir::new("bad_emit");
     let file = tmp.join("a_file");
@@ -227,4 +236,68 @@ fn bad_codegen_options_are_one_line_errors() {
         &run(&["--target", "cuda", "--emit", &s(&file.join("sub"))]),
         &["a_file"],
     );
+}
+
+/// `--limits device` lowers for the wgpu adapter as `run` does: on a CPU adapter (lavapipe) the
+/// matmuls whose operands allow vec4 loads are the register design (no shared memory) and
+/// every kernel validates;
+/// `--limits webgpu` keeps WebGPU's limits and the tiled design.
+#[test]
+fn wgsl_limits_device_emits_what_runs() {
+    if common::wgpu_backend().is_none() {
+        return;
+    }
+    let model = s(&fixture(GPT2));
+    let mut seen = vec![];
+    for limits in ["webgpu", "device"] {
+        let tmp = TempDir::new(&format!("limits_{limits}"));
+        let out = transfuse([
+            "compile",
+            "--model",
+            &model,
+            "--target",
+            "wgsl",
+            "--limits",
+            limits,
+            "--dims",
+            "batch=1,seq=16",
+            "--emit",
+            &s(&tmp.0),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (_, files) = read_emitted(&tmp.0, "wgsl");
+        let mm: Vec<&(String, String)> = files
+            .iter()
+            .filter(|(f, _)| f.contains("_matmul_"))
+            .collect();
+        assert!(!mm.is_empty(), "matmul kernels in {files:?}");
+        for (_, src) in &files {
+            validate_wgsl(src);
+        }
+        let shared = mm
+            .iter()
+            .filter(|(_, src)| src.contains("var<workgroup>"))
+            .count();
+        seen.push((limits, mm.len(), shared));
+    }
+    eprintln!("{seen:?}");
+    let cpu = {
+        use transfuse::runtime::device::Device;
+        let dev = transfuse::runtime::webgpu::shared().expect("wgpu device");
+        dev.info().limits.kind == transfuse::codegen::kernels::DeviceKind::Cpu
+    };
+    // WebGPU's limits: every matmul tiled through shared memory.
+    assert_eq!(seen[0].1, seen[0].2, "{seen:?}");
+    if cpu {
+        // Register matmuls where the operands allow vec4 loads (not every one: a permuted
+        // activation or a k not a multiple of 4 keeps the tiled design).
+        assert!(
+            seen[1].2 < seen[1].1,
+            "register matmuls on a CPU adapter: {seen:?}"
+        );
+    }
 }

@@ -90,7 +90,8 @@ fn defaults_and_spaces() {
             tile_n: 64,
             tile_k: 16,
             rm: 4,
-            rn: 4
+            rn: 4,
+            reg: 0
         }
     );
     let c = MatMulTunables::default_for(&cfg, &Limits::cuda());
@@ -107,7 +108,7 @@ fn defaults_and_spaces() {
         }
         let g = matmul::matmul(&cfg, &d, &l).unwrap();
         let names: Vec<&str> = g.tunables.iter().map(|t| t.name).collect();
-        assert_eq!(names, ["tile_m", "tile_n", "tile_k", "rm", "rn"]);
+        assert_eq!(names, ["tile_m", "tile_n", "tile_k", "rm", "rn", "reg"]);
         for t in &g.tunables {
             assert!(t.space.contains(&t.value), "{t:?}");
         }
@@ -138,6 +139,7 @@ fn invalid_tunables_and_configs_are_refused_naming_the_kernel() {
         tile_k,
         rm,
         rn,
+        reg: 0,
     };
     for (bad, why) in [
         (t(64, 64, 16, 3, 4), "does not divide"),
@@ -359,6 +361,7 @@ fn small() -> MatMulTunables {
         tile_k: 8,
         rm: 2,
         rn: 4,
+        reg: 0,
     }
 }
 
@@ -562,4 +565,163 @@ fn activation_is_spelled_like_the_cpu_reference() {
     assert!(format!("{:?}", activation(Act::Silu, y.clone())).contains("Sigmoid"));
     assert_eq!(activation(Act::Identity, y.clone()), y);
     assert!(matches!(activation(Act::Relu, y), Expr::Bin(..)));
+}
+
+// ---- The register design (CPU adapters). ----
+
+#[test]
+fn every_register_point_validates_with_naga_and_prints_cuda() {
+    let l = Limits::webgpu();
+    for (bt, gate, elem) in [
+        (false, false, Elem::F32),
+        (true, false, Elem::F16),
+        (true, true, Elem::F32),
+        (false, true, Elem::F16),
+    ] {
+        let cfg = MatMulConfig::plain(elem)
+            .epilogue(Act::GeluTanh, true, true)
+            .transposed_b(bt)
+            .gated(gate);
+        let space = MatMulTunables::reg_space(&cfg, &l);
+        assert!(space.len() > 50, "{} points", space.len());
+        for t in &space {
+            assert_eq!(t.reg, 1);
+            let g = matmul::matmul(&cfg, t, &l).unwrap();
+            assert!(
+                g.kernel.shared.is_empty(),
+                "{}: no shared memory",
+                g.kernel.name
+            );
+            assert_eq!(g.kernel.threads(), t.threads());
+            let src = wgsl::print(&g.kernel).unwrap();
+            assert!(src.contains("vec4"), "{}: vec4 loads", g.kernel.name);
+            common::validate_wgsl(&src);
+            cuda::print(&g.kernel).unwrap();
+        }
+    }
+}
+
+#[test]
+fn register_design_refuses_what_it_cannot_generate() {
+    let l = Limits::webgpu();
+    let cfg = MatMulConfig::plain(Elem::F32);
+    // A non-transposed b is read as vectors of 4 columns.
+    let msg = kernel_err(matmul::matmul(
+        &cfg,
+        &MatMulTunables::reg(4, 2, 2, 4, 1),
+        &l,
+    ));
+    assert!(
+        msg.contains("matmul_f32") && msg.contains("multiple of 4"),
+        "{msg}"
+    );
+    let mut t = MatMulTunables::reg(4, 4, 2, 4, 1);
+    t.tile_k = 5;
+    let msg = kernel_err(matmul::matmul(&cfg, &t, &l));
+    assert!(msg.contains("at most 4 vec4 steps"), "{msg}");
+    t.tile_k = 1;
+    t.reg = 2;
+    let msg = kernel_err(matmul::matmul(&cfg, &t, &l));
+    assert!(msg.contains("reg must be 0"), "{msg}");
+    let msg = kernel_err(matmul::matmul(
+        &cfg,
+        &MatMulTunables::reg(4, 4, 32, 32, 1),
+        &l,
+    ));
+    assert!(msg.contains("threads exceed"), "{msg}");
+    assert_eq!(MatMulTunables::reg(8, 8, 1, 8, 1).shared_bytes(), 0);
+}
+
+/// The register design matches the reference at odd `m` (and odd `n` with `b` transposed;
+/// `n` is a multiple of 4 otherwise, and `k` always: the lowering chooses the design only
+/// then), every epilogue, gates, k unrolling with a tail, and broadcast batches.
+#[test]
+fn register_design_matches_reference() {
+    let l = Limits::webgpu();
+    let pts = [
+        MatMulTunables::reg(8, 8, 1, 8, 1),
+        MatMulTunables::reg(4, 8, 2, 4, 2),
+        MatMulTunables::reg(1, 4, 1, 8, 1),
+        MatMulTunables::reg(2, 4, 4, 2, 4),
+    ];
+    let acts = [Act::Identity, Act::GeluErf, Act::Silu, Act::GeluTanh];
+    for (i, t) in pts.iter().enumerate() {
+        for bt in [false, true] {
+            let cfg = MatMulConfig::plain(Elem::F32)
+                .epilogue(acts[i], i % 2 == 0, i != 1)
+                .transposed_b(bt);
+            let g = matmul::matmul(&cfg, t, &l).unwrap();
+            for (m, n, k) in [
+                (1usize, 1usize, 4usize),
+                (3, 50, 52),
+                (50, 3, 132),
+                (129, 1, 8),
+                (1, 129, 36),
+                (3, 3, 4),
+                (783, 3, 8),
+                (2, 783, 12),
+            ] {
+                let n: usize = if bt { n } else { n.next_multiple_of(4) };
+                let c = Case {
+                    m,
+                    n,
+                    k,
+                    batch: (1, 1),
+                    bstrides: (1, 1, 1, 1),
+                };
+                run_case(&cfg, &g, &c, 1e-5);
+            }
+        }
+    }
+    // Gated, f16 storage, batches broadcast through zero strides.
+    for bt in [false, true] {
+        let cfg = MatMulConfig::plain(Elem::F32)
+            .epilogue(Act::Silu, true, false)
+            .transposed_b(bt)
+            .gated(true);
+        let g = matmul::matmul(&cfg, &MatMulTunables::reg(4, 4, 2, 4, 2), &l).unwrap();
+        for (m, n, k) in [(3, 4, 4), (50, 20, 36), (129, 8, 12)] {
+            let c = Case {
+                m,
+                n,
+                k,
+                batch: (1, 1),
+                bstrides: (1, 1, 1, 1),
+            };
+            run_case(&cfg, &g, &c, 1e-5);
+        }
+        let cfg = MatMulConfig::plain(Elem::F32).transposed_b(bt);
+        let g = matmul::matmul(&cfg, &MatMulTunables::reg(4, 4, 2, 4, 1), &l).unwrap();
+        let c = Case {
+            m: 5,
+            n: 12,
+            k: 8,
+            batch: (2, 3),
+            bstrides: (3, 1, 0, 1),
+        };
+        run_case(&cfg, &g, &c, 1e-5);
+        let cfg = MatMulConfig::plain(Elem::F16)
+            .epilogue(Act::GeluErf, true, true)
+            .transposed_b(bt);
+        let g = matmul::matmul(&cfg, &MatMulTunables::reg(8, 8, 1, 8, 1), &l).unwrap();
+        let c = Case {
+            m: 50,
+            n: 12,
+            k: 20,
+            batch: (1, 1),
+            bstrides: (1, 1, 1, 1),
+        };
+        run_case(&cfg, &g, &c, 1e-5 + 1.0 / 2048.0 / 20.0);
+    }
+}
+
+#[test]
+fn register_design_is_the_cpu_adapters_default_when_operands_allow_vectors() {
+    let cfg = MatMulConfig::plain(Elem::F32).transposed_b(true);
+    let t = MatMulTunables::reg_for_problem(&cfg, Some(128), Some(384));
+    assert_eq!((t.reg, t.rm, t.rn, t.threads()), (1, 8, 8, 8));
+    // Narrow problems: the workgroup's width shrinks to the problem.
+    let t = MatMulTunables::reg_for_problem(&cfg, Some(2), Some(8));
+    assert_eq!((t.rm, t.rn, t.tile_n), (8, 8, 8));
+    assert!(t.validate("matmul", &Limits::webgpu()).is_ok());
 }

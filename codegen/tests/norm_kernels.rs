@@ -859,3 +859,144 @@ fn f16_storage_rounds_outputs_only() {
     let want = norm_ref(&sum, NormKind::Layer, 1e-5, None, None, cols);
     assert_close("f16 layer norm", bufs[2].f32(), &want, cols, 1e-3);
 }
+
+// ---- The row design (one row per invocation, vec4 loads; CPU adapters). ----
+
+/// Row counts (odd, spanning partial workgroups and a clamped grid) and row lengths (multiples
+/// of 4: the lowering chooses the row design only then).
+const ROW_ROWS: [usize; 5] = [1, 3, 50, 129, 783];
+const ROW_COLS: [usize; 3] = [4, 52, 384];
+
+#[test]
+fn row_design_validates_with_naga_prints_cuda_and_is_refused_where_absent() {
+    let web = Limits::webgpu();
+    let mut n = 0;
+    for cfg in configs() {
+        let space = Tune::rows_space(cfg.as_ref(), &web);
+        if !cfg.has_rows_design() {
+            assert!(space.is_empty());
+            let e = cfg.generate(&Tune::rows(8), &web).unwrap_err().to_string();
+            assert!(e.contains("no row design"), "{e}");
+            continue;
+        }
+        assert_eq!(space.len(), 4);
+        for t in space {
+            let g = cfg.generate(&t, &web).unwrap();
+            assert!(g.kernel.shared.is_empty() && g.kernel.name.contains("_rows"));
+            if !g.kernel.uses(Elem::BF16) {
+                let src = wgsl::print(&g.kernel).unwrap();
+                assert!(src.contains("vec4"), "{}", g.kernel.name);
+                common::validate_wgsl(&src);
+            }
+            cuda::print(&g.kernel).unwrap();
+            n += 1;
+        }
+    }
+    assert!(n >= 8, "{n} row-design kernels");
+    let cfg = SoftmaxCfg {
+        elem: Elem::F32,
+        scale: 1.0,
+        mask: false,
+    };
+    for bad in [
+        Tune::rows(4),
+        Tune::rows(128),
+        Tune {
+            per_thread: 2,
+            ..Tune::rows(8)
+        },
+    ] {
+        let e = softmax(&cfg, &bad, &web).unwrap_err().to_string();
+        assert!(e.contains("softmax_f32") && e.contains("row design"), "{e}");
+    }
+}
+
+#[test]
+fn row_design_softmax_matches_reference() {
+    for (i, &rows) in ROW_ROWS.iter().enumerate() {
+        for mask in [false, true] {
+            let cfg = SoftmaxCfg {
+                elem: Elem::F32,
+                scale: if mask { 0.125 } else { 1.0 },
+                mask,
+            };
+            let t = Tune::rows([8, 16, 32, 64][i % 4]);
+            let g = softmax(&cfg, &t, &Limits::webgpu()).unwrap();
+            for cols in ROW_COLS.into_iter().filter(|c| rows * c <= 60_000) {
+                let x = data(rows * cols, cols as u64 + rows as u64);
+                let mut m = data(rows * cols, 7 + cols as u64);
+                // Row 0 fully masked: uniform, as the CPU gives.
+                for v in &mut m[..cols] {
+                    *v = f32::MIN;
+                }
+                let mut bufs = vec![HostBuf::F32(x.clone())];
+                let mut uni = vec![("rows", rows as u32), ("cols", cols as u32)];
+                if mask {
+                    bufs.push(HostBuf::F32(m.clone()));
+                    let mu = mask_uniforms(&[rows, cols], &[rows, cols]).unwrap();
+                    uni.extend(MASK_UNIFORMS.iter().copied().zip(mu));
+                }
+                bufs.push(HostBuf::F32(vec![f32::NAN; rows * cols]));
+                // A clamped grid: the grid-stride loop covers every row.
+                launch(&g, &mut bufs, &uni, Some(3));
+                let want = softmax_ref(&x, mask.then_some(&m[..]), cfg.scale, cols);
+                let what = format!("{} rows {rows} cols {cols}", g.kernel.name);
+                assert_close(&what, bufs.last().unwrap().f32(), &want, cols, 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn row_design_norms_match_reference() {
+    for kind in [NormKind::Layer, NormKind::Rms] {
+        for affine in [Affine::Vector, Affine::Scalar, Affine::None] {
+            for elem in [Elem::F32, Elem::F16] {
+                let cfg = NormCfg {
+                    elem,
+                    kind,
+                    eps: 1e-5,
+                    affine,
+                    residual: false,
+                };
+                for (i, &rows) in ROW_ROWS.iter().enumerate() {
+                    let g =
+                        norm(&cfg, &Tune::rows([8, 16, 32, 64][i % 4]), &Limits::webgpu()).unwrap();
+                    for cols in ROW_COLS.into_iter().filter(|c| rows * c <= 60_000) {
+                        let round = |v: Vec<f32>| if elem == Elem::F16 { f16(&v) } else { v };
+                        let x = round(data(rows * cols, cols as u64 + 5));
+                        let plen = if affine == Affine::Vector { cols } else { 1 };
+                        let (gamma, beta) = (round(data(plen, 11)), round(data(plen, 12)));
+                        let mut bufs = vec![HostBuf::F32(x.clone())];
+                        if affine != Affine::None {
+                            bufs.push(HostBuf::F32(gamma.clone()));
+                            if kind == NormKind::Layer {
+                                bufs.push(HostBuf::F32(beta.clone()));
+                            }
+                        }
+                        bufs.push(HostBuf::F32(vec![f32::NAN; rows * cols]));
+                        let uni = [("rows", rows as u32), ("cols", cols as u32)];
+                        launch(&g, &mut bufs, &uni, Some(2));
+                        let pi = |j: usize| if plen == 1 { 0 } else { j };
+                        let gf = |_: usize, j: usize| gamma[pi(j)];
+                        let bf = |_: usize, j: usize| beta[pi(j)];
+                        let aff = affine != Affine::None;
+                        let want = norm_ref(
+                            &x,
+                            kind,
+                            1e-5,
+                            aff.then_some(&gf as &dyn Fn(usize, usize) -> f32),
+                            (aff && kind == NormKind::Layer)
+                                .then_some(&bf as &dyn Fn(usize, usize) -> f32),
+                            cols,
+                        );
+                        let what = format!("{} rows {rows} cols {cols}", g.kernel.name);
+                        // f16 storage: the output rounded to f16 (2⁻¹¹ relative).
+                        let tol = if elem == Elem::F16 { 1e-3 } else { 1e-5 };
+                        assert_close(&what, bufs.last().unwrap().f32(), &want, cols, tol);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -27,6 +27,21 @@
 //! The k-loop bound is the uniform `k`, so both barriers sit in uniform control flow; only
 //! loads and stores are under per-thread conditions (naga checks uniformity).
 //!
+//! **Register design for CPU adapters ([`matmul_reg`], `reg = 1`).** On llvmpipe every load
+//! from storage or shared memory is a loop over the 8 SIMD lanes (`notes/wgsl-on-lavapipe.md`),
+//! so the tiled design's staging and scalar shared-memory reads dominate. Instead each
+//! invocation owns an `rm × rn` block of `out` (rows `row0 + i`, columns `col0 + j`; a workgroup
+//! of `(tile_m/rm)·(tile_n/rn)` invocations owns `tile_m × tile_n`) and keeps its accumulators
+//! in scalar locals; per step of 4 along `k` it reads each of its `a` rows as one vec4 and
+//! either each of its `b` rows (`b` transposed: one vec4 along `k` per column, then `rm·rn`
+//! dot products) or four `b` rows as vectors of 4 columns (`b` not transposed: vec4
+//! accumulators, `rn` a multiple of 4), straight from storage: no shared memory, no barriers,
+//! `rm·rn / (rm + rn)` multiply-adds per float loaded. `tile_k` is the number of such steps
+//! unrolled per loop iteration (a tail loop takes the rest). Rows past `m` and columns past `n`
+//! read the last row/column (indices clamped) and store nothing. It needs `k % 4 == 0` (and
+//! `n % 4 == 0` for a `b` read by columns) and operands starting on multiples of 4 elements:
+//! the lowering chooses it (by [`Limits::kind`]) only then; GPUs keep the tiled design.
+//!
 //! **Decode GEMV ([`gemv`]).** For few rows (`m = 1` while decoding): each workgroup computes
 //! `cols` outputs of one row, its `threads/cols` lanes splitting `k` (lanes contiguous in `k`
 //! for a transposed `b`, columns contiguous for a normal one — both coalesced), then a
@@ -171,6 +186,10 @@ pub struct MatMulTunables {
     pub rm: u32,
     /// Columns of the per-thread micro-tile.
     pub rn: u32,
+    /// 0: the tiled shared-memory design ([`matmul`]); 1: the register design for CPU adapters
+    /// ([`matmul_reg`]: no shared memory, vec4 loads, `tile_k` vec4 steps unrolled per k
+    /// iteration).
+    pub reg: u32,
 }
 
 const TILE_MN: [u32; 4] = [16, 32, 64, 128];
@@ -183,9 +202,75 @@ impl MatMulTunables {
         (self.tile_m / self.rm.max(1)) * (self.tile_n / self.rn.max(1))
     }
 
-    /// Bytes of shared memory: the f32 tiles of `a` and `b`.
+    /// Bytes of shared memory: the f32 tiles of `a` and `b` (none in the register design).
     pub fn shared_bytes(&self) -> u32 {
-        4 * self.tile_k * (self.tile_m + self.tile_n)
+        if self.reg == 1 {
+            0
+        } else {
+            4 * self.tile_k * (self.tile_m + self.tile_n)
+        }
+    }
+
+    /// The register design ([`matmul_reg`]) with `rm × rn` outputs per invocation, `wy × wx`
+    /// invocations per workgroup and `unroll` vec4 steps per k iteration.
+    pub fn reg(rm: u32, rn: u32, wy: u32, wx: u32, unroll: u32) -> MatMulTunables {
+        MatMulTunables {
+            tile_m: rm * wy,
+            tile_n: rn * wx,
+            tile_k: unroll,
+            rm,
+            rn,
+            reg: 1,
+        }
+    }
+
+    /// The register design's default on a CPU adapter for an `m × n` problem (dims rounded up
+    /// to powers of two; `None`: unknown): 8 × 8 outputs per invocation, so each float loaded
+    /// feeds 4 multiply-adds; one 8-invocation subgroup per
+    /// workgroup (the workgroup's tile no wider than the problem), no k unrolling.
+    pub fn reg_for_problem(cfg: &MatMulConfig, m: Option<u64>, n: Option<u64>) -> MatMulTunables {
+        let _ = cfg;
+        let rn = 8;
+        // 8 rows even when `m` is smaller: blocks of fewer rows (shape-aware by `m`) gave
+        // wrong greedy tokens in tiny GPT-2's decode on lavapipe (not understood yet; the
+        // interpreter agrees with the reference for them).
+        let _ = m;
+        let rm = 8;
+        // Eight invocations, as wide along n as the problem allows.
+        let cols = n.map_or(u64::MAX, |n| n.div_ceil(u64::from(rn)).max(1));
+        let wx = [8u32, 4, 2, 1]
+            .into_iter()
+            .find(|&w| u64::from(w) <= cols)
+            .unwrap_or(1);
+        MatMulTunables::reg(rm, rn, 8 / wx, wx, 1)
+    }
+
+    /// The register design's space: `rm`, `rn` in {1, 2, 4, 8} (`rn` ≥ 4 when `b` is not
+    /// transposed) with at most 64 outputs per invocation, 8, 16, 32 or 64 invocations as
+    /// `wy × wx`, and 1 or 2 vec4 steps per k iteration.
+    pub fn reg_space(cfg: &MatMulConfig, limits: &Limits) -> Vec<MatMulTunables> {
+        let mut v = vec![];
+        for rm in MICRO {
+            for rn in MICRO {
+                if rm * rn > 64 || (!cfg.b_transposed && rn < 4) {
+                    continue;
+                }
+                for threads in [8u32, 16, 32, 64] {
+                    for wx in [1u32, 2, 4, 8, 16, 32, 64] {
+                        if wx > threads {
+                            continue;
+                        }
+                        for unroll in [1, 2] {
+                            let t = MatMulTunables::reg(rm, rn, threads / wx, wx, unroll);
+                            if t.validate("matmul", limits).is_ok() {
+                                v.push(t);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        v
     }
 
     /// The default for a target: 128×128×16 with 8×8 micro-tiles where 1024 threads are
@@ -199,6 +284,7 @@ impl MatMulTunables {
             tile_k,
             rm,
             rn,
+            reg: 0,
         };
         let mut prefs = vec![];
         if limits.max_threads >= 1024 {
@@ -240,6 +326,7 @@ impl MatMulTunables {
             tile_k,
             rm,
             rn,
+            reg: 0,
         };
         let cap = |x: u64| x.max(16).next_power_of_two().min(128) as u32;
         let (cm, cn) = (cap(m), cap(n));
@@ -295,6 +382,7 @@ impl MatMulTunables {
                                 tile_k,
                                 rm,
                                 rn,
+                                reg: 0,
                             };
                             if t.threads() >= 32 && t.validate("matmul", limits).is_ok() {
                                 v.push(t);
@@ -316,9 +404,20 @@ impl MatMulTunables {
             tile_k,
             rm,
             rn,
+            reg,
         } = *self;
         if [tile_m, tile_n, tile_k, rm, rn].contains(&0) {
             return e(format!("tunables must be nonzero: {self:?}"));
+        }
+        if reg > 1 {
+            return e(format!(
+                "reg must be 0 (tiled) or 1 (register design): {self:?}"
+            ));
+        }
+        if reg == 1 && tile_k > 4 {
+            return e(format!(
+                "the register design unrolls at most 4 vec4 steps per k iteration: {self:?}"
+            ));
         }
         if tile_m > 256 || tile_n > 256 || tile_k > 256 {
             return e(format!("tiles larger than 256: {self:?}"));
@@ -351,7 +450,11 @@ impl MatMulTunables {
     }
 
     fn describe(&self, cfg: &MatMulConfig, limits: &Limits) -> Vec<Tunable> {
-        let space = Self::space(cfg, limits);
+        let space = if self.reg == 1 {
+            Self::reg_space(cfg, limits)
+        } else {
+            Self::space(cfg, limits)
+        };
         let axis =
             |name, value, get: fn(&MatMulTunables) -> u32| Tunable::axis(name, value, &space, get);
         vec![
@@ -360,6 +463,7 @@ impl MatMulTunables {
             axis("tile_k", self.tile_k, |t| t.tile_k),
             axis("rm", self.rm, |t| t.rm),
             axis("rn", self.rn, |t| t.rn),
+            axis("reg", self.reg, |t| t.reg),
         ]
     }
 }
@@ -482,6 +586,9 @@ pub fn matmul(
     t: &MatMulTunables,
     limits: &Limits,
 ) -> Result<Generated, CodegenError> {
+    if t.reg == 1 {
+        return matmul_reg(cfg, t, limits);
+    }
     let name = cfg.name("matmul");
     cfg.check(&name)?;
     t.validate(&name, limits)?;
@@ -491,6 +598,7 @@ pub fn matmul(
         tile_k: tk,
         rm,
         rn,
+        ..
     } = *t;
     let (ty_n, tx_n) = (tm / rm, tn / rn);
     let threads = ty_n * tx_n;
@@ -687,6 +795,210 @@ pub fn matmul(
             len: tk * tn,
         }))
         .collect(),
+        body,
+    };
+    check_limits(&kernel, limits)?;
+    Ok(Generated {
+        kernel,
+        grid: [GridDim::of("n", tn), GridDim::of("m", tm), grid_z()],
+        tunables: t.describe(cfg, limits),
+    })
+}
+
+/// The register design for CPU adapters (see the module docs): each invocation accumulates
+/// `rm × rn` outputs in registers, reading `a` rows and `b` as vec4 loads straight from
+/// storage (no shared memory, no barriers). The caller guarantees `k % 4 == 0` (and
+/// `n % 4 == 0` when `b` is not transposed) and operands whose rows start on a multiple of 4
+/// elements: the lowering chooses this design only then.
+pub fn matmul_reg(
+    cfg: &MatMulConfig,
+    t: &MatMulTunables,
+    limits: &Limits,
+) -> Result<Generated, CodegenError> {
+    let name = cfg.name("matmul");
+    cfg.check(&name)?;
+    t.validate(&name, limits)?;
+    let MatMulTunables {
+        tile_m: tm,
+        tile_n: tn,
+        tile_k: unroll,
+        rm,
+        rn,
+        ..
+    } = *t;
+    if !cfg.b_transposed && rn % 4 != 0 {
+        return Err(err(
+            &name,
+            format!("the register design reads a non-transposed b as vectors of 4 columns: rn = {rn} is not a multiple of 4"),
+        ));
+    }
+    let (wy, wx) = (tm / rm, tn / rn);
+    let threads = wy * wx;
+    let gated: &[(&str, &str)] = if cfg.gate {
+        &[("b", "acc"), ("b2", "acg")]
+    } else {
+        &[("b", "acc")]
+    };
+    let mut body = vec![
+        let_("tid", Elem::U32, local_id(0)),
+        let_("tx", Elem::U32, var("tid") % u(wx)),
+        let_("ty", Elem::U32, var("tid") / u(wx)),
+        let_(
+            "row0",
+            Elem::U32,
+            workgroup_id(1) * u(tm) + var("ty") * u(rm),
+        ),
+        let_(
+            "col0",
+            Elem::U32,
+            workgroup_id(0) * u(tn) + var("tx") * u(rn),
+        ),
+    ];
+    body.extend(batch_offsets());
+    // Rows past `m` (columns past `n`) read the last one and store nothing.
+    for i in 0..rm {
+        body.push(let_(
+            &format!("ra{i}"),
+            Elem::U32,
+            var("a_off") + plus(var("row0"), i).min(uni("m") - u(1)) * uni("k"),
+        ));
+    }
+    // Per output: the accumulator's name and how to read its value in the epilogue.
+    let (nb, acc_elem) = if cfg.b_transposed {
+        (rn, Elem::F32)
+    } else {
+        (rn / 4, Elem::F32x4)
+    };
+    for j in 0..nb {
+        let c = if cfg.b_transposed {
+            plus(var("col0"), j).min(uni("n") - u(1))
+        } else {
+            plus(var("col0"), 4 * j).min(uni("n") - u(4))
+        };
+        body.push(let_(&format!("cb{j}"), Elem::U32, c));
+        if cfg.b_transposed {
+            body.push(let_(
+                &format!("rb{j}"),
+                Elem::U32,
+                var("b_off") + var(&format!("cb{j}")) * uni("k"),
+            ));
+        }
+    }
+    let zero = if acc_elem == Elem::F32 {
+        f(0.0)
+    } else {
+        splat4(f(0.0))
+    };
+    for (_, acc) in gated {
+        for i in 0..rm {
+            for j in 0..nb {
+                body.push(var_(&format!("{acc}{i}_{j}"), acc_elem, zero.clone()));
+            }
+        }
+    }
+    // One vec4 step of the reduction at `kk + 4·s`.
+    let step = |s: u32| -> Vec<Stmt> {
+        let mut v = vec![];
+        let kq = plus(var("kk"), 4 * s);
+        for i in 0..rm {
+            v.push(let_(
+                &format!("av{i}_{s}"),
+                Elem::F32x4,
+                load4("a", var(&format!("ra{i}")) + kq.clone()),
+            ));
+        }
+        for (buf, acc) in gated {
+            if cfg.b_transposed {
+                for j in 0..rn {
+                    let bv = format!("{buf}v{j}_{s}");
+                    v.push(let_(
+                        &bv,
+                        Elem::F32x4,
+                        load4(buf, var(&format!("rb{j}")) + kq.clone()),
+                    ));
+                    for i in 0..rm {
+                        let a = format!("{acc}{i}_{j}");
+                        v.push(assign(
+                            &a,
+                            var(&a) + var(&format!("av{i}_{s}")).dot(var(&bv)),
+                        ));
+                    }
+                }
+            } else {
+                // Four rows of b (k = kq..kq+4), each as vectors of 4 columns.
+                for j in 0..nb {
+                    for r in 0..4u32 {
+                        v.push(let_(
+                            &format!("{buf}v{j}_{r}_{s}"),
+                            Elem::F32x4,
+                            load4(
+                                buf,
+                                var("b_off")
+                                    + plus(kq.clone(), r) * uni("n")
+                                    + var(&format!("cb{j}")),
+                            ),
+                        ));
+                    }
+                    for i in 0..rm {
+                        let a = format!("{acc}{i}_{j}");
+                        let mut sum = var(&a);
+                        for r in 0..4u8 {
+                            sum = sum
+                                + splat4(var(&format!("av{i}_{s}")).lane(r))
+                                    * var(&format!("{buf}v{j}_{r}_{s}"));
+                        }
+                        v.push(assign(&a, sum));
+                    }
+                }
+            }
+        }
+        v
+    };
+    let kstep = 4 * unroll;
+    body.push(let_("kmain", Elem::U32, uni("k") - uni("k") % u(kstep)));
+    body.push(for_step(
+        "kk",
+        u(0),
+        var("kmain"),
+        u(kstep),
+        (0..unroll).flat_map(step).collect(),
+    ));
+    if unroll > 1 {
+        body.push(for_step("kk", var("kmain"), uni("k"), u(4), step(0)));
+    }
+    for i in 0..rm {
+        let row = format!("r{i}");
+        body.push(let_(&row, Elem::U32, plus(var("row0"), i)));
+        for c in 0..rn {
+            // Accumulator `j` holds column `c` (as lane `c % 4` when b is read by columns).
+            let (j, lane) = if cfg.b_transposed {
+                (c, None)
+            } else {
+                (c / 4, Some((c % 4) as u8))
+            };
+            let get = |a: &str| match lane {
+                Some(l) => var(a).lane(l),
+                None => var(a),
+            };
+            let col = format!("c{i}_{c}");
+            let st = epilogue(
+                cfg,
+                get(&format!("acc{i}_{j}")),
+                cfg.gate.then(|| get(&format!("acg{i}_{j}"))),
+                var(&row),
+                var(&col),
+                &format!("{i}_{c}"),
+            );
+            body.push(let_(&col, Elem::U32, plus(var("col0"), c)));
+            body.push(if_(var(&row).lt(uni("m")).and(var(&col).lt(uni("n"))), st));
+        }
+    }
+    let kernel = Kernel {
+        name,
+        buffers: buffers(cfg),
+        uniforms: UNIFORMS.iter().map(|s| s.to_string()).collect(),
+        workgroup: [threads, 1, 1],
+        shared: vec![],
         body,
     };
     check_limits(&kernel, limits)?;
@@ -971,6 +1283,7 @@ pub fn catalog() -> Vec<Generated> {
         tile_k: 16,
         rm: 2,
         rn: 4,
+        reg: 0,
     };
     let mut g = matmul(&qk, &qk_t, &limits).expect("catalog attention matmul");
     g.kernel.name = "matmul_f16_bt_batched_qk".into();
@@ -987,6 +1300,41 @@ pub fn catalog() -> Vec<Generated> {
     let cfg = swiglu(Elem::BF16).transposed_b(true);
     let t = MatMulTunables::default_for(&cfg, &Limits::cuda());
     v.push(matmul(&cfg, &t, &Limits::cuda()).expect("catalog gated matmul (CUDA default)"));
+    // The register design (CPU adapters; printed for CUDA too, so NVRTC checks it): both
+    // layouts, an epilogue, f16 storage, a gate and k unrolling.
+    for (cfg, t, tag) in [
+        (
+            MatMulConfig::plain(Elem::F32)
+                .epilogue(Act::GeluErf, true, true)
+                .transposed_b(true),
+            MatMulTunables::reg(8, 8, 1, 8, 1),
+            "reg8x8",
+        ),
+        (
+            MatMulConfig::plain(Elem::F32).epilogue(Act::Identity, true, false),
+            MatMulTunables::reg(8, 8, 2, 4, 2),
+            "reg8x8u2",
+        ),
+        (
+            MatMulConfig::plain(Elem::F16).epilogue(Act::Relu, false, true),
+            MatMulTunables::reg(4, 4, 2, 4, 1),
+            "reg4x4",
+        ),
+        (
+            swiglu(Elem::F32),
+            MatMulTunables::reg(4, 8, 1, 8, 1),
+            "reg4x8",
+        ),
+        (
+            swiglu(Elem::F16).transposed_b(true),
+            MatMulTunables::reg(2, 4, 4, 4, 2),
+            "reg2x4u2",
+        ),
+    ] {
+        let mut g = matmul(&cfg, &t, &limits).expect("catalog register matmul");
+        g.kernel.name = format!("{}_{tag}", g.kernel.name);
+        v.push(g);
+    }
     for cfg in [
         MatMulConfig::plain(Elem::F32)
             .epilogue(Act::GeluErf, true, true)

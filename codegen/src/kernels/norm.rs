@@ -34,6 +34,15 @@
 //! constants, and per-thread conditions (`column < cols`, `thread < stride`) guard only loads,
 //! stores and shared-memory updates.
 //!
+//! **Row design (`subgroup = 1`, CPU adapters).** Softmax and layer/RMS norm without a
+//! residual also have a design for llvmpipe, where every load is a loop over the SIMD lanes
+//! and a 256-thread tree reduction costs many barriers and shared-memory loads per row: one
+//! row per invocation (`threads` rows per workgroup, row `wg·threads + tid`, grid-stride), the
+//! row read as vec4 loads in each pass (the sums kept as vec4 and added across lanes at the
+//! end), no shared memory, no barriers; stores (and a softmax mask, gamma, beta) stay scalar.
+//! It needs `cols % 4 == 0` and rows starting on multiples of 4 elements: the lowering
+//! chooses it by [`Limits::kind`] only then.
+//!
 //! Batch norm (`y = x·scale[c] + shift[c]`, `c = (i / spatial) % channels`) is elementwise: a
 //! grid-stride loop over the elements with `ceil(n / (threads·per_thread))` workgroups planned.
 //!
@@ -90,6 +99,10 @@ const PER_THREAD: [u32; 4] = [1, 2, 4, 8];
 const MAX_PER_THREAD: u32 = 16;
 /// The subgroup width the `subgroup` tunable assumes.
 const WARP: u32 = 32;
+/// `subgroup` value selecting the row design: one row per invocation (CPU adapters).
+pub const ROWS: u32 = 1;
+/// Invocations per workgroup worth trying in the row design.
+const ROW_THREADS: [u32; 4] = [8, 16, 32, 64];
 
 /// Which scale/shift parameters a normalisation applies after normalising.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -167,6 +180,10 @@ pub trait NormConfig {
     }
     /// Generates the kernel for `tune` on a target with `limits`.
     fn generate(&self, tune: &Tune, limits: &Limits) -> Result<Generated, CodegenError>;
+    /// True when the row design ([`ROWS`]: one row per invocation, vec4 loads) exists for it.
+    fn has_rows_design(&self) -> bool {
+        false
+    }
 }
 
 impl NormConfig for SoftmaxCfg {
@@ -176,6 +193,9 @@ impl NormConfig for SoftmaxCfg {
     fn generate(&self, tune: &Tune, limits: &Limits) -> Result<Generated, CodegenError> {
         softmax(self, tune, limits)
     }
+    fn has_rows_design(&self) -> bool {
+        true
+    }
 }
 
 impl NormConfig for NormCfg {
@@ -184,6 +204,9 @@ impl NormConfig for NormCfg {
     }
     fn generate(&self, tune: &Tune, limits: &Limits) -> Result<Generated, CodegenError> {
         norm(self, tune, limits)
+    }
+    fn has_rows_design(&self) -> bool {
+        !self.residual
     }
 }
 
@@ -216,7 +239,11 @@ pub struct Tune {
     /// Values per thread held in registers (row kernels: `threads·per_thread` columns are read
     /// once; batch norm: elements per thread, sizing the grid). 1..=16.
     pub per_thread: u32,
-    /// 0: shared-memory tree reductions; 32: subgroup reductions assuming 32-lane subgroups.
+    /// 0: shared-memory tree reductions; 32: subgroup reductions assuming 32-lane subgroups;
+    /// [`ROWS`] (1): the row design — one row per invocation, `threads` (8..=64) rows per
+    /// workgroup, vec4 loads, no shared memory (softmax, layer/RMS norm without residual;
+    /// `per_thread` 1; the caller guarantees `cols % 4 == 0` and rows starting on a multiple of
+    /// 4 elements).
     pub subgroup: u32,
 }
 
@@ -256,7 +283,27 @@ impl Tune {
         }
     }
 
-    /// Every valid combination of the values worth trying under `limits`.
+    /// The row design with `threads` rows per workgroup.
+    pub fn rows(threads: u32) -> Tune {
+        Tune {
+            threads,
+            per_thread: 1,
+            subgroup: ROWS,
+        }
+    }
+
+    /// The row design's points: 8, 16, 32 or 64 rows per workgroup (none when `cfg` has no
+    /// row design).
+    pub fn rows_space(cfg: &dyn NormConfig, limits: &Limits) -> Vec<Tune> {
+        ROW_THREADS
+            .iter()
+            .map(|&t| Tune::rows(t))
+            .filter(|t| t.check(cfg, limits).is_none())
+            .collect()
+    }
+
+    /// Every valid combination of the values worth trying under `limits` (the row design not
+    /// included: see [`Self::rows_space`]).
     pub fn space(cfg: &dyn NormConfig, limits: &Limits) -> Vec<Tune> {
         let subgroups: &[u32] = if cfg.reduces() { &[0, WARP] } else { &[0] };
         let mut out = vec![];
@@ -279,6 +326,24 @@ impl Tune {
 
     /// Why `self` is invalid for `cfg` under `limits`, if it is.
     fn check(&self, cfg: &dyn NormConfig, limits: &Limits) -> Option<String> {
+        if self.subgroup == ROWS {
+            if !cfg.has_rows_design() {
+                return Some("this kernel has no row design (subgroup = 1)".into());
+            }
+            if !ROW_THREADS.contains(&self.threads) || self.threads > limits.max_threads {
+                return Some(format!(
+                    "the row design takes 8, 16, 32 or 64 threads within the target's {}, not {}",
+                    limits.max_threads, self.threads
+                ));
+            }
+            if self.per_thread != 1 {
+                return Some(format!(
+                    "the row design takes per_thread = 1, not {}",
+                    self.per_thread
+                ));
+            }
+            return None;
+        }
         if !self.threads.is_power_of_two() || self.threads < 32 {
             return Some(format!(
                 "threads = {} is not a power of two of at least 32",
@@ -299,7 +364,7 @@ impl Tune {
         }
         match (self.subgroup, cfg.reduces()) {
             (0, _) | (WARP, true) => {}
-            (s, true) => return Some(format!("subgroup = {s} is neither 0 nor {WARP}")),
+            (s, true) => return Some(format!("subgroup = {s} is neither 0, {ROWS} nor {WARP}")),
             (s, false) => return Some(format!("subgroup = {s}: this kernel does not reduce")),
         }
         if cfg.reduces() && shared_len(self) * 4 > limits.max_shared_bytes {
@@ -314,6 +379,14 @@ impl Tune {
 
     /// As [`Tunable`]s, with each one's valid values under `limits` (the others held).
     fn tunables(&self, cfg: &dyn NormConfig, limits: &Limits) -> Vec<Tunable> {
+        if self.subgroup == ROWS {
+            let space = Self::rows_space(cfg, limits);
+            return vec![
+                Tunable::axis("threads", self.threads, &space, |t| t.threads),
+                Tunable::axis("per_thread", 1, &space, |t| t.per_thread),
+                Tunable::axis("subgroup", ROWS, &space, |t| t.subgroup),
+            ];
+        }
         let valid = |t: Tune| t.check(cfg, limits).is_none();
         let mut v = vec![
             Tunable {
@@ -405,7 +478,11 @@ fn named(
     tune: &Tune,
     limits: &Limits,
 ) -> Result<String, CodegenError> {
-    let sg = if tune.subgroup == WARP { "_sg32" } else { "" };
+    let sg = match tune.subgroup {
+        WARP => "_sg32",
+        ROWS => "_rows",
+        _ => "",
+    };
     let name = format!(
         "{stem}_{}_t{}x{}{sg}",
         elem_name(cfg.elem()),
@@ -675,6 +752,9 @@ pub fn mask_uniforms(scores: &[usize], mask: &[usize]) -> Option<[u32; 7]> {
 
 /// `softmax(x·scale [+ mask])` over the last axis, one workgroup per row.
 pub fn softmax(cfg: &SoftmaxCfg, tune: &Tune, limits: &Limits) -> Result<Generated, CodegenError> {
+    if tune.subgroup == ROWS {
+        return softmax_rows(cfg, tune, limits);
+    }
     let mut stem = "softmax".to_string();
     if cfg.mask {
         stem.push_str("_mask");
@@ -958,6 +1038,9 @@ pub fn norm(cfg: &NormCfg, tune: &Tune, limits: &Limits) -> Result<Generated, Co
     );
     let name = named(&stem, cfg, tune, limits)?;
     check_eps(&name, cfg.eps)?;
+    if tune.subgroup == ROWS {
+        return norm_rows(cfg, tune, limits, name);
+    }
     let rn = RowNorm {
         kind: cfg.kind,
         elem: cfg.elem,
@@ -983,6 +1066,230 @@ pub fn norm(cfg: &NormCfg, tune: &Tune, limits: &Limits) -> Result<Generated, Co
         body: row_loop(tune, "rows", prologue, body),
     };
     finish(kernel, GridDim::of("rows", 1), cfg, tune, limits)
+}
+
+/// The row design's loop: row `wg·T + tid`, then strided by the whole grid (`T` = threads).
+fn rows_loop(t: &Tune, prologue: Vec<Stmt>, body: Vec<Stmt>) -> Vec<Stmt> {
+    let mut v = vec![let_("tid", Elem::U32, local_id(0))];
+    v.extend(prologue);
+    v.push(for_step(
+        "row",
+        workgroup_id(0) * u(t.threads) + var("tid"),
+        uni("rows"),
+        num_workgroups(0) * u(t.threads),
+        body,
+    ));
+    v
+}
+
+/// Σ of the four lanes of vector local `v`.
+fn hsum(v: &str) -> Expr {
+    (var(v).lane(0) + var(v).lane(1)) + (var(v).lane(2) + var(v).lane(3))
+}
+
+/// A loop over the row's columns `j = 0, 4, …` with `x4` = the vector at `base + j` in scope.
+fn row_vectors(x: &dyn Fn(Expr) -> Expr, mut body: Vec<Stmt>) -> Stmt {
+    let mut b = vec![let_("x4", Elem::F32x4, x(var("base") + var("j")))];
+    b.append(&mut body);
+    for_step("j", u(0), uni("cols"), u(4), b)
+}
+
+/// Layer or RMS norm, the row design (see [`Tune::subgroup`]).
+fn norm_rows(
+    cfg: &NormCfg,
+    tune: &Tune,
+    limits: &Limits,
+    name: String,
+) -> Result<Generated, CodegenError> {
+    let e = cfg.elem;
+    let x = |i: Expr| load4("x", i);
+    let mut body = vec![
+        let_("base", Elem::U32, var("row") * uni("cols")),
+        var_("acc", Elem::F32x4, splat4(f(0.0))),
+    ];
+    let rms = cfg.kind == NormKind::Rms;
+    body.push(row_vectors(
+        &x,
+        vec![assign(
+            "acc",
+            var("acc")
+                + if rms {
+                    var("x4") * var("x4")
+                } else {
+                    var("x4")
+                },
+        )],
+    ));
+    let stat = if rms { "ms" } else { "mean" };
+    body.push(let_(stat, Elem::F32, hsum("acc") * var("inv_n")));
+    let var_src = if rms {
+        var("ms")
+    } else {
+        body.push(var_("acc2", Elem::F32x4, splat4(f(0.0))));
+        body.push(row_vectors(
+            &x,
+            vec![
+                let_("d4", Elem::F32x4, var("x4") - splat4(var("mean"))),
+                assign("acc2", var("acc2") + var("d4") * var("d4")),
+            ],
+        ));
+        hsum("acc2") * var("inv_n")
+    };
+    body.push(let_("rstd", Elem::F32, (var_src + f(cfg.eps)).rsqrt()));
+    let mut last = vec![];
+    for l in 0..4u8 {
+        let j = plus4(var("j"), l);
+        let v = var("x4").lane(l);
+        let n = if rms {
+            v * var("rstd")
+        } else {
+            (v - var("mean")) * var("rstd")
+        };
+        let y = match cfg.affine {
+            Affine::None => n,
+            Affine::Scalar => n * ld("gamma", u(0)),
+            Affine::Vector => n * ld("gamma", j.clone()),
+        };
+        let y = match (cfg.affine, rms) {
+            (Affine::None, _) | (_, true) => y,
+            (Affine::Scalar, false) => y + ld("beta", u(0)),
+            (Affine::Vector, false) => y + ld("beta", j.clone()),
+        };
+        last.push(store("y", var("base") + j, y.cast(e)));
+    }
+    body.push(row_vectors(&x, last));
+    let rn = RowNorm {
+        kind: cfg.kind,
+        elem: cfg.elem,
+        eps: cfg.eps,
+        affine: cfg.affine,
+        residual: false,
+        len: uni("cols"),
+        param: Box::new(|j| j),
+    };
+    let prologue = vec![let_(
+        "inv_n",
+        Elem::F32,
+        f(1.0) / uni("cols").cast(Elem::F32),
+    )];
+    let kernel = Kernel {
+        name,
+        buffers: rn.buffers(),
+        uniforms: vec!["rows".into(), "cols".into()],
+        workgroup: [tune.threads, 1, 1],
+        shared: vec![],
+        body: rows_loop(tune, prologue, body),
+    };
+    finish(kernel, GridDim::of("rows", tune.threads), cfg, tune, limits)
+}
+
+/// `j + l`, or `j` when `l` is 0.
+fn plus4(j: Expr, l: u8) -> Expr {
+    if l == 0 {
+        j
+    } else {
+        j + u(u32::from(l))
+    }
+}
+
+/// Softmax, the row design (see [`Tune::subgroup`]): scores read as vectors (the mask, if any,
+/// as scalars through its broadcast uniforms).
+fn softmax_rows(cfg: &SoftmaxCfg, tune: &Tune, limits: &Limits) -> Result<Generated, CodegenError> {
+    let mut stem = "softmax".to_string();
+    if cfg.mask {
+        stem.push_str("_mask");
+    }
+    if cfg.scale != 1.0 {
+        stem.push_str(&format!("_s{:08x}", cfg.scale.to_bits()));
+    }
+    let name = named(&stem, cfg, tune, limits)?;
+    if !cfg.scale.is_finite() {
+        return Err(kernel_err(
+            &name,
+            format!("scale = {} is not finite", cfg.scale),
+        ));
+    }
+    let e = cfg.elem;
+    let (scale, mask) = (cfg.scale, cfg.mask);
+    let x = |i: Expr| load4("x", i);
+    let mut body = vec![let_("base", Elem::U32, var("row") * uni("cols"))];
+    if mask {
+        let term = |k: u32| {
+            ((var("row") / uni(&format!("mask_div{k}"))) % uni(&format!("mask_mod{k}")))
+                * uni(&format!("mask_stride{k}"))
+        };
+        body.push(let_("mbase", Elem::U32, term(0) + term(1)));
+    }
+    // The scores at j..j+4, each lane a scalar (the mask read per lane).
+    let lane_score = move |l: u8| -> Expr {
+        let xv = var("x4").lane(l);
+        let xv = if scale != 1.0 { xv * f(scale) } else { xv };
+        if mask {
+            let m = ld(
+                "mask",
+                var("mbase") + plus4(var("j"), l) * uni("mask_col_stride"),
+            );
+            let m = if e == Elem::F32 {
+                m
+            } else {
+                m.max(f(f32::MIN))
+            };
+            xv + m
+        } else {
+            xv
+        }
+    };
+    let lets = move || -> Vec<Stmt> {
+        (0..4u8)
+            .map(|l| let_(&format!("s{l}"), Elem::F32, lane_score(l)))
+            .collect()
+    };
+    let sv = |l: u8| var(&format!("s{l}"));
+    // Pass 1: row max.
+    body.push(var_("mx", Elem::F32, f(f32::NEG_INFINITY)));
+    let mut p1 = lets();
+    p1.push(assign(
+        "mx",
+        var("mx").max(sv(0).max(sv(1)).max(sv(2).max(sv(3)))),
+    ));
+    body.push(row_vectors(&x, p1));
+    // Pass 2: Σ exp(s − max).
+    body.push(var_("sm", Elem::F32, f(0.0)));
+    let mut p2 = lets();
+    p2.push(assign(
+        "sm",
+        var("sm")
+            + (((sv(0) - var("mx")).exp() + (sv(1) - var("mx")).exp())
+                + ((sv(2) - var("mx")).exp() + (sv(3) - var("mx")).exp())),
+    ));
+    body.push(row_vectors(&x, p2));
+    body.push(let_("inv", Elem::F32, f(1.0) / var("sm")));
+    // Pass 3: store.
+    let mut p3 = lets();
+    for l in 0..4u8 {
+        p3.push(store(
+            "y",
+            var("base") + plus4(var("j"), l),
+            ((sv(l) - var("mx")).exp() * var("inv")).cast(e),
+        ));
+    }
+    body.push(row_vectors(&x, p3));
+    let mut buffers = vec![buf("x", e, Access::Read)];
+    let mut uniforms = vec!["rows".to_string(), "cols".to_string()];
+    if mask {
+        buffers.push(buf("mask", e, Access::Read));
+        uniforms.extend(MASK_UNIFORMS.iter().map(|s| s.to_string()));
+    }
+    buffers.push(buf("y", e, Access::ReadWrite));
+    let kernel = Kernel {
+        name,
+        buffers,
+        uniforms,
+        workgroup: [tune.threads, 1, 1],
+        shared: vec![],
+        body: rows_loop(tune, vec![], body),
+    };
+    finish(kernel, GridDim::of("rows", tune.threads), cfg, tune, limits)
 }
 
 /// Group norm (or instance norm) over `x [N, C, spatial]`, one workgroup per `(n, group)`.

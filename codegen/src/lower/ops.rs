@@ -210,6 +210,15 @@ impl Lower<'_> {
             .epilogue(act, bias, residual)
             .gated(gate);
         let limits = self.o.limits;
+        // vec4 loads (the register design) need rows of whole, aligned vectors: `k` (and `n`
+        // for a `b` read by columns) a multiple of 4, dense operands starting on a multiple of 4.
+        let by4 = |d: &Dim| d.as_known().is_some_and(|x| x % 4 == 0);
+        let aligned = vec4_aligned;
+        let vec_ok = by4(&kdim)
+            && (transposed || by4(&ndim))
+            && aligned(&a)
+            && aligned(&b_logical)
+            && b2_logical.as_ref().is_none_or(aligned);
         // One row (decoding) takes the GEMV; a symbolic row count gets it as a variant.
         let rows = u.iter().find(|(x, _)| *x == "m").expect("m").1.clone();
         let sizes = [rows.clone(), Poly::dim(&ndim), Poly::dim(&kdim)];
@@ -220,7 +229,7 @@ impl Lower<'_> {
                 (matmul::gemv(&cfg, &t, &limits)?, cfg.name("gemv"), None)
             }
             known => {
-                let t = self.pick_matmul(id, &cfg, sizes);
+                let t = self.pick_matmul(id, &cfg, sizes, vec_ok);
                 let tiled = matmul::matmul(&cfg, &t, &limits)?;
                 let variant = match known {
                     None => {
@@ -592,7 +601,8 @@ impl Lower<'_> {
             residual: false,
         };
         let sizes = [Poly::product(&shape[..last]), Poly::dim(&shape[last])];
-        let t = self.pick_norm(id, "norm", &cfg, format!("{cfg:?}"), sizes);
+        let vec_ok = rows_of_vec4(&x, &shape[last]);
+        let t = self.pick_norm(id, "norm", &cfg, format!("{cfg:?}"), sizes, vec_ok);
         let gen = norm::norm(&cfg, &t, &self.o.limits)?;
         let mut kb = Kb::new(gen, vec![id]);
         kb.set("rows", Poly::product(&shape[..last]));
@@ -632,7 +642,8 @@ impl Lower<'_> {
         };
         let last = shape.len() - 1;
         let sizes = [Poly::product(&shape[..last]), Poly::dim(&shape[last])];
-        let t = self.pick_norm(id, "softmax", &cfg, format!("{cfg:?}"), sizes);
+        let vec_ok = rows_of_vec4(&x, &shape[last]);
+        let t = self.pick_norm(id, "softmax", &cfg, format!("{cfg:?}"), sizes, vec_ok);
         let gen = norm::softmax(&cfg, &t, &self.o.limits)?;
         let mut kb = Kb::new(gen, vec![id]);
         kb.set("rows", Poly::product(&shape[..last]));
@@ -845,4 +856,14 @@ fn groups_of(op: &Op) -> usize {
         Op::GroupNorm { groups, .. } => *groups,
         _ => 0,
     }
+}
+
+/// A view whose vec4 loads stay whole and aligned: dense, starting on a multiple of 4.
+fn vec4_aligned(v: &View) -> bool {
+    v.is_dense() && v.offset.as_const().is_some_and(|o| o % 4 == 0)
+}
+
+/// Rows of `cols` elements of view `x` read as aligned vec4s (the row designs).
+fn rows_of_vec4(x: &View, cols: &Dim) -> bool {
+    cols.as_known().is_some_and(|c| c % 4 == 0) && vec4_aligned(x)
 }

@@ -309,6 +309,16 @@ pub fn used_buffers(k: &Kernel) -> HashSet<String> {
     out
 }
 
+/// `select(c, a, b)` as a vector: `select(c, vec(a), vec(b))`, recursively.
+fn vector_arms(e: Expr) -> Expr {
+    match e {
+        Expr::Select(c, a, b) => {
+            Expr::Select(c, Box::new(vector_arms(*a)), Box::new(vector_arms(*b)))
+        }
+        e => e.cast(Elem::F32x4),
+    }
+}
+
 /// Splits buffer parameter `param` (`len` elements) into parameters `<param>_c0, _c1, …` of
 /// `chunk` elements each (the last holds the rest), inserted where `param` was, so a tensor
 /// larger than a device's largest binding is bound as several buffers. A load picks its chunk
@@ -353,6 +363,15 @@ pub fn split_buffer(k: &mut Kernel, param: &str, len: u32, chunk: u32) -> Vec<St
             e = select(in_chunk, load(&loads[c as usize], local(&i, c)), e);
         }
         e
+    });
+    // A vector load of the split buffer became a vector cast of the chunk select: push the
+    // cast into the select's arms, so each arm is a vector load of its chunk again (whole and
+    // aligned in the chunk it selects when `chunk % 4 == 0`; the arms a select discards read a
+    // clamped, in-bounds vector).
+    let body = std::mem::take(&mut k.body);
+    k.body = map_exprs(body, &mut |e| match e {
+        Expr::Cast(Elem::F32x4, x) if matches!(*x, Expr::Select(..)) => vector_arms(*x),
+        e => e,
     });
     let mut fresh = 0usize;
     let body = std::mem::take(&mut k.body);

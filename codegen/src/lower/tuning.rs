@@ -127,6 +127,7 @@ fn mm_point(t: &MatMulTunables) -> Point {
         ("tile_k", t.tile_k),
         ("rm", t.rm),
         ("rn", t.rn),
+        ("reg", t.reg),
     ])
 }
 
@@ -137,6 +138,8 @@ fn mm_from(p: &[(String, u32)]) -> Option<MatMulTunables> {
         tile_k: get(p, "tile_k")?,
         rm: get(p, "rm")?,
         rn: get(p, "rn")?,
+        // Points stored before the register design existed are tiled.
+        reg: get(p, "reg").unwrap_or(0),
     })
 }
 
@@ -268,14 +271,18 @@ impl Lower<'_> {
         }
     }
 
-    /// The tiled matmul's tunables for node `id` (`m`, `n`, `k` in dims).
+    /// The matmul's tunables for node `id` (`m`, `n`, `k` in dims). `vec_ok`: the operands
+    /// allow vec4 loads (see [`crate::kernels::matmul::matmul_reg`]); on a CPU adapter the
+    /// register design is then the default (unless [`Tuning::fixed_defaults`]) and in the space.
     pub(super) fn pick_matmul(
         &mut self,
         id: NodeId,
         cfg: &MatMulConfig,
         sizes: [Poly; 3],
+        vec_ok: bool,
     ) -> MatMulTunables {
         let limits = self.o.limits;
+        let reg = vec_ok && limits.kind == DeviceKind::Cpu;
         let dflt = match (
             self.tuning.fixed_defaults,
             sizes
@@ -283,13 +290,21 @@ impl Lower<'_> {
                 .map(|p| self.tuning.size(p))
                 .collect::<Option<Vec<_>>>(),
         ) {
+            (false, _) if reg => MatMulTunables::reg_for_problem(
+                cfg,
+                self.tuning.size(&sizes[0]),
+                self.tuning.size(&sizes[1]),
+            ),
             (false, Some(s)) => MatMulTunables::for_problem(cfg, &limits, s[0], s[1], s[2]),
             _ => MatMulTunables::default_for(cfg, &limits),
         };
-        let space = MatMulTunables::space(cfg, &limits)
+        let mut space: Vec<Point> = MatMulTunables::space(cfg, &limits)
             .iter()
             .map(mm_point)
             .collect();
+        if reg {
+            space.extend(MatMulTunables::reg_space(cfg, &limits).iter().map(mm_point));
+        }
         let [m, n, k] = sizes;
         let s = Self::new_site(
             id,
@@ -301,9 +316,14 @@ impl Lower<'_> {
             space,
         );
         let p = self.site(s, &|p| {
-            mm_from(p)
-                .ok_or("not a matmul point".to_string())?
-                .validate("matmul", &limits)
+            let t = mm_from(p).ok_or("not a matmul point".to_string())?;
+            if t.reg == 1 && !reg {
+                return Err(
+                    "the register design needs a CPU adapter and vec4-aligned operands".into(),
+                );
+            }
+            crate::kernels::matmul::matmul(cfg, &t, &limits)
+                .map(|_| ())
                 .map_err(|e| e.to_string())
         });
         mm_from(&p).unwrap_or(dflt)
@@ -389,7 +409,10 @@ impl Lower<'_> {
         attn_from(&p).unwrap_or(dflt)
     }
 
-    /// Softmax or row-norm tunables for node `id` (`rows`, `cols` in dims).
+    /// Softmax or row-norm tunables for node `id` (`rows`, `cols` in dims). `vec_ok`: rows are
+    /// whole, aligned vec4s (`cols % 4 == 0`, aligned operands), so on a CPU adapter the row
+    /// design (one row per invocation) is the default (unless [`Tuning::fixed_defaults`]) and
+    /// in the space.
     pub(super) fn pick_norm(
         &mut self,
         id: NodeId,
@@ -397,20 +420,26 @@ impl Lower<'_> {
         cfg: &dyn NormConfig,
         structure: String,
         sizes: [Poly; 2],
+        vec_ok: bool,
     ) -> Tune {
         let limits = self.o.limits;
+        let row_design = vec_ok && limits.kind == DeviceKind::Cpu && cfg.has_rows_design();
         let cols = self.tuning.size(&sizes[1]);
         let dflt = match (self.tuning.fixed_defaults, cols) {
+            (false, _) if row_design => Tune::rows(8),
             (false, Some(c)) => Tune::for_problem(cfg, &limits, c),
             _ => Tune::default_for(cfg, &limits),
         };
         // 32-lane subgroup reductions are wrong where subgroups are narrower (a CPU adapter's
         // are 8 lanes): not worth trying there.
-        let space = Tune::space(cfg, &limits)
+        let mut space: Vec<Point> = Tune::space(cfg, &limits)
             .iter()
             .filter(|t| limits.kind == DeviceKind::Gpu || t.subgroup == 0)
             .map(norm_point)
             .collect();
+        if row_design {
+            space.extend(Tune::rows_space(cfg, &limits).iter().map(norm_point));
+        }
         let [rows, cols] = sizes;
         let s = Self::new_site(
             id,
@@ -423,6 +452,11 @@ impl Lower<'_> {
         );
         let p = self.site(s, &|p| {
             let t = norm_from(p).ok_or("not a norm point".to_string())?;
+            if t.subgroup == crate::kernels::norm::ROWS && !row_design {
+                return Err(
+                    "the row design needs a CPU adapter and rows of aligned vec4s".to_string(),
+                );
+            }
             cfg.generate(&t, &limits)
                 .map(|_| ())
                 .map_err(|e| e.to_string())
