@@ -8,7 +8,8 @@
 //!
 //! Tolerances, per element:
 //! - consumers without a GEMM: exact (a view reads the very elements the copy holds, and the
-//!   arithmetic after it is the same);
+//!   arithmetic after it is the same), except after a layer norm (its fast mode sums the row
+//!   statistics in vector lanes): `1e-5·(1 + |ref|)`, the fused-vs-decomposition bound;
 //! - matmul and the fused matmul (identity or relu, with bias and residual):
 //!   `|fast - ref| <= 3·k·ε·B + 1e-6·(1 + |ref|)` with ε = 2⁻²⁴ and `B` the same graph run by
 //!   the reference on the inputs' absolute values (Σ_p |a_ip·b_pj| + |bias| + |residual|: every
@@ -292,7 +293,13 @@ fn elementwise_and_copying_consumers_see_the_same_elements() {
             let tt = c.permute(tt, &[1, 0]); // [n, 1]
             let y = c.op(Op::Binary(BinaryOp::Add), &[tp, tt]);
             let (f, rr, _) = c.run(y);
-            check_exact(&format!("chain n={n} ×{mag}"), &f, &rr);
+            // The fast layer norm sums its statistics in lanes: within 1e-5·(1 + |ref|).
+            for (i, (x, y)) in f.iter().zip(&rr).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                    "chain n={n} ×{mag}: element {i}: fast {x}, reference {y}"
+                );
+            }
 
             // A view as the graph's output, and a reshape of a permuted view (a copy).
             let mut c = Case::new(seed + 1);

@@ -63,6 +63,9 @@ pub fn eval(
             },
             out_shape,
         ),
+        Op::LayerNorm { eps } if fast => {
+            layer_norm_fast(x(), &arg(1), &arg(2), eps.0 as f32, out_shape)
+        }
         Op::LayerNorm { eps } => layer_norm(x(), &arg(1), &arg(2), eps.0 as f32, out_shape),
         Op::RmsNorm { eps } => rms_norm(x(), &arg(1), eps.0 as f32, out_shape),
         Op::GroupNorm { groups, eps } => {
@@ -415,6 +418,27 @@ fn layer_norm(x: &[f32], g: &Bcast, b: &Bcast, eps: f32, out: &[usize]) -> Vec<f
         for (j, o) in row.iter_mut().enumerate() {
             *o = *o * inv * g.at(gb, j) + b.at(bb, j);
         }
+    });
+    dst
+}
+
+/// [`layer_norm`] with the row statistics summed in vector lanes (`simd::layer_norm`) where
+/// gamma and beta are contiguous rows; the plain loop otherwise.
+fn layer_norm_fast(x: &[f32], g: &Bcast, b: &Bcast, eps: f32, out: &[usize]) -> Vec<f32> {
+    if g.step != 1 || b.step != 1 {
+        return layer_norm(x, g, b, eps, out);
+    }
+    let n = out[out.len() - 1];
+    let mut dst = arena::buffer(x.len());
+    for_rows(&mut dst, n, |r, row| {
+        let (gb, bb) = (g.row(r, out), b.row(r, out));
+        simd::layer_norm(
+            &x[r * n..(r + 1) * n],
+            &g.data[gb..gb + n],
+            &b.data[bb..bb + n],
+            eps,
+            row,
+        );
     });
     dst
 }
