@@ -23,7 +23,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use transfuse_ir::{shape, Act, BinaryOp, DType, Dim, Graph, NodeId, Op, Scalar, Tensor, UnaryOp, Weights};
+use transfuse_ir::{
+    shape, Act, BinaryOp, DType, Dim, Graph, NodeId, Op, Scalar, Tensor, UnaryOp, Weights,
+};
 use transfuse_runtime::{Backend, CpuBackend, Loaded, TensorMap};
 
 fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -139,13 +141,22 @@ impl Case {
             let out = cpu.run(&self.g, w, i).unwrap();
             out["y"].as_f32().unwrap().to_vec()
         };
-        let abs = |t: &Tensor| Tensor::f32(t.shape.clone(), t.as_f32().unwrap().iter().map(|v| v.abs()).collect());
+        let abs = |t: &Tensor| {
+            Tensor::f32(
+                t.shape.clone(),
+                t.as_f32().unwrap().iter().map(|v| v.abs()).collect(),
+            )
+        };
         let aw: Weights = self
             .weights
             .iter()
             .map(|(k, v)| (k.clone(), Arc::new(abs(v))))
             .collect();
-        let ai: TensorMap = self.inputs.iter().map(|(k, v)| (k.clone(), abs(v))).collect();
+        let ai: TensorMap = self
+            .inputs
+            .iter()
+            .map(|(k, v)| (k.clone(), abs(v)))
+            .collect();
         let fast = go(CpuBackend::new(), &self.weights, &self.inputs);
         let reference = go(CpuBackend::reference(), &self.weights, &self.inputs);
         let bound = go(CpuBackend::reference(), &aw, &ai);
@@ -198,7 +209,13 @@ fn matmul_reads_permuted_sliced_and_expanded_operands() {
                     let b = c.permute(b, &[1, 0]);
                     let y = c.op(Op::MatMul, &[a, b]);
                     let (f, r, bd) = c.run(y);
-                    check_gemm(&format!("matmul perm/slice {m}×{k}×{n} ×{mag}"), &f, &r, &bd, k);
+                    check_gemm(
+                        &format!("matmul perm/slice {m}×{k}×{n} ×{mag}"),
+                        &f,
+                        &r,
+                        &bd,
+                        k,
+                    );
 
                     // A batched product with the k operand transposed per batch and broadcast
                     // over a batch axis by expand: q [3, m, k] · kᵀ, k [1, n, k] → [3, k, n].
@@ -344,7 +361,10 @@ fn attention_after_head_split_views() {
             let vmax = f.iter().chain(&r).fold(0f32, |m, v| m.max(v.abs()));
             for (i, (x, y)) in f.iter().zip(&r).enumerate() {
                 let tol = 1e-5 * (vmax.max(mag) + y.abs());
-                assert!((x - y).abs() <= tol, "attention s={s} ×{mag}: {i}: {x} vs {y}");
+                assert!(
+                    (x - y).abs() <= tol,
+                    "attention s={s} ×{mag}: {i}: {x} vs {y}"
+                );
             }
         }
     }

@@ -198,7 +198,18 @@ pub fn matmul_strided(
             // per-block loop of single-threaded calls (epilogue on the hot block) measured up
             // to 20 % slower at MiniLM's shapes, faer re-packing the weight for every block.
             let par = par_for(rows * k * n);
-            gemm_strided(ad, (rs, csa), bd, (rsb, csb), &mut c, rows, k, n, false, par);
+            gemm_strided(
+                ad,
+                (rs, csa),
+                bd,
+                (rsb, csb),
+                &mut c,
+                rows,
+                k,
+                n,
+                false,
+                par,
+            );
             if let Some(f) = epi {
                 for_rows(&mut c, n, f);
             }

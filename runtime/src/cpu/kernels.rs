@@ -189,7 +189,11 @@ pub fn map2_strided<A, B, O>(
         let rb = ob + row_offset(r, out, sb);
         match (ia, ib) {
             (1, 1) => {
-                for ((v, &x), &y) in row.iter_mut().zip(&a[ra..ra + inner]).zip(&b[rb..rb + inner]) {
+                for ((v, &x), &y) in row
+                    .iter_mut()
+                    .zip(&a[ra..ra + inner])
+                    .zip(&b[rb..rb + inner])
+                {
                     *v = f(x, y);
                 }
             }

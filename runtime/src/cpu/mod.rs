@@ -9,7 +9,10 @@
 //! flash kernel (`flash`: query × key blocks, online softmax, masked-out key blocks skipped,
 //! SIMD `exp` chosen at run time). Both use rayon's global pool (`RAYON_NUM_THREADS`).
 //!
-//! Intermediate tensors are dropped after their last use, so peak memory follows liveness.
+//! Intermediate tensors die after their last use, so peak memory follows liveness. The fast
+//! mode also passes layout ops on as strided views (`view`) and takes its f32 buffers from an
+//! arena reused by liveness and kept across a loaded program's runs (`arena`); the reference
+//! mode copies at every layout op and allocates every buffer.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -208,8 +208,7 @@ pub fn reshape_strides(shape: &[usize], strides: &[usize], out: &[usize]) -> Opt
     let (mut tn, mut vn) = (1usize, 1usize);
     for td in (0..shape.len()).rev() {
         tn *= shape[td];
-        let run_ends =
-            td == 0 || (shape[td - 1] != 1 && strides[td - 1] != tn * base_stride);
+        let run_ends = td == 0 || (shape[td - 1] != 1 && strides[td - 1] != tn * base_stride);
         if run_ends {
             while vd >= 0 && (vn < tn || out[vd as usize] == 1) {
                 new[vd as usize] = vn * base_stride;
