@@ -685,7 +685,7 @@ fn eval_node(
             let s = strides(&x.shape);
             t(copy_data(&x.data, st * s[*axis], &s, &out_shape))
         }
-        Op::Concat { axis } => t(concat(&args, *axis, &out_shape)
+        Op::Concat { axis } => t(concat(args, *axis, &out_shape)
             .ok_or_else(|| op_err(id, node, "operands differ in dtype"))?),
         Op::Gather => {
             let (table, ids) = (&args[0], &args[1]);
