@@ -142,6 +142,23 @@ where
     dst
 }
 
+/// Elementwise `f(a[i], b[i])` into `dst[i]` for slices of one length, in parallel when large.
+pub fn map2_same<A, B, O>(a: &[A], b: &[B], dst: &mut [O], f: impl Fn(A, B) -> O + Sync)
+where
+    A: Copy + Sync,
+    B: Copy + Sync,
+    O: Copy + Send,
+{
+    let body = |(o, (x, y)): (&mut O, (&A, &B))| *o = f(*x, *y);
+    if dst.len() >= PAR_MIN {
+        dst.par_iter_mut()
+            .zip(a.par_iter().zip(b.par_iter()))
+            .for_each(body);
+    } else {
+        dst.iter_mut().zip(a.iter().zip(b.iter())).for_each(body);
+    }
+}
+
 /// Elementwise `f(a, b)` into `dst` (of shape `out`), `a` and `b` read at their offsets
 /// through per-axis strides already broadcast to `out` (0 on repeated axes): the fast mode's
 /// binary ops on views.
@@ -171,15 +188,7 @@ pub fn map2_strided<A, B, O>(
     let n = dst.len();
     let dense = strides(out);
     if sa == dense && sb == dense {
-        let (a, b) = (&a[oa..oa + n], &b[ob..ob + n]);
-        let body = |(o, (x, y)): (&mut O, (&A, &B))| *o = f(*x, *y);
-        if n >= PAR_MIN {
-            dst.par_iter_mut()
-                .zip(a.par_iter().zip(b.par_iter()))
-                .for_each(body);
-        } else {
-            dst.iter_mut().zip(a.iter().zip(b.iter())).for_each(body);
-        }
+        map2_same(&a[oa..oa + n], &b[ob..ob + n], dst, f);
         return;
     }
     let inner = out[out.len() - 1];

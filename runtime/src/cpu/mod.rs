@@ -369,6 +369,17 @@ fn eval_fast(
         Op::Binary(b) if args.iter().all(f32_view) || args.iter().all(|v| !f32_view(v)) => {
             let out_shape = out_shape()?;
             let (x, y) = (&args[0], &args[1]);
+            if let (Val::Dense(xt), Val::Dense(yt)) = (x, y) {
+                if let (Data::F32(a), Data::F32(c)) = (&xt.data, &yt.data) {
+                    if xt.shape == out_shape && yt.shape == out_shape {
+                        // Same-shape dense operands: one zipped pass, no stride bookkeeping.
+                        let mut dst = arena::buffer(a.len());
+                        kernels::map2_same(a, c, &mut dst, binary_f32(*b));
+                        recycle_all(args);
+                        return Ok(Val::Dense(Arc::new(Tensor::f32(out_shape, dst))));
+                    }
+                }
+            }
             let ((xb, xo, xs), (yb, yo, ys)) = (x.parts(), y.parts());
             let (sx, sy) = (
                 view::broadcast_to(x.shape(), &xs, &out_shape),
