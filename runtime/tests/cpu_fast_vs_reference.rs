@@ -515,3 +515,39 @@ fn softmax_fast_matches_reference() {
     }
     eprintln!("softmax: worst error {worst:.2} of the tolerance");
 }
+
+/// Layer norm: the fast mode sums the row statistics in vector lanes, the reference in order;
+/// tolerance `1e-5·(1 + |ref|)` per element (the fused-vs-decomposition bound), with rows
+/// offset by 100 at magnitude ×100 so the mean's cancellation is exercised.
+#[test]
+fn layer_norm_fast_matches_reference() {
+    for (si, &n) in [1usize, 3, 50, 129, 783].iter().enumerate() {
+        for (mag, offset) in [(1.0f32, 0.0f32), (100.0, 100.0)] {
+            for strided_affine in [false, true] {
+                let mut c = Case::new(7000 + si as u64);
+                let data = rand_vec(3 * 5 * n, si as u64, mag)
+                    .into_iter()
+                    .map(|v| v + offset)
+                    .collect();
+                let x = c.input_data("x", &[3, 5, n], data);
+                // A [n, 1] weight read broadcast has step 0 along the row only when n is 1;
+                // [1, n] rows of a [2, n] weight exercise the plain fallback's strides.
+                let (g, b) = if strided_affine {
+                    (c.weight("g", &[5, n], 1.0), c.weight("b", &[5, n], 1.0))
+                } else {
+                    (c.weight("g", &[n], 1.0), c.weight("b", &[n], 1.0))
+                };
+                let y =
+                    c.g.add(Op::LayerNorm { eps: Scalar(1e-5) }, &[x, g, b])
+                        .unwrap();
+                let (_, fast, reference) = c.run(y);
+                for (i, (f, r)) in fast.iter().zip(&reference).enumerate() {
+                    assert!(
+                        (f - r).abs() <= 1e-5 * (1.0 + r.abs()),
+                        "layer_norm n={n} ×{mag}: element {i}: fast {f}, reference {r}"
+                    );
+                }
+            }
+        }
+    }
+}

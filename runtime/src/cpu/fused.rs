@@ -19,7 +19,8 @@ use transfuse_ir::{Act, Op, Tensor};
 
 use super::kernels::{broadcast_strides, for_rows, gemm, gemm_strided, matmul, row_offset};
 use super::simd;
-use super::{flash, gemm as fast_gemm};
+use super::view::{self, Val};
+use super::{arena, flash, gemm as fast_gemm};
 
 /// Queries per attention work item: one score block is `ATTN_ROWS × sk` floats.
 pub const ATTN_ROWS: usize = 64;
@@ -62,6 +63,9 @@ pub fn eval(
             },
             out_shape,
         ),
+        Op::LayerNorm { eps } if fast => {
+            layer_norm_fast(x(), &arg(1), &arg(2), eps.0 as f32, out_shape)
+        }
         Op::LayerNorm { eps } => layer_norm(x(), &arg(1), &arg(2), eps.0 as f32, out_shape),
         Op::RmsNorm { eps } => rms_norm(x(), &arg(1), eps.0 as f32, out_shape),
         Op::GroupNorm { groups, eps } => {
@@ -92,6 +96,7 @@ pub fn eval(
                 fast,
             );
             y.par_iter_mut().zip(&up).for_each(|(g, u)| *g *= u);
+            arena::give(up);
             y
         }
         Op::FusedMatMul {
@@ -132,6 +137,8 @@ fn f32s(t: &Tensor) -> &[f32] {
 /// An operand read broadcast to the output shape, a row (last axis) at a time.
 struct Bcast<'a> {
     data: &'a [f32],
+    /// Where the operand starts in `data` (a view's offset).
+    offset: usize,
     strides: Vec<usize>,
     /// Stride along the last axis (0 when broadcast).
     step: usize,
@@ -143,6 +150,20 @@ impl<'a> Bcast<'a> {
         let step = strides.last().copied().unwrap_or(0);
         Bcast {
             data: f32s(t),
+            offset: 0,
+            strides,
+            step,
+        }
+    }
+
+    /// A fast-mode value (a view's offset and strides) read broadcast to `out`.
+    fn val(v: &'a Val, out: &[usize]) -> Bcast<'a> {
+        let (base, offset, strides) = v.parts();
+        let strides = view::broadcast_to(v.shape(), &strides, out);
+        let step = strides.last().copied().unwrap_or(0);
+        Bcast {
+            data: f32s(base),
+            offset,
             strides,
             step,
         }
@@ -150,7 +171,7 @@ impl<'a> Bcast<'a> {
 
     /// Offset of the first element of output row `r`.
     fn row(&self, r: usize, out: &[usize]) -> usize {
-        row_offset(r, out, &self.strides)
+        self.offset + row_offset(r, out, &self.strides)
     }
 
     #[inline]
@@ -173,7 +194,7 @@ fn softmax_row(row: &mut [f32]) {
 
 fn softmax(x: &[f32], mask: Option<Bcast>, scale: f32, out: &[usize]) -> Vec<f32> {
     let inner = out[out.len() - 1];
-    let mut dst = vec![0f32; x.len()];
+    let mut dst = arena::buffer(x.len());
     for_rows(&mut dst, inner, |r, row| {
         let xr = &x[r * inner..(r + 1) * inner];
         if scale != 1.0 {
@@ -199,7 +220,7 @@ fn softmax(x: &[f32], mask: Option<Bcast>, scale: f32, out: &[usize]) -> Vec<f32
 /// which made the unfused attention's softmax 8× slower than its two matmuls at seq 1024.
 fn softmax_fast(x: &[f32], mask: Option<Bcast>, scale: f32, out: &[usize]) -> Vec<f32> {
     let inner = out[out.len() - 1];
-    let mut dst = vec![0f32; x.len()];
+    let mut dst = arena::buffer(x.len());
     for_rows(&mut dst, inner, |r, row| {
         row.copy_from_slice(&x[r * inner..(r + 1) * inner]);
         if scale != 1.0 {
@@ -385,7 +406,7 @@ pub(crate) fn attention(
 fn layer_norm(x: &[f32], g: &Bcast, b: &Bcast, eps: f32, out: &[usize]) -> Vec<f32> {
     let n = out[out.len() - 1];
     let inv_n = 1.0 / n as f32;
-    let mut dst = vec![0f32; x.len()];
+    let mut dst = arena::buffer(x.len());
     for_rows(&mut dst, n, |r, row| {
         let xr = &x[r * n..(r + 1) * n];
         let mu = xr.iter().fold(0.0f32, |a, &v| a + v) * inv_n;
@@ -402,10 +423,31 @@ fn layer_norm(x: &[f32], g: &Bcast, b: &Bcast, eps: f32, out: &[usize]) -> Vec<f
     dst
 }
 
+/// [`layer_norm`] with the row statistics summed in vector lanes (`simd::layer_norm`) where
+/// gamma and beta are contiguous rows; the plain loop otherwise.
+fn layer_norm_fast(x: &[f32], g: &Bcast, b: &Bcast, eps: f32, out: &[usize]) -> Vec<f32> {
+    if g.step != 1 || b.step != 1 {
+        return layer_norm(x, g, b, eps, out);
+    }
+    let n = out[out.len() - 1];
+    let mut dst = arena::buffer(x.len());
+    for_rows(&mut dst, n, |r, row| {
+        let (gb, bb) = (g.row(r, out), b.row(r, out));
+        simd::layer_norm(
+            &x[r * n..(r + 1) * n],
+            &g.data[gb..gb + n],
+            &b.data[bb..bb + n],
+            eps,
+            row,
+        );
+    });
+    dst
+}
+
 fn rms_norm(x: &[f32], g: &Bcast, eps: f32, out: &[usize]) -> Vec<f32> {
     let n = out[out.len() - 1];
     let inv_n = 1.0 / n as f32;
-    let mut dst = vec![0f32; x.len()];
+    let mut dst = arena::buffer(x.len());
     for_rows(&mut dst, n, |r, row| {
         let xr = &x[r * n..(r + 1) * n];
         let ms = xr.iter().fold(0.0f32, |a, &v| a + v * v) * inv_n;
@@ -425,7 +467,7 @@ fn rms_norm(x: &[f32], g: &Bcast, eps: f32, out: &[usize]) -> Vec<f32> {
 fn rope(x: &[f32], cos: &Bcast, sin: &Bcast, out: &[usize]) -> Vec<f32> {
     let d = out[out.len() - 1];
     let h = d / 2;
-    let mut dst = vec![0f32; x.len()];
+    let mut dst = arena::buffer(x.len());
     for_rows(&mut dst, d, |r, row| {
         let xr = &x[r * d..(r + 1) * d];
         let (cb, sb) = (cos.row(r, out), sin.row(r, out));
@@ -452,7 +494,7 @@ fn grouped_norm(
     block: usize,
     out: &[usize],
 ) -> Vec<f32> {
-    let mut dst = vec![0f32; x.len()];
+    let mut dst = arena::buffer(x.len());
     if dst.is_empty() || block == 0 {
         return dst;
     }
@@ -484,7 +526,7 @@ fn grouped_norm(
 
 fn batch_norm(x: &[f32], scale: &Bcast, shift: &Bcast, out: &[usize]) -> Vec<f32> {
     let inner = out[out.len() - 1];
-    let mut dst = vec![0f32; x.len()];
+    let mut dst = arena::buffer(x.len());
     for_rows(&mut dst, inner, |r, row| {
         let (sb, tb) = (scale.row(r, out), shift.row(r, out));
         let xr = &x[r * inner..(r + 1) * inner];
@@ -568,32 +610,95 @@ fn fused_matmul(
         }
     };
     if fast {
-        // The same steps, a row at a time and vectorised.
-        let add = |x: &Bcast, r: usize, row: &mut [f32]| {
-            let base = x.row(r, out);
-            if x.step == 1 {
-                simd::add(row, &x.data[base..base + row.len()]);
-            } else {
-                for (j, o) in row.iter_mut().enumerate() {
-                    *o += x.at(base, j);
-                }
-            }
-        };
-        let vectorised = |r: usize, row: &mut [f32]| {
-            if let Some(b) = &bias {
-                add(b, r, row);
-            }
-            simd::act(act, row);
-            if let Some(x) = &residual {
-                add(x, r, row);
-            }
-        };
-        let epi: Option<fast_gemm::Epilogue> = if plain { None } else { Some(&vectorised) };
-        return fast_gemm::matmul(f32s(a), &pa, f32s(w), &pw, out_batch, m, k, n, epi);
+        let sa = super::kernels::strides(&a.shape);
+        let sw = super::kernels::strides(&w.shape);
+        return fused_matmul_fast(
+            fast_gemm::Operand {
+                data: f32s(a),
+                offset: 0,
+                shape: &a.shape,
+                strides: &sa,
+            },
+            fast_gemm::Operand {
+                data: f32s(w),
+                offset: 0,
+                shape: &w.shape,
+                strides: &sw,
+            },
+            act,
+            bias,
+            residual,
+            out,
+        );
     }
     let mut c = matmul(f32s(a), &pa, f32s(w), &pw, out_batch, m, k, n);
     if !plain {
         for_rows(&mut c, n, epilogue);
     }
     c
+}
+
+/// The fast mode's fused matmul on views: `a` and `w` read through their strides by the GEMM,
+/// bias and residual through theirs by the epilogue; nothing is copied first.
+pub(crate) fn fused_matmul_views(
+    a: &Val,
+    w: &Val,
+    act: Act,
+    bias: Option<&Val>,
+    residual: Option<&Val>,
+    out: &[usize],
+) -> Vec<f32> {
+    let ((ab, ao, sa), (wb, wo, sw)) = (a.parts(), w.parts());
+    fused_matmul_fast(
+        fast_gemm::Operand {
+            data: f32s(ab),
+            offset: ao,
+            shape: a.shape(),
+            strides: &sa,
+        },
+        fast_gemm::Operand {
+            data: f32s(wb),
+            offset: wo,
+            shape: w.shape(),
+            strides: &sw,
+        },
+        act,
+        bias.map(|b| Bcast::val(b, out)),
+        residual.map(|r| Bcast::val(r, out)),
+        out,
+    )
+}
+
+/// The fused matmul's steps, the epilogue a row at a time and vectorised.
+fn fused_matmul_fast(
+    a: fast_gemm::Operand,
+    w: fast_gemm::Operand,
+    act: Act,
+    bias: Option<Bcast>,
+    residual: Option<Bcast>,
+    out: &[usize],
+) -> Vec<f32> {
+    let out_batch = &out[..out.len() - 2];
+    let plain = bias.is_none() && residual.is_none() && act == Act::Identity;
+    let add = |x: &Bcast, r: usize, row: &mut [f32]| {
+        let base = x.row(r, out);
+        if x.step == 1 {
+            simd::add(row, &x.data[base..base + row.len()]);
+        } else {
+            for (j, o) in row.iter_mut().enumerate() {
+                *o += x.at(base, j);
+            }
+        }
+    };
+    let vectorised = |r: usize, row: &mut [f32]| {
+        if let Some(b) = &bias {
+            add(b, r, row);
+        }
+        simd::act(act, row);
+        if let Some(x) = &residual {
+            add(x, r, row);
+        }
+    };
+    let epi: Option<fast_gemm::Epilogue> = if plain { None } else { Some(&vectorised) };
+    fast_gemm::matmul_strided(a, w, out_batch, epi)
 }

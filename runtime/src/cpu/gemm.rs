@@ -12,7 +12,7 @@ use faer::linalg::matmul::matmul as faer_matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use super::kernels::{broadcast_strides, for_rows};
+use super::kernels::{for_rows, strides};
 
 /// Multiply-adds below which a product runs on the calling thread.
 const PAR_MIN_FLOPS: usize = 1 << 18;
@@ -85,28 +85,137 @@ pub fn matmul(
     n: usize,
     epi: Option<Epilogue>,
 ) -> Vec<f32> {
+    let shape = |batch: &[usize], r: usize, c: usize| {
+        let mut s = batch.to_vec();
+        s.extend([r, c]);
+        s
+    };
+    let (sa, sb) = (shape(a_batch, m, k), shape(b_batch, k, n));
+    let (ta, tb) = (strides(&sa), strides(&sb));
+    matmul_strided(
+        Operand {
+            data: a,
+            offset: 0,
+            shape: &sa,
+            strides: &ta,
+        },
+        Operand {
+            data: b,
+            offset: 0,
+            shape: &sb,
+            strides: &tb,
+        },
+        out_batch,
+        epi,
+    )
+}
+
+/// A matmul operand `[batch.., rows, cols]` read from `data` at `offset` through per-axis
+/// strides (a view: permuted, sliced or broadcast without a copy).
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    /// The buffer read.
+    pub data: &'a [f32],
+    /// Where element `[0, .., 0]` sits in `data`.
+    pub offset: usize,
+    /// `[batch.., rows, cols]`.
+    pub shape: &'a [usize],
+    /// Elements between neighbours along each axis (0 on broadcast axes).
+    pub strides: &'a [usize],
+}
+
+impl Operand<'_> {
+    /// Batch strides broadcast to `out_batch` (0 on repeated axes), and the matrix's (row,
+    /// column) strides.
+    fn split(&self, out_batch: &[usize]) -> (Vec<usize>, (usize, usize)) {
+        let r = self.shape.len();
+        let batch = &self.shape[..r - 2];
+        let lead = out_batch.len() - batch.len();
+        let bs = (0..out_batch.len())
+            .map(|i| {
+                if i < lead || batch[i - lead] == 1 {
+                    0
+                } else {
+                    self.strides[i - lead]
+                }
+            })
+            .collect();
+        (bs, (self.strides[r - 2], self.strides[r - 1]))
+    }
+}
+
+/// The row stride that reads all `dims` (batch axes then the rows) as one run of evenly
+/// strided rows, if there is one.
+fn fold_rows(dims: &[usize], strides: &[usize]) -> Option<usize> {
+    let mut inner: Option<(usize, usize)> = None; // (stride, rows below) of the run so far
+    for i in (0..dims.len()).rev() {
+        if dims[i] == 1 {
+            continue;
+        }
+        match inner {
+            None => inner = Some((strides[i], dims[i])),
+            Some((s, below)) => {
+                if strides[i] != s * below {
+                    return None;
+                }
+                inner = Some((s, below * dims[i]));
+            }
+        }
+    }
+    Some(inner.map_or(0, |(s, _)| s))
+}
+
+/// Batched matmul of two strided operands whose batch dims broadcast to `out_batch`, into a
+/// contiguous `[out_batch.., m, n]` buffer from the arena, with `epi` applied to every output
+/// row (rows numbered across the batch). faer reads the strides itself (packing what is not
+/// unit-stride), so a permuted or sliced operand is never copied first.
+pub fn matmul_strided(
+    a: Operand,
+    b: Operand,
+    out_batch: &[usize],
+    epi: Option<Epilogue>,
+) -> Vec<f32> {
+    let (ra, rb) = (a.shape.len(), b.shape.len());
+    let (m, k, n) = (a.shape[ra - 2], a.shape[ra - 1], b.shape[rb - 1]);
     let batches: usize = out_batch.iter().product();
-    let mut c = vec![0f32; batches * m * n];
+    let mut c = super::arena::buffer(batches * m * n);
     if m == 0 || n == 0 || batches == 0 {
         return c;
     }
     let threads = rayon::current_num_threads();
-    let b_broadcast = b_batch.iter().all(|&d| d == 1);
-    if b_broadcast && a_batch == out_batch {
-        // One weight for every batch: fold the batch into rows.
-        let rows = batches * m;
-        // One threaded faer call over all rows, then the epilogue in one parallel pass: a
-        // per-block loop of single-threaded calls (epilogue on the hot block) measured up to
-        // 20 % slower at MiniLM's shapes, faer re-packing the weight for every block.
-        let par = par_for(rows * k * n);
-        gemm_strided(a, (k, 1), b, (n, 1), &mut c, rows, k, n, false, par);
-        if let Some(f) = epi {
-            for_rows(&mut c, n, f);
+    let (sa, (rsa, csa)) = a.split(out_batch);
+    let (sb, (rsb, csb)) = b.split(out_batch);
+    let (ad, bd) = (&a.data[a.offset..], &b.data[b.offset..]);
+    if sb.iter().all(|&s| s == 0) {
+        let mut dims = out_batch.to_vec();
+        dims.push(m);
+        let mut st = sa.clone();
+        st.push(rsa);
+        if let Some(rs) = fold_rows(&dims, &st) {
+            // One weight for every batch: fold the batch into rows.
+            let rows = batches * m;
+            // One threaded faer call over all rows, then the epilogue in one parallel pass: a
+            // per-block loop of single-threaded calls (epilogue on the hot block) measured up
+            // to 20 % slower at MiniLM's shapes, faer re-packing the weight for every block.
+            let par = par_for(rows * k * n);
+            gemm_strided(
+                ad,
+                (rs, csa),
+                bd,
+                (rsb, csb),
+                &mut c,
+                rows,
+                k,
+                n,
+                false,
+                par,
+            );
+            if let Some(f) = epi {
+                for_rows(&mut c, n, f);
+            }
+            return c;
         }
-        return c;
     }
-    let sa = broadcast_strides(a_batch, out_batch);
-    let sb = broadcast_strides(b_batch, out_batch);
     let ob = out_batch.to_vec();
     let operands = |bi: usize| {
         let (mut rem, mut oa, mut obb) = (bi, 0, 0);
@@ -116,10 +225,7 @@ pub fn matmul(
             oa += i * sa[ax];
             obb += i * sb[ax];
         }
-        (
-            &a[oa * m * k..(oa + 1) * m * k],
-            &b[obb * k * n..(obb + 1) * k * n],
-        )
+        (&ad[oa..], &bd[obb..])
     };
     let finish = |bi: usize, cc: &mut [f32]| {
         if let Some(f) = epi {
@@ -132,7 +238,7 @@ pub fn matmul(
         // Many products: one per work item, each single-threaded.
         c.par_chunks_mut(m * n).enumerate().for_each(|(bi, cc)| {
             let (x, y) = operands(bi);
-            gemm_seq(x, y, cc, m, k, n);
+            gemm_strided(x, (rsa, csa), y, (rsb, csb), cc, m, k, n, false, Par::Seq);
             finish(bi, cc);
         });
     } else {
@@ -140,7 +246,7 @@ pub fn matmul(
         for (bi, cc) in c.chunks_mut(m * n).enumerate() {
             let (x, y) = operands(bi);
             let par = par_for(m * k * n);
-            gemm_strided(x, (k, 1), y, (n, 1), cc, m, k, n, false, par);
+            gemm_strided(x, (rsa, csa), y, (rsb, csb), cc, m, k, n, false, par);
             if let Some(f) = epi {
                 for_rows(cc, n, |r, row| f(bi * m + r, row));
             }

@@ -142,6 +142,85 @@ where
     dst
 }
 
+/// Elementwise `f(a[i], b[i])` into `dst[i]` for slices of one length, in parallel when large.
+pub fn map2_same<A, B, O>(a: &[A], b: &[B], dst: &mut [O], f: impl Fn(A, B) -> O + Sync)
+where
+    A: Copy + Sync,
+    B: Copy + Sync,
+    O: Copy + Send,
+{
+    let body = |(o, (x, y)): (&mut O, (&A, &B))| *o = f(*x, *y);
+    if dst.len() >= PAR_MIN {
+        dst.par_iter_mut()
+            .zip(a.par_iter().zip(b.par_iter()))
+            .for_each(body);
+    } else {
+        dst.iter_mut().zip(a.iter().zip(b.iter())).for_each(body);
+    }
+}
+
+/// Elementwise `f(a, b)` into `dst` (of shape `out`), `a` and `b` read at their offsets
+/// through per-axis strides already broadcast to `out` (0 on repeated axes): the fast mode's
+/// binary ops on views.
+#[allow(clippy::too_many_arguments)]
+pub fn map2_strided<A, B, O>(
+    a: &[A],
+    oa: usize,
+    sa: &[usize],
+    b: &[B],
+    ob: usize,
+    sb: &[usize],
+    out: &[usize],
+    dst: &mut [O],
+    f: impl Fn(A, B) -> O + Sync,
+) where
+    A: Copy + Sync,
+    B: Copy + Sync,
+    O: Copy + Send,
+{
+    if dst.is_empty() {
+        return;
+    }
+    if out.is_empty() {
+        dst[0] = f(a[oa], b[ob]);
+        return;
+    }
+    let n = dst.len();
+    let dense = strides(out);
+    if sa == dense && sb == dense {
+        map2_same(&a[oa..oa + n], &b[ob..ob + n], dst, f);
+        return;
+    }
+    let inner = out[out.len() - 1];
+    let (ia, ib) = (sa[sa.len() - 1], sb[sb.len() - 1]);
+    for_rows(dst, inner, |r, row| {
+        let ra = oa + row_offset(r, out, sa);
+        let rb = ob + row_offset(r, out, sb);
+        match (ia, ib) {
+            (1, 1) => {
+                for ((v, &x), &y) in row
+                    .iter_mut()
+                    .zip(&a[ra..ra + inner])
+                    .zip(&b[rb..rb + inner])
+                {
+                    *v = f(x, y);
+                }
+            }
+            (1, 0) => {
+                let y = b[rb];
+                for (v, &x) in row.iter_mut().zip(&a[ra..ra + inner]) {
+                    *v = f(x, y);
+                }
+            }
+            _ => {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = f(a[ra + j * ia], b[rb + j * ib]);
+                }
+            }
+        }
+    });
+}
+
 /// Elementwise `f(x)`.
 pub fn map1<A: Copy + Sync, O: Send>(a: &[A], f: impl Fn(A) -> O + Sync + Send) -> Vec<O> {
     if a.len() >= PAR_MIN {

@@ -9,7 +9,10 @@
 //! flash kernel (`flash`: query × key blocks, online softmax, masked-out key blocks skipped,
 //! SIMD `exp` chosen at run time). Both use rayon's global pool (`RAYON_NUM_THREADS`).
 //!
-//! Intermediate tensors are dropped after their last use, so peak memory follows liveness.
+//! Intermediate tensors die after their last use, so peak memory follows liveness. The fast
+//! mode also passes layout ops on as strided views (`view`) and takes its f32 buffers from an
+//! arena reused by liveness and kept across a loaded program's runs (`arena`); the reference
+//! mode copies at every layout op and allocates every buffer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,13 +27,17 @@ use std::time::Instant;
 use crate::comm::{Communicator, SingleRank};
 use crate::{bind_inputs, Backend, KernelTime, Loaded, RuntimeError, TensorMap};
 
+pub mod arena;
 pub mod flash;
 pub mod fused;
 pub mod gemm;
 pub mod kernels;
 pub mod simd;
+pub mod view;
 
-use kernels::{broadcast_strides, map1, map2, matmul, reduce, strided_copy, strides};
+pub use arena::{Arena, ArenaStats};
+use kernels::{broadcast_strides, map1, map2, map2_strided, matmul, reduce, strided_copy, strides};
+use view::Val;
 
 /// The CPU backend (see the module docs for its two modes).
 #[derive(Clone)]
@@ -127,30 +134,42 @@ impl Backend for CpuBackend {
             None,
             self.fast,
             self.comm.as_deref(),
+            None,
         )
     }
 }
 
 impl CpuBackend {
-    /// The loaded program as a concrete type (the tensor-parallel runner moves ranks to threads).
-    pub(crate) fn program(&self, graph: &Graph, weights: &Weights) -> CpuProgram {
+    /// The loaded program as a concrete type (the tensor-parallel runner moves ranks to
+    /// threads; tests read its arena's counters).
+    pub fn program(&self, graph: &Graph, weights: &Weights) -> CpuProgram {
         CpuProgram {
             graph: graph.clone(),
             weights: weights.clone(),
             carried: HashMap::new(),
             fast: self.fast,
             comm: self.comm.clone(),
+            arena: Arena::default(),
         }
     }
 }
 
-/// A graph on the CPU backend; carried tensors stay host tensors.
-pub(crate) struct CpuProgram {
+/// A graph on the CPU backend; carried tensors stay host tensors. In the fast mode its
+/// intermediates come from an arena kept across runs.
+pub struct CpuProgram {
     graph: Graph,
     weights: Weights,
     carried: TensorMap,
     fast: bool,
     comm: Option<Arc<dyn Communicator>>,
+    arena: Arena,
+}
+
+impl CpuProgram {
+    /// The arena's counters so far (all zero in the reference mode, which has none).
+    pub fn arena_stats(&self) -> ArenaStats {
+        self.arena.stats()
+    }
 }
 
 impl Loaded for CpuProgram {
@@ -170,6 +189,7 @@ impl Loaded for CpuProgram {
             None,
             self.fast,
             self.comm.as_deref(),
+            Some(&mut self.arena),
         )?;
         for (o, i) in carry {
             if let Some(t) = out.remove(o) {
@@ -192,13 +212,33 @@ impl Loaded for CpuProgram {
             Some(&mut times),
             self.fast,
             self.comm.as_deref(),
+            Some(&mut self.arena),
         )?;
         Ok(times)
     }
 }
 
-/// Runs `graph` node by node; with `times`, records each computing node's time.
+/// Runs `graph` node by node; with `times`, records each computing node's time. The fast
+/// mode runs with `arena` installed (a temporary one without) and passes views between nodes.
 fn run_graph(
+    graph: &Graph,
+    weights: &Weights,
+    inputs: &TensorMap,
+    times: Option<&mut Vec<KernelTime>>,
+    fast: bool,
+    comm: Option<&dyn Communicator>,
+    arena: Option<&mut Arena>,
+) -> Result<TensorMap, RuntimeError> {
+    if !fast {
+        return run_nodes(graph, weights, inputs, times, fast, comm);
+    }
+    let mut own = Arena::default();
+    arena
+        .unwrap_or(&mut own)
+        .install(|| run_nodes(graph, weights, inputs, times, fast, comm))
+}
+
+fn run_nodes(
     graph: &Graph,
     weights: &Weights,
     inputs: &TensorMap,
@@ -208,10 +248,11 @@ fn run_graph(
 ) -> Result<TensorMap, RuntimeError> {
     let bindings = bind_inputs(graph, inputs)?;
     let mut remaining = graph.use_counts();
-    let mut values: Vec<Option<Arc<Tensor>>> = vec![None; graph.len()];
+    let mut values: Vec<Option<Val>> = vec![None; graph.len()];
     for (id, node) in graph.nodes() {
-        // An operand at its last use is moved, not shared, so a reshape can take its buffer.
-        let args: Vec<Arc<Tensor>> = node
+        // An operand at its last use is moved, not shared, so a reshape can take its buffer
+        // and a dead buffer goes back to the arena.
+        let args: Vec<Val> = node
             .inputs
             .iter()
             .map(|i| {
@@ -225,9 +266,15 @@ fn run_graph(
             })
             .collect();
         let t0 = Instant::now();
-        let out = match &node.op {
-            Op::Dist(d) => dist(id, node, *d, &args[0], &bindings, comm)?,
-            _ => eval_node(id, node, args, &bindings, weights, inputs, fast)?,
+        let out = if fast {
+            eval_fast(id, node, args, &bindings, weights, inputs, comm)?
+        } else {
+            let mut args: Vec<Arc<Tensor>> = args.into_iter().map(Val::tensor).collect();
+            let out = match &node.op {
+                Op::Dist(d) => dist(id, node, *d, &args[0], &bindings, comm)?,
+                _ => eval_node(id, node, &mut args, &bindings, weights, inputs, fast)?,
+            };
+            Val::Dense(out)
         };
         if let Some(times) = times.as_deref_mut() {
             if !node.inputs.is_empty() {
@@ -242,19 +289,174 @@ fn run_graph(
         for i in &node.inputs {
             remaining[i.index()] -= 1;
             if remaining[i.index()] == 0 {
-                values[i.index()] = None;
+                if let Some(v) = values[i.index()].take() {
+                    v.recycle();
+                }
             }
         }
     }
     let mut outs = HashMap::new();
     for (name, id) in graph.outputs() {
-        let t = values[id.index()].clone().expect("outputs stay live");
+        // The last output naming a node takes its buffer; any other copies it.
+        let last = !graph.outputs()[..]
+            .iter()
+            .skip_while(|(n, _)| n != name)
+            .skip(1)
+            .any(|(_, o)| o == id);
+        let slot = &mut values[id.index()];
+        let t = if last { slot.take() } else { slot.clone() }
+            .expect("outputs stay live")
+            .tensor();
         outs.insert(
             name.clone(),
             Arc::try_unwrap(t).unwrap_or_else(|a| (*a).clone()),
         );
     }
     Ok(outs)
+}
+
+/// One node of the fast mode: views for the layout ops, strided reads where the consumer
+/// takes them, else the operands made dense and the shared op-by-op implementation.
+fn eval_fast(
+    id: NodeId,
+    node: &Node,
+    args: Vec<Val>,
+    bindings: &Bindings,
+    weights: &Weights,
+    inputs: &TensorMap,
+    comm: Option<&dyn Communicator>,
+) -> Result<Val, RuntimeError> {
+    let out_shape = || eval_shape(&node.shape, bindings);
+    let f32_view = |v: &Val| matches!(v.base().data, Data::F32(_));
+    match &node.op {
+        Op::Input { name, .. } => {
+            // An f32 input is copied into an arena buffer (the caller keeps its own).
+            if let Data::F32(v) = &inputs[name].data {
+                let mut buf = arena::buffer(v.len());
+                buf.copy_from_slice(v);
+                return Ok(Val::Dense(Arc::new(Tensor {
+                    shape: inputs[name].shape.clone(),
+                    data: Data::F32(buf),
+                })));
+            }
+        }
+        Op::Permute { perm } => return Ok(args[0].permute(perm)),
+        Op::Expand { .. } => return Ok(args[0].expand(&out_shape()?)),
+        Op::Slice { axis, start, .. } => {
+            let out_shape = out_shape()?;
+            let st = start.eval(bindings)?;
+            let len = out_shape[*axis];
+            let have = args[0].shape()[*axis];
+            if st + len > have {
+                return Err(op_err(
+                    id,
+                    node,
+                    format!("slice {st}..{} beyond axis length {have}", st + len),
+                ));
+            }
+            return Ok(args[0].slice(*axis, st, len));
+        }
+        Op::Reshape { .. } => {
+            let out_shape = out_shape()?;
+            let x = args.into_iter().next().expect("reshape has an operand");
+            return Ok(match x.reshape(&out_shape) {
+                Some(v) => v,
+                None => Val::Dense(x.tensor())
+                    .reshape(&out_shape)
+                    .expect("a dense tensor reshapes in place"),
+            });
+        }
+        Op::Binary(b) if args.iter().all(f32_view) || args.iter().all(|v| !f32_view(v)) => {
+            let out_shape = out_shape()?;
+            let (x, y) = (&args[0], &args[1]);
+            if let (Val::Dense(xt), Val::Dense(yt)) = (x, y) {
+                if let (Data::F32(a), Data::F32(c)) = (&xt.data, &yt.data) {
+                    if xt.shape == out_shape && yt.shape == out_shape {
+                        // Same-shape dense operands: one zipped pass, no stride bookkeeping.
+                        let mut dst = arena::buffer(a.len());
+                        kernels::map2_same(a, c, &mut dst, binary_f32(*b));
+                        recycle_all(args);
+                        return Ok(Val::Dense(Arc::new(Tensor::f32(out_shape, dst))));
+                    }
+                }
+            }
+            let ((xb, xo, xs), (yb, yo, ys)) = (x.parts(), y.parts());
+            let (sx, sy) = (
+                view::broadcast_to(x.shape(), &xs, &out_shape),
+                view::broadcast_to(y.shape(), &ys, &out_shape),
+            );
+            let n = out_shape.iter().product();
+            let data = match (&xb.data, &yb.data) {
+                (Data::F32(a), Data::F32(c)) => {
+                    let mut dst = arena::buffer(n);
+                    map2_strided(a, xo, &sx, c, yo, &sy, &out_shape, &mut dst, binary_f32(*b));
+                    Data::F32(dst)
+                }
+                (Data::I64(a), Data::I64(c)) => {
+                    let mut dst = vec![0; n];
+                    map2_strided(a, xo, &sx, c, yo, &sy, &out_shape, &mut dst, binary_i64(*b));
+                    Data::I64(dst)
+                }
+                _ => return Err(op_err(id, node, "operands must both be f32 or i64")),
+            };
+            recycle_all(args);
+            return Ok(Val::Dense(Arc::new(Tensor {
+                shape: out_shape,
+                data,
+            })));
+        }
+        Op::MatMul if args.iter().all(f32_view) => {
+            let out_shape = out_shape()?;
+            let (ab, ao, sa) = args[0].parts();
+            let (bb, bo, sb) = args[1].parts();
+            let c = gemm::matmul_strided(
+                gemm::Operand {
+                    data: ab.as_f32().expect("checked f32"),
+                    offset: ao,
+                    shape: args[0].shape(),
+                    strides: &sa,
+                },
+                gemm::Operand {
+                    data: bb.as_f32().expect("checked f32"),
+                    offset: bo,
+                    shape: args[1].shape(),
+                    strides: &sb,
+                },
+                &out_shape[..out_shape.len() - 2],
+                None,
+            );
+            recycle_all(args);
+            return Ok(Val::Dense(Arc::new(Tensor::f32(out_shape, c))));
+        }
+        Op::FusedMatMul {
+            act,
+            bias,
+            residual,
+        } if args.iter().all(f32_view) => {
+            let out_shape = out_shape()?;
+            let mut rest = args[2..].iter();
+            let bias = bias.then(|| rest.next()).flatten();
+            let residual = residual.then(|| rest.next()).flatten();
+            let c = fused::fused_matmul_views(&args[0], &args[1], *act, bias, residual, &out_shape);
+            recycle_all(args);
+            return Ok(Val::Dense(Arc::new(Tensor::f32(out_shape, c))));
+        }
+        _ => {}
+    }
+    let mut args: Vec<Arc<Tensor>> = args.into_iter().map(Val::tensor).collect();
+    let out = match &node.op {
+        Op::Dist(d) => dist(id, node, *d, &args[0], bindings, comm)?,
+        _ => eval_node(id, node, &mut args, bindings, weights, inputs, true)?,
+    };
+    recycle_all(args.into_iter().map(Val::Dense).collect());
+    Ok(Val::Dense(out))
+}
+
+/// Hands back the buffers of operands whose last use this was.
+fn recycle_all(args: Vec<Val>) {
+    for a in args {
+        a.recycle();
+    }
 }
 
 /// A collective or rank-local op: through `comm`, or as a world of one without it.
@@ -387,7 +589,7 @@ fn op_err(id: NodeId, node: &Node, msg: impl Into<String>) -> RuntimeError {
 fn eval_node(
     id: NodeId,
     node: &Node,
-    args: Vec<Arc<Tensor>>,
+    args: &mut Vec<Arc<Tensor>>,
     bindings: &Bindings,
     weights: &Weights,
     inputs: &TensorMap,
@@ -521,7 +723,7 @@ fn eval_node(
             t(Data::F32(c))
         }
         Op::Reshape { .. } => {
-            let x = args.into_iter().next().expect("reshape has an operand");
+            let x = args.pop().expect("reshape has an operand");
             // The operand's buffer when this was its last use, else a copy.
             let data = Arc::try_unwrap(x).map_or_else(|x| x.data.clone(), |t| t.data);
             Ok(Arc::new(Tensor {
@@ -553,7 +755,7 @@ fn eval_node(
             let s = strides(&x.shape);
             t(copy_data(&x.data, st * s[*axis], &s, &out_shape))
         }
-        Op::Concat { axis } => t(concat(&args, *axis, &out_shape)
+        Op::Concat { axis } => t(concat(args, *axis, &out_shape)
             .ok_or_else(|| op_err(id, node, "operands differ in dtype"))?),
         Op::Gather => {
             let (table, ids) = (&args[0], &args[1]);
@@ -582,7 +784,7 @@ fn eval_node(
         op => {
             debug_assert!(op.is_fused());
             let data =
-                fused::eval(op, &args, &out_shape, fast).map_err(|msg| op_err(id, node, msg))?;
+                fused::eval(op, args, &out_shape, fast).map_err(|msg| op_err(id, node, msg))?;
             t(Data::F32(data))
         }
     }

@@ -159,6 +159,45 @@ fn add_body(x: &mut [f32], y: &[f32]) {
     }
 }
 
+#[inline(always)]
+fn sum_body(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// Layer norm of one row: `out = (x - μ)·(1/√(σ² + eps))·g + b`, μ and σ² = E[(x - μ)²] summed
+/// in lanes.
+#[inline(always)]
+fn layer_norm_body(x: &[f32], g: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    let inv_n = 1.0 / x.len() as f32;
+    let mu = sum_body(x) * inv_n;
+    let mut acc = [0f32; LANES];
+    let mut oc = out.chunks_exact_mut(LANES);
+    let mut xc = x.chunks_exact(LANES);
+    for (o, xs) in (&mut oc).zip(&mut xc) {
+        for ((a, o), &v) in acc.iter_mut().zip(o.iter_mut()).zip(xs) {
+            *o = v - mu;
+            *a += *o * *o;
+        }
+    }
+    let mut tail = 0f32;
+    for (o, &v) in oc.into_remainder().iter_mut().zip(xc.remainder()) {
+        *o = v - mu;
+        tail += *o * *o;
+    }
+    let var = (acc.iter().sum::<f32>() + tail) * inv_n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((o, &gg), &bb) in out.iter_mut().zip(g).zip(b) {
+        *o = *o * inv * gg + bb;
+    }
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Level {
     Baseline,
@@ -199,6 +238,10 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn add(x: &mut [f32], y: &[f32]) {
         super::add_body(x, y)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn layer_norm(x: &[f32], g: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+        super::layer_norm_body(x, g, b, eps, out)
     }
 }
 
@@ -312,6 +355,18 @@ pub fn add(x: &mut [f32], y: &[f32]) {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { avx2::add(x, y) },
         Level::Baseline => add_body(x, y),
+    }
+}
+
+/// Layer norm of one row into `out` (`x`, `g`, `b`, `out` of one length), the statistics
+/// summed in lanes.
+pub fn layer_norm(x: &[f32], g: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    assert!(g.len() == x.len() && b.len() == x.len() && out.len() == x.len());
+    match level() {
+        // SAFETY: the features were detected on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2::layer_norm(x, g, b, eps, out) },
+        Level::Baseline => layer_norm_body(x, g, b, eps, out),
     }
 }
 
