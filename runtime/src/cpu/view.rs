@@ -154,6 +154,18 @@ impl Val {
                 copy_into(d, v.offset, &v.strides, &v.shape, &mut dst);
                 Data::Bool(dst)
             }
+            // Host f16/bf16 tensors are widened before they run here; a view of one is
+            // copied in its own type all the same.
+            Data::F16(d) => {
+                let mut dst = vec![half::f16::ZERO; n];
+                copy_into(d, v.offset, &v.strides, &v.shape, &mut dst);
+                Data::F16(dst)
+            }
+            Data::BF16(d) => {
+                let mut dst = vec![half::bf16::ZERO; n];
+                copy_into(d, v.offset, &v.strides, &v.shape, &mut dst);
+                Data::BF16(dst)
+            }
         };
         // The view was perhaps its buffer's last holder.
         Val::Dense(v.base).recycle();
