@@ -1,7 +1,7 @@
 //! Pipeline parallelism: PP P with M micro-batches equals PP 1 (tiny GPT-2 and tiny BERT at
 //! PP 2 with 1–4 micro-batches, MiniLM at PP 2 and 3 when `TRANSFUSE_MINILM_DIR` is set, an
 //! 8-layer GPT-2 with random weights at PP 4, PP 2 × TP 2), on CPU stages and on wgpu stages
-//! (each its own device); greedy tokens exact through the pipeline; the stage cut balanced;
+//! (the same matrix, each stage its own device); greedy tokens exact through the pipeline; the stage cut balanced;
 //! bad degrees named; a failing stage ends every stage with its error.
 //!
 //! Tolerances: 1e-5·(1 + |ref|) per element on CPU stages (a stage runs the same kernels as the
@@ -101,6 +101,12 @@ fn reference(d: &std::path::Path, b: &Batch) -> transfuse::runtime::TensorMap {
 
 #[test]
 fn gpt2_and_bert_pp2_with_1_to_4_micro_batches_equal_pp1() {
+    pp2_micro_batches("cpu", 1e-5);
+}
+
+/// PP 2 with 1–4 micro-batches on tiny GPT-2 and tiny BERT on `backend`'s stages, within `tol`
+/// of the CPU's PP 1.
+fn pp2_micro_batches(backend: &str, tol: f32) {
     for name in ["tiny_gpt2", "tiny_bert"] {
         let d = dir(name);
         let want = reference(&d, &batch4());
@@ -119,8 +125,8 @@ fn gpt2_and_bert_pp2_with_1_to_4_micro_batches_equal_pp1() {
                 3 => reference(&d, &b),
                 _ => want.clone(),
             };
-            let s = pp_session(&d, 2, m, 1, "cpu");
-            check(&format!("{name} pp 2 m {m}"), &want, &s, &b, 1e-5);
+            let s = pp_session(&d, 2, m, 1, backend);
+            check(&format!("{name} {backend} pp 2 m {m}"), &want, &s, &b, tol);
             // Every micro-batch crossed the one stage boundary: stage 0 sent, stage 1 received.
             let logs = s.pp.as_ref().unwrap().take_logs();
             let sends = logs[0].len() / s.pp.as_ref().unwrap().pipeline.stages[0].send.len();
@@ -163,6 +169,12 @@ fn pp2_times_tp2_equals_pp1() {
 
 #[test]
 fn minilm_pp2_pp3_equal_pp1() {
+    minilm_pp2_pp3("cpu", 1e-5);
+}
+
+/// MiniLM (6 layers) at PP 2 (2 micro-batches) and PP 3 on `backend`'s stages, within `tol`
+/// of the CPU's PP 1.
+fn minilm_pp2_pp3(backend: &str, tol: f32) {
     let Some(d) = common::minilm_dir() else {
         return;
     };
@@ -185,15 +197,18 @@ fn minilm_pp2_pp3_equal_pp1() {
     };
     let want = one.forward(&b).unwrap();
     for (pp, m) in [(2, 2), (3, 1)] {
-        let s = pp_session(&d, pp, m, 1, "cpu");
+        let s = pp_session(&d, pp, m, 1, backend);
         assert_eq!(s.pp.as_ref().unwrap().pipeline.layers, 6);
-        check(&format!("minilm pp {pp}"), &want, &s, &b, 1e-5);
+        check(&format!("minilm {backend} pp {pp}"), &want, &s, &b, tol);
     }
 }
 
 /// An 8-layer GPT-2 (tiny GPT-2's dims) with deterministic pseudo-random weights.
-fn eight_layer_gpt2() -> PathBuf {
-    let out = std::env::temp_dir().join(format!("transfuse-pp-gpt2-8l-{}", std::process::id()));
+fn eight_layer_gpt2(tag: &str) -> PathBuf {
+    let out = std::env::temp_dir().join(format!(
+        "transfuse-pp-gpt2-8l-{tag}-{}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&out).unwrap();
     let cfg = std::fs::read_to_string(dir("tiny_gpt2").join("config.json")).unwrap();
     let cfg = cfg.replace("\"n_layer\": 2", "\"n_layer\": 8");
@@ -226,18 +241,24 @@ fn eight_layer_gpt2() -> PathBuf {
 
 #[test]
 fn gpt2_8_layers_pp4_equals_pp1() {
-    let d = eight_layer_gpt2();
+    gpt2_8_layers_pp4("cpu", 1e-5);
+}
+
+/// The 8-layer GPT-2 at PP 4 on `backend`'s stages: the stage cut, outputs within `tol` of the
+/// CPU's PP 1 and greedy tokens exact.
+fn gpt2_8_layers_pp4(backend: &str, tol: f32) {
+    let d = eight_layer_gpt2(backend);
     let want = reference(&d, &batch4());
-    let s = pp_session(&d, 4, 2, 1, "cpu");
+    let s = pp_session(&d, 4, 2, 1, backend);
     let p = &s.pp.as_ref().unwrap().pipeline;
     assert_eq!(p.layers, 8);
     // Equal layers, balanced: two per stage (the head's cost tips none over).
     let ranges: Vec<_> = p.stages.iter().map(|s| s.layers.clone()).collect();
     assert_eq!(ranges.iter().map(|r| r.len()).sum::<usize>(), 8);
     assert!(ranges.iter().all(|r| !r.is_empty()), "{ranges:?}");
-    check("gpt2-8l pp 4", &want, &s, &batch4(), 1e-5);
+    check(&format!("gpt2-8l {backend} pp 4"), &want, &s, &batch4(), tol);
     // Decoding runs one micro-batch (batch 1); each stage carries its layers' cache.
-    let greedy = pp_session(&d, 4, 1, 1, "cpu")
+    let greedy = pp_session(&d, 4, 1, 1, backend)
         .generate(&[1, 2, 3], 5, Sampling::Greedy)
         .unwrap();
     let want = Session::cpu(Model::load(&d).unwrap())
@@ -387,19 +408,17 @@ fn a_failing_stage_ends_every_stage_with_its_error() {
     );
 }
 
-/// wgpu stages, each its own device: PP 2 with 2 micro-batches and PP 2 greedy on tiny GPT-2,
-/// PP 2 on tiny BERT, within 1e-3 of the CPU reference.
+/// wgpu stages, each its own device: the CPU cases' matrix (PP 2 with 1–4 micro-batches on
+/// tiny GPT-2 and tiny BERT, MiniLM at PP 2 and 3, the 8-layer GPT-2 at PP 4 with greedy
+/// tokens) and PP 2 greedy on tiny GPT-2, within 1e-3 of the CPU reference.
 #[test]
 fn wgpu_stages_equal_pp1() {
     if common::wgpu_backend().is_none() {
         return;
     }
-    for name in ["tiny_gpt2", "tiny_bert"] {
-        let d = dir(name);
-        let want = reference(&d, &batch4());
-        let s = pp_session(&d, 2, 2, 1, "wgpu");
-        check(&format!("{name} wgpu pp 2 m 2"), &want, &s, &batch4(), 1e-3);
-    }
+    pp2_micro_batches("wgpu", 1e-3);
+    minilm_pp2_pp3("wgpu", 1e-3);
+    gpt2_8_layers_pp4("wgpu", 1e-3);
     let d = dir("tiny_gpt2");
     let want = Session::cpu(Model::load(&d).unwrap())
         .unwrap()
