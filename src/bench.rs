@@ -56,6 +56,9 @@ struct Decode {
     prompt: usize,
     ttft: f64,
     per_token: Vec<f64>,
+    /// Device bytes written to the KV cache outputs (`present_*`) by each decode step
+    /// (empty on the CPU backend, which does not count).
+    kv_written: Vec<u64>,
 }
 
 impl Decode {
@@ -112,11 +115,23 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
             let prompt_len = a.seq.min(positions.saturating_sub(n)).max(1);
             let prompt = ids(1, prompt_len, vocab).remove(0);
             s.generate(&prompt, 2, Sampling::Greedy)?; // warm-up (prefill and one step)
-            let (_, steps) = s.generate_timed(&prompt, n + 1, Sampling::Greedy)?;
+            let (_, steps) = s.generate_steps(&prompt, n + 1, Sampling::Greedy)?;
+            let kv_written = steps[1..]
+                .iter()
+                .filter_map(|st| st.written.as_ref())
+                .map(|w| {
+                    w.by_tensor
+                        .iter()
+                        .filter(|(t, _)| t.starts_with("present_"))
+                        .map(|(_, b)| b)
+                        .sum()
+                })
+                .collect();
             Some(Decode {
                 prompt: prompt_len,
-                ttft: steps[0],
-                per_token: steps[1..].to_vec(),
+                ttft: steps[0].seconds,
+                per_token: steps[1..].iter().map(|st| st.seconds).collect(),
+                kv_written,
             })
         }
         _ => None,
@@ -156,6 +171,7 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
                 "per_token_ms_median": median(d.per_token.clone()) * 1e3,
                 "decode_ms": d.total() * 1e3,
                 "tokens_per_s": d.per_token.len() as f64 / d.total(),
+                "kv_bytes_written_per_step": d.kv_written,
             })),
         });
         println!("{j}");
@@ -230,6 +246,13 @@ pub fn bench_model(s: &Session, reason: &str, a: &BenchArgs) -> Result<(), Error
             median(d.per_token.clone()) * 1e3,
             n as f64 / d.total()
         );
+        if let (Some(first), Some(last)) = (d.kv_written.first(), d.kv_written.last()) {
+            let all: u64 = d.kv_written.iter().sum();
+            println!(
+                "decode KV writes: {first} B on the first step, {last} B on the last, {all} B over {n} steps \
+                 (device bytes stored into the present_* cache outputs)"
+            );
+        }
     }
     Ok(())
 }

@@ -190,6 +190,15 @@ fn matrix_tensor(m: &[Vec<i64>]) -> Tensor {
     Tensor::i64(vec![m.len(), cols], m.concat())
 }
 
+/// One step of [`Session::generate_steps`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    /// Host wall time, reading the logits back included.
+    pub seconds: f64,
+    /// Device bytes the step wrote (`None` on the CPU backend).
+    pub written: Option<runtime::BytesWritten>,
+}
+
 /// How `generate` picks the next token.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Sampling {
@@ -546,6 +555,19 @@ impl Session {
         max_new: usize,
         sampling: Sampling,
     ) -> Result<(Vec<i64>, Vec<f64>), Error> {
+        let (ids, steps) = self.generate_steps(prompt, max_new, sampling)?;
+        Ok((ids, steps.into_iter().map(|s| s.seconds).collect()))
+    }
+
+    /// [`Session::generate`], also returning per step (the prefill first) its host wall time
+    /// and the device bytes it wrote ([`runtime::Loaded::bytes_written`]; `None` on the CPU
+    /// backend).
+    pub fn generate_steps(
+        &self,
+        prompt: &[i64],
+        max_new: usize,
+        sampling: Sampling,
+    ) -> Result<(Vec<i64>, Vec<Step>), Error> {
         let Some(cache) = self.model.config.cache_shape() else {
             return Err(Error::Usage(format!(
                 "generate needs a decoder model; {} is a `{}` encoder",
@@ -606,7 +628,10 @@ impl Session {
             let next = pick(last, sampling, &mut rng);
             ids.push(next);
             step = vec![next];
-            times.push(t0.elapsed().as_secs_f64());
+            times.push(Step {
+                seconds: t0.elapsed().as_secs_f64(),
+                written: program.bytes_written(),
+            });
         }
         program.clear_carry();
         Ok((ids, times))

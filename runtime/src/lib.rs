@@ -272,6 +272,49 @@ pub trait Loaded: Send {
     fn tuning(&self) -> Option<TuningUse> {
         None
     }
+
+    /// Device bytes the last run wrote (`None` on the CPU backend, which has no device
+    /// memory to count).
+    fn bytes_written(&self) -> Option<BytesWritten> {
+        None
+    }
+}
+
+/// Device bytes one run of a [`Loaded`] graph wrote ([`Loaded::bytes_written`]): host uploads,
+/// device-side buffer copies and kernel stores.
+///
+/// A kernel's stores into a buffer it may write count as that buffer's whole logical tensor
+/// at the run's dims: every kernel today writes its outputs whole, including a concat placed
+/// into a matmul's epilogue (GPT-2's `present = concat(past, new)`, whose past part the
+/// matmul's extra workgroups copy), so this is exact for them. Readback staging copies are
+/// not counted (they write host-visible staging memory, not the graph's buffers); the executor
+/// issues no other device copies today, so `copies` is 0 until one does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BytesWritten {
+    /// Host → device uploads (inputs; not the weights, uploaded once at load).
+    pub host: u64,
+    /// Device → device buffer copies.
+    pub copies: u64,
+    /// Kernel stores, temporaries included.
+    pub kernels: u64,
+    /// Bytes written per graph input and output (uploads and kernel stores), by tensor name.
+    pub by_tensor: Vec<(String, u64)>,
+}
+
+impl BytesWritten {
+    /// The bytes written to the named tensor (0 when none were).
+    pub fn tensor(&self, name: &str) -> u64 {
+        self.by_tensor
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, b)| b)
+            .sum()
+    }
+
+    /// All bytes written.
+    pub fn total(&self) -> u64 {
+        self.host + self.copies + self.kernels
+    }
 }
 
 /// Where the tunables of the last run's template kernels came from ([`Loaded::tuning`]).

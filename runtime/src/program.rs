@@ -40,8 +40,8 @@ use crate::device::{Device, DeviceInfo};
 use crate::memory::{self, Interval};
 use crate::tune::{self, TuningCache};
 use crate::{
-    bind_shapes, Backend, KernelTime, Loaded, MemoryReport, RuntimeError, TensorMap, Timing,
-    TuningUse,
+    bind_shapes, Backend, BytesWritten, KernelTime, Loaded, MemoryReport, RuntimeError, TensorMap,
+    Timing, TuningUse,
 };
 use transfuse_codegen::lower::tuning::Tuning;
 
@@ -127,6 +127,8 @@ pub struct Program<D: Device> {
     carried: HashMap<String, Carried<D::Buffer>>,
     id_checks: Vec<IdCheck>,
     last_memory: Option<MemoryReport>,
+    /// Device bytes written by the last call ([`Loaded::bytes_written`]).
+    written: BytesWritten,
     /// The memory plan of the last call's dims, reused while they repeat.
     temp_plan: Option<(Bindings, Arc<TempPlan>)>,
     /// What the plan was lowered with (re-lowered per shape bucket).
@@ -371,6 +373,7 @@ impl<D: Device> Program<D> {
             io: HashMap::new(),
             carried: HashMap::new(),
             last_memory: None,
+            written: BytesWritten::default(),
             temp_plan: None,
             cache,
             cache_note,
@@ -1022,6 +1025,7 @@ impl<D: Device> Program<D> {
         })?;
         self.check_ids(inputs)?;
         self.retune(&dims)?;
+        self.written = BytesWritten::default();
         // The memory plan of these dims (the last call's when they repeat).
         let tp = match &self.temp_plan {
             Some((d, tp)) if *d == dims => tp.clone(),
@@ -1068,6 +1072,10 @@ impl<D: Device> Program<D> {
                 for (c, part) in data.chunks(step).enumerate() {
                     self.dev.write(&self.big[&io.buffer][c].buf, part)?;
                 }
+                self.written.host += data.len() as u64;
+                self.written
+                    .by_tensor
+                    .push((io.name.clone(), data.len() as u64));
                 continue;
             }
             // Supplied inputs replace carried ones.
@@ -1077,6 +1085,10 @@ impl<D: Device> Program<D> {
             let data = to_bytes(t, b.elem, &io.name)?;
             let h = Self::ensure(&self.dev, self.io.remove(&io.buffer), bytes, &io.name)?;
             self.dev.write(&h.buf, &data)?;
+            self.written.host += data.len() as u64;
+            self.written
+                .by_tensor
+                .push((io.name.clone(), data.len() as u64));
             self.io.insert(io.buffer.clone(), h);
         }
         let plan_outputs = self.plan.outputs.clone();
@@ -1105,6 +1117,38 @@ impl<D: Device> Program<D> {
         Ok((dims, places))
     }
 
+    /// Adds the forward kernels' stores at `dims` to [`Program::written`]: each buffer a
+    /// launched kernel may write counts whole (see [`BytesWritten`]).
+    fn count_kernel_writes(&mut self, dims: &Bindings) -> Result<(), RuntimeError> {
+        let mut by_buffer: HashMap<&str, u64> = HashMap::new();
+        let mut total = 0;
+        for i in self.forward_kernels() {
+            let decode = self.plan.use_decode(i, dims)?;
+            let Some((gen, bindings, _)) = self.plan.kernels[i].launched(decode) else {
+                continue;
+            };
+            for (p, name) in gen.kernel.buffers.iter().zip(bindings) {
+                if p.access != Access::ReadWrite {
+                    continue;
+                }
+                let Some(b) = self.plan.buffer(name) else {
+                    continue;
+                };
+                let bytes = b.len().eval_usize(dims)? as u64 * u64::from(elem_bytes(b.elem));
+                total += bytes;
+                *by_buffer.entry(name.as_str()).or_default() += bytes;
+            }
+        }
+        self.written.kernels += total;
+        let ios = self.plan.inputs.iter().chain(&self.plan.outputs);
+        for io in ios {
+            if let Some(&b) = by_buffer.get(io.buffer.as_str()) {
+                self.written.by_tensor.push((io.name.clone(), b));
+            }
+        }
+        Ok(())
+    }
+
     fn forward_kernels(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.plan.kernels.len()).filter(|&i| self.plan.kernels[i].phase == Phase::Forward)
     }
@@ -1127,6 +1171,7 @@ impl<D: Device + 'static> Loaded for Program<D> {
                 self.launch(i, &dims, &places)?;
             }
         }
+        self.count_kernel_writes(&dims)?;
         let mut out = HashMap::new();
         let outputs = self.plan.outputs.clone();
         for io in &outputs {
@@ -1228,6 +1273,10 @@ impl<D: Device + 'static> Loaded for Program<D> {
 
     fn memory(&self) -> Option<MemoryReport> {
         self.last_memory
+    }
+
+    fn bytes_written(&self) -> Option<BytesWritten> {
+        Some(self.written.clone())
     }
 
     fn tuning(&self) -> Option<TuningUse> {
