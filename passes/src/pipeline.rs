@@ -49,7 +49,8 @@ pub struct Stage {
     pub layers: std::ops::Range<usize>,
     /// What it receives from the stage before it, in order (inputs of `graph`).
     pub recv: Vec<String>,
-    /// What it sends to the stage after it, in order (outputs of `graph`).
+    /// What it sends to the stage after it, in order: outputs of `graph`, or values it
+    /// received and passes on unchanged (the runner forwards those from its inputs).
     pub send: Vec<String>,
     /// Its estimated seconds per forward under the profile.
     pub cost: f64,
@@ -254,7 +255,10 @@ pub fn cut(g: &Graph, stages: usize, profile: &Profile) -> Result<Pipeline, Pipe
                 sg.set_output(name, map[&id.index()]);
             }
         }
-        for &i in &send {
+        // A value this stage received and passes on unchanged is forwarded by the runner from
+        // its inputs: as a graph output it would be an output named after an input, which a
+        // device plan cannot have (one buffer per name).
+        for &i in send.iter().filter(|i| !recv.contains(i)) {
             sg.set_output(&name_of(i), map[&i]);
         }
         let first = if s == 0 { 0 } else { ends[s - 1] };

@@ -30,7 +30,8 @@ pub struct PpStage {
     pub loaded: Box<dyn Loaded>,
     /// Names of the inputs received from the stage before, in the order they are sent.
     pub recv: Vec<String>,
-    /// Names of the outputs sent to the stage after, in order.
+    /// Names of the values sent to the stage after, in order: outputs, or inputs received and
+    /// passed on.
     pub send: Vec<String>,
 }
 
@@ -240,7 +241,9 @@ impl Loaded for PpLoaded {
                                 let mut out = stage.loaded.run(&ins, carry)?;
                                 if s + 1 < p {
                                     for name in &stage.send {
-                                        let t = out.remove(name).ok_or_else(|| {
+                                        // Computed here, or received and passed on.
+                                        let t = out.remove(name).or_else(|| ins.remove(name));
+                                        let t = t.ok_or_else(|| {
                                             RuntimeError::MissingInput(format!(
                                                 "stage {s} did not output `{name}`"
                                             ))
@@ -330,10 +333,14 @@ impl Loaded for PpLoaded {
             times.extend(stage.loaded.profile(&ins)?);
             if s + 1 < p {
                 for name in &stage.send {
-                    let t = out
-                        .remove(name)
-                        .ok_or_else(|| RuntimeError::MissingInput(name.clone()))?;
-                    ins.insert(name.clone(), t);
+                    // Computed here, or received and passed on (then already in `ins`).
+                    match out.remove(name) {
+                        Some(t) => {
+                            ins.insert(name.clone(), t);
+                        }
+                        None if ins.contains_key(name) => {}
+                        None => return Err(RuntimeError::MissingInput(name.clone())),
+                    }
                 }
             }
         }
