@@ -1009,13 +1009,15 @@ fn matmul<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
         (50, 783, 3, [Epi::Relu, Epi::GeluResidual], 100.0),
         (783, 3, 50, [Epi::Bias, Epi::GeluTanh], 100.0),
         (1, 129, 783, [Epi::Plain, Epi::Silu], 1.0),
+        // One row with vec4-aligned k and n: on CPU adapters the one-row register blocks.
+        (1, 132, 52, [Epi::Bias, Epi::GeluResidual], 1.0),
     ] {
         for epi in epis {
             worst.add(matmul_case(m, k, n, epi, mag).run(dev, elem, runs));
         }
     }
     // A weight stored [out, in] (PyTorch's Linear), not folded: the kernel reads it transposed.
-    for (m, k, n) in [(129, 50, 3), (1, 783, 50)] {
+    for (m, k, n) in [(129, 50, 3), (1, 783, 50), (1, 128, 50)] {
         let mut c = Case::new(format!("linear out-in [b,{m},{k}]x[{n},{k}]ᵀ"));
         let x = c.input("x", dims("b", &[m, k]), 1.0, 0.0);
         let w = c.weight("w", &[n, k], 1.0, 0.0);
