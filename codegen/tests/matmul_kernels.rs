@@ -643,8 +643,16 @@ fn register_design_matches_reference() {
         MatMulTunables::reg(4, 8, 2, 4, 2),
         MatMulTunables::reg(1, 4, 1, 8, 1),
         MatMulTunables::reg(2, 4, 4, 2, 4),
+        // The one-row default of thin products (decode steps) on CPU adapters.
+        MatMulTunables::reg(1, 8, 1, 8, 1),
     ];
-    let acts = [Act::Identity, Act::GeluErf, Act::Silu, Act::GeluTanh];
+    let acts = [
+        Act::Identity,
+        Act::GeluErf,
+        Act::Silu,
+        Act::GeluTanh,
+        Act::Relu,
+    ];
     for (i, t) in pts.iter().enumerate() {
         for bt in [false, true] {
             let cfg = MatMulConfig::plain(Elem::F32)
@@ -720,8 +728,10 @@ fn register_design_is_the_cpu_adapters_default_when_operands_allow_vectors() {
     let cfg = MatMulConfig::plain(Elem::F32).transposed_b(true);
     let t = MatMulTunables::reg_for_problem(&cfg, Some(128), Some(384));
     assert_eq!((t.reg, t.rm, t.rn, t.threads()), (1, 8, 8, 8));
-    // Narrow problems: the workgroup's width shrinks to the problem.
+    // Narrow problems: fewer rows per block, the workgroup's width shrinks to the problem.
     let t = MatMulTunables::reg_for_problem(&cfg, Some(2), Some(8));
-    assert_eq!((t.rm, t.rn, t.tile_n), (8, 8, 8));
+    assert_eq!((t.rm, t.rn, t.tile_n), (2, 8, 8));
+    let t = MatMulTunables::reg_for_problem(&cfg, Some(1), Some(1000));
+    assert_eq!((t.rm, t.rn, t.tile_m, t.threads()), (1, 8, 1, 8));
     assert!(t.validate("matmul", &Limits::webgpu()).is_ok());
 }

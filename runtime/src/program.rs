@@ -66,6 +66,10 @@ struct Compiled<M, B> {
 /// Per kernel parameter: the plan buffer and chunk bound to it.
 type Binds = Vec<(String, usize)>;
 
+/// Where a compiled kernel of another bucket was used: plan kernel index, decode variant or
+/// not, entry name.
+type SpareKey = (usize, bool, String);
+
 /// A kernel compiled for device `D`.
 type DevCompiled<D> = Compiled<<D as Device>::Module, <D as Device>::Bound>;
 
@@ -142,8 +146,10 @@ pub struct Program<D: Device> {
     /// The plan lowered for each shape bucket seen (by its dims string), with its tuning
     /// sites and how many came from the cache.
     lowered: HashMap<String, Arc<(Plan, usize, usize)>>,
-    /// Compiled kernels of other buckets, by entry name (switching back compiles nothing).
-    spare: HashMap<String, Compiled<D::Module, D::Bound>>,
+    /// Compiled kernels of other buckets, by plan kernel index, variant (true: decode) and
+    /// entry name (switching back compiles nothing). Not by name alone: kernels of identical
+    /// code (each layer's same matmul) share a name but bind their own plan buffers.
+    spare: HashMap<SpareKey, Compiled<D::Module, D::Bound>>,
     tuning_use: Option<TuningUse>,
 }
 
@@ -445,9 +451,9 @@ impl<D: Device> Program<D> {
             if self.compiled[i].is_none() {
                 // First call: the bucket's kernels directly.
                 let k = &plan.kernels[i];
-                let main = self.compiled_for(&k.gen.kernel, &k.bindings)?;
+                let main = self.compiled_for(i, false, &k.gen.kernel, &k.bindings)?;
                 let decode = match &k.decode {
-                    Some(v) => Some(self.compiled_for(&v.gen.kernel, &v.bindings)?),
+                    Some(v) => Some(self.compiled_for(i, true, &v.gen.kernel, &v.bindings)?),
                     None => None,
                 };
                 self.compiled[i] = Some((main, decode));
@@ -458,20 +464,24 @@ impl<D: Device> Program<D> {
                 continue;
             }
             if plan.kernels[i].entry() != self.plan.kernels[i].entry() {
-                let new =
-                    self.compiled_for(&plan.kernels[i].gen.kernel, &plan.kernels[i].bindings)?;
+                let new = self.compiled_for(
+                    i,
+                    false,
+                    &plan.kernels[i].gen.kernel,
+                    &plan.kernels[i].bindings,
+                )?;
                 let compiled = self.compiled[i].as_mut().expect("compiled above");
                 let old = std::mem::replace(&mut compiled.0, new);
-                self.spare.insert(old.name.clone(), old);
+                self.spare.insert((i, false, old.name.clone()), old);
                 self.plan.kernels[i].gen = plan.kernels[i].gen.clone();
                 swapped += 1;
             }
             if let (Some(nv), Some(ov)) = (&plan.kernels[i].decode, &self.plan.kernels[i].decode) {
                 if nv.gen.kernel.name != ov.gen.kernel.name {
-                    let new = self.compiled_for(&nv.gen.kernel, &nv.bindings)?;
+                    let new = self.compiled_for(i, true, &nv.gen.kernel, &nv.bindings)?;
                     let compiled = self.compiled[i].as_mut().expect("compiled above");
                     if let Some(old) = compiled.1.replace(new) {
-                        self.spare.insert(old.name.clone(), old);
+                        self.spare.insert((i, true, old.name.clone()), old);
                     }
                     let gen = nv.gen.clone();
                     if let Some(v) = self.plan.kernels[i].decode.as_mut() {
@@ -523,13 +533,16 @@ impl<D: Device> Program<D> {
         Ok(())
     }
 
-    /// A kernel compiled (or taken from an earlier bucket's).
+    /// Plan kernel `i`'s main kernel (its decode variant when `decode`) compiled, or taken from
+    /// an earlier bucket's compile of that same kernel `i`.
     fn compiled_for(
         &mut self,
+        i: usize,
+        decode: bool,
         kernel: &transfuse_codegen::kir::Kernel,
         bindings: &[String],
     ) -> Result<Compiled<D::Module, D::Bound>, RuntimeError> {
-        match self.spare.remove(&kernel.name) {
+        match self.spare.remove(&(i, decode, kernel.name.clone())) {
             Some(c) => Ok(c),
             None => Self::compile(&self.dev, kernel, bindings, &self.splits),
         }

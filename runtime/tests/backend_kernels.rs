@@ -245,6 +245,9 @@ struct Case {
     /// Symbol whose value 1 (and only 1) must make an attention kernel launch its decode variant.
     decode_iff: Option<String>,
     fold: bool,
+    /// A stem of which two kernels of the load-time plan must share one entry name (identical
+    /// code bound to different buffers).
+    twins: Option<String>,
     /// Errors scaled by `1 + |CPU output on |inputs| and |weights||` instead of `1 + |cpu|`.
     abs_scale: bool,
 }
@@ -260,6 +263,7 @@ impl Case {
             kernels: vec![],
             decode_iff: None,
             fold: true,
+            twins: None,
             abs_scale: false,
         }
     }
@@ -303,6 +307,11 @@ impl Case {
         self
     }
 
+    fn twins(mut self, stem: &str) -> Case {
+        self.twins = Some(stem.to_string());
+        self
+    }
+
     fn decode_iff(mut self, sym: &str) -> Case {
         self.decode_iff = Some(sym.to_string());
         self
@@ -336,6 +345,7 @@ impl Case {
             kernels,
             decode_iff,
             fold,
+            twins,
             abs_scale,
         } = self;
         // Data depends on the case only: every backend and storage type sees the same.
@@ -387,6 +397,20 @@ impl Case {
                 .iter()
                 .any(|k| k.ops.iter().any(|o| o == want) || k.entry().contains(want.as_str()));
             assert!(found, "{label}: no kernel computes `{want}`: {entries:?}");
+        }
+        if let Some(stem) = &twins {
+            let named: Vec<&String> = entries
+                .iter()
+                .filter(|e| e.contains(stem.as_str()))
+                .collect();
+            let twin = named
+                .iter()
+                .enumerate()
+                .any(|(i, e)| named[i + 1..].contains(e));
+            assert!(
+                twin,
+                "{label}: no two `{stem}` kernels share an entry: {entries:?}"
+            );
         }
         // The CPU reference sees what the device stores.
         let w_ref: Weights = w
@@ -985,13 +1009,15 @@ fn matmul<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
         (50, 783, 3, [Epi::Relu, Epi::GeluResidual], 100.0),
         (783, 3, 50, [Epi::Bias, Epi::GeluTanh], 100.0),
         (1, 129, 783, [Epi::Plain, Epi::Silu], 1.0),
+        // One row with vec4-aligned k and n: on CPU adapters the one-row register blocks.
+        (1, 132, 52, [Epi::Bias, Epi::GeluResidual], 1.0),
     ] {
         for epi in epis {
             worst.add(matmul_case(m, k, n, epi, mag).run(dev, elem, runs));
         }
     }
     // A weight stored [out, in] (PyTorch's Linear), not folded: the kernel reads it transposed.
-    for (m, k, n) in [(129, 50, 3), (1, 783, 50)] {
+    for (m, k, n) in [(129, 50, 3), (1, 783, 50), (1, 128, 50)] {
         let mut c = Case::new(format!("linear out-in [b,{m},{k}]x[{n},{k}]ᵀ"));
         let x = c.input("x", dims("b", &[m, k]), 1.0, 0.0);
         let w = c.weight("w", &[n, k], 1.0, 0.0);
@@ -1045,6 +1071,35 @@ fn matmul<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
         let c = c.fused("fused_matmul act=identity bias").abs_scale();
         worst.add(c.run(dev, elem, &[&[("m", 1)], &[("m", m)]]));
     }
+}
+
+/// Two matmuls of identical code (so one entry name) on different weights, run at shapes of
+/// alternating buckets (16 rows, 2 rows: on a CPU adapter the register design's block
+/// changes with the rows, so both kernels are swapped at each switch). Switching back must
+/// give each kernel its own compiled binding: kernels kept for a bucket were once keyed by
+/// entry name alone, so the first layer's matmul ran with the second's buffers (tiny GPT-2's
+/// second `generate` on lavapipe decoded wrong tokens).
+fn bucket_switch_twin_kernels<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
+    let mut c = Case::new("two identical matmuls across buckets");
+    let x = c.input("x", dims("s", &[64]), 1.0, 0.0);
+    let mut y = x;
+    for l in 0..2 {
+        let w = c.weight(&format!("w{l}"), &[64, 64], 0.25, 0.0);
+        let bias = c.weight(&format!("b{l}"), &[64], 1.0, 0.0);
+        y = c.with(|b| {
+            let m = b.matmul(y, w)?;
+            let m = b.add(m, bias)?;
+            b.gelu_erf(m)
+        });
+    }
+    c.out("y", y);
+    let c = c
+        .fused("fused_matmul act=gelu_erf bias")
+        .fused("fused_matmul act=gelu_erf bias")
+        .twins("matmul")
+        .abs_scale();
+    let runs: &[&[(&str, usize)]] = &[&[("s", 16)], &[("s", 2)], &[("s", 16)], &[("s", 2)]];
+    c.run(dev, elem, runs);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1492,6 +1547,7 @@ per_backend! {
     channel_norms => channel_norms(F32),
     instance_norm_rank3 => instance_norm_rank3(F32),
     matmul => matmul(F32),
+    bucket_switch_twin_kernels => bucket_switch_twin_kernels(F32),
     attention => attention(F32),
     llama_ops => llama_ops(F32),
     gather_concat => gather_concat(F32),

@@ -225,17 +225,16 @@ impl MatMulTunables {
     }
 
     /// The register design's default on a CPU adapter for an `m × n` problem (dims rounded up
-    /// to powers of two; `None`: unknown): 8 × 8 outputs per invocation, so each float loaded
-    /// feeds 4 multiply-adds; one 8-invocation subgroup per
+    /// to powers of two; `None`: unknown): 8 × 8 outputs per invocation (fewer rows when `m`
+    /// is smaller), so each float loaded feeds 4 multiply-adds; one 8-invocation subgroup per
     /// workgroup (the workgroup's tile no wider than the problem), no k unrolling.
     pub fn reg_for_problem(cfg: &MatMulConfig, m: Option<u64>, n: Option<u64>) -> MatMulTunables {
         let _ = cfg;
         let rn = 8;
-        // 8 rows even when `m` is smaller: blocks of fewer rows (shape-aware by `m`) gave
-        // wrong greedy tokens in tiny GPT-2's decode on lavapipe (not understood yet; the
-        // interpreter agrees with the reference for them).
-        let _ = m;
-        let rm = 8;
+        let rm = match m {
+            Some(m) if m < 8 => m.max(1).next_power_of_two() as u32,
+            _ => 8,
+        };
         // Eight invocations, as wide along n as the problem allows.
         let cols = n.map_or(u64::MAX, |n| n.div_ceil(u64::from(rn)).max(1));
         let wx = [8u32, 4, 2, 1]

@@ -223,15 +223,26 @@ impl Lower<'_> {
         let rows = u.iter().find(|(x, _)| *x == "m").expect("m").1.clone();
         let sizes = [rows.clone(), Poly::dim(&ndim), Poly::dim(&kdim)];
         let one_row = [Poly::one(), Poly::dim(&ndim), Poly::dim(&kdim)];
+        // On a CPU adapter the one-row product is the register matmul with one-row blocks
+        // (see `thin_as_reg`), elsewhere the GEMV.
+        let thin_reg = self.thin_as_reg(vec_ok);
         let (gen, base, variant) = match rows.as_const() {
+            Some(1) if thin_reg => {
+                let t = self.pick_matmul(id, false, &cfg, sizes, vec_ok);
+                (matmul::matmul(&cfg, &t, &limits)?, cfg.name("gemv"), None)
+            }
             Some(1) => {
                 let t = self.pick_gemv(id, false, &cfg, sizes);
                 (matmul::gemv(&cfg, &t, &limits)?, cfg.name("gemv"), None)
             }
             known => {
-                let t = self.pick_matmul(id, &cfg, sizes, vec_ok);
+                let t = self.pick_matmul(id, false, &cfg, sizes, vec_ok);
                 let tiled = matmul::matmul(&cfg, &t, &limits)?;
                 let variant = match known {
+                    None if thin_reg => {
+                        let t = self.pick_matmul(id, true, &cfg, one_row, vec_ok);
+                        Some(matmul::matmul(&cfg, &t, &limits)?)
+                    }
                     None => {
                         let t = self.pick_gemv(id, true, &cfg, one_row);
                         Some(matmul::gemv(&cfg, &t, &limits)?)

@@ -547,6 +547,61 @@ mod tests {
         .unwrap()
     }
 
+    /// `x [s, k] @ w [k, n]`, lowered at `s = 16` for a GPU or a CPU adapter.
+    fn thin_plan(k: usize, n: usize, kind: crate::kernels::DeviceKind) -> Plan {
+        let mut b = Builder::new();
+        let x = b
+            .input("x", vec![Dim::sym("s"), k.into()], DType::F32)
+            .unwrap();
+        let w = b.weight("w", vec![k.into(), n.into()]).unwrap();
+        let y = b.matmul(x, w).unwrap();
+        b.output("y", y);
+        let mut opts = LowerOptions::new(Target::Wgsl, Elem::F32);
+        opts.limits = opts.limits.with_kind(kind);
+        let t = crate::lower::tuning::Tuning::at(dims(&[("s", 16)]), None);
+        lower_tuned(&b.finish(), &opts, &t).unwrap()
+    }
+
+    fn tunable(g: &crate::kernels::Generated, name: &str) -> Option<u32> {
+        g.tunables.iter().find(|t| t.name == name).map(|t| t.value)
+    }
+
+    #[test]
+    fn thin_products_take_one_row_register_blocks_on_cpu_adapters_only() {
+        use crate::kernels::DeviceKind;
+        // A CPU adapter, vec4-aligned k and n: the one-row variant is the register matmul
+        // (no shared memory, one row per block), still named as the GEMV variant.
+        let plan = thin_plan(64, 48, DeviceKind::Cpu);
+        let v = plan.kernels[0]
+            .decode
+            .as_deref()
+            .expect("a one-row variant");
+        assert!(
+            v.gen.kernel.name.starts_with("gemv_f32_"),
+            "{}",
+            v.gen.kernel.name
+        );
+        assert!(v.gen.kernel.shared.is_empty());
+        assert_eq!(tunable(&v.gen, "reg"), Some(1));
+        assert_eq!(tunable(&v.gen, "rm"), Some(1));
+        // k not a multiple of 4: the GEMV (lanes over k, reduced in shared memory).
+        let plan = thin_plan(50, 48, DeviceKind::Cpu);
+        let v = plan.kernels[0]
+            .decode
+            .as_deref()
+            .expect("a one-row variant");
+        assert!(!v.gen.kernel.shared.is_empty());
+        assert!(tunable(&v.gen, "threads").is_some());
+        // A GPU: the GEMV.
+        let plan = thin_plan(64, 48, DeviceKind::Gpu);
+        let v = plan.kernels[0]
+            .decode
+            .as_deref()
+            .expect("a one-row variant");
+        assert!(!v.gen.kernel.shared.is_empty());
+        assert_eq!(tunable(&v.gen, "reg"), None);
+    }
+
     #[test]
     fn a_symbolic_query_length_gets_a_decode_variant() {
         let plan = lowered(Dim::sym("s"));

@@ -271,12 +271,23 @@ impl Lower<'_> {
         }
     }
 
-    /// The matmul's tunables for node `id` (`m`, `n`, `k` in dims). `vec_ok`: the operands
-    /// allow vec4 loads (see [`crate::kernels::matmul::matmul_reg`]); on a CPU adapter the
-    /// register design is then the default (unless [`Tuning::fixed_defaults`]) and in the space.
+    /// True when thin products (one row: decode steps, the GEMV variant) take the register
+    /// matmul with one-row blocks instead of the GEMV: on a CPU adapter, operands allowing
+    /// vec4 loads, shape-aware defaults (not [`Tuning::fixed_defaults`]). The GEMV splits `k`
+    /// over lanes and reduces in shared memory with barriers, which a CPU adapter runs
+    /// slowly; one-row register blocks read `a` and `b` as vec4s, 8 columns per invocation.
+    pub(super) fn thin_as_reg(&self, vec_ok: bool) -> bool {
+        vec_ok && self.o.limits.kind == DeviceKind::Cpu && !self.tuning.fixed_defaults
+    }
+
+    /// The matmul's tunables for node `id` (`m`, `n`, `k` in dims; `decode`: for the kernel's
+    /// one-row variant). `vec_ok`: the operands allow vec4 loads (see
+    /// [`crate::kernels::matmul::matmul_reg`]); on a CPU adapter the register design is then
+    /// the default (unless [`Tuning::fixed_defaults`]) and in the space.
     pub(super) fn pick_matmul(
         &mut self,
         id: NodeId,
+        decode: bool,
         cfg: &MatMulConfig,
         sizes: [Poly; 3],
         vec_ok: bool,
@@ -308,7 +319,7 @@ impl Lower<'_> {
         let [m, n, k] = sizes;
         let s = Self::new_site(
             id,
-            false,
+            decode,
             "matmul",
             format!("{cfg:?}"),
             vec![("m", m), ("n", n), ("k", k)],
