@@ -28,7 +28,8 @@ fn exp_approx(x: f32) -> f32 {
     // Not `clamp`: max/min map to vector instructions and let -inf through to the select.
     #[allow(clippy::manual_clamp)]
     let xc = x.max(EXP_LO).min(EXP_HI);
-    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_2e-3;
@@ -37,7 +38,10 @@ fn exp_approx(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let y = p * (r * r) + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `n` as an integer from `t`'s mantissa (exact: `t` = MAGIC + n with n integral), not
+    // `n as i32`, whose saturating conversion is not vectorised.
+    let ni = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     let y = y * scale;
     if x < EXP_LO {
         0.0
@@ -118,6 +122,24 @@ fn tanh_approx(x: f32) -> f32 {
     }
 }
 
+/// `x[j] = f(x[j])` in fixed groups of [`LANES`], so that the loop body (inlined `f`) is
+/// vectorised as one group per register rather than left to the loop vectoriser.
+#[inline(always)]
+fn map_lanes(x: &mut [f32], f: impl Fn(f32) -> f32) {
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        let mut g = [0f32; LANES];
+        g.copy_from_slice(c);
+        for v in &mut g {
+            *v = f(*v);
+        }
+        c.copy_from_slice(&g);
+    }
+    for v in chunks.into_remainder() {
+        *v = f(*v);
+    }
+}
+
 #[inline(always)]
 fn act_body(kind: Act, x: &mut [f32]) {
     const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -125,30 +147,17 @@ fn act_body(kind: Act, x: &mut [f32]) {
     const SQRT_2_PI: f32 = 0.797_884_6;
     match kind {
         Act::Identity => {}
-        Act::GeluErf => {
-            for v in x {
-                let y = *v;
-                *v = (y * 0.5) * (erf_approx(y * INV_SQRT2) + 1.0);
-            }
-        }
-        Act::GeluTanh => {
-            for v in x {
-                let y = *v;
-                let inner = y + ((y * y) * y) * CUBIC;
-                *v = (y * 0.5) * (tanh_approx(inner * SQRT_2_PI) + 1.0);
-            }
-        }
+        Act::GeluErf => map_lanes(x, |y| (y * 0.5) * (erf_approx(y * INV_SQRT2) + 1.0)),
+        Act::GeluTanh => map_lanes(x, |y| {
+            let inner = y + ((y * y) * y) * CUBIC;
+            (y * 0.5) * (tanh_approx(inner * SQRT_2_PI) + 1.0)
+        }),
         Act::Relu => {
             for v in x {
                 *v = if *v > 0.0 { *v } else { 0.0 };
             }
         }
-        Act::Silu => {
-            for v in x {
-                let y = *v;
-                *v = y / (1.0 + exp_approx(-y));
-            }
-        }
+        Act::Silu => map_lanes(x, |y| y / (1.0 + exp_approx(-y))),
     }
 }
 
