@@ -41,6 +41,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The pointer (a method, so that a closure captures the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `c = a × b` (+ `epi` on every row segment, rows numbered from `row0`) for `a` [m, k] and
 /// `b` [k, n] read through (row, column) strides, into contiguous row-major `c` [m, n]: on the
 /// calling thread when small, else by column blocks in parallel, each block a
@@ -80,7 +87,6 @@ fn gemm_epilogue(
     let cb = col_block(n, threads);
     let out = OutPtr(c.as_mut_ptr());
     (0..n.div_ceil(cb)).into_par_iter().for_each(|j| {
-        let out = out;
         let (j0, w) = (j * cb, cb.min(n - j * cb));
         // SAFETY: `check_strided` bounds every element of `a` and `b` these views reach (a
         // column block of `b` is inside `b`), and block `j` writes only columns
@@ -89,11 +95,11 @@ fn gemm_epilogue(
             let av = MatRef::from_raw_parts(a.as_ptr(), m, k, sa.0 as isize, sa.1 as isize);
             let bv =
                 MatRef::from_raw_parts(b.as_ptr().add(j0 * csb), k, w, rsb as isize, csb as isize);
-            let cv = MatMut::from_raw_parts_mut(out.0.add(j0), m, w, n as isize, 1);
+            let cv = MatMut::from_raw_parts_mut(out.get().add(j0), m, w, n as isize, 1);
             faer_matmul(cv, Accum::Replace, av, bv, 1.0f32, Par::Seq);
             if let Some(f) = epi {
                 for r in 0..m {
-                    let seg = std::slice::from_raw_parts_mut(out.0.add(r * n + j0), w);
+                    let seg = std::slice::from_raw_parts_mut(out.get().add(r * n + j0), w);
                     f(row0 + r, j0, seg);
                 }
             }
