@@ -122,13 +122,14 @@ fn tanh_approx(x: f32) -> f32 {
     }
 }
 
-/// `x[j] = f(x[j])` in fixed groups of [`LANES`], so that the loop body (inlined `f`) is
-/// vectorised as one group per register rather than left to the loop vectoriser.
+/// `x[j] = f(x[j])` in fixed groups of `N` (one register: 8 for AVX2, 16 for AVX-512), so
+/// that the loop body (inlined `f`) is vectorised as one group per register rather than left
+/// to the loop vectoriser.
 #[inline(always)]
-fn map_lanes(x: &mut [f32], f: impl Fn(f32) -> f32) {
-    let mut chunks = x.chunks_exact_mut(LANES);
+fn map_lanes<const N: usize>(x: &mut [f32], f: impl Fn(f32) -> f32) {
+    let mut chunks = x.chunks_exact_mut(N);
     for c in &mut chunks {
-        let mut g = [0f32; LANES];
+        let mut g = [0f32; N];
         g.copy_from_slice(c);
         for v in &mut g {
             *v = f(*v);
@@ -142,13 +143,20 @@ fn map_lanes(x: &mut [f32], f: impl Fn(f32) -> f32) {
 
 #[inline(always)]
 fn act_body(kind: Act, x: &mut [f32]) {
+    act_body_n::<LANES>(kind, x)
+}
+
+/// The activations with the lanes grouped by `N`; the same f32 operations per element
+/// whatever `N` (no contraction into FMA), so every width gives the same bits.
+#[inline(always)]
+fn act_body_n<const N: usize>(kind: Act, x: &mut [f32]) {
     const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
     const CUBIC: f32 = 0.044_715;
     const SQRT_2_PI: f32 = 0.797_884_6;
     match kind {
         Act::Identity => {}
-        Act::GeluErf => map_lanes(x, |y| (y * 0.5) * (erf_approx(y * INV_SQRT2) + 1.0)),
-        Act::GeluTanh => map_lanes(x, |y| {
+        Act::GeluErf => map_lanes::<N>(x, |y| (y * 0.5) * (erf_approx(y * INV_SQRT2) + 1.0)),
+        Act::GeluTanh => map_lanes::<N>(x, |y| {
             let inner = y + ((y * y) * y) * CUBIC;
             (y * 0.5) * (tanh_approx(inner * SQRT_2_PI) + 1.0)
         }),
@@ -157,7 +165,7 @@ fn act_body(kind: Act, x: &mut [f32]) {
                 *v = if *v > 0.0 { *v } else { 0.0 };
             }
         }
-        Act::Silu => map_lanes(x, |y| y / (1.0 + exp_approx(-y))),
+        Act::Silu => map_lanes::<N>(x, |y| y / (1.0 + exp_approx(-y))),
     }
 }
 
@@ -252,6 +260,14 @@ mod avx2 {
     pub unsafe fn layer_norm(x: &[f32], g: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
         super::layer_norm_body(x, g, b, eps, out)
     }
+}
+
+/// The activations 16 lanes at a time (GELU's `erf`/`exp` polynomials are the epilogue's
+/// cost at MiniLM's FFN shapes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn wide_act(kind: Act, x: &mut [f32]) {
+    act_body_n::<16>(kind, x)
 }
 
 /// Whether this CPU runs AVX-512F (the flash attention's microkernels; detected once).
@@ -349,6 +365,11 @@ pub fn scale(x: &mut [f32], s: f32) {
 /// The activation in place, vectorised (GELU's `erf`/`tanh` and SiLU's `exp` approximated to
 /// within 5e-7 absolute).
 pub fn act(kind: Act, x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F was detected on this CPU.
+        return unsafe { wide_act(kind, x) };
+    }
     match level() {
         // SAFETY: the features were detected on this CPU.
         #[cfg(target_arch = "x86_64")]
