@@ -259,6 +259,39 @@ fn fused_matmul_fast_matches_reference() {
     eprintln!("fused matmul: worst |fast - ref| / tol = {worst:.3e}");
 }
 
+/// Few large products with their own weights (`[2, m, k] × [2, k, n]`): each product split by
+/// column blocks with the epilogue per block, its rows numbered across the batch (the second
+/// product's bias and residual rows are the second batch's).
+#[test]
+fn batched_fused_matmul_by_column_blocks_matches_reference() {
+    for &(m, k, n) in &[(129usize, 50usize, 783usize), (783, 129, 200)] {
+        for mag in [1.0, 100.0] {
+            let mut c = Case::new(7000 + m as u64);
+            let batch = 2;
+            let x = c.input("x", &[batch, m, k], mag);
+            let w = c.input("w", &[batch, k, n], 1.0);
+            let bias = c.weight("bias", &[n], mag);
+            let res = c.input("res", &[batch, m, n], mag);
+            let y =
+                c.g.add(
+                    Op::FusedMatMul {
+                        act: Act::GeluErf,
+                        bias: true,
+                        residual: true,
+                    },
+                    &[x, w, bias, res],
+                )
+                .unwrap();
+            let (c, fast, reference) = c.run(y);
+            let (_, xv) = c.get("x");
+            let (_, wv) = c.get("w");
+            let bound = abs_product(&xv, &wv, batch, true, true, m, k, n);
+            let label = format!("batched fused matmul {batch}×{m}×{k}·{batch}×{k}×{n} ×{mag}");
+            check_gemm(&label, &fast, &reference, &bound, k);
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Attn {
     b: usize,

@@ -680,8 +680,8 @@ fn fused_matmul_fast(
 ) -> Vec<f32> {
     let out_batch = &out[..out.len() - 2];
     let plain = bias.is_none() && residual.is_none() && act == Act::Identity;
-    let add = |x: &Bcast, r: usize, row: &mut [f32]| {
-        let base = x.row(r, out);
+    let add = |x: &Bcast, r: usize, j0: usize, row: &mut [f32]| {
+        let base = x.row(r, out) + j0 * x.step;
         if x.step == 1 {
             simd::add(row, &x.data[base..base + row.len()]);
         } else {
@@ -690,13 +690,13 @@ fn fused_matmul_fast(
             }
         }
     };
-    let vectorised = |r: usize, row: &mut [f32]| {
+    let vectorised = |r: usize, j0: usize, row: &mut [f32]| {
         if let Some(b) = &bias {
-            add(b, r, row);
+            add(b, r, j0, row);
         }
         simd::act(act, row);
         if let Some(x) = &residual {
-            add(x, r, row);
+            add(x, r, j0, row);
         }
     };
     let epi: Option<fast_gemm::Epilogue> = if plain { None } else { Some(&vectorised) };

@@ -28,7 +28,8 @@ fn exp_approx(x: f32) -> f32 {
     // Not `clamp`: max/min map to vector instructions and let -inf through to the select.
     #[allow(clippy::manual_clamp)]
     let xc = x.max(EXP_LO).min(EXP_HI);
-    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_2e-3;
@@ -37,7 +38,10 @@ fn exp_approx(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let y = p * (r * r) + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `n` as an integer from `t`'s mantissa (exact: `t` = MAGIC + n with n integral), not
+    // `n as i32`, whose saturating conversion is not vectorised.
+    let ni = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     let y = y * scale;
     if x < EXP_LO {
         0.0
@@ -118,37 +122,50 @@ fn tanh_approx(x: f32) -> f32 {
     }
 }
 
+/// `x[j] = f(x[j])` in fixed groups of `N` (one register: 8 for AVX2, 16 for AVX-512), so
+/// that the loop body (inlined `f`) is vectorised as one group per register rather than left
+/// to the loop vectoriser.
+#[inline(always)]
+fn map_lanes<const N: usize>(x: &mut [f32], f: impl Fn(f32) -> f32) {
+    let mut chunks = x.chunks_exact_mut(N);
+    for c in &mut chunks {
+        let mut g = [0f32; N];
+        g.copy_from_slice(c);
+        for v in &mut g {
+            *v = f(*v);
+        }
+        c.copy_from_slice(&g);
+    }
+    for v in chunks.into_remainder() {
+        *v = f(*v);
+    }
+}
+
 #[inline(always)]
 fn act_body(kind: Act, x: &mut [f32]) {
+    act_body_n::<LANES>(kind, x)
+}
+
+/// The activations with the lanes grouped by `N`; the same f32 operations per element
+/// whatever `N` (no contraction into FMA), so every width gives the same bits.
+#[inline(always)]
+fn act_body_n<const N: usize>(kind: Act, x: &mut [f32]) {
     const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
     const CUBIC: f32 = 0.044_715;
     const SQRT_2_PI: f32 = 0.797_884_6;
     match kind {
         Act::Identity => {}
-        Act::GeluErf => {
-            for v in x {
-                let y = *v;
-                *v = (y * 0.5) * (erf_approx(y * INV_SQRT2) + 1.0);
-            }
-        }
-        Act::GeluTanh => {
-            for v in x {
-                let y = *v;
-                let inner = y + ((y * y) * y) * CUBIC;
-                *v = (y * 0.5) * (tanh_approx(inner * SQRT_2_PI) + 1.0);
-            }
-        }
+        Act::GeluErf => map_lanes::<N>(x, |y| (y * 0.5) * (erf_approx(y * INV_SQRT2) + 1.0)),
+        Act::GeluTanh => map_lanes::<N>(x, |y| {
+            let inner = y + ((y * y) * y) * CUBIC;
+            (y * 0.5) * (tanh_approx(inner * SQRT_2_PI) + 1.0)
+        }),
         Act::Relu => {
             for v in x {
                 *v = if *v > 0.0 { *v } else { 0.0 };
             }
         }
-        Act::Silu => {
-            for v in x {
-                let y = *v;
-                *v = y / (1.0 + exp_approx(-y));
-            }
-        }
+        Act::Silu => map_lanes::<N>(x, |y| y / (1.0 + exp_approx(-y))),
     }
 }
 
@@ -243,6 +260,14 @@ mod avx2 {
     pub unsafe fn layer_norm(x: &[f32], g: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
         super::layer_norm_body(x, g, b, eps, out)
     }
+}
+
+/// The activations 16 lanes at a time (GELU's `erf`/`exp` polynomials are the epilogue's
+/// cost at MiniLM's FFN shapes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn wide_act(kind: Act, x: &mut [f32]) {
+    act_body_n::<16>(kind, x)
 }
 
 /// Whether this CPU runs AVX-512F (the flash attention's microkernels; detected once).
@@ -340,6 +365,11 @@ pub fn scale(x: &mut [f32], s: f32) {
 /// The activation in place, vectorised (GELU's `erf`/`tanh` and SiLU's `exp` approximated to
 /// within 5e-7 absolute).
 pub fn act(kind: Act, x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F was detected on this CPU.
+        return unsafe { wide_act(kind, x) };
+    }
     match level() {
         // SAFETY: the features were detected on this CPU.
         #[cfg(target_arch = "x86_64")]
