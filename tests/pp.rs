@@ -205,10 +205,8 @@ fn minilm_pp2_pp3(backend: &str, tol: f32) {
 
 /// An 8-layer GPT-2 (tiny GPT-2's dims) with deterministic pseudo-random weights.
 fn eight_layer_gpt2(tag: &str) -> PathBuf {
-    let out = std::env::temp_dir().join(format!(
-        "transfuse-pp-gpt2-8l-{tag}-{}",
-        std::process::id()
-    ));
+    let out =
+        std::env::temp_dir().join(format!("transfuse-pp-gpt2-8l-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
     let cfg = std::fs::read_to_string(dir("tiny_gpt2").join("config.json")).unwrap();
     let cfg = cfg.replace("\"n_layer\": 2", "\"n_layer\": 8");
@@ -256,7 +254,13 @@ fn gpt2_8_layers_pp4(backend: &str, tol: f32) {
     let ranges: Vec<_> = p.stages.iter().map(|s| s.layers.clone()).collect();
     assert_eq!(ranges.iter().map(|r| r.len()).sum::<usize>(), 8);
     assert!(ranges.iter().all(|r| !r.is_empty()), "{ranges:?}");
-    check(&format!("gpt2-8l {backend} pp 4"), &want, &s, &batch4(), tol);
+    check(
+        &format!("gpt2-8l {backend} pp 4"),
+        &want,
+        &s,
+        &batch4(),
+        tol,
+    );
     // Decoding runs one micro-batch (batch 1); each stage carries its layers' cache.
     let greedy = pp_session(&d, 4, 1, 1, backend)
         .generate(&[1, 2, 3], 5, Sampling::Greedy)
