@@ -35,30 +35,6 @@ fn pp_session(d: &std::path::Path, pp: usize, m: usize, tp: usize, backend: &str
     Session::pp_with(model, pp, m, tp, &|| stage_backend(backend), &opts()).unwrap()
 }
 
-fn close(what: &str, a: &Tensor, b: &Tensor, mask: Option<&[Vec<i64>]>, tol: f32) {
-    assert_eq!(a.shape, b.shape, "{what}: shapes");
-    let (x, y) = (a.as_f32().unwrap(), b.as_f32().unwrap());
-    let h = *a.shape.last().unwrap();
-    let keep = |i: usize| match mask {
-        Some(m) if a.shape.len() == 3 => {
-            let row = i / h;
-            m[row / m[0].len()][row % m[0].len()] == 1
-        }
-        _ => true,
-    };
-    let worst = x
-        .iter()
-        .zip(y)
-        .enumerate()
-        .filter(|(i, _)| keep(*i))
-        .map(|(_, (p, q))| (p - q).abs() / (1.0 + q.abs()))
-        .fold(0.0f32, f32::max);
-    assert!(
-        worst <= tol,
-        "{what}: worst relative difference {worst:e} > {tol:e}"
-    );
-}
-
 /// Four rows (so 1, 2 and 4 micro-batches divide it), one padded.
 fn batch4() -> Batch {
     Batch {
@@ -82,7 +58,7 @@ fn check(what: &str, want: &transfuse::runtime::TensorMap, s: &Session, b: &Batc
     let got = s.forward(b).unwrap();
     assert_eq!(got.len(), want.len(), "{what}: outputs");
     for (k, v) in want {
-        close(
+        common::assert_close_rel(
             &format!("{what} {k}"),
             &got[k],
             v,
@@ -403,7 +379,7 @@ fn a_failing_stage_ends_every_stage_with_its_error() {
         .collect();
     let mut pl = PpLoaded::new(stages, comms, 1, HashMap::new());
     let got = pl.run(&inputs, &[]).unwrap();
-    close(
+    common::assert_close_rel(
         "direct pp 2 logits",
         &got["logits"],
         &want["logits"],
@@ -475,7 +451,7 @@ fn cli_pp_run_compile_report_and_bad_degrees() {
         outs.push(w["logits"].clone());
     }
     let mask = vec![vec![1, 1, 1], vec![1, 1, 0]];
-    close("cli pp 2 logits", &outs[1], &outs[0], Some(&mask), 1e-5);
+    common::assert_close_rel("cli pp 2 logits", &outs[1], &outs[0], Some(&mask), 1e-5);
     let o = cli(&["compile", "--model", m, "--pp", "2", "--report"]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());

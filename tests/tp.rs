@@ -35,27 +35,7 @@ fn close(what: &str, a: &Tensor, b: &Tensor) {
 /// As [`close`], skipping the positions a `[batch][seq]` mask pads (their outputs are
 /// meaningless; there the fast and reference CPU backends at TP 1 differ by 2.7e-5 on MiniLM).
 fn close_masked(what: &str, a: &Tensor, b: &Tensor, mask: Option<&[Vec<i64>]>) {
-    assert_eq!(a.shape, b.shape, "{what}: shapes");
-    let (x, y) = (a.as_f32().unwrap(), b.as_f32().unwrap());
-    let h = *a.shape.last().unwrap();
-    let keep = |i: usize| match mask {
-        Some(m) if a.shape.len() == 3 => {
-            let row = i / h;
-            m[row / m[0].len()][row % m[0].len()] == 1
-        }
-        _ => true,
-    };
-    let worst = x
-        .iter()
-        .zip(y)
-        .enumerate()
-        .filter(|(i, _)| keep(*i))
-        .map(|(_, (p, q))| (p - q).abs() / (1.0 + q.abs()))
-        .fold(0.0f32, f32::max);
-    assert!(
-        worst <= TOL,
-        "{what}: worst relative difference {worst:e} > {TOL:e}"
-    );
+    common::assert_close_rel(what, a, b, mask, TOL)
 }
 
 fn batch() -> Batch {

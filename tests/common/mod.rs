@@ -93,6 +93,33 @@ pub fn assert_close_masked(
     eprintln!("{what}: max |diff| {worst:.2e} over {compared} values (tol {tol:.0e})");
 }
 
+/// Asserts `a` ≈ `b` within `tol` relative to the reference, `|a − b| ≤ tol·(1 + |b|)` per
+/// element; with a `[batch][seq]` mask and a `[batch, seq, hidden]` output, only positions whose
+/// mask is 1 are compared (outputs at padded positions are meaningless).
+pub fn assert_close_rel(what: &str, a: &Tensor, b: &Tensor, mask: Option<&[Vec<i64>]>, tol: f32) {
+    assert_eq!(a.shape, b.shape, "{what}: shapes");
+    let (x, y) = (a.as_f32().unwrap(), b.as_f32().unwrap());
+    let h = *a.shape.last().unwrap();
+    let keep = |i: usize| match mask {
+        Some(m) if a.shape.len() == 3 => {
+            let row = i / h;
+            m[row / m[0].len()][row % m[0].len()] == 1
+        }
+        _ => true,
+    };
+    let worst = x
+        .iter()
+        .zip(y)
+        .enumerate()
+        .filter(|(i, _)| keep(*i))
+        .map(|(_, (p, q))| (p - q).abs() / (1.0 + q.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= tol,
+        "{what}: worst relative difference {worst:e} > {tol:e}"
+    );
+}
+
 /// Points this process's tuning cache at a temporary folder (once) and returns it: tests never
 /// read or write the user's cache.
 pub fn isolate_tuning_cache() -> PathBuf {
