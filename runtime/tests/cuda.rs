@@ -24,6 +24,9 @@ use transfuse_runtime::cuda::{self, CudaBackend, CudaDevice};
 use transfuse_runtime::device::Device;
 use transfuse_runtime::{nvrtc, Backend, CpuBackend, Loaded, Program, RuntimeError, TensorMap};
 
+mod common;
+use common::rand_vec;
+
 /// True when `TRANSFUSE_REQUIRE` (comma-separated) names `what` (as tests/common/mod.rs).
 fn required(what: &str) -> bool {
     std::env::var("TRANSFUSE_REQUIRE")
@@ -215,21 +218,6 @@ fn the_kernels_it_would_load_compile_with_nvrtc() {
     }
     eprintln!("{compiled} kernels compiled");
     assert!(compiled >= 4);
-}
-
-/// Deterministic pseudo-random values in [-scale, scale).
-fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
 }
 
 /// `x: [n, 50]` → `probs = softmax(x)`, `h = gelu(layer_norm(x) · w + bias)` (`[n, 20]`),

@@ -15,25 +15,13 @@ use transfuse_ir::{
 };
 use transfuse_runtime::{Backend, CpuBackend, TensorMap};
 
+mod common;
+use common::rand_vec;
+
 /// Per-element tolerance, absolute and relative: `|a - b| <= TOL · (1 + |b|)`.
 const TOL: f32 = 1e-5;
 
 const SIZES: [usize; 5] = [1, 3, 50, 129, 783];
-
-/// Deterministic pseudo-random values in [-scale, scale).
-fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
 
 fn known(s: &[usize]) -> Vec<Dim> {
     shape(s.iter().copied())
