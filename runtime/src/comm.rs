@@ -11,7 +11,8 @@
 //! than the group's timeout poisons the group too, so a rank that never arrives ends the
 //! others with an error instead of a hang; a `recv` waits at most as long.
 //!
-//! NCCL is not implemented (see the README's tensor-parallelism section).
+//! [`crate::nccl::NcclComm`] implements it over NCCL, on CUDA devices, across processes and
+//! nodes too.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -71,6 +72,14 @@ pub trait Communicator: Send + Sync {
     fn abort(&self, why: &str);
     /// The collectives this rank took part in since the last [`Communicator::take_log`].
     fn take_log(&self) -> Vec<Collective>;
+    /// The group's error, if it was aborted (or a collective timed out).
+    fn poisoned(&self) -> Option<String> {
+        None
+    }
+    /// Clears an aborted group so it can run again, where the communicator allows it (the
+    /// in-process group does; an aborted NCCL communicator stays dead, so this does nothing
+    /// there). Only called when no rank is inside a collective.
+    fn reset(&self) {}
 }
 
 /// A world of one: collectives are the identity (what a single-device backend runs).
@@ -178,21 +187,6 @@ pub struct InProcessComm {
 }
 
 impl InProcessComm {
-    /// Clears a poisoned group so it can run again; only call it when no rank is inside a
-    /// collective (the runner does, after every rank has returned).
-    pub fn reset(&self) {
-        let mut st = self.shared.lock();
-        st.poison = None;
-        st.arrived = 0;
-        st.slots.iter_mut().for_each(|s| *s = None);
-        st.mail.clear();
-    }
-
-    /// The group's error, if it is poisoned.
-    pub fn poisoned(&self) -> Option<String> {
-        self.shared.lock().poison.clone()
-    }
-
     /// Deposits `mine` and waits for every rank's operand of this round.
     fn exchange(&self, mine: Vec<f32>) -> Result<Arc<Vec<Vec<f32>>>, RuntimeError> {
         let sh = &*self.shared;
@@ -383,5 +377,19 @@ impl Communicator for InProcessComm {
 
     fn take_log(&self) -> Vec<Collective> {
         std::mem::take(&mut *self.log.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn poisoned(&self) -> Option<String> {
+        self.shared.lock().poison.clone()
+    }
+
+    /// Clears a poisoned group so it can run again; only call it when no rank is inside a
+    /// collective (the runner does, after every rank has returned).
+    fn reset(&self) {
+        let mut st = self.shared.lock();
+        st.poison = None;
+        st.arrived = 0;
+        st.slots.iter_mut().for_each(|s| *s = None);
+        st.mail.clear();
     }
 }

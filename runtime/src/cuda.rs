@@ -128,6 +128,7 @@ const DRIVER_SYMBOLS: &[&str] = &[
     "cuMemsetD8Async",
     "cuMemFreeAsync",
     "cuStreamSynchronize",
+    "cuStreamQuery",
     "cuEventCreate",
     "cuEventRecord",
     "cuEventSynchronize",
@@ -272,36 +273,65 @@ enum Timer {
     Running(CudaEvent),
 }
 
+/// The driver's checks before any call through cudarc (the library present, every entry point
+/// exported, CUDA 12.0 or newer); returns the driver's version.
+fn checked_driver() -> Result<i32, RuntimeError> {
+    if !driver_present() {
+        return Err(err(
+            "no CUDA driver library (libcuda.so.1) found: the NVIDIA driver is not installed \
+                 or not on the loader's path",
+        ));
+    }
+    let missing = missing_driver_symbols();
+    if !missing.is_empty() {
+        return Err(err(format!(
+            "the CUDA driver library lacks {} (entry points of the CUDA 12 driver API this \
+                 backend calls); update the driver",
+            missing.join(", ")
+        )));
+    }
+    let mut driver = 0;
+    // SAFETY: the library is present (checked above); `driver` is a valid pointer.
+    unsafe { sys::cuDriverGetVersion(&mut driver) }
+        .result()
+        .map_err(|e| err(format!("querying the driver version: {}", drv(&e))))?;
+    if driver < MIN_DRIVER {
+        return Err(err(format!(
+            "the CUDA driver supports CUDA {}; CUDA {} or newer is needed",
+            version_string(driver),
+            version_string(MIN_DRIVER)
+        )));
+    }
+    Ok(driver)
+}
+
+/// How many CUDA devices the driver sees (after [`checked_driver`]'s checks: an error, never a
+/// panic, without a driver).
+pub fn device_count() -> Result<usize, RuntimeError> {
+    let driver = checked_driver()?;
+    match CudaContext::device_count() {
+        Ok(n) => Ok(usize::try_from(n).unwrap_or(0)),
+        Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => Ok(0),
+        Err(e) => Err(err(format!(
+            "initialising the driver (CUDA {}): {}",
+            version_string(driver),
+            drv(&e)
+        ))),
+    }
+}
+
 impl CudaDevice {
     /// Opens device 0 (see the module docs). Prefer [`shared`]: this creates a second handle on
     /// the same primary context, with its own kernel cache.
     pub fn new() -> Result<CudaDevice, RuntimeError> {
-        if !driver_present() {
-            return Err(err(
-                "no CUDA driver library (libcuda.so.1) found: the NVIDIA driver is not installed \
-                 or not on the loader's path",
-            ));
-        }
-        let missing = missing_driver_symbols();
-        if !missing.is_empty() {
-            return Err(err(format!(
-                "the CUDA driver library lacks {} (entry points of the CUDA 12 driver API this \
-                 backend calls); update the driver",
-                missing.join(", ")
-            )));
-        }
-        let mut driver = 0;
-        // SAFETY: the library is present (checked above); `driver` is a valid pointer.
-        unsafe { sys::cuDriverGetVersion(&mut driver) }
-            .result()
-            .map_err(|e| err(format!("querying the driver version: {}", drv(&e))))?;
-        if driver < MIN_DRIVER {
-            return Err(err(format!(
-                "the CUDA driver supports CUDA {}; CUDA {} or newer is needed",
-                version_string(driver),
-                version_string(MIN_DRIVER)
-            )));
-        }
+        CudaDevice::open(0)
+    }
+
+    /// Opens device `ordinal` (`0..`[`device_count`]), its primary context and default stream:
+    /// what a tensor-parallel rank runs on (rank `r` on device `r`). Each call is a new handle
+    /// with its own kernel cache.
+    pub fn open(ordinal: usize) -> Result<CudaDevice, RuntimeError> {
+        let driver = checked_driver()?;
         let count = match CudaContext::device_count() {
             Ok(n) => n,
             Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
@@ -316,11 +346,18 @@ impl CudaDevice {
                 version_string(driver)
             )));
         }
+        if ordinal >= count as usize {
+            return Err(err(format!(
+                "device {ordinal} asked for; the driver sees {count} CUDA device{}",
+                if count == 1 { "" } else { "s" }
+            )));
+        }
         nvrtc::available().map_err(|e| err(e.to_string()))?;
         let nvrtc_version = nvrtc::version().map_err(|e| err(e.to_string()))?;
         let supported = nvrtc::supported_archs().map_err(|e| err(e.to_string()))?;
 
-        let ctx = CudaContext::new(0).map_err(|e| err(format!("opening device 0: {}", drv(&e))))?;
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| err(format!("opening device {ordinal}: {}", drv(&e))))?;
         // SAFETY: every allocation and launch of this device goes to one stream (the default
         // one), so no cross-stream synchronisation is needed; nothing is allocated yet.
         unsafe { ctx.disable_event_tracking() };
@@ -729,7 +766,7 @@ unsafe impl Send for CudaBound {}
 
 impl CudaDevice {
     /// The device address of `buf`.
-    fn ptr(&self, buf: &CudaBuffer) -> sys::CUdeviceptr {
+    pub(crate) fn ptr(&self, buf: &CudaBuffer) -> sys::CUdeviceptr {
         let (ptr, _record) = buf.slice.device_ptr(&self.stream);
         ptr
     }

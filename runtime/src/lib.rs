@@ -47,6 +47,7 @@ pub mod device;
 pub mod fold;
 pub mod kernel_cache;
 pub mod memory;
+pub mod nccl;
 pub mod nvrtc;
 pub mod pp;
 pub mod program;

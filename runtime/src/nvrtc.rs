@@ -326,7 +326,7 @@ pub fn system_lib_dirs() -> Vec<PathBuf> {
 }
 
 /// Python site-packages folders that exist, of the prefixes [`system_lib_dirs`] names.
-fn site_packages() -> Vec<PathBuf> {
+pub(crate) fn site_packages() -> Vec<PathBuf> {
     let mut prefixes: Vec<PathBuf> = vec![];
     if let Some(v) = std::env::var_os("VIRTUAL_ENV").filter(|v| !v.is_empty()) {
         prefixes.push(v.into());

@@ -2,7 +2,7 @@
 //!
 //! Each rank is a [`Loaded`] graph (the same SPMD graph from `transfuse_passes::shard`, its own
 //! weight slices) on its own backend instance, joined by a [`Communicator`] group
-//! ([`crate::comm::InProcessGroup`]). A call runs every rank concurrently on the same inputs
+//! ([`crate::comm::InProcessGroup`], or [`crate::nccl::NcclComm`] for CUDA ranks). A call runs every rank concurrently on the same inputs
 //! and returns rank 0's outputs: the sharded graph gathers or reduces every output that is not
 //! rank-local, so all ranks hold the same values. Rank-local outputs (a KV cache sharded by
 //! heads) are carried by each rank for its next call.
@@ -14,20 +14,33 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use crate::comm::{Collective, Communicator, InProcessComm};
+use crate::comm::{Collective, Communicator};
 use crate::{KernelTime, Loaded, RuntimeError, TensorMap};
 
 /// N ranks run as one [`Loaded`].
 pub struct TpLoaded {
     ranks: Vec<Box<dyn Loaded>>,
-    comms: Vec<Arc<InProcessComm>>,
+    comms: Vec<Arc<dyn Communicator>>,
 }
 
 impl TpLoaded {
     /// Rank `r` is `ranks[r]`, whose backend uses `comms[r]`.
     ///
     /// Panics if the two lengths differ (a programming error of the caller).
-    pub fn new(ranks: Vec<Box<dyn Loaded>>, comms: Vec<Arc<InProcessComm>>) -> TpLoaded {
+    pub fn new<C: Communicator + 'static>(
+        ranks: Vec<Box<dyn Loaded>>,
+        comms: Vec<Arc<C>>,
+    ) -> TpLoaded {
+        let comms = comms
+            .into_iter()
+            .map(|c| c as Arc<dyn Communicator>)
+            .collect();
+        TpLoaded::with(ranks, comms)
+    }
+
+    /// [`TpLoaded::new`] with communicators of any kind (an [`crate::nccl::NcclComm`] per
+    /// CUDA rank; in a multi-process job, only this process's ranks).
+    pub fn with(ranks: Vec<Box<dyn Loaded>>, comms: Vec<Arc<dyn Communicator>>) -> TpLoaded {
         assert_eq!(ranks.len(), comms.len(), "one communicator per rank");
         TpLoaded { ranks, comms }
     }
