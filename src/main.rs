@@ -41,6 +41,19 @@ struct Exec {
     /// How `--tp` shards the model: megatron (the only layout so far).
     #[arg(long, default_value = "megatron")]
     tp_layout: String,
+    /// With `--tp N --backend cuda`: the job spans K processes (nodes), N/K ranks on each, one
+    /// GPU per rank, collectives over NCCL. `--nnodes 1` runs NCCL even at `--tp 1`.
+    #[arg(long)]
+    nnodes: Option<usize>,
+    /// With `--nnodes K`: this process's node, 0..K (default 0).
+    #[arg(long)]
+    node_rank: Option<usize>,
+    /// With `--nnodes K`: a file on a filesystem every node shares; node 0 writes the NCCL id
+    /// there (the file must not exist; it is removed once every rank has joined), the others
+    /// wait for it (at most TRANSFUSE_TP_TIMEOUT seconds). Without it, set NCCL_COMM_ID=host:port
+    /// on every node.
+    #[arg(long)]
+    rendezvous: Option<PathBuf>,
     /// Pipeline parallelism: cut the layers into P stages balanced by the cost model, one
     /// thread per stage (each its own backend: a wgpu stage its own device), activations passed
     /// through the in-process communicator; combines with `--tp` (P×T ranks).
@@ -260,10 +273,137 @@ fn load_model(
     // Device storage f16/bf16: the weights are read in that type (an f16 checkpoint is never
     // widened); a backend that cannot store it is refused in `session_why`.
     let float = transfuse::host_float(transfuse::parse_storage(&exec.dtype)?);
-    Ok(match exec.tp > 1 {
+    Ok(match exec.tp > 1 || exec.nccl_flags() {
         true => Model::load_without_weights(dir, pooling, normalize)?,
         false => Model::load_as(dir, pooling, normalize, float)?,
     })
+}
+
+impl Exec {
+    /// True when a multi-process NCCL flag is given.
+    fn nccl_flags(&self) -> bool {
+        self.nnodes.is_some() || self.node_rank.is_some() || self.rendezvous.is_some()
+    }
+
+    /// The NCCL job `--backend cuda` with `--tp N` (N > 1) or the multi-process flags asks
+    /// for; `None` for every other session. Bad combinations are usage errors naming the flag.
+    fn nccl_job(&self) -> Result<Option<transfuse::tp::NcclJob>, Error> {
+        use transfuse::tp::NcclJob;
+        let usage = |m: String| Err(Error::Usage(m));
+        if !self.nccl_flags() {
+            let pp = self.pp > 1 || self.micro_batches > 1;
+            return Ok((self.backend == "cuda" && self.tp > 1 && !pp).then(NcclJob::single));
+        }
+        let nnodes = self.nnodes.unwrap_or(1);
+        if nnodes == 0 {
+            return usage("--nnodes must be ≥ 1".into());
+        }
+        let node_rank = self.node_rank.unwrap_or(0);
+        if node_rank >= nnodes {
+            return usage(format!(
+                "--node-rank {node_rank}: must be below --nnodes {nnodes} (nodes are 0..{nnodes})"
+            ));
+        }
+        if self.backend != "cuda" {
+            return usage(format!(
+                "--nnodes/--node-rank/--rendezvous: ranks in other processes are reached over \
+                 NCCL; they need --backend cuda, not `{}`",
+                self.backend
+            ));
+        }
+        if !self.tp.is_multiple_of(nnodes) {
+            return usage(format!(
+                "--nnodes {nnodes}: does not divide --tp {} (every node runs --tp / --nnodes \
+                 ranks)",
+                self.tp
+            ));
+        }
+        if self.pp > 1 || self.micro_batches > 1 {
+            return usage("--nnodes: --pp stages run in one process; drop --pp".into());
+        }
+        let comm_id = std::env::var_os("NCCL_COMM_ID").is_some_and(|v| !v.is_empty());
+        if nnodes > 1 && self.rendezvous.is_none() && !comm_id {
+            return usage(format!(
+                "--nnodes {nnodes}: needs --rendezvous FILE (on a filesystem every node shares) \
+                 or NCCL_COMM_ID=host:port on every node"
+            ));
+        }
+        if let Some(f) = &self.rendezvous {
+            let dir = match f.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if !dir.is_dir() {
+                return usage(format!(
+                    "--rendezvous {}: no such folder {}",
+                    f.display(),
+                    dir.display()
+                ));
+            }
+            if node_rank == 0 && f.exists() {
+                return usage(format!(
+                    "--rendezvous {}: exists (an id from an earlier run?): node 0 writes a new \
+                 one; remove it or name a new file",
+                    f.display()
+                ));
+            }
+        }
+        Ok(Some(NcclJob {
+            nnodes,
+            node_rank,
+            rendezvous: self.rendezvous.clone(),
+        }))
+    }
+}
+
+/// The CUDA ranks of `--tp N --backend cuda` (or the multi-process flags), over NCCL.
+fn nccl_session(
+    model: Model,
+    exec: &Exec,
+    job: &transfuse::tp::NcclJob,
+) -> Result<(Session, String), Error> {
+    if exec.tp_layout != "megatron" {
+        return Err(Error::Usage(format!(
+            "unknown --tp-layout `{}` (expected megatron)",
+            exec.tp_layout
+        )));
+    }
+    if exec.no_optimize {
+        return Err(Error::Usage(
+            "--tp shards the optimized graph; drop --no-optimize".into(),
+        ));
+    }
+    if exec.no_cache {
+        transfuse::runtime::tune::set_cache_enabled(false);
+    }
+    let opts = transfuse::passes::Options::from_env()?;
+    let s = Session::cuda_tp(model, exec.tp, job, &opts)?;
+    if exec.verbose {
+        if let Some(t) = &s.tp {
+            for (i, st) in t.stats.iter().enumerate() {
+                eprintln!(
+                    "rank {} (cuda device {i}): read {} B, resident {} B ({} B sharded + {} B replicated)",
+                    t.first_rank + i,
+                    st.bytes_read,
+                    st.resident(),
+                    st.sharded_resident,
+                    st.replicated_resident
+                );
+            }
+        }
+    }
+    let nodes = match job.nnodes {
+        1 => String::new(),
+        k => format!(", node {} of {k}", job.node_rank),
+    };
+    Ok((
+        s,
+        format!(
+            "{} CUDA ranks over NCCL, one device each (--tp {}{nodes})",
+            exec.tp / job.nnodes,
+            exec.tp
+        ),
+    ))
 }
 
 /// The tensor-parallel session of `--tp N` (N > 1).
@@ -276,7 +416,7 @@ fn tp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
     }
     if !matches!(exec.backend.as_str(), "cpu" | "auto" | "wgpu") {
         return Err(Error::Usage(format!(
-            "--tp runs CPU or wgpu ranks; --backend {} ranks are not implemented",
+            "--tp runs CPU, wgpu or cuda ranks; --backend {} ranks are not implemented",
             exec.backend
         )));
     }
@@ -379,13 +519,17 @@ fn session_why(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
     if exec.micro_batches == 0 {
         return Err(Error::Usage("--micro-batches must be ≥ 1".into()));
     }
-    if (exec.tp > 1 || exec.pp > 1 || exec.micro_batches > 1)
+    let nccl = exec.nccl_job()?;
+    if (exec.tp > 1 || exec.pp > 1 || exec.micro_batches > 1 || nccl.is_some())
         && storage != transfuse::codegen::kir::Elem::F32
     {
         return Err(Error::Usage(format!(
             "--dtype {}: --tp and --pp ranks run f32 only",
             exec.dtype
         )));
+    }
+    if let Some(job) = &nccl {
+        return nccl_session(model, exec, job);
     }
     if exec.pp > 1 || exec.micro_batches > 1 {
         return pp_session(model, exec);

@@ -23,7 +23,7 @@ use crate::models::{
     AxisSlice, LoadStats, Model, SliceRequest,
 };
 use crate::passes::shard::{shard, Layout, ShardError, ShardSpec, Sharded};
-use crate::runtime::comm::{Collective, InProcessComm, InProcessGroup};
+use crate::runtime::comm::{Collective, Communicator, InProcessGroup};
 use crate::runtime::tp::TpLoaded;
 use crate::runtime::{Backend, CpuBackend, Loaded};
 use crate::{Error, Session};
@@ -260,6 +260,10 @@ pub fn load_rank(
     Ok((w, stats))
 }
 
+/// Loads one rank: its communicator, its folded graph and weights.
+pub type RankLoader<'a> = dyn Fn(Arc<dyn Communicator>, &crate::ir::Graph, &Weights) -> Result<Box<dyn Loaded>, Error>
+    + 'a;
+
 /// What a tensor-parallel session adds to a [`Session`].
 pub struct TpState {
     /// The degree.
@@ -268,16 +272,16 @@ pub struct TpState {
     pub stats: Vec<LoadStats>,
     /// The sharded graph (before each rank's weight folding).
     pub sharded: Sharded,
-    comms: Vec<Arc<InProcessComm>>,
+    /// The global rank of this process's first rank (`stats[i]` is rank `first_rank + i`;
+    /// non-zero only on the later nodes of a multi-node NCCL job).
+    pub first_rank: usize,
+    comms: Vec<Arc<dyn Communicator>>,
 }
 
 impl TpState {
     /// The collectives each rank ran since the last call.
     pub fn take_logs(&self) -> Vec<Vec<Collective>> {
-        self.comms
-            .iter()
-            .map(|c| crate::runtime::comm::Communicator::take_log(c.as_ref()))
-            .collect()
+        self.comms.iter().map(|c| c.take_log()).collect()
     }
 }
 
@@ -353,36 +357,49 @@ impl Session {
 
     /// `degree` ranks of `model` sharded with the Megatron layout, rank `r` loaded by `load`
     /// with its communicator, its folded graph and weights; `backend` is the session's.
-    #[allow(clippy::type_complexity)]
     pub fn tp_ranks(
         model: Model,
         degree: usize,
         backend: Box<dyn Backend>,
         opts: &crate::passes::Options,
-        load: &dyn Fn(
-            Arc<InProcessComm>,
-            &crate::ir::Graph,
-            &Weights,
-        ) -> Result<Box<dyn Loaded>, Error>,
+        load: &RankLoader<'_>,
+    ) -> Result<Session, Error> {
+        let comms = InProcessGroup::ranks(degree, collective_timeout())
+            .into_iter()
+            .map(|c| c as Arc<dyn Communicator>)
+            .collect();
+        Session::tp_ranks_in(model, degree, backend, opts, 0, comms, load)
+    }
+
+    /// [`Session::tp_ranks`] over communicators made by the caller: `comms[i]` is global rank
+    /// `first + i` of `degree` (all of them in one process; this process's share of a
+    /// multi-process NCCL job).
+    pub fn tp_ranks_in(
+        model: Model,
+        degree: usize,
+        backend: Box<dyn Backend>,
+        opts: &crate::passes::Options,
+        first: usize,
+        comms: Vec<Arc<dyn Communicator>>,
+        load: &RankLoader<'_>,
     ) -> Result<Session, Error> {
         let spec = megatron_spec(&model.config, degree)?;
         let (g, report) = crate::passes::optimize(&model.graph, opts)?;
         let sharded = shard(&g, &spec)?;
-        let comms = InProcessGroup::ranks(degree, collective_timeout());
         let mut ranks: Vec<Box<dyn Loaded>> = Vec::new();
         let mut stats = Vec::new();
         let mut rank0 = None;
-        for (r, comm) in comms.iter().enumerate() {
-            let (w, st) = load_rank(&model, &sharded, r)?;
+        for (i, comm) in comms.iter().enumerate() {
+            let (w, st) = load_rank(&model, &sharded, first + i)?;
             let (graph, w) = crate::runtime::fold_weights(&sharded.graph, &w)?;
             ranks.push(load(comm.clone(), &graph, &w)?);
             stats.push(st);
-            if r == 0 {
+            if i == 0 {
                 rank0 = Some((graph, w));
             }
         }
         let (graph, weights) = rank0.expect("degree ≥ 1");
-        let program = TpLoaded::new(ranks, comms.clone());
+        let program = TpLoaded::with(ranks, comms.clone());
         Ok(Session::from_parts(
             model,
             graph,
@@ -394,6 +411,7 @@ impl Session {
                 degree,
                 stats,
                 sharded,
+                first_rank: first,
                 comms,
             }),
         ))
@@ -467,4 +485,127 @@ pub fn tp_report(
         "weight_bytes_per_rank": weight_bytes,
     });
     Ok((t, json))
+}
+
+/// Where this process's CUDA ranks sit in an NCCL job (`--nnodes`, `--node-rank`,
+/// `--rendezvous`): `nnodes` processes (nodes) of `degree / nnodes` ranks each, one GPU per
+/// rank (device ordinal = local rank).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NcclJob {
+    /// Processes in the job (`--nnodes`, 1: this one only).
+    pub nnodes: usize,
+    /// This process, `0..nnodes` (`--node-rank`).
+    pub node_rank: usize,
+    /// The file node 0 writes the NCCL id to and the others read (`--rendezvous`); without it,
+    /// a job of several nodes takes its id from `NCCL_COMM_ID` (NCCL derives the same id from
+    /// it in every process).
+    pub rendezvous: Option<std::path::PathBuf>,
+}
+
+impl NcclJob {
+    /// One process holding every rank.
+    pub fn single() -> NcclJob {
+        NcclJob {
+            nnodes: 1,
+            node_rank: 0,
+            rendezvous: None,
+        }
+    }
+
+    /// The NCCL id of the job of `world` ranks: made here (one node, or node 0, which writes it
+    /// to the rendezvous file), or read from node 0's file, or derived from `NCCL_COMM_ID`.
+    fn unique_id(&self, world: usize) -> Result<crate::runtime::nccl::UniqueId, Error> {
+        use crate::runtime::nccl;
+        let flag = |f: &std::path::Path, e: String| {
+            Error::Usage(format!("--rendezvous {}: {e}", f.display()))
+        };
+        match (&self.rendezvous, self.node_rank) {
+            (Some(f), 0) => {
+                let id = nccl::UniqueId::new()?;
+                nccl::write_rendezvous(f, &id, world).map_err(|e| flag(f, e))?;
+                Ok(id)
+            }
+            (Some(f), _) => {
+                nccl::read_rendezvous(f, world, collective_timeout()).map_err(|e| flag(f, e))
+            }
+            (None, _) => Ok(nccl::UniqueId::new()?),
+        }
+    }
+}
+
+impl Session {
+    /// `degree` CUDA ranks over NCCL: this process runs ranks
+    /// `job.node_rank * degree / job.nnodes ..` of them, rank `first + i` on CUDA device `i`,
+    /// each a [`crate::runtime::tp::HostCollectives`] whose collectives run through its
+    /// [`crate::runtime::nccl::NcclComm`] on device buffers. Errors, never panics, when NCCL
+    /// or the driver is missing; a node with fewer devices than ranks is a usage error naming
+    /// `--tp`.
+    pub fn cuda_tp(
+        model: Model,
+        degree: usize,
+        job: &NcclJob,
+        opts: &crate::passes::Options,
+    ) -> Result<Session, Error> {
+        use crate::runtime::cuda::{self, CudaBackend, CudaDevice};
+        use crate::runtime::nccl::{self, NcclComm};
+        // NCCL first: without it nothing else matters (and no GPU is needed to say so).
+        nccl::available()?;
+        if job.nnodes == 0 || !degree.is_multiple_of(job.nnodes) || job.node_rank >= job.nnodes {
+            return Err(Error::Usage(format!(
+                "--nnodes {} --node-rank {}: --tp {degree} must be a multiple of --nnodes, and \
+                 --node-rank below it",
+                job.nnodes, job.node_rank
+            )));
+        }
+        // The sharding's own checks (a degree that does not divide the heads) before any
+        // device is opened.
+        megatron_spec(&model.config, degree)?;
+        let local = degree / job.nnodes;
+        let first = job.node_rank * local;
+        let count = cuda::device_count()?;
+        if local > count {
+            let per = match job.nnodes {
+                1 => String::new(),
+                k => format!(" (--nnodes {k}: {local} on each node)"),
+            };
+            return Err(Error::Usage(format!(
+                "--tp {degree}: {local} ranks{per} need one CUDA device each; the driver sees \
+                 {count}"
+            )));
+        }
+        let devices: Vec<Arc<CudaDevice>> = (0..local)
+            .map(|i| CudaDevice::open(i).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        let id = job.unique_id(degree)?;
+        let comms = NcclComm::init(devices.clone(), first, degree, &id, collective_timeout());
+        if let (Some(f), 0) = (&job.rendezvous, job.node_rank) {
+            // Every rank has joined (or the job failed): the id is spent either way.
+            let _ = std::fs::remove_file(f);
+        }
+        let comms: Vec<Arc<dyn Communicator>> = comms?
+            .into_iter()
+            .map(|c| c as Arc<dyn Communicator>)
+            .collect();
+        let b0 = CudaBackend::on(devices[0].clone());
+        let mut o = opts.clone();
+        if o.profile == crate::passes::Profile::gpu() {
+            if let Some(p) = crate::passes::Profile::by_name(b0.cost_profile()) {
+                o.profile = p;
+            }
+        }
+        Session::tp_ranks_in(
+            model,
+            degree,
+            Box::new(b0),
+            &o,
+            first,
+            comms,
+            &|comm, graph, w| {
+                let dev = devices[comm.rank() - first].clone();
+                let b = CudaBackend::on(dev);
+                let l = crate::runtime::tp::HostCollectives::load(&b, graph, w, comm)?;
+                Ok(Box::new(l) as Box<dyn Loaded>)
+            },
+        )
+    }
 }

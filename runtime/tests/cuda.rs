@@ -449,3 +449,197 @@ fn isolate_tuning_cache() {
         std::env::temp_dir().join(format!("transfuse-test-cache-{}", std::process::id())),
     ));
 }
+
+// --- NCCL (runtime/src/nccl.rs) -------------------------------------------------------------
+//
+// Without libnccl.so.2 these are an error, never a panic; with it and a device they run
+// collectives for real. They skip with a message unless `TRANSFUSE_REQUIRE` names `nccl`
+// (then NCCL must load) and `cuda` (then a device must exist too). scripts/gpu-check.sh runs
+// them with both. Two or more devices add the cross-device checks; one device cannot (NCCL
+// refuses two ranks of one communicator on the same GPU).
+
+use std::time::Duration;
+use transfuse_runtime::comm::Communicator;
+use transfuse_runtime::nccl::{self, NcclComm, UniqueId};
+
+/// True when NCCL loads; panics when `TRANSFUSE_REQUIRE` names `nccl` and it does not.
+fn nccl_or_skip(test: &str) -> bool {
+    match nccl::available() {
+        Ok(()) => {
+            eprintln!(
+                "{test}: NCCL {} from {}",
+                nccl::version_string(nccl::version().unwrap()),
+                nccl::library_path().unwrap().display()
+            );
+            true
+        }
+        Err(e) if required("nccl") => panic!("TRANSFUSE_REQUIRE names nccl: {e}"),
+        Err(e) => {
+            eprintln!("skipped {test}: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn without_nccl_every_entry_point_is_an_error_not_a_panic() {
+    if nccl::available().is_ok() {
+        eprintln!("NCCL is present: nothing to check here");
+        return;
+    }
+    assert!(
+        !required("nccl"),
+        "TRANSFUSE_REQUIRE names nccl but it does not load"
+    );
+    let e = nccl::available().unwrap_err().to_string();
+    assert!(
+        e.contains("libnccl.so.2") && e.contains(nccl::LIB_ENV),
+        "{e}"
+    );
+    assert!(UniqueId::new().is_err());
+    assert!(nccl::version().is_err());
+}
+
+/// The devices for a communicator of `n` ranks, or `None` (with a message) when fewer exist.
+fn devices_or_skip(test: &str, n: usize) -> Option<Vec<Arc<CudaDevice>>> {
+    if !nccl_or_skip(test) {
+        return None;
+    }
+    let count = match cuda::device_count() {
+        Ok(c) => c,
+        Err(e) if required("cuda") => panic!("TRANSFUSE_REQUIRE names cuda: {e}"),
+        Err(e) => {
+            eprintln!("skipped {test}: {e}");
+            return None;
+        }
+    };
+    if count < n {
+        assert!(
+            !(required("cuda") && n == 1),
+            "TRANSFUSE_REQUIRE names cuda but the driver sees no device"
+        );
+        eprintln!("skipped {test}: needs {n} CUDA devices, the driver sees {count}");
+        return None;
+    }
+    isolate_tuning_cache();
+    Some(
+        (0..n)
+            .map(|i| Arc::new(CudaDevice::open(i).unwrap()))
+            .collect(),
+    )
+}
+
+#[test]
+fn a_world_of_one_runs_every_collective_over_nccl() {
+    let Some(devs) = devices_or_skip("a_world_of_one_runs_every_collective_over_nccl", 1) else {
+        return;
+    };
+    let id = UniqueId::new().unwrap();
+    let comms = NcclComm::init(devs, 0, 1, &id, Duration::from_secs(60)).unwrap();
+    let c = &comms[0];
+    let x = rand_vec(1000, 3, 1.0);
+    let mut y = x.clone();
+    c.all_reduce_sum(&mut y).unwrap();
+    assert_eq!(y, x, "the sum over one rank is the identity");
+    assert_eq!(c.all_gather(&x).unwrap(), vec![x.clone()]);
+    assert_eq!(c.reduce_scatter_sum(&x).unwrap(), x);
+    // On device buffers, in place.
+    let d = c.device();
+    let buf = d.alloc(4 * x.len() as u64, "x").unwrap();
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    d.write(&buf, &bytes).unwrap();
+    c.all_reduce_buffer(&buf, x.len()).unwrap();
+    assert_eq!(d.read(&buf, bytes.len() as u64).unwrap(), bytes);
+    // An abort ends the communicator: later calls return its error.
+    c.abort("injected failure");
+    let e = c.all_reduce_sum(&mut y).unwrap_err().to_string();
+    assert!(e.contains("injected failure"), "{e}");
+    assert!(c.poisoned().is_some());
+}
+
+#[test]
+fn two_devices_reduce_gather_scatter_and_pass_tensors() {
+    let Some(devs) = devices_or_skip("two_devices_reduce_gather_scatter_and_pass_tensors", 2)
+    else {
+        return;
+    };
+    let id = UniqueId::new().unwrap();
+    let comms = NcclComm::init(devs, 0, 2, &id, Duration::from_secs(60)).unwrap();
+    let xs: Vec<Vec<f32>> = (0..2).map(|r| rand_vec(512, 10 + r, 1.0)).collect();
+    let sum: Vec<f32> = xs[0].iter().zip(&xs[1]).map(|(a, b)| a + b).collect();
+    std::thread::scope(|s| {
+        for (r, c) in comms.iter().enumerate() {
+            let (xs, sum) = (&xs, &sum);
+            s.spawn(move || {
+                let mut y = xs[r].clone();
+                c.all_reduce_sum(&mut y).unwrap();
+                for (a, b) in y.iter().zip(sum) {
+                    assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+                }
+                assert_eq!(c.all_gather(&xs[r]).unwrap(), *xs);
+                let part = c.reduce_scatter_sum(&xs[r]).unwrap();
+                let want = &sum[r * 256..(r + 1) * 256];
+                for (a, b) in part.iter().zip(want) {
+                    assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+                }
+                let t = Tensor::f32(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, r as f32]);
+                if r == 0 {
+                    c.send(1, t).unwrap();
+                } else {
+                    let got = c.recv(0).unwrap();
+                    assert_eq!(
+                        got,
+                        Tensor::f32(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 0.0])
+                    );
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_failing_rank_ends_the_other_instead_of_hanging_it() {
+    let Some(devs) = devices_or_skip("a_failing_rank_ends_the_other_instead_of_hanging_it", 2)
+    else {
+        return;
+    };
+    let id = UniqueId::new().unwrap();
+    // The timeout is the fallback; the abort must end rank 0 long before it.
+    let comms = NcclComm::init(devs, 0, 2, &id, Duration::from_secs(120)).unwrap();
+    std::thread::scope(|s| {
+        let c0 = &comms[0];
+        let c1 = &comms[1];
+        let waiting = s.spawn(move || {
+            let mut y = vec![1.0f32; 64];
+            c0.all_reduce_sum(&mut y)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        c1.abort("rank 1 failed: injected");
+        let e = waiting.join().unwrap().unwrap_err().to_string();
+        assert!(e.contains("injected"), "{e}");
+    });
+}
+
+#[test]
+fn a_rank_that_never_arrives_times_out() {
+    let Some(devs) = devices_or_skip("a_rank_that_never_arrives_times_out", 2) else {
+        return;
+    };
+    let id = UniqueId::new().unwrap();
+    let comms = NcclComm::init(devs, 0, 2, &id, Duration::from_secs(2)).unwrap();
+    let mut y = vec![1.0f32; 64];
+    // Rank 1 never calls: rank 0 gives up at its timeout and aborts.
+    let e = comms[0].all_reduce_sum(&mut y).unwrap_err().to_string();
+    assert!(e.contains("timed out"), "{e}");
+}
+
+#[test]
+fn unique_ids_come_from_the_library_without_a_device() {
+    if !nccl_or_skip("unique_ids_come_from_the_library_without_a_device") {
+        return;
+    }
+    // ncclGetUniqueId only opens a bootstrap socket: no GPU needed.
+    let (a, b) = (UniqueId::new().unwrap(), UniqueId::new().unwrap());
+    assert_ne!(a, b, "two ids (two bootstrap roots) differ");
+    assert_eq!(UniqueId::from_hex(&a.to_hex()).unwrap(), a);
+}
