@@ -204,3 +204,125 @@ fn wgpu_split_tensors_keep_gpt2_exact() {
         .unwrap();
     assert_eq!(got, want);
 }
+
+/// CUDA ranks over NCCL (`Session::cuda_tp`, what `--tp N --backend cuda` runs): TP 1 on one
+/// device, TP 2 when two exist, against the same fixtures and tolerances. They skip without
+/// NCCL or a device unless `TRANSFUSE_REQUIRE` names `nccl` (and `cuda`); scripts/gpu-check.sh
+/// runs them with both.
+mod nccl_tp {
+    use super::*;
+    use crate::common::required;
+    use transfuse::tp::NcclJob;
+
+    /// The number of CUDA devices when NCCL and the driver are usable, else `None` (a failure
+    /// when required).
+    fn devices() -> Option<usize> {
+        if let Err(e) = transfuse::runtime::nccl::available() {
+            assert!(!required("nccl"), "TRANSFUSE_REQUIRE names nccl: {e}");
+            eprintln!("skipping: {e}");
+            return None;
+        }
+        match transfuse::runtime::cuda::device_count() {
+            Ok(n) if n > 0 => Some(n),
+            Ok(_) => {
+                assert!(!required("cuda"), "TRANSFUSE_REQUIRE names cuda: no device");
+                eprintln!("skipping: no CUDA device");
+                None
+            }
+            Err(e) => {
+                assert!(!required("cuda"), "TRANSFUSE_REQUIRE names cuda: {e}");
+                eprintln!("skipping: {e}");
+                None
+            }
+        }
+    }
+
+    fn ranks(name: &str, n: usize) -> Session {
+        crate::common::cuda_backend();
+        let model = Model::load_without_weights(&fixture(name), None, false).unwrap();
+        let s = Session::cuda_tp(
+            model,
+            n,
+            &NcclJob::single(),
+            &transfuse::passes::Options::default(),
+        )
+        .unwrap();
+        eprintln!("{name} tp {n}: {}", s.backend_description());
+        s
+    }
+
+    fn gpt2(n: usize) {
+        let refs = outputs_of("tiny_gpt2");
+        let ids = rows(&refs["input_ids"]);
+        let s = ranks("tiny_gpt2/model", n);
+        let out = s.forward(&Batch::new(ids)).unwrap();
+        assert_close_masked(&out["logits"], &refs["logits"], None, TOL, "logits");
+        let want = rows(&refs["greedy_ids"]).remove(0);
+        let prompt = rows(&refs["input_ids"]).remove(0);
+        let got = s
+            .generate(&prompt, want.len() - prompt.len(), Sampling::Greedy)
+            .unwrap();
+        assert_eq!(got, want, "greedy tokens at tp {n}");
+    }
+
+    fn bert(n: usize) {
+        let refs = outputs_of("tiny_bert");
+        let (batch, mask) = encoder_batch(&refs);
+        let s = ranks("tiny_bert/model", n);
+        let out = s.forward(&batch).unwrap();
+        let want = &refs["last_hidden_state"];
+        assert_close_masked(
+            &out["last_hidden_state"],
+            want,
+            Some(&mask),
+            TOL,
+            "last_hidden_state",
+        );
+    }
+
+    #[test]
+    fn tp1_over_nccl_matches_the_fixtures() {
+        if devices().is_none() {
+            return;
+        }
+        gpt2(1);
+        bert(1);
+    }
+
+    #[test]
+    fn tp2_over_nccl_matches_the_fixtures() {
+        match devices() {
+            Some(n) if n >= 2 => {
+                gpt2(2);
+                bert(2);
+            }
+            Some(n) => eprintln!("skipping: TP 2 needs 2 CUDA devices, the driver sees {n}"),
+            None => {}
+        }
+    }
+
+    #[test]
+    fn more_ranks_than_devices_is_a_usage_error_naming_tp() {
+        let Some(n) = devices() else { return };
+        // Tiny GPT-2 has 4 heads: a degree that divides them, beyond the devices.
+        let Some(tp) = [2, 4].into_iter().find(|&t| t > n) else {
+            eprintln!("skipping: {n} devices, no degree of 4 heads beyond them");
+            return;
+        };
+        let model = Model::load_without_weights(&fixture("tiny_gpt2/model"), None, false).unwrap();
+        let e = Session::cuda_tp(
+            model,
+            tp,
+            &NcclJob::single(),
+            &transfuse::passes::Options::default(),
+        )
+        .err()
+        .expect("an error");
+        let m = e.to_string();
+        assert!(matches!(e, transfuse::Error::Usage(_)), "{m}");
+        assert!(
+            m.contains(&format!("--tp {tp}")) && m.contains("CUDA device"),
+            "{m}"
+        );
+    }
+}

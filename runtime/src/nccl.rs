@@ -353,8 +353,11 @@ impl std::fmt::Display for Open {
 fn open(path: &Path) -> Result<Api, Open> {
     // SAFETY: loading NCCL runs its initialisers, which have no preconditions (it opens the
     // CUDA driver lazily, at its first CUDA call).
-    let lib =
-        unsafe { libloading::Library::new(path) }.map_err(|e| Open::Unloadable(e.to_string()))?;
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        // libloading's message is `dlopen failed`; the loader's own reason is its source.
+        let why = std::error::Error::source(&e).map(|s| s.to_string());
+        Open::Unloadable(why.unwrap_or_else(|| e.to_string()))
+    })?;
     macro_rules! sym {
         ($name:literal) => {
             // SAFETY: the symbol's type is nccl.h's signature of that function (enums as int),

@@ -482,7 +482,7 @@ fn nccl_or_skip(test: &str) -> bool {
 }
 
 #[test]
-fn without_nccl_every_entry_point_is_an_error_not_a_panic() {
+fn nccl_missing_is_an_error_from_every_entry_point_not_a_panic() {
     if nccl::available().is_ok() {
         eprintln!("NCCL is present: nothing to check here");
         return;
@@ -530,8 +530,8 @@ fn devices_or_skip(test: &str, n: usize) -> Option<Vec<Arc<CudaDevice>>> {
 }
 
 #[test]
-fn a_world_of_one_runs_every_collective_over_nccl() {
-    let Some(devs) = devices_or_skip("a_world_of_one_runs_every_collective_over_nccl", 1) else {
+fn nccl_world_of_one_runs_every_collective() {
+    let Some(devs) = devices_or_skip("nccl_world_of_one_runs_every_collective", 1) else {
         return;
     };
     let id = UniqueId::new().unwrap();
@@ -558,8 +558,8 @@ fn a_world_of_one_runs_every_collective_over_nccl() {
 }
 
 #[test]
-fn two_devices_reduce_gather_scatter_and_pass_tensors() {
-    let Some(devs) = devices_or_skip("two_devices_reduce_gather_scatter_and_pass_tensors", 2)
+fn nccl_two_devices_reduce_gather_scatter_and_pass_tensors() {
+    let Some(devs) = devices_or_skip("nccl_two_devices_reduce_gather_scatter_and_pass_tensors", 2)
     else {
         return;
     };
@@ -598,9 +598,11 @@ fn two_devices_reduce_gather_scatter_and_pass_tensors() {
 }
 
 #[test]
-fn a_failing_rank_ends_the_other_instead_of_hanging_it() {
-    let Some(devs) = devices_or_skip("a_failing_rank_ends_the_other_instead_of_hanging_it", 2)
-    else {
+fn nccl_a_failing_rank_ends_the_other_instead_of_hanging_it() {
+    let Some(devs) = devices_or_skip(
+        "nccl_a_failing_rank_ends_the_other_instead_of_hanging_it",
+        2,
+    ) else {
         return;
     };
     let id = UniqueId::new().unwrap();
@@ -621,8 +623,8 @@ fn a_failing_rank_ends_the_other_instead_of_hanging_it() {
 }
 
 #[test]
-fn a_rank_that_never_arrives_times_out() {
-    let Some(devs) = devices_or_skip("a_rank_that_never_arrives_times_out", 2) else {
+fn nccl_a_rank_that_never_arrives_times_out() {
+    let Some(devs) = devices_or_skip("nccl_a_rank_that_never_arrives_times_out", 2) else {
         return;
     };
     let id = UniqueId::new().unwrap();
@@ -634,8 +636,8 @@ fn a_rank_that_never_arrives_times_out() {
 }
 
 #[test]
-fn unique_ids_come_from_the_library_without_a_device() {
-    if !nccl_or_skip("unique_ids_come_from_the_library_without_a_device") {
+fn nccl_unique_ids_come_from_the_library_without_a_device() {
+    if !nccl_or_skip("nccl_unique_ids_come_from_the_library_without_a_device") {
         return;
     }
     // ncclGetUniqueId only opens a bootstrap socket: no GPU needed.
