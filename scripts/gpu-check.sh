@@ -20,6 +20,15 @@
 #   model-*      `transfuse bench model --backend cuda` on tiny GPT-2 and tiny LLaMA
 #   attn-*       `transfuse bench attention --backend cuda`, seq 1024..8192, head dims 64 and
 #                128, f16 and bf16, causal and none (each case checked against f64 first)
+#   test-nccl    the NCCL tests of runtime/tests/cuda.rs (`nccl_`) with TRANSFUSE_REQUIRE=cuda,nccl:
+#                a world-size-1 communicator (all-reduce, all-gather, reduce-scatter, on host
+#                slices and device buffers, then an abort); with 2+ GPUs also two ranks, an
+#                injected failure ending the other rank and a timeout
+#   tp-nccl      tests/gpu_parity.rs `nccl_tp::`: TP 1 over NCCL (and TP 2 on 2+ GPUs) against the
+#                fixtures, and more ranks than devices as a usage error
+#   cli-tp-nccl  `transfuse generate --tp 1 --nnodes 1 --backend cuda` (TP 1 over NCCL) against
+#                `--backend cpu`, greedy ids exact; with 2+ GPUs `--tp 2 --backend cuda`, and two
+#                processes (`--nnodes 2`, one GPU each, a rendezvous file) doing the same
 #   test-gpu_parity, test-codegen_nvrtc
 #   tune         `transfuse tune` on tiny GPT-2, when the binary has that subcommand
 #
@@ -27,8 +36,12 @@
 # transfuse_runtime::nvrtc::library_candidates); this script also finds it (CUDA_HOME,
 # /usr/local/cuda, the python3 NVIDIA wheels) and exports TRANSFUSE_NVRTC_LIB, the matching
 # TRANSFUSE_CUDA_INCLUDE and LD_LIBRARY_PATH (with a private folder holding a `libnvrtc.so` link
-# for loaders that only know that name). Without a GPU every step fails fast; the report is
-# written all the same.
+# for loaders that only know that name). NCCL likewise: libnccl.so.2 is looked for in
+# TRANSFUSE_NCCL_LIB, NCCL_HOME, the python3 wheels (PyTorch's nvidia/nccl/lib), CUDA's and the
+# system's library folders and ldconfig's cache, and TRANSFUSE_NCCL_LIB is exported to the file
+# found (transfuse searches much the same places itself, see
+# transfuse_runtime::nccl::library_candidates). Without a GPU every step fails fast; the report
+# is written all the same.
 set -uo pipefail
 
 pack="${1:-gpu-pack}"
@@ -90,6 +103,22 @@ for d in "${TRANSFUSE_CUDA_INCLUDE:-}" "${CUDA_HOME:+$CUDA_HOME/include}" /usr/l
 done
 [[ -n "$inc" ]] && export TRANSFUSE_CUDA_INCLUDE="$inc"
 say "CUDA headers: ${inc:-not found}"
+nccl=""
+for d in "${TRANSFUSE_NCCL_LIB:-}" "${NCCL_HOME:+$NCCL_HOME/lib}" \
+    $(while IFS= read -r sp; do [[ -n "$sp" ]] && echo "$sp/nvidia/nccl/lib $sp/nvidia/cu13/lib"; done <<<"$site") \
+    /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/local/nccl/lib; do
+    [[ -z "$nccl" && -n "$d" ]] || continue
+    if [[ -f "$d" ]]; then nccl="$d"; elif [[ -e "$d/libnccl.so.2" ]]; then nccl="$d/libnccl.so.2"; fi
+done
+if [[ -z "$nccl" ]]; then
+    nccl="$(ldconfig -p 2>/dev/null | sed -n 's/^[[:space:]]*libnccl\.so\.2 .*=> //p' | head -n1)"
+fi
+if [[ -n "$nccl" ]]; then
+    export TRANSFUSE_NCCL_LIB="$(readlink -f "$nccl")"
+    say "NCCL: $nccl (TRANSFUSE_NCCL_LIB=$TRANSFUSE_NCCL_LIB)"
+else
+    say "NCCL: libnccl.so.2 not found (the NCCL steps will fail)"
+fi
 driver_dirs=""
 for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64; do
     [[ -e "$d/libcuda.so.1" ]] && driver_dirs="$driver_dirs:$d"
@@ -138,6 +167,52 @@ step env 30 "nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total
 step test-cuda 120 "TRANSFUSE_REQUIRE=cuda '$B/test-cuda' --nocapture"
 step test-nvrtc 45 "TRANSFUSE_REQUIRE=nvrtc '$B/test-nvrtc'"
 step model-gpt2 45 "'$T' bench model --model '$fixtures/tiny_gpt2/model' --backend cuda --seq 64 --iters 5 --decode-tokens 32 -v"
+# NCCL: the communicator on its own, TP over it in the library, then through the CLI.
+gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+say ""
+say "GPUs: ${gpus:-0}"
+step test-nccl 90 "TRANSFUSE_REQUIRE=cuda,nccl TRANSFUSE_TP_TIMEOUT=60 '$B/test-cuda' nccl_ --nocapture"
+step tp-nccl 90 "TRANSFUSE_REQUIRE=cuda,nccl '$B/test-gpu_parity' nccl_tp:: --nocapture"
+cat >"$work/cli-tp-nccl.sh" <<'EOS'
+# Arguments in the environment: T (transfuse), M (tiny GPT-2), W (a scratch folder), GPUS.
+set -uo pipefail
+gen() { "$T" generate --model "$M" --prompt-ids 1,2,3,4 --max-new-tokens 8 --json "$@"; }
+ids() { grep -o '"ids":\[[^]]*\]'; }
+want="$(gen --backend cpu | ids)"; echo "cpu:        $want"
+[[ -n "$want" ]] || { echo "no ids from the cpu backend"; exit 1; }
+rc=0
+got="$(gen --backend cuda --tp 1 --nnodes 1 -v | ids)"; echo "tp 1 nccl:  $got"
+[[ "$got" == "$want" ]] || { echo "MISMATCH at tp 1 over NCCL"; rc=1; }
+if ((GPUS >= 2)); then
+    got="$(gen --backend cuda --tp 2 -v | ids)"; echo "tp 2 nccl:  $got"
+    [[ "$got" == "$want" ]] || { echo "MISMATCH at tp 2"; rc=1; }
+    # Two processes, one GPU each, meeting through a rendezvous file.
+    rm -f "$W/rdv"
+    CUDA_VISIBLE_DEVICES=0 gen --backend cuda --tp 2 --nnodes 2 --node-rank 0 --rendezvous "$W/rdv" >"$W/n0.json" 2>"$W/n0.err" &
+    p0=$!
+    CUDA_VISIBLE_DEVICES=1 gen --backend cuda --tp 2 --nnodes 2 --node-rank 1 --rendezvous "$W/rdv" >"$W/n1.json" 2>"$W/n1.err"
+    r1=$?
+    wait "$p0"
+    r0=$?
+    cat "$W/n0.err" "$W/n1.err"
+    for n in 0 1; do
+        got="$(ids <"$W/n$n.json")"; echo "2 processes, node $n: $got"
+        [[ "$got" == "$want" ]] || { echo "MISMATCH on node $n (exit $r0 / $r1)"; rc=1; }
+    done
+    [[ -e "$W/rdv" ]] && { echo "the rendezvous file was not removed"; rc=1; }
+else
+    echo "one GPU: TP 2 and the two-process run need two (not run)"
+fi
+if ((GPUS < 4)); then
+    # More ranks than devices: one clean error naming --tp, exit 2.
+    gen --backend cuda --tp 4 2>&1 | tail -n1
+    e=${PIPESTATUS[0]}
+    echo "tp 4 on $GPUS GPUs: exit $e"
+    ((e == 2)) || rc=1
+fi
+exit $rc
+EOS
+step cli-tp-nccl 90 "T='$T' M='$fixtures/tiny_gpt2/model' W='$work' GPUS='${gpus:-0}' bash '$work/cli-tp-nccl.sh'"
 seqs=1024,2048,4096,8192
 attn() { step "attn-$1-d$2-$3" 45 "'$T' bench attention --backend cuda --seq $seqs --head-dim $2 --dtype $1 --mask $3 --iters 5 --warmup 1"; }
 attn f16 64 causal
