@@ -10,7 +10,8 @@
 //! - **One device per process** ([`shared`]): device 0 (pick another with
 //!   `CUDA_VISIBLE_DEVICES`), its primary context, its default stream. The result, error
 //!   included, is computed once, so [`CudaBackend::new`] is cheap after the first call (and on
-//!   the first, without a driver, it is one failed `dlopen` per candidate name).
+//!   the first, without a driver, it is one failed `dlopen` per candidate name). Tensor-parallel
+//!   CUDA ranks open one device each instead ([`CudaDevice::open`], rank r on device r).
 //! - **One stream, in order.** Every copy and launch goes to the context's default (NULL)
 //!   stream, so a launch sees the writes and launches issued before it and a read sees them
 //!   all; cudarc's per-buffer event tracking (for multi-stream use) is turned off. Host writes
