@@ -187,6 +187,21 @@ pub struct InProcessComm {
 }
 
 impl InProcessComm {
+    /// Clears a poisoned group so it can run again; only call it when no rank is inside a
+    /// collective (the runner does, after every rank has returned).
+    pub fn reset(&self) {
+        let mut st = self.shared.lock();
+        st.poison = None;
+        st.arrived = 0;
+        st.slots.iter_mut().for_each(|s| *s = None);
+        st.mail.clear();
+    }
+
+    /// The group's error, if it is poisoned.
+    pub fn poisoned(&self) -> Option<String> {
+        self.shared.lock().poison.clone()
+    }
+
     /// Deposits `mine` and waits for every rank's operand of this round.
     fn exchange(&self, mine: Vec<f32>) -> Result<Arc<Vec<Vec<f32>>>, RuntimeError> {
         let sh = &*self.shared;
@@ -380,16 +395,10 @@ impl Communicator for InProcessComm {
     }
 
     fn poisoned(&self) -> Option<String> {
-        self.shared.lock().poison.clone()
+        InProcessComm::poisoned(self)
     }
 
-    /// Clears a poisoned group so it can run again; only call it when no rank is inside a
-    /// collective (the runner does, after every rank has returned).
     fn reset(&self) {
-        let mut st = self.shared.lock();
-        st.poison = None;
-        st.arrived = 0;
-        st.slots.iter_mut().for_each(|s| *s = None);
-        st.mail.clear();
+        InProcessComm::reset(self)
     }
 }
