@@ -22,7 +22,7 @@ use crate::models::{
     checkpoint_prefixes, expected_weights, gpt2, load_safetensors_sliced, synthesized_weights,
     AxisSlice, LoadStats, Model, SliceRequest,
 };
-use crate::passes::shard::{shard, Layout, ShardError, ShardSpec, Sharded};
+use crate::passes::shard::{Layout, ShardError, ShardSpec, Sharded};
 use crate::runtime::comm::{Collective, InProcessComm, InProcessGroup};
 use crate::runtime::tp::TpLoaded;
 use crate::runtime::{Backend, CpuBackend, Loaded};
@@ -268,6 +268,8 @@ pub struct TpState {
     pub stats: Vec<LoadStats>,
     /// The sharded graph (before each rank's weight folding).
     pub sharded: Sharded,
+    /// Which layout `--tp-layout` asked for and what was chosen ([`crate::passes::place`]).
+    pub placement: crate::passes::place::Placement,
     comms: Vec<Arc<InProcessComm>>,
 }
 
@@ -367,7 +369,9 @@ impl Session {
     ) -> Result<Session, Error> {
         let spec = megatron_spec(&model.config, degree)?;
         let (g, report) = crate::passes::optimize(&model.graph, opts)?;
-        let sharded = shard(&g, &spec)?;
+        let placement =
+            crate::passes::place::place(&g, &spec, opts.tp_layout, &opts.profile)?;
+        let sharded = placement.sharded.clone();
         let comms = InProcessGroup::ranks(degree, collective_timeout());
         let mut ranks: Vec<Box<dyn Loaded>> = Vec::new();
         let mut stats = Vec::new();
@@ -382,18 +386,23 @@ impl Session {
             }
         }
         let (graph, weights) = rank0.expect("degree ≥ 1");
-        let program = TpLoaded::new(ranks, comms.clone());
+        let mut program: Box<dyn Loaded> = Box::new(TpLoaded::new(ranks, comms.clone()));
+        if let Some(c) = &sharded.seq_chunk {
+            // Sequence-parallel: the graph reads its chunk length from an extra input.
+            program = Box::new(crate::sp::SeqChunkInput::new(program, c.clone()));
+        }
         Ok(Session::from_parts(
             model,
             graph,
             Some(report),
             weights,
             backend,
-            Box::new(program),
+            program,
             Some(TpState {
                 degree,
                 stats,
                 sharded,
+                placement,
                 comms,
             }),
         ))

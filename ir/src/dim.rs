@@ -101,6 +101,28 @@ impl Dim {
         self.combine(other, -1)
     }
 
+    /// `k · self`.
+    pub fn scale(&self, k: usize) -> Dim {
+        let k = k as i64;
+        Dim::normalize(
+            self.konst * k,
+            self.terms.iter().map(|(s, c)| (s.clone(), c * k)).collect(),
+        )
+    }
+
+    /// `self / k` when the constant and every coefficient divide by `k` (`2·c` / 2 = `c`);
+    /// `None` otherwise (`seq` / 2 is not a linear dim).
+    pub fn div_exact(&self, k: usize) -> Option<Dim> {
+        let k = i64::try_from(k).ok().filter(|k| *k > 0)?;
+        if self.konst % k != 0 || self.terms.iter().any(|(_, c)| c % k != 0) {
+            return None;
+        }
+        Some(Dim::normalize(
+            self.konst / k,
+            self.terms.iter().map(|(s, c)| (s.clone(), c / k)).collect(),
+        ))
+    }
+
     /// The dim's value under `bindings`; an error names an unbound symbol or a negative result.
     pub fn eval(&self, bindings: &Bindings) -> Result<usize, IrError> {
         let mut v = self.konst;

@@ -1,0 +1,58 @@
+//! Sequence parallelism at run time: a sequence-parallel sharded graph reads its per-rank
+//! sequence chunk `c = ⌈seq/N⌉` from the input [`SEQ_CHUNK`] (shape `[c]`, values unused), so
+//! that its padded sequence `N·c` is a linear dim; [`SeqChunkInput`] supplies it on every call
+//! from the length of the input that holds the sequence.
+
+use crate::ir::Tensor;
+use crate::passes::shard::{SeqChunk, SEQ_CHUNK};
+use crate::runtime::{KernelTime, Loaded, RuntimeError, TensorMap};
+
+/// A [`Loaded`] whose graph reads [`SEQ_CHUNK`]: adds it to the inputs, then runs `inner`.
+pub struct SeqChunkInput {
+    inner: Box<dyn Loaded>,
+    chunk: SeqChunk,
+}
+
+impl SeqChunkInput {
+    /// `inner` fed the chunk `chunk` describes.
+    pub fn new(inner: Box<dyn Loaded>, chunk: SeqChunk) -> SeqChunkInput {
+        SeqChunkInput { inner, chunk }
+    }
+
+    fn with_chunk(&self, inputs: &TensorMap) -> Result<TensorMap, RuntimeError> {
+        let c = &self.chunk;
+        let t = inputs
+            .get(&c.input)
+            .ok_or_else(|| RuntimeError::MissingInput(c.input.clone()))?;
+        let len = *t.shape.get(c.axis).ok_or_else(|| RuntimeError::InputShape {
+            name: c.input.clone(),
+            expected: format!("a sequence on axis {}", c.axis),
+            found: t.shape.clone(),
+            why: "rank differs".into(),
+        })?;
+        let n = c.chunk(len);
+        let mut m = inputs.clone();
+        m.insert(SEQ_CHUNK.to_string(), Tensor::i64(vec![n], vec![0; n]));
+        Ok(m)
+    }
+}
+
+impl Loaded for SeqChunkInput {
+    fn run(
+        &mut self,
+        inputs: &TensorMap,
+        carry: &[(String, String)],
+    ) -> Result<TensorMap, RuntimeError> {
+        let m = self.with_chunk(inputs)?;
+        self.inner.run(&m, carry)
+    }
+
+    fn clear_carry(&mut self) {
+        self.inner.clear_carry()
+    }
+
+    fn profile(&mut self, inputs: &TensorMap) -> Result<Vec<KernelTime>, RuntimeError> {
+        let m = self.with_chunk(inputs)?;
+        self.inner.profile(&m)
+    }
+}
