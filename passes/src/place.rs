@@ -153,10 +153,29 @@ pub fn place(
         k if k == count(&s.graph, "reduce_scatter") => "megatron-sp",
         _ => "mixed",
     };
-    let uses_chunk = graph
-        .inputs()
-        .iter()
-        .any(|(n, _, _)| *n == crate::shard::SEQ_CHUNK);
+    // Extraction keeps what the outputs reach; the chunk input is read by no node, only its
+    // symbol by the shapes, so it is declared again when they mention it.
+    let mut graph = graph;
+    let uses_chunk = graph.nodes().any(|(_, n)| {
+        n.shape
+            .iter()
+            .any(|d| d.symbols().any(|s| s == crate::shard::SEQ_CHUNK))
+    });
+    if uses_chunk
+        && !graph
+            .inputs()
+            .iter()
+            .any(|(n, _, _)| *n == crate::shard::SEQ_CHUNK)
+    {
+        graph.add(
+            transfuse_ir::Op::Input {
+                name: crate::shard::SEQ_CHUNK.into(),
+                shape: vec![transfuse_ir::Dim::sym(crate::shard::SEQ_CHUNK)],
+                dtype: transfuse_ir::DType::I64,
+            },
+            &[],
+        )?;
+    }
     let sharded = Sharded {
         graph,
         weights: m.weights.clone(),
