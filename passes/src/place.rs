@@ -133,6 +133,23 @@ pub fn place(
     let s = shard(g, &with_sp(true))?;
     let mut p = profile.clone();
     p.world = spec.degree;
+    if let Some(c) = &s.seq_chunk {
+        // Price the rank's rows at ⌈seq/N⌉ of the profile's sequence length.
+        let len = g
+            .inputs()
+            .into_iter()
+            .find(|(n, _, _)| *n == c.input)
+            .and_then(|(_, shape, _)| shape.get(c.axis).cloned());
+        if let Some(len) = len {
+            let mut b = p.dims.clone();
+            for sym in len.symbols() {
+                b.entry(sym.to_string()).or_insert(128);
+            }
+            if let Ok(l) = len.eval(&b) {
+                p.dims.insert(crate::shard::SEQ_CHUNK.into(), c.chunk(l));
+            }
+        }
+    }
     let mut costs = BTreeMap::new();
     costs.insert("megatron", graph_cost(&m.graph, &p));
     if s.seq_chunk.is_none() && count(&s.graph, "reduce_scatter") == 0 {
@@ -145,7 +162,18 @@ pub fn place(
         });
     }
     costs.insert("megatron-sp", graph_cost(&s.graph, &p));
-    let (graph, cost) = merge_and_extract(&m, &s, &p)?;
+    // The extractor's pick over the merged e-graph, unless a pure layout is cheaper (its
+    // local search moves one class, or one group, at a time; switching a whole region between
+    // the layouts can be beyond it).
+    let (merged, cost) = merge_and_extract(&m, &s, &p)?;
+    let (graph, cost) = [
+        (merged, cost),
+        (m.graph.clone(), costs["megatron"]),
+        (s.graph.clone(), costs["megatron-sp"]),
+    ]
+    .into_iter()
+    .min_by(|a, b| a.1.total_cmp(&b.1))
+    .expect("three candidates");
     costs.insert("chosen", cost);
     let sp_sites = count(&graph, "reduce_scatter");
     let chosen = match sp_sites {
