@@ -386,7 +386,20 @@ mod cli {
         assert_error(&gen("tiny_gpt2", &["--tp", "0"]), &["--tp"]);
         assert_error(
             &gen("tiny_gpt2", &["--tp", "2", "--tp-layout", "gspmd"]),
-            &["--tp-layout", "gspmd"],
+            &["--tp-layout", "gspmd", "megatron-sp", "auto"],
+        );
+        let want = assert_ok(&gen("tiny_gpt2", &[]));
+        for layout in ["megatron", "megatron-sp", "auto"] {
+            let got = assert_ok(&gen("tiny_gpt2", &["--tp", "4", "--tp-layout", layout]));
+            assert_eq!(got, want, "--tp-layout {layout}");
+        }
+        // A pipeline's TP stages are Megatron groups: SP there is refused by name.
+        assert_error(
+            &gen(
+                "tiny_gpt2",
+                &["--tp", "2", "--pp", "2", "--tp-layout", "megatron-sp"],
+            ),
+            &["--tp-layout megatron-sp", "pipeline"],
         );
         // wgpu ranks run (tests/pp.rs checks them); CUDA ranks are refused by name.
         assert_error(
@@ -443,12 +456,40 @@ mod cli {
             out.contains("collectives per forward: 5 all_reduce (20480 B), 1 all_gather (64000 B)"),
             "{out}"
         );
+        // Megatron-SP: each all-reduce → a reduce-scatter and an all-gather, the same ring
+        // bytes per rank (seq 16 divides by 2).
+        let sp = assert_ok(&transfuse([
+            "compile",
+            "--model",
+            &d,
+            "--tp",
+            "2",
+            "--tp-layout",
+            "megatron-sp",
+            "--report",
+            "--dims",
+            "batch=1,seq=16",
+        ]));
+        assert!(sp.contains("layout megatron-sp (--tp-layout megatron-sp); 5 of 5"), "{sp}");
+        assert!(
+            sp.contains("0 all_reduce (0 B), 6 all_gather (84480 B), 5 reduce_scatter (20480 B)"),
+            "{sp}"
+        );
+        let ring = |t: &str| t.split("ring: ").nth(1).map(|r| r.split(' ').next().unwrap().to_string());
+        assert_eq!(ring(&sp), ring(&out));
+        // auto: both alternatives priced, the cheaper one chosen.
+        assert!(out.contains("(--tp-layout auto)"), "{out}");
+        assert!(out.contains("megatron-sp") && out.contains("chosen"), "{out}");
         let out = assert_ok(&transfuse([
             "compile", "--model", &d, "--tp", "4", "--json",
         ]));
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(v["tp"]["degree"], 4);
         assert_eq!(v["tp"]["all_reduces"], 5);
+        assert_eq!(v["tp"]["layout"], "megatron");
+        assert_eq!(v["tp"]["layout_asked"], "auto");
+        assert_eq!(v["tp"]["sites"], 5);
+        assert!(v["tp"]["layout_costs_s"]["megatron-sp"].as_f64().unwrap() > 0.0);
         assert_error(
             &transfuse(["compile", "--model", &d, "--tp", "3"]),
             &["h.0.attn.c_attn.weight", "--tp 3"],

@@ -204,6 +204,24 @@ pub fn eval_shape(shape: &[Dim], bindings: &Bindings) -> Result<Vec<usize>, IrEr
 mod tests {
     use super::*;
 
+    /// What a sequence split needs: `N·c` splits into `c` and gathers back; `seq` alone
+    /// does not divide.
+    #[test]
+    fn scaling_and_exact_division() {
+        let c = Dim::sym("c");
+        let padded = c.scale(4);
+        assert_eq!(padded.to_string(), "4*c");
+        assert_eq!(padded.div_exact(4), Some(c.clone()));
+        assert_eq!(padded.div_exact(2), Some(c.scale(2)));
+        assert_eq!(padded.div_exact(3), None);
+        assert_eq!(Dim::sym("seq").div_exact(2), None);
+        assert_eq!(Dim::known(6).div_exact(3), Some(Dim::known(2)));
+        assert_eq!(Dim::known(6).div_exact(0), None);
+        let pad = padded.minus(&Dim::sym("seq"));
+        let b: Bindings = [("c".to_string(), 2), ("seq".to_string(), 6)].into();
+        assert_eq!(pad.eval(&b).unwrap(), 2);
+    }
+
     #[test]
     fn linear_dims_normalise_and_print() {
         let d = Dim::sym("seq").plus(&Dim::sym("past"));
