@@ -330,7 +330,8 @@ fn pp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
             "--pp cuts the optimized graph; drop --no-optimize".into(),
         ));
     }
-    if exec.tp > 1 && parse_tp_layout(&exec.tp_layout)? == transfuse::passes::place::TpLayout::MegatronSp
+    if exec.tp > 1
+        && parse_tp_layout(&exec.tp_layout)? == transfuse::passes::place::TpLayout::MegatronSp
     {
         return Err(Error::Usage(
             "--tp-layout megatron-sp: a pipeline's tensor-parallel stages use the megatron layout"
@@ -658,8 +659,12 @@ fn run(cli: Cli) -> Result<(), Error> {
                     // The placements are priced at the dims the report is evaluated at.
                     let mut p = opts.profile.clone();
                     p.dims.extend(b.iter().map(|(k, v)| (k.clone(), *v)));
-                    let placed =
-                        transfuse::passes::place::place(&opt, &spec, parse_tp_layout(&tp_layout)?, &p)?;
+                    let placed = transfuse::passes::place::place(
+                        &opt,
+                        &spec,
+                        parse_tp_layout(&tp_layout)?,
+                        &p,
+                    )?;
                     Some(transfuse::tp::tp_report(&placed, &b)?)
                 }
                 false => None,

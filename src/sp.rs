@@ -24,12 +24,15 @@ impl SeqChunkInput {
         let t = inputs
             .get(&c.input)
             .ok_or_else(|| RuntimeError::MissingInput(c.input.clone()))?;
-        let len = *t.shape.get(c.axis).ok_or_else(|| RuntimeError::InputShape {
-            name: c.input.clone(),
-            expected: format!("a sequence on axis {}", c.axis),
-            found: t.shape.clone(),
-            why: "rank differs".into(),
-        })?;
+        let len = *t
+            .shape
+            .get(c.axis)
+            .ok_or_else(|| RuntimeError::InputShape {
+                name: c.input.clone(),
+                expected: format!("a sequence on axis {}", c.axis),
+                found: t.shape.clone(),
+                why: "rank differs".into(),
+            })?;
         let n = c.chunk(len);
         let mut m = inputs.clone();
         m.insert(SEQ_CHUNK.to_string(), Tensor::i64(vec![n], vec![0; n]));

@@ -369,8 +369,7 @@ impl Session {
     ) -> Result<Session, Error> {
         let spec = megatron_spec(&model.config, degree)?;
         let (g, report) = crate::passes::optimize(&model.graph, opts)?;
-        let placement =
-            crate::passes::place::place(&g, &spec, opts.tp_layout, &opts.profile)?;
+        let placement = crate::passes::place::place(&g, &spec, opts.tp_layout, &opts.profile)?;
         let sharded = placement.sharded.clone();
         let comms = InProcessGroup::ranks(degree, collective_timeout());
         let mut ranks: Vec<Box<dyn Loaded>> = Vec::new();

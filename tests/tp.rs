@@ -13,8 +13,8 @@ use transfuse::models::Model;
 use transfuse::passes::place::TpLayout;
 use transfuse::passes::shard::comm_cost;
 use transfuse::passes::Options;
-use transfuse::runtime::CpuBackend;
 use transfuse::runtime::comm::CollectiveKind;
+use transfuse::runtime::CpuBackend;
 use transfuse::tp::forward_bindings;
 use transfuse::{Batch, Error, Sampling, Session};
 
@@ -148,7 +148,11 @@ fn auto_layout_equals_tp1() {
     let s = tp_layout("tiny_gpt2", 2, TpLayout::Auto);
     let p = &s.tp.as_ref().unwrap().placement;
     for k in ["megatron", "megatron-sp", "chosen"] {
-        assert!(p.costs[k].is_finite() && p.costs[k] > 0.0, "{k}: {:?}", p.costs);
+        assert!(
+            p.costs[k].is_finite() && p.costs[k] > 0.0,
+            "{k}: {:?}",
+            p.costs
+        );
     }
     assert!(p.costs["chosen"] <= p.costs["megatron"].min(p.costs["megatron-sp"]) * (1.0 + 1e-9));
 }
@@ -303,7 +307,11 @@ fn bytes_communicated_per_forward_equal_megatron_sps_count() {
         );
         let f = (n - 1) as f64 / n as f64;
         let ring = 2.0 * f * (sites as u64 * stream) as f64 + f * (b * s * vocab * 4) as f64;
-        assert!((c.per_rank_ring - ring).abs() < 1e-6, "{} vs {ring}", c.per_rank_ring);
+        assert!(
+            (c.per_rank_ring - ring).abs() < 1e-6,
+            "{} vs {ring}",
+            c.per_rank_ring
+        );
         if sp_len == s {
             // Unpadded: exactly the Megatron layout's ring bytes per rank.
             assert!((c.per_rank_ring - m.per_rank_ring).abs() < 1e-6);
@@ -312,7 +320,11 @@ fn bytes_communicated_per_forward_equal_megatron_sps_count() {
         sp.forward(&batch()).unwrap();
         for log in state.take_logs() {
             let kind = |k: CollectiveKind| -> (usize, usize) {
-                let v: Vec<usize> = log.iter().filter(|c| c.kind == k).map(|c| c.elems).collect();
+                let v: Vec<usize> = log
+                    .iter()
+                    .filter(|c| c.kind == k)
+                    .map(|c| c.elems)
+                    .collect();
                 (v.len(), v.iter().sum())
             };
             assert_eq!(kind(CollectiveKind::AllReduce), (0, 0));
@@ -470,16 +482,26 @@ mod cli {
             "--dims",
             "batch=1,seq=16",
         ]));
-        assert!(sp.contains("layout megatron-sp (--tp-layout megatron-sp); 5 of 5"), "{sp}");
+        assert!(
+            sp.contains("layout megatron-sp (--tp-layout megatron-sp); 5 of 5"),
+            "{sp}"
+        );
         assert!(
             sp.contains("0 all_reduce (0 B), 6 all_gather (84480 B), 5 reduce_scatter (20480 B)"),
             "{sp}"
         );
-        let ring = |t: &str| t.split("ring: ").nth(1).map(|r| r.split(' ').next().unwrap().to_string());
+        let ring = |t: &str| {
+            t.split("ring: ")
+                .nth(1)
+                .map(|r| r.split(' ').next().unwrap().to_string())
+        };
         assert_eq!(ring(&sp), ring(&out));
         // auto: both alternatives priced, the cheaper one chosen.
         assert!(out.contains("(--tp-layout auto)"), "{out}");
-        assert!(out.contains("megatron-sp") && out.contains("chosen"), "{out}");
+        assert!(
+            out.contains("megatron-sp") && out.contains("chosen"),
+            "{out}"
+        );
         let out = assert_ok(&transfuse([
             "compile", "--model", &d, "--tp", "4", "--json",
         ]));

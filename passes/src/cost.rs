@@ -325,7 +325,13 @@ pub fn node_cost(eg: &EG, p: &Profile, inlined: &HashSet<Id>, n: &TNode) -> f64 
 /// `p.world` ranks sends over the link (an all-reduce 2(N−1)/N of its bytes, an all-gather
 /// (N−1)/N of its result, a reduce-scatter (N−1)/N of its operand; a `send` its operand);
 /// `shard` is a local copy (a kernel reading its rows), `recv` the wait of its `send`.
-fn collective_cost(p: &Profile, d: &transfuse_ir::DistOp, bytes: f64, in_b: f64, out_b: f64) -> f64 {
+fn collective_cost(
+    p: &Profile,
+    d: &transfuse_ir::DistOp,
+    bytes: f64,
+    in_b: f64,
+    out_b: f64,
+) -> f64 {
     use transfuse_ir::DistOp;
     use transfuse_planner::comm;
     let n = p.world.max(1) as u64;

@@ -208,7 +208,11 @@ pub fn place(
         graph,
         weights: m.weights.clone(),
         degree: m.degree,
-        seq_chunk: if uses_chunk { s.seq_chunk.clone() } else { None },
+        seq_chunk: if uses_chunk {
+            s.seq_chunk.clone()
+        } else {
+            None
+        },
         states: Vec::new(),
     };
     Ok(Placement {
@@ -225,7 +229,10 @@ pub fn place(
 fn merge_and_extract(m: &Sharded, s: &Sharded, p: &Profile) -> Result<(Graph, f64), ShardError> {
     let mut eg = EG::default();
     let add = |g: &Graph, eg: &mut EG| -> (Vec<Id>, Id) {
-        let ids: Vec<Id> = convert::add_nodes(g, eg).into_iter().map(|(id, _)| id).collect();
+        let ids: Vec<Id> = convert::add_nodes(g, eg)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         let outs = g.outputs().iter().map(|(_, id)| ids[id.index()]).collect();
         let root = eg.add(TNode::new(EOp::Outputs, outs));
         (ids, root)

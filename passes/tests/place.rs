@@ -32,8 +32,12 @@ fn blocks() -> Graph {
     };
     for i in 0..2 {
         let a = norm(&mut b, x, i);
-        let w1 = b.weight(&format!("w1.{i}"), vec![H.into(), (4 * H).into()]).unwrap();
-        let w2 = b.weight(&format!("w2.{i}"), vec![(4 * H).into(), H.into()]).unwrap();
+        let w1 = b
+            .weight(&format!("w1.{i}"), vec![H.into(), (4 * H).into()])
+            .unwrap();
+        let w2 = b
+            .weight(&format!("w2.{i}"), vec![(4 * H).into(), H.into()])
+            .unwrap();
         let u = b.matmul(a, w1).unwrap();
         let u = b.unary(transfuse_ir::UnaryOp::Relu, u).unwrap();
         let d = b.matmul(u, w2).unwrap();
@@ -85,8 +89,17 @@ fn the_layout_follows_collective_latency_against_the_norm_work_saved() {
     let g = optimized();
     let cpu = |seq, cs| with(Profile::cpu(), seq, cs, 1e10);
     let p = place(&g, &spec_n(4), TpLayout::Auto, &cpu(8192, 1e-6)).unwrap();
-    assert_eq!((p.chosen, p.sp_sites, p.sites), ("megatron-sp", 2, 2), "{:?}", p.costs);
-    assert!(p.costs["megatron-sp"] < p.costs["megatron"], "{:?}", p.costs);
+    assert_eq!(
+        (p.chosen, p.sp_sites, p.sites),
+        ("megatron-sp", 2, 2),
+        "{:?}",
+        p.costs
+    );
+    assert!(
+        p.costs["megatron-sp"] < p.costs["megatron"],
+        "{:?}",
+        p.costs
+    );
     assert!(p.sharded.seq_chunk.is_some());
     assert_eq!(p.costs["chosen"], p.costs["megatron-sp"]);
     let p = place(&g, &spec_n(2), TpLayout::Auto, &cpu(8192, 1e-6)).unwrap();
@@ -110,12 +123,28 @@ fn the_link_bandwidth_alone_does_not_move_the_choice() {
     let g = optimized();
     let sp = spec_n(4);
     for seq in [16usize, 8192] {
-        let a = place(&g, &sp, TpLayout::Auto, &with(Profile::cpu(), seq, 5e-6, 1e8)).unwrap();
-        let b = place(&g, &sp, TpLayout::Auto, &with(Profile::cpu(), seq, 5e-6, 1e12)).unwrap();
+        let a = place(
+            &g,
+            &sp,
+            TpLayout::Auto,
+            &with(Profile::cpu(), seq, 5e-6, 1e8),
+        )
+        .unwrap();
+        let b = place(
+            &g,
+            &sp,
+            TpLayout::Auto,
+            &with(Profile::cpu(), seq, 5e-6, 1e12),
+        )
+        .unwrap();
         assert_eq!(a.chosen, b.chosen, "seq {seq}");
         // Both alternatives pay the same ring bytes: the gap between them does not change.
-        let gap = |p: &transfuse_passes::place::Placement| p.costs["megatron"] - p.costs["megatron-sp"];
-        assert!((gap(&a) - gap(&b)).abs() <= 1e-9 * a.costs["megatron"], "seq {seq}");
+        let gap =
+            |p: &transfuse_passes::place::Placement| p.costs["megatron"] - p.costs["megatron-sp"];
+        assert!(
+            (gap(&a) - gap(&b)).abs() <= 1e-9 * a.costs["megatron"],
+            "seq {seq}"
+        );
     }
 }
 
@@ -142,4 +171,3 @@ fn forced_layouts_and_megatron_sps_bytes() {
     assert_eq!(cs.all_gather_bytes, cm.all_gather_bytes + 2 * stream);
     assert!((cs.per_rank_ring - cm.per_rank_ring).abs() < 1e-6);
 }
-
