@@ -490,7 +490,7 @@ impl Pass<'_> {
     }
 
     /// A replicated `x` with the full sequence along `axis`: this rank's rows of it.
-    fn to_seq(&mut self, x: NodeId, axis: usize) -> Result<NodeId, ShardError> {
+    fn seq_rows(&mut self, x: NodeId, axis: usize) -> Result<NodeId, ShardError> {
         let p = self.pad_seq(x, axis)?;
         self.add(
             Op::Dist(DistOp::Shard {
@@ -578,7 +578,7 @@ impl Pass<'_> {
         for ((id, _), take) in ops.iter().zip(plan) {
             ids.push(if take {
                 let ro = self.shape(*id).len();
-                self.to_seq(*id, axis + ro - r)?
+                self.seq_rows(*id, axis + ro - r)?
             } else {
                 *id
             });
