@@ -59,3 +59,64 @@ impl Loaded for SeqChunkInput {
         self.inner.profile(&m)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Returns its inputs' shapes as outputs.
+    struct Echo;
+
+    impl Loaded for Echo {
+        fn run(
+            &mut self,
+            inputs: &TensorMap,
+            _carry: &[(String, String)],
+        ) -> Result<TensorMap, RuntimeError> {
+            Ok(inputs.clone())
+        }
+
+        fn clear_carry(&mut self) {}
+
+        fn profile(&mut self, _inputs: &TensorMap) -> Result<Vec<KernelTime>, RuntimeError> {
+            Ok(vec![])
+        }
+    }
+
+    fn wrapped() -> SeqChunkInput {
+        let chunk = SeqChunk {
+            input: "input_ids".into(),
+            axis: 1,
+            world: 4,
+        };
+        SeqChunkInput::new(Box::new(Echo), chunk)
+    }
+
+    #[test]
+    fn the_chunk_is_the_ceiling_of_the_sequence_over_the_degree() {
+        let mut l = wrapped();
+        for (seq, c) in [(1usize, 1usize), (4, 1), (6, 2), (8, 2), (9, 3)] {
+            let ids = Tensor::i64(vec![2, seq], vec![0; 2 * seq]);
+            let out = l
+                .run(&TensorMap::from([("input_ids".to_string(), ids)]), &[])
+                .unwrap();
+            assert_eq!(out[SEQ_CHUNK].shape, vec![c], "seq {seq}");
+            assert_eq!(out[SEQ_CHUNK].as_i64().unwrap(), &vec![0; c][..]);
+        }
+    }
+
+    #[test]
+    fn a_missing_or_short_sequence_input_is_a_typed_error() {
+        let mut l = wrapped();
+        let err = l.run(&TensorMap::new(), &[]).unwrap_err();
+        assert!(
+            matches!(err, RuntimeError::MissingInput(ref n) if n == "input_ids"),
+            "{err}"
+        );
+        let ids = Tensor::i64(vec![3], vec![0; 3]);
+        let err = l
+            .run(&TensorMap::from([("input_ids".to_string(), ids)]), &[])
+            .unwrap_err();
+        assert!(err.to_string().contains("input_ids"), "{err}");
+    }
+}
