@@ -9,8 +9,8 @@
 //! the same (an all-reduce is a reduce-scatter then an all-gather); SP saves (N−1)/N of the
 //! add and norm work and pays a second collective's fixed cost and the padding.
 //!
-//! [`choose`] puts both layouts of a graph into one e-graph: each is the sharding pass's
-//! rewrite of the same source graph ([`shard`](crate::shard::shard), with and without
+//! [`place`] puts both layouts of a graph into one e-graph: each is the sharding pass's
+//! rewrite of the same source graph ([`crate::shard::shard`], with and without
 //! [`ShardSpec::sequence_parallel`]), and every value that both compute identically on every
 //! rank (the same sharding state: replicated, or the same head/column split) is one e-class.
 //! The classes where the layouts differ are the placements: at the residual stream a class
@@ -42,7 +42,7 @@ pub enum TpLayout {
     /// Megatron-SP at every site: `reduce_scatter` + `all_gather` around the residual adds
     /// and norms, which run on each rank's rows of the sequence.
     MegatronSp,
-    /// Chosen per site by the cost model ([`choose`]).
+    /// Chosen per site by the cost model ([`place`]).
     #[default]
     Auto,
 }
@@ -84,10 +84,10 @@ pub struct Placement {
     /// alternative and of the chosen graph: `megatron`, `megatron-sp`, `chosen`. Empty when
     /// the layout was forced.
     pub costs: BTreeMap<&'static str, f64>,
-    /// Sites: row-parallel collectives of the Megatron layout, and how many of them the chosen
-    /// graph runs sequence-parallel (a `reduce_scatter`).
+    /// Sites: the Megatron layout's all-reduces (row-parallel matmuls and the vocab-parallel
+    /// embedding).
     pub sites: usize,
-    /// Sites run sequence-parallel.
+    /// Sites the chosen graph runs sequence-parallel (a `reduce_scatter` each).
     pub sp_sites: usize,
 }
 
