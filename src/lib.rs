@@ -22,6 +22,7 @@
 
 pub mod attention_bench;
 pub mod pp;
+pub mod sp;
 pub mod tp;
 
 use std::collections::HashMap;

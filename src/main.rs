@@ -38,8 +38,10 @@ struct Exec {
     /// `--backend wgpu` each its own wgpu device), each on its own slices of the weights.
     #[arg(long, default_value_t = 1)]
     tp: usize,
-    /// How `--tp` shards the model: megatron (the only layout so far).
-    #[arg(long, default_value = "megatron")]
+    /// How `--tp` shards the model: auto (each placement chosen by the cost model),
+    /// megatron (one all-reduce per row-parallel site) or megatron-sp (sequence-parallel
+    /// norms: reduce-scatter and all-gather around them).
+    #[arg(long, default_value = "auto")]
     tp_layout: String,
     /// With `--tp N --backend cuda`: the job spans K processes (nodes), N/K ranks on each, one
     /// GPU per rank, collectives over NCCL. `--nnodes 1` runs NCCL even at `--tp 1`.
@@ -198,10 +200,14 @@ enum Cmd {
         /// `batch=1,seq=128,past=0` (the defaults; other symbols default to 1).
         #[arg(long, value_delimiter = ',')]
         dims: Vec<String>,
-        /// Also shard the optimized graph for N tensor-parallel ranks (Megatron layout) and
-        /// report the per-rank ops, the collectives and the bytes they move per token.
+        /// Also shard the optimized graph for N tensor-parallel ranks and report the layout
+        /// chosen (and the cost of each alternative), the per-rank ops, the collectives and the
+        /// bytes they move per token.
         #[arg(long, default_value_t = 1)]
         tp: usize,
+        /// How `--tp` shards the model: auto, megatron or megatron-sp (as for `run`).
+        #[arg(long, default_value = "auto")]
+        tp_layout: String,
         /// Also cut the optimized graph into P pipeline stages balanced by the cost model and
         /// report each stage's layers, estimated cost and the bytes it sends to the next.
         #[arg(long, default_value_t = 1)]
@@ -362,12 +368,7 @@ fn nccl_session(
     exec: &Exec,
     job: &transfuse::tp::NcclJob,
 ) -> Result<(Session, String), Error> {
-    if exec.tp_layout != "megatron" {
-        return Err(Error::Usage(format!(
-            "unknown --tp-layout `{}` (expected megatron)",
-            exec.tp_layout
-        )));
-    }
+    let layout = parse_tp_layout(&exec.tp_layout)?;
     if exec.no_optimize {
         return Err(Error::Usage(
             "--tp shards the optimized graph; drop --no-optimize".into(),
@@ -376,7 +377,8 @@ fn nccl_session(
     if exec.no_cache {
         transfuse::runtime::tune::set_cache_enabled(false);
     }
-    let opts = transfuse::passes::Options::from_env()?;
+    let mut opts = transfuse::passes::Options::from_env()?;
+    opts.tp_layout = layout;
     let s = Session::cuda_tp(model, exec.tp, job, &opts)?;
     if exec.verbose {
         if let Some(t) = &s.tp {
@@ -406,14 +408,19 @@ fn nccl_session(
     ))
 }
 
+/// `--tp-layout NAME`.
+fn parse_tp_layout(name: &str) -> Result<transfuse::passes::place::TpLayout, Error> {
+    transfuse::passes::place::TpLayout::by_name(name).ok_or_else(|| {
+        Error::Usage(format!(
+            "unknown --tp-layout `{name}` (expected {})",
+            transfuse::passes::place::TpLayout::NAMES.join(", ")
+        ))
+    })
+}
+
 /// The tensor-parallel session of `--tp N` (N > 1).
 fn tp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
-    if exec.tp_layout != "megatron" {
-        return Err(Error::Usage(format!(
-            "unknown --tp-layout `{}` (expected megatron)",
-            exec.tp_layout
-        )));
-    }
+    let layout = parse_tp_layout(&exec.tp_layout)?;
     if !matches!(exec.backend.as_str(), "cpu" | "auto" | "wgpu") {
         return Err(Error::Usage(format!(
             "--tp runs CPU, wgpu or cuda ranks; --backend {} ranks are not implemented",
@@ -425,7 +432,8 @@ fn tp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
             "--tp shards the optimized graph; drop --no-optimize".into(),
         ));
     }
-    let opts = transfuse::passes::Options::from_env()?;
+    let mut opts = transfuse::passes::Options::from_env()?;
+    opts.tp_layout = layout;
     let wgpu = exec.backend == "wgpu";
     let s = match wgpu {
         true => Session::wgpu_tp(model, exec.tp, &opts)?,
@@ -458,11 +466,13 @@ fn pp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
             "--pp cuts the optimized graph; drop --no-optimize".into(),
         ));
     }
-    if exec.tp > 1 && exec.tp_layout != "megatron" {
-        return Err(Error::Usage(format!(
-            "unknown --tp-layout `{}` (expected megatron)",
-            exec.tp_layout
-        )));
+    if exec.tp > 1
+        && parse_tp_layout(&exec.tp_layout)? == transfuse::passes::place::TpLayout::MegatronSp
+    {
+        return Err(Error::Usage(
+            "--tp-layout megatron-sp: a pipeline's tensor-parallel stages use the megatron layout"
+                .into(),
+        ));
     }
     let backend = match exec.backend.as_str() {
         "auto" => "cpu",
@@ -738,6 +748,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             limits,
             dims,
             tp,
+            tp_layout,
             pp,
         } => {
             let cfg = load_config(&model)?;
@@ -784,9 +795,17 @@ fn run(cli: Cli) -> Result<(), Error> {
             let tp_report = match tp > 1 {
                 true => {
                     let spec = transfuse::tp::megatron_spec(&cfg, tp)?;
-                    let sharded = transfuse::passes::shard::shard(&opt, &spec)?;
                     let b = parse_dims(&g, &dims)?;
-                    Some(transfuse::tp::tp_report(&sharded, &b)?)
+                    // The placements are priced at the dims the report is evaluated at.
+                    let mut p = opts.profile.clone();
+                    p.dims.extend(b.iter().map(|(k, v)| (k.clone(), *v)));
+                    let placed = transfuse::passes::place::place(
+                        &opt,
+                        &spec,
+                        parse_tp_layout(&tp_layout)?,
+                        &p,
+                    )?;
+                    Some(transfuse::tp::tp_report(&placed, &b)?)
                 }
                 false => None,
             };

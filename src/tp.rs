@@ -22,7 +22,7 @@ use crate::models::{
     checkpoint_prefixes, expected_weights, gpt2, load_safetensors_sliced, synthesized_weights,
     AxisSlice, LoadStats, Model, SliceRequest,
 };
-use crate::passes::shard::{shard, Layout, ShardError, ShardSpec, Sharded};
+use crate::passes::shard::{Layout, ShardError, ShardSpec, Sharded};
 use crate::runtime::comm::{Collective, Communicator, InProcessGroup};
 use crate::runtime::tp::TpLoaded;
 use crate::runtime::{Backend, CpuBackend, Loaded};
@@ -275,6 +275,8 @@ pub struct TpState {
     /// The global rank of this process's first rank (`stats[i]` is rank `first_rank + i`;
     /// non-zero only on the later nodes of a multi-node NCCL job).
     pub first_rank: usize,
+    /// Which layout `--tp-layout` asked for and what was chosen ([`crate::passes::place`]).
+    pub placement: crate::passes::place::Placement,
     comms: Vec<Arc<dyn Communicator>>,
 }
 
@@ -385,7 +387,8 @@ impl Session {
     ) -> Result<Session, Error> {
         let spec = megatron_spec(&model.config, degree)?;
         let (g, report) = crate::passes::optimize(&model.graph, opts)?;
-        let sharded = shard(&g, &spec)?;
+        let placement = crate::passes::place::place(&g, &spec, opts.tp_layout, &opts.profile)?;
+        let sharded = placement.sharded.clone();
         let mut ranks: Vec<Box<dyn Loaded>> = Vec::new();
         let mut stats = Vec::new();
         let mut rank0 = None;
@@ -399,19 +402,24 @@ impl Session {
             }
         }
         let (graph, weights) = rank0.expect("degree ≥ 1");
-        let program = TpLoaded::with(ranks, comms.clone());
+        let mut program: Box<dyn Loaded> = Box::new(TpLoaded::with(ranks, comms.clone()));
+        if let Some(c) = &sharded.seq_chunk {
+            // Sequence-parallel: the graph reads its chunk length from an extra input.
+            program = Box::new(crate::sp::SeqChunkInput::new(program, c.clone()));
+        }
         Ok(Session::from_parts(
             model,
             graph,
             Some(report),
             weights,
             backend,
-            Box::new(program),
+            program,
             Some(TpState {
                 degree,
                 stats,
                 sharded,
                 first_rank: first,
+                placement,
                 comms,
             }),
         ))
@@ -427,16 +435,32 @@ pub fn forward_bindings(batch: usize, seq: usize) -> Bindings {
     ])
 }
 
-/// `compile --tp N --report`: the per-rank op table of a sharded graph, its collectives and the
-/// bytes they move per forward and per token at `bindings`, and the per-rank weight bytes; as
-/// text and as JSON.
+/// `compile --tp N --report`: the layout asked for and chosen (with the estimated cost of each
+/// alternative), the per-rank op table of the sharded graph, its collectives and the bytes they
+/// move per forward and per token at `bindings`, and the per-rank weight bytes; as text and as
+/// JSON.
 pub fn tp_report(
-    sharded: &Sharded,
+    placement: &crate::passes::place::Placement,
     bindings: &Bindings,
 ) -> Result<(String, serde_json::Value), Error> {
     use std::fmt::Write;
+    let sharded = &placement.sharded;
     let n = sharded.degree;
     let g = &sharded.graph;
+    let mut bindings = bindings.clone();
+    if let Some(c) = &sharded.seq_chunk {
+        // The sequence-parallel chunk, from the sequence length at these dims.
+        let len = g
+            .inputs()
+            .into_iter()
+            .find(|(name, _, _)| *name == c.input)
+            .and_then(|(_, shape, _)| shape.get(c.axis).cloned())
+            .ok_or_else(|| Error::Usage(format!("no input `{}`", c.input)))?
+            .eval(&bindings)
+            .map_err(crate::passes::PassError::from)?;
+        bindings.insert(crate::passes::shard::SEQ_CHUNK.into(), c.chunk(len));
+    }
+    let bindings = &bindings;
     let c =
         crate::passes::shard::comm_cost(g, bindings, n).map_err(crate::passes::PassError::from)?;
     let tokens =
@@ -449,22 +473,42 @@ pub fn tp_report(
         weight_bytes += 4 * dims.iter().product::<usize>() as u64;
     }
     let ops = g.op_counts();
+    let payload = c.all_reduce_bytes + c.all_gather_bytes + c.reduce_scatter_bytes;
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "\ntensor parallel: {n} ranks, megatron layout; per rank:"
+        "\ntensor parallel: {n} ranks, layout {} (--tp-layout {}); {} of {} row-parallel sites sequence-parallel",
+        placement.chosen,
+        placement.asked.name(),
+        placement.sp_sites,
+        placement.sites
     );
+    if !placement.costs.is_empty() {
+        let _ = writeln!(
+            t,
+            "  estimated per forward (compute + collectives): {}",
+            placement
+                .costs
+                .iter()
+                .map(|(k, v)| format!("{k} {:.2} µs", v * 1e6))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let _ = writeln!(t, "per rank:");
     for (op, k) in &ops {
         let _ = writeln!(t, "  {op:<16} {k:>5}");
     }
     let _ = writeln!(
         t,
-        "collectives per forward: {} all_reduce ({} B), {} all_gather ({} B); {:.0} B per token; ring: {:.0} B sent per rank ({:.0} per token)",
+        "collectives per forward: {} all_reduce ({} B), {} all_gather ({} B), {} reduce_scatter ({} B); {:.0} B per token; ring: {:.0} B sent per rank ({:.0} per token)",
         c.all_reduces,
         c.all_reduce_bytes,
         c.all_gathers,
         c.all_gather_bytes,
-        (c.all_reduce_bytes + c.all_gather_bytes) as f64 / tokens,
+        c.reduce_scatters,
+        c.reduce_scatter_bytes,
+        payload as f64 / tokens,
         c.per_rank_ring,
         c.per_rank_ring / tokens
     );
@@ -474,14 +518,20 @@ pub fn tp_report(
     );
     let json = serde_json::json!({
         "degree": n,
-        "layout": "megatron",
+        "layout": placement.chosen,
+        "layout_asked": placement.asked.name(),
+        "layout_costs_s": placement.costs,
+        "sites": placement.sites,
+        "sp_sites": placement.sp_sites,
+        "reduce_scatters": c.reduce_scatters,
+        "reduce_scatter_bytes": c.reduce_scatter_bytes,
         "ops_per_rank": ops,
         "all_reduces": c.all_reduces,
         "all_reduce_bytes": c.all_reduce_bytes,
         "all_gathers": c.all_gathers,
         "all_gather_bytes": c.all_gather_bytes,
         "ring_bytes_per_rank": c.per_rank_ring,
-        "bytes_per_token": (c.all_reduce_bytes + c.all_gather_bytes) as f64 / tokens,
+        "bytes_per_token": payload as f64 / tokens,
         "weight_bytes_per_rank": weight_bytes,
     });
     Ok((t, json))

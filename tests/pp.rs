@@ -488,15 +488,34 @@ fn wgpu_tp2_ranks_equal_tp1() {
     if common::wgpu_backend().is_none() {
         return;
     }
-    for name in ["tiny_gpt2", "tiny_llama"] {
+    // Both layouts: Megatron's all-reduces, and Megatron-SP's reduce-scatters and
+    // all-gathers around the norms (its padding of the sequence in the device segments).
+    use transfuse::passes::place::TpLayout;
+    for (name, layout) in [
+        ("tiny_gpt2", TpLayout::Megatron),
+        ("tiny_llama", TpLayout::Megatron),
+        ("tiny_gpt2", TpLayout::MegatronSp),
+        ("tiny_llama", TpLayout::MegatronSp),
+    ] {
         let d = dir(name);
         let mut b = batch4();
         b.input_ids.truncate(2);
         b.attention_mask.as_mut().unwrap().truncate(2);
         let want = reference(&d, &b);
         let model = Model::load_without_weights(&d, None, false).unwrap();
-        let s = Session::wgpu_tp(model, 2, &opts()).unwrap();
+        let o = transfuse::passes::Options {
+            tp_layout: layout,
+            ..opts()
+        };
+        let s = Session::wgpu_tp(model, 2, &o).unwrap();
         assert_eq!(s.backend_name(), "wgpu");
+        let name = format!("{name} {}", layout.name());
+        let sp = s.tp.as_ref().unwrap().sharded.graph.op_counts();
+        assert_eq!(
+            sp.contains_key("reduce_scatter"),
+            layout == TpLayout::MegatronSp,
+            "{name}"
+        );
         check(&format!("{name} wgpu tp 2"), &want, &s, &b, 1e-3);
         let want = Session::cpu(Model::load(&d).unwrap())
             .unwrap()

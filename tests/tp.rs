@@ -10,8 +10,11 @@ mod common;
 
 use transfuse::ir::Tensor;
 use transfuse::models::Model;
+use transfuse::passes::place::TpLayout;
 use transfuse::passes::shard::comm_cost;
+use transfuse::passes::Options;
 use transfuse::runtime::comm::CollectiveKind;
+use transfuse::runtime::CpuBackend;
 use transfuse::tp::forward_bindings;
 use transfuse::{Batch, Error, Sampling, Session};
 
@@ -23,9 +26,18 @@ fn dir(name: &str) -> std::path::PathBuf {
     fixture(&format!("{name}/model"))
 }
 
+/// TP `n` with the textbook Megatron layout (what the byte counts below are of).
 fn tp(name: &str, n: usize) -> Session {
+    tp_layout(name, n, TpLayout::Megatron)
+}
+
+fn tp_layout(name: &str, n: usize, layout: TpLayout) -> Session {
     let model = Model::load_without_weights(&dir(name), None, false).unwrap();
-    Session::cpu_tp(model, n).unwrap()
+    let opts = Options {
+        tp_layout: layout,
+        ..Options::default()
+    };
+    Session::tp_with(model, n, CpuBackend::new(), &opts).unwrap()
 }
 
 fn close(what: &str, a: &Tensor, b: &Tensor) {
@@ -47,10 +59,14 @@ fn batch() -> Batch {
 }
 
 fn check_forward(name: &str, degrees: &[usize]) {
+    check_forward_in(name, degrees, TpLayout::Megatron)
+}
+
+fn check_forward_in(name: &str, degrees: &[usize], layout: TpLayout) {
     let one = Session::cpu(Model::load(&dir(name)).unwrap()).unwrap();
     let want = one.forward(&batch()).unwrap();
     for &n in degrees {
-        let s = tp(name, n);
+        let s = tp_layout(name, n, layout);
         let got = s.forward(&batch()).unwrap();
         assert_eq!(got.len(), want.len(), "{name} tp {n}: outputs");
         let b = batch();
@@ -66,10 +82,14 @@ fn check_forward(name: &str, degrees: &[usize]) {
 }
 
 fn check_greedy(name: &str, degrees: &[usize]) {
+    check_greedy_in(name, degrees, TpLayout::Megatron)
+}
+
+fn check_greedy_in(name: &str, degrees: &[usize], layout: TpLayout) {
     let one = Session::cpu(Model::load(&dir(name)).unwrap()).unwrap();
     let want = one.generate(&[1, 2, 3, 4], 8, Sampling::Greedy).unwrap();
     for &n in degrees {
-        let got = tp(name, n)
+        let got = tp_layout(name, n, layout)
             .generate(&[1, 2, 3, 4], 8, Sampling::Greedy)
             .unwrap();
         assert_eq!(got, want, "{name} tp {n}: greedy tokens");
@@ -95,6 +115,48 @@ fn llama_tp2_tp3_equal_tp1() {
     check_greedy("tiny_llama", &[2, 3]);
 }
 
+/// Megatron-SP: the residual adds and norms on each rank's rows of the sequence, padded when
+/// the degree does not divide it (6 tokens at TP 4 → 2 rows a rank, 2 pad rows; every decoding
+/// step's 1 token → 1 row, N − 1 pad rows): equal to TP 1 within the same tolerance, greedy
+/// tokens exact.
+#[test]
+fn sequence_parallel_equals_tp1() {
+    let sp = TpLayout::MegatronSp;
+    check_forward_in("tiny_gpt2", &[2, 4], sp);
+    check_greedy_in("tiny_gpt2", &[2, 4], sp);
+    check_forward_in("tiny_bert", &[2, 4], sp);
+    check_forward_in("tiny_llama", &[2, 3], sp);
+    check_greedy_in("tiny_llama", &[2, 3], sp);
+    for (name, n) in [("tiny_gpt2", 4), ("tiny_bert", 2), ("tiny_llama", 3)] {
+        let s = tp_layout(name, n, sp);
+        let st = s.tp.as_ref().unwrap();
+        assert_eq!(st.placement.chosen, "megatron-sp");
+        // Every row-parallel site (2 per layer and the embedding) is sequence-parallel.
+        assert_eq!(st.placement.sp_sites, 5, "{name} tp {n}");
+        assert_eq!(st.placement.sites, 5, "{name} tp {n}");
+        let ops = st.sharded.graph.op_counts();
+        assert!(!ops.contains_key("all_reduce"), "{name} tp {n}: {ops:?}");
+    }
+}
+
+/// `--tp-layout auto` (the default) runs whichever layout the cost model picks, and it
+/// equals TP 1 like the forced ones.
+#[test]
+fn auto_layout_equals_tp1() {
+    check_forward_in("tiny_gpt2", &[2], TpLayout::Auto);
+    check_greedy_in("tiny_llama", &[3], TpLayout::Auto);
+    let s = tp_layout("tiny_gpt2", 2, TpLayout::Auto);
+    let p = &s.tp.as_ref().unwrap().placement;
+    for k in ["megatron", "megatron-sp", "chosen"] {
+        assert!(
+            p.costs[k].is_finite() && p.costs[k] > 0.0,
+            "{k}: {:?}",
+            p.costs
+        );
+    }
+    assert!(p.costs["chosen"] <= p.costs["megatron"].min(p.costs["megatron-sp"]) * (1.0 + 1e-9));
+}
+
 #[test]
 fn minilm_tp2_tp4_equal_tp1() {
     let Some(d) = common::minilm_dir() else {
@@ -107,12 +169,19 @@ fn minilm_tp2_tp4_equal_tp1() {
     let one = Session::cpu(Model::load(&d).unwrap()).unwrap();
     let b = one_batch(&one, &texts);
     let want = one.forward(&b).unwrap();
-    for n in [2, 4] {
-        let s = Session::cpu_tp(Model::load_without_weights(&d, None, false).unwrap(), n).unwrap();
-        let got = s.forward(&b).unwrap();
-        for (k, v) in &want {
-            let what = format!("minilm tp {n} {k}");
-            close_masked(&what, &got[k], v, b.attention_mask.as_deref());
+    for layout in [TpLayout::Megatron, TpLayout::MegatronSp] {
+        for n in [2, 4] {
+            let opts = Options {
+                tp_layout: layout,
+                ..Options::default()
+            };
+            let m = Model::load_without_weights(&d, None, false).unwrap();
+            let s = Session::tp_with(m, n, CpuBackend::new(), &opts).unwrap();
+            let got = s.forward(&b).unwrap();
+            for (k, v) in &want {
+                let what = format!("minilm tp {n} {} {k}", layout.name());
+                close_masked(&what, &got[k], v, b.attention_mask.as_deref());
+            }
         }
     }
 }
@@ -210,6 +279,66 @@ fn bytes_communicated_per_forward_equal_megatrons_count() {
     }
 }
 
+/// Megatron-SP's count: each former all-reduce is a reduce-scatter of the (padded) b·s·h and
+/// an all-gather of it after the norm — per rank the same ring bytes as the all-reduce,
+/// 2(N−1)/N of b·s·h, when N divides s (here s = 6, N = 2); at N = 4 the sequence pads to 8.
+#[test]
+fn bytes_communicated_per_forward_equal_megatron_sps_count() {
+    let (b, s, h, layers, vocab) = (2usize, 6usize, 64usize, 2usize, 1000usize);
+    for n in [2usize, 4] {
+        let sp = tp_layout("tiny_gpt2", n, TpLayout::MegatronSp);
+        let mega = tp("tiny_gpt2", n);
+        let bind = forward_bindings(b, s);
+        let state = sp.tp.as_ref().unwrap();
+        let mut bind_sp = bind.clone();
+        let sp_len = s.div_ceil(n) * n;
+        bind_sp.insert(transfuse::passes::shard::SEQ_CHUNK.into(), sp_len / n);
+        let c = comm_cost(&state.sharded.graph, &bind_sp, n).unwrap();
+        let m = comm_cost(&mega.tp.as_ref().unwrap().sharded.graph, &bind, n).unwrap();
+        let sites = 2 * layers + 1;
+        let stream = (b * sp_len * h * 4) as u64;
+        assert_eq!((c.all_reduces, c.reduce_scatters), (0, sites));
+        assert_eq!(c.reduce_scatter_bytes, sites as u64 * stream);
+        // The norms' outputs gathered (one per site), and the logits.
+        assert_eq!(c.all_gathers, sites + 1);
+        assert_eq!(
+            c.all_gather_bytes,
+            sites as u64 * stream + (b * s * vocab * 4) as u64
+        );
+        let f = (n - 1) as f64 / n as f64;
+        let ring = 2.0 * f * (sites as u64 * stream) as f64 + f * (b * s * vocab * 4) as f64;
+        assert!(
+            (c.per_rank_ring - ring).abs() < 1e-6,
+            "{} vs {ring}",
+            c.per_rank_ring
+        );
+        if sp_len == s {
+            // Unpadded: exactly the Megatron layout's ring bytes per rank.
+            assert!((c.per_rank_ring - m.per_rank_ring).abs() < 1e-6);
+        }
+        state.take_logs();
+        sp.forward(&batch()).unwrap();
+        for log in state.take_logs() {
+            let kind = |k: CollectiveKind| -> (usize, usize) {
+                let v: Vec<usize> = log
+                    .iter()
+                    .filter(|c| c.kind == k)
+                    .map(|c| c.elems)
+                    .collect();
+                (v.len(), v.iter().sum())
+            };
+            assert_eq!(kind(CollectiveKind::AllReduce), (0, 0));
+            assert_eq!(
+                kind(CollectiveKind::ReduceScatter),
+                (sites, sites * b * sp_len * h)
+            );
+            let (k, elems) = kind(CollectiveKind::AllGather);
+            assert_eq!(k, sites + 1);
+            assert_eq!(elems * n, sites * b * sp_len * h + b * s * vocab);
+        }
+    }
+}
+
 /// No op falls back to replicated: exactly Megatron's collectives in every sharded graph (two
 /// all-reduces per layer and one for the embedding, one all-gather for a decoder's logits), at
 /// every tested degree.
@@ -269,7 +398,20 @@ mod cli {
         assert_error(&gen("tiny_gpt2", &["--tp", "0"]), &["--tp"]);
         assert_error(
             &gen("tiny_gpt2", &["--tp", "2", "--tp-layout", "gspmd"]),
-            &["--tp-layout", "gspmd"],
+            &["--tp-layout", "gspmd", "megatron-sp", "auto"],
+        );
+        let want = assert_ok(&gen("tiny_gpt2", &[]));
+        for layout in ["megatron", "megatron-sp", "auto"] {
+            let got = assert_ok(&gen("tiny_gpt2", &["--tp", "4", "--tp-layout", layout]));
+            assert_eq!(got, want, "--tp-layout {layout}");
+        }
+        // A pipeline's TP stages are Megatron groups: SP there is refused by name.
+        assert_error(
+            &gen(
+                "tiny_gpt2",
+                &["--tp", "2", "--pp", "2", "--tp-layout", "megatron-sp"],
+            ),
+            &["--tp-layout megatron-sp", "pipeline"],
         );
         // wgpu ranks run (tests/pp.rs checks them); CUDA ranks run over NCCL
         // (tests/tp_nccl.rs checks their errors without NCCL or a GPU).
@@ -323,12 +465,50 @@ mod cli {
             out.contains("collectives per forward: 5 all_reduce (20480 B), 1 all_gather (64000 B)"),
             "{out}"
         );
+        // Megatron-SP: each all-reduce → a reduce-scatter and an all-gather, the same ring
+        // bytes per rank (seq 16 divides by 2).
+        let sp = assert_ok(&transfuse([
+            "compile",
+            "--model",
+            &d,
+            "--tp",
+            "2",
+            "--tp-layout",
+            "megatron-sp",
+            "--report",
+            "--dims",
+            "batch=1,seq=16",
+        ]));
+        assert!(
+            sp.contains("layout megatron-sp (--tp-layout megatron-sp); 5 of 5"),
+            "{sp}"
+        );
+        assert!(
+            sp.contains("0 all_reduce (0 B), 6 all_gather (84480 B), 5 reduce_scatter (20480 B)"),
+            "{sp}"
+        );
+        let ring = |t: &str| {
+            t.split("ring: ")
+                .nth(1)
+                .map(|r| r.split(' ').next().unwrap().to_string())
+        };
+        assert_eq!(ring(&sp), ring(&out));
+        // auto: both alternatives priced, the cheaper one chosen.
+        assert!(out.contains("(--tp-layout auto)"), "{out}");
+        assert!(
+            out.contains("megatron-sp") && out.contains("chosen"),
+            "{out}"
+        );
         let out = assert_ok(&transfuse([
             "compile", "--model", &d, "--tp", "4", "--json",
         ]));
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(v["tp"]["degree"], 4);
         assert_eq!(v["tp"]["all_reduces"], 5);
+        assert_eq!(v["tp"]["layout"], "megatron");
+        assert_eq!(v["tp"]["layout_asked"], "auto");
+        assert_eq!(v["tp"]["sites"], 5);
+        assert!(v["tp"]["layout_costs_s"]["megatron-sp"].as_f64().unwrap() > 0.0);
         assert_error(
             &transfuse(["compile", "--model", &d, "--tp", "3"]),
             &["h.0.attn.c_attn.weight", "--tp 3"],

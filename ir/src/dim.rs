@@ -101,6 +101,28 @@ impl Dim {
         self.combine(other, -1)
     }
 
+    /// `k · self`.
+    pub fn scale(&self, k: usize) -> Dim {
+        let k = k as i64;
+        Dim::normalize(
+            self.konst * k,
+            self.terms.iter().map(|(s, c)| (s.clone(), c * k)).collect(),
+        )
+    }
+
+    /// `self / k` when the constant and every coefficient divide by `k` (`2·c` / 2 = `c`);
+    /// `None` otherwise (`seq` / 2 is not a linear dim).
+    pub fn div_exact(&self, k: usize) -> Option<Dim> {
+        let k = i64::try_from(k).ok().filter(|k| *k > 0)?;
+        if self.konst % k != 0 || self.terms.iter().any(|(_, c)| c % k != 0) {
+            return None;
+        }
+        Some(Dim::normalize(
+            self.konst / k,
+            self.terms.iter().map(|(s, c)| (s.clone(), c / k)).collect(),
+        ))
+    }
+
     /// The dim's value under `bindings`; an error names an unbound symbol or a negative result.
     pub fn eval(&self, bindings: &Bindings) -> Result<usize, IrError> {
         let mut v = self.konst;
@@ -181,6 +203,24 @@ pub fn eval_shape(shape: &[Dim], bindings: &Bindings) -> Result<Vec<usize>, IrEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a sequence split needs: `N·c` splits into `c` and gathers back; `seq` alone
+    /// does not divide.
+    #[test]
+    fn scaling_and_exact_division() {
+        let c = Dim::sym("c");
+        let padded = c.scale(4);
+        assert_eq!(padded.to_string(), "4*c");
+        assert_eq!(padded.div_exact(4), Some(c.clone()));
+        assert_eq!(padded.div_exact(2), Some(c.scale(2)));
+        assert_eq!(padded.div_exact(3), None);
+        assert_eq!(Dim::sym("seq").div_exact(2), None);
+        assert_eq!(Dim::known(6).div_exact(3), Some(Dim::known(2)));
+        assert_eq!(Dim::known(6).div_exact(0), None);
+        let pad = padded.minus(&Dim::sym("seq"));
+        let b: Bindings = [("c".to_string(), 2), ("seq".to_string(), 6)].into();
+        assert_eq!(pad.eval(&b).unwrap(), 2);
+    }
 
     #[test]
     fn linear_dims_normalise_and_print() {

@@ -457,19 +457,16 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
                         return Err("world must be ≥ 1".into());
                     }
                     let mut out = s.clone();
-                    out[axis] = match (d, s[axis].as_known()) {
-                        (DistOp::AllGather { .. }, Some(n)) => Dim::known(n * world),
-                        (DistOp::Shard { .. } | DistOp::ReduceScatter { .. }, Some(n))
-                            if n.is_multiple_of(world) =>
-                        {
-                            Dim::known(n / world)
-                        }
-                        _ => {
-                            return Err(format!(
-                            "axis {axis} ({}) must be a known length divisible by world {world}",
-                            s[axis]
-                        ))
-                        }
+                    // Symbolic lengths too, when linear: a sequence padded to `world·c`
+                    // splits into `c` per rank (sequence parallelism) and gathers back.
+                    out[axis] = match d {
+                        DistOp::AllGather { .. } => s[axis].scale(world),
+                        _ => s[axis].div_exact(world).ok_or_else(|| {
+                            format!(
+                                "axis {axis} ({}) must be a length divisible by world {world}",
+                                s[axis]
+                            )
+                        })?,
                     };
                     Ok((out, dt))
                 }

@@ -41,6 +41,13 @@ pub struct Profile {
     pub launch_s: f64,
     /// Values assumed for symbolic dims (others: 128).
     pub dims: Bindings,
+    /// Bandwidth of the link between tensor-parallel ranks, bytes/s: a collective costs the
+    /// ring bytes each rank sends over it ([`transfuse_planner::comm`]).
+    pub link_bytes_per_s: f64,
+    /// Fixed cost of one collective (launch and synchronisation of the ranks), seconds.
+    pub collective_s: f64,
+    /// Ranks of the tensor-parallel group the ring bytes are counted for (1: no group).
+    pub world: usize,
 }
 
 impl Profile {
@@ -52,6 +59,10 @@ impl Profile {
             flops_per_s: 5.0e13,
             launch_s: 4.0e-6,
             dims: default_dims(),
+            // NVLink-class link; NCCL's small-message latency.
+            link_bytes_per_s: 4.5e11,
+            collective_s: 1.0e-5,
+            world: 1,
         }
     }
 
@@ -63,6 +74,10 @@ impl Profile {
             flops_per_s: 5.0e10,
             launch_s: 2.0e-7,
             dims: default_dims(),
+            // In-process ranks: a copy through shared memory, a condition-variable round.
+            link_bytes_per_s: 1.0e10,
+            collective_s: 5.0e-6,
+            world: 1,
         }
     }
 
@@ -82,6 +97,10 @@ impl Profile {
             flops_per_s: 1.0e10,
             launch_s: 5.0e-5,
             dims: default_dims(),
+            // Collectives between wgpu devices go through the host: a read-back and an upload.
+            link_bytes_per_s: 5.0e9,
+            collective_s: 2.0e-4,
+            world: 1,
         }
     }
 
@@ -277,6 +296,7 @@ pub fn node_cost(eg: &EG, p: &Profile, inlined: &HashSet<Id>, n: &TNode) -> f64 
             Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => 0.0,
             op if op.kernel_role() == KernelRole::View => 0.0,
             Op::Iota { .. } => p.launch_s,
+            Op::Dist(d) => collective_cost(p, d, p.numel(&out) * elem_bytes(dt), in_b, out_b),
             Op::MatMul => kernel(sizes.matmul_flops()),
             // A fused op's flops come from the family that produces it.
             op if op.is_fused() => kernel(
@@ -298,6 +318,31 @@ pub fn node_cost(eg: &EG, p: &Profile, inlined: &HashSet<Id>, n: &TNode) -> f64 
         cost * 1e-6
     } else {
         cost
+    }
+}
+
+/// The cost of a collective under `p`: its fixed cost plus the ring bytes each of the
+/// `p.world` ranks sends over the link (an all-reduce 2(N−1)/N of its bytes, an all-gather
+/// (N−1)/N of its result, a reduce-scatter (N−1)/N of its operand; a `send` its operand);
+/// `shard` is a local copy (a kernel reading its rows), `recv` the wait of its `send`.
+fn collective_cost(
+    p: &Profile,
+    d: &transfuse_ir::DistOp,
+    bytes: f64,
+    in_b: f64,
+    out_b: f64,
+) -> f64 {
+    use transfuse_ir::DistOp;
+    use transfuse_planner::comm;
+    let n = p.world.max(1) as u64;
+    let link = |b: f64| p.collective_s + b / p.link_bytes_per_s;
+    match d {
+        DistOp::AllReduce => link(comm::all_reduce_bytes(n, bytes)),
+        DistOp::AllGather { .. } => link(comm::all_gather_bytes(n, bytes)),
+        DistOp::ReduceScatter { .. } => link(comm::reduce_scatter_bytes(n, in_b)),
+        DistOp::Send { .. } => link(bytes),
+        DistOp::Recv { .. } => 0.0,
+        DistOp::Shard { .. } => p.launch_s + (out_b + out_b) / p.bytes_per_s,
     }
 }
 

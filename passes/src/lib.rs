@@ -37,6 +37,7 @@ pub mod cost;
 pub mod extract;
 pub mod lang;
 pub mod pipeline;
+pub mod place;
 pub mod rules;
 pub mod shard;
 
@@ -61,6 +62,9 @@ pub struct Options {
     /// even when `families` names it, keeping adapters as separate matmuls so a server can swap
     /// them per request (multi-adapter serving).
     pub merge_lora: bool,
+    /// How a tensor-parallel session lays the model out (`--tp-layout`; default: chosen by
+    /// cost, [`place::TpLayout::Auto`]).
+    pub tp_layout: place::TpLayout,
 }
 
 impl Default for Options {
@@ -72,6 +76,7 @@ impl Default for Options {
             profile: Profile::gpu(),
             families: rules::FAMILIES.iter().map(|f| f.name.to_string()).collect(),
             merge_lora: true,
+            tp_layout: place::TpLayout::default(),
         }
     }
 }

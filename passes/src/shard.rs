@@ -74,6 +74,35 @@ pub struct ShardSpec {
     pub inputs: BTreeMap<String, Layout>,
     /// Outputs left as each rank computes them (a KV cache split by heads).
     pub rank_local_outputs: BTreeSet<String>,
+    /// Megatron-SP (Korthikanti et al.): every row-parallel site's `all_reduce` becomes a
+    /// `reduce_scatter` along the sequence axis, the bias and residual adds and the norms run
+    /// on the rank's `⌈seq/N⌉` rows, and an `all_gather` restores the full sequence before the
+    /// next op that needs it (see [`SeqChunk`] for the padding).
+    pub sequence_parallel: bool,
+}
+
+/// The name of the graph input (and of its one symbolic dim) that a sequence-parallel graph
+/// reads its per-rank sequence chunk `c = ⌈seq/N⌉` from: the sequence is padded to `N·c` rows
+/// (zeros; the pad rows are never read by a real row) so that any length splits.
+pub const SEQ_CHUNK: &str = "tp_seq_chunk";
+
+/// How the runner supplies [`SEQ_CHUNK`]: an `i64` tensor of shape `[⌈len/world⌉]` (values
+/// unused), where `len` is axis `axis` of the input `input`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqChunk {
+    /// The graph input whose axis is the sequence length.
+    pub input: String,
+    /// That axis.
+    pub axis: usize,
+    /// The degree.
+    pub world: usize,
+}
+
+impl SeqChunk {
+    /// The chunk length for a sequence of `len`.
+    pub fn chunk(&self, len: usize) -> usize {
+        len.div_ceil(self.world)
+    }
 }
 
 /// How a rank reads one weight of the sharded graph from the checkpoint.
@@ -121,6 +150,11 @@ pub struct Sharded {
     pub weights: BTreeMap<String, WeightSlice>,
     /// The degree.
     pub degree: usize,
+    /// Set when the graph is sequence-parallel: the extra input it needs.
+    pub seq_chunk: Option<SeqChunk>,
+    /// Per source node: its node in `graph` and its sharding state (what [`crate::place`]
+    /// merges two layouts by).
+    pub(crate) states: Vec<(NodeId, St)>,
 }
 
 /// Why a graph cannot be sharded.
@@ -148,7 +182,7 @@ pub enum ShardError {
 
 /// One segment of a split axis: its full length and whether it is split across ranks.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Seg {
+pub(crate) struct Seg {
     /// Full (padded) length.
     len: usize,
     split: bool,
@@ -157,9 +191,18 @@ struct Seg {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum St {
+pub(crate) enum St {
     Rep,
-    Seg { axis: usize, segs: Vec<Seg> },
+    Seg {
+        axis: usize,
+        segs: Vec<Seg>,
+    },
+    /// Split along the sequence axis `axis`: the sequence padded to `N·c` rows
+    /// ([`SEQ_CHUNK`]), rank `r` holding rows `[r·c, (r+1)·c)`; pad rows hold anything (they are
+    /// row-local garbage that every way back to replicated slices off).
+    Seq {
+        axis: usize,
+    },
 }
 
 fn seg_state(axis: usize, segs: Vec<Seg>) -> St {
@@ -177,6 +220,11 @@ struct Pass<'a> {
     g: Graph,
     map: Vec<Option<(NodeId, St)>>,
     weights: BTreeMap<String, WeightSlice>,
+    /// Sequence parallelism: the sequence length (the first site's) and the chunk input.
+    seq: Option<(Dim, Dim)>,
+    seq_chunk: Option<SeqChunk>,
+    /// `Seq` values already gathered back (one `all_gather` however many readers).
+    gathered: BTreeMap<NodeId, NodeId>,
 }
 
 /// Shards `g` for `spec.degree` ranks (see the module docs).
@@ -191,6 +239,9 @@ pub fn shard(g: &Graph, spec: &ShardSpec) -> Result<Sharded, ShardError> {
         g: Graph::new(),
         map: vec![None; g.len()],
         weights: BTreeMap::new(),
+        seq: None,
+        seq_chunk: None,
+        gathered: BTreeMap::new(),
     };
     for (id, _) in g.nodes() {
         let r = p.node(id)?;
@@ -209,6 +260,8 @@ pub fn shard(g: &Graph, spec: &ShardSpec) -> Result<Sharded, ShardError> {
         graph: p.g,
         weights: p.weights,
         degree: spec.degree,
+        seq_chunk: p.seq_chunk,
+        states: p.map.into_iter().map(|m| m.expect("every node")).collect(),
     })
 }
 
@@ -318,6 +371,9 @@ impl Pass<'_> {
 
     /// `id` in state `st` made replicated: each split segment gathered, padding dropped.
     fn replicate(&mut self, id: NodeId, st: &St) -> Result<NodeId, ShardError> {
+        if let St::Seq { axis } = *st {
+            return self.unseq(id, axis);
+        }
         let St::Seg { axis, segs } = st else {
             return Ok(id);
         };
@@ -367,6 +423,186 @@ impl Pass<'_> {
         }
     }
 
+    /// The sequence chunk `c` when `len` is a sequence-parallel site's sequence length: the
+    /// first site fixes the length (and adds the [`SEQ_CHUNK`] input when it is symbolic); a
+    /// site of another length, or a symbolic length no graph input holds, is not one.
+    fn seq_site(&mut self, len: &Dim) -> Result<Option<Dim>, ShardError> {
+        if !self.spec.sequence_parallel || self.n == 1 {
+            return Ok(None);
+        }
+        if let Some((l, c)) = &self.seq {
+            return Ok((l == len).then(|| c.clone()));
+        }
+        let chunk = match len.as_known() {
+            Some(l) => Dim::known(l.div_ceil(self.n)),
+            None => {
+                let found = self.src.inputs().into_iter().find_map(|(name, shape, _)| {
+                    shape
+                        .iter()
+                        .position(|d| d == len)
+                        .map(|a| (name.to_string(), a))
+                });
+                let Some((input, axis)) = found else {
+                    return Ok(None);
+                };
+                self.add(
+                    Op::Input {
+                        name: SEQ_CHUNK.into(),
+                        shape: vec![Dim::sym(SEQ_CHUNK)],
+                        dtype: transfuse_ir::DType::I64,
+                    },
+                    &[],
+                )?;
+                self.seq_chunk = Some(SeqChunk {
+                    input,
+                    axis,
+                    world: self.n,
+                });
+                Dim::sym(SEQ_CHUNK)
+            }
+        };
+        self.seq = Some((len.clone(), chunk.clone()));
+        Ok(Some(chunk))
+    }
+
+    /// `x` (the sequence along `axis`) padded with zero rows to `N·c`.
+    fn pad_seq(&mut self, x: NodeId, axis: usize) -> Result<NodeId, ShardError> {
+        let (len, c) = self.seq.clone().expect("a sequence-parallel site");
+        let padded = c.scale(self.n);
+        if padded == len {
+            return Ok(x);
+        }
+        let mut zs = self.shape(x);
+        zs[axis] = padded.minus(&len);
+        // A zero from an `iota`, not a constant: a constant expanded to a shape with symbolic
+        // dims would be folded at load, before those dims are bound.
+        let zero = self.add(
+            Op::Iota {
+                start: Dim::known(0),
+                len: Dim::known(1),
+            },
+            &[],
+        )?;
+        let dtype = self.g.node(x).dtype;
+        let zero = self.add(Op::Cast { dtype }, &[zero])?;
+        let z = self.add(Op::Expand { shape: zs }, &[zero])?;
+        self.add(Op::Concat { axis }, &[x, z])
+    }
+
+    /// A replicated `x` with the full sequence along `axis`: this rank's rows of it.
+    fn seq_rows(&mut self, x: NodeId, axis: usize) -> Result<NodeId, ShardError> {
+        let p = self.pad_seq(x, axis)?;
+        self.add(
+            Op::Dist(DistOp::Shard {
+                axis,
+                world: self.n,
+            }),
+            &[p],
+        )
+    }
+
+    /// A `Seq` value made replicated: gathered, the padding sliced off (once per value).
+    fn unseq(&mut self, x: NodeId, axis: usize) -> Result<NodeId, ShardError> {
+        if let Some(&r) = self.gathered.get(&x) {
+            return Ok(r);
+        }
+        let (len, c) = self.seq.clone().expect("a Seq value has a site");
+        let g = self.add(
+            Op::Dist(DistOp::AllGather {
+                axis,
+                world: self.n,
+            }),
+            &[x],
+        )?;
+        let r = if c.scale(self.n) == len {
+            g
+        } else {
+            self.add(
+                Op::Slice {
+                    axis,
+                    start: Dim::known(0),
+                    end: len,
+                },
+                &[g],
+            )?
+        };
+        self.gathered.insert(x, r);
+        Ok(r)
+    }
+
+    /// The operands with every `Seq` one gathered back to replicated.
+    fn unseq_all(&mut self, ops: Vec<(NodeId, St)>) -> Result<Vec<(NodeId, St)>, ShardError> {
+        ops.into_iter()
+            .map(|(id, st)| match st {
+                St::Seq { axis } => Ok((self.unseq(id, axis)?, St::Rep)),
+                st => Ok((id, st)),
+            })
+            .collect()
+    }
+
+    /// How a replicated operand of rank `ro` joins a `Seq` value of rank `r` split on `axis`:
+    /// `Some(false)` as it is (it broadcasts along the sequence), `Some(true)` by taking this
+    /// rank's rows (it has the full sequence, f32), `None` when it cannot.
+    fn seq_operand(&self, id: NodeId, axis: usize, r: usize) -> Option<bool> {
+        let s = self.shape(id);
+        let ro = s.len();
+        if axis + ro < r || s[axis + ro - r].is(1) {
+            return Some(false);
+        }
+        let (len, _) = self.seq.as_ref()?;
+        (s[axis + ro - r] == *len && self.g.node(id).dtype == transfuse_ir::DType::F32)
+            .then_some(true)
+    }
+
+    /// `op` over `ops` (`Seq` on the output axis `axis`, or replicated) as a `Seq` value;
+    /// `None` (nothing emitted) when an operand cannot join.
+    fn seq_op(
+        &mut self,
+        op: Op,
+        ops: &[(NodeId, St)],
+        axis: usize,
+        r: usize,
+    ) -> Result<Option<(NodeId, St)>, ShardError> {
+        let mut plan = Vec::new();
+        for (id, st) in ops {
+            plan.push(match st {
+                St::Seq { axis: a } if a + r == axis + self.shape(*id).len() => false,
+                St::Rep => match self.seq_operand(*id, axis, r) {
+                    Some(take) => take,
+                    None => return Ok(None),
+                },
+                _ => return Ok(None),
+            });
+        }
+        let mut ids = Vec::new();
+        for ((id, _), take) in ops.iter().zip(plan) {
+            ids.push(if take {
+                let ro = self.shape(*id).len();
+                self.seq_rows(*id, axis + ro - r)?
+            } else {
+                *id
+            });
+        }
+        Ok(Some((self.add(op, &ids)?, St::Seq { axis })))
+    }
+
+    /// Elementwise `user` with a `Seq` operand: stays `Seq` when the others can join.
+    fn seq_elementwise(
+        &mut self,
+        user: NodeId,
+        ops: &[(NodeId, St)],
+    ) -> Result<Option<(NodeId, St)>, ShardError> {
+        let r = self.src.node(user).shape.len();
+        let Some(axis) = ops.iter().find_map(|(id, st)| match st {
+            St::Seq { axis } => Some(axis + r - self.shape(*id).len()),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        let op = self.src.node(user).op.clone();
+        self.seq_op(op, ops, axis, r)
+    }
+
     /// Runs `user`'s op on replicated operands (the fallback).
     fn replicated(
         &mut self,
@@ -407,6 +643,8 @@ impl Pass<'_> {
             let r = self.shape(*id).len();
             match st {
                 St::Seg { .. } => ids.push(*id),
+                // Gathered before (`unseq_all`); never aligned with a head split.
+                St::Seq { .. } => return Ok(None),
                 St::Rep if oa + r < rank || self.shape(*id)[oa + r - rank].is(1) => ids.push(*id),
                 St::Rep => {
                     // A replicated operand of full length: this rank's part of it.
@@ -447,9 +685,26 @@ impl Pass<'_> {
         let ops: Vec<(NodeId, St)> = (0..node.inputs.len())
             .map(|i| self.operand(id, i))
             .collect::<Result<_, _>>()?;
+        // Only elementwise ops, norms and row-parallel matmuls take a sequence-split operand.
+        let keeps_seq = matches!(
+            node.op,
+            Op::Unary(_)
+                | Op::Cast { .. }
+                | Op::Binary(_)
+                | Op::Compare(_)
+                | Op::Where
+                | Op::LayerNorm { .. }
+                | Op::RmsNorm { .. }
+                | Op::MatMul
+                | Op::FusedMatMul { .. }
+        );
+        let ops = match keeps_seq {
+            true => ops,
+            false => self.unseq_all(ops)?,
+        };
         let split_at = |i: usize| match &ops[i].1 {
             St::Seg { axis, segs } => Some((*axis, segs.clone())),
-            St::Rep => None,
+            St::Rep | St::Seq { .. } => None,
         };
         let any_split = ops.iter().any(|o| o.1 != St::Rep);
         match &node.op {
@@ -493,7 +748,13 @@ impl Pass<'_> {
                 let op = node.op.clone();
                 Ok((self.add(op, &[ops[0].0])?, ops[0].1.clone()))
             }
-            Op::Binary(_) | Op::Compare(_) | Op::Where => self.elementwise(id, &ops),
+            Op::Binary(_) | Op::Compare(_) | Op::Where => {
+                if let Some(r) = self.seq_elementwise(id, &ops)? {
+                    return Ok(r);
+                }
+                let ops = self.unseq_all(ops)?;
+                self.elementwise(id, &ops)
+            }
             Op::Permute { perm } => {
                 let (axis, segs) = split_at(0).expect("split");
                 let na = perm.iter().position(|&p| p == axis).expect("a permutation");
@@ -554,6 +815,7 @@ impl Pass<'_> {
             Op::Concat { axis } => {
                 let along = ops.iter().all(|(oid, st)| match st {
                     St::Seg { axis: a, .. } => a == axis,
+                    St::Seq { .. } => false,
                     St::Rep => self.shape(*oid)[*axis].as_known().is_some(),
                 });
                 if !along {
@@ -563,6 +825,7 @@ impl Pass<'_> {
                 for (oid, st) in &ops {
                     match st {
                         St::Seg { segs: s, .. } => segs.extend(s.iter().cloned()),
+                        St::Seq { .. } => return self.replicated(id, &ops),
                         St::Rep => {
                             let len = self.shape(*oid)[*axis].as_known().expect("checked");
                             segs.push(Seg {
@@ -605,6 +868,16 @@ impl Pass<'_> {
             }
             Op::Softmax { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
                 let last = node.shape.len() - 1;
+                if let St::Seq { axis } = ops[0].1 {
+                    // A norm over the last axis is row-local: it runs on the rank's rows.
+                    let r = node.shape.len();
+                    if axis != last {
+                        if let Some(out) = self.seq_op(node.op.clone(), &ops, axis, r)? {
+                            return Ok(out);
+                        }
+                    }
+                }
+                let ops = self.unseq_all(ops)?;
                 let params_rep = ops[1..].iter().all(|o| o.1 == St::Rep);
                 match &ops[0].1 {
                     St::Seg { axis, .. }
@@ -621,6 +894,7 @@ impl Pass<'_> {
                 let batch_split = ops[..3].iter().all(|(_, st)| match st {
                     St::Seg { axis, .. } => *axis + 2 < r,
                     St::Rep => true,
+                    St::Seq { .. } => false,
                 });
                 if !batch_split {
                     return self.replicated(id, &ops);
@@ -705,6 +979,20 @@ impl Pass<'_> {
         let held = self.add(Op::Reshape { shape: s }, &[held])?;
         let fzero = konst(self, 0.0, DType::F32)?;
         let masked = self.add(Op::Where, &[held, rows_out, fzero])?;
+        // Sequence-parallel: reduce-scatter along the sequence instead (Megatron-SP).
+        let r = self.shape(masked).len();
+        if r >= 2 && self.seq_site(&self.shape(masked)[r - 2])?.is_some() {
+            let axis = r - 2;
+            let p = self.pad_seq(masked, axis)?;
+            let y = self.add(
+                Op::Dist(DistOp::ReduceScatter {
+                    axis,
+                    world: self.n,
+                }),
+                &[p],
+            )?;
+            return Ok((y, St::Seq { axis }));
+        }
         let sum = self.add(Op::Dist(DistOp::AllReduce), &[masked])?;
         Ok((sum, St::Rep))
     }
@@ -822,7 +1110,7 @@ impl Pass<'_> {
                         &[full],
                     )?);
                 }
-                St::Seg { .. } => return self.replicated(id, ops),
+                St::Seg { .. } | St::Seq { .. } => return self.replicated(id, ops),
             }
         }
         // q and the mask aligned as one broadcast over the output (the scores' rank).
@@ -892,6 +1180,10 @@ impl Pass<'_> {
         };
         let (ra, rb) = (self.shape(ops[0].0).len(), self.shape(ops[1].0).len());
         let r = node.shape.len();
+        if let Some(out) = self.seq_row_parallel(id, ops, act)? {
+            return Ok(out);
+        }
+        let ops = &self.unseq_all(ops.to_vec())?[..];
         match (&ops[0].1, &ops[1].1) {
             // Column-parallel: a replicated activation times a column-split weight.
             (St::Rep, St::Seg { axis, segs }) if *axis == rb - 1 => {
@@ -934,6 +1226,7 @@ impl Pass<'_> {
                 let batch = ops[..2].iter().enumerate().all(|(i, o)| match &o.1 {
                     St::Seg { axis, .. } => *axis + 2 < [ra, rb][i],
                     St::Rep => true,
+                    St::Seq { .. } => false,
                 });
                 if batch {
                     self.elementwise(id, ops)
@@ -942,6 +1235,77 @@ impl Pass<'_> {
                 }
             }
         }
+    }
+}
+
+impl Pass<'_> {
+    /// A row-parallel matmul as a Megatron-SP site: the partial sums padded and
+    /// reduce-scattered along the sequence (axis `r − 2`), then the bias and the residual
+    /// added on the rank's rows. `None` (nothing emitted) when sequence parallelism is off or
+    /// the node is not such a site.
+    fn seq_row_parallel(
+        &mut self,
+        id: NodeId,
+        ops: &[(NodeId, St)],
+        act: transfuse_ir::Act,
+    ) -> Result<Option<(NodeId, St)>, ShardError> {
+        let node = self.src.node(id);
+        let r = node.shape.len();
+        let (ra, rb) = (self.shape(ops[0].0).len(), self.shape(ops[1].0).len());
+        let row = match (&ops[0].1, &ops[1].1) {
+            (St::Seg { axis: a, segs: sa }, St::Seg { axis: b, segs: sb }) => {
+                *a == ra - 1 && *b == rb - 2 && sa == sb
+            }
+            _ => false,
+        };
+        if !row || act != transfuse_ir::Act::Identity || r < 3 || !self.spec.sequence_parallel {
+            return Ok(None);
+        }
+        let axis = r - 2;
+        let len = node.shape[axis].clone();
+        if self.seq.as_ref().is_some_and(|(l, _)| *l != len) {
+            return Ok(None);
+        }
+        // Every epilogue operand must join the rows (checked before anything is emitted).
+        let seq_known = self.seq.is_some();
+        if seq_known {
+            for (oid, st) in &ops[2..] {
+                let ok = match st {
+                    St::Seq { axis: a } => a + r == axis + self.shape(*oid).len(),
+                    St::Rep => self.seq_operand(*oid, axis, r).is_some(),
+                    St::Seg { .. } => false,
+                };
+                if !ok {
+                    return Ok(None);
+                }
+            }
+        } else if ops[2..].iter().any(|o| o.1 != St::Rep) {
+            return Ok(None);
+        }
+        if self.seq_site(&len)?.is_none() {
+            return Ok(None);
+        }
+        let y = self.add(Op::MatMul, &[ops[0].0, ops[1].0])?;
+        let p = self.pad_seq(y, axis)?;
+        let mut y = self.add(
+            Op::Dist(DistOp::ReduceScatter {
+                axis,
+                world: self.n,
+            }),
+            &[p],
+        )?;
+        for o in &ops[2..] {
+            let add = Op::Binary(transfuse_ir::BinaryOp::Add);
+            let Some((v, _)) = self.seq_op(add, &[(y, St::Seq { axis }), o.clone()], axis, r)?
+            else {
+                return Err(ShardError::Unsupported(format!(
+                    "node %{}: an epilogue operand cannot join the sequence split",
+                    id.index()
+                )));
+            };
+            y = v;
+        }
+        Ok(Some((y, St::Seq { axis })))
     }
 }
 

@@ -66,6 +66,73 @@ fn column_then_row_parallel_mlp_has_one_all_reduce() {
     .assert_eq(&to_text(&s.graph));
 }
 
+/// Megatron-SP on a pre-LN MLP block `x + W2·relu(W1·LN(x))` at degree 2: the row-parallel
+/// matmul's partial sums padded to `2·c` rows (`c` = the `tp_seq_chunk` input's length), then
+/// reduce-scattered along the sequence; the residual added on the rank's rows (`shard` of the
+/// padded input); the final norm on those rows, then one all-gather and a slice back to `seq`.
+#[test]
+fn sequence_parallel_block() {
+    let mut b = Builder::new();
+    let x = b
+        .input(
+            "x",
+            vec![Dim::sym("b"), Dim::sym("seq"), 8.into()],
+            DType::F32,
+        )
+        .unwrap();
+    let g = b.weight("g", vec![8.into()]).unwrap();
+    let be = b.weight("be", vec![8.into()]).unwrap();
+    let w1 = b.weight("w1", vec![8.into(), 16.into()]).unwrap();
+    let w2 = b.weight("w2", vec![16.into(), 8.into()]).unwrap();
+    let a = b.layer_norm(x, g, be, 1e-5).unwrap();
+    let h = b.matmul(a, w1).unwrap();
+    let h = b.unary(UnaryOp::Relu, h).unwrap();
+    let d = b.matmul(h, w2).unwrap();
+    let y = b.add(x, d).unwrap();
+    let y = b.layer_norm(y, g, be, 1e-5).unwrap();
+    b.output("y", y);
+    let (g, _) =
+        transfuse_passes::optimize(&b.finish(), &transfuse_passes::Options::default()).unwrap();
+    let mut sp = spec(2, &[("w1", Layout::split(1)), ("w2", Layout::split(0))]);
+    sp.sequence_parallel = true;
+    let s = shard(&g, &sp).unwrap();
+    let c = s
+        .seq_chunk
+        .clone()
+        .expect("a symbolic sequence needs the chunk input");
+    assert_eq!(
+        (c.input.as_str(), c.axis, c.world, c.chunk(5)),
+        ("x", 1, 2, 3)
+    );
+    expect![[r#"
+        %0 = weight{"be"}() : f32[8]
+        %1 = weight{"g"}() : f32[8]
+        %2 = weight{"w2"}() : f32[8, 8]
+        %3 = weight{"w1"}() : f32[8, 8]
+        %4 = input{"x"}() : f32[b, seq, 8]
+        %5 = layer_norm{eps=1e-5}(%4, %1, %0) : f32[b, seq, 8]
+        %6 = fused_matmul{act=relu}(%5, %3) : f32[b, seq, 8]
+        %7 = input{"tp_seq_chunk"}() : i64[tp_seq_chunk]
+        %8 = matmul(%6, %2) : f32[b, seq, 8]
+        %9 = iota{start=0 len=1}() : i64[1]
+        %10 = cast{f32}(%9) : f32[1]
+        %11 = expand{[b, -seq+2*tp_seq_chunk, 8]}(%10) : f32[b, -seq+2*tp_seq_chunk, 8]
+        %12 = concat{axis=1}(%8, %11) : f32[b, 2*tp_seq_chunk, 8]
+        %13 = reduce_scatter{axis=1 world=2}(%12) : f32[b, tp_seq_chunk, 8]
+        %14 = iota{start=0 len=1}() : i64[1]
+        %15 = cast{f32}(%14) : f32[1]
+        %16 = expand{[b, -seq+2*tp_seq_chunk, 8]}(%15) : f32[b, -seq+2*tp_seq_chunk, 8]
+        %17 = concat{axis=1}(%4, %16) : f32[b, 2*tp_seq_chunk, 8]
+        %18 = shard{axis=1 world=2}(%17) : f32[b, tp_seq_chunk, 8]
+        %19 = add(%18, %13) : f32[b, tp_seq_chunk, 8]
+        %20 = layer_norm{eps=1e-5}(%19, %1, %0) : f32[b, tp_seq_chunk, 8]
+        %21 = all_gather{axis=1 world=2}(%20) : f32[b, 2*tp_seq_chunk, 8]
+        %22 = slice{axis=1 0..seq}(%21) : f32[b, seq, 8]
+        out "y" = %22
+    "#]]
+    .assert_eq(&to_text(&s.graph));
+}
+
 /// A split the rules cannot keep (a softmax over the split axis) is gathered first.
 #[test]
 fn an_op_that_cannot_keep_the_split_runs_replicated() {
