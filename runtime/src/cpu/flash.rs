@@ -25,6 +25,7 @@ use transfuse_ir::Tensor;
 use faer::Par;
 
 use super::fused::{Head, Heads, Mask, MaskView};
+use super::arena;
 use super::gemm::gemm_strided;
 use super::simd;
 
@@ -74,8 +75,10 @@ pub(crate) fn attention_at(
 ) -> Vec<f32> {
     let heads = Heads::new(q, k, v, mask);
     let (sq, sk, dv) = (heads.sq, heads.sk, heads.dv);
-    let mut dst = vec![0f32; out.iter().product()];
+    // From the arena (not zeroed): both kernels write every output element.
+    let mut dst = arena::buffer(out.iter().product());
     if dst.is_empty() || sk == 0 {
+        dst.fill(0.0);
         return dst;
     }
     #[cfg(target_arch = "x86_64")]
