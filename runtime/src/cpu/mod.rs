@@ -245,13 +245,25 @@ fn run_graph(
     comm: Option<&dyn Communicator>,
     arena: Option<&mut Arena>,
 ) -> Result<TensorMap, RuntimeError> {
-    if !fast {
-        return run_nodes(graph, weights, inputs, times, fast, comm);
-    }
     let mut own = Arena::default();
-    arena
-        .unwrap_or(&mut own)
-        .install(|| run_nodes(graph, weights, inputs, times, fast, comm))
+    let arena = arena.unwrap_or(&mut own);
+    let job = move || {
+        if fast {
+            arena.install(|| run_nodes(graph, weights, inputs, times, fast, comm))
+        } else {
+            run_nodes(graph, weights, inputs, times, fast, comm)
+        }
+    };
+    // Called from outside rayon's pool, every parallel loop of every op would be injected into
+    // the pool and the caller put to sleep until it finished: a wake-up and a sleep per op
+    // (most of a small decode step's time). So the whole run moves onto a pool thread once.
+    // Not for a rank of a group (`comm`): its collectives block until the other ranks
+    // arrive, and ranks on pool threads could take every thread of the pool and wait forever.
+    if comm.is_none() && rayon::current_thread_index().is_none() {
+        rayon::scope(|_| job())
+    } else {
+        job()
+    }
 }
 
 fn run_nodes(
