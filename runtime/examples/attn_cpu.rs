@@ -31,9 +31,17 @@ fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
 /// CPU time of every thread of this process so far, in ms.
 fn cpu_ms() -> f64 {
     let mut ns = 0u64;
-    for t in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
-            ns += s.split_whitespace().next().and_then(|x| x.parse().ok()).unwrap_or(0);
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0);
         }
     }
     ns as f64 / 1e6

@@ -357,6 +357,14 @@ fn copy_par(src: &[f32], dst: &mut [f32]) {
     }
 }
 
+/// Whether attention can read this q/k/v through its strides: a unit-stride last axis (the
+/// kernels' vector loads) and rows at least that long apart.
+fn attention_view(v: &Val) -> bool {
+    let (sh, (_, _, st)) = (v.shape(), v.parts());
+    let r = sh.len();
+    r >= 2 && (sh[r - 1] <= 1 || st[r - 1] == 1) && st[r - 2] >= sh[r - 1]
+}
+
 /// One node of the fast mode: views for the layout ops, strided reads where the consumer
 /// takes them, else the operands made dense and the shared op-by-op implementation.
 fn eval_fast(
@@ -446,6 +454,36 @@ fn eval_fast(
                 shape: out_shape,
                 data,
             })));
+        }
+        Op::Attention {
+            scale,
+            causal,
+            window,
+        } if args.iter().all(f32_view) && args[..3].iter().all(attention_view) => {
+            // q/k/v read through their strides (the heads of a merged QKV projection are
+            // permuted slices of it); only a mask view is made dense.
+            let out_shape = out_shape()?;
+            let mut args = args;
+            let mask = (args.len() > 3).then(|| args.remove(3).tensor());
+            let parts: Vec<_> = args.iter().map(Val::parts).collect();
+            let op = |i: usize| gemm::Operand {
+                data: parts[i].0.as_f32().expect("checked f32"),
+                offset: parts[i].1,
+                shape: args[i].shape(),
+                strides: &parts[i].2,
+            };
+            let how = fused::Mask {
+                scale: scale.0 as f32,
+                causal: *causal,
+                window: *window,
+            };
+            let o = flash::attention_views(op(0), op(1), op(2), mask.as_deref(), how, &out_shape);
+            drop(parts);
+            recycle_all(args);
+            if let Some(m) = mask {
+                Val::Dense(m).recycle();
+            }
+            return Ok(Val::Dense(Arc::new(Tensor::f32(out_shape, o))));
         }
         Op::MatMul if args.iter().all(f32_view) => {
             let out_shape = out_shape()?;
