@@ -314,6 +314,9 @@ fn carried_values_are_used_until_the_caller_supplies_the_input() {
         assert_eq!(step(map(&[("x", 1.0), ("past", 10.0)]), &[]), 11.0);
         assert_eq!(step(map(&[("x", 0.0)]), &[]), 2.0);
         p.clear_carry();
-        assert!(p.run(&map(&[("x", 0.0)]), &[]).is_err(), "no past after clear_carry");
+        assert!(
+            p.run(&map(&[("x", 0.0)]), &[]).is_err(),
+            "no past after clear_carry"
+        );
     }
 }
