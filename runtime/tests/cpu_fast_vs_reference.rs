@@ -297,6 +297,10 @@ struct Attn {
     mag: f32,
     /// Key/value heads (a divisor of `h`: grouped-query attention below `h`; 0: `h`).
     kvh: usize,
+    /// q, k and v as views: heads sliced out of wider projections `[b, sq, h·d + 5]`,
+    /// `[b, sk, 3 + kvh·d]` and `[b, sk, kvh·dv + 2]`, reshaped and permuted (strided operands
+    /// at odd offsets, read in place).
+    merged: bool,
 }
 
 impl Attn {
@@ -313,6 +317,7 @@ impl Attn {
             mask: "none",
             mag: 1.0,
             kvh: 0,
+            merged: false,
         }
     }
 
@@ -327,10 +332,45 @@ impl Attn {
             ..
         } = self;
         let mut c = Case::new(seed);
-        let q = c.input("q", &[b, h, sq, d], self.mag.sqrt().min(10.0));
         let kvh = if self.kvh == 0 { h } else { self.kvh };
-        let k = c.input("k", &[b, kvh, sk, d], 1.0);
-        let v = c.input("v", &[b, kvh, sk, dv], self.mag);
+        let (q, k, v) = if self.merged {
+            let qp = c.input("qp", &[b, sq, h * d + 5], self.mag.sqrt().min(10.0));
+            let kp = c.input("kp", &[b, sk, 3 + kvh * d], 1.0);
+            let vp = c.input("vp", &[b, sk, kvh * dv + 2], self.mag);
+            let heads = |c: &mut Case, x: NodeId, s: usize, lo: usize, n: usize, w: usize| {
+                let sl =
+                    c.g.add(
+                        Op::Slice {
+                            axis: 2,
+                            start: lo.into(),
+                            end: (lo + n * w).into(),
+                        },
+                        &[x],
+                    )
+                    .unwrap();
+                let mut dims: Vec<Dim> = shape([b, s, n, w]);
+                dims[0] = Dim::sym("batch");
+                let r = c.g.add(Op::Reshape { shape: dims }, &[sl]).unwrap();
+                c.g.add(
+                    Op::Permute {
+                        perm: vec![0, 2, 1, 3],
+                    },
+                    &[r],
+                )
+                .unwrap()
+            };
+            (
+                heads(&mut c, qp, sq, 0, h, d),
+                heads(&mut c, kp, sk, 3, kvh, d),
+                heads(&mut c, vp, sk, 0, kvh, dv),
+            )
+        } else {
+            (
+                c.input("q", &[b, h, sq, d], self.mag.sqrt().min(10.0)),
+                c.input("k", &[b, kvh, sk, d], 1.0),
+                c.input("v", &[b, kvh, sk, dv], self.mag),
+            )
+        };
         let mut args = vec![q, k, v];
         match self.mask {
             "none" => {}
@@ -360,7 +400,15 @@ impl Attn {
             )
             .unwrap();
         let (c, fast, reference) = c.run(y);
-        let vmax = c.get("v").1.iter().fold(0f32, |a, &x| a.max(x.abs()));
+        let vmax = if self.merged {
+            // The v columns of the wider rows.
+            let (w, vp) = (kvh * dv + 2, c.get("vp").1);
+            (0..vp.len())
+                .filter(|i| i % w < kvh * dv)
+                .fold(0f32, |a, i| a.max(vp[i].abs()))
+        } else {
+            c.get("v").1.iter().fold(0f32, |a, &x| a.max(x.abs()))
+        };
         let mut worst = 0f32;
         for (i, (&f, &r)) in fast.iter().zip(&reference).enumerate() {
             assert!(f.is_finite() && r.is_finite(), "{self:?}: element {i}");
@@ -478,6 +526,27 @@ fn flash_attention_matches_reference() {
         causal: true,
         ..Attn::new(783, 783, 64)
     });
+    // q/k/v read through strides from merged projections (the fast mode reads the views in
+    // place, the reference copies them first), at the odd sizes and ×100, GQA included.
+    for &(sq, sk) in &[(1, 1), (3, 50), (50, 3), (129, 129), (1, 783), (129, 783)] {
+        for (kvh, d, dv) in [(0, 64, 64), (0, 7, 7), (1, 33, 17), (2, 64, 80)] {
+            let a = Attn {
+                h: if kvh == 0 { 2 } else { 4 },
+                kvh,
+                dv,
+                merged: true,
+                ..Attn::new(sq, sk, d)
+            };
+            cases.push(a);
+            cases.push(Attn { causal: true, ..a });
+            cases.push(Attn { mask: "pad", ..a });
+            cases.push(Attn {
+                mag: 100.0,
+                causal: true,
+                ..a
+            });
+        }
+    }
     let mut worst = 0f32;
     for (i, a) in cases.into_iter().enumerate() {
         worst = worst.max(a.run(5000 + i as u64));

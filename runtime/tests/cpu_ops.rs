@@ -274,3 +274,49 @@ fn input_checks_name_the_input() {
     let e = cpu.run(&g, &none, &inputs).unwrap_err();
     assert_eq!(e.to_string(), "input `x` has dtype i64, expected f32");
 }
+
+/// A loaded program's carried values (a KV cache): an output carried into an input is used
+/// while the caller does not supply that input, an input the caller supplies wins over it for
+/// that run without replacing it, and both modes agree.
+#[test]
+fn carried_values_are_used_until_the_caller_supplies_the_input() {
+    use transfuse_ir::{BinaryOp, Graph, Op};
+    let mut g = Graph::new();
+    let input = |g: &mut Graph, name: &str| {
+        g.add(
+            Op::Input {
+                name: name.into(),
+                shape: shape([2]),
+                dtype: DType::F32,
+            },
+            &[],
+        )
+        .unwrap()
+    };
+    let (x, past) = (input(&mut g, "x"), input(&mut g, "past"));
+    let y = g.add(Op::Binary(BinaryOp::Add), &[x, past]).unwrap();
+    g.set_output("y", y);
+    g.set_output("present", y);
+    let t = |v: f32| Tensor::f32(vec![2], vec![v, v]);
+    let map = |items: &[(&str, f32)]| -> TensorMap {
+        items.iter().map(|&(k, v)| (k.to_string(), t(v))).collect()
+    };
+    let carry = [("present".to_string(), "past".to_string())];
+    for cpu in [CpuBackend::new(), CpuBackend::reference()] {
+        let mut p = cpu.load(&g, &HashMap::new()).unwrap();
+        let mut step = |inputs: TensorMap, carry: &[(String, String)]| {
+            p.run(&inputs, carry).unwrap()["y"].as_f32().unwrap()[0]
+        };
+        assert_eq!(step(map(&[("x", 1.0), ("past", 0.0)]), &carry), 1.0);
+        // past = the carried y (1).
+        assert_eq!(step(map(&[("x", 1.0)]), &carry), 2.0);
+        // The caller's past wins for this run; the carried 2 stays.
+        assert_eq!(step(map(&[("x", 1.0), ("past", 10.0)]), &[]), 11.0);
+        assert_eq!(step(map(&[("x", 0.0)]), &[]), 2.0);
+        p.clear_carry();
+        assert!(
+            p.run(&map(&[("x", 0.0)]), &[]).is_err(),
+            "no past after clear_carry"
+        );
+    }
+}

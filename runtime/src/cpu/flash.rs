@@ -24,8 +24,9 @@ use transfuse_ir::Tensor;
 
 use faer::Par;
 
+use super::arena;
 use super::fused::{Head, Heads, Mask, MaskView};
-use super::gemm::gemm_strided;
+use super::gemm::{gemm_strided, Operand};
 use super::simd;
 
 /// Queries per work item.
@@ -45,16 +46,25 @@ pub(crate) fn attention(
     how: Mask,
     out: &[usize],
 ) -> Vec<f32> {
-    let sq = q.shape[q.shape.len() - 2];
-    attention_at(
-        q,
-        k,
-        v,
-        mask,
-        how,
-        out,
-        sq >= WIDE_MIN_ROWS && simd::has_avx512(),
-    )
+    let heads = Heads::new(q, k, v, mask);
+    let wide = heads.sq >= WIDE_MIN_ROWS;
+    run_heads(&heads, how, out, wide)
+}
+
+/// [`attention`] over views: q, k and v read through their strides (the heads of a merged
+/// QKV projection, permuted and sliced, without a copy); each operand's last axis must be
+/// unit-stride.
+pub(crate) fn attention_views(
+    q: Operand,
+    k: Operand,
+    v: Operand,
+    mask: Option<&Tensor>,
+    how: Mask,
+    out: &[usize],
+) -> Vec<f32> {
+    let heads = Heads::strided(q, k, v, mask);
+    let wide = heads.sq >= WIDE_MIN_ROWS;
+    run_heads(&heads, how, out, wide)
 }
 
 /// Query rows from which the AVX-512 kernel runs: it packs all of K first (one pass over it),
@@ -63,6 +73,7 @@ const WIDE_MIN_ROWS: usize = 16;
 
 /// [`attention`] with the kernel chosen by the caller: the AVX-512 microkernels when `wide`
 /// (and the CPU has them), the portable faer-tiled loop otherwise (tests run both).
+#[cfg(test)]
 pub(crate) fn attention_at(
     q: &Tensor,
     k: &Tensor,
@@ -72,22 +83,29 @@ pub(crate) fn attention_at(
     out: &[usize],
     wide: bool,
 ) -> Vec<f32> {
-    let heads = Heads::new(q, k, v, mask);
+    run_heads(&Heads::new(q, k, v, mask), how, out, wide)
+}
+
+/// The attention of every batch·head of `heads` into a new `out`-shaped buffer: the AVX-512
+/// kernel when `wide` and the CPU has AVX-512F, else the portable loop.
+fn run_heads(heads: &Heads, how: Mask, out: &[usize], wide: bool) -> Vec<f32> {
     let (sq, sk, dv) = (heads.sq, heads.sk, heads.dv);
-    let mut dst = vec![0f32; out.iter().product()];
+    // From the arena (not zeroed): both kernels write every output element.
+    let mut dst = arena::buffer(out.iter().product());
     if dst.is_empty() || sk == 0 {
+        dst.fill(0.0);
         return dst;
     }
     #[cfg(target_arch = "x86_64")]
     if wide && simd::has_avx512() {
-        wide::attention(&heads, how, &mut dst);
+        wide::attention(heads, how, &mut dst);
         return dst;
     }
     let _ = wide;
     dst.par_chunks_mut(sq * dv)
         .enumerate()
         .for_each(|(bi, ob)| {
-            let blk = Block::new(&heads, bi, how);
+            let blk = Block::new(heads, bi, how);
             ob.par_chunks_mut(BQ * dv)
                 .enumerate()
                 .for_each(|(ci, oc)| blk.run(ci * BQ, oc));
@@ -100,6 +118,10 @@ struct Block<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
+    /// Row strides of q, k, v (`d`, `d`, `dv` when dense).
+    qs: usize,
+    ks: usize,
+    vs: usize,
     mask: Option<MaskView<'a>>,
     how: Mask,
     sk: usize,
@@ -110,11 +132,22 @@ struct Block<'a> {
 
 impl<'a> Block<'a> {
     fn new(heads: &Heads<'a>, bi: usize, how: Mask) -> Block<'a> {
-        let Head { q, k, v, mask } = heads.head(bi);
+        let Head {
+            q,
+            k,
+            v,
+            qs,
+            ks,
+            vs,
+            mask,
+        } = heads.head(bi);
         Block {
             q,
             k,
             v,
+            qs,
+            ks,
+            vs,
             mask,
             how,
             sk: heads.sk,
@@ -155,10 +188,10 @@ impl<'a> Block<'a> {
             let bk = BK.min(hi - j0);
             let s = &mut s[..rows * bk];
             gemm_strided(
-                &self.q[i0 * d..],
-                (d, 1),
-                &self.k[j0 * d..],
-                (1, d),
+                &self.q[i0 * self.qs..],
+                (self.qs, 1),
+                &self.k[j0 * self.ks..],
+                (1, self.ks),
                 s,
                 rows,
                 d,
@@ -209,8 +242,8 @@ impl<'a> Block<'a> {
             gemm_strided(
                 s,
                 (bk, 1),
-                &self.v[j0 * dv..],
-                (dv, 1),
+                &self.v[j0 * self.vs..],
+                (self.vs, 1),
                 oc,
                 rows,
                 bk,
@@ -236,12 +269,12 @@ impl<'a> Block<'a> {
     /// `f32::MIN`, softmax over the whole row (uniform when all are about `f32::MIN`).
     fn reference_row(&self, i: usize, o: &mut [f32]) {
         let (d, dv, sk) = (self.d, self.dv, self.sk);
-        let qi = &self.q[i * d..(i + 1) * d];
+        let qi = &self.q[i * self.qs..i * self.qs + d];
         let (vlo, vhi) = self.visible(i);
         let positional = self.how.causal || self.how.window.is_some();
         let mut p: Vec<f32> = (0..sk)
             .map(|j| {
-                let kj = &self.k[j * d..(j + 1) * d];
+                let kj = &self.k[j * self.ks..j * self.ks + d];
                 let s = qi.iter().zip(kj).fold(0f32, |a, (x, y)| a + x * y);
                 let mut x = if self.how.scale != 1.0 {
                     s * self.how.scale
@@ -265,7 +298,7 @@ impl<'a> Block<'a> {
         o.fill(0.0);
         for (j, &w) in p.iter().enumerate() {
             let w = w / sum;
-            for (x, &y) in o.iter_mut().zip(&self.v[j * dv..(j + 1) * dv]) {
+            for (x, &y) in o.iter_mut().zip(&self.v[j * self.vs..j * self.vs + dv]) {
                 *x += w * y;
             }
         }
@@ -304,7 +337,8 @@ mod wide {
             .map(|h| {
                 let hd = heads.head(h * heads.group);
                 let mut kp = vec![0f32; nkb * d * KB];
-                for (j, kj) in hd.k.chunks_exact(d).enumerate() {
+                for j in 0..sk {
+                    let kj = &hd.k[j * hd.ks..j * hd.ks + d];
                     let blk = &mut kp[j / KB * d * KB + j % KB..];
                     for (t, &x) in kj.iter().enumerate() {
                         blk[t * KB] = x;
@@ -312,8 +346,8 @@ mod wide {
                 }
                 let vp = (dvp != dv).then(|| {
                     let mut vp = vec![0f32; sk * dvp];
-                    for (dst, src) in vp.chunks_exact_mut(dvp).zip(hd.v.chunks_exact(dv)) {
-                        dst[..dv].copy_from_slice(src);
+                    for (j, dst) in vp.chunks_exact_mut(dvp).enumerate() {
+                        dst[..dv].copy_from_slice(&hd.v[j * hd.vs..j * hd.vs + dv]);
                     }
                     vp
                 });
@@ -325,17 +359,30 @@ mod wide {
             .for_each(|(bi, ob)| {
                 let blk = Block::new(heads, bi, how);
                 let (kp, vp) = &packed[bi / heads.group];
-                let vp = vp.as_deref().unwrap_or(blk.v);
+                // V padded to dvp columns (row stride dvp), else read in place.
+                let (vp, vst) = match vp {
+                    Some(p) => (&p[..], dvp),
+                    None => (blk.v, blk.vs),
+                };
                 ob.par_chunks_mut(BQ * dv)
                     .enumerate()
                     // SAFETY: the caller checked AVX-512F.
-                    .for_each(|(ci, oc)| unsafe { run(&blk, kp, vp, dvp, ci * BQ, oc) });
+                    .for_each(|(ci, oc)| unsafe { run(&blk, kp, vp, vst, dvp, ci * BQ, oc) });
             });
     }
 
-    /// Output rows `i0 ..` of one batch·head into `oc` (`rows × dv`, `rows <= BQ`).
+    /// Output rows `i0 ..` of one batch·head into `oc` (`rows × dv`, `rows <= BQ`); value
+    /// row `j` is `vp[j·vst..][..dvp]`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn run(blk: &Block, kp: &[f32], vp: &[f32], dvp: usize, i0: usize, oc: &mut [f32]) {
+    unsafe fn run(
+        blk: &Block,
+        kp: &[f32],
+        vp: &[f32],
+        vst: usize,
+        dvp: usize,
+        i0: usize,
+        oc: &mut [f32],
+    ) {
         let (d, dv, sk) = (blk.d, blk.dv, blk.sk);
         let rows = oc.len() / dv;
         let (lo, _) = blk.visible(i0);
@@ -364,8 +411,19 @@ mod wide {
                 let last = i0 + (g * R + R).min(rows) - 1;
                 *lg = blk.visible(last).1.clamp(j0, j0 + bk) - j0;
             }
-            // SAFETY: q holds rows `i0 .. i0 + rows` of d floats, kp block b holds d × KB.
-            unsafe { scores(&blk.q[i0 * d..], d, rows, &kp[b * d * KB..], &mut s, &lim) };
+            // SAFETY: q holds rows `i0 .. i0 + rows` of d floats (stride qs), kp block b holds
+            // d × KB.
+            unsafe {
+                scores(
+                    &blk.q[i0 * blk.qs..],
+                    blk.qs,
+                    d,
+                    rows,
+                    &kp[b * d * KB..],
+                    &mut s,
+                    &lim,
+                )
+            };
             for ii in 0..rows {
                 let i = i0 + ii;
                 let (vlo, vhi) = blk.visible(i);
@@ -403,8 +461,8 @@ mod wide {
                     _mm512_storeu_ps(&mut mx[c], m1);
                 }
             }
-            // SAFETY: vp holds sk rows of dvp floats (stride dvp), o rows × dvp.
-            unsafe { pv(&s, rows, &vp[j0 * dvp..], dvp, bk, &mut o, &corr, &lim) };
+            // SAFETY: vp holds sk rows of dvp floats (stride vst), o rows × dvp.
+            unsafe { pv(&s, rows, &vp[j0 * vst..], vst, dvp, bk, &mut o, &corr, &lim) };
         }
         for (ii, out) in oc.chunks_exact_mut(dv).enumerate() {
             if mx[ii] < DEAD {
@@ -417,27 +475,30 @@ mod wide {
         }
     }
 
-    /// `s[r][c] = Σ_t q[r][t] · k[t][c]` for the `rows` query rows (stride d) and one packed
+    /// `s[r][c] = Σ_t q[r][t] · k[t][c]` for the `rows` query rows (stride qs) and one packed
     /// key block (`[d][KB]`), for the columns below `lim[g]` (rounded up to 16) in group `g`
     /// of R rows; the rest of a row is left as it was (the softmax masks it).
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn scores(
         q: &[f32],
+        qs: usize,
         d: usize,
         rows: usize,
         k: &[f32],
         s: &mut [f32],
         lim: &[usize; BQ / R],
     ) {
-        assert!(q.len() >= rows * d && k.len() >= d * KB && s.len() >= rows * KB);
+        assert!(rows >= 1 && qs >= d && q.len() >= (rows - 1) * qs + d);
+        assert!(k.len() >= d * KB && s.len() >= rows * KB);
         let (q, k, s) = (q.as_ptr(), k.as_ptr(), s.as_mut_ptr());
         macro_rules! cols {
             ($n:literal, $nc:expr, $r:expr) => {
                 match $nc {
-                    1 => score_rows::<$n, 1>(q.add($r * d), d, k, s.add($r * KB)),
-                    2 => score_rows::<$n, 2>(q.add($r * d), d, k, s.add($r * KB)),
-                    3 => score_rows::<$n, 3>(q.add($r * d), d, k, s.add($r * KB)),
-                    4 => score_rows::<$n, 4>(q.add($r * d), d, k, s.add($r * KB)),
+                    1 => score_rows::<$n, 1>(q.add($r * qs), qs, d, k, s.add($r * KB)),
+                    2 => score_rows::<$n, 2>(q.add($r * qs), qs, d, k, s.add($r * KB)),
+                    3 => score_rows::<$n, 3>(q.add($r * qs), qs, d, k, s.add($r * KB)),
+                    4 => score_rows::<$n, 4>(q.add($r * qs), qs, d, k, s.add($r * KB)),
                     _ => {}
                 }
             };
@@ -460,12 +521,13 @@ mod wide {
     #[target_feature(enable = "avx512f")]
     unsafe fn score_rows<const N: usize, const NC: usize>(
         q: *const f32,
+        qs: usize,
         d: usize,
         k: *const f32,
         s: *mut f32,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NC]; N];
-        // SAFETY: `scores` bounds q (N rows of d), k (d × KB) and s (N × KB).
+        // SAFETY: `scores` bounds q (N rows of d, stride qs), k (d × KB) and s (N × KB).
         unsafe {
             for t in 0..d {
                 let kt = k.add(t * KB);
@@ -474,7 +536,7 @@ mod wide {
                     *x = _mm512_loadu_ps(kt.add(c * 16));
                 }
                 for (r, ar) in acc.iter_mut().enumerate() {
-                    let qv = _mm512_set1_ps(*q.add(r * d + t));
+                    let qv = _mm512_set1_ps(*q.add(r * qs + t));
                     for (a, &kc) in ar.iter_mut().zip(&kv) {
                         *a = _mm512_fmadd_ps(qv, kc, *a);
                     }
@@ -537,13 +599,15 @@ mod wide {
     }
 
     /// `o[r] = o[r]·corr[r] + Σ_{j < lim[g]} p[r][j] · v[j]` for the `rows` rows (`g` = the
-    /// row's group of R; p: stride KB; v, o: stride dvp, a multiple of 16; `lim <= bk`).
+    /// row's group of R; p: stride KB; v: dvp columns, stride vst; o: stride dvp, a multiple of
+    /// 16; `lim <= bk`).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     unsafe fn pv(
         p: &[f32],
         rows: usize,
         v: &[f32],
+        vst: usize,
         dvp: usize,
         bk: usize,
         o: &mut [f32],
@@ -551,7 +615,8 @@ mod wide {
         lim: &[usize; BQ / R],
     ) {
         assert!(p.len() >= rows * KB && bk <= KB && o.len() >= rows * dvp);
-        assert!(dvp.is_multiple_of(16) && v.len() >= bk * dvp && lim.iter().all(|&x| x <= bk));
+        assert!(dvp.is_multiple_of(16) && lim.iter().all(|&x| x <= bk));
+        assert!(bk >= 1 && vst >= dvp && v.len() >= (bk - 1) * vst + dvp);
         let (pp, vv, op) = (p.as_ptr(), v.as_ptr(), o.as_mut_ptr());
         // SAFETY: the asserts bound every element the tiles reach.
         unsafe {
@@ -564,13 +629,13 @@ mod wide {
                     let nv = ((dvp - c0) / 16).min(4);
                     let (vc, oc) = (vv.add(c0), or.add(c0));
                     match (n, nv) {
-                        (4, 4) => pv_tile::<4, 4>(pr, vc, dvp, nj, oc, cr),
-                        (4, 3) => pv_tile::<4, 3>(pr, vc, dvp, nj, oc, cr),
-                        (4, 2) => pv_tile::<4, 2>(pr, vc, dvp, nj, oc, cr),
-                        (4, _) => pv_tile::<4, 1>(pr, vc, dvp, nj, oc, cr),
-                        (3, _) => pv_tile::<3, 1>(pr, vc, dvp, nj, oc, cr),
-                        (2, _) => pv_tile::<2, 1>(pr, vc, dvp, nj, oc, cr),
-                        _ => pv_tile::<1, 1>(pr, vc, dvp, nj, oc, cr),
+                        (4, 4) => pv_tile::<4, 4>(pr, vc, vst, dvp, nj, oc, cr),
+                        (4, 3) => pv_tile::<4, 3>(pr, vc, vst, dvp, nj, oc, cr),
+                        (4, 2) => pv_tile::<4, 2>(pr, vc, vst, dvp, nj, oc, cr),
+                        (4, _) => pv_tile::<4, 1>(pr, vc, vst, dvp, nj, oc, cr),
+                        (3, _) => pv_tile::<3, 1>(pr, vc, vst, dvp, nj, oc, cr),
+                        (2, _) => pv_tile::<2, 1>(pr, vc, vst, dvp, nj, oc, cr),
+                        _ => pv_tile::<1, 1>(pr, vc, vst, dvp, nj, oc, cr),
                     }
                     c0 += if n == 4 { nv * 16 } else { 16 };
                 }
@@ -583,13 +648,15 @@ mod wide {
     unsafe fn pv_tile<const N: usize, const NV: usize>(
         p: *const f32,
         v: *const f32,
+        vst: usize,
         dvp: usize,
         bk: usize,
         o: *mut f32,
         corr: *const f32,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; N];
-        // SAFETY: `pv` bounds p (N rows of KB), v (bk rows of dvp), o (N rows of dvp).
+        // SAFETY: `pv` bounds p (N rows of KB), v (bk rows of dvp, stride vst), o (N rows of
+        // dvp).
         unsafe {
             for (r, ar) in acc.iter_mut().enumerate() {
                 let cr = _mm512_set1_ps(*corr.add(r));
@@ -598,7 +665,7 @@ mod wide {
                 }
             }
             for j in 0..bk {
-                let vj = v.add(j * dvp);
+                let vj = v.add(j * vst);
                 let mut vr = [_mm512_setzero_ps(); NV];
                 for (c, x) in vr.iter_mut().enumerate() {
                     *x = _mm512_loadu_ps(vj.add(c * 16));
@@ -635,6 +702,97 @@ mod tests {
                 ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
             })
             .collect()
+    }
+
+    /// Both kernels reading q/k/v through strides (heads sliced from wider rows, permuted:
+    /// `[b, s, width]` with head `h` at columns `lo + h·d ..`) against the reference on dense
+    /// copies, within `1e-5·(max|v| + |ref|)` as below; odd sizes, GQA, ×100 values.
+    #[test]
+    fn both_kernels_read_strided_heads() {
+        // (h, kvh, sq, sk, d, dv, causal, magnitude)
+        let cases = [
+            (2, 2, 1, 1, 64, 64, false, 1f32),
+            (2, 2, 3, 50, 7, 7, true, 1.0),
+            (4, 2, 50, 3, 64, 80, false, 1.0),
+            (2, 2, 129, 129, 64, 64, true, 1.0),
+            (4, 1, 129, 783, 33, 17, true, 1.0),
+            (2, 2, 129, 129, 64, 64, true, 100.0),
+            (6, 3, 65, 129, 64, 64, false, 100.0),
+        ];
+        for (ci, &(h, kvh, sq, sk, d, dv, causal, mag)) in cases.iter().enumerate() {
+            let b = 2;
+            let seed = 900 + 4 * ci as u64;
+            // Wide rows: q at column 5 of [b, sq, 5 + h·d + 1], k at 0 of [b, sk, kvh·d + 3],
+            // v at 2 of [b, sk, 2 + kvh·dv].
+            let (qw, kw, vw) = (5 + h * d + 1, kvh * d + 3, 2 + kvh * dv);
+            let qd = rand(b * sq * qw, seed, mag.sqrt().min(10.0));
+            let kd = rand(b * sk * kw, seed + 1, 1.0);
+            let vd = rand(b * sk * vw, seed + 2, mag);
+            let dense = |src: &[f32], s: usize, w: usize, lo: usize, n: usize, e: usize| {
+                let mut out = vec![0f32; b * n * s * e];
+                for bi in 0..b {
+                    for hi in 0..n {
+                        for i in 0..s {
+                            for t in 0..e {
+                                out[((bi * n + hi) * s + i) * e + t] =
+                                    src[(bi * s + i) * w + lo + hi * e + t];
+                            }
+                        }
+                    }
+                }
+                Tensor::f32(vec![b, n, s, e], out)
+            };
+            let (q, k, v) = (
+                dense(&qd, sq, qw, 5, h, d),
+                dense(&kd, sk, kw, 0, kvh, d),
+                dense(&vd, sk, vw, 2, kvh, dv),
+            );
+            let vmax = v
+                .as_f32()
+                .unwrap()
+                .iter()
+                .fold(0f32, |a, &x| a.max(x.abs()));
+            let how = Mask {
+                scale: 1.0 / (d as f32).sqrt(),
+                causal,
+                window: None,
+            };
+            let out = [b, h, sq, dv];
+            let reference = super::super::fused::attention(&q, &k, &v, None, how, &out);
+            let st = |s: usize, w: usize, e: usize| vec![s * w, e, w, 1];
+            let (sqs, sks, svs) = (st(sq, qw, d), st(sk, kw, d), st(sk, vw, dv));
+            let (qs, ks, vs) = ([b, h, sq, d], [b, kvh, sk, d], [b, kvh, sk, dv]);
+            fn op<'a>(
+                d: &'a [f32],
+                offset: usize,
+                shape: &'a [usize],
+                st: &'a [usize],
+            ) -> Operand<'a> {
+                Operand {
+                    data: d,
+                    offset,
+                    shape,
+                    strides: st,
+                }
+            }
+            for wide in [false, true] {
+                let heads = Heads::strided(
+                    op(&qd, 5, &qs, &sqs),
+                    op(&kd, 0, &ks, &sks),
+                    op(&vd, 2, &vs, &svs),
+                    None,
+                );
+                let got = run_heads(&heads, how, &out, wide);
+                for (i, (&f, &r)) in got.iter().zip(&reference).enumerate() {
+                    let tol = 1e-5 * (vmax + r.abs());
+                    assert!(
+                        f.is_finite() && (f - r).abs() <= tol,
+                        "case {:?} wide={wide}: element {i}: got {f}, reference {r}",
+                        cases[ci]
+                    );
+                }
+            }
+        }
     }
 
     /// Both kernels (the AVX-512 one where the CPU has it, and the portable one) against the

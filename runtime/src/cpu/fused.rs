@@ -17,7 +17,10 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use transfuse_ir::{Act, Op, Tensor};
 
-use super::kernels::{broadcast_strides, for_rows, gemm, gemm_strided, matmul, row_offset};
+use super::gemm::Operand;
+use super::kernels::{
+    broadcast_strides, for_rows, gemm, gemm_strided, matmul, row_offset, strides,
+};
 use super::simd;
 use super::view::{self, Val};
 use super::{arena, flash, gemm as fast_gemm};
@@ -119,15 +122,6 @@ pub fn eval(
         }
         other => return Err(format!("`{}` is not a fused op", other.name())),
     })
-}
-
-/// Query heads per key/value head (`transfuse_ir::kv_group`; inference checked the shapes):
-/// the ratio of q's batch·heads to k's.
-pub(crate) fn kv_group(q: &Tensor, k: &Tensor) -> usize {
-    let r = q.shape.len();
-    let qb: usize = q.shape[..r - 2].iter().product();
-    let kb: usize = k.shape[..r - 2].iter().product();
-    (qb / kb.max(1)).max(1)
 }
 
 fn f32s(t: &Tensor) -> &[f32] {
@@ -257,20 +251,61 @@ pub(crate) struct Heads<'a> {
     pub(crate) dv: usize,
     /// Query `i` sits at absolute position `i + offset` (`sk - sq`).
     pub(crate) offset: i64,
-    batch: &'a [usize],
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    batch: Vec<usize>,
+    q: Strided<'a>,
+    k: Strided<'a>,
+    v: Strided<'a>,
     /// Query heads per key/value head (grouped-query attention; 1 otherwise).
     pub(crate) group: usize,
     mask: Option<(&'a [f32], Vec<usize>)>,
 }
 
-/// One batch·head's operands.
+/// One of q/k/v read through strides: element `[b.., i, t]` at
+/// `offset + Σ b·batch_strides + i·row`, the last axis unit-stride.
+struct Strided<'a> {
+    data: &'a [f32],
+    offset: usize,
+    batch: Vec<usize>,
+    strides: Vec<usize>,
+    row: usize,
+}
+
+impl<'a> Strided<'a> {
+    fn new(data: &'a [f32], o: &Operand) -> Strided<'a> {
+        let r = o.shape.len();
+        assert!(
+            o.shape[r - 1] <= 1 || o.strides[r - 1] == 1,
+            "attention operands are read with a unit-stride last axis"
+        );
+        Strided {
+            data,
+            offset: o.offset,
+            batch: o.shape[..r - 2].to_vec(),
+            strides: o.strides[..r - 2].to_vec(),
+            row: o.strides[r - 2],
+        }
+    }
+
+    /// Batch item `bi` (row-major over the batch axes): from its first element on.
+    fn at(&self, bi: usize) -> &'a [f32] {
+        let (mut rem, mut off) = (bi, self.offset);
+        for ax in (0..self.batch.len()).rev() {
+            off += (rem % self.batch[ax]) * self.strides[ax];
+            rem /= self.batch[ax];
+        }
+        &self.data[off..]
+    }
+}
+
+/// One batch·head's operands: query row `i` at `q[i·qs..][..d]`, key `j` at `k[j·ks..][..d]`,
+/// value `j` at `v[j·vs..][..dv]`.
 pub(crate) struct Head<'a> {
     pub(crate) q: &'a [f32],
     pub(crate) k: &'a [f32],
     pub(crate) v: &'a [f32],
+    pub(crate) qs: usize,
+    pub(crate) ks: usize,
+    pub(crate) vs: usize,
     pub(crate) mask: Option<MaskView<'a>>,
 }
 
@@ -299,37 +334,82 @@ impl<'a> Heads<'a> {
         v: &'a Tensor,
         mask: Option<&'a Tensor>,
     ) -> Heads<'a> {
-        let r = q.shape.len();
-        let (sq, d) = (q.shape[r - 2], q.shape[r - 1]);
-        let sk = k.shape[r - 2];
-        let batch = &q.shape[..r - 2];
+        let st = [strides(&q.shape), strides(&k.shape), strides(&v.shape)];
+        let op = |t: &'a Tensor, s: &[usize]| {
+            Strided::new(
+                f32s(t),
+                &Operand {
+                    data: f32s(t),
+                    offset: 0,
+                    shape: &t.shape,
+                    strides: s,
+                },
+            )
+        };
+        let shapes = [&q.shape[..], &k.shape, &v.shape];
+        Heads::build([op(q, &st[0]), op(k, &st[1]), op(v, &st[2])], shapes, mask)
+    }
+
+    /// [`Heads::new`] over views: each operand read through its strides (a permuted or sliced
+    /// q/k/v, such as the heads of a merged QKV projection, without a copy); the last axis of
+    /// each must be unit-stride.
+    pub(crate) fn strided(
+        q: Operand<'a>,
+        k: Operand<'a>,
+        v: Operand<'a>,
+        mask: Option<&'a Tensor>,
+    ) -> Heads<'a> {
+        Heads::build(
+            [
+                Strided::new(q.data, &q),
+                Strided::new(k.data, &k),
+                Strided::new(v.data, &v),
+            ],
+            [q.shape, k.shape, v.shape],
+            mask,
+        )
+    }
+
+    fn build(
+        [qs, ks, vs]: [Strided<'a>; 3],
+        [q, k, v]: [&[usize]; 3],
+        mask: Option<&'a Tensor>,
+    ) -> Heads<'a> {
+        let r = q.len();
+        let (sq, d) = (q[r - 2], q[r - 1]);
+        let sk = k[r - 2];
+        let batch = q[..r - 2].to_vec();
         let mut scores_shape = batch.to_vec();
         scores_shape.extend([sq, sk]);
+        let qb: usize = batch.iter().product();
+        let kb: usize = k[..r - 2].iter().product();
         Heads {
             sq,
             sk,
             d,
-            dv: v.shape[r - 1],
+            dv: v[r - 1],
             offset: sk as i64 - sq as i64,
             batch,
-            q: f32s(q),
-            k: f32s(k),
-            v: f32s(v),
-            group: kv_group(q, k),
+            q: qs,
+            k: ks,
+            v: vs,
+            group: (qb / kb.max(1)).max(1),
             mask: mask.map(|m| (f32s(m), broadcast_strides(&m.shape, &scores_shape))),
         }
     }
 
     /// The operands of batch·head `bi`.
     pub(crate) fn head(&self, bi: usize) -> Head<'a> {
-        let (sq, sk, d, dv) = (self.sq, self.sk, self.d, self.dv);
         // Grouped-query attention: batch-head `bi` reads key/value head `bi / group`.
         let kvi = bi / self.group;
         let r = self.batch.len() + 2;
         Head {
-            q: &self.q[bi * sq * d..(bi + 1) * sq * d],
-            k: &self.k[kvi * sk * d..(kvi + 1) * sk * d],
-            v: &self.v[kvi * sk * dv..(kvi + 1) * sk * dv],
+            q: self.q.at(bi),
+            k: self.k.at(kvi),
+            v: self.v.at(kvi),
+            qs: self.q.row,
+            ks: self.k.row,
+            vs: self.v.row,
             mask: self.mask.as_ref().map(|(m, st)| {
                 let (mut rem, mut off) = (bi, 0);
                 for ax in (0..self.batch.len()).rev() {
@@ -370,7 +450,10 @@ pub(crate) fn attention(
                 k: kb,
                 v: vb,
                 mask: hm,
+                ..
             } = heads.head(bi);
+            // Heads over dense tensors: each head's rows are contiguous (`qs == d`, ...).
+            let (qb, kb, vb) = (&qb[..sq * d], &kb[..sk * d], &vb[..sk * dv]);
             ob.par_chunks_mut(ATTN_ROWS * dv)
                 .enumerate()
                 .for_each(|(ci, oc)| {

@@ -178,19 +178,35 @@ impl Loaded for CpuProgram {
         inputs: &TensorMap,
         carry: &[(String, String)],
     ) -> Result<TensorMap, RuntimeError> {
-        let mut all = inputs.clone();
-        for (k, v) in &self.carried {
-            all.entry(k.clone()).or_insert_with(|| v.clone());
+        // The caller's inputs are read in place (no copy of the map: a deep clone of every
+        // input tensor per run). Carried values (a KV cache) are moved in next to clones of the
+        // inputs, which then win over them, and moved back after the run.
+        let mut all = std::mem::take(&mut self.carried);
+        let merged = !all.is_empty();
+        let mut shadowed = vec![];
+        if merged {
+            for (k, v) in inputs {
+                if let Some(old) = all.insert(k.clone(), v.clone()) {
+                    shadowed.push((k.clone(), old));
+                }
+            }
         }
-        let mut out = run_graph(
+        let result = run_graph(
             &self.graph,
             &self.weights,
-            &all,
+            if merged { &all } else { inputs },
             None,
             self.fast,
             self.comm.as_deref(),
             Some(&mut self.arena),
-        )?;
+        );
+        for (k, v) in all {
+            if !inputs.contains_key(&k) {
+                self.carried.insert(k, v);
+            }
+        }
+        self.carried.extend(shadowed);
+        let mut out = result?;
         for (o, i) in carry {
             if let Some(t) = out.remove(o) {
                 self.carried.insert(i.clone(), t);
@@ -229,13 +245,25 @@ fn run_graph(
     comm: Option<&dyn Communicator>,
     arena: Option<&mut Arena>,
 ) -> Result<TensorMap, RuntimeError> {
-    if !fast {
-        return run_nodes(graph, weights, inputs, times, fast, comm);
-    }
     let mut own = Arena::default();
-    arena
-        .unwrap_or(&mut own)
-        .install(|| run_nodes(graph, weights, inputs, times, fast, comm))
+    let arena = arena.unwrap_or(&mut own);
+    let job = move || {
+        if fast {
+            arena.install(|| run_nodes(graph, weights, inputs, times, fast, comm))
+        } else {
+            run_nodes(graph, weights, inputs, times, fast, comm)
+        }
+    };
+    // Called from outside rayon's pool, every parallel loop of every op would be injected into
+    // the pool and the caller put to sleep until it finished: a wake-up and a sleep per op
+    // (most of a small decode step's time). So the whole run moves onto a pool thread once.
+    // Not for a rank of a group (`comm`): its collectives block until the other ranks
+    // arrive, and ranks on pool threads could take every thread of the pool and wait forever.
+    if comm.is_none() && rayon::current_thread_index().is_none() {
+        rayon::scope(|_| job())
+    } else {
+        job()
+    }
 }
 
 fn run_nodes(
@@ -315,6 +343,28 @@ fn run_nodes(
     Ok(outs)
 }
 
+/// `dst.copy_from_slice(src)`, split over the pool when large (one thread copies at about half
+/// the memory bandwidth both cores reach).
+fn copy_par(src: &[f32], dst: &mut [f32]) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    if src.len() <= CHUNK {
+        dst.copy_from_slice(src);
+    } else {
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    }
+}
+
+/// Whether attention can read this q/k/v through its strides: a unit-stride last axis (the
+/// kernels' vector loads) and rows at least that long apart.
+fn attention_view(v: &Val) -> bool {
+    let (sh, (_, _, st)) = (v.shape(), v.parts());
+    let r = sh.len();
+    r >= 2 && (sh[r - 1] <= 1 || st[r - 1] == 1) && st[r - 2] >= sh[r - 1]
+}
+
 /// One node of the fast mode: views for the layout ops, strided reads where the consumer
 /// takes them, else the operands made dense and the shared op-by-op implementation.
 fn eval_fast(
@@ -333,7 +383,7 @@ fn eval_fast(
             // An f32 input is copied into an arena buffer (the caller keeps its own).
             if let Data::F32(v) = &inputs[name].data {
                 let mut buf = arena::buffer(v.len());
-                buf.copy_from_slice(v);
+                copy_par(v, &mut buf);
                 return Ok(Val::Dense(Arc::new(Tensor {
                     shape: inputs[name].shape.clone(),
                     data: Data::F32(buf),
@@ -404,6 +454,36 @@ fn eval_fast(
                 shape: out_shape,
                 data,
             })));
+        }
+        Op::Attention {
+            scale,
+            causal,
+            window,
+        } if args.iter().all(f32_view) && args[..3].iter().all(attention_view) => {
+            // q/k/v read through their strides (the heads of a merged QKV projection are
+            // permuted slices of it); only a mask view is made dense.
+            let out_shape = out_shape()?;
+            let mut args = args;
+            let mask = (args.len() > 3).then(|| args.remove(3).tensor());
+            let parts: Vec<_> = args.iter().map(Val::parts).collect();
+            let op = |i: usize| gemm::Operand {
+                data: parts[i].0.as_f32().expect("checked f32"),
+                offset: parts[i].1,
+                shape: args[i].shape(),
+                strides: &parts[i].2,
+            };
+            let how = fused::Mask {
+                scale: scale.0 as f32,
+                causal: *causal,
+                window: *window,
+            };
+            let o = flash::attention_views(op(0), op(1), op(2), mask.as_deref(), how, &out_shape);
+            drop(parts);
+            recycle_all(args);
+            if let Some(m) = mask {
+                Val::Dense(m).recycle();
+            }
+            return Ok(Val::Dense(Arc::new(Tensor::f32(out_shape, o))));
         }
         Op::MatMul if args.iter().all(f32_view) => {
             let out_shape = out_shape()?;
