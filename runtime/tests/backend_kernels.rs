@@ -1048,6 +1048,33 @@ fn matmul<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
         c.out("ab", y);
         worst.add(c.kernel("matmul").abs_scale().run(dev, elem, runs));
     }
+    // Heads merged as attention's output feeds the output projection: x [b, h, m, d]
+    // permuted to [b, m, h, d], reshaped to [b, m, h·d] @ w + bias + residual. With d a
+    // multiple of 4 a CPU adapter reads the strided rows with vec4 loads (the register design).
+    for (h, m, d, n) in [
+        (3, 50, 4, 129),
+        (3, 129, 8, 52),
+        (2, 1, 4, 3),
+        (3, 783, 4, 50),
+    ] {
+        let mut c = Case::new(format!("merged heads [b,{h},{m},{d}] x [{},{n}]", h * d));
+        let x = c.input("x", dims("b", &[h, m, d]), 1.0, 0.0);
+        let w = c.weight("w", &[h * d, n], 1.0, 0.0);
+        let bias = c.weight("bias", &[n], 1.0, 0.0);
+        let r = c.input("r", dims("b", &[m, n]), 1.0, 0.0);
+        let y = c.with(|b| {
+            let p = b.permute(x, &[0, 2, 1, 3])?;
+            let mh = b.reshape(p, vec![sym("b"), m.into(), (h * d).into()])?;
+            let y = b.matmul(mh, w)?;
+            let y = b.add(y, bias)?;
+            b.add(r, y)
+        });
+        c.out("y", y);
+        let c = c
+            .fused("fused_matmul act=identity bias residual")
+            .abs_scale();
+        worst.add(c.run(dev, elem, runs));
+    }
     {
         let (m, k, n) = (129, 50, 3);
         let mut c = Case::new(format!(
