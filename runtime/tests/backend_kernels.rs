@@ -1011,13 +1011,24 @@ fn matmul<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
         (1, 129, 783, [Epi::Plain, Epi::Silu], 1.0),
         // One row with vec4-aligned k and n: on CPU adapters the one-row register blocks.
         (1, 132, 52, [Epi::Bias, Epi::GeluResidual], 1.0),
+        // Eight rows or more, vec4-aligned k and n: on CPU adapters with 8-lane subgroups
+        // the broadcast register design (lanes sharing rows of a through subgroupBroadcast).
+        (129, 132, 52, [Epi::Plain, Epi::GeluResidual], 1.0),
+        (783, 12, 68, [Epi::Bias, Epi::Silu], 100.0),
+        (50, 36, 100, [Epi::Residual, Epi::GeluTanh], 1.0),
     ] {
         for epi in epis {
             worst.add(matmul_case(m, k, n, epi, mag).run(dev, elem, runs));
         }
     }
     // A weight stored [out, in] (PyTorch's Linear), not folded: the kernel reads it transposed.
-    for (m, k, n) in [(129, 50, 3), (1, 783, 50), (1, 128, 50)] {
+    for (m, k, n) in [
+        (129, 50, 3),
+        (1, 783, 50),
+        (1, 128, 50),
+        (129, 52, 129),
+        (783, 36, 65),
+    ] {
         let mut c = Case::new(format!("linear out-in [b,{m},{k}]x[{n},{k}]ᵀ"));
         let x = c.input("x", dims("b", &[m, k]), 1.0, 0.0);
         let w = c.weight("w", &[n, k], 1.0, 0.0);

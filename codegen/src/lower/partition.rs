@@ -626,6 +626,20 @@ mod tests {
         let plan = merged_heads_plan(3, 8, 52);
         let k = plan.kernels.last().unwrap();
         assert_eq!(tunable(&k.gen, "reg"), Some(1), "{}", k.entry());
+        // With 8-lane subgroups (llvmpipe): the broadcast register design.
+        let mut b = Builder::new();
+        let x = b
+            .input("x", vec![Dim::sym("s"), 64.into()], DType::F32)
+            .unwrap();
+        let w = b.weight("w", vec![64.into(), 128.into()]).unwrap();
+        let y = b.matmul(x, w).unwrap();
+        b.output("y", y);
+        let mut opts = LowerOptions::new(Target::Wgsl, Elem::F32);
+        opts.limits = opts.limits.with_kind(crate::kernels::DeviceKind::Cpu);
+        opts.limits.subgroup_min = 8;
+        let t = crate::lower::tuning::Tuning::at(dims(&[("s", 16)]), None);
+        let p8 = lower_tuned(&b.finish(), &opts, &t).unwrap();
+        assert_eq!(tunable(&p8.kernels[0].gen, "reg"), Some(2));
         // Runs of d = 6: a vec4 would straddle two heads, so the tiled design.
         let plan = merged_heads_plan(3, 6, 52);
         let k = plan.kernels.last().unwrap();
