@@ -897,6 +897,10 @@ pub fn matmul_reg(
     }
     let (wy, wx) = (tm / rm, tn / rn);
     let threads = wy * wx;
+    // The broadcast design walks the row blocks fastest (grid x), so consecutive workgroups
+    // (on llvmpipe one thread runs a contiguous range of them) reuse one column strip of `b`
+    // from cache; the others walk the column blocks fastest.
+    let row_axis = if t.reg == 2 { 0 } else { 1 };
     let gated: &[(&str, &str)] = if cfg.gate {
         &[("b", "acc"), ("b2", "acg")]
     } else {
@@ -909,12 +913,12 @@ pub fn matmul_reg(
         let_(
             "row0",
             Elem::U32,
-            workgroup_id(1) * u(tm) + var("ty") * u(rm),
+            workgroup_id(row_axis) * u(tm) + var("ty") * u(rm),
         ),
         let_(
             "col0",
             Elem::U32,
-            workgroup_id(0) * u(tn) + var("tx") * u(rn),
+            workgroup_id(1 - row_axis) * u(tn) + var("tx") * u(rn),
         ),
     ];
     body.extend(batch_offsets());
@@ -1091,7 +1095,11 @@ pub fn matmul_reg(
     check_limits(&kernel, limits)?;
     Ok(Generated {
         kernel,
-        grid: [GridDim::of("n", tn), GridDim::of("m", tm), grid_z()],
+        grid: if row_axis == 0 {
+            [GridDim::of("m", tm), GridDim::of("n", tn), grid_z()]
+        } else {
+            [GridDim::of("n", tn), GridDim::of("m", tm), grid_z()]
+        },
         tunables: t.describe(cfg, limits),
     })
 }
