@@ -324,9 +324,8 @@ impl Wg<'_> {
                             msg: format!("subgroup broadcast from lane {l}, which is inactive"),
                         });
                     }
-                    for t in start..(start + 8).min(n) {
-                        out[t] = x[src];
-                    }
+                    let end = (start + 8).min(n);
+                    out[start..end].fill(x[src]);
                 }
                 Ok(out)
             }

@@ -459,7 +459,8 @@ fn check(case: &Case, c: &AttentionCfg, tiles: &[AttentionTunables], tol: f32) {
         lanes8(1, 3),
     ] {
         let g = flash(c, &t, &l8).unwrap_or_else(|e| panic!("{e}"));
-        let whole = (t.block_k * c.head_dim / 4) % 8 == 0 && (t.block_k * c.dv / 4) % 8 == 0;
+        let whole = (t.block_k * c.head_dim / 4).is_multiple_of(8)
+            && (t.block_k * c.dv / 4).is_multiple_of(8);
         let shares = g
             .kernel
             .any_expr(&|e| matches!(e, Expr::Subgroup(SubgroupOp::Broadcast(_), _)));
