@@ -1432,9 +1432,16 @@ pub fn catalog() -> Vec<Generated> {
             "bcast8x8",
         ),
         (
+            MatMulConfig::plain(Elem::F16)
+                .epilogue(Act::Relu, false, true)
+                .transposed_b(true),
+            MatMulTunables::bcast(16, 4, 1),
+            "bcast16x4",
+        ),
+        (
             swiglu(Elem::F16).transposed_b(true),
-            MatMulTunables::bcast(16, 4, 2),
-            "bcast16x4u2",
+            MatMulTunables::bcast(8, 4, 2),
+            "bcast8x4u2",
         ),
     ] {
         let limits = Limits {
