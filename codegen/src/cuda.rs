@@ -164,10 +164,14 @@ impl P<'_> {
                     (_, t) => format!("(({})({x}))", ty(*t)),
                 }
             }
+            Expr::Subgroup(SubgroupOp::Broadcast(l), a) => {
+                format!("tf_bcast8({}, {l})", self.expr(s, a)?)
+            }
             Expr::Subgroup(op, a) => {
                 let f = match op {
                     SubgroupOp::Sum => "tf_warp_sum",
                     SubgroupOp::Max => "tf_warp_max",
+                    SubgroupOp::Broadcast(_) => unreachable!("printed above"),
                 };
                 format!("{f}({})", self.expr(s, a)?)
             }
@@ -236,11 +240,20 @@ pub fn print(k: &Kernel) -> Result<String, CodegenError> {
              return v;\n}\n\
              __device__ __forceinline__ float tf_warp_max(float v) {\n    \
              for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));\n    \
-             return v;\n}\n",
+             return v;\n}\n\
+             __device__ __forceinline__ float tf_bcast8(float v, int l) {\n    \
+             return __shfl_sync(__activemask(), v, l, 8);\n}\n",
         );
     }
     if k.uses(Elem::F32x4) {
         p.out.push_str(VEC4);
+        if k.any_expr(&|e| matches!(e, Expr::Subgroup(..))) {
+            p.out.push_str(
+                "__device__ __forceinline__ float4 tf_bcast8(float4 v, int l) {\n    \
+                 return make_float4(tf_bcast8(v.x, l), tf_bcast8(v.y, l), tf_bcast8(v.z, l), \
+                 tf_bcast8(v.w, l));\n}\n",
+            );
+        }
         if k.uses(Elem::F16) {
             p.out.push_str(
                 "__device__ __forceinline__ float4 tf_ld4(const __half* p) { return \

@@ -312,6 +312,23 @@ impl Wg<'_> {
                     })
                 })
             }
+            Expr::Subgroup(SubgroupOp::Broadcast(l), a) => {
+                let x = self.eval(a, mask)?;
+                let l = usize::from(*l);
+                let mut out = x.clone();
+                for start in (0..n).step_by(8) {
+                    let src = start + l;
+                    if src >= n || !mask[src] {
+                        return Err(CodegenError::Kernel {
+                            kernel: self.k.name.clone(),
+                            msg: format!("subgroup broadcast from lane {l}, which is inactive"),
+                        });
+                    }
+                    let end = (start + 8).min(n);
+                    out[start..end].fill(x[src]);
+                }
+                Ok(out)
+            }
             Expr::Subgroup(op, a) => {
                 let x = self.eval(a, mask)?;
                 let mut out = vec![Val::F(0.0); n];
@@ -321,6 +338,7 @@ impl Wg<'_> {
                     let r = match op {
                         SubgroupOp::Sum => vals.sum::<f32>(),
                         SubgroupOp::Max => vals.fold(f32::NEG_INFINITY, f32::max),
+                        SubgroupOp::Broadcast(_) => unreachable!("evaluated above"),
                     };
                     for t in lanes {
                         out[t] = Val::F(r);

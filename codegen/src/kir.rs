@@ -150,6 +150,11 @@ pub enum SubgroupOp {
     Sum,
     /// max
     Max,
+    /// The value of lane `0..8` of the invocation's group of 8 consecutive lanes (f32 or
+    /// f32x4; the type of the operand). Used only by workgroups of exactly 8 invocations on
+    /// targets whose subgroups hold at least 8 lanes (llvmpipe: 8), so the group is the
+    /// workgroup; CUDA shuffles within 8-lane segments of the warp.
+    Broadcast(u8),
 }
 
 /// Expressions.
@@ -356,6 +361,12 @@ pub fn load_local(arr: &str, index: Expr) -> Expr {
 /// The vector load `buffer[index..index + 4]` as f32 lanes (`index` a multiple of 4).
 pub fn load4(buf: &str, index: Expr) -> Expr {
     load(buf, index).cast(Elem::F32x4)
+}
+
+/// The value of `x` (f32 or f32x4) in lane `lane` of the 8-lane group (see
+/// [`SubgroupOp::Broadcast`]).
+pub fn bcast8(x: Expr, lane: u8) -> Expr {
+    Expr::Subgroup(SubgroupOp::Broadcast(lane), Box::new(x))
 }
 
 /// A scalar broadcast to four f32 lanes.

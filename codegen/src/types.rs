@@ -42,6 +42,16 @@ impl Scope {
             msg: format!("unknown {what} `{n}`"),
         };
         Ok(match e {
+            Expr::Subgroup(crate::kir::SubgroupOp::Broadcast(_), a) => {
+                let t = self.ty(k, a)?;
+                if !matches!(t, Elem::F32 | Elem::F32x4) {
+                    return Err(CodegenError::Kernel {
+                        kernel: k.to_string(),
+                        msg: format!("a subgroup broadcast of {t:?} (f32 or f32x4 only)"),
+                    });
+                }
+                t
+            }
             Expr::F32(_) | Expr::Subgroup(..) => Elem::F32,
             Expr::U32(_) | Expr::Uniform(_) | Expr::Builtin(_) => Elem::U32,
             Expr::I32(_) => Elem::I32,

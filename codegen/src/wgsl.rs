@@ -182,10 +182,14 @@ impl P<'_> {
                     format!("{}({x})", ty(self.k, *to)?)
                 }
             }
+            Expr::Subgroup(SubgroupOp::Broadcast(l), a) => {
+                format!("subgroupBroadcast({}, {l}u)", self.expr(s, a)?)
+            }
             Expr::Subgroup(op, a) => {
                 let f = match op {
                     SubgroupOp::Sum => "subgroupAdd",
                     SubgroupOp::Max => "subgroupMax",
+                    SubgroupOp::Broadcast(_) => unreachable!("printed above"),
                 };
                 format!("{f}({})", self.expr(s, a)?)
             }

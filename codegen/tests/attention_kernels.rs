@@ -12,7 +12,7 @@ use transfuse_codegen::kernels::attention::{
     catalog, decode, default_scale, flash, AttentionCfg, AttentionTunables,
 };
 use transfuse_codegen::kernels::{DeviceKind, Generated, Limits};
-use transfuse_codegen::kir::Elem;
+use transfuse_codegen::kir::{Elem, Expr, SubgroupOp};
 use transfuse_codegen::{cuda, wgsl};
 
 fn cfg(elem: Elem, d: u32, causal: bool, window: Option<u32>, mask: bool) -> AttentionCfg {
@@ -438,6 +438,34 @@ fn check(case: &Case, c: &AttentionCfg, tiles: &[AttentionTunables], tol: f32) {
     for t in &all {
         let g = flash(c, t, &limits).unwrap_or_else(|e| panic!("{e}"));
         let what = format!("{} {t:?}", g.kernel.name);
+        assert_close(&what, &case.run(&g), &want, tol);
+    }
+    // With 8-lane subgroups (llvmpipe) 8-invocation register kernels share K/V vectors by
+    // broadcast where a tile holds whole groups of 8 vectors: the default, 3 rows with 4-key
+    // tiles (a partial last tile), and 3-key tiles (whole groups only when d/4 is 8's multiple).
+    let l8 = Limits {
+        subgroup_min: 8,
+        ..limits.with_kind(DeviceKind::Cpu)
+    };
+    let lanes8 = |rows: u32, block_k: u32| AttentionTunables {
+        block_q: 8 * rows,
+        block_k,
+        threads: 8,
+        rows,
+    };
+    for t in [
+        AttentionTunables::default_for(c, &l8),
+        lanes8(3, 4),
+        lanes8(1, 3),
+    ] {
+        let g = flash(c, &t, &l8).unwrap_or_else(|e| panic!("{e}"));
+        let whole = (t.block_k * c.head_dim / 4).is_multiple_of(8)
+            && (t.block_k * c.dv / 4).is_multiple_of(8);
+        let shares = g
+            .kernel
+            .any_expr(&|e| matches!(e, Expr::Subgroup(SubgroupOp::Broadcast(_), _)));
+        assert_eq!(shares, whole && t.threads == 8, "{} {t:?}", g.kernel.name);
+        let what = format!("{} {t:?} (broadcast K/V)", g.kernel.name);
         assert_close(&what, &case.run(&g), &want, tol);
     }
     for t in [

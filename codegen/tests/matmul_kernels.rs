@@ -584,6 +584,22 @@ fn every_register_point_validates_with_naga_and_prints_cuda() {
             .gated(gate);
         let space = MatMulTunables::reg_space(&cfg, &l);
         assert!(space.len() > 50, "{} points", space.len());
+        // With 8-lane subgroups the broadcast points join the space.
+        let l8 = Limits {
+            subgroup_min: 8,
+            ..l
+        };
+        let wide = MatMulTunables::reg_space(&cfg, &l8);
+        assert!(wide.iter().any(|t| t.reg == 2) && wide.len() > space.len());
+        for t in wide.iter().filter(|t| t.reg == 2) {
+            let g = matmul::matmul(&cfg, t, &l8).unwrap();
+            assert_eq!(g.kernel.threads(), 8);
+            let src = wgsl::print(&g.kernel).unwrap();
+            assert!(src.contains("subgroupBroadcast"), "{}", g.kernel.name);
+            common::validate_wgsl(&src);
+            let cu = cuda::print(&g.kernel).unwrap();
+            assert!(cu.contains("tf_bcast8"), "{}", g.kernel.name);
+        }
         for t in &space {
             assert_eq!(t.reg, 1);
             let g = matmul::matmul(&cfg, t, &l).unwrap();
@@ -620,9 +636,30 @@ fn register_design_refuses_what_it_cannot_generate() {
     let msg = kernel_err(matmul::matmul(&cfg, &t, &l));
     assert!(msg.contains("at most 4 vec4 steps"), "{msg}");
     t.tile_k = 1;
-    t.reg = 2;
+    t.reg = 3;
     let msg = kernel_err(matmul::matmul(&cfg, &t, &l));
     assert!(msg.contains("reg must be 0"), "{msg}");
+    // The broadcast design: only with subgroups of 8 lanes or more, one row of 8 lanes.
+    let msg = kernel_err(matmul::matmul(&cfg, &MatMulTunables::bcast(8, 8, 1), &l));
+    assert!(msg.contains("subgroups of at least 8"), "{msg}");
+    let l8 = Limits {
+        subgroup_min: 8,
+        ..l
+    };
+    let mut t = MatMulTunables::bcast(8, 8, 1);
+    t.rm = 4;
+    t.tile_m = 4;
+    let msg = kernel_err(matmul::matmul(&cfg, &t, &l8));
+    assert!(msg.contains("multiple of 8 rows"), "{msg}");
+    let msg = kernel_err(matmul::matmul(
+        &cfg,
+        &MatMulTunables {
+            reg: 2,
+            ..MatMulTunables::reg(8, 8, 2, 4, 1)
+        },
+        &l8,
+    ));
+    assert!(msg.contains("one row of 8"), "{msg}");
     let msg = kernel_err(matmul::matmul(
         &cfg,
         &MatMulTunables::reg(4, 4, 32, 32, 1),
@@ -645,7 +682,14 @@ fn register_design_matches_reference() {
         MatMulTunables::reg(2, 4, 4, 2, 4),
         // The one-row default of thin products (decode steps) on CPU adapters.
         MatMulTunables::reg(1, 8, 1, 8, 1),
+        // The broadcast design (8-lane subgroups): 8 and 16 rows, unrolled with a tail.
+        MatMulTunables::bcast(8, 8, 1),
+        MatMulTunables::bcast(16, 4, 2),
     ];
+    let l8 = Limits {
+        subgroup_min: 8,
+        ..l
+    };
     let acts = [
         Act::Identity,
         Act::GeluErf,
@@ -656,9 +700,9 @@ fn register_design_matches_reference() {
     for (i, t) in pts.iter().enumerate() {
         for bt in [false, true] {
             let cfg = MatMulConfig::plain(Elem::F32)
-                .epilogue(acts[i], i % 2 == 0, i != 1)
+                .epilogue(acts[i % acts.len()], i % 2 == 0, i != 1)
                 .transposed_b(bt);
-            let g = matmul::matmul(&cfg, t, &l).unwrap();
+            let g = matmul::matmul(&cfg, t, &l8).unwrap();
             for (m, n, k) in [
                 (1usize, 1usize, 4usize),
                 (3, 50, 52),
@@ -687,31 +731,41 @@ fn register_design_matches_reference() {
             .epilogue(Act::Silu, true, false)
             .transposed_b(bt)
             .gated(true);
-        let g = matmul::matmul(&cfg, &MatMulTunables::reg(4, 4, 2, 4, 2), &l).unwrap();
-        for (m, n, k) in [(3, 4, 4), (50, 20, 36), (129, 8, 12)] {
+        for t in [
+            MatMulTunables::reg(4, 4, 2, 4, 2),
+            MatMulTunables::bcast(8, 4, 1),
+        ] {
+            let g = matmul::matmul(&cfg, &t, &l8).unwrap();
+            for (m, n, k) in [(3, 4, 4), (50, 20, 36), (129, 8, 12)] {
+                let c = Case {
+                    m,
+                    n,
+                    k,
+                    batch: (1, 1),
+                    bstrides: (1, 1, 1, 1),
+                };
+                run_case(&cfg, &g, &c, 1e-5);
+            }
+        }
+        let cfg = MatMulConfig::plain(Elem::F32).transposed_b(bt);
+        for t in [
+            MatMulTunables::reg(4, 4, 2, 4, 1),
+            MatMulTunables::bcast(8, 4, 2),
+        ] {
+            let g = matmul::matmul(&cfg, &t, &l8).unwrap();
             let c = Case {
-                m,
-                n,
-                k,
-                batch: (1, 1),
-                bstrides: (1, 1, 1, 1),
+                m: 5,
+                n: 12,
+                k: 8,
+                batch: (2, 3),
+                bstrides: (3, 1, 0, 1),
             };
             run_case(&cfg, &g, &c, 1e-5);
         }
-        let cfg = MatMulConfig::plain(Elem::F32).transposed_b(bt);
-        let g = matmul::matmul(&cfg, &MatMulTunables::reg(4, 4, 2, 4, 1), &l).unwrap();
-        let c = Case {
-            m: 5,
-            n: 12,
-            k: 8,
-            batch: (2, 3),
-            bstrides: (3, 1, 0, 1),
-        };
-        run_case(&cfg, &g, &c, 1e-5);
         let cfg = MatMulConfig::plain(Elem::F16)
             .epilogue(Act::GeluErf, true, true)
             .transposed_b(bt);
-        let g = matmul::matmul(&cfg, &MatMulTunables::reg(8, 8, 1, 8, 1), &l).unwrap();
+        let g = matmul::matmul(&cfg, &MatMulTunables::bcast(8, 8, 1), &l8).unwrap();
         let c = Case {
             m: 50,
             n: 12,
@@ -734,4 +788,17 @@ fn register_design_is_the_cpu_adapters_default_when_operands_allow_vectors() {
     let t = MatMulTunables::reg_for_problem(&cfg, Some(1), Some(1000));
     assert_eq!((t.rm, t.rn, t.tile_m, t.threads()), (1, 8, 1, 8));
     assert!(t.validate("matmul", &Limits::webgpu()).is_ok());
+    // With 8-lane subgroups (llvmpipe) the broadcast design, 8 × 8 blocks, for 8 rows or more.
+    let l8 = Limits {
+        subgroup_min: 8,
+        ..Limits::webgpu()
+    };
+    let t = MatMulTunables::cpu_for_problem(&cfg, &l8, Some(128), Some(384));
+    assert_eq!((t.reg, t.rm, t.rn, t.threads()), (2, 8, 8, 8));
+    let t = MatMulTunables::cpu_for_problem(&cfg, &l8, None, Some(384));
+    assert_eq!(t.reg, 2);
+    let t = MatMulTunables::cpu_for_problem(&cfg, &l8, Some(4), Some(384));
+    assert_eq!((t.reg, t.rm), (1, 4));
+    let t = MatMulTunables::cpu_for_problem(&cfg, &Limits::webgpu(), Some(128), Some(384));
+    assert_eq!(t.reg, 1);
 }

@@ -420,6 +420,7 @@ impl CudaDevice {
                 max_threads: cuda.max_threads.min(positive(threads)),
                 max_shared_bytes: cuda.max_shared_bytes.min(positive(shared)),
                 kind: cuda.kind,
+                subgroup_min: cuda.subgroup_min,
             },
             max_binding_bytes: memory,
             max_storage_buffers: MAX_BUFFERS,

@@ -180,6 +180,11 @@ impl WgpuDevice {
                 } else {
                     DeviceKind::Gpu
                 },
+                subgroup_min: if features.contains(wgpu::Features::SUBGROUP) {
+                    ainfo.subgroup_min_size
+                } else {
+                    0
+                },
             },
             max_binding_bytes: limits.max_storage_buffer_binding_size,
             max_storage_buffers: limits.max_storage_buffers_per_shader_stage,

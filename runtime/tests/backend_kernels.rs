@@ -1011,13 +1011,24 @@ fn matmul<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
         (1, 129, 783, [Epi::Plain, Epi::Silu], 1.0),
         // One row with vec4-aligned k and n: on CPU adapters the one-row register blocks.
         (1, 132, 52, [Epi::Bias, Epi::GeluResidual], 1.0),
+        // Eight rows or more, vec4-aligned k and n: on CPU adapters with 8-lane subgroups
+        // the broadcast register design (lanes sharing rows of a through subgroupBroadcast).
+        (129, 132, 52, [Epi::Plain, Epi::GeluResidual], 1.0),
+        (783, 12, 68, [Epi::Bias, Epi::Silu], 100.0),
+        (50, 36, 100, [Epi::Residual, Epi::GeluTanh], 1.0),
     ] {
         for epi in epis {
             worst.add(matmul_case(m, k, n, epi, mag).run(dev, elem, runs));
         }
     }
     // A weight stored [out, in] (PyTorch's Linear), not folded: the kernel reads it transposed.
-    for (m, k, n) in [(129, 50, 3), (1, 783, 50), (1, 128, 50)] {
+    for (m, k, n) in [
+        (129, 50, 3),
+        (1, 783, 50),
+        (1, 128, 50),
+        (129, 52, 129),
+        (783, 36, 65),
+    ] {
         let mut c = Case::new(format!("linear out-in [b,{m},{k}]x[{n},{k}]ᵀ"));
         let x = c.input("x", dims("b", &[m, k]), 1.0, 0.0);
         let w = c.weight("w", &[n, k], 1.0, 0.0);
@@ -1047,6 +1058,33 @@ fn matmul<D: Device + 'static>(dev: &Arc<D>, elem: Elem) {
         let y = c.with(|b| b.matmul(a, bb));
         c.out("ab", y);
         worst.add(c.kernel("matmul").abs_scale().run(dev, elem, runs));
+    }
+    // Heads merged as attention's output feeds the output projection: x [b, h, m, d]
+    // permuted to [b, m, h, d], reshaped to [b, m, h·d] @ w + bias + residual. With d a
+    // multiple of 4 a CPU adapter reads the strided rows with vec4 loads (the register design).
+    for (h, m, d, n) in [
+        (3, 50, 4, 129),
+        (3, 129, 8, 52),
+        (2, 1, 4, 3),
+        (3, 783, 4, 50),
+    ] {
+        let mut c = Case::new(format!("merged heads [b,{h},{m},{d}] x [{},{n}]", h * d));
+        let x = c.input("x", dims("b", &[h, m, d]), 1.0, 0.0);
+        let w = c.weight("w", &[h * d, n], 1.0, 0.0);
+        let bias = c.weight("bias", &[n], 1.0, 0.0);
+        let r = c.input("r", dims("b", &[m, n]), 1.0, 0.0);
+        let y = c.with(|b| {
+            let p = b.permute(x, &[0, 2, 1, 3])?;
+            let mh = b.reshape(p, vec![sym("b"), m.into(), (h * d).into()])?;
+            let y = b.matmul(mh, w)?;
+            let y = b.add(y, bias)?;
+            b.add(r, y)
+        });
+        c.out("y", y);
+        let c = c
+            .fused("fused_matmul act=identity bias residual")
+            .abs_scale();
+        worst.add(c.run(dev, elem, runs));
     }
     {
         let (m, k, n) = (129, 50, 3);

@@ -990,6 +990,37 @@ fn build_lanes(
     body.extend(tile_range(cfg, var("q0"), t.block_q, bk));
 
     let mut tile = vec![let_("k0", Elem::U32, var("kt") * u(bk))];
+    // Broadcast K/V (8 invocations, subgroups of ≥ 8 lanes, whole groups of 8 vectors per
+    // tile): every lane reads distinct vectors of the tile — lane `tid` the vectors
+    // `8·g + tid` in key-major order — and the others take them by subgroup broadcast, so a
+    // tile costs `bk·d/32` vector loads per lane instead of `bk·d/4` (on llvmpipe each load is
+    // a loop over the 8 lanes, a broadcast from a constant lane a shuffle).
+    let shared_kv =
+        nt == 8 && limits.subgroup_min >= 8 && (bk * d4) % 8 == 0 && (bk * dv4) % 8 == 0;
+    // Vector `x` of key `c` of the tile, as `load4` or from the lane that read it.
+    let group_loads = |tile: &mut Vec<Stmt>, buf: &str, width: u32| {
+        for g in 0..bk * width / 8 {
+            let fv = format!("{buf}f{g}");
+            tile.push(let_(&fv, Elem::U32, u(8 * g) + var("tid")));
+            tile.push(let_(
+                &format!("{buf}g{g}"),
+                Elem::F32x4,
+                load4(
+                    buf,
+                    (var("krow") + (var("k0") + var(&fv) / u(width)).min(uni("sk") - u(1)))
+                        * u(4 * width)
+                        + (var(&fv) % u(width)) * u(4),
+                ),
+            ));
+        }
+    };
+    let vector = |buf: &str, width: u32, c: u32, x: u32| -> Expr {
+        let fl = c * width + x;
+        bcast8(var(&format!("{buf}g{}", fl / 8)), (fl % 8) as u8)
+    };
+    if shared_kv {
+        group_loads(&mut tile, "k", d4);
+    }
     for c in 0..bk {
         let j = var("k0") + u(c);
         tile.push(let_(&n("j", c), Elem::U32, j));
@@ -1011,7 +1042,11 @@ fn build_lanes(
             tile.push(let_(
                 &kx,
                 Elem::F32x4,
-                load4("k", var(&n("kr", c)) * u(d) + u(4 * x)),
+                if shared_kv {
+                    vector("k", d4, c, x)
+                } else {
+                    load4("k", var(&n("kr", c)) * u(d) + u(4 * x))
+                },
             ));
             for r in 0..rows {
                 let dn = n2("dot", r, c);
@@ -1062,13 +1097,20 @@ fn build_lanes(
         }
     }
     // acc += p · v: one vector of V at a time, into every row.
+    if shared_kv {
+        group_loads(&mut tile, "v", dv4);
+    }
     for c in 0..bk {
         for x in 0..dv4 {
             let vx = n2("v", c, x);
             tile.push(let_(
                 &vx,
                 Elem::F32x4,
-                load4("v", var(&n("kr", c)) * u(dv) + u(4 * x)),
+                if shared_kv {
+                    vector("v", dv4, c, x)
+                } else {
+                    load4("v", var(&n("kr", c)) * u(dv) + u(4 * x))
+                },
             ));
             for r in 0..rows {
                 tile.push(assign(
@@ -1456,7 +1498,12 @@ pub fn catalog() -> Vec<Generated> {
         cfg(Elem::F16, 64, 64, true, Some(32), true),
         cfg(Elem::BF16, 64, 64, true, None, false),
     ] {
+        // Subgroups of 8 lanes or more (llvmpipe's 8): K/V shared by broadcast.
         let l = limits(c.elem).with_kind(DeviceKind::Cpu);
+        let l = Limits {
+            subgroup_min: l.subgroup_min.max(8),
+            ..l
+        };
         let t = AttentionTunables::default_for(&c, &l)
             .with("rows", 1)
             .expect("known tunable");

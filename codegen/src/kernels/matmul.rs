@@ -188,7 +188,9 @@ pub struct MatMulTunables {
     pub rn: u32,
     /// 0: the tiled shared-memory design ([`matmul`]); 1: the register design for CPU adapters
     /// ([`matmul_reg`]: no shared memory, vec4 loads, `tile_k` vec4 steps unrolled per k
-    /// iteration).
+    /// iteration); 2: the register design with `a` shared by subgroup broadcasts (one
+    /// 8-invocation workgroup side by side along `n`, each lane loading one `a` row of 8 per
+    /// vec4 step and broadcasting it to the others: targets with subgroups of ≥ 8 lanes).
     pub reg: u32,
 }
 
@@ -204,7 +206,7 @@ impl MatMulTunables {
 
     /// Bytes of shared memory: the f32 tiles of `a` and `b` (none in the register design).
     pub fn shared_bytes(&self) -> u32 {
-        if self.reg == 1 {
+        if self.reg >= 1 {
             0
         } else {
             4 * self.tile_k * (self.tile_m + self.tile_n)
@@ -244,6 +246,38 @@ impl MatMulTunables {
         MatMulTunables::reg(rm, rn, 8 / wx, wx, 1)
     }
 
+    /// The broadcast register design (`reg = 2`, [`matmul_reg`]): `rm` rows (a multiple of 8)
+    /// × `rn` columns per invocation, 8 invocations side by side along `n`, `unroll` vec4
+    /// steps per k iteration.
+    pub fn bcast(rm: u32, rn: u32, unroll: u32) -> MatMulTunables {
+        MatMulTunables {
+            reg: 2,
+            ..MatMulTunables::reg(rm, rn, 1, 8, unroll)
+        }
+    }
+
+    /// The default on a CPU adapter when the operands allow vec4 loads: the broadcast design
+    /// with 8 × 8 blocks (each lane loads one vec4 of `a` and 8 of `b` per 256 multiply-adds,
+    /// against 8 + 8 in [`Self::reg_for_problem`]'s blocks) where the target's subgroups hold
+    /// 8 lanes or more and the problem has 8 rows or more (or an unknown count), else
+    /// [`Self::reg_for_problem`].
+    pub fn cpu_for_problem(
+        cfg: &MatMulConfig,
+        limits: &Limits,
+        m: Option<u64>,
+        n: Option<u64>,
+    ) -> MatMulTunables {
+        let t = MatMulTunables::bcast(8, 8, 1);
+        if limits.subgroup_min >= 8
+            && m.is_none_or(|m| m >= 8)
+            && n.is_none_or(|n| n >= 64)
+            && t.validate("matmul", limits).is_ok()
+        {
+            return t;
+        }
+        Self::reg_for_problem(cfg, m, n)
+    }
+
     /// The register design's space: `rm`, `rn` in {1, 2, 4, 8} (`rn` ≥ 4 when `b` is not
     /// transposed) with at most 64 outputs per invocation, 8, 16, 32 or 64 invocations as
     /// `wy × wx`, and 1 or 2 vec4 steps per k iteration.
@@ -265,6 +299,20 @@ impl MatMulTunables {
                                 v.push(t);
                             }
                         }
+                    }
+                }
+            }
+        }
+        // The broadcast design where the target allows it: 8 or 16 rows.
+        for rm in [8u32, 16] {
+            for rn in MICRO {
+                if rm * rn > 64 || (!cfg.b_transposed && rn < 4) {
+                    continue;
+                }
+                for unroll in [1, 2] {
+                    let t = MatMulTunables::bcast(rm, rn, unroll);
+                    if t.validate("matmul", limits).is_ok() {
+                        v.push(t);
                     }
                 }
             }
@@ -408,12 +456,28 @@ impl MatMulTunables {
         if [tile_m, tile_n, tile_k, rm, rn].contains(&0) {
             return e(format!("tunables must be nonzero: {self:?}"));
         }
-        if reg > 1 {
+        if reg > 2 {
             return e(format!(
-                "reg must be 0 (tiled) or 1 (register design): {self:?}"
+                "reg must be 0 (tiled), 1 (register design) or 2 (register design with \
+                 broadcasts): {self:?}"
             ));
         }
-        if reg == 1 && tile_k > 4 {
+        if reg == 2 {
+            if limits.subgroup_min < 8 {
+                return e(format!(
+                    "the broadcast design needs subgroups of at least 8 lanes (the target \
+                     guarantees {}): {self:?}",
+                    limits.subgroup_min
+                ));
+            }
+            if rm % 8 != 0 || tile_m != rm || tile_n != 8 * rn {
+                return e(format!(
+                    "the broadcast design takes one row of 8 invocations along n and a \
+                     multiple of 8 rows per invocation: {self:?}"
+                ));
+            }
+        }
+        if reg >= 1 && tile_k > 4 {
             return e(format!(
                 "the register design unrolls at most 4 vec4 steps per k iteration: {self:?}"
             ));
@@ -449,7 +513,7 @@ impl MatMulTunables {
     }
 
     fn describe(&self, cfg: &MatMulConfig, limits: &Limits) -> Vec<Tunable> {
-        let space = if self.reg == 1 {
+        let space = if self.reg >= 1 {
             Self::reg_space(cfg, limits)
         } else {
             Self::space(cfg, limits)
@@ -585,7 +649,7 @@ pub fn matmul(
     t: &MatMulTunables,
     limits: &Limits,
 ) -> Result<Generated, CodegenError> {
-    if t.reg == 1 {
+    if t.reg >= 1 {
         return matmul_reg(cfg, t, limits);
     }
     let name = cfg.name("matmul");
@@ -833,6 +897,10 @@ pub fn matmul_reg(
     }
     let (wy, wx) = (tm / rm, tn / rn);
     let threads = wy * wx;
+    // The broadcast design walks the row blocks fastest (grid x), so consecutive workgroups
+    // (on llvmpipe one thread runs a contiguous range of them) reuse one column strip of `b`
+    // from cache; the others walk the column blocks fastest.
+    let row_axis = if t.reg == 2 { 0 } else { 1 };
     let gated: &[(&str, &str)] = if cfg.gate {
         &[("b", "acc"), ("b2", "acg")]
     } else {
@@ -845,22 +913,36 @@ pub fn matmul_reg(
         let_(
             "row0",
             Elem::U32,
-            workgroup_id(1) * u(tm) + var("ty") * u(rm),
+            workgroup_id(row_axis) * u(tm) + var("ty") * u(rm),
         ),
         let_(
             "col0",
             Elem::U32,
-            workgroup_id(0) * u(tn) + var("tx") * u(rn),
+            workgroup_id(1 - row_axis) * u(tn) + var("tx") * u(rn),
         ),
     ];
     body.extend(batch_offsets());
+    // Broadcast design: lane `tx` reads row `row0 + 8·g + tx` for each group g of 8 rows,
+    // and row `i` is lane `i % 8`'s vector of group `i / 8`.
+    let bcast = t.reg == 2;
     // Rows past `m` (columns past `n`) read the last one and store nothing.
-    for i in 0..rm {
-        body.push(let_(
-            &format!("ra{i}"),
-            Elem::U32,
-            var("a_off") + plus(var("row0"), i).min(uni("m") - u(1)) * uni("k"),
-        ));
+    if bcast {
+        for g in 0..rm / 8 {
+            body.push(let_(
+                &format!("ra{g}"),
+                Elem::U32,
+                var("a_off")
+                    + (plus(var("row0"), 8 * g) + var("tx")).min(uni("m") - u(1)) * uni("k"),
+            ));
+        }
+    } else {
+        for i in 0..rm {
+            body.push(let_(
+                &format!("ra{i}"),
+                Elem::U32,
+                var("a_off") + plus(var("row0"), i).min(uni("m") - u(1)) * uni("k"),
+            ));
+        }
     }
     // Per output: the accumulator's name and how to read its value in the epilogue.
     let (nb, acc_elem) = if cfg.b_transposed {
@@ -899,12 +981,22 @@ pub fn matmul_reg(
     let step = |s: u32| -> Vec<Stmt> {
         let mut v = vec![];
         let kq = plus(var("kk"), 4 * s);
+        if bcast {
+            for g in 0..rm / 8 {
+                v.push(let_(
+                    &format!("ag{g}_{s}"),
+                    Elem::F32x4,
+                    load4("a", var(&format!("ra{g}")) + kq.clone()),
+                ));
+            }
+        }
         for i in 0..rm {
-            v.push(let_(
-                &format!("av{i}_{s}"),
-                Elem::F32x4,
-                load4("a", var(&format!("ra{i}")) + kq.clone()),
-            ));
+            let a = if bcast {
+                bcast8(var(&format!("ag{}_{s}", i / 8)), (i % 8) as u8)
+            } else {
+                load4("a", var(&format!("ra{i}")) + kq.clone())
+            };
+            v.push(let_(&format!("av{i}_{s}"), Elem::F32x4, a));
         }
         for (buf, acc) in gated {
             if cfg.b_transposed {
@@ -1003,7 +1095,11 @@ pub fn matmul_reg(
     check_limits(&kernel, limits)?;
     Ok(Generated {
         kernel,
-        grid: [GridDim::of("n", tn), GridDim::of("m", tm), grid_z()],
+        grid: if row_axis == 0 {
+            [GridDim::of("m", tm), GridDim::of("n", tn), grid_z()]
+        } else {
+            [GridDim::of("n", tn), GridDim::of("m", tm), grid_z()]
+        },
         tunables: t.describe(cfg, limits),
     })
 }
@@ -1329,7 +1425,29 @@ pub fn catalog() -> Vec<Generated> {
             MatMulTunables::reg(2, 4, 4, 4, 2),
             "reg2x4u2",
         ),
+        // The broadcast design (8-lane groups: `__shfl_sync` of width 8 on CUDA).
+        (
+            MatMulConfig::plain(Elem::F32).epilogue(Act::GeluErf, true, true),
+            MatMulTunables::bcast(8, 8, 1),
+            "bcast8x8",
+        ),
+        (
+            MatMulConfig::plain(Elem::F16)
+                .epilogue(Act::Relu, false, true)
+                .transposed_b(true),
+            MatMulTunables::bcast(16, 4, 1),
+            "bcast16x4",
+        ),
+        (
+            swiglu(Elem::F16).transposed_b(true),
+            MatMulTunables::bcast(8, 4, 2),
+            "bcast8x4u2",
+        ),
     ] {
+        let limits = Limits {
+            subgroup_min: limits.subgroup_min.max(8),
+            ..limits
+        };
         let mut g = matmul(&cfg, &t, &limits).expect("catalog register matmul");
         g.kernel.name = format!("{}_{tag}", g.kernel.name);
         v.push(g);

@@ -60,6 +60,10 @@ pub struct Limits {
     pub max_shared_bytes: u32,
     /// The kind of device (the runtime fills it from the adapter).
     pub kind: DeviceKind,
+    /// The fewest lanes a subgroup (warp) of the device has, 0 when unknown or without
+    /// subgroup operations: designs broadcasting within groups of 8 lanes
+    /// ([`crate::kir::SubgroupOp::Broadcast`]) need at least 8.
+    pub subgroup_min: u32,
 }
 
 impl Limits {
@@ -69,6 +73,7 @@ impl Limits {
             max_threads: 256,
             max_shared_bytes: 16 * 1024,
             kind: DeviceKind::Gpu,
+            subgroup_min: 0,
         }
     }
 
@@ -83,6 +88,7 @@ impl Limits {
             max_threads: 1024,
             max_shared_bytes: 48 * 1024,
             kind: DeviceKind::Gpu,
+            subgroup_min: 32,
         }
     }
 }

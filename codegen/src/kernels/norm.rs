@@ -552,6 +552,7 @@ fn combine(op: SubgroupOp, a: Expr, b: Expr) -> Expr {
     match op {
         SubgroupOp::Sum => a + b,
         SubgroupOp::Max => a.max(b),
+        SubgroupOp::Broadcast(_) => unreachable!("not a reduction"),
     }
 }
 
@@ -559,6 +560,7 @@ fn identity(op: SubgroupOp) -> f32 {
     match op {
         SubgroupOp::Sum => 0.0,
         SubgroupOp::Max => f32::NEG_INFINITY,
+        SubgroupOp::Broadcast(_) => unreachable!("not a reduction"),
     }
 }
 

@@ -869,9 +869,26 @@ fn groups_of(op: &Op) -> usize {
     }
 }
 
-/// A view whose vec4 loads stay whole and aligned: dense, starting on a multiple of 4.
+/// A view whose vec4 loads stay whole and aligned: the 4 logical elements from any multiple
+/// of 4 are 4 consecutive buffer elements from a multiple of 4, so a vector load at logical
+/// index `L` is one vector load at the remapped index of `L`. Dense views starting on a
+/// multiple of 4; strided ones (the permuted attention output `[b, h, s, d] → [b, s, h·d]`
+/// that the output projection reads) when their innermost contiguous run is 4·x elements
+/// with stride 1 and every other stride and the offset are multiples of 4 (for all dims).
 fn vec4_aligned(v: &View) -> bool {
-    v.is_dense() && v.offset.as_const().is_some_and(|o| o % 4 == 0)
+    let by4 = |p: &Poly| p.div_exact(4).is_some();
+    if !by4(&v.offset) {
+        return false;
+    }
+    if v.is_dense() {
+        return true;
+    }
+    match v.merged_axes().split_last() {
+        None => true,
+        Some(((size, stride), outer)) => {
+            stride.is(1) && by4(size) && outer.iter().all(|(_, s)| by4(s))
+        }
+    }
 }
 
 /// Rows of `cols` elements of view `x` read as aligned vec4s (the row designs).

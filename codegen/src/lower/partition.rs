@@ -602,6 +602,50 @@ mod tests {
         assert_eq!(tunable(&v.gen, "reg"), None);
     }
 
+    /// `x [h, s, d]` permuted to `[s, h, d]`, merged to `[s, h·d]` (attention's output as the
+    /// output projection reads it), `@ w [h·d, n]`, lowered at `s = 16` on a CPU adapter.
+    fn merged_heads_plan(h: usize, d: usize, n: usize) -> Plan {
+        let mut b = Builder::new();
+        let x = b
+            .input("x", vec![h.into(), Dim::sym("s"), d.into()], DType::F32)
+            .unwrap();
+        let p = b.permute(x, &[1, 0, 2]).unwrap();
+        let m = b.reshape(p, vec![Dim::sym("s"), (h * d).into()]).unwrap();
+        let w = b.weight("w", vec![(h * d).into(), n.into()]).unwrap();
+        let y = b.matmul(m, w).unwrap();
+        b.output("y", y);
+        let mut opts = LowerOptions::new(Target::Wgsl, Elem::F32);
+        opts.limits = opts.limits.with_kind(crate::kernels::DeviceKind::Cpu);
+        let t = crate::lower::tuning::Tuning::at(dims(&[("s", 16)]), None);
+        lower_tuned(&b.finish(), &opts, &t).unwrap()
+    }
+
+    #[test]
+    fn merged_heads_take_the_register_matmul_when_head_runs_are_whole_vectors() {
+        // Runs of d = 8 contiguous elements: vec4 loads stay whole, so the register design.
+        let plan = merged_heads_plan(3, 8, 52);
+        let k = plan.kernels.last().unwrap();
+        assert_eq!(tunable(&k.gen, "reg"), Some(1), "{}", k.entry());
+        // With 8-lane subgroups (llvmpipe): the broadcast register design.
+        let mut b = Builder::new();
+        let x = b
+            .input("x", vec![Dim::sym("s"), 64.into()], DType::F32)
+            .unwrap();
+        let w = b.weight("w", vec![64.into(), 128.into()]).unwrap();
+        let y = b.matmul(x, w).unwrap();
+        b.output("y", y);
+        let mut opts = LowerOptions::new(Target::Wgsl, Elem::F32);
+        opts.limits = opts.limits.with_kind(crate::kernels::DeviceKind::Cpu);
+        opts.limits.subgroup_min = 8;
+        let t = crate::lower::tuning::Tuning::at(dims(&[("s", 16)]), None);
+        let p8 = lower_tuned(&b.finish(), &opts, &t).unwrap();
+        assert_eq!(tunable(&p8.kernels[0].gen, "reg"), Some(2));
+        // Runs of d = 6: a vec4 would straddle two heads, so the tiled design.
+        let plan = merged_heads_plan(3, 6, 52);
+        let k = plan.kernels.last().unwrap();
+        assert_eq!(tunable(&k.gen, "reg"), Some(0), "{}", k.entry());
+    }
+
     #[test]
     fn a_symbolic_query_length_gets_a_decode_variant() {
         let plan = lowered(Dim::sym("s"));

@@ -301,8 +301,9 @@ impl Lower<'_> {
                 .map(|p| self.tuning.size(p))
                 .collect::<Option<Vec<_>>>(),
         ) {
-            (false, _) if reg => MatMulTunables::reg_for_problem(
+            (false, _) if reg => MatMulTunables::cpu_for_problem(
                 cfg,
+                &limits,
                 self.tuning.size(&sizes[0]),
                 self.tuning.size(&sizes[1]),
             ),
@@ -328,7 +329,7 @@ impl Lower<'_> {
         );
         let p = self.site(s, &|p| {
             let t = mm_from(p).ok_or("not a matmul point".to_string())?;
-            if t.reg == 1 && !reg {
+            if t.reg >= 1 && !reg {
                 return Err(
                     "the register design needs a CPU adapter and vec4-aligned operands".into(),
                 );
