@@ -97,8 +97,8 @@ pub mod view;
 pub use buffers::BufId;
 pub use partition::{lower, lower_tuned};
 pub use plan::{
-    Alias, BufferKind, LowerOptions, Phase, Plan, PlanBuffer, PlanIo, PlanKernel, Target,
-    UniformExpr, Variant,
+    Alias, BufferKind, LowerOptions, Phase, Plan, PlanBuffer, PlanCache, PlanIo, PlanKernel,
+    Target, UniformExpr, Variant, CACHE_CAP,
 };
 pub use poly::Poly;
 pub use view::View;

@@ -2,6 +2,8 @@
 //! symbolic dims; with `dims`, also their values and the estimated bytes/flops). Each kernel's
 //! `decode` is its decode variant's entry (null without one) and `decode_file` its source
 //! file; with `dims`, `decode_at` says whether the variant is launched at those dims.
+//! `caches` lists the appendable KV caches (input, output, their shared buffer, the axis; the
+//! buffer has `kv_cap` rows along it, a dim the runtime binds).
 
 use serde_json::{json, Value};
 use transfuse_ir::{shape_string, Bindings, Shape};
@@ -165,6 +167,13 @@ impl Plan {
             "inputs": io(&self.inputs),
             "weights": io(&self.weights),
             "outputs": io(&self.outputs),
+            "caches": self.caches.iter().map(|c| json!({
+                "input": c.input,
+                "output": c.output,
+                "buffer": c.buffer,
+                "axis": c.axis,
+                "capacity": super::CACHE_CAP,
+            })).collect::<Vec<_>>(),
             "buffers": buffers,
             "aliases": aliases,
             "kernels": kernels,

@@ -9,6 +9,8 @@
 
 use transfuse_ir::{Act, DType, Dim, NodeId, Op, Shape};
 
+use super::buffers::BufId;
+use super::cluster::{Leaf, Tree};
 use super::kernel::Kb;
 use super::partition::{Lower, Val};
 use super::plan::{UniformExpr, Variant};
@@ -778,8 +780,39 @@ impl Lower<'_> {
     }
 
     /// A concat, sharing its launch with later same-shaped concats whose operands are ready.
+    /// A cache's `concat(past, new)` ([`super::PlanCache`]): the past rows are already in the
+    /// cache buffer, so only the new rows are written, at rows `past..` through the buffer's
+    /// capacity stride — by the matmul that makes them when they are a view of its output
+    /// ([`Self::place_concat`]), else by a copy kernel of the new part alone.
+    fn cache_concat(&mut self, id: NodeId, axis: usize, buf: BufId) -> Result<(), CodegenError> {
+        let g = self.g;
+        let n = g.node(id);
+        let (shape, past, new) = (n.shape.clone(), n.inputs[0], n.inputs[1]);
+        let full = View::contiguous(buf, &self.buffers.get(buf).shape.clone());
+        let dst = full.slice(axis, &Dim::from(0), &shape[axis]);
+        if self.place_concat(id, axis, Some(&dst))? {
+            return Ok(());
+        }
+        let start = g.node(past).shape[axis].clone();
+        let rows = dst.slice(axis, &start, &shape[axis]);
+        let x = self.view_of(new)?;
+        let dtype = g.node(new).dtype;
+        self.cluster_to(
+            vec![id],
+            &Tree::Leaf(Leaf::View(x, dtype)),
+            new,
+            Some(&rows),
+        )?;
+        self.vals[id.index()] = Some(Val::View(dst));
+        self.done[id.index()] = true;
+        Ok(())
+    }
+
     pub(super) fn concat(&mut self, id: NodeId, axis: usize) -> Result<(), CodegenError> {
-        if self.place_concat(id, axis)? {
+        if let Some(buf) = self.caches.get(&id).and_then(|c| c.buf) {
+            return self.cache_concat(id, axis, buf);
+        }
+        if self.place_concat(id, axis, None)? {
             return Ok(());
         }
         let n = self.g.node(id);

@@ -59,6 +59,49 @@ pub(super) struct Lower<'a> {
     pub(super) matmuls: HashMap<usize, place::MatMulInfo>,
     /// How template tunables are chosen ([`super::tuning`]).
     pub(super) tuning: &'a Tuning<'a>,
+    /// Appendable caches ([`PlanCache`]) by the concat node that is their output: the input
+    /// node, the output name and, once the input is lowered, the cache buffer.
+    pub(super) caches: HashMap<NodeId, CacheSite>,
+}
+
+/// A cache concat found before lowering (see [`find_caches`]).
+#[derive(Clone, Debug)]
+pub(super) struct CacheSite {
+    pub(super) input: NodeId,
+    pub(super) output: String,
+    pub(super) axis: usize,
+    pub(super) buf: Option<BufId>,
+}
+
+/// Graph outputs `concat(input, new)` (two parts) whose first part is a graph input read by
+/// nothing else, of a float type, output once: each becomes one appendable cache buffer.
+fn find_caches(g: &Graph, uses: &[usize]) -> HashMap<NodeId, CacheSite> {
+    let mut out = HashMap::new();
+    let outs = g.outputs();
+    for (name, id) in outs {
+        let n = g.node(*id);
+        let Op::Concat { axis } = n.op else { continue };
+        if n.inputs.len() != 2
+            || n.dtype != DType::F32
+            || outs.iter().filter(|(_, o)| o == id).count() != 1
+        {
+            continue;
+        }
+        let input = n.inputs[0];
+        if !matches!(g.node(input).op, Op::Input { .. }) || uses[input.index()] != 1 {
+            continue;
+        }
+        out.insert(
+            *id,
+            CacheSite {
+                input,
+                output: name.clone(),
+                axis,
+                buf: None,
+            },
+        );
+    }
+    out
 }
 
 impl<'a> Lower<'a> {
@@ -229,7 +272,25 @@ impl<'a> Lower<'a> {
         let (shape, dtype) = (n.shape.clone(), n.dtype);
         let val = match &op {
             Op::Input { name, .. } => {
-                Val::View(self.add_buffer(name.clone(), dtype, shape, BufferKind::Input))
+                let cache = self
+                    .caches
+                    .iter()
+                    .find(|(_, c)| c.input == id)
+                    .map(|(k, c)| (*k, c.output.clone(), c.axis));
+                match cache {
+                    // The cache buffer: the input's shape with `kv_cap` rows; the input is its
+                    // first rows.
+                    Some((concat, output, axis)) => {
+                        let mut full = shape.clone();
+                        full[axis] = Dim::sym(CACHE_CAP);
+                        let v = self.add_buffer(output, dtype, full, BufferKind::Cache);
+                        self.caches.get_mut(&concat).expect("found").buf = Some(v.buf);
+                        Val::View(v.slice(axis, &Dim::from(0), &shape[axis]))
+                    }
+                    None => {
+                        Val::View(self.add_buffer(name.clone(), dtype, shape, BufferKind::Input))
+                    }
+                }
             }
             Op::Weight { name, .. } => {
                 Val::View(self.add_buffer(name.clone(), dtype, shape, BufferKind::Weight))
@@ -405,6 +466,7 @@ pub fn lower_tuned(
         producer: HashMap::new(),
         matmuls: HashMap::new(),
         tuning,
+        caches: find_caches(g, &uses),
     };
     // Inputs and weights first, so a concat can take over a later one's operands.
     for (id, n) in g.nodes() {
@@ -420,6 +482,16 @@ pub fn lower_tuned(
     // taken it, is named after the output; anything else is copied into a buffer of its own.
     let mut outputs = vec![];
     for (name, id) in g.outputs() {
+        if let Some(buf) = l.caches.get(id).and_then(|c| c.buf) {
+            // Written in place by the concat; the buffer already has the output's name.
+            outputs.push(PlanIo {
+                name: name.clone(),
+                buffer: l.buffers.get(buf).name.clone(),
+                shape: g.node(*id).shape.clone(),
+                dtype: g.node(*id).dtype,
+            });
+            continue;
+        }
         if l.buffers.find(name).is_some() {
             return Err(plan_err(format!(
                 "output `{name}` has the name of another buffer"
@@ -456,7 +528,44 @@ pub fn lower_tuned(
             })
             .collect()
     };
-    let (inputs, weights) = (io(BufferKind::Input), io(BufferKind::Weight));
+    let weights = io(BufferKind::Weight);
+    // Inputs in buffer order, a cache's input named after the graph input.
+    let mut caches: Vec<PlanCache> = vec![];
+    let mut inputs = vec![];
+    for b in l.buffers.iter() {
+        match b.kind {
+            BufferKind::Input => inputs.push(PlanIo {
+                name: b.name.clone(),
+                buffer: b.name.clone(),
+                shape: b.shape.clone(),
+                dtype: b.dtype,
+            }),
+            BufferKind::Cache => {
+                let c = l
+                    .caches
+                    .values()
+                    .find(|c| c.buf.is_some_and(|x| l.buffers.get(x).name == b.name))
+                    .expect("a cache buffer has its site");
+                let n = g.node(c.input);
+                let Op::Input { name, .. } = &n.op else {
+                    unreachable!("cache inputs are inputs")
+                };
+                inputs.push(PlanIo {
+                    name: name.clone(),
+                    buffer: b.name.clone(),
+                    shape: n.shape.clone(),
+                    dtype: n.dtype,
+                });
+                caches.push(PlanCache {
+                    input: name.clone(),
+                    output: c.output.clone(),
+                    buffer: b.name.clone(),
+                    axis: c.axis,
+                });
+            }
+            _ => {}
+        }
+    }
     // Constant sizes the kernels' 32-bit indices cannot reach fail now, not at the first launch.
     for k in &l.kernels {
         let variant = k.decode.as_deref().map(|v| (&v.gen.kernel, &v.buffer_ids));
@@ -492,6 +601,7 @@ pub fn lower_tuned(
         inputs,
         weights,
         outputs,
+        caches,
     })
 }
 

@@ -101,6 +101,9 @@ pub enum BufferKind {
     Temp,
     /// Filled with this value once (scalar operands a template needs as a buffer).
     Const(f64),
+    /// An appendable cache ([`PlanCache`]): a graph input (the past rows) and a graph output
+    /// (past + new rows) in one buffer of [`CACHE_CAP`] rows along the cache axis.
+    Cache,
 }
 
 impl BufferKind {
@@ -113,6 +116,7 @@ impl BufferKind {
             BufferKind::Output => "output",
             BufferKind::Temp => "temp",
             BufferKind::Const(_) => "const",
+            BufferKind::Cache => "cache",
         }
     }
 }
@@ -281,6 +285,72 @@ pub struct PlanIo {
     pub dtype: DType,
 }
 
+/// The dim symbol of a cache buffer's capacity (rows along its cache axis): bound by the
+/// runtime, never by an input's shape (see [`PlanCache`]).
+pub const CACHE_CAP: &str = "kv_cap";
+
+/// An appendable KV cache: graph output `output = concat(input, new)` along `axis`, where
+/// `input` is a graph input used by nothing else. Both live in one buffer whose shape is the
+/// input's with [`CACHE_CAP`] rows along `axis`: the input is its first `len` rows, the output
+/// its first `len + new` rows, and the concat writes only the new rows, in place. A runtime
+/// binds `kv_cap` (≥ the output's rows) for the call; carrying the output to the input of the
+/// next call needs no copy, only a capacity that grows when exceeded. Host tensors of these
+/// shapes are laid out densely; [`PlanCache::pad`] / [`PlanCache::compact`] convert.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanCache {
+    /// The graph input (past rows).
+    pub input: String,
+    /// The graph output (past and new rows).
+    pub output: String,
+    /// The plan buffer holding both.
+    pub buffer: String,
+    /// The axis rows are appended along.
+    pub axis: usize,
+}
+
+impl PlanCache {
+    /// (outer blocks, inner elements per row) of a dense tensor of `shape` along `axis`.
+    fn blocks(&self, shape: &[usize]) -> (usize, usize) {
+        let outer = shape[..self.axis].iter().product();
+        let inner = shape[self.axis + 1..].iter().product();
+        (outer, inner)
+    }
+
+    /// Dense bytes of a tensor of `shape` (`eb` bytes per element) → the buffer layout with
+    /// `cap` rows along the axis (rows past `shape[axis]` zero).
+    pub fn pad(&self, dense: &[u8], shape: &[usize], cap: usize, eb: usize) -> Vec<u8> {
+        let (outer, inner) = self.blocks(shape);
+        let rows = shape[self.axis];
+        let (run, stride) = (rows * inner * eb, cap * inner * eb);
+        let mut out = vec![0u8; outer * stride];
+        for o in 0..outer {
+            out[o * stride..o * stride + run].copy_from_slice(&dense[o * run..(o + 1) * run]);
+        }
+        out
+    }
+
+    /// The buffer layout with `cap` rows → dense bytes of a tensor of `shape`.
+    pub fn compact(&self, padded: &[u8], shape: &[usize], cap: usize, eb: usize) -> Vec<u8> {
+        let (outer, inner) = self.blocks(shape);
+        let rows = shape[self.axis];
+        let (run, stride) = (rows * inner * eb, cap * inner * eb);
+        let mut out = Vec::with_capacity(outer * run);
+        for o in 0..outer {
+            out.extend_from_slice(&padded[o * stride..o * stride + run]);
+        }
+        out
+    }
+
+    /// The byte ranges `(offset, bytes)` holding the first `rows` rows of a buffer of `shape`
+    /// (`shape[axis]` ignored) with `cap` rows: what a capacity change must copy.
+    pub fn row_runs(&self, shape: &[usize], rows: usize, cap: usize, eb: usize) -> Vec<(u64, u64)> {
+        let (outer, inner) = self.blocks(shape);
+        let stride = (cap * inner * eb) as u64;
+        let run = (rows * inner * eb) as u64;
+        (0..outer as u64).map(|o| (o * stride, run)).collect()
+    }
+}
+
 /// A launch plan (see the module docs).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
@@ -300,6 +370,8 @@ pub struct Plan {
     pub weights: Vec<PlanIo>,
     /// Graph outputs.
     pub outputs: Vec<PlanIo>,
+    /// Appendable caches (an input and an output sharing a buffer), see [`PlanCache`].
+    pub caches: Vec<PlanCache>,
 }
 
 pub(super) fn plan_err(msg: impl Into<String>) -> CodegenError {
@@ -307,6 +379,13 @@ pub(super) fn plan_err(msg: impl Into<String>) -> CodegenError {
 }
 
 impl Plan {
+    /// The cache whose input or output is `name`.
+    pub fn cache_of(&self, name: &str) -> Option<&PlanCache> {
+        self.caches
+            .iter()
+            .find(|c| c.input == name || c.output == name)
+    }
+
     /// The buffer called `name`.
     pub fn buffer(&self, name: &str) -> Option<&PlanBuffer> {
         self.buffers.iter().find(|b| b.name == name)
@@ -350,7 +429,7 @@ impl Plan {
                 BufferKind::Input | BufferKind::Weight | BufferKind::Derived => {
                     read.contains(&b.name.as_str())
                 }
-                BufferKind::Output => true,
+                BufferKind::Output | BufferKind::Cache => true,
                 _ => false,
             })
             .fold(Poly::zero(), |a, b| a.add(&b.bytes()))
