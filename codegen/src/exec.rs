@@ -165,6 +165,9 @@ pub fn run_plan_interpreted(
         mem.insert(b.name.as_str(), h);
     }
     for i in 0..plan.kernels.len() {
+        if !plan.launched_at(i, bindings)? {
+            continue;
+        }
         let decode = plan.use_decode(i, bindings)?;
         let (uniforms, grid) = plan.launch_args_for(i, decode, bindings)?;
         let (gen, binds, _) = plan.kernels[i]

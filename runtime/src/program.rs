@@ -1245,7 +1245,7 @@ impl<D: Device> Program<D> {
     fn count_kernel_writes(&mut self, dims: &Bindings) -> Result<(), RuntimeError> {
         let mut by_buffer: HashMap<&str, u64> = HashMap::new();
         let mut total = 0;
-        for i in self.forward_kernels() {
+        for i in self.forward_kernels_at(dims)? {
             let decode = self.plan.use_decode(i, dims)?;
             let Some((gen, bindings, _)) = self.plan.kernels[i].launched(decode) else {
                 continue;
@@ -1295,8 +1295,16 @@ impl<D: Device> Program<D> {
         Ok(())
     }
 
-    fn forward_kernels(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.plan.kernels.len()).filter(|&i| self.plan.kernels[i].phase == Phase::Forward)
+    /// The forward kernels launched at `dims`, in order (a split-KV combine kernel only when
+    /// decoding: [`Plan::launched_at`]).
+    fn forward_kernels_at(&self, dims: &Bindings) -> Result<Vec<usize>, RuntimeError> {
+        let mut out = vec![];
+        for i in 0..self.plan.kernels.len() {
+            if self.plan.kernels[i].phase == Phase::Forward && self.plan.launched_at(i, dims)? {
+                out.push(i);
+            }
+        }
+        Ok(out)
     }
 
     fn places_ref(places: &HashMap<String, Place>) -> HashMap<&str, Place> {
@@ -1313,7 +1321,7 @@ impl<D: Device + 'static> Loaded for Program<D> {
         let (dims, places) = self.prepare_call(inputs)?;
         {
             let places = Self::places_ref(&places);
-            for i in self.forward_kernels() {
+            for i in self.forward_kernels_at(&dims)? {
                 self.launch(i, &dims, &places)?;
             }
         }
@@ -1383,7 +1391,7 @@ impl<D: Device + 'static> Loaded for Program<D> {
         self.dev.sync()?;
         let places = Self::places_ref(&places);
         let mut times = vec![];
-        for i in self.forward_kernels() {
+        for i in self.forward_kernels_at(&dims)? {
             let t0 = Instant::now();
             self.launch(i, &dims, &places)?;
             self.dev.sync()?;
@@ -1407,10 +1415,11 @@ impl<D: Device + 'static> Loaded for Program<D> {
         let places = Self::places_ref(&places);
         let mut seconds = Vec::with_capacity(iters);
         let mut device_clock = true;
+        let launched = self.forward_kernels_at(&dims)?;
         for _ in 0..iters {
             let timed = self.dev.timer_start();
             let t0 = Instant::now();
-            for i in self.forward_kernels() {
+            for &i in &launched {
                 self.launch(i, &dims, &places)?;
             }
             let device = if timed { self.dev.timer_stop()? } else { None };

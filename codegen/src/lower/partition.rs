@@ -74,7 +74,9 @@ pub(super) struct CacheSite {
 }
 
 /// Graph outputs `concat(input, new)` (two parts) whose first part is a graph input read by
-/// nothing else, of a float type, output once: each becomes one appendable cache buffer.
+/// nothing else, of a float type, output once, its length along the axis symbolic and sharing
+/// no symbol with the new part's (`past` against `seq`): each becomes one appendable cache
+/// buffer.
 fn find_caches(g: &Graph, uses: &[usize]) -> HashMap<NodeId, CacheSite> {
     let mut out = HashMap::new();
     let outs = g.outputs();
@@ -89,6 +91,12 @@ fn find_caches(g: &Graph, uses: &[usize]) -> HashMap<NodeId, CacheSite> {
         }
         let input = n.inputs[0];
         if !matches!(g.node(input).op, Op::Input { .. }) || uses[input.index()] != 1 {
+            continue;
+        }
+        // A cache's past length is its own symbol (`past`), not the new part's (`seq`): a
+        // concatenation of two inputs of one length is no cache.
+        let (pd, nd) = (&g.node(input).shape[axis], &g.node(n.inputs[1]).shape[axis]);
+        if pd.as_known().is_some() || pd.symbols().any(|s| nd.symbols().any(|t| t == s)) {
             continue;
         }
         out.insert(
@@ -259,6 +267,7 @@ impl<'a> Lower<'a> {
             bytes: kb.bytes,
             flops: kb.flops,
             decode,
+            only_when: None,
         });
         Ok(())
     }

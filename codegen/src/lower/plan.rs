@@ -7,7 +7,7 @@
 use transfuse_ir::{Bindings, DType, NodeId, Shape};
 
 use super::{BufId, Poly, View};
-use crate::kernels::norm;
+use crate::kernels::{decode, norm};
 use crate::kernels::{Generated, Limits};
 use crate::kir::*;
 use crate::CodegenError;
@@ -177,6 +177,16 @@ pub enum UniformExpr {
         /// Which of the seven values.
         index: usize,
     },
+    /// Split-KV decode's split of `sk` keys ([`decode::split_uniforms`]): the keys per split
+    /// (`nsplit` false) or the split count.
+    Split {
+        /// The key count.
+        sk: Poly,
+        /// The device's split bounds.
+        shape: decode::SplitShape,
+        /// The count rather than the keys per split.
+        nsplit: bool,
+    },
 }
 
 impl std::fmt::Display for UniformExpr {
@@ -192,6 +202,13 @@ impl std::fmt::Display for UniformExpr {
                 "mask_uniforms({}, {})[{index}]",
                 transfuse_ir::shape_string(scores),
                 transfuse_ir::shape_string(mask)
+            ),
+            UniformExpr::Split { sk, shape, nsplit } => write!(
+                f,
+                "split_{}({sk}; ≤{} × ≥{})",
+                if *nsplit { "count" } else { "chunk" },
+                shape.max_splits,
+                shape.min_chunk
             ),
         }
     }
@@ -231,6 +248,10 @@ pub struct PlanKernel {
     /// The decode variant of an attention kernel whose query length is symbolic (None for
     /// every other kernel): see [`Plan::use_decode`].
     pub decode: Option<Box<Variant>>,
+    /// Launched only when this evaluates to 1 (None: always): the combine kernel of a
+    /// split-KV decode variant, which runs after its partial kernel (the variant of the
+    /// kernel before it) and writes the attention's output. See [`Plan::launched_at`].
+    pub only_when: Option<Poly>,
 }
 
 impl PlanKernel {
@@ -473,6 +494,15 @@ impl Plan {
         }
     }
 
+    /// Whether kernel `k` is launched at the dims `b` (false for a split-KV combine kernel
+    /// when the query length is not 1, see [`PlanKernel::only_when`]).
+    pub fn launched_at(&self, k: usize, b: &Bindings) -> Result<bool, CodegenError> {
+        match &self.kernel(k)?.only_when {
+            Some(p) => Ok(p.eval(b)? == 1),
+            None => Ok(true),
+        }
+    }
+
     /// Uniform values (in kernel order) and grid of kernel `k`'s main kernel for the dims `b`.
     pub fn launch_args(
         &self,
@@ -518,6 +548,12 @@ impl Plan {
                         ))
                     })?;
                     i64::from(us[*index])
+                }
+                UniformExpr::Split { sk, shape, nsplit } => {
+                    let n = u64::try_from(sk.eval(b)?)
+                        .map_err(|_| kerr(format!("uniform `{name}`: negative key count")))?;
+                    let (chunk, count) = decode::split_uniforms(n, *shape);
+                    i64::from(if *nsplit { count } else { chunk })
                 }
             };
             vals.push(
