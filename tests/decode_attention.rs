@@ -22,7 +22,11 @@ fn graph(heads: usize, group: usize) -> Graph {
     let (past, seq) = (Dim::sym("past"), Dim::sym("seq"));
     let kvh = heads / group;
     let q = b
-        .input("q", vec![1.into(), heads.into(), seq.clone(), D.into()], DType::F32)
+        .input(
+            "q",
+            vec![1.into(), heads.into(), seq.clone(), D.into()],
+            DType::F32,
+        )
         .unwrap();
     let cache = |t: &Dim| vec![1.into(), kvh.into(), t.clone(), D.into()];
     let pk = b.input("past_k", cache(&past), DType::F32).unwrap();
@@ -51,7 +55,9 @@ fn values(seed: u64, n: usize) -> Vec<f32> {
     let mut x = seed;
     (0..n)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((x >> 33) % 512) as f32 / 128.0 - 2.0
         })
         .collect()
@@ -151,14 +157,22 @@ fn the_decode_step_launches_the_split_kernels() {
         .into_iter()
         .map(|k| k.name)
         .collect();
-    assert!(names.iter().any(|n| n.starts_with("attention_split_")), "{names:?}");
-    assert!(names.iter().any(|n| n.starts_with("attention_combine_")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.starts_with("attention_split_")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.starts_with("attention_combine_")),
+        "{names:?}"
+    );
     let prefill: Vec<String> = d
         .profile(&inputs(4, 4, 0, 5, 0))
         .unwrap()
         .into_iter()
         .map(|k| k.name)
         .collect();
-    assert!(!prefill.iter().any(|n| n.contains("combine")), "{prefill:?}");
+    assert!(
+        !prefill.iter().any(|n| n.contains("combine")),
+        "{prefill:?}"
+    );
 }
-

@@ -76,21 +76,7 @@ pub fn run_plan_interpreted(
     bindings: &Bindings,
 ) -> Result<HashMap<String, HostBuf>, CodegenError> {
     // A cache's capacity: exactly the output's rows unless the caller bound it.
-    let mut dims = bindings.clone();
-    if !dims.contains_key(CACHE_CAP) {
-        let mut cap = 0;
-        for c in &plan.caches {
-            let o = plan
-                .outputs
-                .iter()
-                .find(|o| o.name == c.output)
-                .expect("cache output");
-            cap = cap.max(eval(&o.shape, &dims)?[c.axis]);
-        }
-        if !plan.caches.is_empty() {
-            dims.insert(CACHE_CAP.to_string(), cap);
-        }
-    }
+    let dims = plan.cache_dims(bindings);
     let bindings = &dims;
     let cap = dims.get(CACHE_CAP).copied().unwrap_or(0);
     let f32_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };

@@ -143,7 +143,8 @@ impl Case {
                 .map(|j| {
                     let dot: f64 = (0..d)
                         .map(|x| {
-                            f64::from(self.q[bi * d + x]) * f64::from(self.k[(kv * cap + j) * d + x])
+                            f64::from(self.q[bi * d + x])
+                                * f64::from(self.k[(kv * cap + j) * d + x])
                         })
                         .sum();
                     let x = (dot * f64::from(c.scale)) as f32;
@@ -155,7 +156,9 @@ impl Case {
                     }
                 })
                 .collect();
-            let max = s.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(f64::from(x)));
+            let max = s
+                .iter()
+                .fold(f64::NEG_INFINITY, |a, &x| a.max(f64::from(x)));
             let p: Vec<f64> = s.iter().map(|&x| (f64::from(x) - max).exp()).collect();
             let sum: f64 = p.iter().sum();
             for col in 0..d {
@@ -189,13 +192,27 @@ impl Case {
         };
         let k = &g.kernel;
         let u: Vec<u32> = k.uniforms.iter().map(|n| value(n)).collect();
-        let look = |n: &str| k.uniforms.iter().position(|x| x == n).map(|i| u64::from(u[i]));
-        let grid = g.grid.clone().map(|gd| gd.eval(&look).expect("grid") as u32);
+        let look = |n: &str| {
+            k.uniforms
+                .iter()
+                .position(|x| x == n)
+                .map(|i| u64::from(u[i]))
+        };
+        let grid = g
+            .grid
+            .clone()
+            .map(|gd| gd.eval(&look).expect("grid") as u32);
         (u, grid)
     }
 
     /// The partial kernel, then the combine.
-    fn run(&self, c: &AttentionCfg, t: &AttentionTunables, shape: SplitShape, limits: &Limits) -> Vec<f32> {
+    fn run(
+        &self,
+        c: &AttentionCfg,
+        t: &AttentionTunables,
+        shape: SplitShape,
+        limits: &Limits,
+    ) -> Vec<f32> {
         let part_len = self.bh * shape.max_splits as usize * (self.d + 2);
         let g = split(c, t, shape, limits).unwrap_or_else(|e| panic!("{e}"));
         let (u, grid) = self.uniforms(&g, shape);

@@ -378,7 +378,11 @@ pub(super) fn kernel_err(name: &str, msg: String) -> CodegenError {
 }
 
 /// Checks the configuration and the tunables that every kernel shares.
-pub(super) fn check_common(cfg: &AttentionCfg, t: &AttentionTunables, name: &str) -> Result<(), CodegenError> {
+pub(super) fn check_common(
+    cfg: &AttentionCfg,
+    t: &AttentionTunables,
+    name: &str,
+) -> Result<(), CodegenError> {
     if !matches!(cfg.elem, Elem::F32 | Elem::F16 | Elem::BF16) {
         return Err(kernel_err(
             name,
@@ -595,7 +599,13 @@ fn mean_of_v(cfg: &AttentionCfg, orow: Expr, col: Expr) -> Vec<Stmt> {
 
 /// `body` for each of this thread's output columns `col = first + stride·ii`, `ii < cpt`,
 /// guarded by `col < dv` when the columns do not divide evenly.
-pub(super) fn for_cols(cfg: &AttentionCfg, first: &str, stride: u32, cpt: u32, body: Vec<Stmt>) -> Stmt {
+pub(super) fn for_cols(
+    cfg: &AttentionCfg,
+    first: &str,
+    stride: u32,
+    cpt: u32,
+    body: Vec<Stmt>,
+) -> Stmt {
     let mut inner = vec![let_("col", Elem::U32, var(first) + var("ii") * u(stride))];
     if stride * cpt != cfg.dv {
         inner.push(if_(var("col").lt(u(cfg.dv)), body));

@@ -97,7 +97,11 @@ pub fn combine_name(cfg: &AttentionCfg) -> String {
 
 /// The partial kernel's default tunables under `limits`: 128 threads (or the most that fit),
 /// one key per thread per tile.
-pub fn split_default_for(cfg: &AttentionCfg, shape: SplitShape, limits: &Limits) -> AttentionTunables {
+pub fn split_default_for(
+    cfg: &AttentionCfg,
+    shape: SplitShape,
+    limits: &Limits,
+) -> AttentionTunables {
     for threads in [128, 256, 64, 32] {
         let t = AttentionTunables {
             block_q: 1,
@@ -149,7 +153,11 @@ pub fn split(
     let kernel = build_split(cfg, t, shape, limits)?;
     Ok(Generated {
         kernel,
-        grid: [GridDim::of("nsplit", 1), GridDim::of("bh", 1), GridDim::one()],
+        grid: [
+            GridDim::of("nsplit", 1),
+            GridDim::of("bh", 1),
+            GridDim::one(),
+        ],
         tunables: split_space(cfg, shape, limits)
             .into_iter()
             .map(|mut x| {
@@ -183,7 +191,10 @@ fn build_split(
         ));
     }
     if shape.max_splits == 0 || shape.min_chunk == 0 {
-        return Err(kernel_err(&name, format!("split shape {shape:?} has a zero")));
+        return Err(kernel_err(
+            &name,
+            format!("split shape {shape:?} has a zero"),
+        ));
     }
     // Column owners, key slices, columns per thread (as the decode kernel).
     let ct = nt.min(dv);
@@ -241,7 +252,11 @@ fn build_split(
     body.extend(tile_range(cfg, var("qi"), 1, bk));
     body.extend([
         let_("c_lo", Elem::U32, var("sp") * uni("chunk")),
-        let_("c_hi", Elem::U32, (var("c_lo") + uni("chunk")).min(uni("sk"))),
+        let_(
+            "c_hi",
+            Elem::U32,
+            (var("c_lo") + uni("chunk")).min(uni("sk")),
+        ),
         let_("r_lo", Elem::U32, var("c_lo").max(var("kt_lo") * u(bk))),
         let_("r_hi", Elem::U32, var("c_hi").min(var("kend"))),
     ]);

@@ -51,6 +51,9 @@ fn grid_expr(d: &GridDim, names: &[String], exprs: &[UniformExpr]) -> String {
 impl Plan {
     /// The plan as JSON; with `dims`, values at those dims too (`*_at` fields).
     pub fn to_json(&self, dims_at: Option<&Bindings>) -> Value {
+        // A cache's capacity, unless given: exactly its rows at those dims.
+        let with_cap = dims_at.map(|b| self.cache_dims(b));
+        let dims_at = with_cap.as_ref();
         let at = |p: &super::Poly| dims_at.and_then(|b| p.eval(b).ok());
         let io = |v: &[super::PlanIo]| -> Value {
             v.iter()

@@ -510,7 +510,15 @@ impl Lower<'_> {
     /// addresses rows through a head stride (`stride_u`): in place when each key/value head's
     /// first `sk` rows are dense at a fixed stride (a dense tensor, or a KV cache with its
     /// capacity stride), else through a load remap of the dense layout.
-    fn bind_rows(&mut self, kb: &mut Kb, param: &str, stride_u: &str, x: &View, k: NodeId, inner: u32) {
+    fn bind_rows(
+        &mut self,
+        kb: &mut Kb,
+        param: &str,
+        stride_u: &str,
+        x: &View,
+        k: NodeId,
+        inner: u32,
+    ) {
         let ks = self.g.node(k).shape.clone();
         let r = ks.len();
         let rows = Poly::dim(&ks[r - 2]).mul(&Poly::konst(i64::from(inner)));

@@ -400,6 +400,30 @@ pub(super) fn plan_err(msg: impl Into<String>) -> CodegenError {
 }
 
 impl Plan {
+    /// `b` with [`CACHE_CAP`] bound, when the plan has caches and `b` does not bind it: to the
+    /// most rows a cache output has at `b` (no spare capacity), or left out when that cannot
+    /// be evaluated.
+    pub fn cache_dims(&self, b: &Bindings) -> Bindings {
+        let mut out = b.clone();
+        if self.caches.is_empty() || b.contains_key(CACHE_CAP) {
+            return out;
+        }
+        let mut cap = None;
+        for c in &self.caches {
+            let o = self.outputs.iter().find(|o| o.name == c.output);
+            if let Some(rows) = o
+                .and_then(|o| o.shape.get(c.axis))
+                .and_then(|d| Poly::dim(d).eval(b).ok())
+            {
+                cap = Some(cap.unwrap_or(0).max(rows));
+            }
+        }
+        if let Some(c) = cap.and_then(|c| usize::try_from(c).ok()) {
+            out.insert(CACHE_CAP.to_string(), c);
+        }
+        out
+    }
+
     /// The cache whose input or output is `name`.
     pub fn cache_of(&self, name: &str) -> Option<&PlanCache> {
         self.caches
