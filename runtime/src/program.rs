@@ -1045,11 +1045,13 @@ impl<D: Device> Program<D> {
                 .or_else(|| kv_carried.get(name).map(|s| (s.clone(), DType::F32)))
         })?;
         self.check_ids(inputs)?;
+        // Tunables by the shape bucket of the graph's own dims: the cache capacity changes no
+        // kernel's code, so it must not make a bucket of its own.
+        self.retune(&dims)?;
         let kv_cap = self.kv_capacity(&dims)?;
         if let Some(cap) = kv_cap {
             dims.insert(lower::CACHE_CAP.to_string(), cap);
         }
-        self.retune(&dims)?;
         self.written = BytesWritten::default();
         if let Some(cap) = kv_cap {
             self.ensure_caches(inputs, &dims, cap)?;
@@ -1204,7 +1206,8 @@ impl<D: Device> Program<D> {
                 return Err(dev_err(
                     self.backend(),
                     format!(
-                        "KV cache `{}` at {cap} rows takes {bytes} bytes, over the largest                          binding of {} ({} bytes): a smaller batch or context would fit",
+                        "KV cache `{}` at {cap} rows takes {bytes} bytes, over the largest \
+                         binding of {} ({} bytes): a smaller batch or context would fit",
                         c.output,
                         self.dev.info().description,
                         self.dev.info().max_binding_bytes
