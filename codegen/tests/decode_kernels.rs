@@ -116,9 +116,7 @@ impl Case {
         let q = (0..bh * d).map(|_| r.next() * 3.0).collect();
         let mut mask: Vec<f32> = (0..bh * sk).map(|_| r.next() * 2.0).collect();
         // Head 0 sees no key; the last head's last key is padding.
-        for j in 0..sk {
-            mask[j] = f32::MIN;
-        }
+        mask[..sk].fill(f32::MIN);
         mask[bh * sk - 1] = f32::MIN;
         Case {
             bh,
