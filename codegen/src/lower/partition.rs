@@ -724,7 +724,8 @@ mod tests {
     #[test]
     fn a_symbolic_query_length_gets_a_decode_variant() {
         let plan = lowered(Dim::sym("s"));
-        assert_eq!(plan.kernels.len(), 1);
+        // The attention and the split-KV decode's combine, launched only for one query row.
+        assert_eq!(plan.kernels.len(), 2);
         let k = &plan.kernels[0];
         assert!(k.entry().starts_with("attention_f32_d8_causal_mask_s"));
         let v = k.decode.as_deref().expect("a decode variant");
@@ -732,25 +733,40 @@ mod tests {
             v.gen
                 .kernel
                 .name
-                .starts_with("attention_decode_f32_d8_causal_mask_s"),
+                .starts_with("attention_split_f32_d8_causal_mask_s"),
             "{}",
             v.gen.kernel.name
         );
         assert_eq!(v.when_one, Poly::sym("s"));
-        // The same buffers, bound alike; the output renamed after the graph output in both.
-        assert_eq!(v.bindings, k.bindings);
-        assert!(v.bindings.contains(&"o".to_string()));
+        // The variant writes the split partials; the combine writes the output.
+        let c = &plan.kernels[1];
+        assert!(c
+            .entry()
+            .starts_with("attention_combine_f32_d8_causal_mask_s"));
+        assert_eq!(c.only_when, Some(Poly::sym("s")));
+        assert!(c.bindings.contains(&"o".to_string()));
+        assert!(k.bindings.contains(&"o".to_string()));
+        let part = v
+            .bindings
+            .iter()
+            .find(|b| b.ends_with("_split"))
+            .expect("partials");
+        assert!(c.bindings.contains(part));
         assert_eq!(v.uniforms.len(), v.gen.kernel.uniforms.len());
         let one = dims(&[("b", 3), ("s", 1), ("t", 9)]);
         let five = dims(&[("b", 3), ("s", 5), ("t", 9)]);
         assert!(plan.use_decode(0, &one).unwrap());
         assert!(!plan.use_decode(0, &five).unwrap());
         assert!(plan.use_decode(0, &dims(&[("b", 3)])).is_err());
-        assert!(plan.use_decode(1, &one).is_err());
-        // The decode grid: one workgroup per (query row, batch·head).
+        assert!(!plan.use_decode(1, &one).unwrap());
+        assert!(plan.use_decode(2, &one).is_err());
+        assert!(plan.launched_at(1, &one).unwrap());
+        assert!(!plan.launched_at(1, &five).unwrap());
+        // The decode grid: one workgroup per (key split, batch·head); 9 keys are one split.
         let (du, dg) = plan.launch_args_for(0, true, &one).unwrap();
         assert_eq!(dg, [1, 6, 1]);
         assert_eq!(du.len(), v.uniforms.len());
+        assert_eq!(plan.launch_args(1, &one).unwrap().1, [1, 6, 1]);
         assert_eq!(
             plan.launch_args(0, &five).unwrap(),
             plan.launch_args_for(0, false, &five).unwrap()
