@@ -1033,7 +1033,8 @@ fn codegen(
             dir.display()
         );
     }
-    let at = |p: &transfuse::codegen::lower::Poly| p.eval(bindings).unwrap_or(0);
+    let with_cap = plan.cache_dims(bindings);
+    let at = |p: &transfuse::codegen::lower::Poly| p.eval(&with_cap).unwrap_or(0);
     let dims_text: Vec<String> = bindings.iter().map(|(k, v)| format!("{k}={v}")).collect();
     if report {
         // Registers and spills from ptxas, when NVRTC is there.

@@ -118,9 +118,12 @@ fn emit_cuda_writes_one_source_per_kernel_and_plan_json() {
     let kernels = plan["kernels"].as_array().unwrap();
     let att: Vec<_> = kernels
         .iter()
-        .filter(|k| k["ops"][0] == "attention")
+        .filter(|k| k["ops"][0] == "attention" && k["only_when"].is_null())
         .collect();
     assert_eq!(att.len(), 2, "one per GPT-2 block");
+    // Each followed by its split-KV combine, launched only for one query row.
+    let combines = kernels.iter().filter(|k| k["only_when"] == "seq").count();
+    assert_eq!(combines, 2);
     let with: Vec<_> = kernels.iter().filter(|k| k["decode"].is_string()).collect();
     assert_eq!(
         with.len(),

@@ -155,6 +155,14 @@ impl<D: Device> Device for Limited<D> {
     fn read(&self, buf: &D::Buffer, bytes: u64) -> Result<Vec<u8>, RuntimeError> {
         self.inner.read(buf, bytes)
     }
+    fn copy(
+        &self,
+        src: &D::Buffer,
+        dst: &D::Buffer,
+        runs: &[(u64, u64, u64)],
+    ) -> Result<(), RuntimeError> {
+        self.inner.copy(src, dst, runs)
+    }
     fn compile(&self, k: &Kernel) -> Result<D::Module, RuntimeError> {
         self.inner.compile(k)
     }

@@ -164,6 +164,8 @@ fn all_kernels(plan: &Plan) -> impl Iterator<Item = &Kernel> {
 fn attention_kernels(plan: &Plan) -> Vec<usize> {
     (0..plan.kernels.len())
         .filter(|&i| plan.kernels[i].ops.iter().any(|o| o == "attention"))
+        // Not the split-KV decode's combine kernels (launched after their attention kernel).
+        .filter(|&i| plan.kernels[i].only_when.is_none())
         .collect()
 }
 
@@ -200,7 +202,13 @@ fn gpt2_plan_matches_the_cpu_backend_prefill_and_with_a_cache() {
     // Each block's attention carries a decode variant (seq is symbolic), taken for one token.
     let att = attention_kernels(&plan);
     assert_eq!(att.len(), 2, "{}", summary(&plan));
-    let dims = |b, s, p| bind_inputs(&g, &gpt2_inputs(&m, b, s, p)).unwrap();
+    // The K/V caches are one buffer each of `kv_cap` rows, which the runtime binds.
+    let dims = |b, s, p| {
+        let mut d = bind_inputs(&g, &gpt2_inputs(&m, b, s, p)).unwrap();
+        d.insert(transfuse::codegen::lower::CACHE_CAP.into(), s + p);
+        d
+    };
+    assert_eq!(plan.caches.len(), 4, "{}", summary(&plan));
     // Each matmul (rows = batch·seq, symbolic) carries a GEMV variant, taken for one row only;
     // the QKV matmuls' variants carry the same K/V cache placement as their main kernels.
     let mut gemvs = 0;
@@ -233,11 +241,19 @@ fn gpt2_plan_matches_the_cpu_backend_prefill_and_with_a_cache() {
             assert!(k.decode.is_none(), "{}", k.entry());
             continue;
         }
+        // The split-KV decode: its partial kernel as the variant, the combine next, launched
+        // only for one query row.
         let d = k.decode_entry().expect("a decode variant");
+        assert!(d.starts_with("attention_split_f32_d16_causal_mask_"), "{d}");
+        let c = &plan.kernels[i + 1];
         assert!(
-            d.starts_with("attention_decode_f32_d16_causal_mask_"),
-            "{d}"
+            c.entry()
+                .starts_with("attention_combine_f32_d16_causal_mask_"),
+            "{}",
+            c.entry()
         );
+        assert!(plan.launched_at(i + 1, &dims(1, 1, 6)).unwrap());
+        assert!(!plan.launched_at(i + 1, &dims(2, 5, 0)).unwrap());
         assert!(plan.use_decode(i, &dims(1, 1, 6)).unwrap());
         assert!(plan.use_decode(i, &dims(2, 1, 4)).unwrap());
         assert!(!plan.use_decode(i, &dims(2, 5, 0)).unwrap());
@@ -436,7 +452,9 @@ fn every_kernel_of_both_plans_is_valid_wgsl_in_f32_and_f16() {
                     validate_wgsl(&src);
                 }
             }
-            assert!(seen.iter().any(|n| n.starts_with("attention_decode_")));
+            // The split-KV decode: partial kernels (decode variants) and their combines.
+            assert!(seen.iter().any(|n| n.starts_with("attention_split_")));
+            assert!(seen.iter().any(|n| n.starts_with("attention_combine_")));
             assert!(seen.iter().any(|n| n.starts_with("gemv_")));
             eprintln!(
                 "{name} {elem:?}: {} distinct WGSL kernels valid",
@@ -500,7 +518,9 @@ fn every_kernel_of_both_plans_compiles_with_nvrtc_in_f32_f16_bf16() {
                     "{name} {elem:?} {entry} spills at default tunables"
                 );
             }
-            assert!(seen.iter().any(|n| n.starts_with("attention_decode_")));
+            // The split-KV decode: partial kernels (decode variants) and their combines.
+            assert!(seen.iter().any(|n| n.starts_with("attention_split_")));
+            assert!(seen.iter().any(|n| n.starts_with("attention_combine_")));
             assert!(seen.iter().any(|n| n.starts_with("gemv_")));
             table.push(format!(
                 "{name} {elem:?}: {} distinct kernels compile (decode variants included)",
@@ -518,7 +538,9 @@ fn forward_kernels(name: &str, layers: usize) -> usize {
         .find(|(n, _)| *n == name)
         .unwrap();
     let plan = lower(&g, &LowerOptions::new(Target::Cuda, Elem::F32)).unwrap();
-    plan.forward().count()
+    // Launched at prefill: not the split-KV decode's combines (a decode step adds one per
+    // attention).
+    plan.forward().filter(|k| k.only_when.is_none()).count()
 }
 
 #[test]
@@ -533,8 +555,8 @@ fn kernels_per_gpt2_block_and_per_bert_layer() {
         g2 - 2 * per_block,
         b2 - 2 * per_layer
     );
-    // ln_1, QKV matmul (which also writes the new K/V rows into present_key/value and, in
-    // extra workgroups, copies the past rows: no concat launch), attention, projection +
+    // ln_1, QKV matmul (which also writes the new K/V rows into the present_key/value cache
+    // buffers in place: no concat launch, no copy of the past), attention, projection +
     // residual, ln_2, MLP up + GELU, MLP down + residual.
     assert!(per_block <= 7);
     assert_eq!(per_block, 7);

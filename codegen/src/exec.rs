@@ -9,7 +9,7 @@ use transfuse_ir::{Bindings, DType, Data, Tensor};
 
 use crate::interp::{self, HostBuf};
 use crate::kir::{Access, Elem};
-use crate::lower::{BufferKind, Plan};
+use crate::lower::{BufferKind, Plan, CACHE_CAP};
 use crate::CodegenError;
 
 /// Subgroup width the interpreter assumes (CUDA's warp; the templates' `subgroup` tunable).
@@ -55,6 +55,10 @@ fn zeros(e: Elem, n: usize) -> HostBuf {
     }
 }
 
+fn eval(s: &transfuse_ir::Shape, b: &Bindings) -> Result<Vec<usize>, CodegenError> {
+    transfuse_ir::eval_shape(s, b).map_err(|e| CodegenError::Plan(e.to_string()))
+}
+
 fn buf_len(b: &HostBuf) -> usize {
     match b {
         HostBuf::F32(v) => v.len(),
@@ -71,8 +75,43 @@ pub fn run_plan_interpreted(
     weights: &HashMap<String, HostBuf>,
     bindings: &Bindings,
 ) -> Result<HashMap<String, HostBuf>, CodegenError> {
+    // A cache's capacity: exactly the output's rows unless the caller bound it.
+    let dims = plan.cache_dims(bindings);
+    let bindings = &dims;
+    let cap = dims.get(CACHE_CAP).copied().unwrap_or(0);
+    let f32_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let bytes_f32 = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
     let mut mem: HashMap<&str, HostBuf> = HashMap::new();
     for b in &plan.buffers {
+        if b.kind == BufferKind::Cache {
+            let c = plan
+                .caches
+                .iter()
+                .find(|c| c.buffer == b.name)
+                .expect("a cache");
+            let io = plan
+                .inputs
+                .iter()
+                .find(|i| i.name == c.input)
+                .expect("cache input");
+            let shape = eval(&io.shape, bindings)?;
+            let h = match inputs.get(&c.input) {
+                Some(HostBuf::F32(v)) if v.len() == shape.iter().product::<usize>() => v,
+                _ => {
+                    return Err(CodegenError::Plan(format!(
+                        "missing f32 input `{}` of {shape:?}",
+                        c.input
+                    )))
+                }
+            };
+            let padded = c.pad(&f32_bytes(h), &shape, cap, 4);
+            mem.insert(b.name.as_str(), HostBuf::F32(bytes_f32(&padded)));
+            continue;
+        }
         let n = b.len().eval_usize(bindings)?;
         let given = |src: &HashMap<String, HostBuf>, what: &str| -> Result<HostBuf, CodegenError> {
             let h = src
@@ -112,6 +151,9 @@ pub fn run_plan_interpreted(
         mem.insert(b.name.as_str(), h);
     }
     for i in 0..plan.kernels.len() {
+        if !plan.launched_at(i, bindings)? {
+            continue;
+        }
         let decode = plan.use_decode(i, bindings)?;
         let (uniforms, grid) = plan.launch_args_for(i, decode, bindings)?;
         let (gen, binds, _) = plan.kernels[i]
@@ -160,6 +202,13 @@ pub fn run_plan_interpreted(
         let b = mem
             .remove(o.buffer.as_str())
             .ok_or_else(|| CodegenError::Plan(format!("no output buffer `{}`", o.buffer)))?;
+        let b = match (plan.cache_of(&o.name), &b) {
+            (Some(c), HostBuf::F32(v)) => {
+                let shape = eval(&o.shape, bindings)?;
+                HostBuf::F32(bytes_f32(&c.compact(&f32_bytes(v), &shape, cap, 4)))
+            }
+            _ => b,
+        };
         out.insert(o.name.clone(), b);
     }
     Ok(out)

@@ -28,14 +28,19 @@
 //!   reductions of any single axis through a permuted view (`reduce_rows`), matmul and fused
 //!   matmul (`kernels::matmul::matmul`; a weight-side `permute [1,0]` is read as transposed
 //!   B), attention (`kernels::attention::flash`, additive mask through its stride uniforms;
-//!   `kernels::attention::decode` when the query length is the constant 1, and as the kernel's
-//!   decode [`Variant`] when it is symbolic),
+//!   `kernels::attention::decode` when the query length is the constant 1; when it is
+//!   symbolic, the split-KV partial kernel `kernels::decode::split` as the kernel's decode
+//!   [`Variant`] and `kernels::decode::combine` as the next kernel, launched only then),
 //!   softmax, layer/RMS/group/instance/batch norm (`kernels::norm`; constant γ = 1, β = 0 →
 //!   no affine buffers), and the lowering's own concat (several same-shaped concatenations
 //!   whose operands are ready share one launch) and iota kernels ([`copy`]);
 //! - **placed**: a concat whose parts are views of an emitted matmul's output and ready
-//!   tensors (GPT-2's `present = concat(past, new K/V)`) is written by that matmul: its
-//!   epilogue also stores the new rows, extra z-workgroups copy the past ones ([`place`]).
+//!   tensors is written by that matmul: its epilogue also stores the placed parts, extra
+//!   z-workgroups copy the others ([`place`]);
+//! - **a cache**: a graph output `concat(past, new)` whose `past` is a graph input read by
+//!   nothing else (GPT-2's and the LLaMA family's `present = concat(past, new K/V)`) is one
+//!   buffer with [`CACHE_CAP`] rows along the axis ([`PlanCache`]); only the new rows are
+//!   written, in place (placed into the matmul that makes them, or by a copy kernel).
 //!
 //! Kernels whose nodes depend on weights and constants only (merged QKV weights, transposes)
 //! form the **prepare** phase, run once after the weights are uploaded; the rest is the
@@ -68,13 +73,19 @@
 //! bytes, so allocate at least 4), upload inputs (i64 as i32, bool as u32) and weights, fill
 //! `Const` buffers, run the prepare kernels once, then per call the forward kernels in order
 //! with [`Plan::launch_args`]; read the outputs. An attention kernel whose query length is
-//! symbolic carries a decode variant ([`PlanKernel::decode`], a [`Variant`]: the one-workgroup-
-//! per-query-row kernel, for KV-cache decoding steps) with its own bindings, uniforms and grid:
+//! symbolic carries a decode variant ([`PlanKernel::decode`], a [`Variant`]: for
+//! KV-cache decoding steps, the split-KV partial kernel, followed by its combine) with its own bindings, uniforms and grid:
 //! when [`Plan::use_decode`] is true at the bound dims (the query length is 1), launch it
 //! instead, with [`Plan::launch_args_for`]`(k, true, …)`. Both compute the same attention (up
 //! to rounding), for any query length; the variant is the faster one for a single row.
 //! `transfuse compile --emit` writes its source next to the main kernel's
 //! ([`Plan::decode_file_name`]) and plan.json names it.
+//!
+//! A plan with [`Plan::caches`] also needs [`CACHE_CAP`] bound (≥ each cache output's rows);
+//! a cache's input and output share its buffer, laid out with that many rows (host tensors
+//! convert with [`PlanCache::pad`] / [`PlanCache::compact`]); a kernel with
+//! [`PlanKernel::only_when`] is launched only when [`Plan::launched_at`] says so (the combine
+//! of a split-KV decode variant).
 //!
 //! Grid-stride kernels (norms, concat, placed copies) accept a clamped grid. WebGPU guarantees
 //! 8 storage buffers per kernel: placement respects it; a cluster of more than 7 inputs (none
@@ -97,8 +108,8 @@ pub mod view;
 pub use buffers::BufId;
 pub use partition::{lower, lower_tuned};
 pub use plan::{
-    Alias, BufferKind, LowerOptions, Phase, Plan, PlanBuffer, PlanIo, PlanKernel, Target,
-    UniformExpr, Variant,
+    Alias, BufferKind, LowerOptions, Phase, Plan, PlanBuffer, PlanCache, PlanIo, PlanKernel,
+    Target, UniformExpr, Variant, CACHE_CAP,
 };
 pub use poly::Poly;
 pub use view::View;

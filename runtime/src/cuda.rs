@@ -594,6 +594,39 @@ impl Device for CudaDevice {
         Ok(out)
     }
 
+    fn copy(
+        &self,
+        src: &CudaBuffer,
+        dst: &CudaBuffer,
+        runs: &[(u64, u64, u64)],
+    ) -> Result<(), RuntimeError> {
+        for &(from, to, n) in runs {
+            if from + n > src.bytes() || to + n > dst.bytes() {
+                return Err(err(format!(
+                    "copying {n} bytes from offset {from} of {} to offset {to} of {}",
+                    src.bytes(),
+                    dst.bytes()
+                )));
+            }
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| err(format!("copying on the device: {}", drv(&e))))?;
+        let (sp, _rs) = src.slice.device_ptr(&self.stream);
+        let (dp, _rd) = dst.slice.device_ptr(&self.stream);
+        for &(from, to, n) in runs {
+            if n == 0 {
+                continue;
+            }
+            // SAFETY: both are live allocations of this context and the runs lie within them
+            // (checked above). Synchronous on the NULL stream like `write`: it follows the
+            // launches before it and precedes those after.
+            unsafe { cu::memcpy_dtod_sync(dp + to, sp + from, n as usize) }
+                .map_err(|e| err(format!("copying {n} bytes on the device: {}", drv(&e))))?;
+        }
+        Ok(())
+    }
+
     fn compile(&self, kernel: &Kernel) -> Result<CudaKernel, RuntimeError> {
         let threads = kernel.threads();
         if threads == 0 || threads > self.info.limits.max_threads {

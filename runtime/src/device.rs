@@ -58,6 +58,31 @@ pub trait Device: Send + Sync {
     /// Reads the first `bytes` bytes of `buf`, after every launch issued before.
     fn read(&self, buf: &Self::Buffer, bytes: u64) -> Result<Vec<u8>, RuntimeError>;
 
+    /// Copies byte runs `(from, to, bytes)` of `src` to `dst` (another buffer; offsets and
+    /// lengths multiples of 4), after every launch issued before and before every later one:
+    /// a KV cache moved into a larger buffer. The default reads `src` back and writes `dst`
+    /// whole from the start, so it is only for a fresh (zeroed) `dst`; devices override it with
+    /// a device-side copy.
+    fn copy(
+        &self,
+        src: &Self::Buffer,
+        dst: &Self::Buffer,
+        runs: &[(u64, u64, u64)],
+    ) -> Result<(), RuntimeError> {
+        let src_end = runs.iter().map(|r| r.0 + r.2).max().unwrap_or(0);
+        let dst_end = runs.iter().map(|r| r.1 + r.2).max().unwrap_or(0);
+        if dst_end == 0 {
+            return Ok(());
+        }
+        let data = self.read(src, src_end)?;
+        let mut out = vec![0u8; dst_end as usize];
+        for &(from, to, n) in runs {
+            let (from, to, n) = (from as usize, to as usize, n as usize);
+            out[to..to + n].copy_from_slice(&data[from..from + n]);
+        }
+        self.write(dst, &out)
+    }
+
     /// Compiles `kernel` (printed for [`DeviceInfo::target`]).
     fn compile(&self, kernel: &Kernel) -> Result<Self::Module, RuntimeError>;
 

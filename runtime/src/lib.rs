@@ -285,11 +285,11 @@ pub trait Loaded: Send {
 /// device-side buffer copies and kernel stores.
 ///
 /// A kernel's stores into a buffer it may write count as that buffer's whole logical tensor
-/// at the run's dims: every kernel today writes its outputs whole, including a concat placed
-/// into a matmul's epilogue (GPT-2's `present = concat(past, new)`, whose past part the
-/// matmul's extra workgroups copy), so this is exact for them. Readback staging copies are
-/// not counted (they write host-visible staging memory, not the graph's buffers); the executor
-/// issues no other device copies today, so `copies` is 0 until one does.
+/// at the run's dims (every kernel writes its outputs whole), except a KV cache's buffer
+/// ([`transfuse_codegen::lower::PlanCache`]), whose writer stores only the new rows: it counts
+/// the output's elements minus the input's. `copies` are the device copies of a cache moved
+/// into a larger buffer (a growth step); readback staging copies are not counted (they write
+/// host-visible staging memory, not the graph's buffers).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BytesWritten {
     /// Host → device uploads (inputs; not the weights, uploaded once at load).

@@ -129,6 +129,11 @@ pub struct Program<D: Device> {
     io: HashMap<String, Held<D::Buffer>>,
     /// Carried tensors by graph input name: buffer and shape.
     carried: HashMap<String, Carried<D::Buffer>>,
+    /// Rows along the cache axis of every cache buffer ([`lower::PlanCache`]; in `io` under
+    /// the cache's buffer name), bound as `kv_cap`; 0 before the first call.
+    kv_cap: usize,
+    /// Caches carried from the last call: graph input name → the shape its buffer holds.
+    kv_carried: HashMap<String, Vec<usize>>,
     id_checks: Vec<IdCheck>,
     last_memory: Option<MemoryReport>,
     /// Device bytes written by the last call ([`Loaded::bytes_written`]).
@@ -378,6 +383,8 @@ impl<D: Device> Program<D> {
             chunked: std::sync::Mutex::default(),
             io: HashMap::new(),
             carried: HashMap::new(),
+            kv_cap: 0,
+            kv_carried: HashMap::new(),
             last_memory: None,
             written: BytesWritten::default(),
             temp_plan: None,
@@ -1029,16 +1036,26 @@ impl<D: Device> Program<D> {
             .into_iter()
             .map(|(n, s, d)| (n, s.as_slice(), d))
             .collect();
-        let carried = &self.carried;
-        let dims = bind_shapes(&declared, &|name| {
+        let (carried, kv_carried) = (&self.carried, &self.kv_carried);
+        let mut dims = bind_shapes(&declared, &|name| {
             inputs
                 .get(name)
                 .map(|t| (t.shape.clone(), t.dtype()))
                 .or_else(|| carried.get(name).map(|(_, s, d)| (s.clone(), *d)))
+                .or_else(|| kv_carried.get(name).map(|s| (s.clone(), DType::F32)))
         })?;
         self.check_ids(inputs)?;
+        // Tunables by the shape bucket of the graph's own dims: the cache capacity changes no
+        // kernel's code, so it must not make a bucket of its own.
         self.retune(&dims)?;
+        let kv_cap = self.kv_capacity(&dims)?;
+        if let Some(cap) = kv_cap {
+            dims.insert(lower::CACHE_CAP.to_string(), cap);
+        }
         self.written = BytesWritten::default();
+        if let Some(cap) = kv_cap {
+            self.ensure_caches(inputs, &dims, cap)?;
+        }
         // The memory plan of these dims (the last call's when they repeat).
         let tp = match &self.temp_plan {
             Some((d, tp)) if *d == dims => tp.clone(),
@@ -1073,6 +1090,24 @@ impl<D: Device> Program<D> {
             let n = b.len().eval_usize(&dims)? as u64;
             let bytes = n * u64::from(elem_bytes(elem));
             io_bytes += bytes;
+            if let Some(c) = self.plan.cache_of(&io.name).cloned() {
+                // The cache buffer (allocated by `ensure_caches`): a supplied past is written
+                // into its first rows; a carried one is already there.
+                if let Some(t) = inputs.get(&io.name) {
+                    self.kv_carried.remove(&io.name);
+                    let data = to_bytes(t, elem, &io.name)?;
+                    if !data.is_empty() {
+                        let eb = elem_bytes(elem) as usize;
+                        let padded = c.pad(&data, &t.shape, self.kv_cap, eb);
+                        self.dev.write(&self.io[&io.buffer].buf, &padded)?;
+                        self.written.host += padded.len() as u64;
+                        self.written
+                            .by_tensor
+                            .push((io.name.clone(), padded.len() as u64));
+                    }
+                }
+                continue;
+            }
             let Some(t) = inputs.get(&io.name) else {
                 continue; // carried
             };
@@ -1107,6 +1142,9 @@ impl<D: Device> Program<D> {
         let plan_outputs = self.plan.outputs.clone();
         for io in &plan_outputs {
             places.insert(io.buffer.clone(), Place::Io);
+            if self.plan.cache_of(&io.name).is_some() {
+                continue; // the cache buffer, counted with its input
+            }
             let b = self.plan.buffer(&io.buffer).expect("outputs have buffers");
             let elem = b.elem;
             let n = b.len().eval_usize(&dims)? as u64;
@@ -1130,12 +1168,87 @@ impl<D: Device> Program<D> {
         Ok((dims, places))
     }
 
+    /// The cache capacity for a call at `dims` (None without caches): the current one while
+    /// every cache's rows fit, else twice it (at least 16 rows, at least the rows needed), so
+    /// growing costs amortised O(1) copied rows per appended row.
+    fn kv_capacity(&self, dims: &Bindings) -> Result<Option<usize>, RuntimeError> {
+        if self.plan.caches.is_empty() {
+            return Ok(None);
+        }
+        let mut need = 0;
+        for c in &self.plan.caches {
+            if let Some(o) = self.plan.outputs.iter().find(|o| o.name == c.output) {
+                need = need.max(transfuse_ir::eval_shape(&o.shape, dims)?[c.axis]);
+            }
+        }
+        Ok(Some(if need <= self.kv_cap && self.kv_cap > 0 {
+            self.kv_cap
+        } else {
+            need.max(2 * self.kv_cap).max(16)
+        }))
+    }
+
+    /// Every cache buffer at capacity `cap`: kept while it is big enough, else a new buffer
+    /// into which a carried cache's rows are copied once (each outer block's rows move to the
+    /// new row stride; counted in `copies`). Sets [`Program::kv_cap`].
+    fn ensure_caches(
+        &mut self,
+        inputs: &TensorMap,
+        dims: &Bindings,
+        cap: usize,
+    ) -> Result<(), RuntimeError> {
+        let caches = self.plan.caches.clone();
+        for c in &caches {
+            let b = self.plan.buffer(&c.buffer).expect("caches have buffers");
+            let eb = elem_bytes(b.elem) as usize;
+            let bytes = b.len().eval_usize(dims)? as u64 * eb as u64;
+            if bytes > self.dev.info().max_binding_bytes {
+                return Err(dev_err(
+                    self.backend(),
+                    format!(
+                        "KV cache `{}` at {cap} rows takes {bytes} bytes, over the largest \
+                         binding of {} ({} bytes): a smaller batch or context would fit",
+                        c.output,
+                        self.dev.info().description,
+                        self.dev.info().max_binding_bytes
+                    ),
+                ));
+            }
+            let old = self.io.remove(&c.buffer);
+            let keep = cap == self.kv_cap && old.as_ref().is_some_and(|h| h.cap >= bytes);
+            if keep {
+                self.io.insert(c.buffer.clone(), old.expect("kept"));
+                continue;
+            }
+            let fresh = Held {
+                buf: self.dev.alloc(bytes, &c.output)?,
+                cap: bytes,
+            };
+            let held = self
+                .kv_carried
+                .get(&c.input)
+                .filter(|_| !inputs.contains_key(&c.input));
+            if let (Some(old), Some(shape)) = (&old, held) {
+                let rows = shape[c.axis];
+                let from = c.row_runs(shape, rows, self.kv_cap, eb);
+                let to = c.row_runs(shape, rows, cap, eb);
+                let runs: Vec<(u64, u64, u64)> =
+                    from.iter().zip(&to).map(|(f, t)| (f.0, t.0, f.1)).collect();
+                self.dev.copy(&old.buf, &fresh.buf, &runs)?;
+                self.written.copies += runs.iter().map(|r| r.2).sum::<u64>();
+            }
+            self.io.insert(c.buffer.clone(), fresh);
+        }
+        self.kv_cap = cap;
+        Ok(())
+    }
+
     /// Adds the forward kernels' stores at `dims` to [`Program::written`]: each buffer a
     /// launched kernel may write counts whole (see [`BytesWritten`]).
     fn count_kernel_writes(&mut self, dims: &Bindings) -> Result<(), RuntimeError> {
         let mut by_buffer: HashMap<&str, u64> = HashMap::new();
         let mut total = 0;
-        for i in self.forward_kernels() {
+        for i in self.forward_kernels_at(dims)? {
             let decode = self.plan.use_decode(i, dims)?;
             let Some((gen, bindings, _)) = self.plan.kernels[i].launched(decode) else {
                 continue;
@@ -1147,13 +1260,36 @@ impl<D: Device> Program<D> {
                 let Some(b) = self.plan.buffer(name) else {
                     continue;
                 };
-                let bytes = b.len().eval_usize(dims)? as u64 * u64::from(elem_bytes(b.elem));
+                let eb = u64::from(elem_bytes(b.elem));
+                let bytes = if b.kind == BufferKind::Cache {
+                    // A cache's writer stores its new rows only: output minus input elements.
+                    let c = self.plan.caches.iter().find(|c| c.buffer == *name);
+                    let elems = |io: Option<&lower::PlanIo>| -> Result<u64, RuntimeError> {
+                        Ok(match io {
+                            Some(io) => transfuse_ir::eval_shape(&io.shape, dims)?
+                                .iter()
+                                .product::<usize>() as u64,
+                            None => 0,
+                        })
+                    };
+                    let out = c.and_then(|c| self.plan.outputs.iter().find(|o| o.name == c.output));
+                    let inp = c.and_then(|c| self.plan.inputs.iter().find(|i| i.name == c.input));
+                    (elems(out)? - elems(inp)?) * eb
+                } else {
+                    b.len().eval_usize(dims)? as u64 * eb
+                };
                 total += bytes;
                 *by_buffer.entry(name.as_str()).or_default() += bytes;
             }
         }
         self.written.kernels += total;
-        let ios = self.plan.inputs.iter().chain(&self.plan.outputs);
+        // A cache's input shares its buffer with the output: the stores are the output's.
+        let ios = self
+            .plan
+            .inputs
+            .iter()
+            .filter(|i| self.plan.cache_of(&i.name).is_none())
+            .chain(&self.plan.outputs);
         for io in ios {
             if let Some(&b) = by_buffer.get(io.buffer.as_str()) {
                 self.written.by_tensor.push((io.name.clone(), b));
@@ -1162,8 +1298,16 @@ impl<D: Device> Program<D> {
         Ok(())
     }
 
-    fn forward_kernels(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.plan.kernels.len()).filter(|&i| self.plan.kernels[i].phase == Phase::Forward)
+    /// The forward kernels launched at `dims`, in order (a split-KV combine kernel only when
+    /// decoding: [`Plan::launched_at`]).
+    fn forward_kernels_at(&self, dims: &Bindings) -> Result<Vec<usize>, RuntimeError> {
+        let mut out = vec![];
+        for i in 0..self.plan.kernels.len() {
+            if self.plan.kernels[i].phase == Phase::Forward && self.plan.launched_at(i, dims)? {
+                out.push(i);
+            }
+        }
+        Ok(out)
     }
 
     fn places_ref(places: &HashMap<String, Place>) -> HashMap<&str, Place> {
@@ -1180,7 +1324,7 @@ impl<D: Device + 'static> Loaded for Program<D> {
         let (dims, places) = self.prepare_call(inputs)?;
         {
             let places = Self::places_ref(&places);
-            for i in self.forward_kernels() {
+            for i in self.forward_kernels_at(&dims)? {
                 self.launch(i, &dims, &places)?;
             }
         }
@@ -1192,6 +1336,20 @@ impl<D: Device + 'static> Loaded for Program<D> {
             let shape = transfuse_ir::eval_shape(&io.shape, &dims)?;
             let bytes = b.len().eval_usize(&dims)? as u64 * u64::from(elem_bytes(b.elem));
             let is_big = places.get(&io.buffer) == Some(&Place::Big);
+            if let Some(c) = self.plan.cache_of(&io.name).cloned() {
+                if carry.iter().any(|(o, i)| *o == io.name && *i == c.input) {
+                    // Stays in place: the next call's past is these rows.
+                    self.kv_carried.insert(c.input.clone(), shape);
+                    continue;
+                }
+                self.kv_carried.remove(&c.input);
+                let full = self.plan.buffer_len(&io.buffer, &dims)? as u64;
+                let eb = elem_bytes(b.elem) as usize;
+                let padded = self.dev.read(&self.io[&io.buffer].buf, full * eb as u64)?;
+                let data = c.compact(&padded, &shape, self.kv_cap, eb);
+                out.insert(io.name.clone(), from_bytes(&data, b.elem, io.dtype, shape));
+                continue;
+            }
             if let Some((_, input)) = carry.iter().find(|(o, _)| *o == io.name) {
                 if is_big {
                     return Err(dev_err(
@@ -1228,6 +1386,7 @@ impl<D: Device + 'static> Loaded for Program<D> {
 
     fn clear_carry(&mut self) {
         self.carried.clear();
+        self.kv_carried.clear();
     }
 
     fn profile(&mut self, inputs: &TensorMap) -> Result<Vec<KernelTime>, RuntimeError> {
@@ -1235,7 +1394,7 @@ impl<D: Device + 'static> Loaded for Program<D> {
         self.dev.sync()?;
         let places = Self::places_ref(&places);
         let mut times = vec![];
-        for i in self.forward_kernels() {
+        for i in self.forward_kernels_at(&dims)? {
             let t0 = Instant::now();
             self.launch(i, &dims, &places)?;
             self.dev.sync()?;
@@ -1259,10 +1418,11 @@ impl<D: Device + 'static> Loaded for Program<D> {
         let places = Self::places_ref(&places);
         let mut seconds = Vec::with_capacity(iters);
         let mut device_clock = true;
+        let launched = self.forward_kernels_at(&dims)?;
         for _ in 0..iters {
             let timed = self.dev.timer_start();
             let t0 = Instant::now();
-            for i in self.forward_kernels() {
+            for &i in &launched {
                 self.launch(i, &dims, &places)?;
             }
             let device = if timed { self.dev.timer_stop()? } else { None };

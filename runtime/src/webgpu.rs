@@ -385,6 +385,25 @@ impl Device for WgpuDevice {
         })
     }
 
+    fn copy(
+        &self,
+        src: &wgpu::Buffer,
+        dst: &wgpu::Buffer,
+        runs: &[(u64, u64, u64)],
+    ) -> Result<(), RuntimeError> {
+        // Recorded into the pending encoder: ordered after the launches before it.
+        let mut pending = self.pending.lock().expect("encoder");
+        let enc = pending
+            .enc
+            .get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+        for &(from, to, n) in runs {
+            if n > 0 {
+                enc.copy_buffer_to_buffer(src, from, dst, to, n);
+            }
+        }
+        Ok(())
+    }
+
     fn compile(&self, kernel: &Kernel) -> Result<WgpuModule, RuntimeError> {
         let src = transfuse_codegen::wgsl::print(kernel)
             .map_err(|e| RuntimeError::Codegen(e.to_string()))?;

@@ -108,17 +108,17 @@ use crate::kir::*;
 use crate::CodegenError;
 
 /// The score of a masked key is `x + MASKED`: finite, like the reference.
-const MASKED: f32 = f32::MIN;
+pub(super) const MASKED: f32 = f32::MIN;
 /// Largest head dims accepted.
 const MAX_HEAD_DIM: u32 = 256;
 /// Most accumulator registers (output columns) per thread.
-const MAX_COLS: u32 = 16;
+pub(super) const MAX_COLS: u32 = 16;
 /// Query / key tile sizes worth trying.
 const BLOCKS: [u32; 7] = [2, 4, 8, 16, 32, 64, 128];
 /// Decode key tiles worth trying.
-const DECODE_BLOCKS: [u32; 6] = [32, 64, 128, 256, 512, 1024];
+pub(super) const DECODE_BLOCKS: [u32; 6] = [32, 64, 128, 256, 512, 1024];
 /// Thread counts worth trying.
-const THREADS: [u32; 6] = [32, 64, 128, 256, 512, 1024];
+pub(super) const THREADS: [u32; 6] = [32, 64, 128, 256, 512, 1024];
 /// Register design: invocations per workgroup (llvmpipe's subgroup is 8), key tile.
 const LANES_THREADS: u32 = 8;
 const LANES_BLOCK_K: u32 = 2;
@@ -358,7 +358,7 @@ impl AttentionTunables {
     }
 }
 
-fn elem_name(e: Elem) -> &'static str {
+pub(super) fn elem_name(e: Elem) -> &'static str {
     match e {
         Elem::F32 => "f32",
         Elem::F16 => "f16",
@@ -370,7 +370,7 @@ fn elem_name(e: Elem) -> &'static str {
     }
 }
 
-fn kernel_err(name: &str, msg: String) -> CodegenError {
+pub(super) fn kernel_err(name: &str, msg: String) -> CodegenError {
     CodegenError::Kernel {
         kernel: name.to_string(),
         msg,
@@ -378,7 +378,11 @@ fn kernel_err(name: &str, msg: String) -> CodegenError {
 }
 
 /// Checks the configuration and the tunables that every kernel shares.
-fn check_common(cfg: &AttentionCfg, t: &AttentionTunables, name: &str) -> Result<(), CodegenError> {
+pub(super) fn check_common(
+    cfg: &AttentionCfg,
+    t: &AttentionTunables,
+    name: &str,
+) -> Result<(), CodegenError> {
     if !matches!(cfg.elem, Elem::F32 | Elem::F16 | Elem::BF16) {
         return Err(kernel_err(
             name,
@@ -441,7 +445,7 @@ fn uniforms(cfg: &AttentionCfg) -> Vec<String> {
     u.into_iter().map(String::from).collect()
 }
 
-fn shared(name: &str, elem: Elem, len: u32) -> Shared {
+pub(super) fn shared(name: &str, elem: Elem, len: u32) -> Shared {
     Shared {
         name: name.into(),
         elem,
@@ -450,7 +454,7 @@ fn shared(name: &str, elem: Elem, len: u32) -> Shared {
 }
 
 /// The key/value batch-head of workgroup `bhi`: `bhi / group` (grouped-query attention).
-fn kv_head(cfg: &AttentionCfg) -> Expr {
+pub(super) fn kv_head(cfg: &AttentionCfg) -> Expr {
     if cfg.group > 1 {
         var("bhi") / u(cfg.group)
     } else {
@@ -480,7 +484,7 @@ fn prologue(cfg: &AttentionCfg) -> Vec<Stmt> {
 /// The range of key tiles `[kt_lo, kt_hi)` that a block of `rows` queries starting at query
 /// `q0` must visit: tiles hidden from every row by causality or the window are skipped (see the
 /// module docs for why this is exact). Uniform across the workgroup.
-fn tile_range(cfg: &AttentionCfg, q0: Expr, rows: u32, bk: u32) -> Vec<Stmt> {
+pub(super) fn tile_range(cfg: &AttentionCfg, q0: Expr, rows: u32, bk: u32) -> Vec<Stmt> {
     let mut s = vec![];
     // Keys [kstart, kend) may be seen by some row of the block.
     let kend = if cfg.causal {
@@ -519,7 +523,7 @@ fn tile_range(cfg: &AttentionCfg, q0: Expr, rows: u32, bk: u32) -> Vec<Stmt> {
 
 /// Statements defining `score` (f32) from `dot` for query `i` and key `j` (u32 expressions);
 /// the mask is read only where `guard` holds (`i < sq`, `j < sk` must hold when it is `None`).
-fn score(cfg: &AttentionCfg, i: Expr, j: Expr, guard: Option<Expr>) -> Vec<Stmt> {
+pub(super) fn score(cfg: &AttentionCfg, i: Expr, j: Expr, guard: Option<Expr>) -> Vec<Stmt> {
     score_named(cfg, i, j, guard, "dot", "")
 }
 
@@ -595,7 +599,13 @@ fn mean_of_v(cfg: &AttentionCfg, orow: Expr, col: Expr) -> Vec<Stmt> {
 
 /// `body` for each of this thread's output columns `col = first + stride·ii`, `ii < cpt`,
 /// guarded by `col < dv` when the columns do not divide evenly.
-fn for_cols(cfg: &AttentionCfg, first: &str, stride: u32, cpt: u32, body: Vec<Stmt>) -> Stmt {
+pub(super) fn for_cols(
+    cfg: &AttentionCfg,
+    first: &str,
+    stride: u32,
+    cpt: u32,
+    body: Vec<Stmt>,
+) -> Stmt {
     let mut inner = vec![let_("col", Elem::U32, var(first) + var("ii") * u(stride))];
     if stride * cpt != cfg.dv {
         inner.push(if_(var("col").lt(u(cfg.dv)), body));

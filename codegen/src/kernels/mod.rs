@@ -178,6 +178,7 @@ pub fn check_limits(k: &Kernel, limits: &Limits) -> Result<(), CodegenError> {
 }
 
 pub mod attention;
+pub mod decode;
 pub mod elementwise;
 pub mod matmul;
 pub mod norm;
@@ -186,6 +187,7 @@ pub mod rope;
 /// Every family's representative kernels (validated by naga and NVRTC in the tests).
 pub fn catalog() -> Vec<Generated> {
     let mut all = attention::catalog();
+    all.extend(decode::catalog());
     all.extend(norm::catalog());
     all.extend(matmul::catalog());
     all.extend(elementwise::catalog());

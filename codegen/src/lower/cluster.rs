@@ -350,6 +350,18 @@ impl Lower<'_> {
         tree: &Tree,
         out_node: NodeId,
     ) -> Result<View, CodegenError> {
+        self.cluster_to(nodes, tree, out_node, None)
+    }
+
+    /// [`Self::cluster`] of `out_node`'s shape, storing into `dst` (a strided view of another
+    /// buffer: a cache's new rows) instead of a buffer of its own when given.
+    pub(super) fn cluster_to(
+        &mut self,
+        nodes: Vec<NodeId>,
+        tree: &Tree,
+        out_node: NodeId,
+        dst: Option<&View>,
+    ) -> Result<View, CodegenError> {
         let n = self.g.node(out_node);
         let (shape, dtype) = (n.shape.clone(), n.dtype);
         let mut leaves = vec![];
@@ -383,8 +395,24 @@ impl Lower<'_> {
             }
             self.bind_leaf(&mut kb, i, leaf, out_node)?;
         }
-        let out = self.out_buffer(out_node);
-        kb.bind("out", out.buf);
+        let out = match dst {
+            Some(v) => {
+                kb.bind("out", v.buf);
+                if !v.is_plain() {
+                    let f = kb.phys("v_out", v);
+                    let body = std::mem::take(&mut kb.gen.kernel.body);
+                    kb.gen.kernel.body = super::rewrite::expand_stores(body, "out", &mut |i, x| {
+                        vec![store("out", f(i), x)]
+                    });
+                }
+                v.clone()
+            }
+            None => {
+                let out = self.out_buffer(out_node);
+                kb.bind("out", out.buf);
+                out
+            }
+        };
         let len = Poly::product(&shape);
         kb.bytes = kb.bytes.add(&len.scale(i64::from(elem_bytes(out_elem))));
         kb.flops = len.scale(tree.ops());

@@ -2,6 +2,9 @@
 //! symbolic dims; with `dims`, also their values and the estimated bytes/flops). Each kernel's
 //! `decode` is its decode variant's entry (null without one) and `decode_file` its source
 //! file; with `dims`, `decode_at` says whether the variant is launched at those dims.
+//! `only_when` (null for most) is the expression a kernel launched only when it is 1 waits for
+//! (a split-KV decode's combine: the query length). `caches` lists the appendable KV caches (input, output, their shared buffer, the axis; the
+//! buffer has `kv_cap` rows along it, a dim the runtime binds).
 
 use serde_json::{json, Value};
 use transfuse_ir::{shape_string, Bindings, Shape};
@@ -49,6 +52,9 @@ fn grid_expr(d: &GridDim, names: &[String], exprs: &[UniformExpr]) -> String {
 impl Plan {
     /// The plan as JSON; with `dims`, values at those dims too (`*_at` fields).
     pub fn to_json(&self, dims_at: Option<&Bindings>) -> Value {
+        // A cache's capacity, unless given: exactly its rows at those dims.
+        let with_cap = dims_at.map(|b| self.cache_dims(b));
+        let dims_at = with_cap.as_ref();
         let at = |p: &super::Poly| dims_at.and_then(|b| p.eval(b).ok());
         let io = |v: &[super::PlanIo]| -> Value {
             v.iter()
@@ -126,6 +132,7 @@ impl Plan {
                     "flops": k.flops.to_string(),
                     "decode": k.decode_entry(),
                     "decode_file": self.decode_file_name(i),
+                    "only_when": k.only_when.as_ref().map(|p| p.to_string()),
                 });
                 if let Some(b) = dims_at {
                     o["bytes_at"] = json!(at(&k.bytes));
@@ -165,6 +172,13 @@ impl Plan {
             "inputs": io(&self.inputs),
             "weights": io(&self.weights),
             "outputs": io(&self.outputs),
+            "caches": self.caches.iter().map(|c| json!({
+                "input": c.input,
+                "output": c.output,
+                "buffer": c.buffer,
+                "axis": c.axis,
+                "capacity": super::CACHE_CAP,
+            })).collect::<Vec<_>>(),
             "buffers": buffers,
             "aliases": aliases,
             "kernels": kernels,

@@ -9,11 +9,14 @@
 
 use transfuse_ir::{Act, DType, Dim, NodeId, Op, Shape};
 
+use super::buffers::BufId;
+use super::cluster::{Leaf, Tree};
 use super::kernel::Kb;
 use super::partition::{Lower, Val};
 use super::plan::{UniformExpr, Variant};
 use super::{copy, place, rewrite, view, Poly, View};
 use crate::kernels::attention::{self, AttentionCfg};
+use crate::kernels::decode;
 use crate::kernels::elementwise::EwTunables;
 use crate::kernels::matmul::{self, MatMulConfig};
 use crate::kernels::norm::{self, Affine, NormKind, Tune};
@@ -401,6 +404,7 @@ impl Lower<'_> {
             group,
         };
         let limits = self.o.limits;
+        let split = decode::SplitShape::for_limits(&limits);
         // A query length of 1 takes the decode kernel; a symbolic one gets it as a variant.
         let sq = qs[r - 2].clone();
         let sizes = |sq: Poly| {
@@ -422,10 +426,12 @@ impl Lower<'_> {
             known => {
                 let t = self.pick_attention(id, false, false, &cfg, sizes(Poly::dim(&sq)));
                 let flash = attention::flash(&cfg, &t, &limits)?;
+                // A symbolic query length: the split-KV decode (partial kernel as the
+                // variant, its combine as the next kernel, launched only when decoding).
                 let variant = match known {
                     None => {
-                        let t = self.pick_attention(id, true, true, &cfg, sizes(Poly::one()));
-                        Some(attention::decode(&cfg, &t, &limits)?)
+                        let t = self.pick_split(id, &cfg, split, sizes(Poly::one()));
+                        Some(decode::split(&cfg, &t, split, &limits)?)
                     }
                     Some(_) => None,
                 };
@@ -436,6 +442,22 @@ impl Lower<'_> {
         let mut dkb = variant
             .map(|gen| self.attention_kb(id, &cfg, gen))
             .transpose()?;
+        // The partial results of the split decode: f32, `max_splits · (dv + 2)` per row.
+        let part = dkb.as_mut().map(|dkb| {
+            let mut pshape = qs[..r - 2].to_vec();
+            pshape.push(Dim::from((split.max_splits * (dv + 2)) as usize));
+            let buf = self.buffers.add(
+                format!("t{}_split", id.0),
+                Elem::F32,
+                DType::F32,
+                pshape.clone(),
+                super::BufferKind::Temp,
+            );
+            dkb.bind("part", buf);
+            let pb = Poly::product(&pshape).scale(4);
+            dkb.bytes = dkb.bytes.add(&pb);
+            (buf, pb)
+        });
         let out = self.out_buffer(id);
         let eb = i64::from(elem_bytes(self.o.elem));
         for k in std::iter::once(&mut kb).chain(dkb.as_mut()) {
@@ -444,7 +466,9 @@ impl Lower<'_> {
         }
         let decode = match dkb {
             Some(mut dkb) => {
-                let (bindings, uniforms) = dkb.finish(&cfg.kernel_name(true))?;
+                // The decode variant writes the partial buffer; the combine writes `out`.
+                dkb.bytes = dkb.bytes.sub(&Poly::product(&oshape).scale(eb));
+                let (bindings, uniforms) = dkb.finish(&decode::split_name(&cfg))?;
                 Some(Box::new(Variant {
                     gen: dkb.gen,
                     bindings: vec![],
@@ -456,7 +480,65 @@ impl Lower<'_> {
             None => None,
         };
         self.push_with(kb, &base, decode)?;
+        if let Some((buf, pbytes)) = part {
+            let gen = decode::combine(&cfg, split, &limits)?;
+            let mut ck = Kb::new(gen, vec![id]);
+            let v = self.lin_of(ins[2])?;
+            let sk = Poly::dim(&g.node(ins[1]).shape[r - 2]);
+            ck.set("bh", Poly::product(&qs[..r - 2]));
+            ck.set("sq", Poly::dim(&sq));
+            ck.set("sk", sk.clone());
+            ck.uvals.insert(
+                "nsplit".into(),
+                UniformExpr::Split {
+                    sk,
+                    shape: split,
+                    nsplit: true,
+                },
+            );
+            self.bind_rows(&mut ck, "v", "vstride", &v, ins[1], dv);
+            ck.bind("part", buf);
+            ck.bind("out", out.buf);
+            ck.bytes = pbytes.add(&Poly::product(&oshape).scale(eb));
+            self.push(ck, &decode::combine_name(&cfg))?;
+            self.kernels.last_mut().expect("pushed").only_when = Some(Poly::dim(&sq));
+        }
         Ok(out)
+    }
+
+    /// Binds K or V (`param`, view `x`, rows of `inner` elements) of an attention kernel that
+    /// addresses rows through a head stride (`stride_u`): in place when each key/value head's
+    /// first `sk` rows are dense at a fixed stride (a dense tensor, or a KV cache with its
+    /// capacity stride), else through a load remap of the dense layout.
+    fn bind_rows(
+        &mut self,
+        kb: &mut Kb,
+        param: &str,
+        stride_u: &str,
+        x: &View,
+        k: NodeId,
+        inner: u32,
+    ) {
+        let ks = self.g.node(k).shape.clone();
+        let r = ks.len();
+        let rows = Poly::dim(&ks[r - 2]).mul(&Poly::konst(i64::from(inner)));
+        let axes = x.merged_axes();
+        // One merged axis of stride 1: the whole view is dense, heads `rows` apart.
+        let direct = match (x.offset.is_zero(), axes.as_slice()) {
+            (true, [(_, one)]) if one.is(1) => Some(rows.clone()),
+            (true, [(_, hs), (n, one)]) if one.is(1) && *n == rows => Some(hs.clone()),
+            _ => None,
+        };
+        match direct {
+            Some(stride) => {
+                kb.bind(param, x.buf);
+                kb.set(stride_u, stride);
+            }
+            None => {
+                kb.set(stride_u, rows);
+                kb.remap(param, x);
+            }
+        }
     }
 
     /// The kernel of attention node `id` from template `gen` (flash or decode: same buffers and
@@ -493,8 +575,26 @@ impl Lower<'_> {
             .add(&v.footprint())
             .scale(eb);
         kb.remap("q", &q);
-        kb.remap("k", &k);
-        kb.remap("v", &v);
+        let split = kb.gen.kernel.uniforms.iter().any(|u| u == "kstride");
+        if split {
+            let dv = cfg.dv;
+            self.bind_rows(&mut kb, "k", "kstride", &k, ins[1], cfg.head_dim);
+            self.bind_rows(&mut kb, "v", "vstride", &v, ins[1], dv);
+            let shape = decode::SplitShape::for_limits(&self.o.limits);
+            for (name, nsplit) in [("chunk", false), ("nsplit", true)] {
+                kb.uvals.insert(
+                    name.into(),
+                    UniformExpr::Split {
+                        sk: Poly::dim(&sk),
+                        shape,
+                        nsplit,
+                    },
+                );
+            }
+        } else {
+            kb.remap("k", &k);
+            kb.remap("v", &v);
+        }
         if cfg.mask {
             let m = self.view_of(ins[3])?;
             let mut scores = qs[..r - 1].to_vec();
@@ -778,8 +878,39 @@ impl Lower<'_> {
     }
 
     /// A concat, sharing its launch with later same-shaped concats whose operands are ready.
+    /// A cache's `concat(past, new)` ([`super::PlanCache`]): the past rows are already in the
+    /// cache buffer, so only the new rows are written, at rows `past..` through the buffer's
+    /// capacity stride — by the matmul that makes them when they are a view of its output
+    /// ([`Self::place_concat`]), else by a copy kernel of the new part alone.
+    fn cache_concat(&mut self, id: NodeId, axis: usize, buf: BufId) -> Result<(), CodegenError> {
+        let g = self.g;
+        let n = g.node(id);
+        let (shape, past, new) = (n.shape.clone(), n.inputs[0], n.inputs[1]);
+        let full = View::contiguous(buf, &self.buffers.get(buf).shape.clone());
+        let dst = full.slice(axis, &Dim::from(0), &shape[axis]);
+        if self.place_concat(id, axis, Some(&dst))? {
+            return Ok(());
+        }
+        let start = g.node(past).shape[axis].clone();
+        let rows = dst.slice(axis, &start, &shape[axis]);
+        let x = self.view_of(new)?;
+        let dtype = g.node(new).dtype;
+        self.cluster_to(
+            vec![id],
+            &Tree::Leaf(Leaf::View(x, dtype)),
+            new,
+            Some(&rows),
+        )?;
+        self.vals[id.index()] = Some(Val::View(dst));
+        self.done[id.index()] = true;
+        Ok(())
+    }
+
     pub(super) fn concat(&mut self, id: NodeId, axis: usize) -> Result<(), CodegenError> {
-        if self.place_concat(id, axis)? {
+        if let Some(buf) = self.caches.get(&id).and_then(|c| c.buf) {
+            return self.cache_concat(id, axis, buf);
+        }
+        if self.place_concat(id, axis, None)? {
             return Ok(());
         }
         let n = self.g.node(id);

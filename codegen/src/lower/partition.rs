@@ -59,6 +59,57 @@ pub(super) struct Lower<'a> {
     pub(super) matmuls: HashMap<usize, place::MatMulInfo>,
     /// How template tunables are chosen ([`super::tuning`]).
     pub(super) tuning: &'a Tuning<'a>,
+    /// Appendable caches ([`PlanCache`]) by the concat node that is their output: the input
+    /// node, the output name and, once the input is lowered, the cache buffer.
+    pub(super) caches: HashMap<NodeId, CacheSite>,
+}
+
+/// A cache concat found before lowering (see [`find_caches`]).
+#[derive(Clone, Debug)]
+pub(super) struct CacheSite {
+    pub(super) input: NodeId,
+    pub(super) output: String,
+    pub(super) axis: usize,
+    pub(super) buf: Option<BufId>,
+}
+
+/// Graph outputs `concat(input, new)` (two parts) whose first part is a graph input read by
+/// nothing else, of a float type, output once, its length along the axis symbolic and sharing
+/// no symbol with the new part's (`past` against `seq`): each becomes one appendable cache
+/// buffer.
+fn find_caches(g: &Graph, uses: &[usize]) -> HashMap<NodeId, CacheSite> {
+    let mut out = HashMap::new();
+    let outs = g.outputs();
+    for (name, id) in outs {
+        let n = g.node(*id);
+        let Op::Concat { axis } = n.op else { continue };
+        if n.inputs.len() != 2
+            || n.dtype != DType::F32
+            || outs.iter().filter(|(_, o)| o == id).count() != 1
+        {
+            continue;
+        }
+        let input = n.inputs[0];
+        if !matches!(g.node(input).op, Op::Input { .. }) || uses[input.index()] != 1 {
+            continue;
+        }
+        // A cache's past length is its own symbol (`past`), not the new part's (`seq`): a
+        // concatenation of two inputs of one length is no cache.
+        let (pd, nd) = (&g.node(input).shape[axis], &g.node(n.inputs[1]).shape[axis]);
+        if pd.as_known().is_some() || pd.symbols().any(|s| nd.symbols().any(|t| t == s)) {
+            continue;
+        }
+        out.insert(
+            *id,
+            CacheSite {
+                input,
+                output: name.clone(),
+                axis,
+                buf: None,
+            },
+        );
+    }
+    out
 }
 
 impl<'a> Lower<'a> {
@@ -216,6 +267,7 @@ impl<'a> Lower<'a> {
             bytes: kb.bytes,
             flops: kb.flops,
             decode,
+            only_when: None,
         });
         Ok(())
     }
@@ -229,7 +281,25 @@ impl<'a> Lower<'a> {
         let (shape, dtype) = (n.shape.clone(), n.dtype);
         let val = match &op {
             Op::Input { name, .. } => {
-                Val::View(self.add_buffer(name.clone(), dtype, shape, BufferKind::Input))
+                let cache = self
+                    .caches
+                    .iter()
+                    .find(|(_, c)| c.input == id)
+                    .map(|(k, c)| (*k, c.output.clone(), c.axis));
+                match cache {
+                    // The cache buffer: the input's shape with `kv_cap` rows; the input is its
+                    // first rows.
+                    Some((concat, output, axis)) => {
+                        let mut full = shape.clone();
+                        full[axis] = Dim::sym(CACHE_CAP);
+                        let v = self.add_buffer(output, dtype, full, BufferKind::Cache);
+                        self.caches.get_mut(&concat).expect("found").buf = Some(v.buf);
+                        Val::View(v.slice(axis, &Dim::from(0), &shape[axis]))
+                    }
+                    None => {
+                        Val::View(self.add_buffer(name.clone(), dtype, shape, BufferKind::Input))
+                    }
+                }
             }
             Op::Weight { name, .. } => {
                 Val::View(self.add_buffer(name.clone(), dtype, shape, BufferKind::Weight))
@@ -405,6 +475,7 @@ pub fn lower_tuned(
         producer: HashMap::new(),
         matmuls: HashMap::new(),
         tuning,
+        caches: find_caches(g, &uses),
     };
     // Inputs and weights first, so a concat can take over a later one's operands.
     for (id, n) in g.nodes() {
@@ -420,6 +491,16 @@ pub fn lower_tuned(
     // taken it, is named after the output; anything else is copied into a buffer of its own.
     let mut outputs = vec![];
     for (name, id) in g.outputs() {
+        if let Some(buf) = l.caches.get(id).and_then(|c| c.buf) {
+            // Written in place by the concat; the buffer already has the output's name.
+            outputs.push(PlanIo {
+                name: name.clone(),
+                buffer: l.buffers.get(buf).name.clone(),
+                shape: g.node(*id).shape.clone(),
+                dtype: g.node(*id).dtype,
+            });
+            continue;
+        }
         if l.buffers.find(name).is_some() {
             return Err(plan_err(format!(
                 "output `{name}` has the name of another buffer"
@@ -456,7 +537,44 @@ pub fn lower_tuned(
             })
             .collect()
     };
-    let (inputs, weights) = (io(BufferKind::Input), io(BufferKind::Weight));
+    let weights = io(BufferKind::Weight);
+    // Inputs in buffer order, a cache's input named after the graph input.
+    let mut caches: Vec<PlanCache> = vec![];
+    let mut inputs = vec![];
+    for b in l.buffers.iter() {
+        match b.kind {
+            BufferKind::Input => inputs.push(PlanIo {
+                name: b.name.clone(),
+                buffer: b.name.clone(),
+                shape: b.shape.clone(),
+                dtype: b.dtype,
+            }),
+            BufferKind::Cache => {
+                let c = l
+                    .caches
+                    .values()
+                    .find(|c| c.buf.is_some_and(|x| l.buffers.get(x).name == b.name))
+                    .expect("a cache buffer has its site");
+                let n = g.node(c.input);
+                let Op::Input { name, .. } = &n.op else {
+                    unreachable!("cache inputs are inputs")
+                };
+                inputs.push(PlanIo {
+                    name: name.clone(),
+                    buffer: b.name.clone(),
+                    shape: n.shape.clone(),
+                    dtype: n.dtype,
+                });
+                caches.push(PlanCache {
+                    input: name.clone(),
+                    output: c.output.clone(),
+                    buffer: b.name.clone(),
+                    axis: c.axis,
+                });
+            }
+            _ => {}
+        }
+    }
     // Constant sizes the kernels' 32-bit indices cannot reach fail now, not at the first launch.
     for k in &l.kernels {
         let variant = k.decode.as_deref().map(|v| (&v.gen.kernel, &v.buffer_ids));
@@ -492,6 +610,7 @@ pub fn lower_tuned(
         inputs,
         weights,
         outputs,
+        caches,
     })
 }
 
@@ -649,7 +768,8 @@ mod tests {
     #[test]
     fn a_symbolic_query_length_gets_a_decode_variant() {
         let plan = lowered(Dim::sym("s"));
-        assert_eq!(plan.kernels.len(), 1);
+        // The attention and the split-KV decode's combine, launched only for one query row.
+        assert_eq!(plan.kernels.len(), 2);
         let k = &plan.kernels[0];
         assert!(k.entry().starts_with("attention_f32_d8_causal_mask_s"));
         let v = k.decode.as_deref().expect("a decode variant");
@@ -657,25 +777,40 @@ mod tests {
             v.gen
                 .kernel
                 .name
-                .starts_with("attention_decode_f32_d8_causal_mask_s"),
+                .starts_with("attention_split_f32_d8_causal_mask_s"),
             "{}",
             v.gen.kernel.name
         );
         assert_eq!(v.when_one, Poly::sym("s"));
-        // The same buffers, bound alike; the output renamed after the graph output in both.
-        assert_eq!(v.bindings, k.bindings);
-        assert!(v.bindings.contains(&"o".to_string()));
+        // The variant writes the split partials; the combine writes the output.
+        let c = &plan.kernels[1];
+        assert!(c
+            .entry()
+            .starts_with("attention_combine_f32_d8_causal_mask_s"));
+        assert_eq!(c.only_when, Some(Poly::sym("s")));
+        assert!(c.bindings.contains(&"o".to_string()));
+        assert!(k.bindings.contains(&"o".to_string()));
+        let part = v
+            .bindings
+            .iter()
+            .find(|b| b.ends_with("_split"))
+            .expect("partials");
+        assert!(c.bindings.contains(part));
         assert_eq!(v.uniforms.len(), v.gen.kernel.uniforms.len());
         let one = dims(&[("b", 3), ("s", 1), ("t", 9)]);
         let five = dims(&[("b", 3), ("s", 5), ("t", 9)]);
         assert!(plan.use_decode(0, &one).unwrap());
         assert!(!plan.use_decode(0, &five).unwrap());
         assert!(plan.use_decode(0, &dims(&[("b", 3)])).is_err());
-        assert!(plan.use_decode(1, &one).is_err());
-        // The decode grid: one workgroup per (query row, batch·head).
+        assert!(!plan.use_decode(1, &one).unwrap());
+        assert!(plan.use_decode(2, &one).is_err());
+        assert!(plan.launched_at(1, &one).unwrap());
+        assert!(!plan.launched_at(1, &five).unwrap());
+        // The decode grid: one workgroup per (key split, batch·head); 9 keys are one split.
         let (du, dg) = plan.launch_args_for(0, true, &one).unwrap();
         assert_eq!(dg, [1, 6, 1]);
         assert_eq!(du.len(), v.uniforms.len());
+        assert_eq!(plan.launch_args(1, &one).unwrap().1, [1, 6, 1]);
         assert_eq!(
             plan.launch_args(0, &five).unwrap(),
             plan.launch_args_for(0, false, &five).unwrap()

@@ -133,6 +133,8 @@ struct Site<'s> {
     begs: &'s [Poly],
     /// The concat's buffer.
     dst_buf: BufId,
+    /// The concat as a strided view of `dst_buf` (a cache written in place), else dense.
+    dst: Option<&'s View>,
     elem: Elem,
     batch: &'s Poly,
     jobs0: usize,
@@ -208,7 +210,19 @@ impl Site<'_> {
                 let bv = patch.value(&self.begs[*p]);
                 coords[self.axis] = patch.bind(coords[self.axis].clone() + bv);
             }
-            let di = patch.linearize(&coords, self.shape);
+            let di = match self.dst {
+                Some(v) => {
+                    let mut di = patch.value(&v.offset);
+                    for (a, st) in v.strides.iter().enumerate() {
+                        if !st.is_zero() {
+                            let sv = patch.value(st);
+                            di = di + coords[a].clone() * sv;
+                        }
+                    }
+                    patch.bind(di)
+                }
+                None => patch.linearize(&coords, self.shape),
+            };
             let st = store(&dst, di, var("tf_pv"));
             let mut block = std::mem::take(&mut patch.stmts);
             block.push(match cond {
@@ -359,10 +373,13 @@ impl Lower<'_> {
     }
 
     /// Places concat `id` into a matmul kernel (see the module docs); false if it cannot.
+    /// With `in_place` (a cache: the concat as a view of the cache buffer, whose first part
+    /// is already there), only the other parts are written, through that view's strides.
     pub(super) fn place_concat(
         &mut self,
         id: NodeId,
         axis: usize,
+        in_place: Option<&View>,
     ) -> Result<bool, crate::CodegenError> {
         let g = self.g;
         let n = g.node(id);
@@ -373,6 +390,9 @@ impl Lower<'_> {
         let mut placed: Vec<(usize, Vec<NodeId>)> = vec![];
         let mut copied: Vec<(usize, View)> = vec![];
         for (p, &part) in n.inputs.iter().enumerate() {
+            if p == 0 && in_place.is_some() {
+                continue;
+            }
             if let Some((k, chain)) = self.chain_to_matmul(part) {
                 if ki.is_none() || ki == Some(k) {
                     ki = Some(k);
@@ -414,7 +434,10 @@ impl Lower<'_> {
                 Some(b)
             })
             .collect();
-        let out = self.out_buffer(id);
+        let out = match in_place {
+            Some(v) => v.clone(),
+            None => self.out_buffer(id),
+        };
         let info = self.matmuls.get(&ki).expect("a matmul kernel");
         let (x, batch, jobs0) = (info.node, info.batch.clone(), info.jobs);
         let (base, decode_base) = (info.base.clone(), info.decode_base.clone());
@@ -428,6 +451,7 @@ impl Lower<'_> {
             copied: &copied,
             begs: &begs,
             dst_buf: out.buf,
+            dst: in_place,
             elem,
             batch: &batch,
             jobs0,

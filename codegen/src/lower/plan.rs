@@ -7,7 +7,7 @@
 use transfuse_ir::{Bindings, DType, NodeId, Shape};
 
 use super::{BufId, Poly, View};
-use crate::kernels::norm;
+use crate::kernels::{decode, norm};
 use crate::kernels::{Generated, Limits};
 use crate::kir::*;
 use crate::CodegenError;
@@ -101,6 +101,9 @@ pub enum BufferKind {
     Temp,
     /// Filled with this value once (scalar operands a template needs as a buffer).
     Const(f64),
+    /// An appendable cache ([`PlanCache`]): a graph input (the past rows) and a graph output
+    /// (past + new rows) in one buffer of [`CACHE_CAP`] rows along the cache axis.
+    Cache,
 }
 
 impl BufferKind {
@@ -113,6 +116,7 @@ impl BufferKind {
             BufferKind::Output => "output",
             BufferKind::Temp => "temp",
             BufferKind::Const(_) => "const",
+            BufferKind::Cache => "cache",
         }
     }
 }
@@ -173,6 +177,16 @@ pub enum UniformExpr {
         /// Which of the seven values.
         index: usize,
     },
+    /// Split-KV decode's split of `sk` keys ([`decode::split_uniforms`]): the keys per split
+    /// (`nsplit` false) or the split count.
+    Split {
+        /// The key count.
+        sk: Poly,
+        /// The device's split bounds.
+        shape: decode::SplitShape,
+        /// The count rather than the keys per split.
+        nsplit: bool,
+    },
 }
 
 impl std::fmt::Display for UniformExpr {
@@ -188,6 +202,13 @@ impl std::fmt::Display for UniformExpr {
                 "mask_uniforms({}, {})[{index}]",
                 transfuse_ir::shape_string(scores),
                 transfuse_ir::shape_string(mask)
+            ),
+            UniformExpr::Split { sk, shape, nsplit } => write!(
+                f,
+                "split_{}({sk}; ≤{} × ≥{})",
+                if *nsplit { "count" } else { "chunk" },
+                shape.max_splits,
+                shape.min_chunk
             ),
         }
     }
@@ -227,6 +248,10 @@ pub struct PlanKernel {
     /// The decode variant of an attention kernel whose query length is symbolic (None for
     /// every other kernel): see [`Plan::use_decode`].
     pub decode: Option<Box<Variant>>,
+    /// Launched only when this evaluates to 1 (None: always): the combine kernel of a
+    /// split-KV decode variant, which runs after its partial kernel (the variant of the
+    /// kernel before it) and writes the attention's output. See [`Plan::launched_at`].
+    pub only_when: Option<Poly>,
 }
 
 impl PlanKernel {
@@ -281,6 +306,72 @@ pub struct PlanIo {
     pub dtype: DType,
 }
 
+/// The dim symbol of a cache buffer's capacity (rows along its cache axis): bound by the
+/// runtime, never by an input's shape (see [`PlanCache`]).
+pub const CACHE_CAP: &str = "kv_cap";
+
+/// An appendable KV cache: graph output `output = concat(input, new)` along `axis`, where
+/// `input` is a graph input used by nothing else. Both live in one buffer whose shape is the
+/// input's with [`CACHE_CAP`] rows along `axis`: the input is its first `len` rows, the output
+/// its first `len + new` rows, and the concat writes only the new rows, in place. A runtime
+/// binds `kv_cap` (≥ the output's rows) for the call; carrying the output to the input of the
+/// next call needs no copy, only a capacity that grows when exceeded. Host tensors of these
+/// shapes are laid out densely; [`PlanCache::pad`] / [`PlanCache::compact`] convert.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanCache {
+    /// The graph input (past rows).
+    pub input: String,
+    /// The graph output (past and new rows).
+    pub output: String,
+    /// The plan buffer holding both.
+    pub buffer: String,
+    /// The axis rows are appended along.
+    pub axis: usize,
+}
+
+impl PlanCache {
+    /// (outer blocks, inner elements per row) of a dense tensor of `shape` along `axis`.
+    fn blocks(&self, shape: &[usize]) -> (usize, usize) {
+        let outer = shape[..self.axis].iter().product();
+        let inner = shape[self.axis + 1..].iter().product();
+        (outer, inner)
+    }
+
+    /// Dense bytes of a tensor of `shape` (`eb` bytes per element) → the buffer layout with
+    /// `cap` rows along the axis (rows past `shape[axis]` zero).
+    pub fn pad(&self, dense: &[u8], shape: &[usize], cap: usize, eb: usize) -> Vec<u8> {
+        let (outer, inner) = self.blocks(shape);
+        let rows = shape[self.axis];
+        let (run, stride) = (rows * inner * eb, cap * inner * eb);
+        let mut out = vec![0u8; outer * stride];
+        for o in 0..outer {
+            out[o * stride..o * stride + run].copy_from_slice(&dense[o * run..(o + 1) * run]);
+        }
+        out
+    }
+
+    /// The buffer layout with `cap` rows → dense bytes of a tensor of `shape`.
+    pub fn compact(&self, padded: &[u8], shape: &[usize], cap: usize, eb: usize) -> Vec<u8> {
+        let (outer, inner) = self.blocks(shape);
+        let rows = shape[self.axis];
+        let (run, stride) = (rows * inner * eb, cap * inner * eb);
+        let mut out = Vec::with_capacity(outer * run);
+        for o in 0..outer {
+            out.extend_from_slice(&padded[o * stride..o * stride + run]);
+        }
+        out
+    }
+
+    /// The byte ranges `(offset, bytes)` holding the first `rows` rows of a buffer of `shape`
+    /// (`shape[axis]` ignored) with `cap` rows: what a capacity change must copy.
+    pub fn row_runs(&self, shape: &[usize], rows: usize, cap: usize, eb: usize) -> Vec<(u64, u64)> {
+        let (outer, inner) = self.blocks(shape);
+        let stride = (cap * inner * eb) as u64;
+        let run = (rows * inner * eb) as u64;
+        (0..outer as u64).map(|o| (o * stride, run)).collect()
+    }
+}
+
 /// A launch plan (see the module docs).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
@@ -300,6 +391,8 @@ pub struct Plan {
     pub weights: Vec<PlanIo>,
     /// Graph outputs.
     pub outputs: Vec<PlanIo>,
+    /// Appendable caches (an input and an output sharing a buffer), see [`PlanCache`].
+    pub caches: Vec<PlanCache>,
 }
 
 pub(super) fn plan_err(msg: impl Into<String>) -> CodegenError {
@@ -307,6 +400,37 @@ pub(super) fn plan_err(msg: impl Into<String>) -> CodegenError {
 }
 
 impl Plan {
+    /// `b` with [`CACHE_CAP`] bound, when the plan has caches and `b` does not bind it: to the
+    /// most rows a cache output has at `b` (no spare capacity), or left out when that cannot
+    /// be evaluated.
+    pub fn cache_dims(&self, b: &Bindings) -> Bindings {
+        let mut out = b.clone();
+        if self.caches.is_empty() || b.contains_key(CACHE_CAP) {
+            return out;
+        }
+        let mut cap = None;
+        for c in &self.caches {
+            let o = self.outputs.iter().find(|o| o.name == c.output);
+            if let Some(rows) = o
+                .and_then(|o| o.shape.get(c.axis))
+                .and_then(|d| Poly::dim(d).eval(b).ok())
+            {
+                cap = Some(cap.unwrap_or(0).max(rows));
+            }
+        }
+        if let Some(c) = cap.and_then(|c| usize::try_from(c).ok()) {
+            out.insert(CACHE_CAP.to_string(), c);
+        }
+        out
+    }
+
+    /// The cache whose input or output is `name`.
+    pub fn cache_of(&self, name: &str) -> Option<&PlanCache> {
+        self.caches
+            .iter()
+            .find(|c| c.input == name || c.output == name)
+    }
+
     /// The buffer called `name`.
     pub fn buffer(&self, name: &str) -> Option<&PlanBuffer> {
         self.buffers.iter().find(|b| b.name == name)
@@ -350,7 +474,7 @@ impl Plan {
                 BufferKind::Input | BufferKind::Weight | BufferKind::Derived => {
                     read.contains(&b.name.as_str())
                 }
-                BufferKind::Output => true,
+                BufferKind::Output | BufferKind::Cache => true,
                 _ => false,
             })
             .fold(Poly::zero(), |a, b| a.add(&b.bytes()))
@@ -391,6 +515,15 @@ impl Plan {
         match &self.kernel(k)?.decode {
             Some(v) => Ok(v.when_one.eval(b)? == 1),
             None => Ok(false),
+        }
+    }
+
+    /// Whether kernel `k` is launched at the dims `b` (false for a split-KV combine kernel
+    /// when the query length is not 1, see [`PlanKernel::only_when`]).
+    pub fn launched_at(&self, k: usize, b: &Bindings) -> Result<bool, CodegenError> {
+        match &self.kernel(k)?.only_when {
+            Some(p) => Ok(p.eval(b)? == 1),
+            None => Ok(true),
         }
     }
 
@@ -439,6 +572,12 @@ impl Plan {
                         ))
                     })?;
                     i64::from(us[*index])
+                }
+                UniformExpr::Split { sk, shape, nsplit } => {
+                    let n = u64::try_from(sk.eval(b)?)
+                        .map_err(|_| kerr(format!("uniform `{name}`: negative key count")))?;
+                    let (chunk, count) = decode::split_uniforms(n, *shape);
+                    i64::from(if *nsplit { count } else { chunk })
                 }
             };
             vals.push(

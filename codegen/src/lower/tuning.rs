@@ -23,6 +23,7 @@ use transfuse_ir::{Bindings, NodeId};
 use super::partition::Lower;
 use super::Poly;
 use crate::kernels::attention::{self, AttentionCfg, AttentionTunables};
+use crate::kernels::decode;
 use crate::kernels::matmul::{GemvTunables, MatMulConfig, MatMulTunables};
 use crate::kernels::norm::{NormConfig, Tune};
 use crate::kernels::{DeviceKind, Tunable};
@@ -40,7 +41,8 @@ pub struct Site {
     pub node: NodeId,
     /// True for the kernel's decode variant ([`super::Variant`]).
     pub decode: bool,
-    /// Template family: `matmul`, `gemv`, `flash`, `attention_decode`, `softmax`, `norm`.
+    /// Template family: `matmul`, `gemv`, `flash`, `attention_decode`, `attention_split`,
+    /// `softmax`, `norm`.
     pub family: &'static str,
     /// The template's configuration and the problem's sizes in dims (no tunables).
     pub structure: String,
@@ -380,6 +382,36 @@ impl Lower<'_> {
 
     /// Flash (or, `decode`, the decode kernel's) tunables for attention node `id` (`variant`:
     /// the kernel is the main one's decode variant).
+    /// The split-KV decode partial kernel's tunables ([`decode::split`]): `block_k` and
+    /// `threads` (family `attention_split`).
+    pub(super) fn pick_split(
+        &mut self,
+        id: NodeId,
+        cfg: &AttentionCfg,
+        shape: decode::SplitShape,
+        sizes: Vec<(&'static str, Poly)>,
+    ) -> AttentionTunables {
+        let limits = self.o.limits;
+        let dflt = decode::split_default_for(cfg, shape, &limits);
+        let axes = decode::split_space(cfg, shape, &limits);
+        let s = Self::new_site(
+            id,
+            true,
+            "attention_split",
+            format!("{cfg:?} {shape:?}"),
+            sizes,
+            attn_point(&dflt),
+            attn_points(&axes),
+        );
+        let p = self.site(s, &|p| {
+            let t = attn_from(p).ok_or("not an attention point".to_string())?;
+            decode::split(cfg, &t, shape, &limits)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        attn_from(&p).unwrap_or(dflt)
+    }
+
     pub(super) fn pick_attention(
         &mut self,
         id: NodeId,
