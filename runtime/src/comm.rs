@@ -259,6 +259,23 @@ impl InProcessComm {
         Ok(())
     }
 
+    /// [`Self::exchange`] for a reduction: every rank must contribute as many elements as
+    /// this one (else the group is aborted with the mismatch named).
+    fn exchange_equal(&self, op: &str, data: &[f32]) -> Result<Arc<Vec<Vec<f32>>>, RuntimeError> {
+        let all = self.exchange(data.to_vec())?;
+        if let Some((r, v)) = all.iter().enumerate().find(|(_, v)| v.len() != data.len()) {
+            let why = format!(
+                "{op}: rank {r} contributed {} elements, rank {} {}",
+                v.len(),
+                self.rank,
+                data.len()
+            );
+            self.abort(&why);
+            return Err(RuntimeError::Comm(why));
+        }
+        Ok(all)
+    }
+
     fn record(&self, kind: CollectiveKind, elems: usize) {
         self.log
             .lock()
@@ -278,17 +295,7 @@ impl Communicator for InProcessComm {
 
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), RuntimeError> {
         self.record(CollectiveKind::AllReduce, data.len());
-        let all = self.exchange(data.to_vec())?;
-        if let Some((r, v)) = all.iter().enumerate().find(|(_, v)| v.len() != data.len()) {
-            let why = format!(
-                "all_reduce: rank {r} contributed {} elements, rank {} {}",
-                v.len(),
-                self.rank,
-                data.len()
-            );
-            self.abort(&why);
-            return Err(RuntimeError::Comm(why));
-        }
+        let all = self.exchange_equal("all_reduce", data)?;
         data.copy_from_slice(&all[0]);
         for v in &all[1..] {
             data.iter_mut().zip(v).for_each(|(a, b)| *a += b);
@@ -313,17 +320,7 @@ impl Communicator for InProcessComm {
             return Err(RuntimeError::Comm(why));
         }
         self.record(CollectiveKind::ReduceScatter, data.len());
-        let all = self.exchange(data.to_vec())?;
-        if let Some((r, v)) = all.iter().enumerate().find(|(_, v)| v.len() != data.len()) {
-            let why = format!(
-                "reduce_scatter: rank {r} contributed {} elements, rank {} {}",
-                v.len(),
-                self.rank,
-                data.len()
-            );
-            self.abort(&why);
-            return Err(RuntimeError::Comm(why));
-        }
+        let all = self.exchange_equal("reduce_scatter", data)?;
         let chunk = data.len() / world;
         let range = self.rank * chunk..(self.rank + 1) * chunk;
         let mut out = all[0][range.clone()].to_vec();
