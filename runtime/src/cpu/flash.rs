@@ -529,24 +529,8 @@ mod wide {
         let mut acc = [[_mm512_setzero_ps(); NC]; N];
         // SAFETY: `scores` bounds q (N rows of d, stride qs), k (d × KB) and s (N × KB).
         unsafe {
-            for t in 0..d {
-                let kt = k.add(t * KB);
-                let mut kv = [_mm512_setzero_ps(); NC];
-                for (c, x) in kv.iter_mut().enumerate() {
-                    *x = _mm512_loadu_ps(kt.add(c * 16));
-                }
-                for (r, ar) in acc.iter_mut().enumerate() {
-                    let qv = _mm512_set1_ps(*q.add(r * qs + t));
-                    for (a, &kc) in ar.iter_mut().zip(&kv) {
-                        *a = _mm512_fmadd_ps(qv, kc, *a);
-                    }
-                }
-            }
-            for (r, ar) in acc.iter().enumerate() {
-                for (c, &a) in ar.iter().enumerate() {
-                    _mm512_storeu_ps(s.add(r * KB + c * 16), a);
-                }
-            }
+            outer_acc(&mut acc, q, qs, k, KB, d);
+            store_rows(&acc, s, KB);
         }
     }
 
@@ -664,22 +648,61 @@ mod wide {
                     *a = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * dvp + c * 16)), cr);
                 }
             }
-            for j in 0..bk {
-                let vj = v.add(j * vst);
-                let mut vr = [_mm512_setzero_ps(); NV];
-                for (c, x) in vr.iter_mut().enumerate() {
-                    *x = _mm512_loadu_ps(vj.add(c * 16));
+            outer_acc(&mut acc, p, KB, v, vst, bk);
+            store_rows(&acc, o, dvp);
+        }
+    }
+
+    /// `acc[r][c] += a[r·ars + t] · b[t·bst + 16c ..][..16]` for `t` in `0..steps`: the
+    /// register-blocked outer-product loop of both the score tile (q against k) and the P·V
+    /// tile (p against v).
+    ///
+    /// # Safety
+    /// `a` holds `N` rows of `steps` at stride `ars`, `b` `steps` rows of `16·C` at stride `bst`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn outer_acc<const N: usize, const C: usize>(
+        acc: &mut [[__m512; C]; N],
+        a: *const f32,
+        ars: usize,
+        b: *const f32,
+        bst: usize,
+        steps: usize,
+    ) {
+        // SAFETY: the caller bounds every element read (see above).
+        unsafe {
+            for t in 0..steps {
+                let bt = b.add(t * bst);
+                let mut bv = [_mm512_setzero_ps(); C];
+                for (c, x) in bv.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(bt.add(c * 16));
                 }
                 for (r, ar) in acc.iter_mut().enumerate() {
-                    let pr = _mm512_set1_ps(*p.add(r * KB + j));
-                    for (a, &x) in ar.iter_mut().zip(&vr) {
-                        *a = _mm512_fmadd_ps(pr, x, *a);
+                    let av = _mm512_set1_ps(*a.add(r * ars + t));
+                    for (x, &bc) in ar.iter_mut().zip(&bv) {
+                        *x = _mm512_fmadd_ps(av, bc, *x);
                     }
                 }
             }
+        }
+    }
+
+    /// Stores `acc` as `N` rows of `16·C` at stride `st` from `out`.
+    ///
+    /// # Safety
+    /// `out` holds those rows.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_rows<const N: usize, const C: usize>(
+        acc: &[[__m512; C]; N],
+        out: *mut f32,
+        st: usize,
+    ) {
+        // SAFETY: the caller bounds the rows.
+        unsafe {
             for (r, ar) in acc.iter().enumerate() {
-                for (c, &a) in ar.iter().enumerate() {
-                    _mm512_storeu_ps(o.add(r * dvp + c * 16), a);
+                for (c, &x) in ar.iter().enumerate() {
+                    _mm512_storeu_ps(out.add(r * st + c * 16), x);
                 }
             }
         }
