@@ -752,11 +752,8 @@ pub fn mask_uniforms(scores: &[usize], mask: &[usize]) -> Option<[u32; 7]> {
     ])
 }
 
-/// `softmax(x·scale [+ mask])` over the last axis, one workgroup per row.
-pub fn softmax(cfg: &SoftmaxCfg, tune: &Tune, limits: &Limits) -> Result<Generated, CodegenError> {
-    if tune.subgroup == ROWS {
-        return softmax_rows(cfg, tune, limits);
-    }
+/// The softmax kernel's name (both designs), refusing a scale that is not finite.
+fn softmax_name(cfg: &SoftmaxCfg, tune: &Tune, limits: &Limits) -> Result<String, CodegenError> {
     let mut stem = "softmax".to_string();
     if cfg.mask {
         stem.push_str("_mask");
@@ -771,6 +768,15 @@ pub fn softmax(cfg: &SoftmaxCfg, tune: &Tune, limits: &Limits) -> Result<Generat
             format!("scale = {} is not finite", cfg.scale),
         ));
     }
+    Ok(name)
+}
+
+/// `softmax(x·scale [+ mask])` over the last axis, one workgroup per row.
+pub fn softmax(cfg: &SoftmaxCfg, tune: &Tune, limits: &Limits) -> Result<Generated, CodegenError> {
+    if tune.subgroup == ROWS {
+        return softmax_rows(cfg, tune, limits);
+    }
+    let name = softmax_name(cfg, tune, limits)?;
     let e = cfg.elem;
     let cols = uni("cols");
     let (scale, mask) = (cfg.scale, cfg.mask);
@@ -1197,20 +1203,7 @@ fn plus4(j: Expr, l: u8) -> Expr {
 /// Softmax, the row design (see [`Tune::subgroup`]): scores read as vectors (the mask, if any,
 /// as scalars through its broadcast uniforms).
 fn softmax_rows(cfg: &SoftmaxCfg, tune: &Tune, limits: &Limits) -> Result<Generated, CodegenError> {
-    let mut stem = "softmax".to_string();
-    if cfg.mask {
-        stem.push_str("_mask");
-    }
-    if cfg.scale != 1.0 {
-        stem.push_str(&format!("_s{:08x}", cfg.scale.to_bits()));
-    }
-    let name = named(&stem, cfg, tune, limits)?;
-    if !cfg.scale.is_finite() {
-        return Err(kernel_err(
-            &name,
-            format!("scale = {} is not finite", cfg.scale),
-        ));
-    }
+    let name = softmax_name(cfg, tune, limits)?;
     let e = cfg.elem;
     let (scale, mask) = (cfg.scale, cfg.mask);
     let x = |i: Expr| load4("x", i);
