@@ -228,11 +228,18 @@ pub enum DistOp {
     /// Receives a tensor from rank `peer`; the operand only gives the shape and type of what
     /// arrives (its values are not read).
     Recv { peer: usize },
+    /// The operand on rank 0, zeros of its shape on every other rank (no communication): a
+    /// term added to the partial sums of an `all_reduce` once, exactly (the bias and the
+    /// residual of a row-parallel matmul added in its epilogue before the reduce). A world of
+    /// one is the identity. `transfuse_passes::shard::for_rank` removes it per rank before
+    /// loading (the operand itself on rank 0; on the others the epilogue term it feeds is
+    /// dropped).
+    RootOnly,
 }
 
 impl DistOp {
     /// The printable name (`all_reduce`, `all_gather`, `shard`, `reduce_scatter`, `send`,
-    /// `recv`).
+    /// `recv`, `root_only`).
     pub fn name(self) -> &'static str {
         match self {
             DistOp::AllReduce => "all_reduce",
@@ -241,6 +248,7 @@ impl DistOp {
             DistOp::ReduceScatter { .. } => "reduce_scatter",
             DistOp::Send { .. } => "send",
             DistOp::Recv { .. } => "recv",
+            DistOp::RootOnly => "root_only",
         }
     }
 }

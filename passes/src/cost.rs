@@ -324,7 +324,8 @@ pub fn node_cost(eg: &EG, p: &Profile, inlined: &HashSet<Id>, n: &TNode) -> f64 
 /// The cost of a collective under `p`: its fixed cost plus the ring bytes each of the
 /// `p.world` ranks sends over the link (an all-reduce 2(N−1)/N of its bytes, an all-gather
 /// (N−1)/N of its result, a reduce-scatter (N−1)/N of its operand; a `send` its operand);
-/// `shard` is a local copy (a kernel reading its rows), `recv` the wait of its `send`.
+/// `shard` is a local copy (a kernel reading its rows), `recv` the wait of its `send`,
+/// `root_only` nothing.
 fn collective_cost(
     p: &Profile,
     d: &transfuse_ir::DistOp,
@@ -342,6 +343,10 @@ fn collective_cost(
         DistOp::ReduceScatter { .. } => link(comm::reduce_scatter_bytes(n, in_b)),
         DistOp::Send { .. } => link(bytes),
         DistOp::Recv { .. } => 0.0,
+        // Removed per rank before loading (`shard::for_rank`): rank 0 reads the operand in
+        // place, the others drop the epilogue term it feeds. Priced as rank 0, the slowest
+        // rank (its consumer reads the operand; the others skip it).
+        DistOp::RootOnly => 0.0,
         DistOp::Shard { .. } => p.launch_s + (out_b + out_b) / p.bytes_per_s,
     }
 }

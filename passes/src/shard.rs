@@ -79,6 +79,13 @@ pub struct ShardSpec {
     /// on the rank's `⌈seq/N⌉` rows, and an `all_gather` restores the full sequence before the
     /// next op that needs it (see [`SeqChunk`] for the padding).
     pub sequence_parallel: bool,
+    /// The bias and the residual of a row-parallel fused matmul added before its `all_reduce`,
+    /// in the matmul's epilogue, on rank 0 only (`all_reduce(x·W + [rank 0: b + r])`, each
+    /// operand through [`DistOp::RootOnly`]): the sum is the same terms in another order
+    /// (exact up to rounding, no term scaled), and the separate elementwise pass over the
+    /// all-reduced stream disappears. Sites that sequence parallelism takes stay as it makes
+    /// them.
+    pub epilogue_before_reduce: bool,
 }
 
 /// The name of the graph input (and of its one symbolic dim) that a sequence-parallel graph
@@ -1209,6 +1216,17 @@ impl Pass<'_> {
                 if !epi_rep || act != transfuse_ir::Act::Identity {
                     return self.replicated(id, ops);
                 }
+                if self.spec.epilogue_before_reduce && (bias || residual) && self.n > 1 {
+                    // The epilogue terms on rank 0 only, summed into the partials by the
+                    // reduce.
+                    let mut ids = vec![ops[0].0, ops[1].0];
+                    for o in &ops[2..] {
+                        ids.push(self.add(Op::Dist(DistOp::RootOnly), &[o.0])?);
+                    }
+                    let y = self.add(node.op.clone(), &ids)?;
+                    let y = self.add(Op::Dist(DistOp::AllReduce), &[y])?;
+                    return Ok((y, St::Rep));
+                }
                 let mut y = self.add(Op::MatMul, &[ops[0].0, ops[1].0])?;
                 y = self.add(Op::Dist(DistOp::AllReduce), &[y])?;
                 let mut k = 2;
@@ -1393,8 +1411,213 @@ pub fn comm_cost(
                 c.send_bytes += bytes;
                 c.per_rank_p2p += bytes as f64;
             }
-            DistOp::Shard { .. } | DistOp::Recv { .. } => {}
+            DistOp::Shard { .. } | DistOp::Recv { .. } | DistOp::RootOnly => {}
         }
     }
     Ok(c)
+}
+
+/// The SPMD graph `g` specialised to `rank`: every [`DistOp::RootOnly`] resolved. On rank 0 it
+/// is its operand; on the others it is zero, so a fused matmul's bias or residual it feeds is
+/// dropped from the epilogue (a fused matmul left with neither, and no activation, is a bare
+/// matmul) and any other reader gets zeros of its shape. The rest of the graph is copied as it
+/// is, so every rank still runs the same collectives in the same order.
+pub fn for_rank(g: &Graph, rank: usize) -> Result<Graph, ShardError> {
+    use transfuse_ir::Act;
+    if !g.nodes().any(|(_, n)| n.op == Op::Dist(DistOp::RootOnly)) {
+        return Ok(g.clone());
+    }
+    let mut out = Graph::new();
+    // Per source node: its node in `out`, or `None` for a root-only zero.
+    let mut map: Vec<Option<NodeId>> = Vec::with_capacity(g.len());
+    let mut zeros: BTreeMap<usize, NodeId> = BTreeMap::new();
+    for (id, node) in g.nodes() {
+        let op = &node.op;
+        if *op == Op::Dist(DistOp::RootOnly) {
+            let x = map[node.inputs[0].index()];
+            map.push(if rank == 0 {
+                x
+            } else {
+                None
+            });
+            continue;
+        }
+        let mut zero_of = |out: &mut Graph, src: NodeId| -> Result<NodeId, ShardError> {
+            if let Some(&z) = zeros.get(&src.index()) {
+                return Ok(z);
+            }
+            let z = zeros_like(out, g.node(src))?;
+            zeros.insert(src.index(), z);
+            Ok(z)
+        };
+        let nid = match op {
+            Op::FusedMatMul {
+                act,
+                bias,
+                residual,
+            } if node.inputs.iter().any(|x| map[x.index()].is_none()) => {
+                let (mut bias, mut residual) = (*bias, *residual);
+                let mut ins = vec![];
+                for (k, x) in node.inputs.iter().enumerate() {
+                    match map[x.index()] {
+                        Some(v) => ins.push(v),
+                        None if k >= 2 => {
+                            // Operand 2 is the bias when there is one, the residual last.
+                            if k == 2 && bias {
+                                bias = false;
+                            } else {
+                                residual = false;
+                            }
+                        }
+                        None => ins.push(zero_of(&mut out, *x)?),
+                    }
+                }
+                let op = if !bias && !residual && *act == Act::Identity {
+                    Op::MatMul
+                } else {
+                    Op::FusedMatMul {
+                        act: *act,
+                        bias,
+                        residual,
+                    }
+                };
+                out.add(op, &ins)?
+            }
+            _ => {
+                let mut ins = Vec::with_capacity(node.inputs.len());
+                for x in &node.inputs {
+                    ins.push(match map[x.index()] {
+                        Some(v) => v,
+                        None => zero_of(&mut out, *x)?,
+                    });
+                }
+                out.add(op.clone(), &ins)?
+            }
+        };
+        debug_assert_eq!(map.len(), id.index());
+        map.push(Some(nid));
+    }
+    for (name, id) in g.outputs() {
+        let v = match map[id.index()] {
+            Some(v) => v,
+            None => zeros_like(&mut out, g.node(*id))?,
+        };
+        out.set_output(name, v);
+    }
+    Ok(out)
+}
+
+/// Zeros of `n`'s shape and type (from an `iota`, not a constant: weight folding would fold a
+/// constant expanded to symbolic dims before they are bound).
+fn zeros_like(out: &mut Graph, n: &transfuse_ir::Node) -> Result<NodeId, ShardError> {
+    let zero = out.add(
+        Op::Iota {
+            start: Dim::known(0),
+            len: Dim::known(1),
+        },
+        &[],
+    )?;
+    let zero = out.add(Op::Cast { dtype: n.dtype }, &[zero])?;
+    Ok(out.add(
+        Op::Expand {
+            shape: n.shape.clone(),
+        },
+        &[zero],
+    )?)
+}
+
+/// `g` with each residual add that follows a matmul taken into the matmul's epilogue:
+/// `add(x @ w [+ b], r)` → `fused_matmul{residual}(x, w [, b], r)` when the matmul (plain, or
+/// fused with no activation and no residual) is read by that add only, and `r` is an f32
+/// activation of the output's shape. The optimizer's `matmul-residual` rule does this only for
+/// a matmul that already has an epilogue (a bias), so LLaMA's bias-free output and down
+/// projections still end in a separate add; a row-parallel site needs the residual in its
+/// node to choose where it goes ([`ShardSpec::epilogue_before_reduce`]). Exact: the same
+/// additions, the sum's operands swapped.
+pub fn absorb_residuals(g: &Graph) -> Result<Graph, ShardError> {
+    use transfuse_ir::{Act, BinaryOp, DType};
+    let mut uses = vec![0usize; g.len()];
+    for (_, n) in g.nodes() {
+        for x in &n.inputs {
+            uses[x.index()] += 1;
+        }
+    }
+    for (_, id) in g.outputs() {
+        uses[id.index()] += 1;
+    }
+    let epilogue_free = |n: &transfuse_ir::Node| match n.op {
+        Op::MatMul => Some(false),
+        Op::FusedMatMul {
+            act: Act::Identity,
+            bias,
+            residual: false,
+        } => Some(bias),
+        _ => None,
+    };
+    // Per add: (the matmul it absorbs, its residual operand).
+    let mut absorbs: BTreeMap<usize, (NodeId, NodeId)> = BTreeMap::new();
+    let mut absorbed = BTreeSet::new();
+    for (id, n) in g.nodes() {
+        if n.op != Op::Binary(BinaryOp::Add) || n.dtype != DType::F32 {
+            continue;
+        }
+        for (m, r) in [(n.inputs[0], n.inputs[1]), (n.inputs[1], n.inputs[0])] {
+            let (mn, rn) = (g.node(m), g.node(r));
+            if epilogue_free(mn).is_some()
+                && uses[m.index()] == 1
+                && m != r
+                && mn.shape == n.shape
+                && rn.shape == n.shape
+                && rn.dtype == DType::F32
+                && !matches!(rn.op, Op::Weight { .. } | Op::Constant { .. })
+            {
+                absorbs.insert(id.index(), (m, r));
+                absorbed.insert(m.index());
+                break;
+            }
+        }
+    }
+    if absorbs.is_empty() {
+        return Ok(g.clone());
+    }
+    let mut out = Graph::new();
+    let mut map: Vec<Option<NodeId>> = vec![None; g.len()];
+    for (id, n) in g.nodes() {
+        if absorbed.contains(&id.index()) {
+            continue;
+        }
+        let nid = match absorbs.get(&id.index()) {
+            Some(&(m, r)) => {
+                let mn = g.node(m);
+                let bias = epilogue_free(mn).expect("checked");
+                let mut ins: Vec<NodeId> = mn
+                    .inputs
+                    .iter()
+                    .map(|x| map[x.index()].expect("operands precede users"))
+                    .collect();
+                ins.push(map[r.index()].expect("operands precede users"));
+                out.add(
+                    Op::FusedMatMul {
+                        act: Act::Identity,
+                        bias,
+                        residual: true,
+                    },
+                    &ins,
+                )?
+            }
+            None => {
+                let ins: Vec<NodeId> = n
+                    .inputs
+                    .iter()
+                    .map(|x| map[x.index()].expect("operands precede users"))
+                    .collect();
+                out.add(n.op.clone(), &ins)?
+            }
+        };
+        map[id.index()] = Some(nid);
+    }
+    for (name, id) in g.outputs() {
+        out.set_output(name, map[id.index()].expect("outputs are nodes"));
+    }
+    Ok(out)
 }

@@ -18,7 +18,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use transfuse_ir::{
-    eval_shape, BinaryOp, Bindings, CmpOp, Data, DistOp, Graph, Node, NodeId, Op, ReduceOp, Tensor,
+    eval_shape, BinaryOp, Bindings, CmpOp, DType, Data, DistOp, Graph, Node, NodeId, Op, ReduceOp,
+    Tensor,
     UnaryOp, Weights,
 };
 
@@ -582,8 +583,27 @@ fn dist(
         }
         return Ok(Arc::new(t));
     }
+    if let DistOp::RootOnly = d {
+        if comm.rank() == 0 {
+            return Ok(Arc::new(x.clone()));
+        }
+        let n = x.len();
+        let data = match x.dtype() {
+            DType::F32 => Data::F32(vec![0.0; n]),
+            DType::I64 => Data::I64(vec![0; n]),
+            DType::Bool => Data::Bool(vec![false; n]),
+            DType::F16 => Data::F16(vec![half::f16::ZERO; n]),
+            DType::BF16 => Data::BF16(vec![half::bf16::ZERO; n]),
+        };
+        return Ok(Arc::new(Tensor {
+            shape: x.shape.clone(),
+            data,
+        }));
+    }
     let world = match d {
-        DistOp::AllReduce | DistOp::Send { .. } | DistOp::Recv { .. } => comm.world(),
+        DistOp::AllReduce | DistOp::Send { .. } | DistOp::Recv { .. } | DistOp::RootOnly => {
+            comm.world()
+        }
         DistOp::AllGather { world, .. }
         | DistOp::Shard { world, .. }
         | DistOp::ReduceScatter { world, .. } => world,
@@ -651,7 +671,7 @@ fn dist(
             }
             comm.reduce_scatter_sum(&v)?
         }
-        DistOp::Shard { .. } | DistOp::Send { .. } | DistOp::Recv { .. } => {
+        DistOp::Shard { .. } | DistOp::Send { .. } | DistOp::Recv { .. } | DistOp::RootOnly => {
             unreachable!("returned above")
         }
     };
