@@ -39,8 +39,9 @@ struct Exec {
     #[arg(long, default_value_t = 1)]
     tp: usize,
     /// How `--tp` shards the model: auto (each placement chosen by the cost model),
-    /// megatron (one all-reduce per row-parallel site) or megatron-sp (sequence-parallel
-    /// norms: reduce-scatter and all-gather around them).
+    /// megatron (one all-reduce per row-parallel site, bias and residual after it),
+    /// megatron-fused (bias and residual before it, in the matmul's epilogue on rank 0) or
+    /// megatron-sp (sequence-parallel norms: reduce-scatter and all-gather around them).
     #[arg(long, default_value = "auto")]
     tp_layout: String,
     /// With `--tp N --backend cuda`: the job spans K processes (nodes), N/K ranks on each, one
@@ -205,7 +206,8 @@ enum Cmd {
         /// bytes they move per token.
         #[arg(long, default_value_t = 1)]
         tp: usize,
-        /// How `--tp` shards the model: auto, megatron or megatron-sp (as for `run`).
+        /// How `--tp` shards the model: auto, megatron, megatron-fused or megatron-sp (as for
+        /// `run`).
         #[arg(long, default_value = "auto")]
         tp_layout: String,
         /// Also cut the optimized graph into P pipeline stages balanced by the cost model and
@@ -466,13 +468,18 @@ fn pp_session(model: Model, exec: &Exec) -> Result<(Session, String), Error> {
             "--pp cuts the optimized graph; drop --no-optimize".into(),
         ));
     }
+    let layout = parse_tp_layout(&exec.tp_layout)?;
     if exec.tp > 1
-        && parse_tp_layout(&exec.tp_layout)? == transfuse::passes::place::TpLayout::MegatronSp
+        && matches!(
+            layout,
+            transfuse::passes::place::TpLayout::MegatronSp
+                | transfuse::passes::place::TpLayout::MegatronFused
+        )
     {
-        return Err(Error::Usage(
-            "--tp-layout megatron-sp: a pipeline's tensor-parallel stages use the megatron layout"
-                .into(),
-        ));
+        return Err(Error::Usage(format!(
+            "--tp-layout {}: a pipeline's tensor-parallel stages use the megatron layout",
+            layout.name()
+        )));
     }
     let backend = match exec.backend.as_str() {
         "auto" => "cpu",

@@ -1,7 +1,8 @@
 //! Tensor parallelism in a [`Session`]: the Megatron layout of each model family as a
 //! [`ShardSpec`], the sharded load (each rank reads only its slices), and N CPU ranks as threads.
 //!
-//! Layout (`--tp-layout megatron`, the only one so far): Q/K/V (GPT-2's merged `c_attn` as
+//! Layout (`--tp-layout megatron`; `megatron-fused` and `megatron-sp` move where the bias,
+//! residual and norms of each row-parallel site run, `auto` picks by cost): Q/K/V (GPT-2's merged `c_attn` as
 //! three blocks, so each rank gets its heads' q, k and v columns) and the MLP up/gate/fc
 //! projections column-parallel, attention on the rank's heads, the attention output and MLP
 //! down projections row-parallel followed by one `all_reduce` each (bias and residual added once,
@@ -394,7 +395,9 @@ impl Session {
         let mut rank0 = None;
         for (i, comm) in comms.iter().enumerate() {
             let (w, st) = load_rank(&model, &sharded, first + i)?;
-            let (graph, w) = crate::runtime::fold_weights(&sharded.graph, &w)?;
+            // Rank-dependent epilogue terms resolved before folding (which has no rank).
+            let mine = crate::passes::shard::for_rank(&sharded.graph, first + i)?;
+            let (graph, w) = crate::runtime::fold_weights(&mine, &w)?;
             ranks.push(load(comm.clone(), &graph, &w)?);
             stats.push(st);
             if i == 0 {
@@ -477,11 +480,12 @@ pub fn tp_report(
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "\ntensor parallel: {n} ranks, layout {} (--tp-layout {}); {} of {} row-parallel sites sequence-parallel",
+        "\ntensor parallel: {n} ranks, layout {} (--tp-layout {}); {} of {} row-parallel sites sequence-parallel, {} with the bias and residual before the all-reduce",
         placement.chosen,
         placement.asked.name(),
         placement.sp_sites,
-        placement.sites
+        placement.sites,
+        placement.fused_sites
     );
     if !placement.costs.is_empty() {
         let _ = writeln!(
@@ -523,6 +527,7 @@ pub fn tp_report(
         "layout_costs_s": placement.costs,
         "sites": placement.sites,
         "sp_sites": placement.sp_sites,
+        "fused_sites": placement.fused_sites,
         "reduce_scatters": c.reduce_scatters,
         "reduce_scatter_bytes": c.reduce_scatter_bytes,
         "ops_per_rank": ops,

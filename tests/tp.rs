@@ -139,6 +139,50 @@ fn sequence_parallel_equals_tp1() {
     }
 }
 
+/// The bias and residual of every row-parallel matmul added before its all-reduce, in the
+/// matmul's epilogue on rank 0 (`all_reduce(x·W + [rank 0: b + r])`): equal to TP 1 within
+/// the same tolerance (the same terms summed in another order), greedy tokens exact, and the
+/// same collectives moving the same bytes as the textbook layout. LLaMA's bias-free output
+/// and down projections count too (their residual add is taken into the matmul first).
+#[test]
+fn fused_epilogue_equals_tp1_and_moves_megatrons_bytes() {
+    let f = TpLayout::MegatronFused;
+    check_forward_in("tiny_gpt2", &[2, 4], f);
+    check_greedy_in("tiny_gpt2", &[2, 4], f);
+    check_forward_in("tiny_bert", &[2, 4], f);
+    check_forward_in("tiny_llama", &[2, 3], f);
+    check_greedy_in("tiny_llama", &[2, 3], f);
+    for (name, n) in [("tiny_gpt2", 4), ("tiny_bert", 2), ("tiny_llama", 3)] {
+        let fused = tp_layout(name, n, f);
+        let mega = tp(name, n);
+        let st = fused.tp.as_ref().unwrap();
+        assert_eq!(st.placement.chosen, "megatron-fused");
+        // The 2 matmul sites of each layer; the embedding's all-reduce has no epilogue.
+        assert_eq!(
+            (st.placement.fused_sites, st.placement.sites),
+            (4, 5),
+            "{name} tp {n}"
+        );
+        let bind = forward_bindings(2, 6);
+        let mst = mega.tp.as_ref().unwrap();
+        assert_eq!(
+            comm_cost(&st.sharded.graph, &bind, n).unwrap(),
+            comm_cost(&mst.sharded.graph, &bind, n).unwrap(),
+            "{name} tp {n}"
+        );
+        st.take_logs();
+        mst.take_logs();
+        fused.forward(&batch()).unwrap();
+        mega.forward(&batch()).unwrap();
+        let elems = |logs: Vec<Vec<transfuse::runtime::comm::Collective>>| -> Vec<Vec<_>> {
+            logs.into_iter()
+                .map(|l| l.into_iter().map(|c| (c.kind, c.elems)).collect())
+                .collect()
+        };
+        assert_eq!(elems(st.take_logs()), elems(mst.take_logs()), "{name} tp {n}");
+    }
+}
+
 /// `--tp-layout auto` (the default) runs whichever layout the cost model picks, and it
 /// equals TP 1 like the forced ones.
 #[test]
@@ -147,14 +191,17 @@ fn auto_layout_equals_tp1() {
     check_greedy_in("tiny_llama", &[3], TpLayout::Auto);
     let s = tp_layout("tiny_gpt2", 2, TpLayout::Auto);
     let p = &s.tp.as_ref().unwrap().placement;
-    for k in ["megatron", "megatron-sp", "chosen"] {
+    for k in ["megatron", "megatron-fused", "megatron-sp", "chosen"] {
         assert!(
             p.costs[k].is_finite() && p.costs[k] > 0.0,
             "{k}: {:?}",
             p.costs
         );
     }
-    assert!(p.costs["chosen"] <= p.costs["megatron"].min(p.costs["megatron-sp"]) * (1.0 + 1e-9));
+    let best = p.costs["megatron"]
+        .min(p.costs["megatron-sp"])
+        .min(p.costs["megatron-fused"]);
+    assert!(p.costs["chosen"] <= best * (1.0 + 1e-9));
 }
 
 #[test]
@@ -169,7 +216,11 @@ fn minilm_tp2_tp4_equal_tp1() {
     let one = Session::cpu(Model::load(&d).unwrap()).unwrap();
     let b = one_batch(&one, &texts);
     let want = one.forward(&b).unwrap();
-    for layout in [TpLayout::Megatron, TpLayout::MegatronSp] {
+    for layout in [
+        TpLayout::Megatron,
+        TpLayout::MegatronFused,
+        TpLayout::MegatronSp,
+    ] {
         for n in [2, 4] {
             let opts = Options {
                 tp_layout: layout,
@@ -398,10 +449,10 @@ mod cli {
         assert_error(&gen("tiny_gpt2", &["--tp", "0"]), &["--tp"]);
         assert_error(
             &gen("tiny_gpt2", &["--tp", "2", "--tp-layout", "gspmd"]),
-            &["--tp-layout", "gspmd", "megatron-sp", "auto"],
+            &["--tp-layout", "gspmd", "megatron-fused", "megatron-sp", "auto"],
         );
         let want = assert_ok(&gen("tiny_gpt2", &[]));
-        for layout in ["megatron", "megatron-sp", "auto"] {
+        for layout in ["megatron", "megatron-fused", "megatron-sp", "auto"] {
             let got = assert_ok(&gen("tiny_gpt2", &["--tp", "4", "--tp-layout", layout]));
             assert_eq!(got, want, "--tp-layout {layout}");
         }
@@ -412,6 +463,13 @@ mod cli {
                 &["--tp", "2", "--pp", "2", "--tp-layout", "megatron-sp"],
             ),
             &["--tp-layout megatron-sp", "pipeline"],
+        );
+        assert_error(
+            &gen(
+                "tiny_gpt2",
+                &["--tp", "2", "--pp", "2", "--tp-layout", "megatron-fused"],
+            ),
+            &["--tp-layout megatron-fused", "pipeline"],
         );
         // wgpu ranks run (tests/pp.rs checks them); CUDA ranks run over NCCL
         // (tests/tp_nccl.rs checks their errors without NCCL or a GPU).
@@ -505,10 +563,51 @@ mod cli {
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(v["tp"]["degree"], 4);
         assert_eq!(v["tp"]["all_reduces"], 5);
-        assert_eq!(v["tp"]["layout"], "megatron");
+        // The GPU profile: the fused epilogue beats the add after the all-reduce at every
+        // site, and SP's extra collectives and launches.
+        assert_eq!(v["tp"]["layout"], "megatron-fused");
         assert_eq!(v["tp"]["layout_asked"], "auto");
         assert_eq!(v["tp"]["sites"], 5);
-        assert!(v["tp"]["layout_costs_s"]["megatron-sp"].as_f64().unwrap() > 0.0);
+        assert_eq!(v["tp"]["fused_sites"], 4);
+        for k in ["megatron", "megatron-fused", "megatron-sp", "chosen"] {
+            assert!(v["tp"]["layout_costs_s"][k].as_f64().unwrap() > 0.0, "{k}");
+        }
+        let costs = &v["tp"]["layout_costs_s"];
+        assert!(costs["megatron-fused"].as_f64() < costs["megatron"].as_f64());
+        // Forced: the same collectives and bytes as the textbook layout.
+        let fused = assert_ok(&transfuse([
+            "compile",
+            "--model",
+            &d,
+            "--tp",
+            "2",
+            "--tp-layout",
+            "megatron-fused",
+            "--report",
+            "--dims",
+            "batch=1,seq=16",
+        ]));
+        assert!(
+            fused.contains("layout megatron-fused (--tp-layout megatron-fused); 0 of 5 row-parallel sites sequence-parallel, 4 with the bias and residual before the all-reduce"),
+            "{fused}"
+        );
+        assert!(
+            fused.contains("collectives per forward: 5 all_reduce (20480 B), 1 all_gather (64000 B)"),
+            "{fused}"
+        );
+        assert!(fused.contains("root_only"), "{fused}");
+        assert_error(
+            &transfuse([
+                "compile",
+                "--model",
+                &d,
+                "--tp",
+                "2",
+                "--tp-layout",
+                "fused",
+            ]),
+            &["--tp-layout", "`fused`", "megatron-fused"],
+        );
         assert_error(
             &transfuse(["compile", "--model", &d, "--tp", "3"]),
             &["h.0.attn.c_attn.weight", "--tp 3"],

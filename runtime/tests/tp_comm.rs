@@ -81,6 +81,63 @@ fn collectives_on_two_cpu_ranks() {
     }
 }
 
+/// `root_only`: the operand on rank 0, zeros elsewhere, so an all-reduce of it adds it once
+/// (how a row-parallel matmul's bias and residual go before its all-reduce); a world of one is
+/// the identity.
+#[test]
+fn root_only_is_the_operand_on_rank_0_and_zeros_elsewhere() {
+    let mut g = Graph::new();
+    let x = g
+        .add(
+            Op::Input {
+                name: "x".into(),
+                shape: shape([2usize, 2]),
+                dtype: DType::F32,
+            },
+            &[],
+        )
+        .unwrap();
+    let r = g.add(Op::Dist(DistOp::RootOnly), &[x]).unwrap();
+    let sum = g.add(Op::Dist(DistOp::AllReduce), &[r]).unwrap();
+    let each = g
+        .add(Op::Dist(DistOp::AllGather { axis: 1, world: 3 }), &[r])
+        .unwrap();
+    g.set_output("sum", sum);
+    g.set_output("each", each);
+    let comms = InProcessGroup::ranks(3, Duration::from_secs(10));
+    let mut tp = TpLoaded::new(ranks(&g, &comms), comms);
+    let xs = Tensor::f32(vec![2, 2], vec![1.5, -2.0, 3.0, 1e30]);
+    let out = tp
+        .run(&HashMap::from([("x".into(), xs.clone())]), &[])
+        .unwrap();
+    assert_eq!(out["sum"], xs);
+    assert_eq!(
+        out["each"].as_f32().unwrap(),
+        &[1.5, -2.0, 0., 0., 0., 0., 3.0, 1e30, 0., 0., 0., 0.]
+    );
+    let mut one = Graph::new();
+    let x = one
+        .add(
+            Op::Input {
+                name: "x".into(),
+                shape: shape([2usize, 2]),
+                dtype: DType::F32,
+            },
+            &[],
+        )
+        .unwrap();
+    let r = one.add(Op::Dist(DistOp::RootOnly), &[x]).unwrap();
+    one.set_output("y", r);
+    let out = CpuBackend::new()
+        .run(
+            &one,
+            &Weights::new(),
+            &HashMap::from([("x".into(), xs.clone())]),
+        )
+        .unwrap();
+    assert_eq!(out["y"], xs);
+}
+
 #[test]
 fn all_reduce_sums_distinct_contributions_in_rank_order() {
     let comms = InProcessGroup::ranks(3, Duration::from_secs(10));
