@@ -488,12 +488,15 @@ fn wgpu_tp2_ranks_equal_tp1() {
     if common::wgpu_backend().is_none() {
         return;
     }
-    // Both layouts: Megatron's all-reduces, and Megatron-SP's reduce-scatters and
-    // all-gathers around the norms (its padding of the sequence in the device segments).
+    // The layouts: Megatron's all-reduces (the bias and residual after them, or before them
+    // in the row-parallel matmuls' epilogues on rank 0), and Megatron-SP's reduce-scatters
+    // and all-gathers around the norms (its padding of the sequence in the device segments).
     use transfuse::passes::place::TpLayout;
     for (name, layout) in [
         ("tiny_gpt2", TpLayout::Megatron),
         ("tiny_llama", TpLayout::Megatron),
+        ("tiny_gpt2", TpLayout::MegatronFused),
+        ("tiny_llama", TpLayout::MegatronFused),
         ("tiny_gpt2", TpLayout::MegatronSp),
         ("tiny_llama", TpLayout::MegatronSp),
     ] {

@@ -179,7 +179,11 @@ fn fused_epilogue_equals_tp1_and_moves_megatrons_bytes() {
                 .map(|l| l.into_iter().map(|c| (c.kind, c.elems)).collect())
                 .collect()
         };
-        assert_eq!(elems(st.take_logs()), elems(mst.take_logs()), "{name} tp {n}");
+        assert_eq!(
+            elems(st.take_logs()),
+            elems(mst.take_logs()),
+            "{name} tp {n}"
+        );
     }
 }
 
@@ -449,7 +453,13 @@ mod cli {
         assert_error(&gen("tiny_gpt2", &["--tp", "0"]), &["--tp"]);
         assert_error(
             &gen("tiny_gpt2", &["--tp", "2", "--tp-layout", "gspmd"]),
-            &["--tp-layout", "gspmd", "megatron-fused", "megatron-sp", "auto"],
+            &[
+                "--tp-layout",
+                "gspmd",
+                "megatron-fused",
+                "megatron-sp",
+                "auto",
+            ],
         );
         let want = assert_ok(&gen("tiny_gpt2", &[]));
         for layout in ["megatron", "megatron-fused", "megatron-sp", "auto"] {
@@ -592,7 +602,9 @@ mod cli {
             "{fused}"
         );
         assert!(
-            fused.contains("collectives per forward: 5 all_reduce (20480 B), 1 all_gather (64000 B)"),
+            fused.contains(
+                "collectives per forward: 5 all_reduce (20480 B), 1 all_gather (64000 B)"
+            ),
             "{fused}"
         );
         assert!(fused.contains("root_only"), "{fused}");

@@ -445,9 +445,7 @@ pub fn infer(op: &Op, xs: &[(&Shape, DType)]) -> Result<(Shape, DType), String> 
                     }
                     Ok((s.clone(), dt))
                 }
-                DistOp::Send { .. } | DistOp::Recv { .. } | DistOp::RootOnly => {
-                    Ok((s.clone(), dt))
-                }
+                DistOp::Send { .. } | DistOp::Recv { .. } | DistOp::RootOnly => Ok((s.clone(), dt)),
                 DistOp::AllGather { axis, world }
                 | DistOp::Shard { axis, world }
                 | DistOp::ReduceScatter { axis, world } => {

@@ -211,7 +211,10 @@ pub fn place(
     // the layouts can be beyond it).
     let (merged, cost) = merge_and_extract(&layouts, &p)?;
     let mut candidates = vec![(merged, cost)];
-    for (l, name) in layouts.iter().zip(["megatron", "megatron-fused", "megatron-sp"]) {
+    for (l, name) in layouts
+        .iter()
+        .zip(["megatron", "megatron-fused", "megatron-sp"])
+    {
         candidates.push((l.graph.clone(), costs[name]));
     }
     let (graph, cost) = candidates

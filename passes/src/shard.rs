@@ -1435,11 +1435,7 @@ pub fn for_rank(g: &Graph, rank: usize) -> Result<Graph, ShardError> {
         let op = &node.op;
         if *op == Op::Dist(DistOp::RootOnly) {
             let x = map[node.inputs[0].index()];
-            map.push(if rank == 0 {
-                x
-            } else {
-                None
-            });
+            map.push(if rank == 0 { x } else { None });
             continue;
         }
         let mut zero_of = |out: &mut Graph, src: NodeId| -> Result<NodeId, ShardError> {

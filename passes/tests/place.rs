@@ -126,7 +126,12 @@ fn the_layout_follows_collective_latency_against_the_norm_work_saved() {
         "{:?}",
         p.costs
     );
-    assert_eq!((p.chosen, p.sp_sites), ("megatron-fused", 0), "{:?}", p.costs);
+    assert_eq!(
+        (p.chosen, p.sp_sites),
+        ("megatron-fused", 0),
+        "{:?}",
+        p.costs
+    );
     assert!(!p.sharded.graph.op_counts().contains_key("reduce_scatter"));
     assert!(p.sharded.seq_chunk.is_none());
     let gpu = with(Profile::gpu(), 8192, 1e-6, 1e10);
@@ -161,7 +166,10 @@ fn the_layout_follows_collective_latency_against_the_norm_work_saved() {
         p.costs
     );
     assert_eq!(p.costs["chosen"], p.costs["megatron-sp"]);
-    assert!(p.sharded.seq_chunk.is_none(), "a known length needs no chunk input");
+    assert!(
+        p.sharded.seq_chunk.is_none(),
+        "a known length needs no chunk input"
+    );
     let p = place(&known, &spec_n(2), TpLayout::Auto, &cpu(seq, 1e-6)).unwrap();
     assert_eq!(
         (p.chosen, p.sp_sites, p.fused_sites),
@@ -178,12 +186,15 @@ fn the_layout_follows_collective_latency_against_the_norm_work_saved() {
 #[test]
 fn the_fused_epilogue_saves_the_add_kernel_and_two_passes_per_site() {
     let g = optimized();
-    for (prof, seq, n) in [(Profile::cpu(), 8192usize, 2usize), (Profile::gpu(), 512, 4)] {
+    for (prof, seq, n) in [
+        (Profile::cpu(), 8192usize, 2usize),
+        (Profile::gpu(), 512, 4),
+    ] {
         let prof = with(prof, seq, 1e-6, 1e10);
         let p = place(&g, &spec_n(n), TpLayout::Auto, &prof).unwrap();
         let elems = (seq * H) as f64;
-        let site = prof.launch_s + 2.0 * 4.0 * elems / prof.bytes_per_s
-            + 8.0 * elems / prof.flops_per_s;
+        let site =
+            prof.launch_s + 2.0 * 4.0 * elems / prof.bytes_per_s + 8.0 * elems / prof.flops_per_s;
         let saved = p.costs["megatron"] - p.costs["megatron-fused"];
         assert!(
             (saved - 2.0 * site).abs() <= 1e-6 * saved,
@@ -214,7 +225,7 @@ fn the_link_bandwidth_alone_does_not_move_the_choice() {
         .unwrap();
         assert_eq!(a.chosen, b.chosen, "seq {seq}");
         // Both alternatives pay the same ring bytes: the gap between them does not change.
-            for other in ["megatron-sp", "megatron-fused"] {
+        for other in ["megatron-sp", "megatron-fused"] {
             let gap = |p: &transfuse_passes::place::Placement| p.costs["megatron"] - p.costs[other];
             assert!(
                 (gap(&a) - gap(&b)).abs() <= 1e-9 * a.costs["megatron"],
@@ -248,7 +259,6 @@ fn forced_layouts_and_megatron_sps_bytes() {
     assert!((cs.per_rank_ring - cm.per_rank_ring).abs() < 1e-6);
 }
 
-
 /// The fused form moves exactly Megatron's bytes, in the same collectives; per rank it becomes
 /// the fused epilogue on rank 0 and a bare matmul on the others (`for_rank`).
 #[test]
@@ -257,7 +267,10 @@ fn the_fused_layout_keeps_megatrons_collectives_and_specialises_per_rank() {
     let g = optimized();
     let m = place(&g, &spec(), TpLayout::Megatron, &Profile::cpu()).unwrap();
     let f = place(&g, &spec(), TpLayout::MegatronFused, &Profile::cpu()).unwrap();
-    assert_eq!((f.chosen, f.fused_sites, f.sp_sites), ("megatron-fused", 2, 0));
+    assert_eq!(
+        (f.chosen, f.fused_sites, f.sp_sites),
+        ("megatron-fused", 2, 0)
+    );
     assert_eq!(m.fused_sites, 0);
     assert!(f.costs.is_empty());
     let bind = transfuse_ir::Bindings::from([("batch".into(), 2), ("seq".into(), 12)]);
@@ -275,15 +288,7 @@ fn the_fused_layout_keeps_megatrons_collectives_and_specialises_per_rank() {
     }
     let residuals = |g: &Graph| {
         g.nodes()
-            .filter(|(_, n)| {
-                matches!(
-                    n.op,
-                    transfuse_ir::Op::FusedMatMul {
-                        residual: true,
-                        ..
-                    }
-                )
-            })
+            .filter(|(_, n)| matches!(n.op, transfuse_ir::Op::FusedMatMul { residual: true, .. }))
             .count()
     };
     assert_eq!(residuals(&r0), 2);
@@ -297,7 +302,10 @@ fn the_fused_layout_keeps_megatrons_collectives_and_specialises_per_rank() {
         transfuse_ir::to_text(&for_rank(&m.sharded.graph, 1).unwrap()),
         transfuse_ir::to_text(&m.sharded.graph)
     );
-    assert_eq!(TpLayout::by_name("megatron-fused"), Some(TpLayout::MegatronFused));
+    assert_eq!(
+        TpLayout::by_name("megatron-fused"),
+        Some(TpLayout::MegatronFused)
+    );
     assert_eq!(TpLayout::by_name("fused"), None);
     for name in TpLayout::NAMES {
         assert_eq!(TpLayout::by_name(name).unwrap().name(), name);

@@ -19,8 +19,7 @@ use std::sync::Arc;
 
 use transfuse_ir::{
     eval_shape, BinaryOp, Bindings, CmpOp, DType, Data, DistOp, Graph, Node, NodeId, Op, ReduceOp,
-    Tensor,
-    UnaryOp, Weights,
+    Tensor, UnaryOp, Weights,
 };
 
 use std::time::Instant;
