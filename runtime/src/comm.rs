@@ -82,6 +82,71 @@ pub trait Communicator: Send + Sync {
     fn reset(&self) {}
 }
 
+/// A [`Communicator`] that runs the collectives on buffers of a [`crate::device::Device`] `D`:
+/// what a device rank's segments ([`crate::tp::DeviceSegments`]) call, so the values that
+/// cross a collective stay in device memory. Buffers hold f32. The defaults stage through the
+/// host (read the buffer back, run the host-slice collective, write the result): correct on any
+/// device, and what the in-process group does for wgpu ranks; [`crate::nccl::NcclComm`]
+/// overrides them with NCCL on the CUDA buffers themselves.
+pub trait DeviceComm<D: crate::device::Device>: Communicator {
+    /// In place: the first `elems` f32 of `buf` become their sum over the ranks.
+    fn all_reduce_device(&self, dev: &D, buf: &D::Buffer, elems: usize) -> Result<(), RuntimeError> {
+        let mut v = read_f32(dev, buf, elems)?;
+        self.all_reduce_sum(&mut v)?;
+        dev.write(buf, bytemuck::cast_slice(&v))
+    }
+
+    /// `out` (at least `world × elems` f32) gets every rank's first `elems` f32 of `buf`, in
+    /// rank order.
+    fn all_gather_device(
+        &self,
+        dev: &D,
+        buf: &D::Buffer,
+        out: &D::Buffer,
+        elems: usize,
+    ) -> Result<(), RuntimeError> {
+        let v = read_f32(dev, buf, elems)?;
+        let parts = self.all_gather(&v)?;
+        let all: Vec<f32> = parts.into_iter().flatten().collect();
+        if all.len() != elems * self.world() {
+            return Err(RuntimeError::Comm(format!(
+                "all_gather: rank {} gathered {} elements, not {} × {elems}",
+                self.rank(),
+                all.len(),
+                self.world()
+            )));
+        }
+        dev.write(out, bytemuck::cast_slice(&all))
+    }
+
+    /// `out` (at least `elems / world` f32) gets this rank's chunk of the sum over the ranks
+    /// of `buf`'s first `elems` f32 (`elems` a multiple of the world).
+    fn reduce_scatter_device(
+        &self,
+        dev: &D,
+        buf: &D::Buffer,
+        out: &D::Buffer,
+        elems: usize,
+    ) -> Result<(), RuntimeError> {
+        let v = read_f32(dev, buf, elems)?;
+        let mine = self.reduce_scatter_sum(&v)?;
+        dev.write(out, bytemuck::cast_slice(&mine))
+    }
+}
+
+fn read_f32<D: crate::device::Device>(
+    dev: &D,
+    buf: &D::Buffer,
+    elems: usize,
+) -> Result<Vec<f32>, RuntimeError> {
+    let b = dev.read(buf, 4 * elems as u64)?;
+    Ok(b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+impl<D: crate::device::Device> DeviceComm<D> for SingleRank {}
+
 /// A world of one: collectives are the identity (what a single-device backend runs).
 #[derive(Debug, Default)]
 pub struct SingleRank;
@@ -283,6 +348,8 @@ impl InProcessComm {
             .push(Collective { kind, elems });
     }
 }
+
+impl<D: crate::device::Device> DeviceComm<D> for InProcessComm {}
 
 impl Communicator for InProcessComm {
     fn rank(&self) -> usize {

@@ -1029,6 +1029,57 @@ fn elem_bytes(code: i64) -> usize {
     }
 }
 
+impl NcclComm {
+    fn same_device(&self, dev: &CudaDevice, what: &str) -> Result<(), RuntimeError> {
+        if std::ptr::eq(dev, Arc::as_ptr(&self.device)) {
+            return Ok(());
+        }
+        Err(RuntimeError::Comm(format!(
+            "rank {}: {what}: the buffers are on another device than the communicator's",
+            self.rank
+        )))
+    }
+}
+
+/// The collectives of a CUDA rank's program ([`crate::tp::DeviceSegments`]): NCCL on its
+/// buffers, in place for the all-reduce, no host copy.
+impl crate::comm::DeviceComm<CudaDevice> for NcclComm {
+    fn all_reduce_device(
+        &self,
+        dev: &CudaDevice,
+        buf: &CudaBuffer,
+        elems: usize,
+    ) -> Result<(), RuntimeError> {
+        self.same_device(dev, "all_reduce")?;
+        self.record(CollectiveKind::AllReduce, elems);
+        self.all_reduce_buffer(buf, elems)
+    }
+
+    fn all_gather_device(
+        &self,
+        dev: &CudaDevice,
+        buf: &CudaBuffer,
+        out: &CudaBuffer,
+        elems: usize,
+    ) -> Result<(), RuntimeError> {
+        self.same_device(dev, "all_gather")?;
+        self.record(CollectiveKind::AllGather, elems);
+        self.all_gather_buffer(buf, out, elems)
+    }
+
+    fn reduce_scatter_device(
+        &self,
+        dev: &CudaDevice,
+        buf: &CudaBuffer,
+        out: &CudaBuffer,
+        elems: usize,
+    ) -> Result<(), RuntimeError> {
+        self.same_device(dev, "reduce_scatter")?;
+        self.record(CollectiveKind::ReduceScatter, elems);
+        self.reduce_scatter_buffer(buf, out, elems)
+    }
+}
+
 impl Communicator for NcclComm {
     fn rank(&self) -> usize {
         self.rank

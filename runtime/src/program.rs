@@ -79,6 +79,35 @@ type MainAndDecode<M, B> = (Compiled<M, B>, Option<Compiled<M, B>>);
 /// A carried tensor: its buffer, shape and dtype.
 type Carried<B> = (Held<B>, Vec<usize>, DType);
 
+/// A tensor left in a device buffer between programs on one device (the segments of a rank
+/// split at its collectives, [`crate::tp::DeviceSegments`]): what [`Program::run_keeping`]
+/// returns and [`Program::set_device_input`] takes, so a value crosses from one program to the
+/// next without a host round trip.
+pub struct DeviceTensor<B> {
+    /// The buffer; its first `shape`'s elements of `elem` hold the tensor.
+    pub buf: B,
+    /// The buffer's size in bytes (at least the tensor's).
+    pub cap: u64,
+    /// The tensor's shape.
+    pub shape: Vec<usize>,
+    /// The graph's type of it.
+    pub dtype: DType,
+    /// The device storage type it is held in.
+    pub elem: Elem,
+}
+
+impl<B> DeviceTensor<B> {
+    /// Its elements.
+    pub fn elems(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The bytes its elements take.
+    pub fn bytes(&self) -> u64 {
+        self.elems() as u64 * u64::from(elem_bytes(self.elem))
+    }
+}
+
 /// Where a plan buffer lives during a call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Place {
@@ -1315,12 +1344,70 @@ impl<D: Device> Program<D> {
     }
 }
 
-impl<D: Device + 'static> Loaded for Program<D> {
-    fn run(
+impl<D: Device> Program<D> {
+    /// The storage type of graph input or output `name` (None: no such input or output).
+    pub fn io_elem(&self, name: &str) -> Option<Elem> {
+        let io = self
+            .plan
+            .inputs
+            .iter()
+            .chain(&self.plan.outputs)
+            .find(|io| io.name == name)?;
+        self.plan.buffer(&io.buffer).map(|b| b.elem)
+    }
+
+    /// Supplies graph input `name` as a device buffer for the following calls (until replaced
+    /// or supplied on the host), bound in place: no upload. Refused when the input does not
+    /// exist, is a KV cache, is held in another storage type, or is larger than one binding.
+    pub fn set_device_input(
+        &mut self,
+        name: &str,
+        t: DeviceTensor<D::Buffer>,
+    ) -> Result<(), RuntimeError> {
+        let backend = self.backend();
+        let Some(io) = self.plan.inputs.iter().find(|io| io.name == name) else {
+            return Err(dev_err(backend, format!("no input `{name}` to bind a buffer to")));
+        };
+        let elem = self.plan.buffer(&io.buffer).map(|b| b.elem);
+        if self.plan.cache_of(name).is_some()
+            || elem != Some(t.elem)
+            || t.cap < t.bytes()
+            || t.bytes() > self.dev.info().max_binding_bytes
+        {
+            return Err(dev_err(
+                backend,
+                format!(
+                    "input `{name}` ({elem:?} storage) cannot take a device buffer of {} bytes                      holding {:?} {:?}",
+                    t.cap, t.elem, t.shape
+                ),
+            ));
+        }
+        let held = Held {
+            buf: t.buf,
+            cap: t.cap,
+        };
+        self.carried.insert(name.to_string(), (held, t.shape, t.dtype));
+        Ok(())
+    }
+
+    /// [`Loaded::run`] without carried outputs, the outputs named in `keep` left in their
+    /// device buffers and returned as [`DeviceTensor`]s (the program allocates new ones for
+    /// its next call) instead of read back.
+    pub fn run_keeping(
+        &mut self,
+        inputs: &TensorMap,
+        keep: &[String],
+    ) -> Result<(TensorMap, HashMap<String, DeviceTensor<D::Buffer>>), RuntimeError> {
+        self.run_inner(inputs, &[], keep)
+    }
+
+    fn run_inner(
         &mut self,
         inputs: &TensorMap,
         carry: &[(String, String)],
-    ) -> Result<TensorMap, RuntimeError> {
+        keep: &[String],
+    ) -> Result<(TensorMap, HashMap<String, DeviceTensor<D::Buffer>>), RuntimeError> {
+        let mut kept = HashMap::new();
         let (dims, places) = self.prepare_call(inputs)?;
         {
             let places = Self::places_ref(&places);
@@ -1348,6 +1435,20 @@ impl<D: Device + 'static> Loaded for Program<D> {
                 let padded = self.dev.read(&self.io[&io.buffer].buf, full * eb as u64)?;
                 let data = c.compact(&padded, &shape, self.kv_cap, eb);
                 out.insert(io.name.clone(), from_bytes(&data, b.elem, io.dtype, shape));
+                continue;
+            }
+            if keep.contains(&io.name) && !is_big {
+                let h = self.io.remove(&io.buffer).expect("allocated above");
+                kept.insert(
+                    io.name.clone(),
+                    DeviceTensor {
+                        buf: h.buf,
+                        cap: h.cap,
+                        shape,
+                        dtype: io.dtype,
+                        elem: b.elem,
+                    },
+                );
                 continue;
             }
             if let Some((_, input)) = carry.iter().find(|(o, _)| *o == io.name) {
@@ -1381,7 +1482,26 @@ impl<D: Device + 'static> Loaded for Program<D> {
             };
             out.insert(io.name.clone(), from_bytes(&data, b.elem, io.dtype, shape));
         }
-        Ok(out)
+        Ok((out, kept))
+    }
+}
+
+/// Reads a [`DeviceTensor`] back to the host.
+pub fn read_device_tensor<D: Device>(
+    dev: &D,
+    t: &DeviceTensor<D::Buffer>,
+) -> Result<Tensor, RuntimeError> {
+    let data = dev.read(&t.buf, t.bytes())?;
+    Ok(from_bytes(&data, t.elem, t.dtype, t.shape.clone()))
+}
+
+impl<D: Device + 'static> Loaded for Program<D> {
+    fn run(
+        &mut self,
+        inputs: &TensorMap,
+        carry: &[(String, String)],
+    ) -> Result<TensorMap, RuntimeError> {
+        Ok(self.run_inner(inputs, carry, &[])?.0)
     }
 
     fn clear_carry(&mut self) {

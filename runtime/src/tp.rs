@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use crate::comm::{Collective, Communicator};
 use crate::{KernelTime, Loaded, RuntimeError, TensorMap};
+use transfuse_ir::Tensor;
 
 /// N ranks run as one [`Loaded`].
 pub struct TpLoaded {
@@ -183,6 +184,164 @@ fn host_name(i: usize) -> String {
     format!("h.{i}")
 }
 
+/// One part of a graph split at its collectives: a segment (a graph of its own whose inputs
+/// are the graph's inputs and `h.<node>` values, whose outputs are the `h.<node>` values read
+/// after it and the graph outputs it computes), or one collective.
+enum Part {
+    Segment(transfuse_ir::Graph),
+    Dist {
+        op: transfuse_ir::DistOp,
+        node: usize,
+        operand: Operand,
+        outputs: Vec<String>,
+    },
+}
+
+/// `graph` split at its `Op::Dist` nodes, in order.
+fn split(graph: &transfuse_ir::Graph) -> Result<Vec<Part>, RuntimeError> {
+    use std::collections::HashMap;
+    use transfuse_ir::{Graph, NodeId, Op};
+    let n = graph.len();
+    let node = |i: usize| graph.node(NodeId(i as u32));
+    let leaf = |op: &Op| {
+        matches!(
+            op,
+            Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. }
+        )
+    };
+    let is_dist = |i: usize| matches!(node(i).op, Op::Dist(_));
+    // Segment of each node: the number of collectives before it (a collective runs after
+    // the segment of its index).
+    let mut seg = vec![0usize; n];
+    let mut count = 0;
+    for (i, s) in seg.iter_mut().enumerate() {
+        *s = count;
+        if is_dist(i) {
+            count += 1;
+        }
+    }
+    // Values read outside the segment that computes them (by a later segment or a
+    // collective) are handed on.
+    let mut crosses = vec![false; n];
+    for (id, nd) in graph.nodes() {
+        let c = id.index();
+        for x in &nd.inputs {
+            let x = x.index();
+            if !leaf(&node(x).op) && (is_dist(c) || is_dist(x) || seg[x] != seg[c]) {
+                crosses[x] = true;
+            }
+        }
+    }
+    let mut out_of: HashMap<usize, Vec<String>> = HashMap::new();
+    for (name, id) in graph.outputs() {
+        out_of.entry(id.index()).or_default().push(name.clone());
+    }
+    let mut parts = Vec::new();
+    for k in 0..=count {
+        let members: Vec<usize> = (0..n)
+            .filter(|&i| seg[i] == k && !leaf(&node(i).op) && !is_dist(i))
+            .collect();
+        if !members.is_empty() {
+            let mut g = Graph::new();
+            let mut map: HashMap<usize, NodeId> = HashMap::new();
+            // Every graph input, so every segment binds the same symbols (`past` comes
+            // from the cache inputs' shapes); the host holds them all.
+            for (id, nd) in graph.nodes() {
+                if let Op::Input { .. } = &nd.op {
+                    map.insert(id.index(), g.add(nd.op.clone(), &[])?);
+                }
+            }
+            for &i in &members {
+                for x in &node(i).inputs {
+                    let x = x.index();
+                    if map.contains_key(&x) {
+                        continue;
+                    }
+                    let xn = node(x);
+                    let op = match leaf(&xn.op) {
+                        true => xn.op.clone(),
+                        false => Op::Input {
+                            name: host_name(x),
+                            shape: xn.shape.clone(),
+                            dtype: xn.dtype,
+                        },
+                    };
+                    map.insert(x, g.add(op, &[])?);
+                }
+                let ins: Vec<NodeId> = node(i).inputs.iter().map(|x| map[&x.index()]).collect();
+                map.insert(i, g.add(node(i).op.clone(), &ins)?);
+            }
+            for &i in &members {
+                if crosses[i] {
+                    g.set_output(&host_name(i), map[&i]);
+                }
+                for name in out_of.get(&i).into_iter().flatten() {
+                    g.set_output(name, map[&i]);
+                }
+            }
+            parts.push(Part::Segment(g));
+        }
+        if let Some(d) = (0..n).find(|&i| is_dist(i) && seg[i] == k) {
+            let Op::Dist(op) = node(d).op else {
+                unreachable!("is_dist")
+            };
+            let x = node(d).inputs[0].index();
+            let operand = match &node(x).op {
+                Op::Input { name, .. } => Operand::Input(name.clone()),
+                Op::Weight { name, .. } => Operand::Weight(name.clone()),
+                op if leaf(op) => Operand::Leaf(op.clone()),
+                _ => Operand::Value(host_name(x)),
+            };
+            parts.push(Part::Dist {
+                op,
+                node: d,
+                operand,
+                outputs: out_of.remove(&d).unwrap_or_default(),
+            });
+        }
+    }
+    Ok(parts)
+}
+
+/// The weights `graph` reads, of `weights`.
+fn used_weights(graph: &transfuse_ir::Graph, weights: &transfuse_ir::Weights) -> transfuse_ir::Weights {
+    let mut w = weights.clone();
+    w.retain(|k, _| graph.weights().iter().any(|(n, _)| n == k));
+    w
+}
+
+/// Collective `op` of `x` on the host: a one-op graph on the CPU backend with `comm`, at the
+/// operand's concrete shape (a leaf operand evaluated there too).
+fn host_dist(
+    comm: &Arc<dyn Communicator>,
+    op: transfuse_ir::DistOp,
+    x: Result<Tensor, transfuse_ir::Op>,
+) -> Result<Tensor, RuntimeError> {
+    use transfuse_ir::{shape, Graph, Op};
+    let mut g = Graph::new();
+    let mut inputs = TensorMap::new();
+    let xi = match x {
+        Ok(x) => {
+            let xi = g.add(
+                Op::Input {
+                    name: "x".into(),
+                    shape: shape(x.shape.clone()),
+                    dtype: x.dtype(),
+                },
+                &[],
+            )?;
+            inputs.insert("x".to_string(), x);
+            xi
+        }
+        Err(leaf) => g.add(leaf, &[])?,
+    };
+    let y = g.add(Op::Dist(op), &[xi])?;
+    g.set_output("y", y);
+    let cpu = crate::CpuBackend::new().with_comm(comm.clone());
+    let mut r = crate::Backend::run(&cpu, &g, &transfuse_ir::Weights::new(), &inputs)?;
+    Ok(r.remove("y").expect("the collective's output"))
+}
+
 impl HostCollectives {
     /// Splits `graph` at its collectives and loads each segment on `backend` with `weights`.
     pub fn load(
@@ -191,113 +350,27 @@ impl HostCollectives {
         weights: &transfuse_ir::Weights,
         comm: Arc<dyn Communicator>,
     ) -> Result<HostCollectives, RuntimeError> {
-        use std::collections::HashMap;
-        use transfuse_ir::{Graph, NodeId, Op};
-        let n = graph.len();
-        let node = |i: usize| graph.node(NodeId(i as u32));
-        let leaf = |op: &Op| {
-            matches!(
-                op,
-                Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. }
-            )
-        };
-        let is_dist = |i: usize| matches!(node(i).op, Op::Dist(_));
-        // Segment of each node: the number of collectives before it (a collective runs after
-        // the segment of its index).
-        let mut seg = vec![0usize; n];
-        let mut count = 0;
-        for (i, s) in seg.iter_mut().enumerate() {
-            *s = count;
-            if is_dist(i) {
-                count += 1;
-            }
-        }
-        // Values read outside the segment that computes them (by a later segment or a
-        // collective) are handed on through the host.
-        let mut crosses = vec![false; n];
-        for (id, nd) in graph.nodes() {
-            let c = id.index();
-            for x in &nd.inputs {
-                let x = x.index();
-                if !leaf(&node(x).op) && (is_dist(c) || is_dist(x) || seg[x] != seg[c]) {
-                    crosses[x] = true;
-                }
-            }
-        }
-        let mut out_of: HashMap<usize, Vec<String>> = HashMap::new();
-        for (name, id) in graph.outputs() {
-            out_of.entry(id.index()).or_default().push(name.clone());
-        }
         let mut steps = Vec::new();
-        for k in 0..=count {
-            let members: Vec<usize> = (0..n)
-                .filter(|&i| seg[i] == k && !leaf(&node(i).op) && !is_dist(i))
-                .collect();
-            if !members.is_empty() {
-                let mut g = Graph::new();
-                let mut map: HashMap<usize, NodeId> = HashMap::new();
-                // Every graph input, so every segment binds the same symbols (`past` comes
-                // from the cache inputs' shapes); the host holds them all.
-                for (id, nd) in graph.nodes() {
-                    if let Op::Input { .. } = &nd.op {
-                        map.insert(id.index(), g.add(nd.op.clone(), &[])?);
-                    }
-                }
-                for &i in &members {
-                    for x in &node(i).inputs {
-                        let x = x.index();
-                        if map.contains_key(&x) {
-                            continue;
-                        }
-                        let xn = node(x);
-                        let op = match leaf(&xn.op) {
-                            true => xn.op.clone(),
-                            false => Op::Input {
-                                name: host_name(x),
-                                shape: xn.shape.clone(),
-                                dtype: xn.dtype,
-                            },
-                        };
-                        map.insert(x, g.add(op, &[])?);
-                    }
-                    let ins: Vec<NodeId> = node(i).inputs.iter().map(|x| map[&x.index()]).collect();
-                    map.insert(i, g.add(node(i).op.clone(), &ins)?);
-                }
-                for &i in &members {
-                    if crosses[i] {
-                        g.set_output(&host_name(i), map[&i]);
-                    }
-                    for name in out_of.get(&i).into_iter().flatten() {
-                        g.set_output(name, map[&i]);
-                    }
-                }
-                steps.push(Step::Run(backend.load(&g, weights)?));
-            }
-            if let Some(d) = (0..n).find(|&i| is_dist(i) && seg[i] == k) {
-                let Op::Dist(op) = node(d).op else {
-                    unreachable!("is_dist")
-                };
-                let x = node(d).inputs[0].index();
-                let operand = match &node(x).op {
-                    Op::Input { name, .. } => Operand::Input(name.clone()),
-                    Op::Weight { name, .. } => Operand::Weight(name.clone()),
-                    op if leaf(op) => Operand::Leaf(op.clone()),
-                    _ => Operand::Value(host_name(x)),
-                };
-                steps.push(Step::Dist {
+        for part in split(graph)? {
+            steps.push(match part {
+                Part::Segment(g) => Step::Run(backend.load(&g, weights)?),
+                Part::Dist {
                     op,
-                    node: d,
+                    node,
                     operand,
-                    outputs: out_of.remove(&d).unwrap_or_default(),
-                });
-            }
+                    outputs,
+                } => Step::Dist {
+                    op,
+                    node,
+                    operand,
+                    outputs,
+                },
+            });
         }
-        let mut w = weights.clone();
-        w.retain(|k, _| graph.weights().iter().any(|(n, _)| n == k));
         Ok(HostCollectives {
             steps,
             comm,
-            weights: w,
+            weights: used_weights(graph, weights),
             carried: TensorMap::new(),
         })
     }
@@ -312,7 +385,6 @@ impl HostCollectives {
         env: &mut TensorMap,
         out: &mut TensorMap,
     ) -> Result<(), RuntimeError> {
-        use transfuse_ir::{shape, Graph, Op};
         match &mut self.steps[k] {
             Step::Run(p) => {
                 for (k, v) in p.run(env, &[])? {
@@ -329,58 +401,19 @@ impl HostCollectives {
                 operand,
                 outputs,
             } => {
-                if let Operand::Leaf(leaf) = operand {
-                    let mut g = Graph::new();
-                    let l = g.add(leaf.clone(), &[])?;
-                    let y = g.add(Op::Dist(*op), &[l])?;
-                    g.set_output("y", y);
-                    let cpu = crate::CpuBackend::new().with_comm(self.comm.clone());
-                    let mut r = crate::Backend::run(
-                        &cpu,
-                        &g,
-                        &transfuse_ir::Weights::new(),
-                        &TensorMap::new(),
-                    )?;
-                    let t = r.remove("y").expect("the collective's output");
-                    for name in outputs.iter() {
-                        out.insert(name.clone(), t.clone());
-                    }
-                    env.insert(host_name(*node), t);
-                    return Ok(());
-                }
                 let x = match operand {
-                    Operand::Value(n) | Operand::Input(n) => env
+                    Operand::Value(n) | Operand::Input(n) => Ok(env
                         .get(n)
                         .cloned()
-                        .ok_or_else(|| RuntimeError::MissingInput(n.clone()))?,
-                    Operand::Weight(n) => self
+                        .ok_or_else(|| RuntimeError::MissingInput(n.clone()))?),
+                    Operand::Weight(n) => Ok(self
                         .weights
                         .get(n)
                         .map(|t| t.as_ref().clone())
-                        .ok_or_else(|| RuntimeError::MissingWeight(n.clone()))?,
-                    Operand::Leaf(_) => unreachable!("handled above"),
+                        .ok_or_else(|| RuntimeError::MissingWeight(n.clone()))?),
+                    Operand::Leaf(leaf) => Err(leaf.clone()),
                 };
-                // The collective alone, at the operand's concrete shape, on the CPU
-                // backend with this rank's communicator.
-                let mut g = Graph::new();
-                let xi = g.add(
-                    Op::Input {
-                        name: "x".into(),
-                        shape: shape(x.shape.clone()),
-                        dtype: x.dtype(),
-                    },
-                    &[],
-                )?;
-                let y = g.add(Op::Dist(*op), &[xi])?;
-                g.set_output("y", y);
-                let cpu = crate::CpuBackend::new().with_comm(self.comm.clone());
-                let mut r = crate::Backend::run(
-                    &cpu,
-                    &g,
-                    &transfuse_ir::Weights::new(),
-                    &TensorMap::from([("x".to_string(), x)]),
-                )?;
-                let t = r.remove("y").expect("the collective's output");
+                let t = host_dist(&self.comm, *op, x)?;
                 for name in outputs.iter() {
                     out.insert(name.clone(), t.clone());
                 }
