@@ -14,7 +14,10 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use crate::comm::{Collective, Communicator};
+use crate::comm::{Collective, Communicator, DeviceComm};
+use crate::device::Device;
+use crate::program::{DeviceTensor, Program};
+use transfuse_codegen::kir::Elem;
 use crate::{KernelTime, Loaded, RuntimeError, TensorMap};
 use transfuse_ir::Tensor;
 
@@ -464,6 +467,424 @@ impl Loaded for HostCollectives {
             }
             self.step(k, &mut env, &mut out)?;
         }
+        Ok(times)
+    }
+}
+
+/// A sharded graph on one device whose collectives run on the device's buffers: the graph split
+/// at its `Op::Dist` nodes (as [`HostCollectives`] splits it), each segment a [`Program`] on
+/// the device, every value that crosses a collective left in its device buffer
+/// ([`Program::run_keeping`]) and bound in place by the next reader
+/// ([`Program::set_device_input`]), each collective run on those buffers through the rank's
+/// [`DeviceComm`]: an all-reduce in place, an all-gather or reduce-scatter into a new buffer
+/// (reordered on the device with [`crate::device::Device::copy`] when the axis is not the
+/// outermost), `shard` and `root_only` as device copies without communication. On a CUDA rank
+/// with [`crate::nccl::NcclComm`] no activation leaves the device between the segments.
+///
+/// The host path stays where it is needed: a collective of a graph input, a weight or a leaf
+/// (the vocab-parallel embedding's `shard` of an `iota`), of a non-f32 value, and `send`/
+/// `recv` run as [`HostCollectives`] runs them, their results uploaded by the next segment;
+/// graph outputs are read back, and a carried output (the rank's KV cache) is kept on the host
+/// between calls. A value read by several later steps is copied on the device for all but its
+/// last reader, so the in-place all-reduce never overwrites a value another step still reads.
+pub struct DeviceSegments<D: Device> {
+    dev: Arc<D>,
+    steps: Vec<DevStep<D>>,
+    comm: Arc<dyn DeviceComm<D>>,
+    host_comm: Arc<dyn Communicator>,
+    weights: transfuse_ir::Weights,
+    carried: TensorMap,
+    /// Per `h.<node>` value: the last step that reads it.
+    last_read: std::collections::HashMap<String, usize>,
+}
+
+enum DevStep<D: Device> {
+    Run {
+        program: Box<Program<D>>,
+        /// Its `h.<node>` inputs and outputs.
+        reads: Vec<String>,
+        keeps: Vec<String>,
+    },
+    Dist {
+        op: transfuse_ir::DistOp,
+        node: usize,
+        operand: Operand,
+        outputs: Vec<String>,
+    },
+}
+
+impl<D: Device + 'static> DeviceSegments<D> {
+    /// Splits `graph` at its collectives and loads each segment on `dev` (f32 storage) with
+    /// `weights`; `comm` is the rank's communicator (`host_comm` the same one as a
+    /// [`Communicator`], for the host path).
+    pub fn load(
+        dev: Arc<D>,
+        graph: &transfuse_ir::Graph,
+        weights: &transfuse_ir::Weights,
+        comm: Arc<dyn DeviceComm<D>>,
+        host_comm: Arc<dyn Communicator>,
+    ) -> Result<DeviceSegments<D>, RuntimeError> {
+        let mut steps = Vec::new();
+        let mut last_read = std::collections::HashMap::new();
+        for (k, part) in split(graph)?.into_iter().enumerate() {
+            steps.push(match part {
+                Part::Segment(g) => {
+                    let reads: Vec<String> = g
+                        .inputs()
+                        .iter()
+                        .map(|(n, _, _)| n.to_string())
+                        .filter(|n| n.starts_with("h."))
+                        .collect();
+                    for r in &reads {
+                        last_read.insert(r.clone(), k);
+                    }
+                    let keeps = g
+                        .outputs()
+                        .iter()
+                        .map(|(n, _)| n.clone())
+                        .filter(|n| n.starts_with("h."))
+                        .collect();
+                    let program = Program::new(dev.clone(), &g, weights, Elem::F32)?;
+                    DevStep::Run {
+                        program: Box::new(program),
+                        reads,
+                        keeps,
+                    }
+                }
+                Part::Dist {
+                    op,
+                    node,
+                    operand,
+                    outputs,
+                } => {
+                    if let Operand::Value(n) = &operand {
+                        last_read.insert(n.clone(), k);
+                    }
+                    DevStep::Dist {
+                        op,
+                        node,
+                        operand,
+                        outputs,
+                    }
+                }
+            });
+        }
+        Ok(DeviceSegments {
+            dev,
+            steps,
+            comm,
+            host_comm,
+            weights: used_weights(graph, weights),
+            carried: TensorMap::new(),
+            last_read,
+        })
+    }
+
+    /// How many of the collectives run on the device (the others take the host path), and
+    /// how many there are.
+    pub fn device_collectives(&self) -> (usize, usize) {
+        let mut on = 0;
+        let mut all = 0;
+        for s in &self.steps {
+            if let DevStep::Dist { op, operand, .. } = s {
+                all += 1;
+                if device_op(*op) && matches!(operand, Operand::Value(_)) {
+                    on += 1;
+                }
+            }
+        }
+        (on, all)
+    }
+}
+
+/// Whether `op` has a device implementation (the point-to-point ops travel as host tensors).
+fn device_op(op: transfuse_ir::DistOp) -> bool {
+    use transfuse_ir::DistOp;
+    !matches!(op, DistOp::Send { .. } | DistOp::Recv { .. })
+}
+
+type DevTensor<D> = DeviceTensor<<D as Device>::Buffer>;
+
+impl<D: Device + 'static> DeviceSegments<D> {
+    /// Value `name` for step `k`: moved out when `k` is its last reader, else a device copy.
+    fn take(
+        &self,
+        vals: &mut std::collections::HashMap<String, DevTensor<D>>,
+        name: &str,
+        k: usize,
+    ) -> Result<Option<DevTensor<D>>, RuntimeError> {
+        if self.last_read.get(name).is_none_or(|&l| l <= k) {
+            return Ok(vals.remove(name));
+        }
+        let Some(t) = vals.get(name) else {
+            return Ok(None);
+        };
+        let bytes = t.bytes();
+        let buf = self.dev.alloc(bytes, name)?;
+        self.dev.copy(&t.buf, &buf, &[(0, 0, bytes)])?;
+        Ok(Some(DeviceTensor {
+            buf,
+            cap: bytes.max(4),
+            shape: t.shape.clone(),
+            dtype: t.dtype,
+            elem: t.elem,
+        }))
+    }
+
+    /// A new zeroed device tensor of `shape` (f32).
+    fn alloc(&self, shape: Vec<usize>, what: &str) -> Result<DevTensor<D>, RuntimeError> {
+        let bytes = 4 * shape.iter().product::<usize>() as u64;
+        Ok(DeviceTensor {
+            buf: self.dev.alloc(bytes, what)?,
+            cap: bytes.max(4),
+            shape,
+            dtype: transfuse_ir::DType::F32,
+            elem: Elem::F32,
+        })
+    }
+
+    /// Collective `op` on the f32 device tensor `x`.
+    fn device_dist(
+        &self,
+        op: transfuse_ir::DistOp,
+        x: DevTensor<D>,
+    ) -> Result<DevTensor<D>, RuntimeError> {
+        use transfuse_ir::DistOp;
+        let (world, rank) = (self.comm.world(), self.comm.rank());
+        let dev = self.dev.as_ref();
+        let elems = x.elems();
+        let what = op.name();
+        let bad = |msg: String| RuntimeError::Comm(format!("rank {rank}: {what}: {msg}"));
+        // (outer, len, inner) around `axis`.
+        let around = |axis: usize| -> Result<(usize, usize, usize), RuntimeError> {
+            if axis >= x.shape.len() {
+                return Err(bad(format!("axis {axis} of a {:?} tensor", x.shape)));
+            }
+            Ok((
+                x.shape[..axis].iter().product(),
+                x.shape[axis],
+                x.shape[axis + 1..].iter().product(),
+            ))
+        };
+        let check_world = |w: usize| {
+            if w != world {
+                return Err(bad(format!(
+                    "the graph was sharded for {w} ranks, the group has {world}"
+                )));
+            }
+            Ok(())
+        };
+        let b4 = |e: usize| 4 * e as u64;
+        match op {
+            DistOp::AllReduce => {
+                self.comm.all_reduce_device(dev, &x.buf, elems)?;
+                Ok(x)
+            }
+            DistOp::RootOnly => {
+                if rank == 0 {
+                    Ok(x)
+                } else {
+                    self.alloc(x.shape.clone(), what)
+                }
+            }
+            DistOp::AllGather { axis, world: w } => {
+                check_world(w)?;
+                let (outer, len, inner) = around(axis)?;
+                let mut shape = x.shape.clone();
+                shape[axis] = len * world;
+                let gathered = self.alloc(shape.clone(), what)?;
+                self.comm
+                    .all_gather_device(dev, &x.buf, &gathered.buf, elems)?;
+                if outer == 1 {
+                    return Ok(gathered);
+                }
+                // Rank-major [world][outer][len·inner] → [outer][world][len·inner].
+                let piece = len * inner;
+                let out = self.alloc(shape, what)?;
+                let mut runs = Vec::with_capacity(outer * world);
+                for o in 0..outer {
+                    for r in 0..world {
+                        runs.push((b4(r * elems + o * piece), b4((o * world + r) * piece), b4(piece)));
+                    }
+                }
+                dev.copy(&gathered.buf, &out.buf, &runs)?;
+                Ok(out)
+            }
+            DistOp::ReduceScatter { axis, world: w } => {
+                check_world(w)?;
+                let (outer, len, inner) = around(axis)?;
+                if !len.is_multiple_of(world) {
+                    return Err(bad(format!("axis {axis} ({len}) is not divisible by {world}")));
+                }
+                let chunk = len / world * inner;
+                let mut shape = x.shape.clone();
+                shape[axis] = len / world;
+                let out = self.alloc(shape, what)?;
+                if outer == 1 {
+                    self.comm
+                        .reduce_scatter_device(dev, &x.buf, &out.buf, elems)?;
+                    return Ok(out);
+                }
+                // [outer][world][chunk] → [world][outer][chunk]: each rank's part contiguous.
+                let staged = self.alloc(x.shape.clone(), what)?;
+                let mut runs = Vec::with_capacity(outer * world);
+                for r in 0..world {
+                    for o in 0..outer {
+                        runs.push((b4(o * len * inner + r * chunk), b4((r * outer + o) * chunk), b4(chunk)));
+                    }
+                }
+                dev.copy(&x.buf, &staged.buf, &runs)?;
+                self.comm
+                    .reduce_scatter_device(dev, &staged.buf, &out.buf, elems)?;
+                Ok(out)
+            }
+            DistOp::Shard { axis, world: w } => {
+                check_world(w)?;
+                let (outer, len, inner) = around(axis)?;
+                if !len.is_multiple_of(world) {
+                    return Err(bad(format!("axis {axis} ({len}) is not divisible by {world}")));
+                }
+                let chunk = len / world * inner;
+                let mut shape = x.shape.clone();
+                shape[axis] = len / world;
+                let out = self.alloc(shape, what)?;
+                let runs: Vec<_> = (0..outer)
+                    .map(|o| (b4(o * len * inner + rank * chunk), b4(o * chunk), b4(chunk)))
+                    .collect();
+                dev.copy(&x.buf, &out.buf, &runs)?;
+                Ok(out)
+            }
+            DistOp::Send { .. } | DistOp::Recv { .. } => {
+                Err(bad("point-to-point ops take the host path".into()))
+            }
+        }
+    }
+
+    /// One call; with `times`, each segment's kernel times too.
+    fn call(
+        &mut self,
+        inputs: &TensorMap,
+        carry: &[(String, String)],
+        mut times: Option<&mut Vec<KernelTime>>,
+    ) -> Result<TensorMap, RuntimeError> {
+        use std::collections::HashMap;
+        let mut host = inputs.clone();
+        for (k, v) in &self.carried {
+            host.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let mut vals: HashMap<String, DevTensor<D>> = HashMap::new();
+        let mut out = TensorMap::new();
+        let mut steps = std::mem::take(&mut self.steps);
+        let res = (|| -> Result<(), RuntimeError> {
+            for (k, step) in steps.iter_mut().enumerate() {
+                match step {
+                    DevStep::Run {
+                        program,
+                        reads,
+                        keeps,
+                    } => {
+                        for r in reads.iter() {
+                            if let Some(t) = self.take(&mut vals, r, k)? {
+                                program.set_device_input(r, t)?;
+                            }
+                        }
+                        if let Some(t) = times.as_deref_mut() {
+                            t.extend(program.profile(&host)?);
+                        }
+                        let (o, kept) = program.run_keeping(&host, keeps)?;
+                        out.extend(o);
+                        vals.extend(kept);
+                    }
+                    DevStep::Dist {
+                        op,
+                        node,
+                        operand,
+                        outputs,
+                    } => {
+                        let on_device = match operand {
+                            Operand::Value(n) => vals.get(n).is_some_and(|t| {
+                                t.dtype == transfuse_ir::DType::F32 && t.elem == Elem::F32
+                            }),
+                            _ => false,
+                        };
+                        let name = host_name(*node);
+                        if on_device && device_op(*op) {
+                            let Operand::Value(n) = operand else {
+                                unreachable!("checked")
+                            };
+                            let x = self.take(&mut vals, n, k)?.expect("checked");
+                            let y = self.device_dist(*op, x)?;
+                            if !outputs.is_empty() {
+                                let t = crate::program::read_device_tensor(self.dev.as_ref(), &y)?;
+                                for o in outputs.iter() {
+                                    out.insert(o.clone(), t.clone());
+                                }
+                            }
+                            if self.last_read.contains_key(&name) {
+                                vals.insert(name, y);
+                            }
+                            continue;
+                        }
+                        let x = match operand {
+                            Operand::Value(n) => match self.take(&mut vals, n, k)? {
+                                Some(t) => Ok(crate::program::read_device_tensor(
+                                    self.dev.as_ref(),
+                                    &t,
+                                )?),
+                                None => Ok(host
+                                    .get(n)
+                                    .cloned()
+                                    .ok_or_else(|| RuntimeError::MissingInput(n.clone()))?),
+                            },
+                            Operand::Input(n) => Ok(host
+                                .get(n)
+                                .cloned()
+                                .ok_or_else(|| RuntimeError::MissingInput(n.clone()))?),
+                            Operand::Weight(n) => Ok(self
+                                .weights
+                                .get(n)
+                                .map(|t| t.as_ref().clone())
+                                .ok_or_else(|| RuntimeError::MissingWeight(n.clone()))?),
+                            Operand::Leaf(leaf) => Err(leaf.clone()),
+                        };
+                        let t = host_dist(&self.host_comm, *op, x)?;
+                        for o in outputs.iter() {
+                            out.insert(o.clone(), t.clone());
+                        }
+                        host.insert(name, t);
+                    }
+                }
+            }
+            Ok(())
+        })();
+        self.steps = steps;
+        res?;
+        for (o, i) in carry {
+            if let Some(t) = out.remove(o) {
+                self.carried.insert(i.clone(), t);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl<D: Device + 'static> Loaded for DeviceSegments<D> {
+    fn run(
+        &mut self,
+        inputs: &TensorMap,
+        carry: &[(String, String)],
+    ) -> Result<TensorMap, RuntimeError> {
+        self.call(inputs, carry, None)
+    }
+
+    fn clear_carry(&mut self) {
+        self.carried.clear();
+    }
+
+    /// The segments' kernel times (the collectives are not kernels).
+    fn profile(&mut self, inputs: &TensorMap) -> Result<Vec<KernelTime>, RuntimeError> {
+        let mut times = Vec::new();
+        self.call(inputs, &[], Some(&mut times))?;
         Ok(times)
     }
 }
