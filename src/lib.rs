@@ -392,11 +392,6 @@ impl Session {
         }
     }
 
-    /// Replaces the backend the session reports (name, description) with `b`.
-    pub(crate) fn set_backend(&mut self, b: Box<dyn Backend>) {
-        self.backend = b;
-    }
-
     /// A session on the CPU reference backend running the optimized graph.
     pub fn cpu(model: Model) -> Result<Session, Error> {
         Session::new(model, Box::new(CpuBackend::new()))

@@ -315,47 +315,48 @@ impl Session {
     }
 
     /// `degree` wgpu ranks, each on its own wgpu device (lavapipe gives several logical
-    /// devices from one adapter); the collectives run on the host between the devices'
-    /// segments ([`crate::runtime::tp::HostCollectives`]: a host round trip per collective).
+    /// devices from one adapter), each a [`crate::runtime::tp::DeviceSegments`]: the values
+    /// that cross a collective stay in the device's buffers, and the in-process group runs the
+    /// collectives on them (staged through the host: a read-back and an upload per collective).
     pub fn wgpu_tp(
         model: Model,
         degree: usize,
         opts: &crate::passes::Options,
     ) -> Result<Session, Error> {
-        let first = crate::pp::stage_backend("wgpu")?;
+        use crate::runtime::webgpu::WgpuDevice;
+        use crate::runtime::DeviceBackend;
+        let first = Arc::new(WgpuDevice::new()?);
+        let b0 = DeviceBackend::on(first.clone());
         let mut o = opts.clone();
         if o.profile == crate::passes::Profile::gpu() {
-            if let Some(p) = crate::passes::Profile::by_name(first.cost_profile()) {
+            if let Some(p) = crate::passes::Profile::by_name(b0.cost_profile()) {
                 o.profile = p;
             }
         }
+        let group = InProcessGroup::ranks(degree, collective_timeout());
+        let comms: Vec<Arc<dyn Communicator>> = group
+            .iter()
+            .map(|c| c.clone() as Arc<dyn Communicator>)
+            .collect();
         let first = std::sync::Mutex::new(Some(first));
-        let keep = std::sync::Mutex::new(None);
-        let s = Session::tp_ranks(
+        Session::tp_ranks_in(
             model,
             degree,
-            Box::new(CpuBackend::new()),
+            Box::new(b0),
             &o,
+            0,
+            comms,
             &|comm, graph, w| {
                 let taken = first.lock().unwrap_or_else(|p| p.into_inner()).take();
-                let is_first = taken.is_some();
-                let b = match taken {
-                    Some(b) => b,
-                    None => crate::pp::stage_backend("wgpu")?,
+                let dev = match taken {
+                    Some(d) => d,
+                    None => Arc::new(WgpuDevice::new()?),
                 };
-                let l = crate::runtime::tp::HostCollectives::load(b.as_ref(), graph, w, comm)?;
-                if is_first {
-                    // Rank 0's backend is the session's (name, description).
-                    *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(b);
-                }
+                let dc = group[comm.rank()].clone();
+                let l = crate::runtime::tp::DeviceSegments::load(dev, graph, w, dc, comm)?;
                 Ok(Box::new(l) as Box<dyn Loaded>)
             },
-        );
-        let mut s = s?;
-        if let Some(b) = keep.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            s.set_backend(b);
-        }
-        Ok(s)
+        )
     }
 
     /// `degree` ranks of `model` sharded with the Megatron layout, rank `r` loaded by `load`
@@ -591,8 +592,9 @@ impl NcclJob {
 impl Session {
     /// `degree` CUDA ranks over NCCL: this process runs ranks
     /// `job.node_rank * degree / job.nnodes ..` of them, rank `first + i` on CUDA device `i`,
-    /// each a [`crate::runtime::tp::HostCollectives`] whose collectives run through its
-    /// [`crate::runtime::nccl::NcclComm`] on device buffers. Errors, never panics, when NCCL
+    /// each a [`crate::runtime::tp::DeviceSegments`] whose collectives run through its
+    /// [`crate::runtime::nccl::NcclComm`] on the program's own device buffers (no host copy of
+    /// the activations between segments). Errors, never panics, when NCCL
     /// or the driver is missing; a node with fewer devices than ranks is a usage error naming
     /// `--tp`.
     pub fn cuda_tp(
@@ -637,9 +639,10 @@ impl Session {
             // Every rank has joined (or the job failed): the id is spent either way.
             let _ = std::fs::remove_file(f);
         }
-        let comms: Vec<Arc<dyn Communicator>> = comms?
-            .into_iter()
-            .map(|c| c as Arc<dyn Communicator>)
+        let nccl_comms = comms?;
+        let comms: Vec<Arc<dyn Communicator>> = nccl_comms
+            .iter()
+            .map(|c| c.clone() as Arc<dyn Communicator>)
             .collect();
         let b0 = CudaBackend::on(devices[0].clone());
         let mut o = opts.clone();
@@ -656,9 +659,10 @@ impl Session {
             first,
             comms,
             &|comm, graph, w| {
-                let dev = devices[comm.rank() - first].clone();
-                let b = CudaBackend::on(dev);
-                let l = crate::runtime::tp::HostCollectives::load(&b, graph, w, comm)?;
+                let local = comm.rank() - first;
+                let dev = devices[local].clone();
+                let dc = nccl_comms[local].clone();
+                let l = crate::runtime::tp::DeviceSegments::load(dev, graph, w, dc, comm)?;
                 Ok(Box::new(l) as Box<dyn Loaded>)
             },
         )

@@ -263,8 +263,17 @@ mod nccl_tp {
         let refs = outputs_of("tiny_gpt2");
         let ids = rows(&refs["input_ids"]);
         let s = ranks("tiny_gpt2/model", n);
+        let tp = s.tp.as_ref().unwrap();
+        tp.take_logs();
         let out = s.forward(&Batch::new(ids)).unwrap();
         assert_close_masked(&out["logits"], &refs["logits"], None, TOL, "logits");
+        // The CUDA ranks ran their collectives with NCCL on the programs' device buffers
+        // (`DeviceSegments`), none through host memory: 5 all-reduces and the logits'
+        // all-gather each.
+        for (r, log) in tp.take_logs().into_iter().enumerate() {
+            assert_eq!(log.len(), 6, "rank {r}: {log:?}");
+            assert!(log.iter().all(|c| c.on_device), "rank {r}: {log:?}");
+        }
         let want = rows(&refs["greedy_ids"]).remove(0);
         let prompt = rows(&refs["input_ids"]).remove(0);
         let got = s

@@ -45,6 +45,10 @@ pub struct Collective {
     pub kind: CollectiveKind,
     /// Elements this rank contributed.
     pub elems: usize,
+    /// Whether it ran on device buffers where they were (NCCL on a CUDA rank's buffers);
+    /// false for one over host memory (the in-process group, including its host-staged
+    /// [`DeviceComm`] defaults, and NCCL's host-slice methods).
+    pub on_device: bool,
 }
 
 /// The ranks of one tensor-parallel group, seen from one rank.
@@ -90,7 +94,12 @@ pub trait Communicator: Send + Sync {
 /// overrides them with NCCL on the CUDA buffers themselves.
 pub trait DeviceComm<D: crate::device::Device>: Communicator {
     /// In place: the first `elems` f32 of `buf` become their sum over the ranks.
-    fn all_reduce_device(&self, dev: &D, buf: &D::Buffer, elems: usize) -> Result<(), RuntimeError> {
+    fn all_reduce_device(
+        &self,
+        dev: &D,
+        buf: &D::Buffer,
+        elems: usize,
+    ) -> Result<(), RuntimeError> {
         let mut v = read_f32(dev, buf, elems)?;
         self.all_reduce_sum(&mut v)?;
         dev.write(buf, bytemuck::cast_slice(&v))
@@ -345,7 +354,11 @@ impl InProcessComm {
         self.log
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Collective { kind, elems });
+            .push(Collective {
+                kind,
+                elems,
+                on_device: false,
+            });
     }
 }
 

@@ -929,10 +929,18 @@ impl NcclComm {
     }
 
     fn record(&self, kind: CollectiveKind, elems: usize) {
+        self.record_on(kind, elems, false)
+    }
+
+    fn record_on(&self, kind: CollectiveKind, elems: usize, on_device: bool) {
         self.log
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Collective { kind, elems });
+            .push(Collective {
+                kind,
+                elems,
+                on_device,
+            });
     }
 
     fn check_peer(&self, what: &str, peer: usize) -> Result<(), RuntimeError> {
@@ -1051,7 +1059,7 @@ impl crate::comm::DeviceComm<CudaDevice> for NcclComm {
         elems: usize,
     ) -> Result<(), RuntimeError> {
         self.same_device(dev, "all_reduce")?;
-        self.record(CollectiveKind::AllReduce, elems);
+        self.record_on(CollectiveKind::AllReduce, elems, true);
         self.all_reduce_buffer(buf, elems)
     }
 
@@ -1063,7 +1071,7 @@ impl crate::comm::DeviceComm<CudaDevice> for NcclComm {
         elems: usize,
     ) -> Result<(), RuntimeError> {
         self.same_device(dev, "all_gather")?;
-        self.record(CollectiveKind::AllGather, elems);
+        self.record_on(CollectiveKind::AllGather, elems, true);
         self.all_gather_buffer(buf, out, elems)
     }
 
@@ -1075,7 +1083,7 @@ impl crate::comm::DeviceComm<CudaDevice> for NcclComm {
         elems: usize,
     ) -> Result<(), RuntimeError> {
         self.same_device(dev, "reduce_scatter")?;
-        self.record(CollectiveKind::ReduceScatter, elems);
+        self.record_on(CollectiveKind::ReduceScatter, elems, true);
         self.reduce_scatter_buffer(buf, out, elems)
     }
 }

@@ -1366,7 +1366,10 @@ impl<D: Device> Program<D> {
     ) -> Result<(), RuntimeError> {
         let backend = self.backend();
         let Some(io) = self.plan.inputs.iter().find(|io| io.name == name) else {
-            return Err(dev_err(backend, format!("no input `{name}` to bind a buffer to")));
+            return Err(dev_err(
+                backend,
+                format!("no input `{name}` to bind a buffer to"),
+            ));
         };
         let elem = self.plan.buffer(&io.buffer).map(|b| b.elem);
         if self.plan.cache_of(name).is_some()
@@ -1386,7 +1389,8 @@ impl<D: Device> Program<D> {
             buf: t.buf,
             cap: t.cap,
         };
-        self.carried.insert(name.to_string(), (held, t.shape, t.dtype));
+        self.carried
+            .insert(name.to_string(), (held, t.shape, t.dtype));
         Ok(())
     }
 

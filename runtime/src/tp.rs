@@ -17,8 +17,8 @@ use std::sync::Arc;
 use crate::comm::{Collective, Communicator, DeviceComm};
 use crate::device::Device;
 use crate::program::{DeviceTensor, Program};
-use transfuse_codegen::kir::Elem;
 use crate::{KernelTime, Loaded, RuntimeError, TensorMap};
+use transfuse_codegen::kir::Elem;
 use transfuse_ir::Tensor;
 
 /// N ranks run as one [`Loaded`].
@@ -307,7 +307,10 @@ fn split(graph: &transfuse_ir::Graph) -> Result<Vec<Part>, RuntimeError> {
 }
 
 /// The weights `graph` reads, of `weights`.
-fn used_weights(graph: &transfuse_ir::Graph, weights: &transfuse_ir::Weights) -> transfuse_ir::Weights {
+fn used_weights(
+    graph: &transfuse_ir::Graph,
+    weights: &transfuse_ir::Weights,
+) -> transfuse_ir::Weights {
     let mut w = weights.clone();
     w.retain(|k, _| graph.weights().iter().any(|(n, _)| n == k));
     w
@@ -704,7 +707,11 @@ impl<D: Device + 'static> DeviceSegments<D> {
                 let mut runs = Vec::with_capacity(outer * world);
                 for o in 0..outer {
                     for r in 0..world {
-                        runs.push((b4(r * elems + o * piece), b4((o * world + r) * piece), b4(piece)));
+                        runs.push((
+                            b4(r * elems + o * piece),
+                            b4((o * world + r) * piece),
+                            b4(piece),
+                        ));
                     }
                 }
                 dev.copy(&gathered.buf, &out.buf, &runs)?;
@@ -714,7 +721,9 @@ impl<D: Device + 'static> DeviceSegments<D> {
                 check_world(w)?;
                 let (outer, len, inner) = around(axis)?;
                 if !len.is_multiple_of(world) {
-                    return Err(bad(format!("axis {axis} ({len}) is not divisible by {world}")));
+                    return Err(bad(format!(
+                        "axis {axis} ({len}) is not divisible by {world}"
+                    )));
                 }
                 let chunk = len / world * inner;
                 let mut shape = x.shape.clone();
@@ -730,7 +739,11 @@ impl<D: Device + 'static> DeviceSegments<D> {
                 let mut runs = Vec::with_capacity(outer * world);
                 for r in 0..world {
                     for o in 0..outer {
-                        runs.push((b4(o * len * inner + r * chunk), b4((r * outer + o) * chunk), b4(chunk)));
+                        runs.push((
+                            b4(o * len * inner + r * chunk),
+                            b4((r * outer + o) * chunk),
+                            b4(chunk),
+                        ));
                     }
                 }
                 dev.copy(&x.buf, &staged.buf, &runs)?;
@@ -742,7 +755,9 @@ impl<D: Device + 'static> DeviceSegments<D> {
                 check_world(w)?;
                 let (outer, len, inner) = around(axis)?;
                 if !len.is_multiple_of(world) {
-                    return Err(bad(format!("axis {axis} ({len}) is not divisible by {world}")));
+                    return Err(bad(format!(
+                        "axis {axis} ({len}) is not divisible by {world}"
+                    )));
                 }
                 let chunk = len / world * inner;
                 let mut shape = x.shape.clone();
@@ -827,10 +842,9 @@ impl<D: Device + 'static> DeviceSegments<D> {
                         }
                         let x = match operand {
                             Operand::Value(n) => match self.take(&mut vals, n, k)? {
-                                Some(t) => Ok(crate::program::read_device_tensor(
-                                    self.dev.as_ref(),
-                                    &t,
-                                )?),
+                                Some(t) => {
+                                    Ok(crate::program::read_device_tensor(self.dev.as_ref(), &t)?)
+                                }
                                 None => Ok(host
                                     .get(n)
                                     .cloned()

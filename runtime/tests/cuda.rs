@@ -645,3 +645,37 @@ fn nccl_unique_ids_come_from_the_library_without_a_device() {
     assert_ne!(a, b, "two ids (two bootstrap roots) differ");
     assert_eq!(UniqueId::from_hex(&a.to_hex()).unwrap(), a);
 }
+
+/// A CUDA rank's program running its collectives on its own buffers
+/// (`tp::DeviceSegments` over a world-of-one `NcclComm`): every collective of the chain on the
+/// device path (NCCL on the program's buffers, the reorders as device copies), equal to the
+/// CPU backend's world of one, and logged as run on the device.
+#[test]
+fn nccl_world_of_one_device_segments_run_collectives_on_device_buffers() {
+    use transfuse_runtime::comm::DeviceComm;
+    use transfuse_runtime::tp::DeviceSegments;
+    let test = "nccl_world_of_one_device_segments_run_collectives_on_device_buffers";
+    let Some(devs) = devices_or_skip(test, 1) else {
+        return;
+    };
+    let g = common::dist_chain(1);
+    let x = Tensor::f32(vec![2, 4, 6], rand_vec(48, 7, 2.0));
+    let inputs: TensorMap = HashMap::from([("x".to_string(), x)]);
+    let want = CpuBackend::new().run(&g, &Weights::new(), &inputs).unwrap();
+    let id = UniqueId::new().unwrap();
+    let comms = NcclComm::init(devs.clone(), 0, 1, &id, Duration::from_secs(60)).unwrap();
+    let c = comms[0].clone();
+    let dc: Arc<dyn DeviceComm<CudaDevice>> = c.clone();
+    let hc: Arc<dyn Communicator> = c.clone();
+    let mut l = DeviceSegments::load(devs[0].clone(), &g, &Weights::new(), dc, hc).unwrap();
+    assert_eq!(l.device_collectives(), (6, 6));
+    for round in 0..2 {
+        let got = l.run(&inputs, &[]).unwrap();
+        for (k, v) in &want {
+            assert_eq!(&got[k], v, "{k} (call {round})");
+        }
+    }
+    let log = c.take_log();
+    assert_eq!(log.len(), 8, "{log:?}");
+    assert!(log.iter().all(|e| e.on_device), "{log:?}");
+}

@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use transfuse_ir::{shape, BinaryOp, DType, DistOp, Graph, NodeId, Op, Scalar, Tensor, Weights};
+use transfuse_ir::{Tensor, Weights};
+
+mod common;
 use transfuse_runtime::comm::{Communicator, DeviceComm, InProcessGroup};
 use transfuse_runtime::tp::{DeviceSegments, TpLoaded};
 use transfuse_runtime::webgpu::WgpuDevice;
@@ -23,60 +25,11 @@ fn required(what: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn graph(world: usize) -> Graph {
-    let mut g = Graph::new();
-    let x = g
-        .add(
-            Op::Input {
-                name: "x".into(),
-                shape: shape([2usize, 4, 6]),
-                dtype: DType::F32,
-            },
-            &[],
-        )
-        .unwrap();
-    let k = |g: &mut Graph, v: f64| {
-        g.add(
-            Op::Constant {
-                value: Scalar(v),
-                dtype: DType::F32,
-            },
-            &[],
-        )
-        .unwrap()
-    };
-    let bin = |g: &mut Graph, op, a: NodeId, b: NodeId| g.add(Op::Binary(op), &[a, b]).unwrap();
-    let dist = |g: &mut Graph, d, a: NodeId| g.add(Op::Dist(d), &[a]).unwrap();
-    let two = k(&mut g, 2.0);
-    let y = bin(&mut g, BinaryOp::Mul, x, two);
-    // This rank's columns of y: the values differ per rank from here on.
-    let s = dist(&mut g, DistOp::Shard { axis: 1, world }, y);
-    let one = k(&mut g, 1.0);
-    let t = bin(&mut g, BinaryOp::Add, s, one);
-    let sum = dist(&mut g, DistOp::AllReduce, t);
-    // t is read again after the in-place all-reduce of it.
-    let gathered = dist(&mut g, DistOp::AllGather { axis: 1, world }, t);
-    let three = k(&mut g, 3.0);
-    let u = bin(&mut g, BinaryOp::Mul, gathered, three);
-    let rs = dist(&mut g, DistOp::ReduceScatter { axis: 1, world }, u);
-    let v = bin(&mut g, BinaryOp::Sub, rs, sum);
-    let root = dist(&mut g, DistOp::RootOnly, v);
-    let once = dist(&mut g, DistOp::AllReduce, root);
-    g.set_output("sum", sum);
-    g.set_output("gathered", gathered);
-    g.set_output("scattered", rs);
-    g.set_output("once", once);
-    g
-}
-
 #[test]
 fn device_collectives_equal_the_cpu_ranks() {
     let world = 2;
-    let g = graph(world);
-    let x = Tensor::f32(
-        vec![2, 4, 6],
-        (0..48).map(|i| (i as f32) * 0.5 - 7.0).collect(),
-    );
+    let g = common::dist_chain(world);
+    let x = Tensor::f32(vec![2, 4, 6], common::rand_vec(48, 11, 4.0));
     let inputs = HashMap::from([("x".to_string(), x)]);
     let comms = InProcessGroup::ranks(world, Duration::from_secs(20));
     let cpu: Vec<Box<dyn Loaded>> = comms
