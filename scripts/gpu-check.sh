@@ -22,10 +22,13 @@
 #                128, f16 and bf16, causal and none (each case checked against f64 first)
 #   test-nccl    the NCCL tests of runtime/tests/cuda.rs (`nccl_`) with TRANSFUSE_REQUIRE=cuda,nccl:
 #                a world-size-1 communicator (all-reduce, all-gather, reduce-scatter, on host
-#                slices and device buffers, then an abort); with 2+ GPUs also two ranks, an
-#                injected failure ending the other rank and a timeout
+#                slices and device buffers, then an abort), a world-size-1 DeviceSegments (a
+#                CUDA rank's program running every collective with NCCL on its own buffers,
+#                against the CPU backend); with 2+ GPUs also two ranks, an injected failure
+#                ending the other rank and a timeout
 #   tp-nccl      tests/gpu_parity.rs `nccl_tp::`: TP 1 over NCCL (and TP 2 on 2+ GPUs) against the
-#                fixtures, and more ranks than devices as a usage error
+#                fixtures, every collective logged as run on device buffers (the device path,
+#                no host copy of the activations), and more ranks than devices as a usage error
 #   cli-tp-nccl  `transfuse generate --tp 1 --nnodes 1 --backend cuda` (TP 1 over NCCL) against
 #                `--backend cpu`, greedy ids exact; with 2+ GPUs `--tp 2 --backend cuda`, and two
 #                processes (`--nnodes 2`, one GPU each, a rendezvous file) doing the same

@@ -20,9 +20,12 @@
 //! - **Device buffers**: [`NcclComm::all_reduce_buffer`], [`NcclComm::all_gather_buffer`] and
 //!   [`NcclComm::reduce_scatter_buffer`] run on [`CudaBuffer`]s of the rank's device, on its
 //!   default stream (the stream every launch of [`CudaDevice`] uses, so they follow the
-//!   kernels before them). The [`Communicator`] methods, which take host slices, copy into a
-//!   device buffer, run the collective there and copy back (what
-//!   [`crate::tp::HostCollectives`] calls between a CUDA rank's segments). Sums follow NCCL's
+//!   kernels before them). A CUDA rank's program ([`crate::tp::DeviceSegments`]) calls them
+//!   through [`crate::comm::DeviceComm`] on its own buffers (the all-reduce in place), so its
+//!   activations never leave the device between segments. The [`Communicator`] methods, which
+//!   take host slices, copy into a device buffer, run the collective there and copy back (the
+//!   host path: collectives of inputs, weights and leaves, and [`crate::tp::HostCollectives`]).
+//!   The log says which ran ([`Collective::on_device`]). Sums follow NCCL's
 //!   order, not rank order: every rank gets the same bits (ring and tree all-reduces reduce
 //!   each element once and broadcast it), which may differ from a rank-order sum in the last bits.
 //! - **Rendezvous**: ranks of one process share a [`UniqueId`] made by [`UniqueId::new`]; across

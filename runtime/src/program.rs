@@ -96,6 +96,9 @@ pub struct DeviceTensor<B> {
     pub elem: Elem,
 }
 
+/// Outputs left on the device by [`Program::run_keeping`], by name.
+pub type KeptOutputs<B> = HashMap<String, DeviceTensor<B>>;
+
 impl<B> DeviceTensor<B> {
     /// Its elements.
     pub fn elems(&self) -> usize {
@@ -1401,7 +1404,7 @@ impl<D: Device> Program<D> {
         &mut self,
         inputs: &TensorMap,
         keep: &[String],
-    ) -> Result<(TensorMap, HashMap<String, DeviceTensor<D::Buffer>>), RuntimeError> {
+    ) -> Result<(TensorMap, KeptOutputs<D::Buffer>), RuntimeError> {
         self.run_inner(inputs, &[], keep)
     }
 
@@ -1410,7 +1413,7 @@ impl<D: Device> Program<D> {
         inputs: &TensorMap,
         carry: &[(String, String)],
         keep: &[String],
-    ) -> Result<(TensorMap, HashMap<String, DeviceTensor<D::Buffer>>), RuntimeError> {
+    ) -> Result<(TensorMap, KeptOutputs<D::Buffer>), RuntimeError> {
         let mut kept = HashMap::new();
         let (dims, places) = self.prepare_call(inputs)?;
         {

@@ -7,6 +7,11 @@
 //! rank-local, so all ranks hold the same values. Rank-local outputs (a KV cache sharded by
 //! heads) are carried by each rank for its next call.
 //!
+//! A rank on a device is a [`DeviceSegments`] (wgpu and CUDA ranks: the graph split at its
+//! collectives, the values crossing them kept in device buffers, the collectives run on those
+//! buffers through [`DeviceComm`]) or a [`HostCollectives`] (any backend: the collectives on the
+//! host between segments loaded on it; what a pipeline's device TP stages use).
+//!
 //! A rank that fails (an error or a panic) aborts the group, so the others leave their
 //! collectives with that rank's error instead of waiting; the call returns the failing rank's
 //! own error and the group is reset for the next call.
