@@ -18,6 +18,9 @@
 //!   output; a matmul whose contraction axis is split the same way on both sides gives
 //!   partial sums: the pass emits the bare matmul, an `all_reduce`, then the bias and the
 //!   residual of a fused matmul, each added once after the reduce (exact: Megatron's order);
+//!   with [`ShardSpec::epilogue_before_reduce`] the fused matmul keeps them in its epilogue,
+//!   read through `root_only` (rank 0's operand, zeros elsewhere), and its output is reduced
+//!   ([`for_rank`] resolves `root_only` per rank before loading);
 //! - a gather from a table split by rows (the vocabulary) is Megatron's vocab-parallel
 //!   embedding: local lookup of the rank's ids, other rows zeroed, one `all_reduce`;
 //! - anything else (an operand split where the op cannot keep it) is gathered back to
