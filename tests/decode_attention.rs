@@ -39,7 +39,11 @@ const PLAIN: Kind = Kind {
 fn graph(heads: usize, group: usize, kind: Kind) -> Graph {
     let mut b = Builder::new();
     let past = Dim::sym("past");
-    let seq = if kind.one { Dim::from(1) } else { Dim::sym("seq") };
+    let seq = if kind.one {
+        Dim::from(1)
+    } else {
+        Dim::sym("seq")
+    };
     let kvh = heads / group;
     let q = b
         .input(
@@ -97,7 +101,13 @@ fn inputs(heads: usize, kvh: usize, past: usize, seq: usize, seed: u64) -> HashM
     // Padding: every third key hidden by f32::MIN, the others a small bias.
     let mask = |cols: usize, first: usize| {
         let row: Vec<f32> = (first..first + cols)
-            .map(|j| if j % 3 == 1 { f32::MIN } else { (j % 5) as f32 * 0.25 })
+            .map(|j| {
+                if j % 3 == 1 {
+                    f32::MIN
+                } else {
+                    (j % 5) as f32 * 0.25
+                }
+            })
             .collect();
         Tensor::f32(vec![1, 1, seq, cols], row.repeat(seq))
     };
@@ -246,7 +256,9 @@ fn the_decode_step_launches_the_split_kernels() {
         if !kind.one {
             let prefill = names(0, 5);
             assert!(
-                !prefill.iter().any(|n| n.contains("combine") || n.contains("split")),
+                !prefill
+                    .iter()
+                    .any(|n| n.contains("combine") || n.contains("split")),
                 "{prefill:?}"
             );
         }

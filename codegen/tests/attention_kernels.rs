@@ -186,9 +186,21 @@ fn tunables_outside_limits_are_refused_naming_the_kernel() {
     assert!(flash(&c, &t(32, 32, 256), &Limits::cuda()).is_ok());
     let dname = "attention_split_f32_d128_causal_mask";
     let shape = SplitShape::for_limits(&web);
-    refused(split(&c, &t(2, 256, 256), shape, &web), dname, "block_q = 2");
-    refused(split(&c, &t(1, 256, 1024), shape, &web), dname, "threads exceed");
-    refused(split(&c, &t(1, 8192, 256), shape, &web), dname, "shared memory");
+    refused(
+        split(&c, &t(2, 256, 256), shape, &web),
+        dname,
+        "block_q = 2",
+    );
+    refused(
+        split(&c, &t(1, 256, 1024), shape, &web),
+        dname,
+        "threads exceed",
+    );
+    refused(
+        split(&c, &t(1, 8192, 256), shape, &web),
+        dname,
+        "shared memory",
+    );
     let mut bad = c;
     bad.elem = Elem::U32;
     refused(
@@ -456,10 +468,10 @@ impl Case {
         };
         let args = |g: &Generated| {
             let u: Vec<u32> = g.kernel.uniforms.iter().map(|n| value(n)).collect();
-            let grid = g.grid.clone().map(|gd| {
-                gd.eval(&|n: &str| Some(u64::from(value(n))))
-                    .expect("grid") as u32
-            });
+            let grid = g
+                .grid
+                .clone()
+                .map(|gd| gd.eval(&|n: &str| Some(u64::from(value(n)))).expect("grid") as u32);
             (u, grid)
         };
         let g = split(c, t, shape, limits).unwrap_or_else(|e| panic!("{e}"));

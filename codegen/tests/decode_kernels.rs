@@ -72,7 +72,8 @@ fn every_space_value_builds() {
     for bad in [0, PART_SPLITS + 1] {
         let e = split(&c, &d, shape.with_splits(bad), &limits).unwrap_err();
         assert!(
-            e.to_string().contains("attention_split_f32_d64_causal_mask"),
+            e.to_string()
+                .contains("attention_split_f32_d64_causal_mask"),
             "{e}"
         );
     }
@@ -175,7 +176,9 @@ impl Case {
                     let x = (dot * f64::from(c.scale)) as f32;
                     // One query at position sk − 1 sees every key when causal; a window
                     // of w the last w.
-                    let seen = c.window.is_none_or(|w| j as i64 > sk as i64 - 1 - i64::from(w));
+                    let seen = c
+                        .window
+                        .is_none_or(|w| j as i64 > sk as i64 - 1 - i64::from(w));
                     if !seen {
                         x + f32::MIN
                     } else if c.mask {

@@ -468,11 +468,7 @@ fn build_split(
     ));
     // Several: the unnormalised partial result.
     let mut partial = col_total();
-    partial.push(store(
-        "part",
-        var("pbase") + u(2) + var("col"),
-        var("tot"),
-    ));
+    partial.push(store("part", var("pbase") + u(2) + var("col"), var("tot")));
     body.push(let_("orow", Elem::U32, var("qrow") + var("qi")));
     body.push(let_(
         "pbase",

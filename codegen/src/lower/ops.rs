@@ -475,7 +475,11 @@ impl Lower<'_> {
             (buf, pb)
         });
         if let Some((buf, pb)) = &part {
-            let k = if main_split { Some(&mut kb) } else { dkb.as_mut() };
+            let k = if main_split {
+                Some(&mut kb)
+            } else {
+                dkb.as_mut()
+            };
             if let Some(k) = k {
                 k.bind("part", *buf);
                 k.bytes = k.bytes.add(pb);

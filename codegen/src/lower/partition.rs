@@ -810,7 +810,9 @@ mod tests {
         let long = dims(&[("b", 3), ("s", 1), ("t", 300)]);
         assert!(!plan.launched_at(1, &one).unwrap());
         assert!(plan.launched_at(1, &long).unwrap());
-        assert!(!plan.launched_at(1, &dims(&[("b", 3), ("s", 5), ("t", 300)])).unwrap());
+        assert!(!plan
+            .launched_at(1, &dims(&[("b", 3), ("s", 5), ("t", 300)]))
+            .unwrap());
         assert!(!plan.launched_at(1, &five).unwrap());
         assert!(matches!(c.only_split, Some(UniformExpr::Split { .. })));
         assert!(v.bindings.contains(&"o".to_string()));
@@ -847,7 +849,11 @@ mod tests {
         );
         assert!(k.decode.is_none());
         let c = &plan.kernels[1];
-        assert!(c.entry().starts_with("attention_combine_f32_d8"), "{}", c.entry());
+        assert!(
+            c.entry().starts_with("attention_combine_f32_d8"),
+            "{}",
+            c.entry()
+        );
         assert_eq!(c.only_when, None);
         let b = dims(&[("b", 2), ("t", 4)]);
         assert!(!plan.use_decode(0, &b).unwrap());

@@ -461,11 +461,16 @@ fn tune_site<D: Device>(
     };
     let (_, bindings, _) = plan.kernels[k].launched(s.decode).expect("checked");
     // A split-KV decode's combine (the next kernel, computing the same node, gated on the
-    // split count): run after the site's kernel when launched, so that what is compared is
-    // the attention's output, whatever the split count.
+    // split count, reading the site kernel's partial results): run after the site's kernel
+    // when launched, so that what is compared is the attention's output, whatever the split
+    // count. (A flash kernel whose decode variant is the partial kernel has none.)
     let combine_k = (k + 1 < plan.kernels.len()
         && plan.kernels[k + 1].only_split.is_some()
-        && plan.kernels[k + 1].nodes.contains(&s.node))
+        && plan.kernels[k + 1].nodes.contains(&s.node)
+        && plan.kernels[k + 1]
+            .bindings
+            .iter()
+            .all(|b| bindings.contains(b)))
     .then_some(k + 1);
     // Buffers at the bound dims.
     let mut rng = Rng(opts.seed ^ cache::fnv64(&s.structure));
@@ -505,14 +510,8 @@ fn tune_site<D: Device>(
             let ckern = &plan.kernels[ck].gen.kernel;
             let mut params = vec![];
             for (p, name) in ckern.buffers.iter().zip(&plan.kernels[ck].bindings) {
-                match bindings.iter().position(|b| b == name) {
-                    Some(i) => params.push((i, p.access)),
-                    None => {
-                        return Ok(SiteOutcome::Skipped(format!(
-                            "its combine binds `{name}`, which the kernel does not"
-                        )))
-                    }
-                }
+                let i = bindings.iter().position(|b| b == name).expect("checked");
+                params.push((i, p.access));
             }
             Some((dev.compile(ckern)?, params))
         }
@@ -553,22 +552,20 @@ fn tune_site<D: Device>(
     // The default's output.
     let default_module = dev.compile(kernel)?;
     let default_launch = launch_of(plan)?;
-    let run_once = |m: &D::Module,
-                    l: &Launch,
-                    b: &mut Bench<D>|
-     -> Result<Vec<Vec<f32>>, RuntimeError> {
-        for (i, _, data) in &b.written {
-            dev.write(&b.bufs[*i], data)?;
-        }
-        launch_all(dev.as_ref(), &b.bufs, m, l, combine_ctx.as_ref())?;
-        let mut outs = vec![];
-        for ((i, bytes, _), &cmp) in b.written.iter().zip(&compared) {
-            if cmp {
-                outs.push(floats(out_elem(*i), &dev.read(&b.bufs[*i], *bytes)?));
+    let run_once =
+        |m: &D::Module, l: &Launch, b: &mut Bench<D>| -> Result<Vec<Vec<f32>>, RuntimeError> {
+            for (i, _, data) in &b.written {
+                dev.write(&b.bufs[*i], data)?;
             }
-        }
-        Ok(outs)
-    };
+            launch_all(dev.as_ref(), &b.bufs, m, l, combine_ctx.as_ref())?;
+            let mut outs = vec![];
+            for ((i, bytes, _), &cmp) in b.written.iter().zip(&compared) {
+                if cmp {
+                    outs.push(floats(out_elem(*i), &dev.read(&b.bufs[*i], *bytes)?));
+                }
+            }
+            Ok(outs)
+        };
     let reference = run_once(&default_module, &default_launch, &mut bench)?;
     // Launches per timed sample: ~2 ms of work.
     let t0 = Instant::now();
