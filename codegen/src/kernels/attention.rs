@@ -15,7 +15,7 @@
 //! score `(bh, i, j)` reads `mask[(bh / heads)·mask_sb + (bh % heads)·mask_sh + i·mask_sq +
 //! j·mask_sk]`. `scale`, `causal`, `window`, head dims and storage type are compile-time
 //! constants and make the kernel name (`attention_f16_d64_causal_mask`,
-//! `attention_decode_f32_d128_w256`, `_dv{dv}` when `dv ≠ d`, `_s{bits}` when the scale is not
+//! `attention_split_f32_d128_w256`, `_dv{dv}` when `dv ≠ d`, `_s{bits}` when the scale is not
 //! `1/√d`); the tunables do not.
 //!
 //! # Masking (exactly the reference's)
@@ -150,7 +150,8 @@ pub struct AttentionCfg {
 }
 
 impl AttentionCfg {
-    /// The kernel name for this configuration (`decode`: the decode kernel's).
+    /// The kernel name for this configuration (`decode`: the `attention_decode_…` stem that
+    /// [`super::decode`]'s split and combine kernels rename).
     pub fn kernel_name(&self, decode: bool) -> String {
         let mut n = format!(
             "attention_{}{}_d{}",
