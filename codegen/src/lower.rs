@@ -28,9 +28,11 @@
 //!   reductions of any single axis through a permuted view (`reduce_rows`), matmul and fused
 //!   matmul (`kernels::matmul::matmul`; a weight-side `permute [1,0]` is read as transposed
 //!   B), attention (`kernels::attention::flash`, additive mask through its stride uniforms;
-//!   `kernels::attention::decode` when the query length is the constant 1; when it is
-//!   symbolic, the split-KV partial kernel `kernels::decode::split` as the kernel's decode
-//!   [`Variant`] and `kernels::decode::combine` as the next kernel, launched only then),
+//!   the split-KV kernels `kernels::decode::split` + `kernels::decode::combine` when the
+//!   query length is the constant 1; when it is symbolic, the partial kernel as the flash
+//!   kernel's decode [`Variant`] and the combine as the next kernel, launched only then; the
+//!   combine only when the keys are split more than once — one split's partial kernel writes
+//!   the output itself),
 //!   softmax, layer/RMS/group/instance/batch norm (`kernels::norm`; constant γ = 1, β = 0 →
 //!   no affine buffers), and the lowering's own concat (several same-shaped concatenations
 //!   whose operands are ready share one launch) and iota kernels ([`copy`]);
@@ -84,8 +86,9 @@
 //! A plan with [`Plan::caches`] also needs [`CACHE_CAP`] bound (≥ each cache output's rows);
 //! a cache's input and output share its buffer, laid out with that many rows (host tensors
 //! convert with [`PlanCache::pad`] / [`PlanCache::compact`]); a kernel with
-//! [`PlanKernel::only_when`] is launched only when [`Plan::launched_at`] says so (the combine
-//! of a split-KV decode variant).
+//! [`PlanKernel::only_when`] or [`PlanKernel::only_split`] is launched only when
+//! [`Plan::launched_at`] says so (the combine of a split-KV decode: when the query length is 1,
+//! and when the keys are split more than once).
 //!
 //! Grid-stride kernels (norms, concat, placed copies) accept a clamped grid. WebGPU guarantees
 //! 8 storage buffers per kernel: placement respects it; a cluster of more than 7 inputs (none

@@ -2,14 +2,18 @@
 //! WGSL (naga) and CUDA; tunables outside the target's limits are refused naming the kernel;
 //! every listed search-space value builds; snapshots of one prefill kernel; and the f32 (and
 //! one f16) kernels run through the IR interpreter agree with an f64 reference of the op's
-//! semantics (mask, causal, window, fully masked rows, several key tiles).
+//! semantics (mask, causal, window, fully masked rows, several key tiles); cases of one query
+//! row also run the split-KV decode kernels (`kernels::decode`) against the same reference.
 
 mod common;
 
 use expect_test::expect_file;
 use transfuse_codegen::interp::{self, HostBuf};
 use transfuse_codegen::kernels::attention::{
-    catalog, decode, default_scale, flash, AttentionCfg, AttentionTunables,
+    catalog, default_scale, flash, AttentionCfg, AttentionTunables,
+};
+use transfuse_codegen::kernels::decode::{
+    combine, split, split_default_for, split_space, split_uniforms, SplitShape, PART_SPLITS,
 };
 use transfuse_codegen::kernels::{DeviceKind, Generated, Limits};
 use transfuse_codegen::kir::{Elem, Expr, SubgroupOp};
@@ -104,14 +108,19 @@ fn defaults_and_every_space_value_build_under_both_targets() {
                             flash(&c, &x, &limits).unwrap_or_else(|e| panic!("{x:?}: {e}"));
                         }
                     }
-                    let t = AttentionTunables::decode_default_for(&c, &limits);
-                    decode(&c, &t, &limits).unwrap_or_else(|e| panic!("{e}"));
-                    for tun in AttentionTunables::decode_space(&c, &limits) {
+                    let shape = SplitShape::for_limits(&limits);
+                    let t = split_default_for(&c, shape, &limits);
+                    split(&c, &t, shape, &limits).unwrap_or_else(|e| panic!("{e}"));
+                    for tun in split_space(&c, shape, &limits) {
                         for v in &tun.space {
-                            let x = t.with(tun.name, *v).expect("known tunable");
-                            decode(&c, &x, &limits).unwrap_or_else(|e| panic!("{x:?}: {e}"));
+                            let (x, sh) = match tun.name {
+                                "splits" => (t, shape.with_splits(*v)),
+                                n => (t.with(n, *v).expect("known tunable"), shape),
+                            };
+                            split(&c, &x, sh, &limits).unwrap_or_else(|e| panic!("{x:?}: {e}"));
                         }
                     }
+                    combine(&c, &limits).unwrap_or_else(|e| panic!("{e}"));
                 }
             }
         }
@@ -140,9 +149,10 @@ fn default_tunables_per_target() {
         AttentionTunables::default_for(&d128, &Limits::cuda()),
         t(32, 32, 256)
     );
+    let shape = SplitShape::for_limits(&Limits::webgpu());
     assert_eq!(
-        AttentionTunables::decode_default_for(&d128, &Limits::webgpu()),
-        t(1, 256, 256)
+        split_default_for(&d128, shape, &Limits::webgpu()),
+        t(1, 128, 128)
     );
 }
 
@@ -174,10 +184,23 @@ fn tunables_outside_limits_are_refused_naming_the_kernel() {
     refused(flash(&c, &t(16, 8, 16), &web), name, "accumulator columns");
     refused(flash(&c, &t(16, 0, 256), &web), name, "block_k = 0");
     assert!(flash(&c, &t(32, 32, 256), &Limits::cuda()).is_ok());
-    let dname = "attention_decode_f32_d128_causal_mask";
-    refused(decode(&c, &t(2, 256, 256), &web), dname, "block_q = 2");
-    refused(decode(&c, &t(1, 256, 1024), &web), dname, "threads exceed");
-    refused(decode(&c, &t(1, 8192, 256), &web), dname, "shared memory");
+    let dname = "attention_split_f32_d128_causal_mask";
+    let shape = SplitShape::for_limits(&web);
+    refused(
+        split(&c, &t(2, 256, 256), shape, &web),
+        dname,
+        "block_q = 2",
+    );
+    refused(
+        split(&c, &t(1, 256, 1024), shape, &web),
+        dname,
+        "threads exceed",
+    );
+    refused(
+        split(&c, &t(1, 8192, 256), shape, &web),
+        dname,
+        "shared memory",
+    );
     let mut bad = c;
     bad.elem = Elem::U32;
     refused(
@@ -413,6 +436,73 @@ impl Case {
     }
 }
 
+impl Case {
+    /// The split-KV decode kernels on this case (one query row, dense K/V).
+    fn run_split(
+        &self,
+        c: &AttentionCfg,
+        t: &AttentionTunables,
+        shape: SplitShape,
+        limits: &Limits,
+    ) -> Vec<f32> {
+        assert_eq!(self.sq, 1);
+        let bh = self.batch * self.heads;
+        let (chunk, nsplit) = split_uniforms(self.sk as u64, shape);
+        let value = |name: &str| -> u32 {
+            let st = self.mask.as_ref().map(|(_, st)| *st).unwrap_or_default();
+            match name {
+                "bh" => bh as u32,
+                "heads" => self.heads as u32,
+                "sq" => 1,
+                "sk" => self.sk as u32,
+                "mask_sb" => st[0] as u32,
+                "mask_sh" => st[1] as u32,
+                "mask_sq" => st[2] as u32,
+                "mask_sk" => st[3] as u32,
+                "kstride" => (self.sk * self.d) as u32,
+                "vstride" => (self.sk * self.dv) as u32,
+                "chunk" => chunk,
+                "nsplit" => nsplit,
+                u => panic!("uniform {u}"),
+            }
+        };
+        let args = |g: &Generated| {
+            let u: Vec<u32> = g.kernel.uniforms.iter().map(|n| value(n)).collect();
+            let grid = g
+                .grid
+                .clone()
+                .map(|gd| gd.eval(&|n: &str| Some(u64::from(value(n)))).expect("grid") as u32);
+            (u, grid)
+        };
+        let g = split(c, t, shape, limits).unwrap_or_else(|e| panic!("{e}"));
+        let (u, grid) = args(&g);
+        let mut bufs = vec![
+            HostBuf::F32(self.q.clone()),
+            HostBuf::F32(self.k.clone()),
+            HostBuf::F32(self.v.clone()),
+        ];
+        if c.mask {
+            bufs.push(HostBuf::F32(self.mask.as_ref().expect("mask").0.clone()));
+        }
+        bufs.push(HostBuf::F32(vec![
+            f32::NAN;
+            bh * PART_SPLITS as usize * (self.dv + 2)
+        ]));
+        bufs.push(HostBuf::F32(vec![f32::NAN; bh * self.dv]));
+        interp::run(&g.kernel, grid, &mut bufs, &u, 32).unwrap_or_else(|e| panic!("{e}"));
+        let out = bufs.pop().unwrap();
+        let part = bufs.pop().unwrap();
+        if nsplit == 1 {
+            return out.f32().to_vec();
+        }
+        let g = combine(c, limits).unwrap();
+        let (u, grid) = args(&g);
+        let mut bufs = vec![HostBuf::F32(self.v.clone()), part, out];
+        interp::run(&g.kernel, grid, &mut bufs, &u, 32).unwrap_or_else(|e| panic!("{e}"));
+        bufs.pop().unwrap().f32().to_vec()
+    }
+}
+
 fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len());
     for (n, (g, w)) in got.iter().zip(want).enumerate() {
@@ -468,23 +558,32 @@ fn check(case: &Case, c: &AttentionCfg, tiles: &[AttentionTunables], tol: f32) {
         let what = format!("{} {t:?} (broadcast K/V)", g.kernel.name);
         assert_close(&what, &case.run(&g), &want, tol);
     }
-    for t in [
-        AttentionTunables {
-            block_q: 1,
-            block_k: 4,
-            threads: 8,
-            rows: 0,
-        },
-        AttentionTunables {
-            block_q: 1,
-            block_k: 32,
-            threads: 64,
-            rows: 0,
-        },
-    ] {
-        let g = decode(c, &t, &limits).unwrap_or_else(|e| panic!("{e}"));
-        let what = format!("{} {t:?}", g.kernel.name);
-        assert_close(&what, &case.run(&g), &want, tol);
+    // One query row: the split-KV decode kernels (partial, then the combine when split),
+    // small tiles and the default, one split and several (keys of 4 per split at least).
+    if case.sq == 1 {
+        for t in [
+            AttentionTunables {
+                block_q: 1,
+                block_k: 4,
+                threads: 8,
+                rows: 0,
+            },
+            AttentionTunables {
+                block_q: 1,
+                block_k: 32,
+                threads: 64,
+                rows: 0,
+            },
+        ] {
+            for max_splits in [1, 3, 64] {
+                let shape = SplitShape {
+                    max_splits,
+                    min_chunk: 4,
+                };
+                let what = format!("split decode {t:?} {shape:?}");
+                assert_close(&what, &case.run_split(c, &t, shape, &limits), &want, tol);
+            }
+        }
     }
 }
 
@@ -600,6 +699,32 @@ fn f32_decode_over_a_long_cache() {
 }
 
 #[test]
+fn f32_one_query_row_every_mask_kind() {
+    // One query row (decode): a fully masked row (head 0), a padding key, a per-head and a
+    // broadcast mask, causal, windows (one of no key), GQA/MQA, dv ≠ d, odd key counts.
+    for (i, sk) in [1usize, 3, 50, 129].into_iter().enumerate() {
+        let seed = 30 + i as u64;
+        for (causal, window, mask) in [
+            (false, None, true),
+            (true, None, false),
+            (true, Some(5), true),
+            (false, Some(0), false),
+        ] {
+            let case = Case::new(seed, 1, 2, 1, sk, 32, 32, true, Some(0));
+            check(&case, &cfg(Elem::F32, 32, causal, window, mask), &[], 1e-4);
+            let case = Case::new(seed, 2, 4, 1, sk, 32, 32, true, None).grouped(4);
+            let mut c = cfg(Elem::F32, 32, causal, window, mask);
+            c.group = 4;
+            check(&case, &c, &[], 1e-4);
+        }
+        let case = Case::new(seed, 2, 1, 1, sk, 32, 24, false, None);
+        let mut c = cfg(Elem::F32, 32, true, None, true);
+        c.dv = 24;
+        check(&case, &c, &[], 1e-4);
+    }
+}
+
+#[test]
 fn f16_kernel_matches_within_f16_rounding() {
     // Inputs are multiples of 1/256 (exact in f16); the mask holds no f32::MIN (it is -inf in
     // f16), so the fully masked row is left out.
@@ -664,9 +789,9 @@ fn cpu_adapters_get_the_register_design() {
         "multiples of 4",
     );
     refused(
-        decode(&gpu, &lanes(1), &cpu),
-        "attention_decode_f32_d64_causal_mask",
-        "no register design",
+        split(&gpu, &lanes(1), SplitShape::for_limits(&cpu), &cpu),
+        "attention_split_f32_d64_causal_mask",
+        "one query row",
     );
 }
 

@@ -4,7 +4,9 @@
 //! 129 and 783 (none a multiple of the split or of the key tile), for the GPU and the
 //! CPU-adapter split shapes, with a causal mask and an additive mask (a fully masked row and a
 //! masked padding key), grouped-query heads, several tunables, and K/V read through a cache's
-//! capacity stride (the rows past `sk` hold NaN, so reading one would show).
+//! capacity stride (the rows past `sk` hold NaN, so reading one would show); sliding windows;
+//! head dims 64 and 128; every split count of the tunable; and with one split the partial
+//! kernel alone writes the output (the combine is not run).
 
 mod common;
 
@@ -12,6 +14,7 @@ use transfuse_codegen::interp::{self, HostBuf};
 use transfuse_codegen::kernels::attention::{default_scale, AttentionCfg, AttentionTunables};
 use transfuse_codegen::kernels::decode::{
     catalog, combine, split, split_default_for, split_space, split_uniforms, SplitShape,
+    PART_SPLITS, SPLITS,
 };
 use transfuse_codegen::kernels::{DeviceKind, Generated, Limits};
 use transfuse_codegen::kir::Elem;
@@ -20,10 +23,13 @@ use transfuse_codegen::{cuda, wgsl};
 #[test]
 fn catalog_prints_valid_wgsl_and_cuda() {
     let all = catalog();
-    assert_eq!(all.len(), 8);
+    assert_eq!(all.len(), 16);
     for g in &all {
         let k = &g.kernel;
         cuda::print(k).unwrap_or_else(|e| panic!("{e}"));
+        if k.name.contains("bf16") {
+            continue; // bf16 prints only as CUDA
+        }
         common::validate_wgsl(&wgsl::print(k).unwrap_or_else(|e| panic!("{e}")));
     }
 }
@@ -46,23 +52,45 @@ fn every_space_value_builds() {
     let limits = Limits::webgpu();
     let shape = SplitShape::for_limits(&limits);
     let c = cfg(64, true, true, 1);
+    let d = split_default_for(&c, shape, &limits);
     for t in split_space(&c, shape, &limits) {
         for v in &t.space {
-            let d = split_default_for(&c, shape, &limits);
-            let x = d.with(t.name, *v).unwrap();
-            split(&c, &x, shape, &limits).unwrap_or_else(|e| panic!("{} = {v}: {e}", t.name));
+            let (x, sh) = match t.name {
+                "splits" => (d, shape.with_splits(*v)),
+                n => (d.with(n, *v).unwrap(), shape),
+            };
+            split(&c, &x, sh, &limits).unwrap_or_else(|e| panic!("{} = {v}: {e}", t.name));
         }
+    }
+    let splits = split_space(&c, shape, &limits)
+        .into_iter()
+        .find(|t| t.name == "splits")
+        .expect("the split count is a tunable");
+    assert_eq!(splits.value, shape.max_splits);
+    assert_eq!(splits.space, SPLITS.to_vec());
+    // Out of range: refused, naming the kernel.
+    for bad in [0, PART_SPLITS + 1] {
+        let e = split(&c, &d, shape.with_splits(bad), &limits).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("attention_split_f32_d64_causal_mask"),
+            "{e}"
+        );
     }
 }
 
 fn cfg(d: u32, causal: bool, mask: bool, group: u32) -> AttentionCfg {
+    wcfg(d, causal, None, mask, group)
+}
+
+fn wcfg(d: u32, causal: bool, window: Option<u32>, mask: bool, group: u32) -> AttentionCfg {
     AttentionCfg {
         elem: Elem::F32,
         head_dim: d,
         dv: d,
         scale: default_scale(d),
         causal,
-        window: None,
+        window,
         mask,
         group,
     }
@@ -146,8 +174,14 @@ impl Case {
                         })
                         .sum();
                     let x = (dot * f64::from(c.scale)) as f32;
-                    // One query at position sk − 1 sees every key when causal.
-                    if c.mask {
+                    // One query at position sk − 1 sees every key when causal; a window
+                    // of w the last w.
+                    let seen = c
+                        .window
+                        .is_none_or(|w| j as i64 > sk as i64 - 1 - i64::from(w));
+                    if !seen {
+                        x + f32::MIN
+                    } else if c.mask {
                         x + self.mask[bi * sk + j]
                     } else {
                         x
@@ -203,15 +237,16 @@ impl Case {
         (u, grid)
     }
 
-    /// The partial kernel, then the combine.
+    /// The partial kernel, then the combine when the keys are split more than once (as the
+    /// plan launches them): the output and the number of kernels run.
     fn run(
         &self,
         c: &AttentionCfg,
         t: &AttentionTunables,
         shape: SplitShape,
         limits: &Limits,
-    ) -> Vec<f32> {
-        let part_len = self.bh * shape.max_splits as usize * (self.d + 2);
+    ) -> (Vec<f32>, usize) {
+        let part_len = self.bh * PART_SPLITS as usize * (self.d + 2);
         let g = split(c, t, shape, limits).unwrap_or_else(|e| panic!("{e}"));
         let (u, grid) = self.uniforms(&g, shape);
         let mut bufs = vec![
@@ -223,17 +258,27 @@ impl Case {
             bufs.push(HostBuf::F32(self.mask.clone()));
         }
         bufs.push(HostBuf::F32(vec![f32::NAN; part_len]));
+        bufs.push(HostBuf::F32(vec![f32::NAN; self.bh * self.d]));
         interp::run(&g.kernel, grid, &mut bufs, &u, 32).unwrap_or_else(|e| panic!("{e}"));
+        let out = bufs.pop().unwrap();
         let part = bufs.pop().unwrap();
-        let g = combine(c, shape, limits).unwrap();
+        if split_uniforms(self.sk as u64, shape).1 == 1 {
+            return (out.f32().to_vec(), 1);
+        }
+        let g = combine(c, limits).unwrap();
         let (u, grid) = self.uniforms(&g, shape);
-        let mut bufs = vec![
-            HostBuf::F32(self.v.clone()),
-            part,
-            HostBuf::F32(vec![f32::NAN; self.bh * self.d]),
-        ];
+        let mut bufs = vec![HostBuf::F32(self.v.clone()), part, out];
         interp::run(&g.kernel, grid, &mut bufs, &u, 32).unwrap_or_else(|e| panic!("{e}"));
-        bufs.pop().unwrap().f32().to_vec()
+        (bufs.pop().unwrap().f32().to_vec(), 2)
+    }
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    for (n, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g.is_finite() && (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            "{what}: element {n}: got {g}, want {w}"
+        );
     }
 }
 
@@ -249,14 +294,10 @@ fn check(case: &Case, c: &AttentionCfg) {
             rows: 0,
         };
         for t in [split_default_for(c, shape, &limits), small] {
-            let got = case.run(c, &t, shape, &limits);
-            for (n, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    g.is_finite() && (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "sk {} {kind:?} {t:?}: element {n}: got {g}, want {w}",
-                    case.sk
-                );
-            }
+            let (got, kernels) = case.run(c, &t, shape, &limits);
+            let one = split_uniforms(case.sk as u64, shape).1 == 1;
+            assert_eq!(kernels, if one { 1 } else { 2 });
+            assert_close(&format!("sk {} {kind:?} {t:?}", case.sk), &got, &want);
         }
     }
 }
@@ -278,5 +319,42 @@ fn split_decode_grouped_query_heads() {
     for sk in [3usize, 129] {
         let case = Case::new(5, 4, sk, sk + 3, 8, 2);
         check(&case, &cfg(8, true, true, 2));
+    }
+}
+
+#[test]
+fn split_decode_windows_and_head_dims_64_and_128() {
+    // Sliding windows (one shorter than a split, one of no key: the mean of v), a padding
+    // mask, causal, grouped-query heads, at head dims 64 and 128.
+    for (i, sk) in [3usize, 129, 783].into_iter().enumerate() {
+        for d in [64u32, 128] {
+            let case = Case::new(21 + i as u64, 2, sk, sk + 5, d as usize, 2);
+            check(&case, &wcfg(d, true, Some(40), true, 2));
+            check(&case, &wcfg(d, true, None, true, 2));
+        }
+    }
+    let case = Case::new(3, 2, 50, 50, 64, 1);
+    check(&case, &wcfg(64, true, Some(0), false, 1));
+    check(&case, &wcfg(64, false, Some(7), true, 1));
+}
+
+#[test]
+fn every_split_count_gives_the_same_output() {
+    // The split count is a tunable: every value of its space (1: one kernel, the partial
+    // writes the output) matches the reference, at a length every count splits differently.
+    let limits = Limits::webgpu();
+    let c = wcfg(64, true, Some(300), true, 1);
+    let case = Case::new(9, 2, 783, 783, 64, 1);
+    let want = case.reference(&c);
+    let t = split_default_for(&c, SplitShape::for_limits(&limits), &limits);
+    for n in SPLITS {
+        let shape = SplitShape {
+            max_splits: n,
+            min_chunk: 1,
+        };
+        let (got, kernels) = case.run(&c, &t, shape, &limits);
+        assert_eq!(kernels, if n == 1 { 1 } else { 2 }, "splits {n}");
+        assert_eq!(split_uniforms(783, shape).1, n);
+        assert_close(&format!("splits {n}"), &got, &want);
     }
 }

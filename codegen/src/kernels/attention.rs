@@ -15,7 +15,7 @@
 //! score `(bh, i, j)` reads `mask[(bh / heads)·mask_sb + (bh % heads)·mask_sh + i·mask_sq +
 //! j·mask_sk]`. `scale`, `causal`, `window`, head dims and storage type are compile-time
 //! constants and make the kernel name (`attention_f16_d64_causal_mask`,
-//! `attention_decode_f32_d128_w256`, `_dv{dv}` when `dv ≠ d`, `_s{bits}` when the scale is not
+//! `attention_split_f32_d128_w256`, `_dv{dv}` when `dv ≠ d`, `_s{bits}` when the scale is not
 //! `1/√d`); the tunables do not.
 //!
 //! # Masking (exactly the reference's)
@@ -71,16 +71,11 @@
 //! (compile time): `rows ≤ 16`, `block_k ≤ 8`, `rows·(d + dv)/4 ≤ 512` vectors; defaults
 //! `rows = clamp(512 / max(d, dv), 1, 8)`, `block_k = 2` (at d = 64 on lavapipe 2 keys compiled cold in ~6 s against 17 s for 4, and ran as fast).
 //!
-//! # Decode ([`decode`]): one workgroup per (query row, `bh`)
+//! # Decode
 //!
-//! For short `sq` (one new token) against a long KV cache; grid `(sq, bh, 1)`. The query row is
-//! read into shared memory; per tile of `block_k` keys, each thread scores keys `t, t + T, …`
-//! (reading K directly), a barrier, then every thread scans the tile's scores for the max
-//! (a broadcast read of shared memory) and writes the probabilities of its keys; a barrier; then
-//! the threads, split into `max(1, T / dv)` key slices × `min(T, dv)` column owners, accumulate
-//! `p·v` with coalesced reads of V. The key slices' partial sums are combined through shared
-//! memory at the end (they share the running max, so no rescaling is needed). Fully masked rows
-//! and tile skipping work as in prefill.
+//! A query length of 1 (one new token against a KV cache) runs the split-KV kernels of
+//! [`super::decode`] (flash-decoding: the keys split across workgroups, partial softmax per
+//! split, then a combine), which reuse this module's masking, score and column helpers.
 //!
 //! # Tunables
 //!
@@ -88,7 +83,7 @@
 //! the register design `block_q = threads · rows`). Prefill defaults on GPUs are the largest tiles
 //! up to 32 × 32 that fit the target's shared memory, with 256 threads (f32 under WebGPU's
 //! 16 KiB: 32 × 32 for d = 32, 32 × 16 for d = 64, 16 × 8 for d = 128; under CUDA's 48 KiB
-//! 32 × 32 up to d = 128). Decode defaults to 256 threads and 256-key tiles. The search spaces
+//! 32 × 32 up to d = 128). The search spaces
 //! list, per tunable, the values that build with the others at their defaults.
 //!
 //! # Limits and refusals
@@ -98,7 +93,7 @@
 //! barrier-free loops. Refused with [`CodegenError::Kernel`] naming the kernel: a storage type
 //! other than f32/f16/bf16, head dims outside `1..=256`, a non-finite scale, zero tunables,
 //! prefill `threads` not a multiple of `block_q` or with more threads per row than `dv`
-//! columns, more than 16 accumulator registers per thread, decode `block_q ≠ 1`, and anything
+//! columns, more than 16 accumulator registers per thread, and anything
 //! over the target's threads or shared memory ([`Limits`]). bf16 kernels print only as CUDA.
 //! Indices are u32 (tensors below 2³² elements); the grid is at most 65 535 along x and y on
 //! WebGPU, so `bh` and `ceil(sq / block_q)` must stay below that there.
@@ -155,7 +150,8 @@ pub struct AttentionCfg {
 }
 
 impl AttentionCfg {
-    /// The kernel name for this configuration (`decode`: the decode kernel's).
+    /// The kernel name for this configuration (`decode`: the `attention_decode_…` stem that
+    /// [`super::decode`]'s split and combine kernels rename).
     pub fn kernel_name(&self, decode: bool) -> String {
         let mut n = format!(
             "attention_{}{}_d{}",
@@ -270,38 +266,6 @@ impl AttentionTunables {
     pub fn space(cfg: &AttentionCfg, limits: &Limits) -> Vec<Tunable> {
         let t = Self::default_for(cfg, limits);
         t.tunables(&|x| build_flash(cfg, x, limits).is_ok(), &BLOCKS, &BLOCKS)
-    }
-
-    /// The decode default under `limits`: 256 threads (or the most that fit), one key per
-    /// thread per tile.
-    pub fn decode_default_for(cfg: &AttentionCfg, limits: &Limits) -> Self {
-        for threads in [256, 128, 64, 32] {
-            let t = AttentionTunables {
-                block_q: 1,
-                block_k: threads,
-                threads,
-                rows: 0,
-            };
-            if build_decode(cfg, &t, limits).is_ok() {
-                return t;
-            }
-        }
-        AttentionTunables {
-            block_q: 1,
-            block_k: 32,
-            threads: 32,
-            rows: 0,
-        }
-    }
-
-    /// The decode search space under `limits` (as [`Self::space`]; `block_q` is always 1).
-    pub fn decode_space(cfg: &AttentionCfg, limits: &Limits) -> Vec<Tunable> {
-        let t = Self::decode_default_for(cfg, limits);
-        t.tunables(
-            &|x| build_decode(cfg, x, limits).is_ok(),
-            &[1],
-            &DECODE_BLOCKS,
-        )
     }
 
     /// `self` with tunable `name` set to `v`; in the register design `block_q` follows
@@ -1180,265 +1144,10 @@ fn build_lanes(
     Ok(kernel)
 }
 
-/// Decode attention: one workgroup per query row (see the module docs).
-pub fn decode(
-    cfg: &AttentionCfg,
-    t: &AttentionTunables,
-    limits: &Limits,
-) -> Result<Generated, CodegenError> {
-    let kernel = build_decode(cfg, t, limits)?;
-    Ok(Generated {
-        kernel,
-        grid: [GridDim::of("sq", 1), GridDim::of("bh", 1), GridDim::one()],
-        tunables: t.tunables(
-            &|x| build_decode(cfg, x, limits).is_ok(),
-            &[1],
-            &DECODE_BLOCKS,
-        ),
-    })
-}
-
-fn build_decode(
-    cfg: &AttentionCfg,
-    t: &AttentionTunables,
-    limits: &Limits,
-) -> Result<Kernel, CodegenError> {
-    let name = cfg.kernel_name(true);
-    check_common(cfg, t, &name)?;
-    let (bk, nt, d, dv) = (t.block_k, t.threads, cfg.head_dim, cfg.dv);
-    if t.rows != 0 {
-        return Err(kernel_err(
-            &name,
-            format!("rows = {}: decode has no register design", t.rows),
-        ));
-    }
-    if t.block_q != 1 {
-        return Err(kernel_err(
-            &name,
-            format!("block_q = {}: decode handles one query row", t.block_q),
-        ));
-    }
-    // Column owners, key slices, columns per thread.
-    let ct = nt.min(dv);
-    let ks_n = nt / ct;
-    let cpt = dv.div_ceil(ct);
-    if cpt > MAX_COLS {
-        return Err(kernel_err(
-            &name,
-            format!("{cpt} accumulator columns per thread exceed {MAX_COLS}: use more threads"),
-        ));
-    }
-    let e = cfg.elem;
-
-    let mut body = prologue(cfg);
-    body.extend([
-        let_("qi", Elem::U32, workgroup_id(0)),
-        let_("ks", Elem::U32, var("tid") / u(ct)),
-        let_("cc", Elem::U32, var("tid") % u(ct)),
-        var_("m_run", Elem::F32, f(MASKED)),
-        var_("l_run", Elem::F32, f(0.0)),
-        Stmt::LocalArray("acc".into(), Elem::F32, cpt),
-        for_step(
-            "idx",
-            var("tid"),
-            u(d),
-            u(nt),
-            vec![store_shared(
-                "qv",
-                var("idx"),
-                load("q", (var("qrow") + var("qi")) * u(d) + var("idx")).cast(Elem::F32),
-            )],
-        ),
-        Stmt::Barrier,
-    ]);
-    body.extend(tile_range(cfg, var("qi"), 1, bk));
-
-    let mut sc = vec![
-        let_("j", Elem::U32, var("k0") + var("c")),
-        let_("kb", Elem::U32, (var("krow") + var("j")) * u(d)),
-        var_("dot", Elem::F32, f(0.0)),
-        for_(
-            "kk",
-            u(0),
-            u(d),
-            vec![assign(
-                "dot",
-                var("dot")
-                    + load_shared("qv", var("kk"))
-                        * load("k", var("kb") + var("kk")).cast(Elem::F32),
-            )],
-        ),
-    ];
-    sc.extend(score(cfg, var("qi"), var("j"), None));
-    sc.push(store_shared("sc", var("c"), var("score")));
-    let tile = vec![
-        let_("k0", Elem::U32, var("kt") * u(bk)),
-        let_("nvalid", Elem::U32, u(bk).min(uni("sk") - var("k0"))),
-        // Scores of this thread's keys.
-        for_step("c", var("tid"), var("nvalid"), u(nt), sc),
-        Stmt::Barrier,
-        // Tile max (every thread), probabilities of this thread's keys.
-        var_("mt", Elem::F32, f(MASKED)),
-        for_(
-            "c",
-            u(0),
-            var("nvalid"),
-            vec![assign("mt", var("mt").max(load_shared("sc", var("c"))))],
-        ),
-        let_("mn", Elem::F32, var("m_run").max(var("mt"))),
-        let_("a", Elem::F32, (var("m_run") - var("mn")).exp()),
-        for_step(
-            "c",
-            var("tid"),
-            var("nvalid"),
-            u(nt),
-            vec![store_shared(
-                "pr",
-                var("c"),
-                (load_shared("sc", var("c")) - var("mn")).exp(),
-            )],
-        ),
-        assign("m_run", var("mn")),
-        Stmt::Barrier,
-        // Accumulate this key slice's keys into this thread's columns.
-        if_(
-            var("ks").lt(u(ks_n)),
-            vec![
-                assign("l_run", var("l_run") * var("a")),
-                for_(
-                    "ii",
-                    u(0),
-                    u(cpt),
-                    vec![Stmt::StoreLocal(
-                        "acc".into(),
-                        var("ii"),
-                        load_local("acc", var("ii")) * var("a"),
-                    )],
-                ),
-                for_step(
-                    "c",
-                    var("ks"),
-                    var("nvalid"),
-                    u(ks_n),
-                    vec![
-                        let_("p", Elem::F32, load_shared("pr", var("c"))),
-                        assign("l_run", var("l_run") + var("p")),
-                        let_(
-                            "vb",
-                            Elem::U32,
-                            (var("krow") + var("k0") + var("c")) * u(dv),
-                        ),
-                        for_cols(
-                            cfg,
-                            "cc",
-                            ct,
-                            cpt,
-                            vec![Stmt::StoreLocal(
-                                "acc".into(),
-                                var("ii"),
-                                load_local("acc", var("ii"))
-                                    + var("p") * load("v", var("vb") + var("col")).cast(Elem::F32),
-                            )],
-                        ),
-                    ],
-                ),
-            ],
-        ),
-        Stmt::Barrier,
-    ];
-    body.push(for_("kt", var("kt_lo"), var("kt_hi"), tile));
-
-    // Combine the key slices (same running max: plain sums).
-    body.push(if_(
-        var("ks").lt(u(ks_n)),
-        vec![
-            for_cols(
-                cfg,
-                "cc",
-                ct,
-                cpt,
-                vec![store_shared(
-                    "red",
-                    var("ks") * u(dv) + var("col"),
-                    load_local("acc", var("ii")),
-                )],
-            ),
-            if_(
-                var("cc").eq_(u(0)),
-                vec![store_shared("lred", var("ks"), var("l_run"))],
-            ),
-        ],
-    ));
-    body.push(Stmt::Barrier);
-    body.push(let_("orow", Elem::U32, var("qrow") + var("qi")));
-    body.push(if_(
-        var("tid").lt(u(ct)),
-        vec![Stmt::If(
-            var("m_run").eq_(f(MASKED)),
-            vec![for_cols(
-                cfg,
-                "cc",
-                ct,
-                cpt,
-                mean_of_v(cfg, var("orow"), var("col")),
-            )],
-            vec![
-                var_("lt", Elem::F32, f(0.0)),
-                for_(
-                    "s",
-                    u(0),
-                    u(ks_n),
-                    vec![assign("lt", var("lt") + load_shared("lred", var("s")))],
-                ),
-                for_cols(
-                    cfg,
-                    "cc",
-                    ct,
-                    cpt,
-                    vec![
-                        var_("tot", Elem::F32, f(0.0)),
-                        for_(
-                            "s",
-                            u(0),
-                            u(ks_n),
-                            vec![assign(
-                                "tot",
-                                var("tot") + load_shared("red", var("s") * u(dv) + var("col")),
-                            )],
-                        ),
-                        store(
-                            "out",
-                            var("orow") * u(dv) + var("col"),
-                            (var("tot") / var("lt")).cast(e),
-                        ),
-                    ],
-                ),
-            ],
-        )],
-    ));
-
-    let kernel = Kernel {
-        name,
-        buffers: buffers(cfg),
-        uniforms: uniforms(cfg),
-        workgroup: [nt, 1, 1],
-        shared: vec![
-            shared("qv", Elem::F32, d),
-            shared("sc", Elem::F32, bk),
-            shared("pr", Elem::F32, bk),
-            shared("red", Elem::F32, ks_n * dv),
-            shared("lred", Elem::F32, ks_n),
-        ],
-        body,
-    };
-    check_limits(&kernel, limits)?;
-    Ok(kernel)
-}
-
 /// Representative configurations (validated by naga and NVRTC in the tests): prefill over
-/// f32/f16/bf16 × head dims 32/64/128 × {plain, mask, causal, causal + mask, window}, and
-/// decode, with grouped-query attention in both. f32/f16 kernels use the WebGPU defaults (so they fit every target), bf16 the CUDA
-/// ones.
+/// f32/f16/bf16 × head dims 32/64/128 × {plain, mask, causal, causal + mask, window}, with
+/// grouped-query attention (decode's kernels: [`super::decode::catalog`]). f32/f16 kernels
+/// use the WebGPU defaults (so they fit every target), bf16 the CUDA ones.
 pub fn catalog() -> Vec<Generated> {
     let cfg = |elem, d: u32, dv: u32, causal, window, mask| AttentionCfg {
         elem,
@@ -1483,17 +1192,6 @@ pub fn catalog() -> Vec<Generated> {
             ..cfg(Elem::BF16, 128, 128, true, Some(64), true)
         },
     ];
-    let decoding = [
-        cfg(Elem::F32, 64, 64, false, None, false),
-        cfg(Elem::F32, 128, 128, false, None, true),
-        cfg(Elem::F16, 128, 128, true, Some(512), false),
-        cfg(Elem::F16, 64, 64, false, None, true),
-        cfg(Elem::BF16, 128, 128, false, None, false),
-        AttentionCfg {
-            group: 4,
-            ..cfg(Elem::F16, 128, 128, true, None, false)
-        },
-    ];
     let mut out = vec![];
     for c in &prefill {
         let l = limits(c.elem);
@@ -1518,11 +1216,6 @@ pub fn catalog() -> Vec<Generated> {
             .with("rows", 1)
             .expect("known tunable");
         out.push(flash(&c, &t, &l).expect("catalog config builds"));
-    }
-    for c in &decoding {
-        let l = limits(c.elem);
-        let t = AttentionTunables::decode_default_for(c, &l);
-        out.push(decode(c, &t, &l).expect("catalog config builds"));
     }
     out
 }

@@ -1,39 +1,45 @@
 //! Split-KV decode attention (flash-decoding): one query row per batch-head against a long KV
-//! cache, the keys split across workgroups so that batch-1 decoding fills the device. Two
-//! kernels, both from the kernel IR (so WGSL and CUDA C alike):
+//! cache, the keys split across workgroups so that batch-1 decoding fills the device. The only
+//! decode attention kernels: every attention whose query length is 1 runs them. Two kernels,
+//! both from the kernel IR (so WGSL and CUDA C alike):
 //!
-//! 1. [`split`], grid `(nsplit, bh, 1)`: workgroup `(s, bh)` runs the decode kernel's online
-//!    softmax ([`super::attention`]'s module docs: per tile of `block_k` keys, scores by all
-//!    threads, tile max, probabilities, `p·v` by key slices × column owners) over keys
-//!    `[s·chunk, min((s+1)·chunk, sk))` only — clipped to the keys the causal/window mask lets
-//!    the row see — and stores its partial result unnormalised: running max `m`, sum `l` and the
-//!    `dv` accumulators, f32, at `part[((bh·max_splits) + s)·(dv + 2) ..]`;
+//! 1. [`split`], grid `(nsplit, bh, 1)`: workgroup `(s, bh)` runs an online softmax (per tile
+//!    of `block_k` keys: scores by all threads, tile max, probabilities, `p·v` by key slices ×
+//!    column owners) over keys `[s·chunk, min((s+1)·chunk, sk))` only — clipped to the keys the
+//!    causal/window mask lets the row see — and stores its partial result unnormalised:
+//!    running max `m`, sum `l` and the `dv` accumulators, f32, at
+//!    `part[((bh·PART_SPLITS) + s)·(dv + 2) ..]`. With **one split** (`nsplit = 1`) it instead
+//!    writes the final `out` row itself (`acc / l`, or the mean of `v` when the row saw no key),
+//!    and the combine is not launched (the plan gates it on `nsplit > 1`);
 //! 2. [`combine`], grid `(1, bh, 1)`: `M = max_s m_s`, `out = Σ_s acc_s·e^(m_s − M) / Σ_s
 //!    l_s·e^(m_s − M)`; a row whose `M` is still `f32::MIN` (it saw no key) takes the mean of
 //!    `v` over all `sk` keys, as the reference and the other attention kernels do.
 //!
-//! The split is chosen per call from the length and the device ([`split_uniforms`]): `nsplit =
-//! clamp(floor(sk / min_chunk), 1, max_splits)` and `chunk = ceil(sk / nsplit)`, with
-//! `max_splits`/`min_chunk` fixed per device kind ([`SplitShape::for_limits`]: 32 × 64 keys on
-//! GPUs, 8 × 128 on CPU adapters); empty splits store `m = f32::MIN, l = 0` and weigh nothing.
+//! The split is chosen per call from the length ([`split_uniforms`]): `nsplit =
+//! clamp(floor(sk / min_chunk), 1, max_splits)` and `chunk = ceil(sk / nsplit)`. `max_splits`
+//! is the tunable `splits` (a power of two up to [`PART_SPLITS`]); its default and `min_chunk`
+//! come from the device kind ([`SplitShape::for_limits`]: up to 32 splits of ≥ 64 keys on
+//! GPUs, 8 of ≥ 128 on CPU adapters, which run a few workgroups at a time on their threads).
+//! Empty splits store `m = f32::MIN, l = 0` and weigh nothing. The partial buffer always has
+//! room for [`PART_SPLITS`] splits per row, so the split count changes no buffer.
 //!
 //! # Operands and uniforms
 //!
-//! As the decode kernel (`q [bh, sq, d]`, `k`, `v`, `[mask]`, `out [bh, sq, dv]`, grouped-query
-//! heads through `group`), except that K and V rows are addressed through *strides*: key `j` of
-//! key/value head `h` is at `k[h·kstride + j·d ..]`, its value at `v[h·vstride + j·dv ..]`. A
-//! dense operand has `kstride = sk·d`; a KV cache of capacity `cap` rows (the lowering's
-//! `kv_cap`) has `kstride = cap·d`, so the kernel reads the first `sk` rows of each head in
-//! place. Uniforms: `bh, heads, sq, sk`, the mask's four strides, `kstride, vstride, chunk,
-//! nsplit`; the combine takes `bh, sq, sk, vstride, nsplit`. Only `sq = 1` is meant (the
-//! lowering launches these when the query length is 1); the positions still follow the
-//! reference's `pos = i + sk − sq`.
+//! `q [bh, sq, d]`, `k`, `v`, `[mask]` (as [`super::attention`]'s: grouped-query heads
+//! through `group`, the mask through its four strides), `part`, `out [bh, sq, dv]`, except that
+//! K and V rows are addressed through *strides*: key `j` of key/value head `h` is at
+//! `k[h·kstride + j·d ..]`, its value at `v[h·vstride + j·dv ..]`. A dense operand has
+//! `kstride = sk·d`; a KV cache of capacity `cap` rows (the lowering's `kv_cap`) has `kstride =
+//! cap·d`, so the kernel reads the first `sk` rows of each head in place. Uniforms: `bh, heads,
+//! sq, sk`, the mask's four strides, `kstride, vstride, chunk, nsplit`; the combine takes `bh,
+//! sq, sk, vstride, nsplit`. Only `sq = 1` is meant (the lowering launches these when the query
+//! length is 1); the positions still follow the reference's `pos = i + sk − sq`.
 //!
 //! # Tunables
 //!
-//! [`AttentionTunables`] `block_k` and `threads` of the partial kernel (the decode kernel's
-//! space); the split shape is not a tunable (it changes the partial buffer's contents, which
-//! the tuner compares).
+//! [`AttentionTunables`] `block_k` and `threads` of the partial kernel, and the split count
+//! `splits` ([`split_counts`]), which changes the partial buffer's contents but not the
+//! attention's output: the tuner compares the output after the combine.
 
 use super::attention::{
     check_common, for_cols, kernel_err, kv_head, score, shared, tile_range, AttentionCfg,
@@ -45,6 +51,12 @@ use crate::CodegenError;
 
 /// Threads of the combine kernel.
 const COMBINE_THREADS: u32 = 64;
+
+/// Splits per batch-head the partial buffer has room for: the largest `splits` tunable.
+pub const PART_SPLITS: u32 = 64;
+
+/// Split counts (`max_splits`) worth trying.
+pub const SPLITS: [u32; 7] = [1, 2, 4, 8, 16, 32, 64];
 
 /// How a call's keys are split: at most `max_splits` workgroups per batch-head, each at least
 /// `min_chunk` keys (except when `sk` is shorter).
@@ -70,6 +82,26 @@ impl SplitShape {
                 min_chunk: 128,
             },
         }
+    }
+}
+
+impl SplitShape {
+    /// This shape with at most `n` splits.
+    pub fn with_splits(self, n: u32) -> SplitShape {
+        SplitShape {
+            max_splits: n,
+            ..self
+        }
+    }
+}
+
+/// The split-count tunable `splits` (`max_splits`): default by device kind
+/// ([`SplitShape::for_limits`]), space [`SPLITS`].
+pub fn split_counts(limits: &Limits) -> Tunable {
+    Tunable {
+        name: "splits",
+        value: SplitShape::for_limits(limits).max_splits,
+        space: SPLITS.to_vec(),
     }
 }
 
@@ -122,7 +154,7 @@ pub fn split_default_for(
 }
 
 /// The partial kernel's search space: `block_k` and `threads`, each over the values valid with
-/// the other at the default.
+/// the other at the default, and the split count `splits` (at `shape.max_splits`).
 pub fn split_space(cfg: &AttentionCfg, shape: SplitShape, limits: &Limits) -> Vec<Tunable> {
     let t = split_default_for(cfg, shape, limits);
     let ok = |x: &AttentionTunables| build_split(cfg, x, shape, limits).is_ok();
@@ -140,6 +172,10 @@ pub fn split_space(cfg: &AttentionCfg, shape: SplitShape, limits: &Limits) -> Ve
         one("block_k", t.block_k, &DECODE_BLOCKS),
         one("threads", t.threads, &THREADS),
         one("rows", 0, &[0]),
+        Tunable {
+            value: shape.max_splits,
+            ..split_counts(limits)
+        },
     ]
 }
 
@@ -164,6 +200,7 @@ pub fn split(
                 x.value = match x.name {
                     "block_k" => t.block_k,
                     "threads" => t.threads,
+                    "splits" => shape.max_splits,
                     _ => x.value,
                 };
                 x
@@ -190,10 +227,10 @@ fn build_split(
             ),
         ));
     }
-    if shape.max_splits == 0 || shape.min_chunk == 0 {
+    if shape.max_splits == 0 || shape.min_chunk == 0 || shape.max_splits > PART_SPLITS {
         return Err(kernel_err(
             &name,
-            format!("split shape {shape:?} has a zero"),
+            format!("split shape {shape:?}: splits must be in 1..={PART_SPLITS}, chunks ≥ 1"),
         ));
     }
     // Column owners, key slices, columns per thread (as the decode kernel).
@@ -375,45 +412,87 @@ fn build_split(
         ],
     ));
     body.push(Stmt::Barrier);
-    body.push(let_(
-        "pbase",
-        Elem::U32,
-        (var("bhi") * u(shape.max_splits) + var("sp")) * u(dv + 2),
-    ));
-    body.push(if_(
-        var("tid").lt(u(ct)),
-        vec![for_cols(
-            cfg,
-            "cc",
-            ct,
-            cpt,
-            vec![
-                var_("tot", Elem::F32, f(0.0)),
-                for_(
-                    "s",
-                    u(0),
-                    u(ks_n),
-                    vec![assign(
-                        "tot",
-                        var("tot") + load_shared("red", var("s") * u(dv) + var("col")),
-                    )],
-                ),
-                store("part", var("pbase") + u(2) + var("col"), var("tot")),
-            ],
-        )],
-    ));
-    body.push(if_(
-        var("tid").eq_(u(0)),
+    // Every thread: the workgroup's sum (the running max is the same in every thread).
+    body.extend([
+        var_("lt", Elem::F32, f(0.0)),
+        for_(
+            "s",
+            u(0),
+            u(ks_n),
+            vec![assign("lt", var("lt") + load_shared("lred", var("s")))],
+        ),
+    ]);
+    let col_total = || {
         vec![
-            var_("lt", Elem::F32, f(0.0)),
+            var_("tot", Elem::F32, f(0.0)),
             for_(
                 "s",
                 u(0),
                 u(ks_n),
-                vec![assign("lt", var("lt") + load_shared("lred", var("s")))],
+                vec![assign(
+                    "tot",
+                    var("tot") + load_shared("red", var("s") * u(dv) + var("col")),
+                )],
             ),
-            store("part", var("pbase"), var("m_run")),
-            store("part", var("pbase") + u(1), var("lt")),
+        ]
+    };
+    // One split: this workgroup saw all the keys, so it writes the output row itself (the
+    // combine is not launched).
+    let mut direct = col_total();
+    direct.push(Stmt::If(
+        var("m_run").eq_(f(MASKED)),
+        // No key seen: the mean of v over all sk keys.
+        vec![
+            var_("vm", Elem::F32, f(0.0)),
+            for_(
+                "j",
+                u(0),
+                uni("sk"),
+                vec![assign(
+                    "vm",
+                    var("vm")
+                        + load("v", var("vbase") + var("j") * u(dv) + var("col")).cast(Elem::F32),
+                )],
+            ),
+            store(
+                "out",
+                var("orow") * u(dv) + var("col"),
+                (var("vm") / uni("sk").cast(Elem::F32).max(f(1.0))).cast(cfg.elem),
+            ),
+        ],
+        vec![store(
+            "out",
+            var("orow") * u(dv) + var("col"),
+            (var("tot") / var("lt")).cast(cfg.elem),
+        )],
+    ));
+    // Several: the unnormalised partial result.
+    let mut partial = col_total();
+    partial.push(store("part", var("pbase") + u(2) + var("col"), var("tot")));
+    body.push(let_("orow", Elem::U32, var("qrow") + var("qi")));
+    body.push(let_(
+        "pbase",
+        Elem::U32,
+        (var("bhi") * u(PART_SPLITS) + var("sp")) * u(dv + 2),
+    ));
+    body.push(Stmt::If(
+        uni("nsplit").eq_(u(1)),
+        vec![if_(
+            var("tid").lt(u(ct)),
+            vec![for_cols(cfg, "cc", ct, cpt, direct)],
+        )],
+        vec![
+            if_(
+                var("tid").lt(u(ct)),
+                vec![for_cols(cfg, "cc", ct, cpt, partial)],
+            ),
+            if_(
+                var("tid").eq_(u(0)),
+                vec![
+                    store("part", var("pbase"), var("m_run")),
+                    store("part", var("pbase") + u(1), var("lt")),
+                ],
+            ),
         ],
     ));
 
@@ -431,6 +510,7 @@ fn build_split(
         buffers.push(b("mask", cfg.elem, Access::Read));
     }
     buffers.push(b("part", Elem::F32, Access::ReadWrite));
+    buffers.push(b("out", cfg.elem, Access::ReadWrite));
     let mut uniforms: Vec<String> = ["bh", "heads", "sq", "sk"].map(String::from).to_vec();
     if cfg.mask {
         uniforms.extend(["mask_sb", "mask_sh", "mask_sq", "mask_sk"].map(String::from));
@@ -456,11 +536,7 @@ fn build_split(
 
 /// The combine kernel (see the module docs): `COMBINE_THREADS` threads over the output columns
 /// of one batch-head.
-pub fn combine(
-    cfg: &AttentionCfg,
-    shape: SplitShape,
-    limits: &Limits,
-) -> Result<Generated, CodegenError> {
+pub fn combine(cfg: &AttentionCfg, limits: &Limits) -> Result<Generated, CodegenError> {
     let name = combine_name(cfg);
     let dv = cfg.dv;
     let nt = COMBINE_THREADS.min(limits.max_threads);
@@ -469,7 +545,7 @@ pub fn combine(
     let body = vec![
         let_("tid", Elem::U32, local_id(0)),
         let_("bhi", Elem::U32, workgroup_id(1)),
-        let_("pb", Elem::U32, var("bhi") * u(shape.max_splits * row)),
+        let_("pb", Elem::U32, var("bhi") * u(PART_SPLITS * row)),
         let_("vbase", Elem::U32, kv_head(cfg) * uni("vstride")),
         let_("orow", Elem::U32, var("bhi") * uni("sq") + uni("sq") - u(1)),
         var_("mx", Elem::F32, f(MASKED)),
@@ -568,30 +644,39 @@ pub fn combine(
 }
 
 /// Representative configurations (naga and NVRTC validate them in the tests): f32/f16 with
-/// head dims 64 and 128, plain, causal + mask and grouped-query, under WebGPU's limits.
+/// head dims 64 and 128, plain, causal + mask, a sliding window and grouped-query, under
+/// WebGPU's limits; bf16 (CUDA only) under CUDA's.
 pub fn catalog() -> Vec<Generated> {
-    let limits = Limits::webgpu();
-    let shape = SplitShape::for_limits(&limits);
     let mut out = vec![];
-    for (elem, d, causal, mask, group) in [
-        (Elem::F32, 64, false, false, 1),
-        (Elem::F32, 64, true, true, 1),
-        (Elem::F16, 128, true, true, 4),
-        (Elem::F32, 128, false, true, 2),
+    for (elem, d, causal, window, mask, group) in [
+        (Elem::F32, 64, false, None, false, 1),
+        (Elem::F32, 64, true, None, true, 1),
+        (Elem::F16, 128, true, None, true, 4),
+        (Elem::F32, 128, false, None, true, 2),
+        (Elem::F16, 128, true, Some(512), false, 1),
+        (Elem::F16, 64, false, None, true, 1),
+        (Elem::BF16, 128, false, None, false, 1),
+        (Elem::BF16, 64, true, Some(64), true, 8),
     ] {
+        let limits = if elem == Elem::BF16 {
+            Limits::cuda()
+        } else {
+            Limits::webgpu()
+        };
+        let shape = SplitShape::for_limits(&limits);
         let cfg = AttentionCfg {
             elem,
             head_dim: d,
             dv: d,
             scale: super::attention::default_scale(d),
             causal,
-            window: None,
+            window,
             mask,
             group,
         };
         let t = split_default_for(&cfg, shape, &limits);
         out.push(split(&cfg, &t, shape, &limits).expect("catalog split"));
-        out.push(combine(&cfg, shape, &limits).expect("catalog combine"));
+        out.push(combine(&cfg, &limits).expect("catalog combine"));
     }
     out
 }

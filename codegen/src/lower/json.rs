@@ -3,7 +3,8 @@
 //! `decode` is its decode variant's entry (null without one) and `decode_file` its source
 //! file; with `dims`, `decode_at` says whether the variant is launched at those dims.
 //! `only_when` (null for most) is the expression a kernel launched only when it is 1 waits for
-//! (a split-KV decode's combine: the query length). `caches` lists the appendable KV caches (input, output, their shared buffer, the axis; the
+//! (a split-KV decode's combine: the query length); `only_split` (null for most) the split
+//! count a kernel launched only when it exceeds 1 waits for (that combine again). `caches` lists the appendable KV caches (input, output, their shared buffer, the axis; the
 //! buffer has `kv_cap` rows along it, a dim the runtime binds).
 
 use serde_json::{json, Value};
@@ -133,6 +134,7 @@ impl Plan {
                     "decode": k.decode_entry(),
                     "decode_file": self.decode_file_name(i),
                     "only_when": k.only_when.as_ref().map(|p| p.to_string()),
+                    "only_split": k.only_split.as_ref().map(|e| e.to_string()),
                 });
                 if let Some(b) = dims_at {
                     o["bytes_at"] = json!(at(&k.bytes));

@@ -373,9 +373,7 @@ impl Lower<'_> {
         causal: bool,
         window: Option<usize>,
     ) -> Result<View, CodegenError> {
-        let n = self.g.node(id);
-        let ins = n.inputs.clone();
-        let oshape = n.shape.clone();
+        let ins = self.g.node(id).inputs.clone();
         let g = self.g;
         let (qs, vs) = (g.node(ins[0]).shape.clone(), g.node(ins[2]).shape.clone());
         let r = qs.len();
@@ -404,8 +402,8 @@ impl Lower<'_> {
             group,
         };
         let limits = self.o.limits;
-        let split = decode::SplitShape::for_limits(&limits);
-        // A query length of 1 takes the decode kernel; a symbolic one gets it as a variant.
+        // A query length of 1 takes the split-KV decode kernels; a symbolic one gets the
+        // partial kernel as the flash kernel's decode variant.
         let sq = qs[r - 2].clone();
         let sizes = |sq: Poly| {
             vec![
@@ -414,38 +412,58 @@ impl Lower<'_> {
                 ("sk", Poly::dim(&g.node(ins[1]).shape[r - 2])),
             ]
         };
-        let (gen, base, variant) = match sq.as_known() {
+        let (main, variant, split) = match sq.as_known() {
             Some(1) => {
-                let t = self.pick_attention(id, false, true, &cfg, sizes(Poly::one()));
-                (
-                    attention::decode(&cfg, &t, &limits)?,
-                    cfg.kernel_name(true),
-                    None,
-                )
+                let (t, shape) = self.pick_split(id, false, &cfg, sizes(Poly::one()));
+                let gen = decode::split(&cfg, &t, shape, &limits)?;
+                ((gen, decode::split_name(&cfg)), None, Some(shape))
             }
             known => {
-                let t = self.pick_attention(id, false, false, &cfg, sizes(Poly::dim(&sq)));
-                let flash = attention::flash(&cfg, &t, &limits)?;
-                // A symbolic query length: the split-KV decode (partial kernel as the
-                // variant, its combine as the next kernel, launched only when decoding).
-                let variant = match known {
+                let t = self.pick_attention(id, false, &cfg, sizes(Poly::dim(&sq)));
+                let flash = (attention::flash(&cfg, &t, &limits)?, cfg.kernel_name(false));
+                match known {
                     None => {
-                        let t = self.pick_split(id, &cfg, split, sizes(Poly::one()));
-                        Some(decode::split(&cfg, &t, split, &limits)?)
+                        let (t, shape) = self.pick_split(id, true, &cfg, sizes(Poly::one()));
+                        let gen = decode::split(&cfg, &t, shape, &limits)?;
+                        (flash, Some(gen), Some(shape))
                     }
-                    Some(_) => None,
-                };
-                (flash, cfg.kernel_name(false), variant)
+                    Some(_) => (flash, None, None),
+                }
             }
         };
-        let mut kb = self.attention_kb(id, &cfg, gen)?;
+        self.attention_finish(id, &cfg, main, variant, split, sq)
+    }
+
+    /// Pushes attention node `id`'s kernels: `main` (flash or, with a query length of 1, the
+    /// split-KV partial kernel), the partial kernel as `main`'s decode variant when given, and
+    /// with a split shape the partial buffer and the combine, launched only when the keys are
+    /// split more than once (and, after a variant, only when the query length `sq` is 1).
+    fn attention_finish(
+        &mut self,
+        id: NodeId,
+        cfg: &AttentionCfg,
+        (gen, base): (Generated, String),
+        variant: Option<Generated>,
+        split: Option<decode::SplitShape>,
+        sq: Dim,
+    ) -> Result<View, CodegenError> {
+        let g = self.g;
+        let n = g.node(id);
+        let ins = n.inputs.clone();
+        let oshape = n.shape.clone();
+        let qs = g.node(ins[0]).shape.clone();
+        let r = qs.len();
+        let dv = cfg.dv;
+        let limits = self.o.limits;
+        let main_split = variant.is_none() && split.is_some();
+        let mut kb = self.attention_kb(id, cfg, gen, split)?;
         let mut dkb = variant
-            .map(|gen| self.attention_kb(id, &cfg, gen))
+            .map(|gen| self.attention_kb(id, cfg, gen, split))
             .transpose()?;
-        // The partial results of the split decode: f32, `max_splits · (dv + 2)` per row.
-        let part = dkb.as_mut().map(|dkb| {
+        // The partial results of the split decode: f32, `PART_SPLITS · (dv + 2)` per row.
+        let part = split.map(|_| {
             let mut pshape = qs[..r - 2].to_vec();
-            pshape.push(Dim::from((split.max_splits * (dv + 2)) as usize));
+            pshape.push(Dim::from((decode::PART_SPLITS * (dv + 2)) as usize));
             let buf = self.buffers.add(
                 format!("t{}_split", id.0),
                 Elem::F32,
@@ -453,11 +471,20 @@ impl Lower<'_> {
                 pshape.clone(),
                 super::BufferKind::Temp,
             );
-            dkb.bind("part", buf);
             let pb = Poly::product(&pshape).scale(4);
-            dkb.bytes = dkb.bytes.add(&pb);
             (buf, pb)
         });
+        if let Some((buf, pb)) = &part {
+            let k = if main_split {
+                Some(&mut kb)
+            } else {
+                dkb.as_mut()
+            };
+            if let Some(k) = k {
+                k.bind("part", *buf);
+                k.bytes = k.bytes.add(pb);
+            }
+        }
         let out = self.out_buffer(id);
         let eb = i64::from(elem_bytes(self.o.elem));
         for k in std::iter::once(&mut kb).chain(dkb.as_mut()) {
@@ -466,9 +493,7 @@ impl Lower<'_> {
         }
         let decode = match dkb {
             Some(mut dkb) => {
-                // The decode variant writes the partial buffer; the combine writes `out`.
-                dkb.bytes = dkb.bytes.sub(&Poly::product(&oshape).scale(eb));
-                let (bindings, uniforms) = dkb.finish(&decode::split_name(&cfg))?;
+                let (bindings, uniforms) = dkb.finish(&decode::split_name(cfg))?;
                 Some(Box::new(Variant {
                     gen: dkb.gen,
                     bindings: vec![],
@@ -480,28 +505,31 @@ impl Lower<'_> {
             None => None,
         };
         self.push_with(kb, &base, decode)?;
-        if let Some((buf, pbytes)) = part {
-            let gen = decode::combine(&cfg, split, &limits)?;
+        if let (Some((buf, pbytes)), Some(shape)) = (part, split) {
+            let gen = decode::combine(cfg, &limits)?;
             let mut ck = Kb::new(gen, vec![id]);
             let v = self.lin_of(ins[2])?;
             let sk = Poly::dim(&g.node(ins[1]).shape[r - 2]);
             ck.set("bh", Poly::product(&qs[..r - 2]));
             ck.set("sq", Poly::dim(&sq));
             ck.set("sk", sk.clone());
-            ck.uvals.insert(
-                "nsplit".into(),
-                UniformExpr::Split {
-                    sk,
-                    shape: split,
-                    nsplit: true,
-                },
-            );
+            let nsplit = UniformExpr::Split {
+                sk,
+                shape,
+                nsplit: true,
+            };
+            ck.uvals.insert("nsplit".into(), nsplit.clone());
             self.bind_rows(&mut ck, "v", "vstride", &v, ins[1], dv);
             ck.bind("part", buf);
             ck.bind("out", out.buf);
             ck.bytes = pbytes.add(&Poly::product(&oshape).scale(eb));
-            self.push(ck, &decode::combine_name(&cfg))?;
-            self.kernels.last_mut().expect("pushed").only_when = Some(Poly::dim(&sq));
+            self.push(ck, &decode::combine_name(cfg))?;
+            let last = self.kernels.last_mut().expect("pushed");
+            // One split: the partial kernel wrote the output, nothing to combine.
+            last.only_split = Some(nsplit);
+            if !main_split {
+                last.only_when = Some(Poly::dim(&sq));
+            }
         }
         Ok(out)
     }
@@ -541,13 +569,15 @@ impl Lower<'_> {
         }
     }
 
-    /// The kernel of attention node `id` from template `gen` (flash or decode: same buffers and
-    /// uniforms), everything bound but `out`, with its bytes (but the output's) and flops.
+    /// The kernel of attention node `id` from template `gen` (flash, or the split-KV partial
+    /// kernel with its split `split`), everything bound but `out` (and `part`), with its bytes
+    /// (but the output's) and flops.
     fn attention_kb(
         &mut self,
         id: NodeId,
         cfg: &AttentionCfg,
         gen: Generated,
+        split: Option<decode::SplitShape>,
     ) -> Result<Kb, CodegenError> {
         let g = self.g;
         let ins = g.node(id).inputs.clone();
@@ -575,12 +605,11 @@ impl Lower<'_> {
             .add(&v.footprint())
             .scale(eb);
         kb.remap("q", &q);
-        let split = kb.gen.kernel.uniforms.iter().any(|u| u == "kstride");
-        if split {
+        let split = split.filter(|_| kb.gen.kernel.uniforms.iter().any(|u| u == "kstride"));
+        if let Some(shape) = split {
             let dv = cfg.dv;
             self.bind_rows(&mut kb, "k", "kstride", &k, ins[1], cfg.head_dim);
             self.bind_rows(&mut kb, "v", "vstride", &v, ins[1], dv);
-            let shape = decode::SplitShape::for_limits(&self.o.limits);
             for (name, nsplit) in [("chunk", false), ("nsplit", true)] {
                 kb.uvals.insert(
                     name.into(),

@@ -268,6 +268,7 @@ impl<'a> Lower<'a> {
             flops: kb.flops,
             decode,
             only_when: None,
+            only_split: None,
         });
         Ok(())
     }
@@ -804,8 +805,17 @@ mod tests {
         assert!(plan.use_decode(0, &dims(&[("b", 3)])).is_err());
         assert!(!plan.use_decode(1, &one).unwrap());
         assert!(plan.use_decode(2, &one).is_err());
-        assert!(plan.launched_at(1, &one).unwrap());
+        // The combine: only for one query row, and only when the keys are split (9 keys are
+        // one split on a GPU, whose splits have at least 64 keys: the variant writes `o`).
+        let long = dims(&[("b", 3), ("s", 1), ("t", 300)]);
+        assert!(!plan.launched_at(1, &one).unwrap());
+        assert!(plan.launched_at(1, &long).unwrap());
+        assert!(!plan
+            .launched_at(1, &dims(&[("b", 3), ("s", 5), ("t", 300)]))
+            .unwrap());
         assert!(!plan.launched_at(1, &five).unwrap());
+        assert!(matches!(c.only_split, Some(UniformExpr::Split { .. })));
+        assert!(v.bindings.contains(&"o".to_string()));
         // The decode grid: one workgroup per (key split, batch·head); 9 keys are one split.
         let (du, dg) = plan.launch_args_for(0, true, &one).unwrap();
         assert_eq!(dg, [1, 6, 1]);
@@ -826,18 +836,32 @@ mod tests {
     }
 
     #[test]
-    fn a_query_length_of_one_is_the_decode_kernel_itself_and_other_constants_flash() {
+    fn a_query_length_of_one_is_the_split_decode_itself_and_other_constants_flash() {
         let plan = lowered(1.into());
+        // The split-KV partial kernel as the main kernel, then its combine, launched only
+        // when the keys are split more than once (never for a query-length condition).
+        assert_eq!(plan.kernels.len(), 2);
         let k = &plan.kernels[0];
         assert!(
-            k.entry().starts_with("attention_decode_f32_d8"),
+            k.entry().starts_with("attention_split_f32_d8"),
             "{}",
             k.entry()
         );
         assert!(k.decode.is_none());
+        let c = &plan.kernels[1];
+        assert!(
+            c.entry().starts_with("attention_combine_f32_d8"),
+            "{}",
+            c.entry()
+        );
+        assert_eq!(c.only_when, None);
         let b = dims(&[("b", 2), ("t", 4)]);
         assert!(!plan.use_decode(0, &b).unwrap());
         assert_eq!(plan.launch_args(0, &b).unwrap().1, [1, 4, 1]);
+        assert!(!plan.launched_at(1, &b).unwrap());
+        let long = dims(&[("b", 2), ("t", 300)]);
+        assert_eq!(plan.launch_args(0, &long).unwrap().1, [4, 4, 1]);
+        assert!(plan.launched_at(1, &long).unwrap());
         assert!(plan.launch_args_for(0, true, &b).is_err());
         assert_eq!(
             plan.to_json(None)["kernels"][0]["decode"],

@@ -252,6 +252,10 @@ pub struct PlanKernel {
     /// split-KV decode variant, which runs after its partial kernel (the variant of the
     /// kernel before it) and writes the attention's output. See [`Plan::launched_at`].
     pub only_when: Option<Poly>,
+    /// Launched only when this split count ([`UniformExpr::Split`]) exceeds 1 (None: always):
+    /// the split-KV combine, which a one-split partial kernel makes unneeded (it writes the
+    /// output itself). See [`Plan::launched_at`].
+    pub only_split: Option<UniformExpr>,
 }
 
 impl PlanKernel {
@@ -519,10 +523,26 @@ impl Plan {
     }
 
     /// Whether kernel `k` is launched at the dims `b` (false for a split-KV combine kernel
-    /// when the query length is not 1, see [`PlanKernel::only_when`]).
+    /// when the query length is not 1 or the keys are not split, see
+    /// [`PlanKernel::only_when`] and [`PlanKernel::only_split`]).
     pub fn launched_at(&self, k: usize, b: &Bindings) -> Result<bool, CodegenError> {
-        match &self.kernel(k)?.only_when {
-            Some(p) => Ok(p.eval(b)? == 1),
+        let pk = self.kernel(k)?;
+        if let Some(p) = &pk.only_when {
+            if p.eval(b)? != 1 {
+                return Ok(false);
+            }
+        }
+        match &pk.only_split {
+            Some(UniformExpr::Split { sk, shape, .. }) => {
+                let n = u64::try_from(sk.eval(b)?).map_err(|_| {
+                    plan_err(format!("kernel {k} ({}): negative key count", pk.entry()))
+                })?;
+                Ok(decode::split_uniforms(n, *shape).1 > 1)
+            }
+            Some(other) => Err(plan_err(format!(
+                "kernel {k} ({}): `{other}` is not a split count",
+                pk.entry()
+            ))),
             None => Ok(true),
         }
     }

@@ -41,7 +41,7 @@ pub struct Site {
     pub node: NodeId,
     /// True for the kernel's decode variant ([`super::Variant`]).
     pub decode: bool,
-    /// Template family: `matmul`, `gemv`, `flash`, `attention_decode`, `attention_split`,
+    /// Template family: `matmul`, `gemv`, `flash`, `attention_split`,
     /// `softmax`, `norm`.
     pub family: &'static str,
     /// The template's configuration and the problem's sizes in dims (no tunables).
@@ -380,62 +380,74 @@ impl Lower<'_> {
         gemv_from(&p).unwrap_or(dflt)
     }
 
-    /// Flash (or, `decode`, the decode kernel's) tunables for attention node `id` (`variant`:
-    /// the kernel is the main one's decode variant).
-    /// The split-KV decode partial kernel's tunables ([`decode::split`]): `block_k` and
-    /// `threads` (family `attention_split`).
+    /// The split-KV decode partial kernel's tunables ([`decode::split`]) for attention node
+    /// `id` (`variant`: as the flash kernel's decode variant): `block_k`, `threads` and the
+    /// split count `splits` (family `attention_split`). The default split count comes from the
+    /// device kind ([`decode::SplitShape::for_limits`]); the count per call from the key
+    /// length ([`decode::split_uniforms`]).
     pub(super) fn pick_split(
         &mut self,
         id: NodeId,
+        variant: bool,
         cfg: &AttentionCfg,
-        shape: decode::SplitShape,
         sizes: Vec<(&'static str, Poly)>,
-    ) -> AttentionTunables {
+    ) -> (AttentionTunables, decode::SplitShape) {
         let limits = self.o.limits;
+        let shape = decode::SplitShape::for_limits(&limits);
         let dflt = decode::split_default_for(cfg, shape, &limits);
         let axes = decode::split_space(cfg, shape, &limits);
+        let with_splits = |p: Point, n: u32| {
+            let mut p = p;
+            p.push(("splits".to_string(), n));
+            p
+        };
+        let counts = axes
+            .iter()
+            .find(|t| t.name == "splits")
+            .map(|t| t.space.clone())
+            .unwrap_or_else(|| vec![shape.max_splits]);
+        let space = attn_points(&axes)
+            .into_iter()
+            .flat_map(|p| counts.iter().map(move |&n| with_splits(p.clone(), n)))
+            .collect();
+        // The shape stays in the structure: the split count is a tunable, `min_chunk` is not.
         let s = Self::new_site(
             id,
-            true,
+            variant,
             "attention_split",
-            format!("{cfg:?} {shape:?}"),
+            format!("{cfg:?} min_chunk={}", shape.min_chunk),
             sizes,
-            attn_point(&dflt),
-            attn_points(&axes),
+            with_splits(attn_point(&dflt), shape.max_splits),
+            space,
         );
         let p = self.site(s, &|p| {
             let t = attn_from(p).ok_or("not an attention point".to_string())?;
-            decode::split(cfg, &t, shape, &limits)
+            let n = get(p, "splits").ok_or("no split count".to_string())?;
+            decode::split(cfg, &t, shape.with_splits(n), &limits)
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         });
-        attn_from(&p).unwrap_or(dflt)
+        match (attn_from(&p), get(&p, "splits")) {
+            (Some(t), Some(n)) => (t, shape.with_splits(n)),
+            _ => (dflt, shape),
+        }
     }
 
+    /// Flash tunables for attention node `id`.
     pub(super) fn pick_attention(
         &mut self,
         id: NodeId,
         variant: bool,
-        decode: bool,
         cfg: &AttentionCfg,
         sizes: Vec<(&'static str, Poly)>,
     ) -> AttentionTunables {
         let limits = self.o.limits;
-        let (dflt, axes) = if decode {
-            (
-                AttentionTunables::decode_default_for(cfg, &limits),
-                AttentionTunables::decode_space(cfg, &limits),
-            )
-        } else {
-            (
-                AttentionTunables::default_for(cfg, &limits),
-                AttentionTunables::space(cfg, &limits),
-            )
-        };
+        let dflt = AttentionTunables::default_for(cfg, &limits);
+        let axes = AttentionTunables::space(cfg, &limits);
         let s = Self::new_site(
             id,
             variant,
-            if decode { "attention_decode" } else { "flash" },
+            "flash",
             format!("{cfg:?}"),
             sizes,
             attn_point(&dflt),
@@ -443,12 +455,9 @@ impl Lower<'_> {
         );
         let p = self.site(s, &|p| {
             let t = attn_from(p).ok_or("not an attention point".to_string())?;
-            let r = if decode {
-                attention::decode(cfg, &t, &limits)
-            } else {
-                attention::flash(cfg, &t, &limits)
-            };
-            r.map(|_| ()).map_err(|e| e.to_string())
+            attention::flash(cfg, &t, &limits)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         });
         attn_from(&p).unwrap_or(dflt)
     }

@@ -7,7 +7,10 @@
 //!    key is already in the cache are hits and cost nothing (a second `tune` measures nothing);
 //!    sites with the same key (the same matmul in every layer) are tuned once;
 //! 2. each remaining site's kernel is run alone on deterministic random inputs of its bound
-//!    sizes, with the default tunables, for the reference output;
+//!    sizes, with the default tunables, for the reference output — a split-KV decode partial
+//!    kernel together with its combine (when its split count launches one), comparing the
+//!    attention's output rather than the partial results, since the split count `splits` is
+//!    one of its tunables (a candidate's split uniforms and grid are its own);
 //! 3. candidates: the whole space when it has at most [`TuneOptions::exhaustive`] points, else a
 //!    seeded random sample refined by local search (one tunable changed to a neighbouring
 //!    value of the best so far), within the per-kernel cap and the model's budget. Each is
@@ -217,8 +220,6 @@ struct Bench<D: Device> {
     bufs: Vec<D::Buffer>,
     /// (param index, bytes, initial contents) of every written parameter.
     written: Vec<(usize, u64, Vec<u8>)>,
-    uniforms: Vec<u32>,
-    grid: [u32; 3],
 }
 
 fn fill(elem: Elem, n: usize, rng: &mut Rng) -> Vec<u8> {
@@ -446,6 +447,8 @@ fn tune_site<D: Device>(
     if plan.kernels[k].phase != transfuse_codegen::lower::Phase::Forward {
         return Ok(SiteOutcome::Skipped("a prepare kernel (runs once)".into()));
     }
+    // KV caches: bound to the rows these dims need (no spare capacity).
+    let dims = &plan.cache_dims(dims);
     let use_decode = plan.use_decode(k, dims)?;
     if use_decode != s.decode {
         return Ok(SiteOutcome::Skipped(format!(
@@ -457,9 +460,21 @@ fn tune_site<D: Device>(
         return Ok(SiteOutcome::Skipped("no such variant".into()));
     };
     let (_, bindings, _) = plan.kernels[k].launched(s.decode).expect("checked");
+    // A split-KV decode's combine (the next kernel, computing the same node, gated on the
+    // split count, reading the site kernel's partial results): run after the site's kernel
+    // when launched, so that what is compared is the attention's output, whatever the split
+    // count. (A flash kernel whose decode variant is the partial kernel has none.)
+    let combine_k = (k + 1 < plan.kernels.len()
+        && plan.kernels[k + 1].only_split.is_some()
+        && plan.kernels[k + 1].nodes.contains(&s.node)
+        && plan.kernels[k + 1]
+            .bindings
+            .iter()
+            .all(|b| bindings.contains(b)))
+    .then_some(k + 1);
     // Buffers at the bound dims.
     let mut rng = Rng(opts.seed ^ cache::fnv64(&s.structure));
-    let (uniforms, grid) = plan.launch_args_for(k, s.decode, dims)?;
+    let (_, grid) = plan.launch_args_for(k, s.decode, dims)?;
     for (a, &g) in grid.iter().enumerate() {
         if g > info.max_grid[a] {
             return Ok(SiteOutcome::Skipped(format!(
@@ -488,35 +503,80 @@ fn tune_site<D: Device>(
         }
         bufs.push(buf);
     }
-    let mut bench: Bench<D> = Bench {
-        bufs,
-        written,
-        uniforms,
-        grid,
+    // The combine's parameters among the site kernel's buffers; the buffers it reads (the
+    // partial results) are intermediate, not compared.
+    let combine = match combine_k {
+        Some(ck) => {
+            let ckern = &plan.kernels[ck].gen.kernel;
+            let mut params = vec![];
+            for (p, name) in ckern.buffers.iter().zip(&plan.kernels[ck].bindings) {
+                let i = bindings.iter().position(|b| b == name).expect("checked");
+                params.push((i, p.access));
+            }
+            Some((dev.compile(ckern)?, params))
+        }
+        None => None,
     };
+    let intermediate: Vec<usize> = combine
+        .as_ref()
+        .map(|(_, ps)| {
+            ps.iter()
+                .filter(|(_, a)| *a == Access::Read)
+                .map(|(i, _)| *i)
+                .collect()
+        })
+        .unwrap_or_default();
+    let compared: Vec<bool> = written
+        .iter()
+        .map(|(i, _, _)| !intermediate.contains(i))
+        .collect();
+    let combine_ctx = combine
+        .as_ref()
+        .map(|(m, ps)| (m, ps.iter().map(|(i, _)| *i).collect::<Vec<_>>()));
+    // How a lowering launches the site: its kernel's uniforms and grid, and the combine's
+    // when launched at these dims.
+    let launch_of = |p: &Plan| -> Result<Launch, RuntimeError> {
+        let (u, g) = p.launch_args_for(k, s.decode, dims)?;
+        let combine = match combine_k {
+            Some(ck) if p.launched_at(ck, dims)? => Some(p.launch_args(ck, dims)?),
+            _ => None,
+        };
+        Ok(Launch {
+            uniforms: u,
+            grid: g,
+            combine,
+        })
+    };
+    let mut bench: Bench<D> = Bench { bufs, written };
     let out_elem = |i: usize| kernel.buffers[i].elem;
     // The default's output.
     let default_module = dev.compile(kernel)?;
-    let run_once = |m: &D::Module, b: &mut Bench<D>| -> Result<Vec<Vec<f32>>, RuntimeError> {
-        for (i, _, data) in &b.written {
-            dev.write(&b.bufs[*i], data)?;
-        }
-        let refs: Vec<&D::Buffer> = b.bufs.iter().collect();
-        dev.launch(m, &refs, &b.uniforms, b.grid)?;
-        let mut outs = vec![];
-        for (i, bytes, _) in &b.written {
-            outs.push(floats(out_elem(*i), &dev.read(&b.bufs[*i], *bytes)?));
-        }
-        Ok(outs)
-    };
-    let reference = run_once(&default_module, &mut bench)?;
+    let default_launch = launch_of(plan)?;
+    let run_once =
+        |m: &D::Module, l: &Launch, b: &mut Bench<D>| -> Result<Vec<Vec<f32>>, RuntimeError> {
+            for (i, _, data) in &b.written {
+                dev.write(&b.bufs[*i], data)?;
+            }
+            launch_all(dev.as_ref(), &b.bufs, m, l, combine_ctx.as_ref())?;
+            let mut outs = vec![];
+            for ((i, bytes, _), &cmp) in b.written.iter().zip(&compared) {
+                if cmp {
+                    outs.push(floats(out_elem(*i), &dev.read(&b.bufs[*i], *bytes)?));
+                }
+            }
+            Ok(outs)
+        };
+    let reference = run_once(&default_module, &default_launch, &mut bench)?;
     // Launches per timed sample: ~2 ms of work.
     let t0 = Instant::now();
-    {
-        let refs: Vec<&D::Buffer> = bench.bufs.iter().collect();
-        dev.launch(&default_module, &refs, &bench.uniforms, bench.grid)?;
-        dev.sync()?;
-    }
+    launch_all(
+        dev.as_ref(),
+        &bench.bufs,
+        &default_module,
+        &default_launch,
+        combine_ctx.as_ref(),
+    )?;
+    dev.sync()?;
     let one = t0.elapsed().as_secs_f64().max(1e-6);
     let reps = ((2e-3 / one).ceil() as usize).clamp(1, 64);
     let mut measurements = 0usize;
@@ -525,9 +585,8 @@ fn tune_site<D: Device>(
     let timer = Timer {
         reps,
         per_round: if one > 0.02 { 1 } else { 3 },
-        uniforms: bench.uniforms.clone(),
+        combine: combine_ctx.as_ref(),
     };
-    let dgrid = bench.grid;
     // Candidates.
     let space: Vec<Point> = s
         .space
@@ -548,6 +607,18 @@ fn tune_site<D: Device>(
             .map(|i| space[i].clone())
             .collect()
     };
+    // A split-KV decode's split counts are each tried (first) with the other tunables at
+    // their defaults: the count matters most at batch 1, and a sample could miss it.
+    if space.len() > opts.exhaustive {
+        for p in &space {
+            let others_default = p
+                .iter()
+                .all(|(n, v)| n == "splits" || s.default.iter().any(|(dn, dv)| dn == n && dv == v));
+            if others_default && !queue.iter().any(|q| same_point(q, p)) {
+                queue.push(p.clone());
+            }
+        }
+    }
     let local = space.len() > opts.exhaustive;
     progress.start(
         &format!("{} {}", s.family, dims_string(dims)),
@@ -556,7 +627,7 @@ fn tune_site<D: Device>(
     let mut tried_set: HashSet<String> = HashSet::new();
     let (mut tried, mut failed) = (0usize, 0usize);
     let mut rejected = vec![];
-    let mut best: Option<(Point, f64, D::Module, [u32; 3])> = None;
+    let mut best: Option<(Point, f64, D::Module, Launch)> = None;
     let mut default_best = f64::INFINITY;
     let mut injected = false;
     while let Some(p) = queue.pop().or_else(|| {
@@ -594,17 +665,26 @@ fn tune_site<D: Device>(
             .sites()
             .iter()
             .any(|x| x.node == s.node && x.decode == s.decode && x.from_chooser);
+        // The same buffers; the same uniforms, except that a split-KV decode's split count
+        // changes its split uniforms (and the combine's), which the candidate's launch uses.
+        let args_of = |a: &Plan| {
+            a.kernels[k]
+                .launched(s.decode)
+                .map(|x| (x.1.to_vec(), x.2.to_vec()))
+        };
+        let (ca, pa) = (args_of(&cand), args_of(plan));
         let same_shape = cand.kernels.len() == plan.kernels.len()
-            && cand.kernels[k].launched(s.decode).map(|(_, b, u)| (b, u))
-                == plan.kernels[k].launched(s.decode).map(|(_, b, u)| (b, u));
+            && ca.as_ref().map(|x| &x.0) == pa.as_ref().map(|x| &x.0)
+            && (combine_k.is_some() || ca.as_ref().map(|x| &x.1) == pa.as_ref().map(|x| &x.1));
         if !applied || !same_shape {
             tracing::debug!("{} {}: refused by the template", s.family, point_string(&p));
             failed += 1;
             continue;
         }
         let ck = launched(&cand, k, s.decode).expect("same shape");
-        let (cu, cg) = cand.launch_args_for(k, s.decode, dims)?;
-        if cg.iter().zip(info.max_grid).any(|(&g, m)| g > m) {
+        let cl = launch_of(&cand)?;
+        let over = |g: &[u32; 3]| g.iter().zip(info.max_grid).any(|(&g, m)| g > m);
+        if over(&cl.grid) || cl.combine.as_ref().is_some_and(|(_, g)| over(g)) {
             failed += 1;
             continue;
         }
@@ -616,11 +696,7 @@ fn tune_site<D: Device>(
                 continue;
             }
         };
-        let dg = bench.grid;
-        bench.grid = cg;
-        let out = run_once(&module, &mut bench);
-        bench.grid = dg;
-        let mut out = match out {
+        let mut out = match run_once(&module, &cl, &mut bench) {
             Ok(o) => o,
             Err(e) => {
                 tracing::debug!("{} {}: failed to run: {e}", s.family, point_string(&p));
@@ -628,10 +704,6 @@ fn tune_site<D: Device>(
                 continue;
             }
         };
-        if cu != bench.uniforms {
-            failed += 1;
-            continue;
-        }
         if opts.inject_mismatch && !injected {
             injected = true;
             if let Some(x) = out.first_mut().and_then(|o| o.first_mut()) {
@@ -650,8 +722,8 @@ fn tune_site<D: Device>(
         let ((dt, _), (ct, _)) = timer.compare(
             dev.as_ref(),
             &bench.bufs,
-            (&default_module, dgrid),
-            (&module, cg),
+            (&default_module, &default_launch),
+            (&module, &cl),
             3,
             &mut measurements,
         )?;
@@ -665,7 +737,7 @@ fn tune_site<D: Device>(
             dt * 1e3
         );
         if best.as_ref().is_none_or(|b| ct < b.1) {
-            best = Some((p.clone(), ct, module, cg));
+            best = Some((p.clone(), ct, module, cl));
         }
         progress.step(
             tried,
@@ -675,12 +747,12 @@ fn tune_site<D: Device>(
     }
     // Re-measure the winner against the default.
     let (winner, default_s) = match best {
-        Some((p, _, m, g)) => {
+        Some((p, _, m, l)) => {
             let ((dt, _), (ct, cspread)) = timer.compare(
                 dev.as_ref(),
                 &bench.bufs,
-                (&default_module, dgrid),
-                (&m, g),
+                (&default_module, &default_launch),
+                (&m, &l),
                 if timer.per_round == 1 { 3 } else { 5 },
                 &mut measurements,
             )?;
@@ -694,8 +766,8 @@ fn tune_site<D: Device>(
             let ((dt, dspread), _) = timer.compare(
                 dev.as_ref(),
                 &bench.bufs,
-                (&default_module, dgrid),
-                (&default_module, dgrid),
+                (&default_module, &default_launch),
+                (&default_module, &default_launch),
                 2,
                 &mut measurements,
             )?;
@@ -718,30 +790,58 @@ fn tune_site<D: Device>(
     })
 }
 
+/// How one lowering launches a site: its kernel's uniforms and grid, and (split-KV decode)
+/// the combine's when it is launched.
+struct Launch {
+    uniforms: Vec<u32>,
+    grid: [u32; 3],
+    combine: Option<(Vec<u32>, [u32; 3])>,
+}
+
+/// The combine kernel's module and its parameters (indices into the site kernel's buffers).
+type CombineCtx<'a, M> = (&'a M, Vec<usize>);
+
+/// Launches the site kernel `m` as `l` says, then the combine if `l` launches it.
+fn launch_all<D: Device>(
+    dev: &D,
+    bufs: &[D::Buffer],
+    m: &D::Module,
+    l: &Launch,
+    combine: Option<&CombineCtx<'_, D::Module>>,
+) -> Result<(), RuntimeError> {
+    let refs: Vec<&D::Buffer> = bufs.iter().collect();
+    dev.launch(m, &refs, &l.uniforms, l.grid)?;
+    if let (Some((u, g)), Some((cm, params))) = (&l.combine, combine) {
+        let crefs: Vec<&D::Buffer> = params.iter().map(|&i| &bufs[i]).collect();
+        dev.launch(cm, &crefs, u, *g)?;
+    }
+    Ok(())
+}
+
 /// Seconds (min of the rounds' medians) and spread of one kernel.
 type MinSpread = (f64, f64);
 
-/// Timed samples of one kernel's launches (see the module docs).
-struct Timer {
+/// Timed samples of one site's launches (see the module docs).
+struct Timer<'a, M> {
     reps: usize,
     per_round: usize,
-    uniforms: Vec<u32>,
+    combine: Option<&'a CombineCtx<'a, M>>,
 }
 
-impl Timer {
-    /// Seconds per launch of `m` over one batch of `reps` launches.
-    fn sample<D: Device>(
+impl<M> Timer<'_, M> {
+    /// Seconds per launch of `m` (with the combine, when `l` launches it) over one batch of
+    /// `reps` launches.
+    fn sample<D: Device<Module = M>>(
         &self,
         dev: &D,
         bufs: &[D::Buffer],
-        m: &D::Module,
-        grid: [u32; 3],
+        m: &M,
+        l: &Launch,
     ) -> Result<f64, RuntimeError> {
-        let refs: Vec<&D::Buffer> = bufs.iter().collect();
         let timed = dev.timer_start();
         let t = Instant::now();
         for _ in 0..self.reps {
-            dev.launch(m, &refs, &self.uniforms, grid)?;
+            launch_all(dev, bufs, m, l, self.combine)?;
         }
         let device = if timed { dev.timer_stop()? } else { None };
         if device.is_none() {
@@ -752,12 +852,12 @@ impl Timer {
 
     /// `rounds` rounds of three samples of `a` and `b` interleaved: (min of medians, spread)
     /// of each.
-    fn compare<D: Device>(
+    fn compare<D: Device<Module = M>>(
         &self,
         dev: &D,
         bufs: &[D::Buffer],
-        a: (&D::Module, [u32; 3]),
-        b: (&D::Module, [u32; 3]),
+        a: (&M, &Launch),
+        b: (&M, &Launch),
         rounds: usize,
         count: &mut usize,
     ) -> Result<(MinSpread, MinSpread), RuntimeError> {
