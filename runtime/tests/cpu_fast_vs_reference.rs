@@ -301,6 +301,9 @@ struct Attn {
     /// `[b, sk, 3 + kvh·d]` and `[b, sk, kvh·dv + 2]`, reshaped and permuted (strided operands
     /// at odd offsets, read in place).
     merged: bool,
+    /// The output permuted `(0, 2, 1, 3)` and reshaped to `[b, sq, h·dv]`, as a model does
+    /// (the fast mode then writes the attention heads-last and the permute copies nothing).
+    heads_out: bool,
 }
 
 impl Attn {
@@ -318,6 +321,7 @@ impl Attn {
             mag: 1.0,
             kvh: 0,
             merged: false,
+            heads_out: false,
         }
     }
 
@@ -399,6 +403,21 @@ impl Attn {
                 &args,
             )
             .unwrap();
+        let y = if self.heads_out {
+            let p =
+                c.g.add(
+                    Op::Permute {
+                        perm: vec![0, 2, 1, 3],
+                    },
+                    &[y],
+                )
+                .unwrap();
+            let mut dims: Vec<Dim> = shape([b, sq, h * dv]);
+            dims[0] = Dim::sym("batch");
+            c.g.add(Op::Reshape { shape: dims }, &[p]).unwrap()
+        } else {
+            y
+        };
         let (c, fast, reference) = c.run(y);
         let vmax = if self.merged {
             // The v columns of the wider rows.
@@ -541,6 +560,17 @@ fn flash_attention_matches_reference() {
             cases.push(Attn { causal: true, ..a });
             cases.push(Attn { mask: "pad", ..a });
             cases.push(Attn {
+                mag: 100.0,
+                causal: true,
+                ..a
+            });
+            cases.push(Attn {
+                heads_out: true,
+                mask: "pad",
+                ..a
+            });
+            cases.push(Attn {
+                heads_out: true,
                 mag: 100.0,
                 causal: true,
                 ..a

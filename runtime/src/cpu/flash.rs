@@ -53,7 +53,10 @@ pub(crate) fn attention(
 
 /// [`attention`] over views: q, k and v read through their strides (the heads of a merged
 /// QKV projection, permuted and sliced, without a copy); each operand's last axis must be
-/// unit-stride.
+/// unit-stride. The output rows are laid out as the caller asks: with
+/// `heads_last = Some(h)` for an output `[.., b, h, sq, dv]`, the buffer is `[.., b, sq, h,
+/// dv]` (head `h` of a row next to the others, as the usual `permute(0, 2, 1, 3)` and reshape
+/// to `[b, sq, h·dv]` after attention want it: that permute and reshape then copy nothing).
 pub(crate) fn attention_views(
     q: Operand,
     k: Operand,
@@ -61,10 +64,11 @@ pub(crate) fn attention_views(
     mask: Option<&Tensor>,
     how: Mask,
     out: &[usize],
+    heads_last: Option<usize>,
 ) -> Vec<f32> {
     let heads = Heads::strided(q, k, v, mask);
     let wide = heads.sq >= WIDE_MIN_ROWS;
-    run_heads(&heads, how, out, wide)
+    run_heads_into(&heads, how, out, wide, heads_last)
 }
 
 /// Query rows from which the AVX-512 kernel runs: it packs all of K first (one pass over it),
@@ -89,28 +93,155 @@ pub(crate) fn attention_at(
 /// The attention of every batch·head of `heads` into a new `out`-shaped buffer: the AVX-512
 /// kernel when `wide` and the CPU has AVX-512F, else the portable loop.
 fn run_heads(heads: &Heads, how: Mask, out: &[usize], wide: bool) -> Vec<f32> {
-    let (sq, sk, dv) = (heads.sq, heads.sk, heads.dv);
+    run_heads_into(heads, how, out, wide, None)
+}
+
+/// [`run_heads`] into the row layout `heads_last` names (see [`attention_views`]).
+fn run_heads_into(
+    heads: &Heads,
+    how: Mask,
+    out: &[usize],
+    wide: bool,
+    heads_last: Option<usize>,
+) -> Vec<f32> {
+    let (sk, dv) = (heads.sk, heads.dv);
     // From the arena (not zeroed): both kernels write every output element.
     let mut dst = arena::buffer(out.iter().product());
     if dst.is_empty() || sk == 0 {
         dst.fill(0.0);
         return dst;
     }
+    let rows = Rows {
+        sq: heads.sq,
+        dv,
+        heads_last,
+    };
     #[cfg(target_arch = "x86_64")]
     if wide && simd::has_avx512() {
-        wide::attention(heads, how, &mut dst);
+        wide::attention(heads, how, &mut dst, rows);
         return dst;
     }
     let _ = wide;
-    dst.par_chunks_mut(sq * dv)
-        .enumerate()
-        .for_each(|(bi, ob)| {
-            let blk = Block::new(heads, bi, how);
-            ob.par_chunks_mut(BQ * dv)
-                .enumerate()
-                .for_each(|(ci, oc)| blk.run(ci * BQ, oc));
-        });
+    rows.for_blocks(&mut dst, |bi, ci, oc| {
+        oc.with_contiguous(|oc| Block::new(heads, bi, how).run(ci * BQ, oc))
+    });
     dst
+}
+
+/// Where the output rows of each batch·head go: `sq` rows of `dv` per head, heads one after
+/// another (`heads_last = None`), or with `heads_last = Some(h)` the rows of the `h` heads of
+/// a batch interleaved (`[b, sq, h, dv]` for an output `[b, h, sq, dv]`).
+#[derive(Clone, Copy)]
+struct Rows {
+    sq: usize,
+    dv: usize,
+    heads_last: Option<usize>,
+}
+
+/// The output buffer shared by the work items of a heads-last layout, each writing its own
+/// rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the work items holding it write disjoint rows of the buffer it points into.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so that a closure captures the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// The output rows of one work item: `rows` rows of `dv` floats, `stride` apart from `ptr`,
+/// which no other work item writes (made only by [`Rows::for_blocks`]).
+pub(super) struct Dst {
+    ptr: *mut f32,
+    stride: usize,
+    rows: usize,
+    dv: usize,
+}
+
+impl Dst {
+    /// Output rows.
+    pub(super) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Row `ii` (`< rows`).
+    pub(super) fn row(&mut self, ii: usize) -> &mut [f32] {
+        assert!(ii < self.rows);
+        // SAFETY: `for_blocks` made `ptr` with `rows` rows of `dv` at `stride` inside the
+        // output, written by this work item only; `&mut self` keeps one row borrowed at a time.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(ii * self.stride), self.dv) }
+    }
+
+    /// Runs `f` on the rows as one contiguous `rows × dv` slice: in place when they are
+    /// contiguous, else in a scratch copied to them after.
+    fn with_contiguous(mut self, f: impl FnOnce(&mut [f32])) {
+        let n = self.rows * self.dv;
+        if self.stride == self.dv {
+            // SAFETY: contiguous rows: `rows × dv` floats from `ptr`, this work item's only.
+            f(unsafe { std::slice::from_raw_parts_mut(self.ptr, n) });
+            return;
+        }
+        let mut tmp = vec![0f32; n];
+        f(&mut tmp);
+        for (ii, r) in tmp.chunks_exact(self.dv).enumerate() {
+            self.row(ii).copy_from_slice(r);
+        }
+    }
+}
+
+impl Rows {
+    /// Runs `f(batch_head, query_block, rows)` for every block of [`BQ`] query rows of every
+    /// batch·head in parallel, `rows` (`min(BQ, left)` rows) at this layout's place in `dst`.
+    fn for_blocks(self, dst: &mut [f32], f: impl Fn(usize, usize, Dst) + Sync) {
+        let (sq, dv) = (self.sq, self.dv);
+        let Some(h) = self.heads_last.filter(|&h| h > 1) else {
+            dst.par_chunks_mut(sq * dv)
+                .enumerate()
+                .for_each(|(bi, ob)| {
+                    ob.par_chunks_mut(BQ * dv).enumerate().for_each(|(ci, oc)| {
+                        let rows = oc.len() / dv;
+                        let ptr = oc.as_mut_ptr();
+                        f(
+                            bi,
+                            ci,
+                            Dst {
+                                ptr,
+                                stride: dv,
+                                rows,
+                                dv,
+                            },
+                        )
+                    })
+                });
+            return;
+        };
+        let (nb, bh) = (sq.div_ceil(BQ), dst.len() / (sq * dv));
+        assert!(bh.is_multiple_of(h) && dst.len() == bh * sq * dv);
+        let out = OutPtr(dst.as_mut_ptr());
+        (0..bh * nb).into_par_iter().for_each(|w| {
+            let (bi, ci) = (w / nb, w % nb);
+            let (i0, rows) = (ci * BQ, BQ.min(sq - ci * BQ));
+            let at = (bi / h) * sq * h * dv + i0 * h * dv + (bi % h) * dv;
+            // SAFETY: row `i0 + ii` of head `bi` sits at `at + ii·h·dv`, below `bh·sq·dv`
+            // (the assert, `bi / h < bh / h`, `i0 + ii < sq`, `bi % h < h`); no other work
+            // item has that (head, row).
+            let ptr = unsafe { out.get().add(at) };
+            f(
+                bi,
+                ci,
+                Dst {
+                    ptr,
+                    stride: h * dv,
+                    rows,
+                    dv,
+                },
+            )
+        });
+    }
 }
 
 /// One batch·head's operands.
@@ -317,7 +448,7 @@ mod wide {
 
     use rayon::prelude::*;
 
-    use super::{Block, Heads, Mask, BQ, DEAD};
+    use super::{Block, Dst, Heads, Mask, Rows, BQ, DEAD};
     use crate::cpu::simd::avx512::exp;
 
     /// Keys per packed block: a score row is four 16-lane registers.
@@ -327,7 +458,7 @@ mod wide {
     // The running max/sum/rescale arrays are processed 16 rows at a time.
     const _: () = assert!(BQ.is_multiple_of(16));
 
-    pub(super) fn attention(heads: &Heads, how: Mask, dst: &mut [f32]) {
+    pub(super) fn attention(heads: &Heads, how: Mask, dst: &mut [f32], rows: Rows) {
         let (sq, sk, d, dv) = (heads.sq, heads.sk, heads.d, heads.dv);
         let bh = dst.len() / (sq * dv);
         let nkb = sk.div_ceil(KB);
@@ -354,24 +485,20 @@ mod wide {
                 (kp, vp)
             })
             .collect();
-        dst.par_chunks_mut(sq * dv)
-            .enumerate()
-            .for_each(|(bi, ob)| {
-                let blk = Block::new(heads, bi, how);
-                let (kp, vp) = &packed[bi / heads.group];
-                // V padded to dvp columns (row stride dvp), else read in place.
-                let (vp, vst) = match vp {
-                    Some(p) => (&p[..], dvp),
-                    None => (blk.v, blk.vs),
-                };
-                ob.par_chunks_mut(BQ * dv)
-                    .enumerate()
-                    // SAFETY: the caller checked AVX-512F.
-                    .for_each(|(ci, oc)| unsafe { run(&blk, kp, vp, vst, dvp, ci * BQ, oc) });
-            });
+        rows.for_blocks(dst, |bi, ci, oc| {
+            let blk = Block::new(heads, bi, how);
+            let (kp, vp) = &packed[bi / heads.group];
+            // V padded to dvp columns (row stride dvp), else read in place.
+            let (vp, vst) = match vp {
+                Some(p) => (&p[..], dvp),
+                None => (blk.v, blk.vs),
+            };
+            // SAFETY: the caller checked AVX-512F.
+            unsafe { run(&blk, kp, vp, vst, dvp, ci * BQ, oc) }
+        });
     }
 
-    /// Output rows `i0 ..` of one batch·head into `oc` (`rows × dv`, `rows <= BQ`); value
+    /// Output rows `i0 ..` of one batch·head into `oc` (`rows <= BQ` rows of dv); value
     /// row `j` is `vp[j·vst..][..dvp]`.
     #[target_feature(enable = "avx512f")]
     unsafe fn run(
@@ -381,10 +508,10 @@ mod wide {
         vst: usize,
         dvp: usize,
         i0: usize,
-        oc: &mut [f32],
+        mut oc: Dst,
     ) {
-        let (d, dv, sk) = (blk.d, blk.dv, blk.sk);
-        let rows = oc.len() / dv;
+        let (d, sk) = (blk.d, blk.sk);
+        let rows = oc.rows();
         let (lo, _) = blk.visible(i0);
         let (_, hi) = blk.visible(i0 + rows - 1);
         let mut s = vec![0f32; BQ * KB];
@@ -464,7 +591,8 @@ mod wide {
             // SAFETY: vp holds sk rows of dvp floats (stride vst), o rows × dvp.
             unsafe { pv(&s, rows, &vp[j0 * vst..], vst, dvp, bk, &mut o, &corr, &lim) };
         }
-        for (ii, out) in oc.chunks_exact_mut(dv).enumerate() {
+        for ii in 0..rows {
+            let out = oc.row(ii);
             if mx[ii] < DEAD {
                 blk.reference_row(i0 + ii, out);
             } else {
@@ -811,6 +939,21 @@ mod tests {
                     assert!(
                         f.is_finite() && (f - r).abs() <= tol,
                         "case {:?} wide={wide}: element {i}: got {f}, reference {r}",
+                        cases[ci]
+                    );
+                }
+                // The heads-last layout: element [bi, hi, i, t] of the output at [bi, i, hi, t].
+                let hl = run_heads_into(&heads, how, &out, wide, Some(h));
+                assert_eq!(hl.len(), reference.len());
+                for (i, &r) in reference.iter().enumerate() {
+                    let (t, i_) = (i % dv, i / dv);
+                    let (row, bh) = (i_ % sq, i_ / sq);
+                    let (bi, hi) = (bh / h, bh % h);
+                    let f = hl[((bi * sq + row) * h + hi) * dv + t];
+                    let tol = 1e-5 * (vmax + r.abs());
+                    assert!(
+                        f.is_finite() && (f - r).abs() <= tol,
+                        "case {:?} wide={wide} heads-last: element {i}: got {f}, reference {r}",
                         cases[ci]
                     );
                 }

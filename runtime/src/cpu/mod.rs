@@ -277,6 +277,11 @@ fn run_nodes(
     let bindings = bind_inputs(graph, inputs)?;
     let mut remaining = graph.use_counts();
     let mut values: Vec<Option<Val>> = vec![None; graph.len()];
+    let heads_last = if fast {
+        heads_last_attention(graph)
+    } else {
+        Vec::new()
+    };
     for (id, node) in graph.nodes() {
         // An operand at its last use is moved, not shared, so a reshape can take its buffer
         // and a dead buffer goes back to the arena.
@@ -295,7 +300,8 @@ fn run_nodes(
             .collect();
         let t0 = Instant::now();
         let out = if fast {
-            eval_fast(id, node, args, &bindings, weights, inputs, comm)?
+            let hl = heads_last.get(id.index()).copied().unwrap_or(false);
+            eval_fast(id, node, args, &bindings, weights, inputs, comm, hl)?
         } else {
             let mut args: Vec<Arc<Tensor>> = args.into_iter().map(Val::tensor).collect();
             let out = match &node.op {
@@ -367,6 +373,30 @@ fn attention_view(v: &Val) -> bool {
 
 /// One node of the fast mode: views for the layout ops, strided reads where the consumer
 /// takes them, else the operands made dense and the shared op-by-op implementation.
+/// Per node: whether it is a 4-d attention whose every consumer is `permute(0, 2, 1, 3)` and
+/// which is no graph output. Its output is then computed as `[b, s, h, d]` and handed on as a
+/// `[b, h, s, d]` view of that buffer, so the permute (and the reshape to `[b, s, h·d]` that
+/// usually follows) reads it in place instead of copying it.
+fn heads_last_attention(graph: &Graph) -> Vec<bool> {
+    let mut ok: Vec<bool> = graph
+        .nodes()
+        .map(|(_, n)| matches!(n.op, Op::Attention { .. }) && n.shape.len() == 4)
+        .collect();
+    for (_, n) in graph.nodes() {
+        let permutes = matches!(&n.op, Op::Permute { perm } if perm[..] == [0, 2, 1, 3]);
+        if !permutes {
+            for i in &n.inputs {
+                ok[i.index()] = false;
+            }
+        }
+    }
+    for (_, id) in graph.outputs() {
+        ok[id.index()] = false;
+    }
+    ok
+}
+
+#[allow(clippy::too_many_arguments)]
 fn eval_fast(
     id: NodeId,
     node: &Node,
@@ -375,6 +405,7 @@ fn eval_fast(
     weights: &Weights,
     inputs: &TensorMap,
     comm: Option<&dyn Communicator>,
+    heads_last: bool,
 ) -> Result<Val, RuntimeError> {
     let out_shape = || eval_shape(&node.shape, bindings);
     let f32_view = |v: &Val| matches!(v.base().data, Data::F32(_));
@@ -477,11 +508,22 @@ fn eval_fast(
                 causal: *causal,
                 window: *window,
             };
-            let o = flash::attention_views(op(0), op(1), op(2), mask.as_deref(), how, &out_shape);
+            let hl = (heads_last && out_shape.len() == 4).then(|| out_shape[1]);
+            let o =
+                flash::attention_views(op(0), op(1), op(2), mask.as_deref(), how, &out_shape, hl);
             drop(parts);
             recycle_all(args);
             if let Some(m) = mask {
                 Val::Dense(m).recycle();
+            }
+            if let Some(h) = hl {
+                let (b, sq, dv) = (out_shape[0], out_shape[2], out_shape[3]);
+                return Ok(Val::View(view::View {
+                    base: Arc::new(Tensor::f32(vec![b, sq, h, dv], o)),
+                    offset: 0,
+                    shape: out_shape,
+                    strides: vec![sq * h * dv, dv, h * dv, 1],
+                }));
             }
             return Ok(Val::Dense(Arc::new(Tensor::f32(out_shape, o))));
         }
