@@ -47,6 +47,7 @@ __device__ __forceinline__ float4 operator-(float4 a) { return make_float4(-a.x,
 __device__ __forceinline__ float4 fminf(float4 a, float4 b) { return make_float4(fminf(a.x, b.x), fminf(a.y, b.y), fminf(a.z, b.z), fminf(a.w, b.w)); }
 __device__ __forceinline__ float4 fmaxf(float4 a, float4 b) { return make_float4(fmaxf(a.x, b.x), fmaxf(a.y, b.y), fmaxf(a.z, b.z), fmaxf(a.w, b.w)); }
 __device__ __forceinline__ float tf_dot4(float4 a, float4 b) { return ((a.x * b.x + a.y * b.y) + a.z * b.z) + a.w * b.w; }
+__device__ __forceinline__ float4 tf_fma4(float4 a, float4 b, float4 c) { return make_float4(fmaf(a.x, b.x, c.x), fmaf(a.y, b.y, c.y), fmaf(a.z, b.z, c.z), fmaf(a.w, b.w, c.w)); }
 __device__ __forceinline__ float4 tf_splat4(float x) { return make_float4(x, x, x, x); }
 __device__ __forceinline__ float4 tf_ld4(const float* p) { return make_float4(p[0], p[1], p[2], p[3]); }
 ";
@@ -163,6 +164,19 @@ impl P<'_> {
                     (Elem::BF16, t) => format!("(({})__bfloat162float({x}))", ty(*t)),
                     (_, t) => format!("(({})({x}))", ty(*t)),
                 }
+            }
+            Expr::Fma(a, b, c) => {
+                let f = if s.ty(k, e)? == Elem::F32x4 {
+                    "tf_fma4"
+                } else {
+                    "fmaf"
+                };
+                format!(
+                    "{f}({}, {}, {})",
+                    self.expr(s, a)?,
+                    self.expr(s, b)?,
+                    self.expr(s, c)?
+                )
             }
             Expr::Subgroup(SubgroupOp::Broadcast(l), a) => {
                 format!("tf_bcast8({}, {l})", self.expr(s, a)?)
