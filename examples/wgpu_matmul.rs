@@ -282,12 +282,13 @@ fn main() {
     }
 }
 
-/// erf (Abramowitz–Stegun 7.1.26, as the WGSL printer spells it: |error| < 1.5e-7).
+/// erf (Abramowitz–Stegun 7.1.26, as the WGSL printer spells it: |error| < 1.5e-7), in f64.
 fn libm_erf(x: f32) -> f32 {
+    let x = f64::from(x);
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.3275911 * a);
     let p = ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t
         + 0.254829592)
         * t;
-    x.signum() * (1.0 - p * (-a * a).exp())
+    (x.signum() * (1.0 - p * (-a * a).exp())) as f32
 }
