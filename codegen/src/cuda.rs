@@ -47,7 +47,6 @@ __device__ __forceinline__ float4 operator-(float4 a) { return make_float4(-a.x,
 __device__ __forceinline__ float4 fminf(float4 a, float4 b) { return make_float4(fminf(a.x, b.x), fminf(a.y, b.y), fminf(a.z, b.z), fminf(a.w, b.w)); }
 __device__ __forceinline__ float4 fmaxf(float4 a, float4 b) { return make_float4(fmaxf(a.x, b.x), fmaxf(a.y, b.y), fmaxf(a.z, b.z), fmaxf(a.w, b.w)); }
 __device__ __forceinline__ float tf_dot4(float4 a, float4 b) { return ((a.x * b.x + a.y * b.y) + a.z * b.z) + a.w * b.w; }
-__device__ __forceinline__ float4 tf_fma4(float4 a, float4 b, float4 c) { return make_float4(fmaf(a.x, b.x, c.x), fmaf(a.y, b.y, c.y), fmaf(a.z, b.z, c.z), fmaf(a.w, b.w, c.w)); }
 __device__ __forceinline__ float4 tf_splat4(float x) { return make_float4(x, x, x, x); }
 __device__ __forceinline__ float4 tf_ld4(const float* p) { return make_float4(p[0], p[1], p[2], p[3]); }
 ";
@@ -261,6 +260,13 @@ pub fn print(k: &Kernel) -> Result<String, CodegenError> {
     }
     if k.uses(Elem::F32x4) {
         p.out.push_str(VEC4);
+        if k.any_expr(&|e| matches!(e, Expr::Fma(..))) {
+            p.out.push_str(
+                "__device__ __forceinline__ float4 tf_fma4(float4 a, float4 b, float4 c) { return \
+                 make_float4(fmaf(a.x, b.x, c.x), fmaf(a.y, b.y, c.y), fmaf(a.z, b.z, c.z), \
+                 fmaf(a.w, b.w, c.w)); }\n",
+            );
+        }
         if k.any_expr(&|e| matches!(e, Expr::Subgroup(..))) {
             p.out.push_str(
                 "__device__ __forceinline__ float4 tf_bcast8(float4 v, int l) {\n    \
