@@ -164,6 +164,19 @@ impl P<'_> {
                     (_, t) => format!("(({})({x}))", ty(*t)),
                 }
             }
+            Expr::Fma(a, b, c) => {
+                let f = if s.ty(k, e)? == Elem::F32x4 {
+                    "tf_fma4"
+                } else {
+                    "fmaf"
+                };
+                format!(
+                    "{f}({}, {}, {})",
+                    self.expr(s, a)?,
+                    self.expr(s, b)?,
+                    self.expr(s, c)?
+                )
+            }
             Expr::Subgroup(SubgroupOp::Broadcast(l), a) => {
                 format!("tf_bcast8({}, {l})", self.expr(s, a)?)
             }
@@ -247,6 +260,13 @@ pub fn print(k: &Kernel) -> Result<String, CodegenError> {
     }
     if k.uses(Elem::F32x4) {
         p.out.push_str(VEC4);
+        if k.any_expr(&|e| matches!(e, Expr::Fma(..))) {
+            p.out.push_str(
+                "__device__ __forceinline__ float4 tf_fma4(float4 a, float4 b, float4 c) { return \
+                 make_float4(fmaf(a.x, b.x, c.x), fmaf(a.y, b.y, c.y), fmaf(a.z, b.z, c.z), \
+                 fmaf(a.w, b.w, c.w)); }\n",
+            );
+        }
         if k.any_expr(&|e| matches!(e, Expr::Subgroup(..))) {
             p.out.push_str(
                 "__device__ __forceinline__ float4 tf_bcast8(float4 v, int l) {\n    \

@@ -248,6 +248,22 @@ impl Wg<'_> {
                 );
                 per(&|t| Ok(if c[t].b() { x[t] } else { y[t] }))
             }
+            Expr::Fma(a, b, c) => {
+                let (x, y, z) = (
+                    self.eval(a, mask)?,
+                    self.eval(b, mask)?,
+                    self.eval(c, mask)?,
+                );
+                per(&|t| {
+                    Ok(match (x[t], y[t], z[t]) {
+                        (Val::F(a), Val::F(b), Val::F(c)) => Val::F(a.mul_add(b, c)),
+                        (a, b, c) => {
+                            let (a, b, c) = (a.v(), b.v(), c.v());
+                            Val::V(std::array::from_fn(|i| a[i].mul_add(b[i], c[i])))
+                        }
+                    })
+                })
+            }
             Expr::Cast(Elem::F32x4, a) => {
                 if let Expr::Load(b, i) = &**a {
                     let idx = self.eval(i, mask)?;

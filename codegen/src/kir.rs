@@ -190,6 +190,9 @@ pub enum Expr {
     Cast(Elem, Box<Expr>),
     /// Reduction of an f32 across the subgroup; every lane gets the result.
     Subgroup(SubgroupOp, Box<Expr>),
+    /// The fused multiply-add `a·b + c` with one rounding (f32 or f32x4, all three of one
+    /// type): WGSL `fma`, CUDA `fmaf`.
+    Fma(Box<Expr>, Box<Expr>, Box<Expr>),
 }
 
 /// Statements.
@@ -291,7 +294,9 @@ fn expr_uses(x: &Expr, f: &dyn Fn(&Expr) -> bool) -> bool {
         Expr::Load(_, i) | Expr::LoadShared(_, i) | Expr::LoadLocal(_, i) => expr_uses(i, f),
         Expr::Bin(_, a, b) => expr_uses(a, f) || expr_uses(b, f),
         Expr::Un(_, a) | Expr::Cast(_, a) | Expr::Subgroup(_, a) => expr_uses(a, f),
-        Expr::Select(c, a, b) => expr_uses(c, f) || expr_uses(a, f) || expr_uses(b, f),
+        Expr::Select(c, a, b) | Expr::Fma(c, a, b) => {
+            expr_uses(c, f) || expr_uses(a, f) || expr_uses(b, f)
+        }
         _ => false,
     }
 }
@@ -401,6 +406,11 @@ pub fn loads_anything(e: &Expr) -> bool {
             Expr::Load(..) | Expr::LoadShared(..) | Expr::LoadLocal(..)
         )
     })
+}
+
+/// `a·b + c`, fused (one rounding; see [`Expr::Fma`]).
+pub fn fma(a: Expr, b: Expr, c: Expr) -> Expr {
+    Expr::Fma(Box::new(a), Box::new(b), Box::new(c))
 }
 
 /// `cond ? a : b`.

@@ -73,6 +73,20 @@ impl Scope {
             Expr::Un(UnOp::Lane(_), _) => Elem::F32,
             Expr::Un(_, a) => self.ty(k, a)?,
             Expr::Select(_, a, _) => self.ty(k, a)?,
+            Expr::Fma(a, b, c) => {
+                let t = self.ty(k, a)?;
+                if !matches!(t, Elem::F32 | Elem::F32x4)
+                    || self.ty(k, b)? != t
+                    || self.ty(k, c)? != t
+                {
+                    return Err(CodegenError::Kernel {
+                        kernel: k.to_string(),
+                        msg: "a fused multiply-add of operands that are not all f32 or all f32x4"
+                            .into(),
+                    });
+                }
+                t
+            }
             Expr::Cast(t, _) => *t,
         })
     }

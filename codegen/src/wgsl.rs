@@ -182,6 +182,15 @@ impl P<'_> {
                     format!("{}({x})", ty(self.k, *to)?)
                 }
             }
+            Expr::Fma(a, b, c) => {
+                s.ty(k, e)?;
+                format!(
+                    "fma({}, {}, {})",
+                    self.expr(s, a)?,
+                    self.expr(s, b)?,
+                    self.expr(s, c)?
+                )
+            }
             Expr::Subgroup(SubgroupOp::Broadcast(l), a) => {
                 format!("subgroupBroadcast({}, {l}u)", self.expr(s, a)?)
             }

@@ -666,6 +666,10 @@ fn register_design_refuses_what_it_cannot_generate() {
         &l,
     ));
     assert!(msg.contains("threads exceed"), "{msg}");
+    // The broadcast design keeps at most 512 outputs per invocation.
+    let msg = kernel_err(matmul::matmul(&cfg, &MatMulTunables::bcast(64, 16, 1), &l8));
+    assert!(msg.contains("exceeds 512 accumulators"), "{msg}");
+    assert!(matmul::matmul(&cfg, &MatMulTunables::bcast(64, 8, 1), &l8).is_ok());
     assert_eq!(MatMulTunables::reg(8, 8, 1, 8, 1).shared_bytes(), 0);
 }
 
@@ -682,9 +686,15 @@ fn register_design_matches_reference() {
         MatMulTunables::reg(2, 4, 4, 2, 4),
         // The one-row default of thin products (decode steps) on CPU adapters.
         MatMulTunables::reg(1, 8, 1, 8, 1),
-        // The broadcast design (8-lane subgroups): 8 and 16 rows, unrolled with a tail.
+        // The broadcast design (8-lane subgroups): 8 and 16 rows, unrolled with a tail; the
+        // CPU adapters' default (32 × 8, two steps), a block of 24 rows and the space's
+        // largest blocks.
         MatMulTunables::bcast(8, 8, 1),
         MatMulTunables::bcast(16, 4, 2),
+        MatMulTunables::bcast(32, 8, 2),
+        MatMulTunables::bcast(24, 8, 2),
+        MatMulTunables::bcast(64, 8, 1),
+        MatMulTunables::bcast(32, 16, 2),
     ];
     let l8 = Limits {
         subgroup_min: 8,
@@ -777,6 +787,37 @@ fn register_design_matches_reference() {
     }
 }
 
+/// Every broadcast point of the tuner's space (8-lane subgroups), both layouts, matches the
+/// reference at one odd size with the full epilogue.
+#[test]
+fn every_broadcast_point_matches_reference() {
+    let l8 = Limits {
+        subgroup_min: 8,
+        ..Limits::webgpu()
+    };
+    for bt in [false, true] {
+        let cfg = MatMulConfig::plain(Elem::F32)
+            .epilogue(Act::GeluErf, true, true)
+            .transposed_b(bt);
+        let pts: Vec<MatMulTunables> = MatMulTunables::reg_space(&cfg, &l8)
+            .into_iter()
+            .filter(|t| t.reg == 2)
+            .collect();
+        assert!(pts.len() >= 20, "{} broadcast points", pts.len());
+        for t in &pts {
+            let g = matmul::matmul(&cfg, t, &l8).unwrap();
+            let c = Case {
+                m: 71,
+                n: if bt { 37 } else { 36 },
+                k: 12,
+                batch: (1, 1),
+                bstrides: (1, 1, 1, 1),
+            };
+            run_case(&cfg, &g, &c, 1e-5);
+        }
+    }
+}
+
 #[test]
 fn register_design_is_the_cpu_adapters_default_when_operands_allow_vectors() {
     let cfg = MatMulConfig::plain(Elem::F32).transposed_b(true);
@@ -788,15 +829,21 @@ fn register_design_is_the_cpu_adapters_default_when_operands_allow_vectors() {
     let t = MatMulTunables::reg_for_problem(&cfg, Some(1), Some(1000));
     assert_eq!((t.rm, t.rn, t.tile_m, t.threads()), (1, 8, 1, 8));
     assert!(t.validate("matmul", &Limits::webgpu()).is_ok());
-    // With 8-lane subgroups (llvmpipe) the broadcast design, 8 × 8 blocks, for 8 rows or more.
+    // With 8-lane subgroups (llvmpipe) the broadcast design, 32 × 8 blocks with two vec4
+    // steps per k iteration, fewer rows (a multiple of 8) for fewer than 32, for 8 rows or more.
     let l8 = Limits {
         subgroup_min: 8,
         ..Limits::webgpu()
     };
     let t = MatMulTunables::cpu_for_problem(&cfg, &l8, Some(128), Some(384));
-    assert_eq!((t.reg, t.rm, t.rn, t.threads()), (2, 8, 8, 8));
+    assert_eq!((t.reg, t.rm, t.rn, t.tile_k, t.threads()), (2, 32, 8, 2, 8));
+    assert!(MatMulTunables::reg_space(&cfg, &l8).contains(&t));
     let t = MatMulTunables::cpu_for_problem(&cfg, &l8, None, Some(384));
-    assert_eq!(t.reg, 2);
+    assert_eq!((t.reg, t.rm), (2, 32));
+    let t = MatMulTunables::cpu_for_problem(&cfg, &l8, Some(16), Some(384));
+    assert_eq!((t.reg, t.rm, t.tile_m), (2, 16, 16));
+    let t = MatMulTunables::cpu_for_problem(&cfg, &l8, Some(8), Some(64));
+    assert_eq!((t.reg, t.rm), (2, 8));
     let t = MatMulTunables::cpu_for_problem(&cfg, &l8, Some(4), Some(384));
     assert_eq!((t.reg, t.rm), (1, 4));
     let t = MatMulTunables::cpu_for_problem(&cfg, &Limits::webgpu(), Some(128), Some(384));

@@ -210,6 +210,62 @@ fn interpreter_runs_the_doc_kernel_and_catches_bad_access() {
     assert!(e.to_string().contains("out of bounds"), "{e}");
 }
 
+/// The fused multiply-add: printed as WGSL `fma` (naga validates it, f32 and vec4) and CUDA
+/// `fmaf` / `tf_fma4`, rounded once by the interpreter, and refused on mixed operand types.
+#[test]
+fn fma_prints_for_both_targets_and_rounds_once() {
+    use transfuse_codegen::interp::{run, HostBuf};
+    let buf = |name: &str, access| Buffer {
+        name: name.into(),
+        elem: Elem::F32,
+        access,
+    };
+    let k = Kernel {
+        name: "fused".into(),
+        buffers: vec![buf("x", Access::Read), buf("y", Access::ReadWrite)],
+        uniforms: vec![],
+        workgroup: [1, 1, 1],
+        shared: vec![],
+        body: vec![
+            let_("v", Elem::F32x4, load4("x", u(0))),
+            let_("c", Elem::F32, load("x", u(4))),
+            let_("w", Elem::F32x4, fma(var("v"), var("v"), splat4(var("c")))),
+            store(
+                "y",
+                u(0),
+                fma(load("x", u(0)), load("x", u(0)), load("x", u(4))),
+            ),
+            store("y", u(1), var("w").lane(1)),
+        ],
+    };
+    let src = wgsl::print(&k).unwrap();
+    assert!(src.contains("fma("), "{src}");
+    common::validate_wgsl(&src);
+    let cu = cuda::print(&k).unwrap();
+    assert!(cu.contains("fmaf(") && cu.contains("tf_fma4("), "{cu}");
+    // (1 + 2^-12)² - (1 + 2^-11) = 2^-24 exactly; unfused, the product rounds it away.
+    let a = 1.0 + 2f32.powi(-12);
+    let c = -(1.0 + 2f32.powi(-11));
+    assert_eq!(a * a + c, 0.0);
+    let mut bufs = vec![
+        HostBuf::F32(vec![a, a, a, a, c]),
+        HostBuf::F32(vec![0.0; 2]),
+    ];
+    run(&k, [1, 1, 1], &mut bufs, &[], 1).unwrap();
+    assert_eq!(bufs[1].f32(), &[2f32.powi(-24); 2][..]);
+    let mut bad = k.clone();
+    bad.body = vec![store(
+        "y",
+        u(0),
+        fma(load("x", u(0)), load4("x", u(0)), load("x", u(4))).lane(0),
+    )];
+    let e = cuda::print(&bad).unwrap_err().to_string();
+    assert!(
+        e.contains("`fused`") && e.contains("fused multiply-add"),
+        "{e}"
+    );
+}
+
 /// Rounds to f16 by a route independent of the interpreter: scale to the f16 spacing.
 fn half_round(v: f32) -> f32 {
     let e = v.abs().log2().floor();

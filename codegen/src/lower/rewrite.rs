@@ -34,6 +34,7 @@ pub fn fold_expr(e: Expr, f: &mut dyn FnMut(Expr) -> Expr) -> Expr {
         ),
         Expr::Cast(t, a) => Expr::Cast(t, Box::new(fold_expr(*a, f))),
         Expr::Subgroup(op, a) => Expr::Subgroup(op, Box::new(fold_expr(*a, f))),
+        Expr::Fma(a, b, c) => fma(fold_expr(*a, f), fold_expr(*b, f), fold_expr(*c, f)),
         leaf => leaf,
     };
     f(e)
@@ -109,6 +110,12 @@ impl Remapper<'_> {
             }
             Expr::Cast(t, a) => Expr::Cast(t, Box::new(self.expr(*a, pre))),
             Expr::Subgroup(op, a) => Expr::Subgroup(op, Box::new(self.expr(*a, pre))),
+            Expr::Fma(a, b, c) => {
+                let a = self.expr(*a, pre);
+                let b = self.expr(*b, pre);
+                let c = self.expr(*c, pre);
+                fma(a, b, c)
+            }
             leaf => leaf,
         }
     }
@@ -262,7 +269,7 @@ pub fn used_buffers(k: &Kernel) -> HashSet<String> {
                 expr(b, out);
             }
             Expr::Un(_, a) | Expr::Cast(_, a) | Expr::Subgroup(_, a) => expr(a, out),
-            Expr::Select(c, a, b) => {
+            Expr::Select(c, a, b) | Expr::Fma(c, a, b) => {
                 expr(c, out);
                 expr(a, out);
                 expr(b, out);
