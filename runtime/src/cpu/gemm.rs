@@ -27,10 +27,18 @@ pub type Epilogue<'a> = &'a (dyn Fn(usize, usize, &mut [f32]) + Sync);
 /// Rows from which a threaded product is split by column blocks here rather than by faer.
 const SPLIT_MIN_ROWS: usize = 16;
 
+/// Rows from which a product takes one column block per thread instead of two.
+const ONE_BLOCK_MIN_ROWS: usize = 1024;
+
 /// The columns of one block: a multiple of 96 (the AVX-512 microkernel's height in faer's
-/// transposed problem) giving about two blocks per thread.
-fn col_block(n: usize, threads: usize) -> usize {
-    let per = n.div_ceil(2 * threads);
+/// transposed problem) giving about two blocks per thread, or one for products of at least
+/// [`ONE_BLOCK_MIN_ROWS`] rows, where every extra block packs all of `a` once more and the
+/// blocks are long enough to balance the threads anyway (measured idle, 2 threads, 4
+/// alternating rounds: MiniLM 32 × 128 424.8–446.6 ms with one block per thread against
+/// 438.9–454.9 with two; at 1 × 128 two per thread stayed faster, 15.0 against 15.4 ms).
+fn col_block(n: usize, m: usize, threads: usize) -> usize {
+    let per_thread = if m >= ONE_BLOCK_MIN_ROWS { 1 } else { 2 };
+    let per = n.div_ceil(per_thread * threads);
     per.div_ceil(96).max(1) * 96
 }
 
@@ -84,7 +92,7 @@ fn gemm_epilogue(
         return;
     }
     super::kernels::check_strided(a, sa, b, (rsb, csb), c, (m, k, n));
-    let cb = col_block(n, threads);
+    let cb = col_block(n, m, threads);
     let out = OutPtr(c.as_mut_ptr());
     (0..n.div_ceil(cb)).into_par_iter().for_each(|j| {
         let (j0, w) = (j * cb, cb.min(n - j * cb));
