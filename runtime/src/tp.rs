@@ -682,6 +682,20 @@ impl<D: Device + 'static> DeviceSegments<D> {
             }
             Ok(())
         };
+        // A split of `axis` into `world` parts (reduce-scatter, shard): (outer, len, inner), the
+        // elements of one part per outer index, and one part's shape.
+        let split = |axis: usize, w: usize| {
+            check_world(w)?;
+            let (outer, len, inner) = around(axis)?;
+            if !len.is_multiple_of(world) {
+                return Err(bad(format!(
+                    "axis {axis} ({len}) is not divisible by {world}"
+                )));
+            }
+            let mut shape = x.shape.clone();
+            shape[axis] = len / world;
+            Ok((outer, len, inner, len / world * inner, shape))
+        };
         let b4 = |e: usize| 4 * e as u64;
         match op {
             DistOp::AllReduce => {
@@ -723,16 +737,7 @@ impl<D: Device + 'static> DeviceSegments<D> {
                 Ok(out)
             }
             DistOp::ReduceScatter { axis, world: w } => {
-                check_world(w)?;
-                let (outer, len, inner) = around(axis)?;
-                if !len.is_multiple_of(world) {
-                    return Err(bad(format!(
-                        "axis {axis} ({len}) is not divisible by {world}"
-                    )));
-                }
-                let chunk = len / world * inner;
-                let mut shape = x.shape.clone();
-                shape[axis] = len / world;
+                let (outer, len, inner, chunk, shape) = split(axis, w)?;
                 let out = self.alloc(shape, what)?;
                 if outer == 1 {
                     self.comm
@@ -757,16 +762,7 @@ impl<D: Device + 'static> DeviceSegments<D> {
                 Ok(out)
             }
             DistOp::Shard { axis, world: w } => {
-                check_world(w)?;
-                let (outer, len, inner) = around(axis)?;
-                if !len.is_multiple_of(world) {
-                    return Err(bad(format!(
-                        "axis {axis} ({len}) is not divisible by {world}"
-                    )));
-                }
-                let chunk = len / world * inner;
-                let mut shape = x.shape.clone();
-                shape[axis] = len / world;
+                let (outer, len, inner, chunk, shape) = split(axis, w)?;
                 let out = self.alloc(shape, what)?;
                 let runs: Vec<_> = (0..outer)
                     .map(|o| (b4(o * len * inner + rank * chunk), b4(o * chunk), b4(chunk)))
