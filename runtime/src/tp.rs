@@ -188,6 +188,29 @@ enum Operand {
     Leaf(transfuse_ir::Op),
 }
 
+impl Operand {
+    /// The operand on the host, read from `host` (values and inputs) or `weights`; a leaf is
+    /// handed on unevaluated (`host_dist` evaluates it).
+    fn on_host(
+        &self,
+        host: &TensorMap,
+        weights: &transfuse_ir::Weights,
+    ) -> Result<Result<Tensor, transfuse_ir::Op>, RuntimeError> {
+        match self {
+            Operand::Value(n) | Operand::Input(n) => host
+                .get(n)
+                .cloned()
+                .map(Ok)
+                .ok_or_else(|| RuntimeError::MissingInput(n.clone())),
+            Operand::Weight(n) => weights
+                .get(n)
+                .map(|t| Ok(t.as_ref().clone()))
+                .ok_or_else(|| RuntimeError::MissingWeight(n.clone())),
+            Operand::Leaf(leaf) => Ok(Err(leaf.clone())),
+        }
+    }
+}
+
 fn host_name(i: usize) -> String {
     format!("h.{i}")
 }
@@ -412,18 +435,7 @@ impl HostCollectives {
                 operand,
                 outputs,
             } => {
-                let x = match operand {
-                    Operand::Value(n) | Operand::Input(n) => Ok(env
-                        .get(n)
-                        .cloned()
-                        .ok_or_else(|| RuntimeError::MissingInput(n.clone()))?),
-                    Operand::Weight(n) => Ok(self
-                        .weights
-                        .get(n)
-                        .map(|t| t.as_ref().clone())
-                        .ok_or_else(|| RuntimeError::MissingWeight(n.clone()))?),
-                    Operand::Leaf(leaf) => Err(leaf.clone()),
-                };
+                let x = operand.on_host(env, &self.weights)?;
                 let t = host_dist(&self.comm, *op, x)?;
                 for name in outputs.iter() {
                     out.insert(name.clone(), t.clone());
@@ -841,26 +853,16 @@ impl<D: Device + 'static> DeviceSegments<D> {
                             }
                             continue;
                         }
-                        let x = match operand {
-                            Operand::Value(n) => match self.take(&mut vals, n, k)? {
-                                Some(t) => {
-                                    Ok(crate::program::read_device_tensor(self.dev.as_ref(), &t)?)
-                                }
-                                None => Ok(host
-                                    .get(n)
-                                    .cloned()
-                                    .ok_or_else(|| RuntimeError::MissingInput(n.clone()))?),
-                            },
-                            Operand::Input(n) => Ok(host
-                                .get(n)
-                                .cloned()
-                                .ok_or_else(|| RuntimeError::MissingInput(n.clone()))?),
-                            Operand::Weight(n) => Ok(self
-                                .weights
-                                .get(n)
-                                .map(|t| t.as_ref().clone())
-                                .ok_or_else(|| RuntimeError::MissingWeight(n.clone()))?),
-                            Operand::Leaf(leaf) => Err(leaf.clone()),
+                        // A value still on the device is read back; anything else is on the host.
+                        let kept = match operand {
+                            Operand::Value(n) => self.take(&mut vals, n, k)?,
+                            _ => None,
+                        };
+                        let x = match kept {
+                            Some(t) => {
+                                Ok(crate::program::read_device_tensor(self.dev.as_ref(), &t)?)
+                            }
+                            None => operand.on_host(&host, &self.weights)?,
                         };
                         let t = host_dist(&self.host_comm, *op, x)?;
                         for o in outputs.iter() {
